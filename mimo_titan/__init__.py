@@ -1,0 +1,1 @@
+"""mimo_titan: multimodal MIMO training with per-module DeviceMeshes."""
