@@ -1,0 +1,36 @@
+"""Multimodal data pipeline: WebDataset shards -> processed samples -> global batches.
+
+Public API:
+    - :func:`resolve_shards`, :func:`iter_webdataset`: read WebDataset tar shards.
+    - :class:`ImageTextProcessor`, :class:`CorruptSampleError`: image decoding,
+      tokenisation and token layout.
+    - :class:`Sample`, :class:`Batch`, :func:`collate`, :func:`concat_batches`,
+      :data:`IGNORE_INDEX`: batching.
+    - :class:`MimoDataLoader`: deterministic, resumable global batches.
+    - :func:`dp_sample_range`, :func:`local_batch`, :func:`check_batch_divisibility`:
+      per-rank/microbatch splitting.
+"""
+
+from mimo_titan.data.collate import IGNORE_INDEX, Batch, Sample, collate, concat_batches
+from mimo_titan.data.loader import MimoDataLoader
+from mimo_titan.data.processor import CLIP_MEAN, CLIP_STD, CorruptSampleError, ImageTextProcessor
+from mimo_titan.data.sharding import check_batch_divisibility, dp_sample_range, local_batch
+from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IGNORE_INDEX",
+    "Batch",
+    "CorruptSampleError",
+    "ImageTextProcessor",
+    "MimoDataLoader",
+    "Sample",
+    "check_batch_divisibility",
+    "collate",
+    "concat_batches",
+    "dp_sample_range",
+    "iter_webdataset",
+    "local_batch",
+    "resolve_shards",
+]

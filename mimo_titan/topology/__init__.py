@@ -1,0 +1,29 @@
+"""Per-module rank layouts and DeviceMeshes (the HyperCommGrid replacement).
+
+``layout`` is pure Python (validation, rank arithmetic); ``mesh`` builds one
+torch DeviceMesh per module over that module's rank range.
+"""
+
+from mimo_titan.topology.layout import (
+    MESH_DIMS,
+    LayoutError,
+    ModuleLayout,
+    Placement,
+    RankRole,
+    rank_role,
+    validate_layouts,
+)
+from mimo_titan.topology.mesh import Topology, build_topology, layouts_from_config
+
+__all__ = [
+    "MESH_DIMS",
+    "LayoutError",
+    "ModuleLayout",
+    "Placement",
+    "RankRole",
+    "Topology",
+    "build_topology",
+    "layouts_from_config",
+    "rank_role",
+    "validate_layouts",
+]

@@ -1,0 +1,803 @@
+"""Typed training configuration loaded from TOML, with command-line overrides.
+
+A run is described by one TOML file whose tables mirror the dataclasses in
+this module (:class:`Config` is the root)::
+
+    [job]                      # optional (all keys have defaults)
+    name = "mimo-tiny"
+    seed = 0
+    output_dir = "outputs"
+
+    [model.vision]             # VisionModelConfig
+    image_size = 224
+    patch_size = 16
+    hidden_size = 768
+    num_layers = 12
+    num_heads = 12
+    intermediate_size = 3072
+    projector_intermediate_size = 2048
+
+    [model.language]           # LanguageModelConfig
+    vocab_size = 32000
+    hidden_size = 2048
+    intermediate_size = 5632
+    num_layers = 22
+    num_heads = 32
+    num_kv_heads = 4
+    # head_dim omitted -> None (derived as hidden_size // num_heads elsewhere)
+
+    [parallelism]              # ParallelismConfig scalar keys
+    pipeline_schedule = "1F1B"         # "1F1B" | "GPipe"
+    mixed_precision_param = "auto"     # auto | float32 | bfloat16 | float16
+    mixed_precision_reduce = "float32" # float32 | bfloat16
+
+    [parallelism.vision]       # ModuleParallelism of the vision encoder
+    rank_offset = 0
+    num_ranks = 2
+    dp_shard = 2
+
+    [parallelism.language]     # ModuleParallelism of the language model
+    rank_offset = 2
+    num_ranks = 4
+    pp = 2
+    dp_shard = 2
+
+    [training]
+    steps = 1000
+    global_batch_size = 32
+    microbatches = 4
+    seq_len = 2048
+    device = "auto"                    # auto | cpu | cuda
+
+    [optimizer]
+    lr = 3e-4
+    betas = [0.9, 0.95]
+
+    [lr_schedule]              # optional
+    warmup_steps = 100
+    decay = "cosine"                   # cosine | linear | constant
+
+    [data]
+    path = "/data/shards"              # a .tar shard or a directory of .tar shards
+    tokenizer = "/models/tok"          # dir holding tokenizer.json, or the file
+
+    [metrics]                  # optional
+    log_freq = 10
+
+A table whose dataclass has only defaulted fields (``[job]``,
+``[lr_schedule]``, ``[metrics]``) may be omitted entirely; any key with a
+default may be omitted. Unknown keys are errors (with a "did you mean"
+suggestion), as are wrongly typed values, missing required keys, values
+outside an allowed set and simple out-of-range values. A TOML integer is
+accepted where a float is expected; a boolean is never accepted as a number.
+
+Overrides are applied to the parsed TOML *before* it is converted into
+dataclasses, so they are validated exactly like values from the file. Each
+override names a dotted key and a value, either as one token or as two::
+
+    python scripts/train.py --config train_configs/tiny.toml \\
+        --training.steps=10 \\
+        --optimizer.lr 1e-4 \\
+        --parallelism.language.dp_shard=2 \\
+        --data.shuffle=false \\
+        --optimizer.betas=0.9,0.99 \\
+        --model.language.head_dim=none
+
+Override values are parsed according to the target field's type: ``int``;
+``float`` (integers accepted); ``bool`` (``true``/``false``/``1``/``0``, any
+case); ``str`` (taken verbatim); ``list[float]`` (comma separated, optional
+surrounding brackets); ``int | None`` (``none``/``null`` gives ``None``).
+
+Values restricted to a fixed set (e.g. ``parallelism.pipeline_schedule``) are
+matched case-insensitively and stored in their canonical spelling
+(``"gpipe"`` -> ``"GPipe"``).
+
+Every problem raises :class:`ConfigError` whose message names the dotted key,
+the config file, and how to fix it. Parallel layouts (mesh sizes vs. rank
+counts) and the existence of data/tokenizer paths are deliberately *not*
+checked here; the parallelism and data modules own those checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+import tomli
+
+__all__ = [
+    "ConfigError",
+    "JobConfig",
+    "VisionModelConfig",
+    "LanguageModelConfig",
+    "ModelConfig",
+    "ModuleParallelism",
+    "ParallelismConfig",
+    "TrainingConfig",
+    "OptimizerConfig",
+    "LRScheduleConfig",
+    "DataConfig",
+    "MetricsConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "parse_args",
+]
+
+
+class ConfigError(ValueError):
+    """Raised for any invalid configuration file, key, value or override.
+
+    The message always names the offending dotted key (or override) and the
+    config source, and says how to fix the problem.
+    """
+
+
+def _opt(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    choices: Sequence[str] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    length: int | None = None,
+) -> Any:
+    """A dataclass field carrying validation metadata used by the loader."""
+    meta: dict[str, Any] = {}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if ge is not None:
+        meta["ge"] = ge
+    if gt is not None:
+        meta["gt"] = gt
+    if le is not None:
+        meta["le"] = le
+    if length is not None:
+        meta["length"] = length
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+# --------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """``[job]``: run identity and output location."""
+
+    name: str = "mimo"
+    seed: int = 0
+    output_dir: str = "outputs"
+
+
+@dataclass(kw_only=True)
+class VisionModelConfig:
+    """``[model.vision]``: ViT encoder plus the MLP projector into the LM."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    norm_eps: float = 1e-6
+    projector_intermediate_size: int  # MLP projector hidden width (to LM hidden size)
+
+
+@dataclass(kw_only=True)
+class LanguageModelConfig:
+    """``[model.language]``: decoder-only language model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """``[model]``: the two sub-models (``[model.vision]``, ``[model.language]``)."""
+
+    vision: VisionModelConfig
+    language: LanguageModelConfig
+
+
+@dataclass(kw_only=True)
+class ModuleParallelism:
+    """``[parallelism.vision]`` / ``[parallelism.language]``: one module's layout.
+
+    Consistency of the sizes with ``num_ranks`` is validated by the
+    parallelism module, not here.
+    """
+
+    rank_offset: int
+    num_ranks: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+
+@dataclass(kw_only=True)
+class ParallelismConfig:
+    """``[parallelism]``: per-module layouts plus shared settings.
+
+    ``mixed_precision_param = "auto"`` means bfloat16 on CUDA and float32 on
+    CPU; it is resolved by the training code, not here.
+    """
+
+    vision: ModuleParallelism
+    language: ModuleParallelism
+    pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
+    mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"))
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """``[training]``: loop length, batch geometry and device."""
+
+    steps: int = _opt(ge=1)
+    global_batch_size: int = _opt(ge=1)
+    microbatches: int = _opt(1, ge=1)
+    seq_len: int = _opt(ge=2)
+    max_grad_norm: float = 1.0
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """``[optimizer]``: only AdamW is supported."""
+
+    name: str = _opt("AdamW", choices=("AdamW",))
+    lr: float = _opt(gt=0)
+    betas: list[float] = _opt(factory=lambda: [0.9, 0.95], length=2)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(kw_only=True)
+class LRScheduleConfig:
+    """``[lr_schedule]``: linear warmup followed by a decay to ``min_lr_ratio * lr``."""
+
+    warmup_steps: int = _opt(0, ge=0)
+    decay: str = _opt("cosine", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = _opt(0.1, ge=0, le=1)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """``[data]``: WebDataset shards and tokenizer (existence checked by the data module)."""
+
+    path: str  # a .tar shard or a directory of .tar shards (WebDataset)
+    tokenizer: str  # a directory holding tokenizer.json, or the tokenizer.json file
+    max_images_per_sample: int = _opt(1, ge=1)
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: logging cadence."""
+
+    log_freq: int = _opt(1, ge=1)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Root of the configuration tree; one attribute per TOML table."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig
+    parallelism: ParallelismConfig
+    training: TrainingConfig
+    optimizer: OptimizerConfig
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a plain nested dict (e.g. for logging).
+
+        Returns:
+            A deep copy made of dicts, lists and scalars only.
+        """
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Generic machinery
+# --------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Where values come from, for error messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.overridden: dict[str, str] = {}  # dotted key -> override token
+
+    def where(self, key: str) -> str:
+        text = f"'{key}' in {self.source}"
+        token = self.overridden.get(key)
+        if token is not None:
+            text += f" (set by override '{token}')"
+        return text
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """For ``X | None`` return ``X``; otherwise ``None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+        raise TypeError(f"unsupported union type in config schema: {tp!r}")
+    return None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def _describe_type(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_describe_type(inner)} or none"
+    if tp is bool:
+        return "bool (true/false)"
+    if tp is int:
+        return "int"
+    if tp is float:
+        return "float"
+    if tp is str:
+        return "string"
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        return f"list of {_describe_type(elem)}"
+    if _is_dataclass_type(tp):
+        return "table"
+    return repr(tp)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        kind = "bool"
+    elif isinstance(value, int):
+        kind = "int"
+    elif isinstance(value, float):
+        kind = "float"
+    elif isinstance(value, str):
+        kind = "string"
+    elif isinstance(value, list):
+        kind = "array"
+    elif isinstance(value, dict):
+        kind = "table"
+    elif value is None:
+        return "none"
+    else:
+        kind = type(value).__name__
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{kind} {shown}"
+
+
+def _type_error(tp: Any, value: Any, key: str, ctx: _Ctx) -> ConfigError:
+    expected = _describe_type(tp)
+    if _is_dataclass_type(tp):
+        fix = f"write it as a [{key}] table"
+    elif isinstance(value, dict):
+        fix = f"write '{key.rsplit('.', 1)[-1]} = <value>' instead of a [{key}] table"
+    else:
+        fix = f"give it a value of type {expected}"
+    return ConfigError(
+        f"wrong type for {ctx.where(key)}: expected {expected}, got {_describe_value(value)}; {fix}"
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
+    """Check/convert a raw (TOML or parsed-override) value to the field type ``tp``."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _coerce(value, inner, key, ctx)
+    if _is_dataclass_type(tp):
+        return _build(tp, value, key, ctx)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        if isinstance(value, list):
+            try:
+                return [_coerce(v, elem, f"{key}[{i}]", ctx) for i, v in enumerate(value)]
+            except ConfigError:
+                pass  # report the whole list below
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported type {tp!r} for config key {key!r}")
+    raise _type_error(tp, value, key, ctx)
+
+
+def _check_constraints(value: Any, meta: Mapping[str, Any], key: str, ctx: _Ctx) -> Any:
+    """Apply choices/range/length metadata; returns the (possibly canonicalised) value."""
+    if value is None:
+        return value
+    choices = meta.get("choices")
+    if choices is not None:
+        if value not in choices:
+            canonical = {c.lower(): c for c in choices}.get(value.lower())
+            if canonical is None:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise ConfigError(
+                    f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}"
+                )
+            value = canonical
+    checks = (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+    )
+    for name, ok, sym in checks:
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(
+                f"out-of-range value {value!r} for {ctx.where(key)}; it must be {sym} {meta[name]}"
+            )
+    length = meta.get("length")
+    if length is not None and len(value) != length:
+        raise ConfigError(
+            f"wrong length for {ctx.where(key)}: expected exactly {length} values, "
+            f"got {len(value)} ({value!r}); give a list of {length} numbers"
+        )
+    return value
+
+
+def _all_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key and section path of the schema rooted at ``cls``."""
+    out: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        path = _join(prefix, f.name)
+        out.append(path)
+        if _is_dataclass_type(hints[f.name]):
+            out.extend(_all_paths(hints[f.name], path))
+    return out
+
+
+def _suggest(cls: type, prefix: str, name: str) -> str:
+    """A 'did you mean' / 'valid keys are' hint for unknown ``prefix.name``.
+
+    Preference order: the same name in another section (``training.lr`` ->
+    ``optimizer.lr``), a close name in this section, a close name anywhere.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    wanted = _join(prefix, name)
+    everywhere = [p for p in _all_paths(Config) if p != wanted]
+    same_name = [p for p in everywhere if p.rsplit(".", 1)[-1] == name]
+    if same_name:
+        return "did you mean " + " or ".join(f"'{p}'" for p in same_name) + "?"
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"did you mean '{_join(prefix, close[0])}'?"
+    by_last: dict[str, list[str]] = {}
+    for p in everywhere:
+        by_last.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    close = difflib.get_close_matches(name, list(by_last), n=1, cutoff=0.75)
+    if close:
+        return "did you mean " + " or ".join(f"'{p}'" for p in by_last[close[0]]) + "?"
+    where = f"[{prefix}]" if prefix else "the top level"
+    valid = ", ".join(f"'{_join(prefix, n)}'" for n in names)
+    return f"valid keys in {where} are: {valid}"
+
+
+def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
+    """Recursively convert a raw dict into dataclass ``cls``, validating as we go."""
+    if not isinstance(data, dict):
+        raise _type_error(cls, data, prefix, ctx)
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            key = _join(prefix, name)
+            raise ConfigError(
+                f"unknown key '{key}' in {ctx.source}; {_suggest(cls, prefix, name)}"
+            )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        tp = hints[name]
+        if name in data:
+            value = _coerce(data[name], tp, key, ctx)
+            kwargs[name] = _check_constraints(value, f.metadata, key, ctx)
+        elif not _has_default(f):
+            if _is_dataclass_type(tp):
+                required = [
+                    g.name for g in dataclasses.fields(tp) if not _has_default(g)
+                ]
+                raise ConfigError(
+                    f"missing required section '{key}' in {ctx.source}; add the [{key}] table"
+                    f" with at least: {', '.join(required)}"
+                )
+            section = f"[{prefix}]" if prefix else "the top level"
+            raise ConfigError(
+                f"missing required key '{key}' in {ctx.source}; add '{name} = <{_describe_type(tp)}>'"
+                f" under {section}"
+            )
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------
+
+_TRUE = {"true", "1"}
+_FALSE = {"false", "0"}
+
+
+def _parse_text(text: str, tp: Any) -> Any:
+    """Parse an override's text for field type ``tp``; raises ValueError."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return _parse_text(text, inner)
+    if tp is str:
+        return text
+    s = text.strip()
+    if tp is bool:
+        if s.lower() in _TRUE:
+            return True
+        if s.lower() in _FALSE:
+            return False
+        raise ValueError("expected true/false/1/0")
+    if tp is int:
+        return int(s)
+    if tp is float:
+        return float(s)
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        if s.startswith("[") and s.endswith("]"):
+            s = s[1:-1].strip()
+        if not s:
+            return []
+        return [_parse_text(part, elem) for part in s.split(",")]
+    raise ValueError(f"cannot parse values of type {tp!r}")  # pragma: no cover
+
+
+def _split_overrides(tokens: Sequence[str], source: str) -> list[tuple[str, str, str]]:
+    """Turn override tokens into ``(dotted_key, value_text, shown_token)`` triples."""
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise ConfigError(
+                f"cannot parse override '{tok}' for {source}; "
+                "write overrides as '--section.key=value' or '--section.key value'"
+            )
+        body = tok[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+            shown = tok
+            i += 1
+        else:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(
+                    f"override '{tok}' for {source} has no value; "
+                    f"write '{tok}=VALUE' or '{tok} VALUE'"
+                )
+            key, text = body, tokens[i + 1]
+            shown = f"{tok} {text}"
+            i += 2
+        out.append((key.strip(), text, shown))
+    return out
+
+
+def _apply_override(raw: dict, key: str, text: str, shown: str, ctx: _Ctx) -> None:
+    parts = key.split(".")
+    cls: type = Config
+    tp: Any = Config
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not _is_dataclass_type(tp):
+            raise ConfigError(
+                f"unknown key '{key}' in override '{shown}' for {ctx.source}: "
+                f"'{prefix}' is a value, not a section; override '--{prefix}=...' instead"
+            )
+        cls = tp
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(
+                f"unknown key '{key}' in override '{shown}' for {ctx.source}; "
+                f"{_suggest(cls, prefix, part)}"
+            )
+        tp = _hints(cls)[part]
+    if _is_dataclass_type(tp):
+        raise ConfigError(
+            f"override '{shown}' for {ctx.source} targets section '{key}', not a key; "
+            f"override one of its keys, e.g. '--{_join(key, dataclasses.fields(tp)[0].name)}=...'"
+        )
+    try:
+        value = _parse_text(text, tp)
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot parse value {text!r} of override '{shown}' for '{key}' in {ctx.source}: "
+            f"expected {_describe_type(tp)} ({exc})"
+        ) from None
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            sub = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"cannot apply override '{shown}': '{sub}' in {ctx.source} is "
+                f"{_describe_value(child)}, not a table; make '{sub}' a [{sub}] table"
+            )
+        node = child
+    node[parts[-1]] = value
+    ctx.overridden[key] = shown
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------
+
+
+def config_from_dict(
+    data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>"
+) -> Config:
+    """Build a :class:`Config` from an already-parsed TOML-like dict.
+
+    Useful for tests and programmatic construction; :func:`load_config` is a
+    thin wrapper that reads the TOML file and calls this.
+
+    Args:
+        data: Nested mapping with the same layout as the TOML file. Not mutated.
+        overrides: Override tokens such as ``"--training.steps=10"`` or the
+            pair ``"--optimizer.lr", "1e-4"``.
+        source: Name of the config source used in error messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: on unknown keys, wrong types, missing required keys,
+            values outside an allowed set or range, or bad overrides.
+    """
+    ctx = _Ctx(str(source))
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config {ctx.source} must be a table, got {_describe_value(data)}")
+    raw = copy.deepcopy(dict(data))
+    for key, text, shown in _split_overrides(overrides, ctx.source):
+        _apply_override(raw, key, text, shown, ctx)
+    return _build(Config, raw, "", ctx)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Load a TOML config file, apply overrides and validate it.
+
+    Args:
+        path: Path to the TOML file.
+        overrides: Override tokens, e.g. ``["--training.steps=10",
+            "--optimizer.lr", "1e-4"]``; applied on top of the file's values
+            before validation.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: if the file does not exist, is not valid TOML, or has an
+            unknown key, a wrongly typed value, a missing required key, a
+            value outside its allowed set or range; or if an override names an
+            unknown key or has an unparsable value.
+    """
+    source = os.fspath(path)
+    if not os.path.exists(source):
+        raise ConfigError(
+            f"config file '{source}' does not exist; check the path given to --config"
+        )
+    if os.path.isdir(source):
+        raise ConfigError(f"config path '{source}' is a directory; pass a .toml file")
+    try:
+        with open(source, "rb") as fh:
+            data = tomli.load(fh)
+    except tomli.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}; fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{source}': {exc}") from None
+    return config_from_dict(data, overrides, source=source)
+
+
+_USAGE = (
+    "usage: train.py --config PATH [--section.key=VALUE | --section.key VALUE ...]\n\n"
+    "Load a TOML training config and apply dotted-key overrides, e.g.\n"
+    "  --training.steps=10 --optimizer.lr 1e-4 --parallelism.language.dp_shard=2\n"
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse ``--config PATH`` plus overrides from the command line.
+
+    Args:
+        argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
+            ``--config PATH`` or ``--config=PATH`` is required; every other
+            argument is an override (``--section.key=value`` or
+            ``--section.key value``). ``-h``/``--help`` prints usage and exits.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: if ``--config`` is missing or given twice, or for any
+            error :func:`load_config` raises.
+        SystemExit: after printing usage for ``-h``/``--help``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_path: str | None = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok in ("-h", "--help"):
+            print(_USAGE, end="")
+            raise SystemExit(0)
+        if tok == "--config" or tok.startswith("--config="):
+            if config_path is not None:
+                raise ConfigError("--config given more than once; pass a single config file")
+            if tok == "--config":
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ConfigError("--config needs a path: --config PATH")
+                config_path = args[i + 1]
+                i += 2
+            else:
+                config_path = tok.split("=", 1)[1]
+                i += 1
+            continue
+        overrides.append(tok)
+        # keep the two-token form's value with its key
+        if tok.startswith("--") and "=" not in tok and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            overrides.append(args[i + 1])
+            i += 1
+        i += 1
+    if config_path is None:
+        raise ConfigError("missing required argument --config PATH (the TOML training config)")
+    return load_config(config_path, overrides)

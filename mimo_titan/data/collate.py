@@ -1,0 +1,216 @@
+"""Batching of multimodal samples: padding, shifted labels and image bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["IGNORE_INDEX", "Batch", "Sample", "collate", "concat_batches"]
+
+#: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One laid-out sample before batching.
+
+    Attributes:
+        tokens: Token ids of the whole sample (see
+            :meth:`~mimo_titan.data.processor.ImageTextProcessor.build_sequence`),
+            at most ``seq_len + 1`` long.
+        pixel_values: ``[k, 3, H, W]`` float32, the sample's images in order.
+        sample_id: Stable id of the sample in the stream.
+        image_token_id: Id of the ``<|image|>`` placeholder (needed for the labels).
+        image_tokens_per_image: Placeholders per image (needed for the invariant check).
+    """
+
+    tokens: Sequence[int]
+    pixel_values: Tensor
+    sample_id: int
+    image_token_id: int
+    image_tokens_per_image: int
+
+    @property
+    def num_images(self) -> int:
+        """Number of images ``k`` in the sample."""
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass
+class Batch:
+    """A batch of multimodal samples.
+
+    Sample ``b`` owns the image rows
+    ``pixel_values[sum(images_per_sample[:b]) : sum(images_per_sample[:b + 1])]``,
+    in the order of its ``<|image|>`` blocks in ``input_ids[b]``.
+
+    Attributes:
+        input_ids: ``[B, S]`` int64, right-padded with ``pad_id``.
+        labels: ``[B, S]`` int64; ``labels[b, t]`` is the token that follows position
+            ``t`` in the unpadded sequence, or ``IGNORE_INDEX`` (-100) where that target
+            is an ``<|image|>`` placeholder, padding, or missing (last token).
+        pixel_values: ``[N_img, 3, H, W]`` float32, the images of all samples in
+            sample order (``N_img = images_per_sample.sum()``).
+        images_per_sample: ``[B]`` int64.
+        sample_ids: ``[B]`` int64, stable id of each sample in the stream.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    pixel_values: Tensor
+    images_per_sample: Tensor
+    sample_ids: Tensor
+
+    def __len__(self) -> int:
+        """Number of samples ``B``."""
+        return int(self.input_ids.shape[0])
+
+    def _image_offsets(self) -> list[int]:
+        counts = self.images_per_sample.tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + int(c))
+        return offsets
+
+    def slice(self, start: int, end: int) -> Batch:
+        """Samples ``[start, end)`` together with exactly their images.
+
+        Args:
+            start: First sample (inclusive), ``0 <= start <= end``.
+            end: Last sample (exclusive), ``end <= len(self)``.
+
+        Returns:
+            A new :class:`Batch` whose tensors are views into this one.
+
+        Raises:
+            ValueError: The range is outside ``[0, len(self)]`` or reversed.
+        """
+        if not 0 <= start <= end <= len(self):
+            raise ValueError(f"invalid sample range [{start}, {end}) for a batch of {len(self)}")
+        offsets = self._image_offsets()
+        return Batch(
+            input_ids=self.input_ids[start:end],
+            labels=self.labels[start:end],
+            pixel_values=self.pixel_values[offsets[start] : offsets[end]],
+            images_per_sample=self.images_per_sample[start:end],
+            sample_ids=self.sample_ids[start:end],
+        )
+
+    def num_loss_tokens(self) -> int:
+        """Number of label positions that contribute to the loss (``labels != -100``)."""
+        return int((self.labels != IGNORE_INDEX).sum().item())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy all tensors to ``device`` (dtypes unchanged).
+
+        Args:
+            device: Target device.
+            non_blocking: Passed to :meth:`torch.Tensor.to`.
+
+        Returns:
+            A new :class:`Batch` on ``device``.
+        """
+        return Batch(
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            pixel_values=self.pixel_values.to(device, non_blocking=non_blocking),
+            images_per_sample=self.images_per_sample.to(device, non_blocking=non_blocking),
+            sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+        )
+
+
+def collate(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Batch:
+    """Pad, shift and stack samples into a :class:`Batch`.
+
+    For a sample with tokens ``seq`` (``len(seq) <= seq_len + 1``):
+    ``input_ids = seq[:seq_len]`` right-padded with ``pad_id`` and
+    ``labels = seq[1:seq_len + 1]`` right-padded with ``IGNORE_INDEX``, with every
+    ``<|image|>`` target also set to ``IGNORE_INDEX``.
+
+    Args:
+        samples: The samples, in batch order (at least one).
+        seq_len: ``S``, the length of ``input_ids`` rows.
+        pad_id: Padding token id for ``input_ids``.
+
+    Returns:
+        A :class:`Batch` with ``B = len(samples)`` (shapes as documented there).
+
+    Raises:
+        ValueError: No samples, a sample longer than ``seq_len + 1`` tokens, images of
+            different shapes, samples disagreeing on the image token, or a row whose
+            ``<|image|>`` count differs from ``num_images * image_tokens_per_image``.
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    image_token_id = samples[0].image_token_id
+    per_image = samples[0].image_tokens_per_image
+    batch_size = len(samples)
+    input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.int64)
+    labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.int64)
+    for b, sample in enumerate(samples):
+        if sample.image_token_id != image_token_id or sample.image_tokens_per_image != per_image:
+            raise ValueError("samples in one batch must share image_token_id and image_tokens_per_image")
+        seq = torch.as_tensor(list(sample.tokens), dtype=torch.int64)
+        if seq.numel() > seq_len + 1:
+            raise ValueError(
+                f"sample {sample.sample_id} has {seq.numel()} tokens, more than "
+                f"seq_len + 1 = {seq_len + 1}; truncate it before collating"
+            )
+        inputs = seq[:seq_len]
+        targets = seq[1 : seq_len + 1].clone()
+        targets[targets == image_token_id] = IGNORE_INDEX
+        input_ids[b, : inputs.numel()] = inputs
+        labels[b, : targets.numel()] = targets
+        expected = sample.num_images * per_image
+        found = int((inputs == image_token_id).sum().item())
+        if found != expected:
+            raise ValueError(
+                f"sample {sample.sample_id}: {found} <|image|> tokens in input_ids but "
+                f"{sample.num_images} image(s) x {per_image} = {expected} expected"
+            )
+    shapes = {tuple(s.pixel_values.shape[1:]) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"all images in a batch must have the same shape, got {sorted(shapes)}")
+    pixel_values = torch.cat([s.pixel_values.to(torch.float32) for s in samples], dim=0)
+    return Batch(
+        input_ids=input_ids,
+        labels=labels,
+        pixel_values=pixel_values,
+        images_per_sample=torch.tensor([s.num_images for s in samples], dtype=torch.int64),
+        sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+    )
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Concatenate batches along the sample dimension (images follow their samples).
+
+    Args:
+        batches: Batches with the same sequence length and image shape (at least one).
+
+    Returns:
+        A :class:`Batch` with ``sum(len(b) for b in batches)`` samples.
+
+    Raises:
+        ValueError: ``batches`` is empty, or sequence lengths / image shapes differ.
+    """
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    seq_lens = {int(b.input_ids.shape[1]) for b in batches}
+    if len(seq_lens) != 1:
+        raise ValueError(f"cannot concatenate batches with different sequence lengths {sorted(seq_lens)}")
+    image_shapes = {tuple(b.pixel_values.shape[1:]) for b in batches}
+    if len(image_shapes) != 1:
+        raise ValueError(f"cannot concatenate batches with different image shapes {sorted(image_shapes)}")
+    return Batch(
+        input_ids=torch.cat([b.input_ids for b in batches], dim=0),
+        labels=torch.cat([b.labels for b in batches], dim=0),
+        pixel_values=torch.cat([b.pixel_values for b in batches], dim=0),
+        images_per_sample=torch.cat([b.images_per_sample for b in batches], dim=0),
+        sample_ids=torch.cat([b.sample_ids for b in batches], dim=0),
+    )

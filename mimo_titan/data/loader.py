@@ -1,0 +1,293 @@
+"""Deterministic, resumable loader of global multimodal batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mimo_titan.data.collate import Batch, Sample, collate
+from mimo_titan.data.processor import CorruptSampleError, ImageTextProcessor
+from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
+
+__all__ = ["MimoDataLoader"]
+
+logger = logging.getLogger(__name__)
+
+#: Record fields accepted as the image, in order of preference.
+IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+#: Record field holding the caption (UTF-8 text).
+CAPTION_FIELD = "txt"
+
+
+@dataclass(frozen=True)
+class _Record:
+    key: str
+    pixel_values: Tensor  # [3, H, W] float32
+    caption_tokens: tuple[int, ...]
+
+
+def _derive_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 64-bit seed that depends only on its arguments (no hash randomisation)."""
+    digest = hashlib.sha256(f"mimo_titan.data:{seed}:{epoch}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class MimoDataLoader:
+    """Endless iterator of global :class:`~mimo_titan.data.collate.Batch` es.
+
+    Every rank constructs the same loader with the same arguments and receives the
+    same sequence of global batches; ranks then take their share with
+    :func:`mimo_titan.data.sharding.local_batch`. Nothing depends on the rank, the
+    clock, ``PYTHONHASHSEED`` or global RNG state: the record order of epoch ``e`` is
+    a permutation drawn from a generator seeded by ``(seed, e)`` only, and the
+    number of images per sample from another generator seeded the same way.
+
+    An epoch is one pass over the valid records: they are (optionally) permuted,
+    then grouped consecutively into samples of ``k`` pairs, with ``k`` drawn
+    uniformly from ``1..max_images_per_sample`` (clipped to the records left at the
+    end of the epoch). Batches run across epoch boundaries, so the stream never
+    ends. Sample ids are the running ordinal of samples produced since the start of
+    epoch 0, hence unique within a run and identical across ranks and resumes.
+
+    Records missing an image (``jpg``/``jpeg``/``png``/``webp``) or the ``txt``
+    caption, with an empty or whitespace-only caption (or one that tokenises to
+    nothing), or with an undecodable image are skipped and counted in
+    :attr:`stats`, never raised.
+
+    Implementation note: this version reads and decodes all shards once into memory
+    (fine for small shards). The epoch logic only needs the number of valid records
+    and random access by index, so a streaming version can replace ``_read_records``
+    with a per-shard index (or shard-level permutation plus a shuffle buffer) while
+    keeping the ``(seed, epoch)``-only dependence and the ``(epoch, position)`` state.
+
+    Args:
+        path: ``data.path``: a ``.tar`` shard or a directory of ``.tar`` shards.
+        processor: Decodes images and tokenises captions.
+        global_batch_size: Samples per global batch (``B``).
+        seq_len: Length ``S`` of ``input_ids`` rows; samples hold up to ``S + 1``
+            tokens before the shift.
+        max_images_per_sample: Upper bound on image-caption pairs per sample.
+        shuffle: Permute the records anew every epoch.
+        seed: Seed of all randomness.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (message names ``data.path``).
+        ValueError: Bad sizes; ``seq_len`` too small for ``max_images_per_sample``
+            image blocks plus BOS (message names ``training.seq_len`` and the minimum);
+            no ``.tar`` shard or no valid record under ``path``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        processor: ImageTextProcessor,
+        global_batch_size: int,
+        seq_len: int,
+        max_images_per_sample: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if global_batch_size <= 0:
+            raise ValueError(f"training.global_batch_size must be positive, got {global_batch_size}")
+        if seq_len <= 0:
+            raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+        if max_images_per_sample <= 0:
+            raise ValueError(f"max_images_per_sample must be positive, got {max_images_per_sample}")
+        needed = processor.min_sequence_tokens(max_images_per_sample)
+        if needed > seq_len + 1:
+            raise ValueError(
+                f"training.seq_len={seq_len} is too small: a sample with "
+                f"{max_images_per_sample} image(s) of {processor.image_tokens_per_image} "
+                f"tokens needs {needed} tokens (BOS + begin/image/end blocks), i.e. "
+                f"training.seq_len >= {needed - 1}; raise training.seq_len or lower "
+                f"max_images_per_sample / the image token count"
+            )
+        self.processor = processor
+        self.global_batch_size = int(global_batch_size)
+        self.seq_len = int(seq_len)
+        self.max_images_per_sample = int(max_images_per_sample)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.shards = resolve_shards(path)
+
+        self._stats = {"corrupt_image": 0, "empty_caption": 0, "missing_field": 0, "samples": 0}
+        self._records = self._read_records()
+        if not self._records:
+            raise ValueError(
+                f"data.path={os.fspath(path)!r} holds no valid image-caption record "
+                f"(skipped: {self._stats}); point data.path at WebDataset shards with "
+                f"<key>.jpg and <key>.txt members"
+            )
+
+        self._epoch = 0
+        self._position = 0  # index of the next sample within the epoch's plan
+        self._samples_produced = 0
+        self._plan_cache: tuple[int, list[tuple[int, ...]]] | None = None
+
+    # ------------------------------------------------------------ reading
+    def _read_records(self) -> list[_Record]:
+        records: list[_Record] = []
+        for key, fields in iter_webdataset(self.shards):
+            image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
+            if image_field is None or CAPTION_FIELD not in fields:
+                self._stats["missing_field"] += 1
+                continue
+            caption = fields[CAPTION_FIELD].decode("utf-8", errors="replace").strip()
+            tokens = self.processor.tokenize(caption) if caption else []
+            if not tokens:
+                self._stats["empty_caption"] += 1
+                continue
+            try:
+                pixels = self.processor.load_image(fields[image_field])
+            except CorruptSampleError:
+                self._stats["corrupt_image"] += 1
+                continue
+            records.append(_Record(key=key, pixel_values=pixels, caption_tokens=tuple(tokens)))
+        self._stats["samples"] = len(records)
+        logger.debug(
+            "read %d records from %d shard(s); stats=%s", len(records), len(self.shards), self._stats
+        )
+        return records
+
+    # ------------------------------------------------------------- public
+    @property
+    def stats(self) -> dict[str, int]:
+        """Record counters (a copy).
+
+        Keys: ``corrupt_image``, ``empty_caption``, ``missing_field`` (records skipped
+        for that reason) and ``samples`` (valid image-caption records kept).
+        """
+        return dict(self._stats)
+
+    @property
+    def num_records(self) -> int:
+        """Number of valid image-caption records per epoch."""
+        return len(self._records)
+
+    @property
+    def record_keys(self) -> list[str]:
+        """Keys of the valid records, in shard order (record index -> key)."""
+        return [r.key for r in self._records]
+
+    @property
+    def epoch(self) -> int:
+        """Epoch the next sample comes from."""
+        return self._epoch
+
+    def epoch_plan(self, epoch: int) -> list[tuple[int, ...]]:
+        """The samples of ``epoch`` as tuples of record indices (deterministic).
+
+        Args:
+            epoch: Epoch number (``>= 0``).
+
+        Returns:
+            One tuple per sample, each with ``1..max_images_per_sample`` record
+            indices; together they cover every valid record exactly once.
+        """
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        n = len(self._records)
+        order = list(range(n))
+        if self.shuffle:
+            random.Random(_derive_seed(self.seed, epoch, "permutation")).shuffle(order)
+        k_rng = random.Random(_derive_seed(self.seed, epoch, "images_per_sample"))
+        plan: list[tuple[int, ...]] = []
+        i = 0
+        while i < n:
+            k = k_rng.randint(1, self.max_images_per_sample) if self.max_images_per_sample > 1 else 1
+            k = min(k, n - i)
+            plan.append(tuple(order[i : i + k]))
+            i += k
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def _next_sample(self) -> Sample:
+        plan = self.epoch_plan(self._epoch)
+        group = plan[self._position]
+        records = [self._records[i] for i in group]
+        tokens = self.processor.build_sequence([r.caption_tokens for r in records], self.seq_len + 1)
+        sample = Sample(
+            tokens=tokens,
+            pixel_values=torch.stack([r.pixel_values for r in records]),
+            sample_id=self._samples_produced,
+            image_token_id=self.processor.image_token_id,
+            image_tokens_per_image=self.processor.image_tokens_per_image,
+        )
+        self._samples_produced += 1
+        self._position += 1
+        if self._position >= len(plan):
+            self._epoch += 1
+            self._position = 0
+        return sample
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        """The next global batch.
+
+        Returns:
+            A :class:`~mimo_titan.data.collate.Batch` with ``global_batch_size``
+            samples and ``seq_len`` columns.
+        """
+        samples = [self._next_sample() for _ in range(self.global_batch_size)]
+        return collate(samples, self.seq_len, self.processor.pad_id)
+
+    # ------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the stream, for checkpointing.
+
+        Returns:
+            ``{"epoch", "position", "samples_produced"}`` plus the settings that fix
+            the stream (``seed``, ``shuffle``, ``max_images_per_sample``,
+            ``num_records``), all plain ints/bools.
+        """
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "samples_produced": self._samples_produced,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "max_images_per_sample": self.max_images_per_sample,
+            "num_records": len(self._records),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` output; the next batch continues exactly.
+
+        ``global_batch_size`` may differ from the saved run (the position is kept in
+        samples).
+
+        Args:
+            state: A dict produced by :meth:`state_dict`.
+
+        Raises:
+            ValueError: The state came from a stream with a different seed, shuffle
+                flag, ``max_images_per_sample`` or number of valid records, or its
+                position is out of range.
+        """
+        for key, mine in (
+            ("seed", self.seed),
+            ("shuffle", self.shuffle),
+            ("max_images_per_sample", self.max_images_per_sample),
+            ("num_records", len(self._records)),
+        ):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"cannot resume data loader: checkpoint has {key}={state[key]!r} "
+                    f"but this loader has {key}={mine!r}"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < len(self.epoch_plan(epoch)):
+            raise ValueError(f"invalid data loader position epoch={epoch} position={position}")
+        self._epoch = epoch
+        self._position = position
+        self._samples_produced = int(state["samples_produced"])

@@ -1,0 +1,187 @@
+"""Decoder-only language model in the Llama-3 / Qwen3 style: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Parameter names are Hugging Face's ``LlamaForCausalLM`` names (``model.embed_tokens``,
+``model.layers.{i}.self_attn.q_proj``, ``model.layers.{i}.mlp.gate_proj``, ``model.norm``, ``lm_head``), so a
+later weight import is a name map. ``model.layers`` is a ``ModuleDict`` keyed by the global layer index, so a
+pipeline stage that keeps a subset of layers keeps their global names (torchtitan's convention).
+
+A pipeline stage is this module with some parts set to ``None``: without ``embed_tokens`` the stage takes
+hidden states, without ``norm`` / ``lm_head`` it returns hidden states (see
+:func:`mimo_titan.pipeline.stages.split_language_model`).
+
+Method: Touvron et al., "Llama 2" (2023) / Dubey et al., "The Llama 3 Herd of Models" (2024); RoPE: Su et al.,
+"RoFormer" (2021); GQA: Ainslie et al. (2023); SwiGLU: Shazeer, "GLU Variants Improve Transformer" (2020).
+
+Shape legend: B batch, S sequence, H hidden size, V vocabulary, nh / nkv query / key-value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DecoderLM", "RMSNorm", "rope_cos_sin"]
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary tables for integer positions.
+
+    Args:
+        position_ids: ``[B, S]`` or ``[S]`` int64 global positions.
+        head_dim: even head dimension hd.
+        theta: RoPE base.
+
+    Returns:
+        ``(cos, sin)`` each ``[..., S, hd]`` in ``dtype`` (HF "rotate_half" layout: the two halves share a frequency).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention over SDPA (no bias, HF Llama layout)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(
+                f"model.language.num_heads={cfg.num_heads} must be a multiple of model.language.num_kv_heads={cfg.num_kv_heads}"
+            )
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x_BSH.shape
+        q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+        k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
+        v = self.v_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM (or one pipeline stage of it).
+
+    Args:
+        cfg: ``LanguageModelConfig`` (vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
+            num_kv_heads, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings).
+
+    Forward:
+        ``x``: ``[B, S]`` int64 token ids when this part has ``embed_tokens``, else ``[B, S, H]`` hidden states.
+        ``inputs_embeds``: optional ``[B, S, H]`` replacing the embedding lookup (used by the MIMO merge).
+        Returns ``[B, S, V]`` logits when this part has ``lm_head``, else ``[B, S, H]`` hidden states.
+        Positions are ``0..S-1`` for every row (right-padded batches, causal attention).
+
+    Raises:
+        ValueError: on an inconsistent config (heads not dividing, tied embeddings with pipeline splitting).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"the language head dim ({self.head_dim}) must be even for RoPE: set model.language.head_dim")
+        self.model = _Backbone(cfg)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, S, H]`` of ids ``[B, S]`` int64."""
+        return self.model.embed_tokens(input_ids_BS)
+
+    def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            h = inputs_embeds
+        elif self.model.embed_tokens is not None:
+            h = self.embed(x)
+        else:
+            h = x
+        s = h.shape[1]
+        cos, sin = rope_cos_sin(torch.arange(s, device=h.device), self.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer in self.model.layers.values():
+            h = layer(h, cos, sin)
+        if self.model.norm is not None:
+            h = self.model.norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)
+        return h
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Truncated-normal(std) linear and embedding weights, unit norm scales. Uses the global torch RNG."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)

@@ -1,0 +1,160 @@
+"""Vision encoder: a pre-norm ViT plus the MLP projector into the language model's hidden size.
+
+Parameter names follow Hugging Face's CLIP / SigLIP vision towers (``vision_model.embeddings.patch_embedding``,
+``vision_model.encoder.layers.{i}.self_attn.q_proj``, ...) and LLaVA's projector
+(``multi_modal_projector.linear_1`` / ``linear_2``), so a later weight import is a name map.
+
+Method: Dosovitskiy et al., "An Image is Worth 16x16 Words" (2021); projector as in Liu et al., "Visual
+Instruction Tuning" (LLaVA-1.5, 2023).
+
+Shape legend: N images, C channels, P patches per image, D ViT width, H language-model hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["VisionEncoder", "ViT", "Projector"]
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"model.vision.hidden_size={dim} must be divisible by model.vision.num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
+        n, p, d = x_NPD.shape
+        hd = d // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, p, self.num_heads, hd).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x_NPD)), heads(self.k_proj(x_NPD)), heads(self.v_proj(x_NPD))
+        out = F.scaled_dot_product_attention(q, k, v)  # bidirectional over patches
+        return self.out_proj(out.transpose(1, 2).reshape(n, p, d))
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = _Attention(dim, num_heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _MLP(dim, intermediate_size)
+
+    def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
+        x_NPD = x_NPD + self.self_attn(self.layer_norm1(x_NPD))
+        return x_NPD + self.mlp(self.layer_norm2(x_NPD))
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.position_embedding = nn.Embedding(self.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values_NCHW.to(self.patch_embedding.weight.dtype))
+        x_NPD = x.flatten(2).transpose(1, 2)
+        return x_NPD + self.position_embedding.weight.unsqueeze(0)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ViTBlock(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps) for _ in range(cfg.num_layers)
+        )
+
+    def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x_NPD = layer(x_NPD)
+        return x_NPD
+
+
+class ViT(nn.Module):
+    """Patch embedding + learned positions + pre-norm blocks + final LayerNorm; returns every patch token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(
+                f"model.vision.image_size={cfg.image_size} must be a multiple of model.vision.patch_size={cfg.patch_size}"
+            )
+        self.embeddings = _Embeddings(cfg)
+        self.encoder = _Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values_NCHW)))
+
+
+class Projector(nn.Module):
+    """Two-layer GELU MLP from the ViT width D to the language model's hidden size H (LLaVA-1.5)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class VisionEncoder(nn.Module):
+    """The vision module of a MIMO model: ViT followed by the projector.
+
+    Args:
+        cfg: ``VisionModelConfig`` (image_size, patch_size, num_channels, hidden_size, num_layers, num_heads,
+            intermediate_size, norm_eps, projector_intermediate_size).
+        out_dim: the language model's hidden size H.
+
+    Forward:
+        pixel_values ``[N, C, image_size, image_size]`` float → ``[N, P, H]`` in the parameters' dtype, where
+        ``P = (image_size // patch_size) ** 2`` is :attr:`tokens_per_image`.
+    """
+
+    def __init__(self, cfg, out_dim: int):
+        super().__init__()
+        self.vision_model = ViT(cfg)
+        self.multi_modal_projector = Projector(cfg.hidden_size, cfg.projector_intermediate_size, out_dim)
+        self.tokens_per_image = self.vision_model.embeddings.num_patches
+        self.out_dim = out_dim
+
+    def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
+        return self.multi_modal_projector(self.vision_model(pixel_values_NCHW))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Truncated-normal(std) weights, zero biases, unit LayerNorm scales. Uses the global torch RNG."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)

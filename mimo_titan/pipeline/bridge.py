@@ -1,0 +1,193 @@
+"""Bridge: move projected image embeddings from encoder DP ranks to language-model DP ranks, and grads back.
+
+Every rank draws the same global batch, so both sides know, for every sample of every microbatch, how many
+image tokens it has. Each microbatch of ``mb_size`` samples is cut into contiguous DP ranges on each side
+(``dp_sample_range``); a *route* is the non-empty intersection of an encoder DP range and a language DP range.
+Along a route the encoder sends the image-token rows of exactly those samples; the language rank
+concatenates its routes in sample order. Gradients travel the same routes backwards, so each encoder rank gets
+``d loss / d embeds`` for exactly its own rows. This handles fan-in (encoder DP > LM DP), fan-out (encoder
+DP < LM DP), equal DP and ratios that do not divide (2 → 3), and any number of image tokens per sample (zero
+included): a route whose samples have no image token sends nothing, and both sides know it.
+
+Example (mb_size 6, encoder dp 2 → language dp 3): encoder ranges [0,3) [3,6), language ranges [0,2) [2,4)
+[4,6); routes (e0→l0, [0,2)), (e0→l1, [2,3)), (e1→l1, [3,4)), (e1→l2, [4,6)).
+
+When the sending and receiving rank are the same process (colocated layouts) the rows are handed over in
+memory, with no communication; the code path is otherwise identical.
+
+Reference semantics: Megatron-LM ``pipeline_parallel/bridge_communicator.py`` (fan-in / fan-out between
+HyperCommGrids); unlike it, routing is by sample range, so DP sizes need not divide each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mimo_titan.data.sharding import dp_sample_range
+
+__all__ = ["Route", "plan_routes", "module_rank", "Bridge"]
+
+_FWD, _BWD = 0, 1
+
+
+@dataclass(frozen=True)
+class Route:
+    """Samples ``[start, end)`` of every microbatch go from encoder DP rank ``src_dp`` to language DP rank ``dst_dp``."""
+
+    src_dp: int
+    dst_dp: int
+    start: int
+    end: int
+
+
+def plan_routes(mb_size: int, src_dp_size: int, dst_dp_size: int) -> tuple[Route, ...]:
+    """All routes for a microbatch of ``mb_size`` samples, ordered by ``start``.
+
+    Raises:
+        ValueError: if a DP size does not divide ``mb_size`` (from ``dp_sample_range``).
+    """
+    routes = []
+    for s in range(src_dp_size):
+        a0, a1 = dp_sample_range(mb_size, s, src_dp_size)
+        for d in range(dst_dp_size):
+            b0, b1 = dp_sample_range(mb_size, d, dst_dp_size)
+            lo, hi = max(a0, b0), min(a1, b1)
+            if lo < hi:
+                routes.append(Route(s, d, lo, hi))
+    return tuple(sorted(routes, key=lambda r: r.start))
+
+
+def module_rank(layout, pp_stage: int, dp_rank: int, cp_rank: int = 0, tp_rank: int = 0) -> int:
+    """Global rank of the given coordinates in a module's mesh (dims pp, dp_replicate, dp_shard, cp, tp)."""
+    return layout.rank_offset + ((pp_stage * layout.dp + dp_rank) * layout.cp + cp_rank) * layout.tp + tp_rank
+
+
+class Bridge:
+    """Point-to-point transfer of image-token embeddings between two modules' meshes.
+
+    Args:
+        src_layout: the encoder module's ``ModuleLayout`` (pp must be 1).
+        dst_layout: the language module's ``ModuleLayout``; its first pipeline stage receives.
+        mb_size: samples per global microbatch.
+        tokens_per_image: image tokens each image contributes (P).
+        hidden_size: H, the width of what crosses.
+        dtype: dtype of what crosses (the encoder's compute dtype).
+        device: device of the buffers (cuda for NCCL, cpu for gloo).
+        rank: this process's global rank.
+
+    All tensors are ``[n_tokens, H]`` in sample order; ``images_per_sample`` is the ``[mb_size]`` int64 count
+    of images of every sample of the *global* microbatch. Sends are asynchronous; call :meth:`wait` once the
+    step no longer needs them.
+
+    Raises:
+        ValueError: if the encoder has pp > 1, or either side has tp or cp > 1 (not supported by this bridge yet).
+    """
+
+    def __init__(self, src_layout, dst_layout, mb_size: int, tokens_per_image: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device, rank: int):
+        if src_layout.pp != 1:
+            raise ValueError(
+                f"parallelism.{src_layout.name}.pp={src_layout.pp}: encoder modules run as a single pipeline stage "
+                "ahead of the language model; set pp = 1 and use dp_shard instead"
+            )
+        for lay in (src_layout, dst_layout):
+            if lay.tp != 1 or lay.cp != 1:
+                raise ValueError(
+                    f"parallelism.{lay.name}: tp={lay.tp}, cp={lay.cp}; tensor and context parallelism are not "
+                    "supported by the bridge yet, set tp = 1 and cp = 1"
+                )
+        self.src, self.dst = src_layout, dst_layout
+        self.mb_size, self.tokens_per_image, self.hidden_size = mb_size, tokens_per_image, hidden_size
+        self.dtype, self.device, self.rank = dtype, device, rank
+        self.routes = plan_routes(mb_size, src_layout.dp, dst_layout.dp)
+        self.src_ranks = [module_rank(src_layout, 0, d) for d in range(src_layout.dp)]
+        self.dst_ranks = [module_rank(dst_layout, 0, d) for d in range(dst_layout.dp)]
+        self._local: dict[tuple[int, int, Route], torch.Tensor] = {}
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _row_offsets(self, images_per_sample: torch.Tensor, start: int, end: int) -> list[int]:
+        """Row offset of each sample boundary in ``[start, end]`` relative to sample ``start``."""
+        counts = (images_per_sample[start:end] * self.tokens_per_image).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + int(c))
+        return offsets
+
+    def _send(self, rows: torch.Tensor, peer: int, tag: int, key) -> None:
+        if rows.shape[0] == 0:
+            return
+        if peer == self.rank:
+            self._local[key] = rows.detach()
+            return
+        buf = rows.detach().to(self.dtype).contiguous()
+        self._sends.append((dist.isend(buf, dst=peer, tag=tag), buf))
+
+    def _recv_all(self, pieces: list[tuple[int, int, object]], tag: int) -> torch.Tensor:
+        """Receive each (n_rows, peer, key) piece; return them concatenated in order as ``[sum n_rows, H]``."""
+        out, works = [], []
+        for n, peer, key in pieces:
+            if n == 0:
+                continue
+            if peer == self.rank:
+                out.append(self._local.pop(key).to(self.dtype))
+                continue
+            buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
+            works.append(dist.irecv(buf, src=peer, tag=tag))
+            out.append(buf)
+        for w in works:
+            w.wait()
+        if not out:
+            return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        return torch.cat(out)
+
+    def _send_rows(self, mb: int, direction: int, my_dp: int, rows: torch.Tensor, images_per_sample: torch.Tensor,
+                   side_size: int, mine_of, peer_of) -> None:
+        lo, hi = dp_sample_range(self.mb_size, my_dp, side_size)
+        offsets = self._row_offsets(images_per_sample, lo, hi)
+        if rows.shape[0] != offsets[-1]:
+            raise ValueError(f"bridge: microbatch {mb} has {offsets[-1]} image-token rows on this rank, got {rows.shape[0]}")
+        for r in self.routes:
+            if mine_of(r) == my_dp:
+                piece = rows[offsets[r.start - lo]: offsets[r.end - lo]]
+                self._send(piece, peer_of(r), 2 * mb + direction, (direction, mb, r))
+
+    def _recv_rows(self, mb: int, direction: int, my_dp: int, images_per_sample: torch.Tensor, mine_of, peer_of) -> torch.Tensor:
+        pieces = []
+        for r in self.routes:
+            if mine_of(r) == my_dp:
+                n = self._row_offsets(images_per_sample, r.start, r.end)[-1]
+                pieces.append((n, peer_of(r), (direction, mb, r)))
+        return self._recv_all(pieces, 2 * mb + direction)
+
+    # -- public API ------------------------------------------------------------------------------------
+    def send_forward(self, mb: int, src_dp: int, embeds: torch.Tensor, images_per_sample: torch.Tensor) -> None:
+        """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes."""
+        self._send_rows(mb, _FWD, src_dp, embeds, images_per_sample, self.src.dp,
+                        lambda r: r.src_dp, lambda r: self.dst_ranks[r.dst_dp])
+
+    def recv_forward(self, mb: int, dst_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
+        """Language side: image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb``, in sample order."""
+        return self._recv_rows(mb, _FWD, dst_dp, images_per_sample, lambda r: r.dst_dp, lambda r: self.src_ranks[r.src_dp])
+
+    def send_backward(self, mb: int, dst_dp: int, grads: torch.Tensor, images_per_sample: torch.Tensor) -> None:
+        """Language side: send ``d loss / d rows`` (``[n, H]``, same layout as :meth:`recv_forward`) back."""
+        self._send_rows(mb, _BWD, dst_dp, grads, images_per_sample, self.dst.dp,
+                        lambda r: r.dst_dp, lambda r: self.src_ranks[r.src_dp])
+
+    def recv_backward(self, mb: int, src_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
+        """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb``."""
+        return self._recv_rows(mb, _BWD, src_dp, images_per_sample, lambda r: r.src_dp, lambda r: self.dst_ranks[r.dst_dp])
+
+    def wait(self) -> None:
+        """Wait for every outstanding send; raise if a colocated hand-over was never collected."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        if self._local:
+            leftover = sorted((k[0], k[1]) for k in self._local)
+            self._local.clear()
+            raise RuntimeError(f"bridge: local hand-overs never received (direction, microbatch): {leftover}")

@@ -1,0 +1,158 @@
+"""Drive one training step of a MIMO model across module meshes (non-colocated or colocated, one code path).
+
+Order on each rank (a rank may hold both modules, colocated):
+
+1. encoder ranks: for each microbatch ``m``: encode this DP rank's images of ``m``, send the image-token rows
+   over the :class:`~mimo_titan.pipeline.bridge.Bridge` (asynchronously);
+2. language ranks: the first stage receives microbatch ``m``'s rows, places them at the placeholder positions
+   (dense ``[b, S, H]``, a leaf that requires grad); then ``torch.distributed.pipelining`` (``PipelineStage`` +
+   ``Schedule1F1B`` / ``ScheduleGPipe``) runs all microbatches through the language stages, with the loss
+   ``sum of per-token cross-entropy / global count of loss tokens``; the first stage sends ``d loss / d rows``
+   back;
+3. encoder ranks: receive each microbatch's gradient and run one backward over all microbatches' outputs.
+
+Gradients are *sums* over microbatches and DP ranks (the loss is already normalised globally), so the
+pipelining schedule runs with ``scale_grads=False`` and FSDP reduces with a sum (see ``parallel.fsdp``).
+
+The encoder runs all microbatches' forwards before the language pipeline starts (GPipe at the module level);
+within the language module the chosen schedule interleaves microbatches.
+
+Reference semantics: Megatron-LM ``examples/mimo/training`` (encoder grid feeding the LM grid through the
+bridge communicator), with torch.distributed.pipelining in place of Megatron's schedules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from mimo_titan.data.collate import IGNORE_INDEX, Batch
+from mimo_titan.data.sharding import local_batch
+from mimo_titan.pipeline.bridge import Bridge
+
+__all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
+
+PIPELINE_SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
+
+
+class MimoSchedule:
+    """One forward + backward of the MIMO model over a global batch, split into microbatches.
+
+    Args:
+        topology: the ``Topology`` of this run.
+        vision: this rank's encoder module (FSDP-wrapped) or ``None`` if the rank holds no encoder.
+        language: this rank's :class:`~mimo_titan.models.mimo.LanguageStage` (FSDP-wrapped) or ``None``.
+        bridge: the encoder → language :class:`Bridge`.
+        microbatches: microbatches per step (M).
+        schedule: ``"1F1B"`` or ``"GPipe"`` for the language pipeline.
+        image_token_id: id of ``<|image|>``.
+        tokens_per_image: image tokens per image (P).
+        device: device the step runs on.
+
+    Raises:
+        ValueError: for an unknown schedule name.
+    """
+
+    def __init__(self, topology, vision: nn.Module | None, language: nn.Module | None, bridge: Bridge,
+                 microbatches: int, schedule: str, image_token_id: int, tokens_per_image: int, device: torch.device):
+        if schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
+        role = topology.role
+        self.topology, self.role, self.bridge = topology, role, bridge
+        self.vision, self.language = vision, language
+        self.microbatches, self.image_token_id, self.tokens_per_image = microbatches, image_token_id, tokens_per_image
+        self.device = device
+        self.lang_name = role.language
+        enc = [n for n in topology.layouts if n != self.lang_name]
+        if len(enc) != 1:
+            raise ValueError(f"exactly one encoder module is supported for now, got {enc}")
+        self.vision_name = enc[0]
+        self._num_loss_tokens = 1
+        self.pp_schedule = None
+        if language is not None:
+            lay = topology.layouts[self.lang_name]
+            stage_idx = role.pp_stage(self.lang_name)
+            self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
+                                       group=topology.pp_group(self.lang_name))
+            self.is_first = stage_idx == 0
+            self.is_last = stage_idx == lay.pp - 1
+            self.pp_schedule = PIPELINE_SCHEDULES[schedule](
+                self.stage, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
+            )
+
+    def _loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """Sum of per-token cross-entropy (fp32) over the microbatch / global number of loss tokens of the step."""
+        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / self._num_loss_tokens
+
+    def _mb_images(self, global_batch: Batch, m: int) -> torch.Tensor:
+        s = len(global_batch) // self.microbatches
+        return global_batch.images_per_sample[m * s:(m + 1) * s]
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows are dropped)."""
+        n = pixel_values.shape[0]
+        if n == 0:
+            pixel_values = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
+        return self.vision(pixel_values)[:n]
+
+    def step(self, global_batch: Batch) -> torch.Tensor:
+        """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.
+
+        Returns:
+            0-dim fp32 tensor: this rank's share of the step loss (non-zero on the last language stage only);
+            the sum over ranks is the loss of the global batch.
+        """
+        M = self.microbatches
+        self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
+        enc_outputs = []
+        if self.vision is not None:
+            v_dp = self.role.dp_rank(self.vision_name)
+            v_local = local_batch(global_batch, M, v_dp, self.topology.layouts[self.vision_name].dp)
+            b = len(v_local) // M
+            for m in range(M):
+                mb = v_local.slice(m * b, (m + 1) * b)
+                out = self._encode(mb.pixel_values.to(self.device))
+                enc_outputs.append(out)
+                self.bridge.send_forward(m, v_dp, out.flatten(0, 1), self._mb_images(global_batch, m))
+
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.pp_schedule is not None:
+            l_dp = self.role.dp_rank(self.lang_name)
+            l_local = local_batch(global_batch, M, l_dp, self.topology.layouts[self.lang_name].dp)
+            input_ids = l_local.input_ids.to(self.device)
+            labels = l_local.labels.to(self.device)
+            losses: list[torch.Tensor] = []
+            kwargs = {"target": labels, "losses": losses} if self.is_last else {}
+            if self.is_first:
+                b = len(l_local) // M
+                dense = []
+                for m in range(M):
+                    rows = self.bridge.recv_forward(m, l_dp, self._mb_images(global_batch, m))
+                    ids = input_ids[m * b:(m + 1) * b]
+                    d = torch.zeros(*ids.shape, self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device)
+                    d[ids == self.image_token_id] = rows
+                    dense.append(d)
+                image_dense = torch.cat(dense).requires_grad_(True)
+                self.pp_schedule.step(input_ids, image_dense, **kwargs)
+                grad = image_dense.grad if image_dense.grad is not None else torch.zeros_like(image_dense)
+                for m in range(M):
+                    ids = input_ids[m * b:(m + 1) * b]
+                    g = grad[m * b:(m + 1) * b][ids == self.image_token_id]
+                    self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m))
+            else:
+                self.pp_schedule.step(**kwargs)
+            if losses:
+                loss = torch.stack([x.detach().float() for x in losses]).sum()
+
+        if self.vision is not None:
+            v_dp = self.role.dp_rank(self.vision_name)
+            grads = []
+            for m, out in enumerate(enc_outputs):
+                g = self.bridge.recv_backward(m, v_dp, self._mb_images(global_batch, m))
+                grads.append(g.to(out.dtype).view_as(out))
+            torch.autograd.backward(enc_outputs, grads)
+        self.bridge.wait()
+        return loss

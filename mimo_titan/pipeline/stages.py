@@ -1,0 +1,54 @@
+"""Split the language model into pipeline stages (contiguous layer ranges, global layer names kept).
+
+Method: torchtitan's manual pipeline split (deep-copy, then drop the layers and heads a stage does not own).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from mimo_titan.models.decoder import DecoderLM
+
+__all__ = ["stage_layer_range", "split_language_model"]
+
+
+def stage_layer_range(num_layers: int, pp: int, stage: int) -> range:
+    """Layers ``[start, end)`` owned by pipeline ``stage`` of ``pp``: an even split, earlier stages take the remainder.
+
+    Example: 5 layers, pp=2 → stage 0 owns 0..2, stage 1 owns 3..4.
+
+    Raises:
+        ValueError: if ``num_layers < pp`` (a stage would own no layer).
+    """
+    if num_layers < pp:
+        raise ValueError(
+            f"model.language.num_layers={num_layers} is smaller than parallelism.language.pp={pp}: every pipeline "
+            "stage needs at least one layer; lower pp or add layers"
+        )
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
+    """The part of ``lm`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``lm`` is untouched).
+
+    Stage 0 keeps ``embed_tokens``; the last stage keeps ``norm`` and ``lm_head``; parameter names are the
+    full model's names, so a stage's state dict is a subset of the full one.
+
+    Raises:
+        ValueError: on ``num_layers < pp``, or tied embeddings with ``pp > 1`` (the tie would span two stages).
+    """
+    keep = stage_layer_range(len(lm.model.layers), pp, stage)
+    if pp > 1 and lm.cfg.tie_word_embeddings:
+        raise ValueError("model.language.tie_word_embeddings=true is not supported with parallelism.language.pp > 1")
+    part = copy.deepcopy(lm)
+    for name in list(part.model.layers.keys()):
+        if int(name) not in keep:
+            del part.model.layers[name]
+    if stage != 0:
+        part.model.embed_tokens = None
+    if stage != pp - 1:
+        part.model.norm = None
+        part.lm_head = None
+    return part

@@ -1,0 +1,288 @@
+"""One torch DeviceMesh per module, each over its own rank range.
+
+This replaces Megatron-LM's ``HyperCommGrid`` (a grid of ``num_ranks`` ranks
+starting at ``rank_offset``, dims ordered slowest to fastest) with a 5-D
+:class:`~torch.distributed.device_mesh.DeviceMesh` per module whose dims are
+:data:`~mimo_titan.topology.layout.MESH_DIMS` = ``(pp, dp_replicate, dp_shard,
+cp, tp)``; size-1 dims are kept so every module's mesh has the same dim names.
+
+Process groups are created collectively: every rank builds every module's mesh
+(members or not), plus any flattened data-parallel groups, in layout order. The
+resulting :class:`Topology` holds all groups; there is no module-level state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+from mimo_titan.topology.layout import (
+    MESH_DIMS,
+    LayoutError,
+    ModuleLayout,
+    Placement,
+    RankRole,
+    rank_role,
+    validate_layouts,
+)
+
+__all__ = ["Topology", "build_topology", "layouts_from_config"]
+
+_DP_DIMS = ("dp_replicate", "dp_shard")
+_CONFIG_FIELDS = ("rank_offset", "num_ranks", "pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
+
+
+@dataclass
+class Topology:
+    """All modules' device meshes as seen from one rank.
+
+    Built by :func:`build_topology`. ``meshes`` holds a mesh for *every* module
+    on every rank; on a rank that is not a member of a module the mesh object
+    exists (``mesh.get_coordinate()`` is None) but cannot be sliced, so the
+    accessors below raise there.
+
+    Attributes:
+        layouts: module name -> layout, in layout (build) order.
+        world_size: global world size.
+        placement: COLOCATED or NON_COLOCATED.
+        role: this rank's :class:`RankRole`.
+        meshes: module name -> 5-D DeviceMesh of shape
+            ``(pp, dp_replicate, dp_shard, cp, tp)`` over the module's ranks.
+        dp_groups: module name -> this rank's flattened data-parallel group
+            (``dp_replicate x dp_shard``), or None where the rank is not a member.
+    """
+
+    layouts: dict[str, ModuleLayout]
+    world_size: int
+    placement: Placement
+    role: RankRole
+    meshes: dict[str, DeviceMesh]
+    dp_groups: dict[str, ProcessGroup | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return self.role.rank
+
+    def _check_module(self, name: str) -> None:
+        if name not in self.layouts:
+            raise KeyError(f"unknown module '{name}'; modules: {list(self.layouts)}")
+
+    def _check_member(self, name: str, what: str) -> None:
+        self._check_module(name)
+        if not self.role.holds(name):
+            lay = self.layouts[name]
+            raise RuntimeError(
+                f"{what}('{name}') called on rank {self.rank}, which is not one of module "
+                f"'{name}' ranks [{lay.rank_offset}, {lay.end}); guard with topology.role.holds('{name}')"
+            )
+
+    def mesh(self, name: str) -> DeviceMesh:
+        """The module's full 5-D mesh, dims :data:`MESH_DIMS`.
+
+        Returned on every rank; on non-member ranks only whole-mesh queries
+        (``.mesh``, ``.shape``, ``get_coordinate()`` -> None) work.
+
+        Raises:
+            KeyError: unknown module name.
+        """
+        self._check_module(name)
+        return self.meshes[name]
+
+    def submesh(self, name: str, *dims: str) -> DeviceMesh:
+        """A slice of the module's mesh over ``dims`` (in :data:`MESH_DIMS` order).
+
+        Slicing creates no process group (it reuses the mesh's dim groups).
+
+        Args:
+            name: module name.
+            *dims: one or more names from :data:`MESH_DIMS`, in ascending order.
+
+        Returns:
+            The submesh containing this rank, shape ``(size(d) for d in dims)``.
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "submesh")
+        return self.meshes[name][dims if len(dims) != 1 else dims[0]]
+
+    def dp_mesh(self, name: str) -> DeviceMesh:
+        """This rank's 2-D ``(dp_replicate, dp_shard)`` submesh, for FSDP2/HSDP.
+
+        Shape ``(dp_replicate, dp_shard)``; size-1 dims are kept (pass it to
+        ``fully_shard(mesh=...)``: dim 0 replicates, dim 1 shards).
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "dp_mesh")
+        return self.meshes[name][_DP_DIMS]
+
+    def dp_group(self, name: str) -> ProcessGroup:
+        """This rank's flattened data-parallel group (``dp_replicate x dp_shard`` ranks).
+
+        Its size is ``layouts[name].dp`` and ``dist.get_rank(group)`` equals
+        ``role.dp_rank(name)``. Use it for e.g. loss / token-count reductions.
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "dp_group")
+        group = self.dp_groups[name]
+        assert group is not None
+        return group
+
+    def pp_group(self, name: str) -> ProcessGroup:
+        """This rank's pipeline group in module ``name`` (``pp`` ranks).
+
+        ``dist.get_rank(group)`` is this rank's stage index.
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "pp_group")
+        return self.meshes[name].get_group("pp")
+
+    def group(self, name: str, dim: str) -> ProcessGroup:
+        """This rank's process group along one mesh dim of module ``name``.
+
+        Raises:
+            KeyError: unknown module name or dim.
+            RuntimeError: this rank is not a member of the module.
+        """
+        if dim not in MESH_DIMS:
+            raise KeyError(f"unknown mesh dim '{dim}'; dims: {MESH_DIMS}")
+        self._check_member(name, "group")
+        return self.meshes[name].get_group(dim)
+
+
+def _flat_dp_rank_lists(lay: ModuleLayout) -> list[list[int]]:
+    """Member lists of every flattened dp group of ``lay``, in row-major order of (pp, cp, tp)."""
+    out: list[list[int]] = []
+    for r in lay.ranks:
+        c = lay.coordinate(r)
+        assert c is not None
+        if c["dp_replicate"] == 0 and c["dp_shard"] == 0:
+            ranks = lay.group_ranks(_DP_DIMS, r)
+            assert ranks is not None
+            out.append(ranks)
+    return out
+
+
+def build_topology(
+    layouts: Mapping[str, ModuleLayout], world_size: int, rank: int, device_type: str
+) -> Topology:
+    """Validates the layouts and builds every module's DeviceMesh.
+
+    Collective: every rank of the default group must call this with the same
+    ``layouts``. Each module's mesh is ``DeviceMesh(device_type,
+    arange(rank_offset, rank_offset + num_ranks).view(pp, dp_replicate,
+    dp_shard, cp, tp), mesh_dim_names=MESH_DIMS)``, built on every rank in layout
+    order (DeviceMesh creates its sub-groups with ``new_group``, which all ranks
+    must call in the same sequence). Right after each module's mesh, if both
+    ``dp_replicate > 1`` and ``dp_shard > 1``, one flattened dp group per
+    ``(pp, cp, tp)`` coordinate is created with ``dist.new_group`` on every rank
+    (``DeviceMesh._flatten`` cannot be called on non-member ranks, whose slicing
+    raises); otherwise the dp group is the mesh's ``dp_shard`` (or
+    ``dp_replicate``) group and no extra group is created.
+
+    Args:
+        layouts: module name -> layout, in build order.
+        world_size: expected global world size.
+        rank: this process's global rank.
+        device_type: DeviceMesh device type ("cpu", "cuda", ...).
+
+    Returns:
+        The :class:`Topology` for this rank.
+
+    Raises:
+        LayoutError: the layouts are invalid (raised before any group is created).
+        RuntimeError: the default process group is not initialised, or its world
+            size / rank differ from ``world_size`` / ``rank``.
+    """
+    placement = validate_layouts(layouts, world_size)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "build_topology needs the default process group: call "
+            "torch.distributed.init_process_group(...) first (e.g. launch with torchrun)"
+        )
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"world size mismatch: the default process group has {dist.get_world_size()} ranks "
+            f"but build_topology was given world_size={world_size}"
+        )
+    if dist.get_rank() != rank:
+        raise RuntimeError(
+            f"rank mismatch: the default process group says rank {dist.get_rank()} "
+            f"but build_topology was given rank={rank}"
+        )
+    role = rank_role(layouts, rank, world_size)
+
+    meshes: dict[str, DeviceMesh] = {}
+    dp_groups: dict[str, ProcessGroup | None] = {}
+    for name, lay in layouts.items():
+        ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.shape)
+        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=MESH_DIMS)
+        meshes[name] = mesh
+        member = rank in lay.ranks
+        if lay.dp_replicate > 1 and lay.dp_shard > 1:
+            mine: ProcessGroup | None = None
+            for group_ranks in _flat_dp_rank_lists(lay):
+                pg = dist.new_group(ranks=group_ranks, group_desc=f"{name}_dp")
+                if rank in group_ranks:
+                    mine = pg
+            dp_groups[name] = mine
+        elif member:
+            dim = "dp_replicate" if lay.dp_shard == 1 else "dp_shard"
+            dp_groups[name] = mesh.get_group(dim)
+        else:
+            dp_groups[name] = None
+
+    return Topology(
+        layouts=dict(layouts),
+        world_size=world_size,
+        placement=placement,
+        role=role,
+        meshes=meshes,
+        dp_groups=dp_groups,
+    )
+
+
+def layouts_from_config(parallelism_cfg: Any) -> dict[str, ModuleLayout]:
+    """Builds the module layouts from a parallelism config.
+
+    Args:
+        parallelism_cfg: an object (e.g. ``mimo_titan.config.ParallelismConfig``)
+            with attributes ``vision`` and ``language``, each having
+            ``rank_offset, num_ranks, pp, dp_replicate, dp_shard, cp, tp, ep,
+            etp`` (duck-typed, e.g. ``ModuleParallelism``).
+
+    Returns:
+        ``{"vision": ..., "language": ...}`` in that order; ``language`` has
+        ``is_language=True``. Not validated: call :func:`validate_layouts`.
+
+    Raises:
+        LayoutError: a module section or field is missing.
+    """
+    out: dict[str, ModuleLayout] = {}
+    for name in ("vision", "language"):
+        sec = getattr(parallelism_cfg, name, None)
+        if sec is None:
+            raise LayoutError(f"parallelism config has no '{name}' section; add [parallelism.{name}]")
+        missing = [f for f in _CONFIG_FIELDS[:2] if not hasattr(sec, f)]
+        if missing:
+            raise LayoutError(f"module '{name}': missing {missing}; set parallelism.{name}.{missing[0]}")
+        kwargs = {f: getattr(sec, f) for f in _CONFIG_FIELDS if hasattr(sec, f)}
+        out[name] = ModuleLayout(name=name, is_language=(name == "language"), **kwargs)
+    return out

@@ -1,0 +1,232 @@
+"""Build a MIMO training job from a ``Config`` and run its loop.
+
+:func:`validate_job` checks everything that can be checked without a process group; :func:`build_job`
+creates the meshes, the per-module model parts (same initial weights whatever the layout: every rank builds
+the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the bridge and the schedule;
+:func:`train_step` runs one optimizer step; :func:`train` is the loop that ``scripts/train.py`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
+from mimo_titan.models.mimo import LanguageStage, MimoModel
+from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
+from mimo_titan.pipeline.bridge import Bridge
+from mimo_titan.pipeline.schedule import MimoSchedule
+from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+from mimo_titan.topology import build_topology, layouts_from_config, validate_layouts
+from mimo_titan.train.optim import (
+    all_reduce_sum, build_lr_scheduler, build_optimizer, clip_grad_norm_, global_grad_sq_norm,
+)
+
+__all__ = ["validate_job", "init_distributed", "Job", "build_job", "canonical_named_parameters", "train_step", "train"]
+
+# Linear layers on 3-D inputs return views; nothing in this package modifies a module output in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+logger = logging.getLogger("mimo_titan")
+
+
+def validate_job(cfg, world_size: int) -> dict:
+    """Every check that needs no process group: layouts, batch divisibility, features not supported yet.
+
+    Returns:
+        The validated module layouts (``{name: ModuleLayout}``).
+
+    Raises:
+        LayoutError / ValueError: naming the config field and the fix.
+    """
+    layouts = layouts_from_config(cfg.parallelism)
+    validate_layouts(layouts, world_size)
+    for name, lay in layouts.items():
+        if lay.tp != 1 or lay.cp != 1:
+            raise ValueError(
+                f"parallelism.{name}: tp={lay.tp}, cp={lay.cp}; tensor and context parallelism are not supported "
+                "yet, set tp = 1 and cp = 1 (use dp_shard / pp)"
+            )
+        if not lay.is_language and lay.pp != 1:
+            raise ValueError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
+    lang = next(lay for lay in layouts.values() if lay.is_language)
+    stage_layer_range(cfg.model.language.num_layers, lang.pp, 0)  # raises if num_layers < pp
+    check_batch_divisibility(cfg.training.global_batch_size, cfg.training.microbatches,
+                             {name: lay.dp for name, lay in layouts.items()})
+    if lang.pp > cfg.training.microbatches:
+        logger.warning("training.microbatches=%d < parallelism.language.pp=%d: the pipeline cannot fill",
+                       cfg.training.microbatches, lang.pp)
+    return layouts
+
+
+def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]:
+    """Initialise the default process group from torchrun's environment (or a 1-rank group).
+
+    Device: ``auto`` → ``cuda:LOCAL_RANK`` with NCCL when CUDA devices exist, else CPU with gloo.
+
+    Returns:
+        ``(rank, world_size, device)``.
+
+    Raises:
+        ValueError: ``training.device = "cuda"`` on a machine without CUDA.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("training.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+@dataclass
+class Job:
+    """Everything one rank needs to train. ``modules`` maps module name → this rank's (sharded) part."""
+
+    cfg: object
+    topology: object
+    device: torch.device
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    schedule: MimoSchedule
+    processor: ImageTextProcessor
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def build_job(cfg, device: torch.device) -> Job:
+    """Build meshes, model parts, FSDP, optimizers, bridge and schedule on this rank.
+
+    Requires an initialised default process group whose size matches the layouts. Every rank makes the same
+    process-group calls in the same order.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layouts = validate_job(cfg, world)
+    topology = build_topology(layouts, world, rank, device.type)
+    role = topology.role
+    lang_name = role.language
+    vis_name = next(n for n in layouts if n != lang_name)
+
+    processor = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size,
+                                   (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2)
+    if processor.vocab_size > cfg.model.language.vocab_size:
+        raise ValueError(
+            f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
+            f"{processor.vocab_size} tokens ({cfg.data.tokenizer}); raise vocab_size"
+        )
+    full = MimoModel(cfg.model, processor.image_token_id)
+    full.init_weights(cfg.job.seed)
+    param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
+    reduce_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device.type)
+
+    modules: dict[str, nn.Module] = {}
+    if role.holds(vis_name):
+        vision = full.vision.to(device)
+        modules[vis_name] = apply_fsdp(vision, vision.vision_model.encoder.layers, topology.dp_mesh(vis_name),
+                                       param_dtype, reduce_dtype)
+    if role.holds(lang_name):
+        lay = layouts[lang_name]
+        part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
+        stage = LanguageStage(part, processor.image_token_id).to(device)
+        modules[lang_name] = apply_fsdp(stage, list(part.model.layers.values()), topology.dp_mesh(lang_name),
+                                        param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1)
+    del full
+
+    optimizers = {n: build_optimizer(m, cfg.optimizer) for n, m in modules.items()}
+    schedulers = {n: build_lr_scheduler(o, cfg.training.steps, cfg.lr_schedule) for n, o in optimizers.items()}
+    mb_size = cfg.training.global_batch_size // cfg.training.microbatches
+    tokens_per_image = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    bridge = Bridge(layouts[vis_name], layouts[lang_name], mb_size, tokens_per_image, cfg.model.language.hidden_size,
+                    param_dtype, device, rank)
+    schedule = MimoSchedule(topology, modules.get(vis_name), modules.get(lang_name), bridge, cfg.training.microbatches,
+                            cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device)
+    return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor)
+
+
+def canonical_named_parameters(job: "Job"):
+    """``(name, param)`` of this rank's parts under the single-process :class:`MimoModel` names
+    (``vision.*``, ``language.*``), so a part can be compared with or loaded from the full model."""
+    for module_name, module in job.modules.items():
+        for name, p in module.named_parameters():
+            yield (name if name.startswith(module_name + ".") else f"{module_name}.{name}"), p
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def train_step(job: Job, global_batch) -> dict:
+    """One optimizer step on ``global_batch`` (identical on every rank). Every rank must call it.
+
+    Returns:
+        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib"}`` where
+        loss is the global per-token loss and grad_norm the global norm before clipping.
+    """
+    t0 = time.perf_counter()
+    for opt in job.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss_part = job.schedule.step(global_batch)
+    mods = list(job.modules.values())
+    stats = torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]).contiguous()
+    all_reduce_sum(stats)
+    grad_norm = clip_grad_norm_(mods, job.cfg.training.max_grad_norm, stats[1])
+    lr = next(iter(job.schedulers.values())).get_last_lr()[0] if job.schedulers else job.cfg.optimizer.lr
+    for name in job.modules:
+        job.optimizers[name].step()
+        job.schedulers[name].step()
+    job.step += 1
+    dt = time.perf_counter() - t0
+    tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
+    rec = {"step": job.step, "loss": float(stats[0]), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+           "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device)}
+    job.history.append(rec)
+    return rec
+
+
+def train(cfg) -> list[dict]:
+    """Run ``training.steps`` steps; log one line per ``metrics.log_freq`` steps on rank 0. Returns the history."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    validate_job(cfg, world)  # before any process group exists
+    rank, world, device = init_distributed(cfg.training.device)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[rank%(rank)s] %(message)s".replace("%(rank)s", str(rank)))
+    torch.manual_seed(cfg.job.seed)
+    try:
+        job = build_job(cfg, device)
+        loader = MimoDataLoader(cfg.data.path, job.processor, cfg.training.global_batch_size, cfg.training.seq_len,
+                                max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
+                                seed=cfg.job.seed)
+        logger.info("layout %s on %d ranks (%s); device %s; data skipped so far %s", job.topology.placement.name,
+                    world, ", ".join(f"{n}: {lay}" for n, lay in job.topology.layouts.items()), device, loader.stats)
+        it = iter(loader)
+        for _ in range(cfg.training.steps):
+            rec = train_step(job, next(it))
+            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
+                logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
+                            "peak_mem %.2fGiB", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
+                            rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"])
+        logger.info("data skipped: %s", loader.stats)
+        return job.history
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,611 @@
+"""Tests for mimo_titan.config: TOML loading, defaults, overrides and errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mimo_titan.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LanguageModelConfig,
+    ModuleParallelism,
+    OptimizerConfig,
+    VisionModelConfig,
+    config_from_dict,
+    load_config,
+    parse_args,
+)
+
+FULL_TOML = """\
+[job]
+name = "tiny"
+seed = 7
+output_dir = "/tmp/out"
+
+[model.vision]
+image_size = 32
+patch_size = 8
+num_channels = 3
+hidden_size = 64
+num_layers = 2
+num_heads = 4
+intermediate_size = 128
+norm_eps = 1e-5
+projector_intermediate_size = 96
+
+[model.language]
+vocab_size = 1000
+hidden_size = 128
+intermediate_size = 256
+num_layers = 4
+num_heads = 8
+num_kv_heads = 2
+head_dim = 16
+rope_theta = 500000
+rms_norm_eps = 1e-5
+tie_word_embeddings = true
+
+[parallelism]
+pipeline_schedule = "GPipe"
+mixed_precision_param = "bfloat16"
+mixed_precision_reduce = "bfloat16"
+
+[parallelism.vision]
+rank_offset = 0
+num_ranks = 2
+dp_shard = 2
+
+[parallelism.language]
+rank_offset = 2
+num_ranks = 4
+pp = 2
+dp_shard = 2
+tp = 1
+
+[training]
+steps = 10
+global_batch_size = 8
+microbatches = 2
+seq_len = 64
+max_grad_norm = 0.5
+device = "cpu"
+
+[optimizer]
+name = "AdamW"
+lr = 3e-4
+betas = [0.9, 0.99]
+eps = 1e-7
+weight_decay = 0.1
+
+[lr_schedule]
+warmup_steps = 2
+decay = "linear"
+min_lr_ratio = 0
+
+[data]
+path = "/data/shards"
+tokenizer = "/data/tok"
+max_images_per_sample = 2
+shuffle = false
+
+[metrics]
+log_freq = 5
+"""
+
+# Only required keys; [job], [lr_schedule], [metrics] omitted entirely.
+MINIMAL_TOML = """\
+[model.vision]
+image_size = 32
+patch_size = 8
+hidden_size = 64
+num_layers = 2
+num_heads = 4
+intermediate_size = 128
+projector_intermediate_size = 96
+
+[model.language]
+vocab_size = 1000
+hidden_size = 128
+intermediate_size = 256
+num_layers = 4
+num_heads = 8
+num_kv_heads = 2
+
+[parallelism.vision]
+rank_offset = 0
+num_ranks = 1
+
+[parallelism.language]
+rank_offset = 1
+num_ranks = 1
+
+[training]
+steps = 3
+global_batch_size = 4
+seq_len = 16
+
+[optimizer]
+lr = 1e-3
+
+[data]
+path = "shards/"
+tokenizer = "tok/tokenizer.json"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+@pytest.fixture
+def minimal(tmp_path: Path) -> Path:
+    return write(tmp_path, MINIMAL_TOML)
+
+
+def err(path: Path, *fragments: str) -> str:
+    """Regex matching all fragments (escaped) plus the file path, in any order."""
+    parts = [*fragments, str(path)]
+    return "".join(f"(?=.*{re.escape(p)})" for p in parts)
+
+
+# --------------------------------------------------------------------------
+# Valid configs
+# --------------------------------------------------------------------------
+
+
+def test_full_config_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL_TOML))
+    assert isinstance(cfg, Config)
+    assert (cfg.job.name, cfg.job.seed, cfg.job.output_dir) == ("tiny", 7, "/tmp/out")
+
+    v = cfg.model.vision
+    assert isinstance(v, VisionModelConfig)
+    assert (v.image_size, v.patch_size, v.num_channels, v.hidden_size) == (32, 8, 3, 64)
+    assert (v.num_layers, v.num_heads, v.intermediate_size) == (2, 4, 128)
+    assert v.norm_eps == 1e-5 and v.projector_intermediate_size == 96
+
+    lm = cfg.model.language
+    assert isinstance(lm, LanguageModelConfig)
+    assert (lm.vocab_size, lm.hidden_size, lm.intermediate_size) == (1000, 128, 256)
+    assert (lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim) == (4, 8, 2, 16)
+    # TOML int accepted for a float field and converted
+    assert lm.rope_theta == 500000.0 and isinstance(lm.rope_theta, float)
+    assert lm.rms_norm_eps == 1e-5 and lm.tie_word_embeddings is True
+
+    par = cfg.parallelism
+    assert par.pipeline_schedule == "GPipe"
+    assert par.mixed_precision_param == "bfloat16" and par.mixed_precision_reduce == "bfloat16"
+    assert isinstance(par.vision, ModuleParallelism)
+    assert par.vision == ModuleParallelism(rank_offset=0, num_ranks=2, dp_shard=2)
+    assert par.language == ModuleParallelism(rank_offset=2, num_ranks=4, pp=2, dp_shard=2)
+    assert (par.language.dp_replicate, par.language.cp, par.language.ep, par.language.etp) == (
+        1,
+        1,
+        1,
+        1,
+    )
+
+    t = cfg.training
+    assert (t.steps, t.global_batch_size, t.microbatches, t.seq_len) == (10, 8, 2, 64)
+    assert t.max_grad_norm == 0.5 and t.device == "cpu"
+
+    o = cfg.optimizer
+    assert isinstance(o, OptimizerConfig)
+    assert o.name == "AdamW" and o.lr == 3e-4 and o.betas == [0.9, 0.99]
+    assert o.eps == 1e-7 and o.weight_decay == 0.1
+
+    s = cfg.lr_schedule
+    assert (s.warmup_steps, s.decay, s.min_lr_ratio) == (2, "linear", 0.0)
+    assert isinstance(s.min_lr_ratio, float)
+
+    d = cfg.data
+    assert isinstance(d, DataConfig)
+    assert (d.path, d.tokenizer, d.max_images_per_sample, d.shuffle) == (
+        "/data/shards",
+        "/data/tok",
+        2,
+        False,
+    )
+    assert cfg.metrics.log_freq == 5
+
+
+def test_minimal_config_uses_defaults(minimal: Path) -> None:
+    cfg = load_config(minimal)
+    assert (cfg.job.name, cfg.job.seed, cfg.job.output_dir) == ("mimo", 0, "outputs")
+    assert cfg.model.vision.num_channels == 3 and cfg.model.vision.norm_eps == 1e-6
+    lm = cfg.model.language
+    assert lm.head_dim is None and lm.rope_theta == 10000.0
+    assert lm.rms_norm_eps == 1e-6 and lm.tie_word_embeddings is False
+    par = cfg.parallelism
+    assert (par.pipeline_schedule, par.mixed_precision_param, par.mixed_precision_reduce) == (
+        "1F1B",
+        "auto",
+        "float32",
+    )
+    assert par.vision == ModuleParallelism(rank_offset=0, num_ranks=1)
+    assert (par.vision.pp, par.vision.dp_shard, par.vision.tp) == (1, 1, 1)
+    assert cfg.training.microbatches == 1 and cfg.training.max_grad_norm == 1.0
+    assert cfg.training.device == "auto"
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("AdamW", 1e-3, [0.9, 0.95], 1e-8, 0.0)
+    s = cfg.lr_schedule
+    assert (s.warmup_steps, s.decay, s.min_lr_ratio) == (0, "cosine", 0.1)
+    assert cfg.data.max_images_per_sample == 1 and cfg.data.shuffle is True
+    assert cfg.metrics.log_freq == 1
+
+
+def test_default_list_not_shared(minimal: Path) -> None:
+    a, b = load_config(minimal), load_config(minimal)
+    a.optimizer.betas.append(1.0)
+    assert b.optimizer.betas == [0.9, 0.95]
+
+
+def test_to_dict_plain_nested(minimal: Path) -> None:
+    d = load_config(minimal).to_dict()
+    assert type(d) is dict and type(d["model"]["language"]) is dict
+    assert d["model"]["language"]["vocab_size"] == 1000
+    assert d["parallelism"]["language"]["rank_offset"] == 1
+    assert d["optimizer"]["betas"] == [0.9, 0.95]
+    assert d["lr_schedule"] == {"warmup_steps": 0, "decay": "cosine", "min_lr_ratio": 0.1}
+
+
+def test_choices_are_case_insensitive_and_canonicalised(tmp_path: Path) -> None:
+    text = edit(FULL_TOML, 'pipeline_schedule = "GPipe"', 'pipeline_schedule = "gpipe"')
+    text = edit(text, 'name = "AdamW"', 'name = "adamw"')
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.parallelism.pipeline_schedule == "GPipe"
+    assert cfg.optimizer.name == "AdamW"
+
+
+# --------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------
+
+
+def test_override_equals_form(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--training.steps=42", "--job.name=run-a=b"])
+    assert cfg.training.steps == 42
+    assert cfg.job.name == "run-a=b"  # only the first '=' splits
+
+
+def test_override_two_token_form(minimal: Path) -> None:
+    cfg = load_config(
+        minimal, ["--optimizer.lr", "2e-4", "--optimizer.weight_decay", "-0.5", "--training.seq_len=32"]
+    )
+    assert cfg.optimizer.lr == 2e-4
+    assert cfg.optimizer.weight_decay == -0.5
+    assert cfg.training.seq_len == 32
+
+
+def test_override_nested_parallelism(minimal: Path) -> None:
+    cfg = load_config(
+        minimal, ["--parallelism.language.dp_shard=4", "--parallelism.vision.tp", "2"]
+    )
+    assert cfg.parallelism.language.dp_shard == 4
+    assert cfg.parallelism.vision.tp == 2
+    assert cfg.parallelism.language.rank_offset == 1  # untouched
+
+
+def test_override_creates_omitted_section(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--lr_schedule.warmup_steps=5", "--metrics.log_freq=3"])
+    assert cfg.lr_schedule.warmup_steps == 5 and cfg.lr_schedule.decay == "cosine"
+    assert cfg.metrics.log_freq == 3
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("true", True), ("False", False), ("1", True), ("0", False), ("TRUE", True)],
+)
+def test_override_bool(minimal: Path, text: str, expected: bool) -> None:
+    cfg = load_config(minimal, [f"--data.shuffle={text}"])
+    assert cfg.data.shuffle is expected
+
+
+def test_override_float_accepts_int_and_list(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--optimizer.lr=1", "--optimizer.betas=0.8, 0.99"])
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.betas == [0.8, 0.99]
+    cfg = load_config(minimal, ["--optimizer.betas", "[0.5,0.6]"])
+    assert cfg.optimizer.betas == [0.5, 0.6]
+
+
+def test_override_optional_int(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL_TOML)
+    assert load_config(path).model.language.head_dim == 16
+    assert load_config(path, ["--model.language.head_dim=none"]).model.language.head_dim is None
+    assert load_config(path, ["--model.language.head_dim", "None"]).model.language.head_dim is None
+    assert load_config(path, ["--model.language.head_dim=32"]).model.language.head_dim == 32
+
+
+def test_override_replaces_bad_file_value(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", 'steps = "ten"'))
+    assert load_config(path, ["--training.steps=10"]).training.steps == 10
+
+
+def test_later_override_wins(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--training.steps=5", "--training.steps", "6"])
+    assert cfg.training.steps == 6
+
+
+def test_parse_args(minimal: Path) -> None:
+    cfg = parse_args(["--training.steps", "9", "--config", str(minimal), "--data.shuffle=false"])
+    assert cfg.training.steps == 9 and cfg.data.shuffle is False
+    cfg = parse_args([f"--config={minimal}", "--optimizer.betas=0.9,0.9"])
+    assert cfg.optimizer.betas == [0.9, 0.9]
+    assert cfg.training.steps == 3
+
+
+def test_parse_args_requires_config() -> None:
+    with pytest.raises(ConfigError, match="--config"):
+        parse_args(["--training.steps=3"])
+
+
+def test_parse_args_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"])
+    assert info.value.code == 0
+    assert "--config PATH" in capsys.readouterr().out
+
+
+def test_config_from_dict_does_not_mutate_input(minimal: Path) -> None:
+    import tomli
+
+    data = tomli.loads(MINIMAL_TOML)
+    cfg = config_from_dict(data, ["--training.steps=8"])
+    assert cfg.training.steps == 8
+    assert data["training"]["steps"] == 3
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=err(path, "does not exist")):
+        load_config(path)
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "[training\nsteps = 1\n")
+    with pytest.raises(ConfigError, match=err(path, "not valid TOML")):
+        load_config(path)
+
+
+def test_unknown_key_suggests(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", "stepz = 3"))
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "unknown key 'training.stepz'", "did you mean 'training.steps'?"),
+    ):
+        load_config(path)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + "\n[metrics]\nqqqqqq = 1\n")
+    with pytest.raises(
+        ConfigError, match=err(path, "unknown key 'metrics.qqqqqq'", "'metrics.log_freq'")
+    ):
+        load_config(path)
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + "\n[trainer]\nsteps = 1\n")
+    with pytest.raises(
+        ConfigError, match=err(path, "unknown key 'trainer'", "did you mean 'training'?")
+    ):
+        load_config(path)
+
+
+def test_wrong_type_string_for_int(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", 'steps = "ten"'))
+    with pytest.raises(
+        ConfigError, match=err(path, "'training.steps'", "expected int", "'ten'")
+    ):
+        load_config(path)
+
+
+def test_bool_rejected_for_int(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", "steps = true"))
+    with pytest.raises(ConfigError, match=err(path, "'training.steps'", "expected int", "bool True")):
+        load_config(path)
+
+
+def test_float_rejected_for_int(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "seq_len = 16", "seq_len = 16.0"))
+    with pytest.raises(ConfigError, match=err(path, "'training.seq_len'", "expected int", "16.0")):
+        load_config(path)
+
+
+def test_table_where_scalar_expected(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + "\n[job.seed]\nvalue = 1\n")
+    with pytest.raises(ConfigError, match=err(path, "'job.seed'", "expected int", "table")):
+        load_config(path)
+
+
+def test_scalar_where_table_expected(tmp_path: Path) -> None:
+    path = write(tmp_path, "metrics = 3\n" + MINIMAL_TOML)
+    with pytest.raises(ConfigError, match=err(path, "'metrics'", "expected table", "int 3")):
+        load_config(path)
+
+
+def test_wrong_list_element_type(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "lr = 1e-3", 'lr = 1e-3\nbetas = [0.9, "x"]'))
+    with pytest.raises(
+        ConfigError, match=err(path, "'optimizer.betas'", "expected list of float")
+    ):
+        load_config(path)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "vocab_size = 1000\n", ""))
+    with pytest.raises(
+        ConfigError, match=err(path, "missing required key 'model.language.vocab_size'")
+    ):
+        load_config(path)
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    text = edit(MINIMAL_TOML, "[data]\npath = \"shards/\"\ntokenizer = \"tok/tokenizer.json\"\n", "")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=err(path, "missing required section 'data'", "[data]")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "old,new,key,bad",
+    [
+        ("lr = 1e-3", 'lr = 1e-3\nname = "SGD"', "optimizer.name", "'SGD'"),
+        ("seq_len = 16", 'seq_len = 16\ndevice = "tpu"', "training.device", "'tpu'"),
+        (
+            "[parallelism.vision]",
+            '[parallelism]\npipeline_schedule = "Interleaved"\n[parallelism.vision]',
+            "parallelism.pipeline_schedule",
+            "'Interleaved'",
+        ),
+        (
+            "[parallelism.vision]",
+            '[parallelism]\nmixed_precision_param = "fp8"\n[parallelism.vision]',
+            "parallelism.mixed_precision_param",
+            "'fp8'",
+        ),
+        (
+            "[parallelism.vision]",
+            '[parallelism]\nmixed_precision_reduce = "float16"\n[parallelism.vision]',
+            "parallelism.mixed_precision_reduce",
+            "'float16'",
+        ),
+    ],
+)
+def test_value_not_allowed(tmp_path: Path, old: str, new: str, key: str, bad: str) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, old, new))
+    with pytest.raises(ConfigError, match=err(path, f"'{key}'", bad, "use one of")):
+        load_config(path)
+
+
+def test_decay_not_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + '\n[lr_schedule]\ndecay = "step"\n')
+    with pytest.raises(
+        ConfigError, match=err(path, "'lr_schedule.decay'", "'cosine', 'linear', 'constant'")
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,key,bound",
+    [
+        ("--training.steps=0", "training.steps", ">= 1"),
+        ("--training.global_batch_size=0", "training.global_batch_size", ">= 1"),
+        ("--training.microbatches=0", "training.microbatches", ">= 1"),
+        ("--training.seq_len=1", "training.seq_len", ">= 2"),
+        ("--optimizer.lr=0", "optimizer.lr", "> 0"),
+        ("--lr_schedule.warmup_steps=-1", "lr_schedule.warmup_steps", ">= 0"),
+        ("--lr_schedule.min_lr_ratio=1.5", "lr_schedule.min_lr_ratio", "<= 1"),
+        ("--lr_schedule.min_lr_ratio=-0.1", "lr_schedule.min_lr_ratio", ">= 0"),
+        ("--data.max_images_per_sample=0", "data.max_images_per_sample", ">= 1"),
+        ("--metrics.log_freq=0", "metrics.log_freq", ">= 1"),
+    ],
+)
+def test_range_checks(minimal: Path, override: str, key: str, bound: str) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", bound, override)):
+        load_config(minimal, [override])
+
+
+def test_range_check_from_file(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", "steps = 0"))
+    with pytest.raises(ConfigError, match=err(path, "'training.steps'", ">= 1")):
+        load_config(path)
+
+
+def test_betas_length(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "lr = 1e-3", "lr = 1e-3\nbetas = [0.9]"))
+    with pytest.raises(ConfigError, match=err(path, "'optimizer.betas'", "exactly 2")):
+        load_config(path)
+
+
+def test_override_unknown_key(minimal: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "--training.stepz=3", "'training.stepz'", "did you mean 'training.steps'?"),
+    ):
+        load_config(minimal, ["--training.stepz=3"])
+
+
+@pytest.mark.parametrize(
+    "key,suggestion",
+    [
+        ("training.lr", "did you mean 'optimizer.lr'?"),
+        ("training.lrr", "did you mean 'optimizer.lr'?"),
+        ("training.eps", "did you mean 'optimizer.eps'?"),
+        ("optimizer.warmup_steps", "did you mean 'lr_schedule.warmup_steps'?"),
+        ("trainng.steps", "did you mean 'training'?"),
+    ],
+)
+def test_override_unknown_key_cross_section_suggestion(
+    minimal: Path, key: str, suggestion: str
+) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", suggestion)):
+        load_config(minimal, [f"--{key}=3"])
+
+
+def test_override_unknown_nested_key(minimal: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "'parallelism.language.dp_shrd'", "'parallelism.language.dp_shard'"),
+    ):
+        load_config(minimal, ["--parallelism.language.dp_shrd", "2"])
+
+
+def test_override_below_leaf(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, "'training.steps.x'", "not a section")):
+        load_config(minimal, ["--training.steps.x=1"])
+
+
+def test_override_targets_section(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, "--training=3", "section 'training'")):
+        load_config(minimal, ["--training=3"])
+
+
+@pytest.mark.parametrize(
+    "override,key,expected",
+    [
+        ("--training.steps=ten", "training.steps", "expected int"),
+        ("--training.steps=1.5", "training.steps", "expected int"),
+        ("--data.shuffle=maybe", "data.shuffle", "expected bool"),
+        ("--optimizer.lr=fast", "optimizer.lr", "expected float"),
+        ("--optimizer.betas=0.9,x", "optimizer.betas", "expected list of float"),
+        ("--model.language.head_dim=auto", "model.language.head_dim", "expected int or none"),
+    ],
+)
+def test_override_unparsable_value(minimal: Path, override: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, override, f"'{key}'", expected)):
+        load_config(minimal, [override])
+
+
+def test_override_missing_value(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, "'--training.steps'", "no value")):
+        load_config(minimal, ["--training.steps"])
+    with pytest.raises(ConfigError, match=err(minimal, "'--training.steps'", "no value")):
+        load_config(minimal, ["--training.steps", "--data.shuffle=0"])
+
+
+def test_override_bad_syntax(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, "'training.steps=3'", "--section.key=value")):
+        load_config(minimal, ["training.steps=3"])
+
+
+def test_override_betas_length(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, "'optimizer.betas'", "exactly 2")):
+        load_config(minimal, ["--optimizer.betas=0.9,0.95,0.99"])
