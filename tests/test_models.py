@@ -1,0 +1,111 @@
+"""Models without any process group: the image merge, pipeline splitting, causality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import BASE
+from mimo_titan.config import config_from_dict
+from mimo_titan.models import LanguageStage, MimoModel, merge_image_embeddings, scatter_image_embeddings
+from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+
+IMG = 1998
+
+
+def _cfg(**language):
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    d["model"] = {"vision": dict(BASE["model"]["vision"]), "language": {**BASE["model"]["language"], **language}}
+    d["parallelism"] = {"vision": {"rank_offset": 0, "num_ranks": 1}, "language": {"rank_offset": 0, "num_ranks": 1}}
+    return config_from_dict(d)
+
+
+def _model(**language):
+    cfg = _cfg(**language)
+    m = MimoModel(cfg.model, IMG)
+    m.init_weights(7)
+    return cfg, m
+
+
+def test_scatter_and_merge_place_image_rows_at_placeholders():
+    ids = torch.tensor([[5, IMG, IMG, 6], [IMG, 7, 8, IMG]])
+    rows = torch.arange(4 * 3, dtype=torch.float32).view(4, 3)
+    dense = scatter_image_embeddings(rows, ids, IMG)
+    assert dense[0, 1].tolist() == rows[0].tolist() and dense[0, 2].tolist() == rows[1].tolist()
+    assert dense[1, 0].tolist() == rows[2].tolist() and dense[1, 3].tolist() == rows[3].tolist()
+    assert dense[0, 0].abs().sum() == 0
+    text = torch.full((2, 4, 3), -1.0)
+    merged = merge_image_embeddings(text, ids, dense, IMG)
+    assert merged[0, 0].tolist() == [-1.0] * 3 and merged[1, 3].tolist() == rows[3].tolist()
+
+
+def test_scatter_raises_when_counts_differ():
+    ids = torch.tensor([[5, IMG, IMG, 6]])
+    with pytest.raises(ValueError, match="2 <|image|> placeholder tokens but 3"):
+        scatter_image_embeddings(torch.zeros(3, 8), ids, IMG)
+
+
+def test_mimo_forward_raises_on_image_count_mismatch():
+    cfg, m = _model()
+    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    ids = torch.tensor([[1] + [IMG] * P + [2, 3]])
+    pixels = torch.randn(2, 3, 32, 32)  # two images, one image's placeholders
+    with pytest.raises(ValueError, match="placeholder"):
+        m(ids, pixels)
+    assert m(ids, pixels[:1]).shape == (1, P + 3, cfg.model.language.vocab_size)
+
+
+def test_image_changes_only_reach_tokens_at_and_after_its_placeholders():
+    cfg, m = _model()
+    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    ids = torch.tensor([[11, 12] + [IMG] * P + [13, 14]])
+    x = torch.randn(1, 3, 32, 32)
+    a, b = m(ids, x), m(ids, x + 1.0)
+    torch.testing.assert_close(a[:, :2], b[:, :2])  # causal: positions before the image are unaffected
+    assert (a[:, 2:] - b[:, 2:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_pipeline_stages_compose_to_the_full_model(pp):
+    cfg, m = _model(num_layers=5)
+    ids = torch.randint(0, 1900, (2, 9))
+    ids[0, 3] = IMG
+    dense = scatter_image_embeddings(torch.randn(1, cfg.model.language.hidden_size), ids, IMG)
+    full = LanguageStage(m.language, IMG)(ids, dense)
+    names = []
+    x = None
+    for s in range(pp):
+        part = LanguageStage(split_language_model(m.language, pp, s), IMG)
+        names += [n for n, _ in part.named_parameters()]
+        x = part(ids, dense) if s == 0 else part(x)
+    torch.testing.assert_close(x, full)
+    assert sorted(names) == sorted(n for n, _ in LanguageStage(m.language, IMG).named_parameters())
+
+
+def test_stage_layer_range():
+    assert [list(stage_layer_range(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(stage_layer_range(4, 4, s)) for s in range(4)] == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="num_layers=2 is smaller than parallelism.language.pp=3"):
+        stage_layer_range(2, 3, 0)
+
+
+def test_init_is_deterministic_and_seed_dependent():
+    _, a = _model()
+    _, b = _model()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    c = MimoModel(_cfg().model, IMG)
+    c.init_weights(8)
+    assert not torch.equal(a.language.model.embed_tokens.weight, c.language.model.embed_tokens.weight)
+    assert not torch.equal(a.vision.multi_modal_projector.linear_1.weight, c.vision.multi_modal_projector.linear_1.weight)
+
+
+def test_hf_parameter_names():
+    _, m = _model()
+    names = {n for n, _ in m.named_parameters()}
+    for n in ["language.model.embed_tokens.weight", "language.model.layers.0.self_attn.q_proj.weight",
+              "language.model.layers.1.mlp.gate_proj.weight", "language.model.norm.weight", "language.lm_head.weight",
+              "vision.vision_model.embeddings.patch_embedding.weight",
+              "vision.vision_model.encoder.layers.0.self_attn.out_proj.weight", "vision.vision_model.post_layernorm.weight",
+              "vision.multi_modal_projector.linear_2.weight"]:
+        assert n in names, n
