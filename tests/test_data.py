@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mimo_titan.data import (
     CLIP_MEAN,
@@ -136,7 +138,7 @@ def test_processor_special_tokens_and_tokenize(proc):
     assert (proc.image_token_id, proc.begin_image_id, proc.end_image_id) == (IMG, BOI, EOI)
     assert (proc.pad_id, proc.bos_id, proc.eos_id) == (PAD, BOS, EOS)
     assert proc.vocab_size == 2020
-    assert proc.tokenize("Moscow,") == [77, 111, 115, 99, 111, 119, 44]
+    assert proc.tokenize("Moscow,") == [77, 813, 99, 299, 44]  # M os c ow ,
     # special-token text in a caption never yields a structural special id
     ids = proc.tokenize("a <|image|> b <|end_of_text|>")
     assert not {IMG, BOI, EOI, PAD, BOS, EOS} & set(ids)
@@ -145,6 +147,177 @@ def test_processor_special_tokens_and_tokenize(proc):
     assert p.image_token_id == IMG
     with pytest.raises(FileNotFoundError, match="data.tokenizer"):
         ImageTextProcessor("/nonexistent/tok", 16, 2)
+
+
+# ------------------------------------------------------------- tokenizer repair
+# The shared tokenizer.json is a naive export of a ranked (tiktoken-style) byte BPE with
+# no merges; ImageTextProcessor repairs it on load. These tests check the repaired
+# tokenizer against an independent reference ranked-BPE encoder written from the
+# description of the format only.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+NUM_RANKED = 1998  # ids 0..1997 are the ranked BPE vocabulary, 1998.. special tokens
+
+
+def shipped_ranks() -> dict[bytes, int]:
+    """bytes -> rank, read straight from the shipped (unrepaired) tokenizer.json."""
+    vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    ranks = {}
+    for key, rank in vocab.items():
+        if rank >= NUM_RANKED:
+            continue
+        if rank < 128:
+            data = key.encode("latin-1")
+        elif re.fullmatch(r"\\x[0-9a-f]{2}", key):
+            data = bytes([int(key[2:], 16)])
+        else:
+            data = key.encode("utf-8")
+        ranks[data] = rank
+    assert len(ranks) == NUM_RANKED
+    return ranks
+
+
+def ranked_bpe_encode(text: str, ranks: dict[bytes, int]) -> list[int]:
+    """Reference tiktoken-style encoder on GPT-2 pre-tokens: merge lowest-rank pair first."""
+    split = pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated")
+    out = []
+    for piece, _ in split.pre_tokenize_str(text):
+        parts = [bytes([b]) for b in piece.encode("utf-8")]
+        while len(parts) > 1:
+            pair_ranks = [ranks.get(parts[j] + parts[j + 1]) for j in range(len(parts) - 1)]
+            candidates = [(r, j) for j, r in enumerate(pair_ranks) if r is not None]
+            if not candidates:
+                break
+            _, j = min(candidates)  # lowest rank, leftmost on ties
+            parts[j : j + 2] = [parts[j] + parts[j + 1]]
+        out.extend(ranks[p] for p in parts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def captions(records) -> list[str]:
+    return [fields["txt"].decode("utf-8") for _, fields in records]
+
+
+def test_tokenizer_repair_round_trip(proc, captions):
+    assert proc.tokenizer_repaired
+    tok = proc._tokenizer
+    assert len(captions) == 32
+    for c in captions + ["café — naïve", "  two  spaces\n\tand tabs ", "日本語 😀 ¡ñ!"]:
+        ids = proc.tokenize(c)
+        assert tok.decode(ids) == c
+    assert tok.decode(proc.tokenize("Red Square is a city")) == "Red Square is a city"
+    # bytes 0x80..0xff keep their ids: 'é' is c3 a9, '—' e2 80 94 (no merges for these)
+    assert proc.tokenize("é—") == [0xC3, 0xA9, 0xE2, 0x80, 0x94]
+    assert tok.decode([0xC3, 0xA9]) == "é"
+    # merged tokens keep their ids (= ranks) and the vocabulary size is unchanged
+    assert proc.tokenize(" the") == [262] and proc.tokenize("he") == [257]
+    assert proc.vocab_size == 2020
+
+
+def test_tokenizer_repair_matches_ranked_bpe(proc, captions):
+    ranks = shipped_ranks()
+    for c in captions + ["café — naïve", "Shoe's ``x'' 3:00 PM?\n\nOK"]:
+        assert proc.tokenize(c) == ranked_bpe_encode(c, ranks), c
+
+
+def test_tokenizer_repair_compresses(proc, captions):
+    n_chars = sum(len(c) for c in captions)
+    n_tokens = sum(len(proc.tokenize(c)) for c in captions)
+    shipped = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))  # as shipped
+    n_before = sum(len(shipped.encode(c, add_special_tokens=False).ids) for c in captions)
+    print(
+        f"\ntokens/caption: shipped {n_before / 32:.2f} (drops spaces), repaired "
+        f"{n_tokens / 32:.2f}; chars/caption {n_chars / 32:.2f}; "
+        f"tokens/char {n_tokens / n_chars:.3f}"
+    )
+    assert (n_chars, n_before, n_tokens) == (3259, 2758, 1400)
+    assert n_tokens < 0.5 * n_chars
+
+
+def test_tokenizer_repair_special_tokens(proc, captions):
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    declared = {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
+    assert len(declared) == 22 and min(declared) == NUM_RANKED
+    for token_id, text in declared.items():
+        assert proc._tokenizer.token_to_id(text) == token_id
+        assert proc._tokenizer.id_to_token(token_id) == text
+    assert (proc._tokenizer.token_to_id("<|image|>"), proc.image_token_id) == (1998, IMG)
+    # caption text never yields any special id, even when it spells one out
+    tricky = "a <|image|> b <|im_start|>[PAD]</think> <|end_of_text|>"
+    for c in captions + [tricky]:
+        ids = proc._tokenizer.encode(c, add_special_tokens=False).ids
+        assert max(ids) < NUM_RANKED
+    assert proc._tokenizer.decode(proc.tokenize(tricky)) == tricky
+
+
+def test_well_formed_byte_level_tokenizer_loads_untouched(tmp_path, captions):
+    specials = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|pad|>",
+                "<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(captions, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    spec = json.loads(path.read_text())
+    assert spec["model"]["merges"]  # a real byte-level BPE with merges
+    p = ImageTextProcessor(tmp_path, image_size=16, image_tokens_per_image=2)
+    assert not p.tokenizer_repaired
+    assert p._tokenizer.to_str() == Tokenizer.from_file(str(path)).to_str()
+    assert p.image_token_id == 0 and p.eos_id == 5
+    assert p.tokenize(FIRST_CAPTION) == tok.encode(FIRST_CAPTION).ids
+
+    # byte-level keys but no merges at all (a pure byte tokenizer) is also left alone
+    spec["model"]["merges"] = []
+    path.write_text(json.dumps(spec))
+    p = ImageTextProcessor(path, image_size=16, image_tokens_per_image=2)
+    assert not p.tokenizer_repaired
+    assert len(p.tokenize("ab c")) == 4
+
+
+def naive_ranked_export(extra: list[str]) -> dict:
+    """A tiny tokenizer.json in the shipped (broken) format: 256 bytes + ``extra`` + specials."""
+    keys = [chr(b) for b in range(128)] + [f"\\x{b:02x}" for b in range(128, 256)] + extra
+    specials = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|pad|>",
+                "<|begin_of_text|>", "<|end_of_text|>"]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {k: i for i, k in enumerate(keys + specials)}, "merges": []},
+    }
+
+
+def test_tokenizer_repair_synthetic_non_ascii(tmp_path):
+    # merged tokens 256..260 ('é' is the two bytes c3 a9), then the six specials
+    extra = ["é", " c", "af", " caf", " café"]
+    spec = naive_ranked_export(extra)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    p = ImageTextProcessor(tmp_path, image_size=16, image_tokens_per_image=2)
+    assert p.tokenizer_repaired and p.image_token_id == 261 and p.vocab_size == 267
+    assert p.tokenize("é") == [256]
+    assert p.tokenize(" caf") == [259] and p.tokenize(" café") == [260]
+    assert p.tokenize("x cafe!") == [120, 259, 101, 33]
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({t.encode("utf-8"): 256 + i for i, t in enumerate(extra)})
+    for text in ["x café!", "é café caféé  caf\n", "naïve — é"]:
+        assert p.tokenize(text) == ranked_bpe_encode(text, ranks)
+        assert p._tokenizer.decode(p.tokenize(text)) == text
+    # a byte without its token cannot be repaired: a clear error instead of dropped text
+    bad = naive_ranked_export([])
+    del bad["model"]["vocab"]["\\xff"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"data.tokenizer.*0xff"):
+        ImageTextProcessor(tmp_path, image_size=16, image_tokens_per_image=2)
 
 
 def test_load_image_matches_manual_pipeline(records):
@@ -200,7 +373,7 @@ def test_layout_single_image(proc, records):
     assert batch.images_per_sample.tolist() == [1, 1, 1, 1]
     assert batch.sample_ids.tolist() == [0, 1, 2, 3]
     cap = proc.tokenize(FIRST_CAPTION)
-    assert len(cap) == 38
+    assert len(cap) == 20
     seq = [BOS, BOI] + [IMG] * T + [EOI] + cap + [EOS]
     row = batch.input_ids[0].tolist()
     assert row[: len(seq)] == seq
@@ -214,8 +387,8 @@ def test_layout_single_image(proc, records):
     torch.testing.assert_close(batch.pixel_values[1], proc.load_image(records[1][1]["jpg"]))
     # loss tokens: everything but image targets, the last token and padding
     caps = [proc.tokenize(records[i][1]["txt"].decode()) for i in range(4)]
-    assert [len(c) for c in caps] == [38, 31, 189, 30]
-    assert batch.num_loss_tokens() == (38 + 3) + (31 + 3) + (seq_len - T) + (30 + 3)  # BOI, EOI, caption, EOS
+    assert [len(c) for c in caps] == [20, 14, 104, 16]
+    assert batch.num_loss_tokens() == (20 + 3) + (14 + 3) + (seq_len - T) + (16 + 3)  # BOI, EOI, caption, EOS
     # row 2 is too long: its caption is cut, no EOS, and every position has a target but image ones
     long_seq = [BOS] + [BOI] + [IMG] * T + [EOI] + caps[2][: seq_len + 1 - (T + 3)]
     assert batch.input_ids[2].tolist() == long_seq[:seq_len]
@@ -337,7 +510,7 @@ def test_corrupt_and_empty_records_are_skipped(proc, records, tmp_path, caplog):
     assert loader.record_keys == ["a"]
     batch = next(loader)  # the single valid record, repeated over epochs
     assert batch.sample_ids.tolist() == [0, 1, 2]
-    assert batch.input_ids[0].tolist()[7 : 7 + 38] == proc.tokenize(FIRST_CAPTION)
+    assert batch.input_ids[0].tolist()[7 : 7 + 20] == proc.tokenize(FIRST_CAPTION)
     assert torch.equal(batch.input_ids[0], batch.input_ids[2])
     assert loader.epoch == 3
 

@@ -68,7 +68,7 @@ def _reference_step(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
     opt.step()
-    return float(loss), float(norm), {n: p.detach() for n, p in model.named_parameters()}, batch
+    return loss.item(), norm.item(), {n: p.detach() for n, p in model.named_parameters()}, batch
 
 
 @pytest.mark.multirank

@@ -30,6 +30,8 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
     (V(0, 1), V(1, 3, pp=3), {}, 4, r"num_layers=2 is smaller than parallelism.language.pp=3"),
     (V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), {"training": {"global_batch_size": 4}}, 5, r"training\.global_batch_size"),
     (V(0, 2, dp_shard=2), V(2, 2, dp_shard=2), {}, 8, r"--nproc_per_node|world"),
+    (V(0, 2, dp_shard=2), V(2, 2, pp=2), {"training": {"microbatches": 1, "global_batch_size": 2}}, 4,
+     r"training.microbatches=1 is smaller than parallelism.language.pp=2"),
 ])
 def test_validate_job_errors_name_the_field(vision, language, extra, world, match):
     cfg = config_from_dict(tiny_config_dict(vision, language, **extra))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -35,6 +37,8 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 _CONFIG_KEY = "data.tokenizer"
+
+logger = logging.getLogger(__name__)
 
 # (attribute, tokenizer_config.json key, default token text)
 _SPECIAL_TOKENS: tuple[tuple[str, str, str], ...] = (
@@ -69,6 +73,185 @@ def _special_token_text(config: dict, key: str, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
+# ------------------------------------------------------------ tokenizer repair
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: a printable character for each of the 256 bytes.
+
+    Printable latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for
+    themselves; the other 68 bytes (controls, space, DEL, NBSP, soft hyphen, ...) are
+    mapped in increasing byte order to ``chr(256)``, ``chr(257)``, ... (so the space
+    ``0x20`` becomes ``Ġ`` and ``\\n`` becomes ``Ċ``). This is the alphabet that the
+    ``ByteLevel`` pre-tokenizer/decoder of HF ``tokenizers`` use.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+_BYTE_TO_UNICODE: dict[int, str] = _bytes_to_unicode()
+_BYTE_LEVEL_ALPHABET: frozenset[str] = frozenset(_BYTE_TO_UNICODE.values())
+_ESCAPED_BYTE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def _to_byte_level(data: bytes) -> str:
+    return "".join(_BYTE_TO_UNICODE[b] for b in data)
+
+
+def _raw_key_bytes(key: str, token_id: int) -> bytes:
+    """Bytes meant by one vocabulary key of a naively exported ranked BPE."""
+    if token_id < 128 and len(key) == 1 and ord(key) < 256:
+        return key.encode("latin-1")  # raw single character == that byte
+    escaped = _ESCAPED_BYTE.fullmatch(key)
+    if escaped is not None:  # the 4-character text '\\x80' == the single byte 0x80
+        return bytes([int(escaped.group(1), 16)])
+    return key.encode("utf-8")
+
+
+def _needs_ranked_bpe_repair(spec: dict, special_texts: frozenset[str]) -> bool:
+    """True for a BPE tokenizer.json with no merges and a vocab outside the byte alphabet."""
+    model = spec.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("merges"):
+        return False
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        return False
+    return any(
+        not set(key) <= _BYTE_LEVEL_ALPHABET for key in vocab if key not in special_texts
+    )
+
+
+def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -> dict:
+    """Return a copy of ``spec`` whose BPE model is a proper byte-level BPE.
+
+    See :class:`ImageTextProcessor` for what is repaired and why. Tokens whose text is
+    in ``special_texts`` keep their key and id verbatim and take part in no merge.
+
+    Raises:
+        ValueError: The vocabulary cannot be read as a ranked byte BPE (two keys mean
+            the same bytes, or a single byte has no token).
+    """
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    ranks: dict[bytes, int] = {}  # token bytes -> id (== merge rank)
+    new_vocab: dict[str, int] = {}
+    for key, token_id in vocab.items():
+        token_id = int(token_id)
+        if key in special_texts:
+            new_vocab[key] = token_id
+            continue
+        data = _raw_key_bytes(key, token_id)
+        if not data or data in ranks:
+            other = [k for k, i in vocab.items() if i == ranks.get(data)]
+            raise ValueError(
+                f"{_CONFIG_KEY}: cannot repair {source!r} as a ranked byte-level BPE: "
+                f"token {key!r} (id {token_id}) means the same bytes {data!r} as "
+                f"{other[0] if other else 'an empty token'!r}"
+            )
+        ranks[data] = token_id
+        new_vocab[_to_byte_level(data)] = token_id
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(
+            f"{_CONFIG_KEY}: cannot repair {source!r} as a ranked byte-level BPE: no "
+            f"token for the single byte(s) {[hex(b) for b in missing[:8]]}"
+            f"{' ...' if len(missing) > 8 else ''}; every byte needs its own token"
+        )
+    if len(new_vocab) != len(vocab):  # a special key equal to a converted key
+        raise ValueError(
+            f"{_CONFIG_KEY}: cannot repair {source!r}: a special token collides with "
+            f"a byte-level token text"
+        )
+
+    # Merges from ranks: a token of rank r is the merge of any split (left, right)
+    # into two ranked tokens of lower rank; the merge priority is r (ties: the
+    # halves' ranks), which makes HF's "lowest merge rank first" BPE equal to
+    # tiktoken's "merge the adjacent pair whose concatenation has the lowest rank".
+    candidates: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            left_rank, right_rank = ranks.get(left), ranks.get(right)
+            if left_rank is None or right_rank is None:
+                continue
+            if left_rank < rank and right_rank < rank:
+                candidates.append((rank, left_rank, right_rank, left, right))
+    candidates.sort()
+    # "left right" strings: byte-level text never contains a plain space.
+    merges = [f"{_to_byte_level(l)} {_to_byte_level(r)}" for _, _, _, l, r in candidates]
+
+    repaired = json.loads(json.dumps(spec))  # deep copy, the caller's dict stays as is
+    repaired["model"].update(
+        vocab=new_vocab,
+        merges=merges,
+        unk_token=None,
+        continuing_subword_prefix=None,
+        end_of_word_suffix=None,
+        fuse_unk=False,
+        byte_fallback=False,
+        ignore_merges=False,
+        dropout=None,
+    )
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = spec.get("pre_tokenizer")
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
+        byte_level.update({k: pre[k] for k in ("trim_offsets", "use_regex") if k in pre})
+    repaired["pre_tokenizer"] = {"type": "ByteLevel", **byte_level}
+    repaired["decoder"] = {"type": "ByteLevel", **byte_level}
+    # "added_tokens", normalizer, post-processor: kept as shipped.
+    return repaired
+
+
+def _load_tokenizer(
+    tokenizer_file: str, special_texts: frozenset[str]
+) -> tuple[Tokenizer, bool]:
+    """Load ``tokenizer_file``, repairing a naive ranked-BPE export in memory.
+
+    Returns:
+        The tokenizer and whether it was repaired. The file is never modified.
+    """
+    try:
+        with open(tokenizer_file, encoding="utf-8") as f:
+            text = f.read()
+        spec = json.loads(text)
+        added = spec.get("added_tokens") or []
+        specials = special_texts | {
+            t["content"] for t in added if isinstance(t, dict) and "content" in t
+        }
+        if not _needs_ranked_bpe_repair(spec, specials):
+            return Tokenizer.from_str(text), False
+        repaired = _repair_ranked_bpe(spec, specials, tokenizer_file)
+        tokenizer = Tokenizer.from_str(json.dumps(repaired))
+    except ValueError as exc:
+        if str(exc).startswith(_CONFIG_KEY):
+            raise
+        raise ValueError(
+            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
+            f"tokenizer.json: {exc}"
+        ) from exc
+    except Exception as exc:  # the Rust side raises a generic Exception
+        raise ValueError(
+            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
+            f"tokenizer.json: {exc}"
+        ) from exc
+    logger.info(
+        "%s: %s is a ranked byte BPE exported without merges; repaired in memory "
+        "(%d tokens kept with their ids, %d merges derived from the ranks)",
+        _CONFIG_KEY,
+        tokenizer_file,
+        len(repaired["model"]["vocab"]),
+        len(repaired["model"]["merges"]),
+    )
+    return tokenizer, True
+
+
 class ImageTextProcessor:
     """Turns raw image bytes and caption text into model inputs.
 
@@ -77,6 +260,48 @@ class ImageTextProcessor:
     ``pad_token``, ``bos_token``, ``eos_token``), else the defaults ``<|image|>``,
     ``<|begin_of_image|>``, ``<|end_of_image|>``, ``<|pad|>``, ``<|begin_of_text|>``,
     ``<|end_of_text|>`` are used.
+
+    Tokenizer repair (ranked byte BPE exported without merges):
+        Some ``tokenizer.json`` files (the project's shared one among them) are a
+        naive export of a tiktoken-style *ranked* byte BPE: ids 0..127 are raw single
+        characters, ids 128..255 the literal 4-character texts ``'\\\\x80'``..
+        ``'\\\\xff'`` (meaning the bytes 0x80..0xff), higher ids are merged tokens
+        written as plain text (``' the'``, ``'?\\n'``) whose id is their merge rank,
+        ``model.merges`` is empty and the pre-tokenizer/decoder are ``ByteLevel``.
+        Loaded as is, the ``ByteLevel`` pre-tokenizer produces GPT-2 byte-alphabet
+        symbols (``'Ġ'`` for a space, ``'Ċ'`` for a newline, ...) that are not in the
+        vocabulary and, with no unknown token, are silently dropped
+        (``"Red Square"`` decodes to ``"RedSquare"``); and without merges every
+        character is its own token.
+
+        Such a file is detected (a BPE model with no merges whose non-special
+        vocabulary keys are not all in the GPT-2 byte-level alphabet) and repaired in
+        memory, the file itself is never written:
+
+        1. every key is turned into the bytes it means (raw character below id 128,
+           ``\\xNN`` escape, else the UTF-8 bytes of the text) and then into the
+           GPT-2 byte-level alphabet (``bytes_to_unicode``: printable latin-1 bytes
+           stand for themselves, the other bytes for ``chr(256 + n)``); ids are kept;
+        2. merges are derived from the ranks as Hugging Face's tiktoken converter
+           does: every split of a token of rank ``r`` into two vocabulary tokens of
+           rank ``< r`` is a merge, ordered by ``r`` (ties by the halves' ranks), so
+           that HF's BPE gives the ids of tiktoken's ranked BPE (repeatedly merge the
+           adjacent pair whose concatenation has the lowest rank);
+        3. the tokenizer is rebuilt with a ``ByteLevel`` pre-tokenizer (GPT-2 split
+           regex, ``add_prefix_space=False``) and ``ByteLevel`` decoder; special tokens
+           (``added_tokens``, ``tokenizer_config.json``'s ``added_tokens_decoder`` and
+           the six layout tokens above) keep their text and id and take part in no
+           merge, so caption text never produces them.
+
+        A well-formed byte-level ``tokenizer.json`` (merges present, or keys already
+        in the byte alphabet) is loaded untouched. :attr:`tokenizer_repaired` tells
+        which case applied. References: GPT-2 byte-level BPE (Radford et al. 2019,
+        ``bytes_to_unicode`` in openai/gpt-2 ``encoder.py``); tiktoken ranked BPE and
+        the ``TikTokenConverter`` of Hugging Face ``transformers``.
+
+    Attributes:
+        tokenizer_repaired: Whether the tokenizer file was repaired on load (see
+            above).
 
     Args:
         tokenizer_path: Directory containing ``tokenizer.json`` (HF ``tokenizers``
@@ -107,19 +332,24 @@ class ImageTextProcessor:
         self.image_tokens_per_image = int(image_tokens_per_image)
 
         tokenizer_file = _resolve_tokenizer_file(tokenizer_path)
-        try:
-            self._tokenizer = Tokenizer.from_file(tokenizer_file)
-        except Exception as exc:  # the Rust side raises a generic Exception
-            raise ValueError(
-                f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
-                f"tokenizer.json: {exc}"
-            ) from exc
-
         config: dict = {}
         config_file = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
+        special_texts = {
+            _special_token_text(config, key, default) for _, key, default in _SPECIAL_TOKENS
+        }
+        declared = config.get("added_tokens_decoder")
+        if isinstance(declared, dict):
+            special_texts.update(
+                t["content"]
+                for t in declared.values()
+                if isinstance(t, dict) and isinstance(t.get("content"), str)
+            )
+        self._tokenizer, self.tokenizer_repaired = _load_tokenizer(
+            tokenizer_file, frozenset(special_texts)
+        )
 
         self._special_ids: dict[str, int] = {}
         for attr, key, default in _SPECIAL_TOKENS:

@@ -30,7 +30,7 @@ from mimo_titan.train.optim import (
     all_reduce_sum, build_lr_scheduler, build_optimizer, clip_grad_norm_, global_grad_sq_norm,
 )
 
-__all__ = ["validate_job", "init_distributed", "Job", "build_job", "canonical_named_parameters", "train_step", "train"]
+__all__ = ["validate_job", "init_distributed", "Job", "build_processor", "build_loader", "build_job", "canonical_named_parameters", "train_step", "train"]
 
 # Linear layers on 3-D inputs return views; nothing in this package modifies a module output in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -62,27 +62,35 @@ def validate_job(cfg, world_size: int) -> dict:
     check_batch_divisibility(cfg.training.global_batch_size, cfg.training.microbatches,
                              {name: lay.dp for name, lay in layouts.items()})
     if lang.pp > cfg.training.microbatches:
-        logger.warning("training.microbatches=%d < parallelism.language.pp=%d: the pipeline cannot fill",
-                       cfg.training.microbatches, lang.pp)
+        raise ValueError(
+            f"training.microbatches={cfg.training.microbatches} is smaller than parallelism.language.pp={lang.pp}: "
+            f"the pipeline needs at least one microbatch per stage; set training.microbatches >= {lang.pp}"
+        )
     return layouts
 
 
 def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]:
     """Initialise the default process group from torchrun's environment (or a 1-rank group).
 
-    Device: ``auto`` → ``cuda:LOCAL_RANK`` with NCCL when CUDA devices exist, else CPU with gloo.
+    Device: ``auto`` → ``cuda:LOCAL_RANK`` with NCCL when there is a CUDA device for every local rank, else CPU
+    with gloo; ``cuda`` / ``cpu`` force the choice.
 
     Returns:
         ``(rank, world_size, device)``.
 
     Raises:
-        ValueError: ``training.device = "cuda"`` on a machine without CUDA.
+        ValueError: ``training.device = "cuda"`` without a CUDA device for every local rank.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("training.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    use_cuda = enough_gpus if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not enough_gpus:
+        raise ValueError(
+            f"training.device = 'cuda' but {torch.cuda.device_count()} CUDA devices serve {local_world} local ranks; "
+            "use 'auto' (CPU/gloo) or launch one rank per GPU"
+        )
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -112,7 +120,30 @@ class Job:
     history: list[dict] = field(default_factory=list)
 
 
-def build_job(cfg, device: torch.device) -> Job:
+def build_processor(cfg) -> ImageTextProcessor:
+    """The image + text processor of ``cfg`` (tokenizer from ``data.tokenizer``).
+
+    Raises:
+        ValueError / FileNotFoundError: a missing tokenizer, or ``model.language.vocab_size`` below the tokenizer's.
+    """
+    processor = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size,
+                                   (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2)
+    if processor.vocab_size > cfg.model.language.vocab_size:
+        raise ValueError(
+            f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
+            f"{processor.vocab_size} tokens ({cfg.data.tokenizer}); raise vocab_size"
+        )
+    return processor
+
+
+def build_loader(cfg, processor: ImageTextProcessor) -> MimoDataLoader:
+    """The global-batch loader of ``cfg`` (identical on every rank)."""
+    return MimoDataLoader(cfg.data.path, processor, cfg.training.global_batch_size, cfg.training.seq_len,
+                          max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
+                          seed=cfg.job.seed)
+
+
+def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
     """Build meshes, model parts, FSDP, optimizers, bridge and schedule on this rank.
 
     Requires an initialised default process group whose size matches the layouts. Every rank makes the same
@@ -125,13 +156,7 @@ def build_job(cfg, device: torch.device) -> Job:
     lang_name = role.language
     vis_name = next(n for n in layouts if n != lang_name)
 
-    processor = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size,
-                                   (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2)
-    if processor.vocab_size > cfg.model.language.vocab_size:
-        raise ValueError(
-            f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
-            f"{processor.vocab_size} tokens ({cfg.data.tokenizer}); raise vocab_size"
-        )
+    processor = processor or build_processor(cfg)
     full = MimoModel(cfg.model, processor.image_token_id)
     full.init_weights(cfg.job.seed)
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
@@ -204,28 +229,28 @@ def train_step(job: Job, global_batch) -> dict:
 
 
 def train(cfg) -> list[dict]:
-    """Run ``training.steps`` steps; log one line per ``metrics.log_freq`` steps on rank 0. Returns the history."""
+    """Run ``training.steps`` steps; log one line per ``metrics.log_freq`` steps on rank 0. Returns the history.
+
+    Layout, batch, tokenizer and data errors are raised before any process group is created.
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
-    validate_job(cfg, world)  # before any process group exists
+    validate_job(cfg, world)
+    processor = build_processor(cfg)
+    loader = build_loader(cfg, processor)
     rank, world, device = init_distributed(cfg.training.device)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="[rank%(rank)s] %(message)s".replace("%(rank)s", str(rank)))
-    torch.manual_seed(cfg.job.seed)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
     try:
-        job = build_job(cfg, device)
-        loader = MimoDataLoader(cfg.data.path, job.processor, cfg.training.global_batch_size, cfg.training.seq_len,
-                                max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
-                                seed=cfg.job.seed)
-        logger.info("layout %s on %d ranks (%s); device %s; data skipped so far %s", job.topology.placement.name,
-                    world, ", ".join(f"{n}: {lay}" for n, lay in job.topology.layouts.items()), device, loader.stats)
-        it = iter(loader)
+        job = build_job(cfg, device, processor)
+        logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
+                    "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
+                              f"dp_shard={lay.dp_shard}" for n, lay in job.topology.layouts.items()))
         for _ in range(cfg.training.steps):
-            rec = train_step(job, next(it))
+            rec = train_step(job, next(loader))
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
                 logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
                             "peak_mem %.2fGiB", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
                             rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"])
-        logger.info("data skipped: %s", loader.stats)
+        logger.info("data: %s", loader.stats)
         return job.history
     finally:
         dist.barrier()
