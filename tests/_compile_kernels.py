@@ -50,6 +50,7 @@ def main() -> int:
                 print(f"FAILED sm_{arch} {fn.__name__} {consts}: {exc}")
                 return 1
             print(f"ok sm_{arch} {fn.__name__} {consts} cubin={len(k.asm['cubin'])}B")
+    print(f"compiled {2 * len(VARIANTS)} variants")
     return 0
 
 
