@@ -97,5 +97,5 @@ def test_one_step_matches_single_process(layout, backend):
     from mimo_titan.models import MimoModel
     init = MimoModel(cfg.model, 1998)
     init.init_weights(cfg.job.seed)
-    moved = sum(float((p - ref_params[n]).abs().max()) > 1e-5 for n, p in init.named_parameters())
+    moved = sum(float((p.detach() - ref_params[n]).abs().max()) > 1e-5 for n, p in init.named_parameters())
     assert moved > len(ref_params) // 2
