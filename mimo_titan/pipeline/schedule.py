@@ -50,13 +50,21 @@ class MimoSchedule:
         image_token_id: id of ``<|image|>``.
         tokens_per_image: image tokens per image (P).
         device: device the step runs on.
+        seq_len: S, tokens per sample.
+        vocab_size: V (logits width of the last stage).
+        act_dtype: dtype of activations between language stages (the FSDP compute dtype).
+
+    Each language ``PipelineStage`` gets static input / output metadata (meta tensors of the microbatch
+    shapes), so torch.distributed.pipelining runs no metadata-inference pass: such a pass would run the stage
+    on uninitialised tensors (MoE routing and expert all-to-alls included) before the first step.
 
     Raises:
         ValueError: for an unknown schedule name.
     """
 
     def __init__(self, topology, vision: nn.Module | None, language: nn.Module | None, bridge: Bridge,
-                 microbatches: int, schedule: str, image_token_id: int, tokens_per_image: int, device: torch.device):
+                 microbatches: int, schedule: str, image_token_id: int, tokens_per_image: int, device: torch.device,
+                 seq_len: int, vocab_size: int, act_dtype: torch.dtype):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
         role = topology.role
@@ -74,10 +82,17 @@ class MimoSchedule:
         if language is not None:
             lay = topology.layouts[self.lang_name]
             stage_idx = role.pp_stage(self.lang_name)
-            self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
-                                       group=topology.pp_group(self.lang_name))
             self.is_first = stage_idx == 0
             self.is_last = stage_idx == lay.pp - 1
+            b, H = bridge.mb_size // lay.dp, bridge.hidden_size
+            def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
+                return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
+
+            inputs = ((meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
+                      if self.is_first else (meta(b, seq_len, H),))
+            outputs = (meta(b, seq_len, vocab_size),) if self.is_last else (meta(b, seq_len, H),)
+            self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
+                                       input_args=inputs, output_args=outputs, group=topology.pp_group(self.lang_name))
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
                 self.stage, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
             )

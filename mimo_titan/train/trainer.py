@@ -182,7 +182,8 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     bridge = Bridge(layouts[vis_name], layouts[lang_name], mb_size, tokens_per_image, cfg.model.language.hidden_size,
                     param_dtype, device, rank)
     schedule = MimoSchedule(topology, modules.get(vis_name), modules.get(lang_name), bridge, cfg.training.microbatches,
-                            cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device)
+                            cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device,
+                            cfg.training.seq_len, cfg.model.language.vocab_size, param_dtype)
     return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor)
 
 
