@@ -26,6 +26,14 @@ this module (:class:`Config` is the root)::
     num_kv_heads = 4
     # head_dim omitted -> None (derived as hidden_size // num_heads elsewhere)
 
+    [model.language.moe]       # MoEConfig, optional (also [model.vision.moe])
+    num_experts = 8                    # 0 (the default) = dense
+    top_k = 2
+    intermediate_size = 1408           # per-expert SwiGLU width
+    layer_freq = 1                     # every layer from first_layer on
+    first_layer = 1                    # layer 0 stays dense
+    load_balance = "aux_free"          # aux_loss | aux_free | none
+
     [parallelism]              # ParallelismConfig scalar keys
     pipeline_schedule = "1F1B"         # "1F1B" | "GPipe"
     mixed_precision_param = "auto"     # auto | float32 | bfloat16 | float16
@@ -70,6 +78,9 @@ default may be omitted. Unknown keys are errors (with a "did you mean"
 suggestion), as are wrongly typed values, missing required keys, values
 outside an allowed set and simple out-of-range values. A TOML integer is
 accepted where a float is expected; a boolean is never accepted as a number.
+Checks that relate several keys of one table (e.g. ``moe.top_k <=
+moe.num_experts``) are declared by the table's dataclass in a
+``_config_problems()`` method and reported the same way, naming the key.
 
 Overrides are applied to the parsed TOML *before* it is converted into
 dataclasses, so they are validated exactly like values from the file. Each
@@ -116,6 +127,7 @@ import tomli
 __all__ = [
     "ConfigError",
     "JobConfig",
+    "MoEConfig",
     "VisionModelConfig",
     "LanguageModelConfig",
     "ModelConfig",
@@ -181,8 +193,125 @@ class JobConfig:
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """``[model.vision.moe]`` / ``[model.language.moe]``: Mixture-of-Experts MLPs.
+
+    Every key has a default and ``num_experts = 0`` (the default) means a
+    dense module, so the table may be omitted. With ``num_experts > 0`` the
+    MLP of every layer selected by :meth:`is_moe_layer` is replaced by a
+    dropless top-k routed MoE of ``num_experts`` SwiGLU experts (no capacity
+    factor, no token dropping), as in torchtitan's MoE and DeepSeek-V3.
+
+    Attributes:
+        num_experts: routed experts per MoE layer; 0 = dense module. The
+            remaining keys are ignored (and not cross-checked) when 0.
+        top_k: experts per token, ``1 <= top_k <= num_experts``.
+        intermediate_size: SwiGLU hidden width of one routed expert; must be
+            > 0 when ``num_experts > 0``.
+        layer_freq: a MoE layer every ``layer_freq`` layers (>= 1).
+        first_layer: index of the first MoE layer (>= 0); layers below it stay
+            dense (DeepSeek's ``first_k_dense_replace``). Must be below the
+            module's ``num_layers`` when ``num_experts > 0``.
+        score_func: router scores, ``"softmax"`` over all experts (Mixtral,
+            DeepSeek-V2) or per-expert ``"sigmoid"`` (DeepSeek-V3).
+        norm_topk_prob: renormalise the chosen top-k weights to sum to 1.
+        shared_expert_intermediate_size: SwiGLU width of an always-active
+            shared expert added to the routed output; 0 = none.
+        load_balance: ``"aux_loss"`` (Switch/GShard-style auxiliary loss scaled
+            by ``aux_loss_coeff``), ``"aux_free"`` (DeepSeek-V3 per-expert
+            routing bias nudged by ``bias_update_rate`` after each step) or
+            ``"none"``.
+        aux_loss_coeff: weight of the auxiliary load-balancing loss (>= 0).
+        bias_update_rate: step size of the aux-loss-free bias update (>= 0).
+    """
+
+    num_experts: int = _opt(0, ge=0)
+    top_k: int = _opt(2, ge=1)
+    intermediate_size: int = _opt(0, ge=0)
+    layer_freq: int = _opt(1, ge=1)
+    first_layer: int = _opt(0, ge=0)
+    score_func: str = _opt("softmax", choices=("softmax", "sigmoid"))
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = _opt(0, ge=0)
+    load_balance: str = _opt("aux_loss", choices=("aux_loss", "aux_free", "none"))
+    aux_loss_coeff: float = _opt(0.01, ge=0)
+    bias_update_rate: float = _opt(0.001, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        """True if the module has MoE layers (``num_experts > 0``)."""
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` of the module uses a MoE MLP.
+
+        Layer ``i`` is MoE iff ``num_experts > 0``, ``i >= first_layer`` and
+        ``(i - first_layer) % layer_freq == 0``.
+
+        Args:
+            i: 0-based layer index within the module.
+
+        Returns:
+            True for a MoE layer, False for a dense one (always False when
+            ``num_experts == 0``).
+
+        Raises:
+            ValueError: ``i`` is negative.
+        """
+        if i < 0:
+            raise ValueError(f"layer index {i} is negative; layer indices start at 0")
+        if self.num_experts <= 0 or i < self.first_layer:
+            return False
+        return (i - self.first_layer) % self.layer_freq == 0
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """Indices of the MoE layers among ``range(num_layers)``, ascending."""
+        return [i for i in range(num_layers) if self.is_moe_layer(i)]
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        """Cross-key checks run by the loader; ``(key, "problem; fix")`` pairs.
+
+        Keys are relative to this table; ``{p}`` in a message is replaced by
+        the table's dotted path.
+        """
+        if self.num_experts <= 0:
+            return []
+        out: list[tuple[str, str]] = []
+        if self.top_k > self.num_experts:
+            out.append((
+                "top_k",
+                f"top_k must be <= num_experts={self.num_experts} (each token picks top_k "
+                f"distinct experts); set '{{p}}.top_k' to at most {self.num_experts} "
+                f"or raise '{{p}}.num_experts'",
+            ))
+        if self.intermediate_size <= 0:
+            out.append((
+                "intermediate_size",
+                f"a MoE module (num_experts={self.num_experts}) needs the per-expert SwiGLU width; "
+                f"set '{{p}}.intermediate_size' > 0, or set '{{p}}.num_experts = 0' for a dense module",
+            ))
+        return out
+
+
+def _moe_layer_problems(num_layers: int, moe: MoEConfig) -> list[tuple[str, str]]:
+    """The module-level MoE check: a MoE module must have at least one MoE layer."""
+    if moe.num_experts > 0 and moe.first_layer >= num_layers:
+        return [(
+            "moe.first_layer",
+            f"first_layer must be < num_layers={num_layers}, otherwise no layer is MoE although "
+            f"num_experts={moe.num_experts}; lower '{{p}}.moe.first_layer' or set "
+            f"'{{p}}.moe.num_experts = 0' for a dense module",
+        )]
+    return []
+
+
+@dataclass(kw_only=True)
 class VisionModelConfig:
-    """``[model.vision]``: ViT encoder plus the MLP projector into the LM."""
+    """``[model.vision]``: ViT encoder plus the MLP projector into the LM.
+
+    ``moe`` (table ``[model.vision.moe]``) makes the encoder's MLPs
+    Mixture-of-Experts; dense by default.
+    """
 
     image_size: int
     patch_size: int
@@ -193,11 +322,19 @@ class VisionModelConfig:
     intermediate_size: int
     norm_eps: float = 1e-6
     projector_intermediate_size: int  # MLP projector hidden width (to LM hidden size)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        return _moe_layer_problems(self.num_layers, self.moe)
 
 
 @dataclass(kw_only=True)
 class LanguageModelConfig:
-    """``[model.language]``: decoder-only language model."""
+    """``[model.language]``: decoder-only language model.
+
+    ``moe`` (table ``[model.language.moe]``) makes the decoder's MLPs
+    Mixture-of-Experts; dense by default.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -209,6 +346,10 @@ class LanguageModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        return _moe_layer_problems(self.num_layers, self.moe)
 
 
 @dataclass(kw_only=True)
@@ -561,7 +702,30 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
                 f"missing required key '{key}' in {ctx.source}; add '{name} = <{_describe_type(tp)}>'"
                 f" under {section}"
             )
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    _check_cross_keys(obj, prefix, ctx)
+    return obj
+
+
+def _check_cross_keys(obj: Any, prefix: str, ctx: _Ctx) -> None:
+    """Raise the first problem reported by ``obj._config_problems()``, if it has one.
+
+    A dataclass may define ``_config_problems(self) -> list[tuple[str, str]]``
+    for checks that involve several of its keys; each pair is a key relative
+    to the table (dotted for sub-tables) and a "problem; fix" text in which
+    ``{p}`` stands for the table's dotted path.
+    """
+    problems = getattr(obj, "_config_problems", None)
+    if problems is None:
+        return
+    for rel, text in problems():
+        value: Any = obj
+        for part in rel.split("."):
+            value = getattr(value, part)
+        key = _join(prefix, rel)
+        raise ConfigError(
+            f"invalid value {value!r} for {ctx.where(key)}: {text.replace('{p}', prefix)}"
+        )
 
 
 # --------------------------------------------------------------------------

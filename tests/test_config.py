@@ -12,6 +12,7 @@ from mimo_titan.config import (
     ConfigError,
     DataConfig,
     LanguageModelConfig,
+    MoEConfig,
     ModuleParallelism,
     OptimizerConfig,
     VisionModelConfig,
@@ -609,3 +610,199 @@ def test_override_bad_syntax(minimal: Path) -> None:
 def test_override_betas_length(minimal: Path) -> None:
     with pytest.raises(ConfigError, match=err(minimal, "'optimizer.betas'", "exactly 2")):
         load_config(minimal, ["--optimizer.betas=0.9,0.95,0.99"])
+
+
+# --------------------------------------------------------------------------
+# MoE ([model.vision.moe] / [model.language.moe])
+# --------------------------------------------------------------------------
+
+LM_MOE = """
+[model.language.moe]
+num_experts = 8
+top_k = 2
+intermediate_size = 64
+layer_freq = 2
+first_layer = 1
+score_func = "Sigmoid"
+norm_topk_prob = false
+shared_expert_intermediate_size = 32
+load_balance = "AUX_FREE"
+aux_loss_coeff = 0
+bias_update_rate = 0.01
+"""
+
+
+def test_moe_defaults_dense(minimal: Path) -> None:
+    cfg = load_config(minimal)
+    for moe in (cfg.model.vision.moe, cfg.model.language.moe):
+        assert moe == MoEConfig()
+        assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (0, 2, 0)
+        assert (moe.layer_freq, moe.first_layer, moe.score_func, moe.norm_topk_prob) == (
+            1,
+            0,
+            "softmax",
+            True,
+        )
+        assert moe.shared_expert_intermediate_size == 0
+        assert (moe.load_balance, moe.aux_loss_coeff, moe.bias_update_rate) == ("aux_loss", 0.01, 0.001)
+        assert not moe.enabled
+        assert moe.moe_layers(4) == [] and not moe.is_moe_layer(0)
+    # each module gets its own instance
+    assert cfg.model.vision.moe is not cfg.model.language.moe
+    assert cfg.to_dict()["model"]["language"]["moe"]["num_experts"] == 0
+
+
+def test_moe_table_parsed(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_TOML + LM_MOE))
+    moe = cfg.model.language.moe
+    assert isinstance(moe, MoEConfig)
+    assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (8, 2, 64)
+    assert (moe.layer_freq, moe.first_layer) == (2, 1)
+    assert moe.score_func == "sigmoid" and moe.load_balance == "aux_free"  # canonicalised
+    assert moe.norm_topk_prob is False and moe.shared_expert_intermediate_size == 32
+    assert moe.aux_loss_coeff == 0.0 and isinstance(moe.aux_loss_coeff, float)
+    assert moe.bias_update_rate == 0.01
+    assert moe.enabled
+    # num_layers = 4: layers 1 and 3 are MoE.
+    assert [moe.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    assert moe.moe_layers(cfg.model.language.num_layers) == [1, 3]
+    assert cfg.model.vision.moe == MoEConfig()
+
+
+def test_moe_is_moe_layer_rule() -> None:
+    moe = MoEConfig(num_experts=4, intermediate_size=8, layer_freq=3, first_layer=2)
+    expected = [i >= 2 and (i - 2) % 3 == 0 for i in range(12)]
+    assert [moe.is_moe_layer(i) for i in range(12)] == expected
+    assert moe.moe_layers(12) == [2, 5, 8, 11]
+    assert MoEConfig(num_experts=2, intermediate_size=8).moe_layers(3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="layer index -1 is negative"):
+        moe.is_moe_layer(-1)
+
+
+def test_moe_overrides(minimal: Path) -> None:
+    cfg = load_config(
+        minimal,
+        [
+            "--model.vision.moe.num_experts=4",
+            "--model.vision.moe.intermediate_size",
+            "32",
+            "--model.vision.moe.top_k=4",
+            "--model.vision.moe.norm_topk_prob=false",
+        ],
+    )
+    moe = cfg.model.vision.moe
+    assert (moe.num_experts, moe.intermediate_size, moe.top_k, moe.norm_topk_prob) == (4, 32, 4, False)
+    assert cfg.model.language.moe == MoEConfig()
+
+
+def test_moe_dense_skips_cross_checks(minimal: Path) -> None:
+    # num_experts = 0: top_k > num_experts, intermediate_size = 0 and a huge first_layer are fine.
+    cfg = load_config(minimal, ["--model.language.moe.top_k=5", "--model.language.moe.first_layer=100"])
+    assert cfg.model.language.moe.top_k == 5 and not cfg.model.language.moe.enabled
+
+
+@pytest.mark.parametrize(
+    "override,key,bound",
+    [
+        ("--model.language.moe.num_experts=-1", "model.language.moe.num_experts", ">= 0"),
+        ("--model.language.moe.top_k=0", "model.language.moe.top_k", ">= 1"),
+        ("--model.language.moe.intermediate_size=-4", "model.language.moe.intermediate_size", ">= 0"),
+        ("--model.language.moe.layer_freq=0", "model.language.moe.layer_freq", ">= 1"),
+        ("--model.vision.moe.first_layer=-1", "model.vision.moe.first_layer", ">= 0"),
+        (
+            "--model.vision.moe.shared_expert_intermediate_size=-1",
+            "model.vision.moe.shared_expert_intermediate_size",
+            ">= 0",
+        ),
+        ("--model.language.moe.aux_loss_coeff=-0.1", "model.language.moe.aux_loss_coeff", ">= 0"),
+        ("--model.language.moe.bias_update_rate=-1e-3", "model.language.moe.bias_update_rate", ">= 0"),
+    ],
+)
+def test_moe_range_checks(minimal: Path, override: str, key: str, bound: str) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", bound, override)):
+        load_config(minimal, [override])
+
+
+@pytest.mark.parametrize(
+    "line,key,bad,allowed",
+    [
+        ('score_func = "relu"', "model.language.moe.score_func", "'relu'", "'softmax', 'sigmoid'"),
+        (
+            'load_balance = "switch"',
+            "model.language.moe.load_balance",
+            "'switch'",
+            "'aux_loss', 'aux_free', 'none'",
+        ),
+    ],
+)
+def test_moe_value_not_allowed(tmp_path: Path, line: str, key: str, bad: str, allowed: str) -> None:
+    path = write(tmp_path, MINIMAL_TOML + f"\n[model.language.moe]\n{line}\n")
+    with pytest.raises(ConfigError, match=err(path, f"'{key}'", bad, "use one of", allowed)):
+        load_config(path)
+
+
+def test_moe_top_k_above_num_experts(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + LM_MOE.replace("top_k = 2", "top_k = 9"))
+    with pytest.raises(
+        ConfigError,
+        match=err(
+            path,
+            "invalid value 9 for 'model.language.moe.top_k'",
+            "top_k must be <= num_experts=8",
+            "set 'model.language.moe.top_k' to at most 8 or raise 'model.language.moe.num_experts'",
+        ),
+    ):
+        load_config(path)
+
+
+def test_moe_top_k_above_num_experts_by_override(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + LM_MOE)
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "'model.language.moe.top_k'", "num_experts=1", "--model.language.moe.top_k=3"),
+    ):
+        load_config(path, ["--model.language.moe.num_experts=1", "--model.language.moe.top_k=3"])
+
+
+def test_moe_requires_intermediate_size(minimal: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(
+            minimal,
+            "invalid value 0 for 'model.vision.moe.intermediate_size'",
+            "num_experts=4",
+            "set 'model.vision.moe.intermediate_size' > 0",
+            "'model.vision.moe.num_experts = 0' for a dense module",
+        ),
+    ):
+        load_config(minimal, ["--model.vision.moe.num_experts=4"])
+
+
+def test_moe_first_layer_past_num_layers(tmp_path: Path) -> None:
+    # [model.language] has num_layers = 4.
+    path = write(tmp_path, MINIMAL_TOML + LM_MOE.replace("first_layer = 1", "first_layer = 4"))
+    with pytest.raises(
+        ConfigError,
+        match=err(
+            path,
+            "invalid value 4 for 'model.language.moe.first_layer'",
+            "must be < num_layers=4",
+            "lower 'model.language.moe.first_layer'",
+        ),
+    ):
+        load_config(path)
+
+
+def test_moe_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + LM_MOE.replace("top_k = 2", "topk = 2"))
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "unknown key 'model.language.moe.topk'", "did you mean 'model.language.moe.top_k'?"),
+    ):
+        load_config(path)
+
+
+def test_moe_wrong_type(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + LM_MOE.replace("num_experts = 8", "num_experts = 8.0"))
+    with pytest.raises(ConfigError, match=err(path, "'model.language.moe.num_experts'", "expected int")):
+        load_config(path)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_titan.topology import (
+    EXPERT_MESH_DIMS,
     MESH_DIMS,
     LayoutError,
     ModuleLayout,
@@ -49,6 +50,17 @@ def hsdp_tp_layout() -> dict[str, ModuleLayout]:
     return _layouts(
         ModuleLayout("vision", rank_offset=0, num_ranks=4, dp_replicate=2, dp_shard=2),
         ModuleLayout("language", rank_offset=4, num_ranks=4, dp_shard=2, tp=2, is_language=True),
+    )
+
+
+def moe_colocated_layout() -> dict[str, ModuleLayout]:
+    """Both modules on ranks 0-7 with pp=2.
+
+    language: dp_shard=4, ep=2, etp=1 -> edp=2.  vision: dp_shard=2, tp=2, ep=2, etp=2 -> edp=1.
+    """
+    return _layouts(
+        ModuleLayout("vision", 0, 8, pp=2, dp_shard=2, tp=2, ep=2, etp=2),
+        ModuleLayout("language", 0, 8, pp=2, dp_shard=4, ep=2, is_language=True),
     )
 
 
@@ -97,6 +109,122 @@ def test_module_layout_cp_coordinate():
     assert lay.coordinate(5) == {"pp": 0, "dp_replicate": 0, "dp_shard": 1, "cp": 0, "tp": 1}
     assert lay.group_ranks("cp", 5) == [5, 7]
     assert lay.group_ranks(("dp_shard", "cp"), 5) == [1, 3, 5, 7]
+
+
+def test_expert_grid_ep2_etp1():
+    lay = moe_colocated_layout()["language"]
+    assert EXPERT_MESH_DIMS == ("pp", "edp", "ep", "etp")
+    assert lay.stage_size == 4
+    assert lay.edp == 2
+    assert lay.expert_shape == (2, 2, 2, 1)
+    assert lay.expert_sizes == {"pp": 2, "edp": 2, "ep": 2, "etp": 1}
+    # Stage 0 = ranks 0-3 re-read as (edp, ep, etp) with etp fastest.
+    assert [lay.expert_coordinate(r) for r in range(4)] == [
+        {"pp": 0, "edp": 0, "ep": 0, "etp": 0},
+        {"pp": 0, "edp": 0, "ep": 1, "etp": 0},
+        {"pp": 0, "edp": 1, "ep": 0, "etp": 0},
+        {"pp": 0, "edp": 1, "ep": 1, "etp": 0},
+    ]
+    assert lay.expert_coordinate(6) == {"pp": 1, "edp": 1, "ep": 0, "etp": 0}
+    assert lay.expert_coordinate(8) is None
+    expected = {  # rank: (ep group, edp group)
+        0: ([0, 1], [0, 2]),
+        1: ([0, 1], [1, 3]),
+        2: ([2, 3], [0, 2]),
+        3: ([2, 3], [1, 3]),
+        4: ([4, 5], [4, 6]),
+        5: ([4, 5], [5, 7]),
+        6: ([6, 7], [4, 6]),
+        7: ([6, 7], [5, 7]),
+    }
+    for r, (ep, edp) in expected.items():
+        assert lay.expert_group_ranks("ep", r) == ep, r
+        assert lay.expert_group_ranks("edp", r) == edp, r
+        assert lay.expert_group_ranks("etp", r) == [r], r
+        # The expert pp group is the dense pp group.
+        assert lay.expert_group_ranks("pp", r) == lay.group_ranks("pp", r), r
+    assert lay.expert_group_ranks(("edp", "ep"), 5) == [4, 5, 6, 7]
+    assert lay.expert_group_ranks("ep", 9) is None
+    with pytest.raises(ValueError, match=r"unknown expert mesh dims \['tp'\]"):
+        lay.expert_group_ranks("tp", 0)
+
+
+def test_expert_grid_ep2_etp2():
+    lay = moe_colocated_layout()["vision"]
+    assert (lay.stage_size, lay.edp, lay.expert_shape) == (4, 1, (2, 1, 2, 2))
+    assert [lay.expert_coordinate(r) for r in (4, 5, 6, 7)] == [
+        {"pp": 1, "edp": 0, "ep": 0, "etp": 0},
+        {"pp": 1, "edp": 0, "ep": 0, "etp": 1},
+        {"pp": 1, "edp": 0, "ep": 1, "etp": 0},
+        {"pp": 1, "edp": 0, "ep": 1, "etp": 1},
+    ]
+    expected = {  # rank: (etp group, ep group)
+        0: ([0, 1], [0, 2]),
+        1: ([0, 1], [1, 3]),
+        2: ([2, 3], [0, 2]),
+        3: ([2, 3], [1, 3]),
+        5: ([4, 5], [5, 7]),
+        6: ([6, 7], [4, 6]),
+    }
+    for r, (etp, ep) in expected.items():
+        assert lay.expert_group_ranks("etp", r) == etp, r
+        assert lay.expert_group_ranks("ep", r) == ep, r
+        assert lay.expert_group_ranks("edp", r) == [r], r
+    # Here the etp groups coincide with the dense tp groups.
+    assert all(lay.expert_group_ranks("etp", r) == lay.group_ranks("tp", r) for r in range(8))
+
+
+def test_expert_grid_with_offset():
+    # 16 ranks at offset 2, stage = 2*2*2 = 8, ep=4 -> edp=2. Rank 13: local 11, stage 1, s = 3.
+    big = ModuleLayout("lm", 2, 16, pp=2, dp_replicate=2, dp_shard=2, tp=2, ep=4)
+    assert big.edp == 2
+    assert big.expert_coordinate(13) == {"pp": 1, "edp": 0, "ep": 3, "etp": 0}
+    assert big.expert_group_ranks("ep", 13) == [10, 11, 12, 13]
+    assert big.expert_group_ranks("edp", 13) == [13, 17]
+    assert big.expert_group_ranks("pp", 13) == [5, 13]
+    # A dense module's expert grid: ep = etp = 1, edp spans the stage.
+    dense = debug_layout()["language"]
+    assert dense.expert_shape == (2, 3, 1, 1)
+    assert dense.expert_group_ranks("edp", 6) == [5, 6, 7]
+    assert dense.expert_group_ranks("ep", 6) == [6]
+
+
+@pytest.mark.parametrize(
+    "lay",
+    [
+        ModuleLayout("a", 0, 8, pp=2, dp_shard=4, ep=2),
+        ModuleLayout("b", 3, 16, pp=2, dp_replicate=2, dp_shard=2, tp=2, ep=2, etp=2),
+        ModuleLayout("c", 1, 12, dp_shard=3, cp=2, tp=2, ep=3, etp=2),
+        ModuleLayout("d", 0, 8, dp_shard=8, ep=8),
+        ModuleLayout("e", 5, 6, pp=3, tp=2, etp=2),
+    ],
+    ids=lambda lay: lay.name,
+)
+def test_expert_grid_brute_force(lay):
+    """An independent definition: a stage's i-th rank has (edp, ep, etp) = unravel(i, (edp, ep, etp))."""
+    lay.validate()
+    assert lay.edp * lay.ep * lay.etp * lay.pp == lay.num_ranks
+    coords = {}
+    for stage in range(lay.pp):
+        for i, r in enumerate(lay.stage_ranks(stage)):
+            want = {
+                "pp": stage,
+                "edp": i // (lay.ep * lay.etp),
+                "ep": (i // lay.etp) % lay.ep,
+                "etp": i % lay.etp,
+            }
+            assert lay.expert_coordinate(r) == want, r
+            coords[r] = want
+    for dims in ("pp", "edp", "ep", "etp", ("ep", "etp"), ("edp", "ep", "etp")):
+        dims_t = (dims,) if isinstance(dims, str) else dims
+        for r in lay.ranks:
+            kept = [d for d in EXPERT_MESH_DIMS if d not in dims_t]
+            same = [q for q in lay.ranks if all(coords[q][d] == coords[r][d] for d in kept)]
+            assert lay.expert_group_ranks(dims, r) == same, (dims, r)
+    # ep x etp x edp partitions every stage: the (ep, etp, edp) groups are exactly the stage.
+    for stage in range(lay.pp):
+        r = lay.stage_ranks(stage)[0]
+        assert lay.expert_group_ranks(("edp", "ep", "etp"), r) == lay.stage_ranks(stage)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,20 +307,73 @@ def test_error_negative_rank_offset():
         validate_layouts(_with("language", rank_offset=-1), 8)
 
 
-def test_error_ep_reserved():
+def test_error_ep_below_one():
     with pytest.raises(
         LayoutError,
-        match=r"module 'language': ep=2 is reserved for the MoE issue; set parallelism.language.ep = 1",
+        match=(
+            r"module 'language': expert-parallel degree ep=0 must be >= 1; "
+            r"set parallelism.language.ep = 1 for no expert-parallel split"
+        ),
+    ):
+        validate_layouts(_with("language", ep=0), 8)
+
+
+def test_error_etp_below_one():
+    with pytest.raises(
+        LayoutError,
+        match=(
+            r"module 'vision': expert tensor-parallel degree etp=-1 must be >= 1; "
+            r"set parallelism.vision.etp = 1"
+        ),
+    ):
+        validate_layouts(_with("vision", etp=-1), 8)
+
+
+def test_error_ep_does_not_divide_stage():
+    # language stage = dp_shard 3: ep=2 leaves edp = 3/2.
+    with pytest.raises(
+        LayoutError,
+        match=(
+            r"module 'language': ep\*etp = 2\*1 = 2 does not divide the ranks per pipeline stage, "
+            r"dp_replicate\*dp_shard\*cp\*tp = 1\*3\*1\*1 = 3 \(edp = 3/\(ep\*etp\) must be an int\); "
+            r"with etp=1 set parallelism.language.ep to one of \[1, 3\]"
+        ),
     ):
         validate_layouts(_with("language", ep=2), 8)
 
 
-def test_error_etp_reserved():
+def test_error_ep_times_etp_does_not_divide_stage():
+    # stage = 2*2*2 = 8 ranks, etp=2 divides it, but ep*etp = 16 does not: ep must divide 8/2 = 4.
+    lays = _layouts(
+        ModuleLayout("vision", 0, 8, dp_replicate=2, dp_shard=2, tp=2, ep=8, etp=2),
+        ModuleLayout("language", 8, 1, is_language=True),
+    )
     with pytest.raises(
         LayoutError,
-        match=r"module 'vision': etp=4 is reserved for the MoE issue; set parallelism.vision.etp = 1",
+        match=(
+            r"module 'vision': ep\*etp = 8\*2 = 16 does not divide .* = 2\*2\*1\*2 = 8 .*"
+            r"with etp=2 set parallelism.vision.ep to one of \[1, 2, 4\]"
+        ),
+    ):
+        validate_layouts(lays, 9)
+
+
+def test_error_etp_does_not_divide_stage():
+    with pytest.raises(
+        LayoutError,
+        match=(
+            r"module 'vision': etp=4 does not divide the ranks per pipeline stage, "
+            r"dp_replicate\*dp_shard\*cp\*tp = 1\*2\*1\*1 = 2; set parallelism.vision.etp to one of \[1, 2\]"
+        ),
     ):
         validate_layouts(_with("vision", etp=4), 8)
+
+
+def test_ep_on_any_module_is_valid_layout():
+    # Whether the model has MoE layers is not a topology concern: ep=3 on the debug LM is a valid layout.
+    assert validate_layouts(_with("language", ep=3), 8) is Placement.NON_COLOCATED
+    assert validate_layouts(_with("vision", ep=2), 8) is Placement.NON_COLOCATED
+    assert validate_layouts(_with("vision", etp=2), 8) is Placement.NON_COLOCATED
 
 
 def test_error_product_with_dp_shard_suggestion():
@@ -293,9 +474,12 @@ def test_error_mixed_placement():
 
 
 def test_error_order_first_failure_wins():
-    # Both ep and the product are wrong: the ep check (2) runs before the product check (3).
-    with pytest.raises(LayoutError, match="reserved for the MoE issue"):
+    # Both ep and the product are wrong: the product check (2) runs before the expert-grid check (3),
+    # and the ep >= 1 check (1) before both.
+    with pytest.raises(LayoutError, match=r"degree product .* != num_ranks=7"):
         validate_layouts(_with("language", ep=2, num_ranks=7), 9)
+    with pytest.raises(LayoutError, match=r"expert-parallel degree ep=0 must be >= 1"):
+        validate_layouts(_with("language", ep=0, num_ranks=7), 9)
 
 
 # --------------------------------------------------------------------------------------
@@ -361,9 +545,22 @@ def test_rank_role_hsdp():
     assert role.dp_rank("language") == 1
 
 
+def test_rank_role_expert_coordinates():
+    lays = moe_colocated_layout()
+    role = rank_role(lays, 5)
+    assert role.placement is Placement.COLOCATED
+    assert dict(role.expert_coordinates("language")) == {"pp": 1, "edp": 0, "ep": 1, "etp": 0}
+    assert dict(role.expert_coordinates("vision")) == {"pp": 1, "edp": 0, "ep": 0, "etp": 1}
+    assert role.ep_rank("language") == 1 and role.ep_rank("vision") == 0
+    role = rank_role(debug_layout(), 0)
+    assert dict(role.expert_coordinates("vision")) == {"pp": 0, "edp": 0, "ep": 0, "etp": 0}
+    with pytest.raises(ValueError, match=r"rank 0 does not hold module 'language'"):
+        role.expert_coordinates("language")
+
+
 def test_rank_role_invalid_layout_raises():
-    with pytest.raises(LayoutError, match="reserved for the MoE issue"):
-        rank_role(_with("vision", ep=2), 0)
+    with pytest.raises(LayoutError, match=r"ep\*etp = 3\*1 = 3 does not divide"):
+        rank_role(_with("vision", ep=3), 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,6 +599,11 @@ def test_layouts_from_config_real_config_classes():
         language=config.ModuleParallelism(rank_offset=2, num_ranks=6, pp=2, dp_shard=3),
     )
     assert layouts_from_config(cfg) == debug_layout()
+    cfg = config.ParallelismConfig(
+        vision=config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=2, tp=2, ep=2, etp=2),
+        language=config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=4, ep=2),
+    )
+    assert layouts_from_config(cfg) == moe_colocated_layout()
 
 
 # --------------------------------------------------------------------------------------
@@ -540,11 +742,65 @@ def test_build_pp_hsdp_tp(fake_pg):
     assert _pg_ranks(topo.group("language", "tp")) == [12, 13]
 
 
+def test_build_expert_meshes_colocated(fake_pg):
+    fake_pg(5, 8)
+    topo = build_topology(moe_colocated_layout(), 8, 5, "cpu")
+    assert list(topo.expert_meshes) == ["vision", "language"]
+
+    lm = topo.expert_mesh("language")
+    assert lm.mesh_dim_names == EXPERT_MESH_DIMS
+    assert lm.mesh.tolist() == [[[[0], [1]], [[2], [3]]], [[[4], [5]], [[6], [7]]]]
+    assert lm.get_coordinate() == (1, 0, 1, 0)
+    assert _pg_ranks(topo.ep_group("language")) == [4, 5]
+    assert dist.get_rank(topo.ep_group("language")) == 1
+    assert _pg_ranks(topo.etp_group("language")) == [5]
+    edp = topo.edp_mesh("language")
+    assert edp.mesh_dim_names == ("edp",)
+    assert edp.mesh.tolist() == [5, 7]
+    assert _pg_ranks(edp.get_group()) == [5, 7]
+    # The dense mesh is unchanged.
+    dense = topo.mesh("language").mesh.flatten().tolist()
+    assert topo.mesh("language").mesh.shape == (2, 1, 4, 1, 1) and dense == list(range(8))
+
+    vis = topo.expert_mesh("vision")
+    assert vis.mesh.tolist() == [[[[0, 1], [2, 3]]], [[[4, 5], [6, 7]]]]
+    assert vis.get_coordinate() == (1, 0, 0, 1)
+    assert _pg_ranks(topo.etp_group("vision")) == [4, 5]
+    assert _pg_ranks(topo.ep_group("vision")) == [5, 7]
+    assert topo.edp_mesh("vision").mesh.tolist() == [5]
+    assert _pg_ranks(topo.group("vision", "tp")) == [4, 5]
+
+
+def test_build_expert_meshes_non_member(fake_pg):
+    # Debug layout with ep=3 on the language module (stage of 3 ranks -> edp=1); rank 0 holds only vision.
+    fake_pg(0, 8)
+    topo = build_topology(_with("language", ep=3), 8, 0, "cpu")
+    lm = topo.expert_mesh("language")
+    assert lm.mesh.tolist() == [[[[2], [3], [4]]], [[[5], [6], [7]]]]
+    assert lm.get_coordinate() is None
+    for accessor in (topo.ep_group, topo.etp_group, topo.edp_mesh):
+        with pytest.raises(RuntimeError, match=r"rank 0, which is not one of module 'language' ranks \[2, 8\)"):
+            accessor("language")
+    with pytest.raises(KeyError, match="unknown module 'audio'"):
+        topo.expert_mesh("audio")
+    # Dense vision module: a trivial expert grid (ep = etp = 1, edp = dp_shard).
+    assert topo.expert_mesh("vision").mesh.tolist() == [[[[0]], [[1]]]]
+    assert _pg_ranks(topo.ep_group("vision")) == [0]
+    assert topo.edp_mesh("vision").mesh.tolist() == [0, 1]
+    dist.destroy_process_group()
+
+    fake_pg(6, 8)
+    topo = build_topology(_with("language", ep=3), 8, 6, "cpu")
+    assert topo.expert_mesh("language").get_coordinate() == (1, 0, 1, 0)
+    assert _pg_ranks(topo.ep_group("language")) == [5, 6, 7]
+    assert topo.edp_mesh("language").mesh.tolist() == [6]
+
+
 def test_build_validates_before_any_group(fake_pg):
     # Without a default group, a bad layout still reports the LayoutError (validation runs first).
     assert not dist.is_initialized()
-    with pytest.raises(LayoutError, match="reserved for the MoE issue"):
-        build_topology(_with("vision", ep=2), 8, 0, "cpu")
+    with pytest.raises(LayoutError, match=r"ep\*etp = 3\*1 = 3 does not divide"):
+        build_topology(_with("vision", ep=3), 8, 0, "cpu")
 
 
 def test_build_requires_process_group():
@@ -608,6 +864,26 @@ def _multirank_worker(rank: int, world_size: int, port: int, out_dir: str) -> No
             dist.all_reduce(t, group=group)
             sums[key] = t.item()
         result["hsdp"] = {"module": name2, "sums": sums, "dp_rank": dist.get_rank(topo2.dp_group(name2))}
+
+        # A third one: both modules colocated on all 8 ranks with expert parallelism.
+        topo3 = build_topology(moe_colocated_layout(), world_size, rank, "cpu")
+        moe = {}
+        for name3 in topo3.role.modules:
+            got: dict = {
+                "ep_rank": dist.get_rank(topo3.ep_group(name3)),
+                "coord": list(topo3.expert_mesh(name3).get_coordinate()),
+            }
+            for key, group in (
+                ("ep", topo3.ep_group(name3)),
+                ("etp", topo3.etp_group(name3)),
+                ("edp", topo3.edp_mesh(name3).get_group()),
+            ):
+                got[key + "_ranks"] = dist.get_process_group_ranks(group)
+                t = torch.tensor([float(rank)])
+                dist.all_reduce(t, group=group)
+                got[key + "_sum"] = t.item()
+            moe[name3] = got
+        result["moe"] = moe
 
         dist.barrier()
         dist.destroy_process_group()
@@ -687,3 +963,21 @@ def test_multirank_gloo_debug_topology(tmp_path):
         assert got["module"] == module, r
         assert got["sums"] == {"dp": dp, "dp_replicate": dp_rep, "tp": tp}, r
         assert got["dp_rank"] == dp_rank, r
+
+    # Colocated MoE layout. language: pp=2, dp_shard=4, ep=2 -> ep groups {0,1},{2,3},{4,5},{6,7},
+    # edp groups {0,2},{1,3},{4,6},{5,7}. vision: pp=2, dp_shard=2, tp=2, ep=2, etp=2 -> etp groups
+    # {0,1},{2,3},..., ep groups {0,2},{1,3},{4,6},{5,7}, edp = the rank alone.
+    pairs = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4, 6: 7, 7: 6}  # neighbour in stage
+    across = {0: 2, 1: 3, 2: 0, 3: 1, 4: 6, 5: 7, 6: 4, 7: 5}  # two apart in stage
+    for r in range(_WORLD):
+        got = results[r]["moe"]
+        assert sorted(got) == ["language", "vision"], r
+        lm, vis = got["language"], got["vision"]
+        assert lm["ep_ranks"] == sorted([r, pairs[r]]) and lm["ep_sum"] == r + pairs[r], r
+        assert lm["edp_ranks"] == sorted([r, across[r]]) and lm["edp_sum"] == r + across[r], r
+        assert lm["etp_ranks"] == [r] and lm["etp_sum"] == r, r
+        assert lm["ep_rank"] == r % 2 and lm["coord"] == [r // 4, (r % 4) // 2, r % 2, 0], r
+        assert vis["etp_ranks"] == sorted([r, pairs[r]]) and vis["etp_sum"] == r + pairs[r], r
+        assert vis["ep_ranks"] == sorted([r, across[r]]) and vis["ep_sum"] == r + across[r], r
+        assert vis["edp_ranks"] == [r] and vis["edp_sum"] == r, r
+        assert vis["ep_rank"] == (r % 4) // 2 and vis["coord"] == [r // 4, 0, (r % 4) // 2, r % 2], r

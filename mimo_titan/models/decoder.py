@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+
 __all__ = ["DecoderLM", "RMSNorm", "rope_cos_sin"]
 
 
@@ -106,14 +108,21 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``.
 
-    def __init__(self, cfg):
+    ``mlp`` is a dense SwiGLU, or a :class:`~mimo_titan.models.moe.MoE` where ``cfg.moe`` makes layer
+    ``layer_idx`` an MoE layer.
+    """
+
+    def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.moe.num_experts > 0 and cfg.moe.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg.hidden_size, cfg.moe)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin)
@@ -124,7 +133,7 @@ class _Backbone(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -185,3 +194,6 @@ class DecoderLM(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, (TopKRouter, GroupedExperts)):
+                for p in m.parameters(recurse=False):
+                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+
 __all__ = ["VisionEncoder", "ViT", "Projector"]
 
 
@@ -53,14 +55,14 @@ class _MLP(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+    """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; ``mlp`` may be an MoE."""
 
-    def __init__(self, dim: int, num_heads: int, intermediate_size: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, intermediate_size: int, eps: float, moe_cfg=None):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = _Attention(dim, num_heads)
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = _MLP(dim, intermediate_size)
+        self.mlp = MoE(dim, moe_cfg) if moe_cfg is not None else _MLP(dim, intermediate_size)
 
     def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
         x_NPD = x_NPD + self.self_attn(self.layer_norm1(x_NPD))
@@ -83,8 +85,11 @@ class _Embeddings(nn.Module):
 class _Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        moe = cfg.moe if cfg.moe.num_experts > 0 else None
         self.layers = nn.ModuleList(
-            ViTBlock(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps) for _ in range(cfg.num_layers)
+            ViTBlock(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps,
+                     moe if moe is not None and moe.is_moe_layer(i) else None)
+            for i in range(cfg.num_layers)
         )
 
     def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
@@ -158,3 +163,6 @@ class VisionEncoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, (TopKRouter, GroupedExperts)):
+                for p in m.parameters(recurse=False):
+                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)

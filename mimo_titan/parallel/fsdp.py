@@ -17,6 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from mimo_titan.models.moe import MoE
+
 __all__ = ["apply_fsdp", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +38,8 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
 
 
 def apply_fsdp(module: nn.Module, blocks: Iterable[nn.Module], dp_mesh: DeviceMesh, param_dtype: torch.dtype,
-               reduce_dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
+               reduce_dtype: torch.dtype, reshard_after_forward: bool = True,
+               expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """Shard ``module`` in place with FSDP2 over ``dp_mesh``: one unit per block, then the root.
 
     Args:
@@ -47,12 +50,19 @@ def apply_fsdp(module: nn.Module, blocks: Iterable[nn.Module], dp_mesh: DeviceMe
         param_dtype / reduce_dtype: mixed-precision policy (compute dtype of parameters; dtype of gradient
             reduction).
         reshard_after_forward: free unsharded parameters after forward (re-gather in backward).
+        expert_mesh: the 1-D ``(edp,)`` mesh of expert-parallel layouts: the routed experts of every MoE layer
+            (already sliced to this rank's experts by ``apply_ep``) become their own FSDP unit over it, as in
+            torchtitan; the rest of each block shards over ``dp_mesh``.
 
     Returns:
         ``module`` (now an ``FSDPModule``) with gradient reduction set to a plain sum over DP ranks.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
+        if expert_mesh is not None:
+            for sub in block.modules():
+                if isinstance(sub, MoE):
+                    fully_shard(sub.experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for m in module.modules():

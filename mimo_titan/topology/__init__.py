@@ -1,10 +1,12 @@
 """Per-module rank layouts and DeviceMeshes (the HyperCommGrid replacement).
 
 ``layout`` is pure Python (validation, rank arithmetic); ``mesh`` builds one
-torch DeviceMesh per module over that module's rank range.
+torch DeviceMesh per module over that module's rank range, plus a second
+(``pp, edp, ep, etp``) expert mesh over the same ranks for MoE layers.
 """
 
 from mimo_titan.topology.layout import (
+    EXPERT_MESH_DIMS,
     MESH_DIMS,
     LayoutError,
     ModuleLayout,
@@ -16,6 +18,7 @@ from mimo_titan.topology.layout import (
 from mimo_titan.topology.mesh import Topology, build_topology, layouts_from_config
 
 __all__ = [
+    "EXPERT_MESH_DIMS",
     "MESH_DIMS",
     "LayoutError",
     "ModuleLayout",

@@ -12,6 +12,18 @@ with the dimension names torchtitan uses for its DeviceMesh.
 Two modules are either *colocated* (identical rank ranges) or *non-colocated*
 (disjoint rank ranges); partially overlapping ranges are rejected.
 
+Expert parallelism (MoE) does not add ranks: inside each pipeline stage, the
+``dp_replicate * dp_shard * cp * tp`` ranks of the stage are re-read as a 3-D
+expert grid ``(edp, ep, etp)`` with ``etp`` fastest, where ``etp * ep * edp``
+equals the stage size and ``edp`` (expert data parallelism) is derived. The
+module's expert grid is thus ``(pp, edp, ep, etp)`` = :data:`EXPERT_MESH_DIMS`
+over the *same* ranks as its dense grid, as in Megatron-LM's expert
+``RankGenerator`` (orders ``tp-cp-dp-pp`` for dense and ``tp-ep-dp-pp`` for
+expert layers, with ``expert_tensor_parallel_size`` as the expert ``tp``).
+Dense ranks ``[4, 5, 6, 7]`` of a stage with ``dp_shard=2, tp=2`` become, with
+``ep=2, etp=1``, two ep groups ``[4, 5]`` and ``[6, 7]`` and edp groups ``[4, 6]``
+and ``[5, 7]``.
+
 Everything here runs before any process group exists, so a bad layout fails fast
 with a :class:`LayoutError` that names the module, the field and a fix.
 """
@@ -25,6 +37,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 __all__ = [
+    "EXPERT_MESH_DIMS",
     "MESH_DIMS",
     "LayoutError",
     "ModuleLayout",
@@ -36,6 +49,10 @@ __all__ = [
 
 #: Mesh dimension names, slowest- to fastest-varying (row-major rank order).
 MESH_DIMS: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+#: Expert-grid dimension names, slowest- to fastest-varying: pipeline stage, expert
+#: data parallel (derived), expert parallel, expert tensor parallel.
+EXPERT_MESH_DIMS: tuple[str, ...] = ("pp", "edp", "ep", "etp")
 
 _DEGREE_FIELDS: tuple[str, ...] = MESH_DIMS + ("ep", "etp")
 
@@ -83,8 +100,10 @@ class ModuleLayout:
     The module occupies global ranks ``[rank_offset, rank_offset + num_ranks)``,
     arranged as a grid of shape ``(pp, dp_replicate, dp_shard, cp, tp)`` in
     row-major order (``tp`` fastest), as in Megatron-LM's ``HyperCommGrid``.
-    Construction does not validate; call :func:`validate_layouts` (or
-    :meth:`validate`) before relying on the rank arithmetic.
+    The same ranks also form the expert grid :attr:`expert_shape` =
+    ``(pp, edp, ep, etp)`` (``etp`` fastest) used by MoE layers; see the module
+    docstring. Construction does not validate; call :func:`validate_layouts`
+    (or :meth:`validate`) before relying on the rank arithmetic.
 
     Attributes:
         name: module name (the key under which it appears in a layouts mapping).
@@ -95,8 +114,12 @@ class ModuleLayout:
         dp_shard: sharded data-parallel degree (FSDP).
         cp: context-parallel degree.
         tp: tensor-parallel degree.
-        ep: expert-parallel degree; reserved for MoE, must be 1.
-        etp: expert tensor-parallel degree; reserved for MoE, must be 1.
+        ep: expert-parallel degree (experts are split over ``ep`` ranks of a
+            stage). ``ep * etp`` must divide ``dp_replicate*dp_shard*cp*tp``.
+            Whether the module's model actually has MoE layers is not checked
+            here (with a dense model the expert grid is simply unused).
+        etp: expert tensor-parallel degree (each expert's weights split over
+            ``etp`` ranks); independent of ``tp``, as in Megatron-LM.
         is_language: True for the (single) language-model module.
     """
 
@@ -138,6 +161,29 @@ class ModuleLayout:
     def end(self) -> int:
         """One past the module's last global rank, ``rank_offset + num_ranks``."""
         return self.rank_offset + self.num_ranks
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks per pipeline stage, ``dp_replicate * dp_shard * cp * tp``."""
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree, ``stage_size // (ep * etp)`` (derived).
+
+        Each expert's weights are replicated (or FSDP-sharded) over ``edp`` ranks.
+        """
+        return self.stage_size // (self.ep * self.etp)
+
+    @property
+    def expert_shape(self) -> tuple[int, int, int, int]:
+        """Expert grid shape in :data:`EXPERT_MESH_DIMS` order: ``(pp, edp, ep, etp)``."""
+        return (self.pp, self.edp, self.ep, self.etp)
+
+    @property
+    def expert_sizes(self) -> dict[str, int]:
+        """Expert grid sizes keyed by dimension name, in :data:`EXPERT_MESH_DIMS` order."""
+        return dict(zip(EXPERT_MESH_DIMS, self.expert_shape))
 
     # ---- rank arithmetic -----------------------------------------------------------
 
@@ -227,12 +273,68 @@ class ModuleLayout:
         return sorted(out)
 
     def _strides(self) -> dict[str, int]:
-        strides: dict[str, int] = {}
-        s = 1
-        for dim, size in zip(reversed(MESH_DIMS), reversed(self.shape)):
-            strides[dim] = s
-            s *= size
-        return strides
+        return _row_major_strides(MESH_DIMS, self.shape)
+
+    def expert_coordinate(self, rank: int) -> dict[str, int] | None:
+        """Expert-grid coordinate of a global rank.
+
+        The stage's ranks, in the module's dense (row-major) order, are re-read
+        as a row-major ``(edp, ep, etp)`` grid with ``etp`` fastest (Megatron-LM's
+        expert grid): with ``s`` the rank's index inside its stage,
+        ``etp = s % etp``, ``ep = (s // etp) % ep``, ``edp = s // (etp * ep)``.
+
+        Args:
+            rank: a global rank.
+
+        Returns:
+            ``{dim: index}`` for every dim in :data:`EXPERT_MESH_DIMS`, or None if
+            ``rank`` is not one of the module's ranks.
+        """
+        if rank not in self.ranks:
+            return None
+        local = rank - self.rank_offset
+        coords: dict[str, int] = {}
+        for dim, size in zip(reversed(EXPERT_MESH_DIMS), reversed(self.expert_shape)):
+            coords[dim] = local % size
+            local //= size
+        return {dim: coords[dim] for dim in EXPERT_MESH_DIMS}
+
+    def expert_group_ranks(self, dims: tuple[str, ...] | str, rank: int) -> list[int] | None:
+        """Global ranks that share every expert-grid coordinate of ``rank`` except ``dims``.
+
+        E.g. ``expert_group_ranks("ep", r)`` is r's expert-parallel group (the
+        ranks among which the experts are split and tokens are exchanged by
+        all-to-all), ``expert_group_ranks("edp", r)`` the ranks holding the same
+        experts (gradient reduction / FSDP of expert weights), and
+        ``expert_group_ranks(("ep", "etp"), r)`` the ranks that together hold
+        one full copy of all experts.
+
+        Args:
+            dims: one dim name or a tuple of dim names from :data:`EXPERT_MESH_DIMS`.
+            rank: a global rank.
+
+        Returns:
+            The group's global ranks, ascending, or None if ``rank`` is not one
+            of the module's ranks.
+
+        Raises:
+            ValueError: an unknown dim name.
+        """
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
+        unknown = [d for d in dims if d not in EXPERT_MESH_DIMS]
+        if unknown:
+            raise ValueError(f"unknown expert mesh dims {unknown}; known: {EXPERT_MESH_DIMS}")
+        c = self.expert_coordinate(rank)
+        if c is None:
+            return None
+        strides = _row_major_strides(EXPERT_MESH_DIMS, self.expert_shape)
+        sizes = self.expert_sizes
+        base = rank - sum(c[d] * strides[d] for d in dims)
+        out = [base]
+        for d in EXPERT_MESH_DIMS:
+            if d in dims:
+                out = [r + i * strides[d] for r in out for i in range(sizes[d])]
+        return sorted(out)
 
     # ---- validation ----------------------------------------------------------------
 
@@ -241,8 +343,8 @@ class ModuleLayout:
 
         Raises:
             LayoutError: a degree, ``num_ranks`` or ``rank_offset`` is not a valid
-                int; ``ep``/``etp`` is not 1; or the degrees' product differs from
-                ``num_ranks``.
+                int; the degrees' product differs from ``num_ranks``; or ``etp`` /
+                ``ep * etp`` does not divide the ranks per pipeline stage.
         """
         n = self.name
         # 1. types and ranges
@@ -262,22 +364,21 @@ class ModuleLayout:
                 f"module '{n}': num_ranks={self.num_ranks} must be >= 1; "
                 f"set parallelism.{n}.num_ranks to the number of ranks the module runs on"
             )
-        for f in _DEGREE_FIELDS:
+        for f in MESH_DIMS:
             v = getattr(self, f)
             if v < 1:
                 raise LayoutError(
                     f"module '{n}': parallel degree {f}={v} must be >= 1; "
                     f"set parallelism.{n}.{f} = 1 to disable that dimension"
                 )
-        # 2. MoE degrees are reserved
-        for f in ("ep", "etp"):
+        for f, what in (("ep", "expert-parallel"), ("etp", "expert tensor-parallel")):
             v = getattr(self, f)
-            if v != 1:
+            if v < 1:
                 raise LayoutError(
-                    f"module '{n}': {f}={v} is reserved for the MoE issue; "
-                    f"set parallelism.{n}.{f} = 1"
+                    f"module '{n}': {what} degree {f}={v} must be >= 1; "
+                    f"set parallelism.{n}.{f} = 1 for no {what} split (a dense or unsplit MoE module)"
                 )
-        # 3. degrees must factor num_ranks
+        # 2. degrees must factor num_ranks
         product = math.prod(self.shape)
         if product != self.num_ranks:
             expr = "*".join(MESH_DIMS)
@@ -297,6 +398,38 @@ class ModuleLayout:
                 f"module '{n}': degree product {expr} = {vals} = {product} != num_ranks={self.num_ranks}; "
                 f"{hint} in parallelism.{n}"
             )
+        # 3. the expert grid (edp, ep, etp) must factor each stage's ranks
+        stage = self.stage_size
+        stage_expr = (
+            f"dp_replicate*dp_shard*cp*tp = {self.dp_replicate}*{self.dp_shard}*{self.cp}*{self.tp} = {stage}"
+        )
+        if stage % self.etp != 0:
+            raise LayoutError(
+                f"module '{n}': etp={self.etp} does not divide the ranks per pipeline stage, "
+                f"{stage_expr}; set parallelism.{n}.etp to one of {_divisors(stage)}"
+            )
+        if stage % (self.ep * self.etp) != 0:
+            valid = _divisors(stage // self.etp)
+            raise LayoutError(
+                f"module '{n}': ep*etp = {self.ep}*{self.etp} = {self.ep * self.etp} does not divide "
+                f"the ranks per pipeline stage, {stage_expr} (edp = {stage}/(ep*etp) must be an int); "
+                f"with etp={self.etp} set parallelism.{n}.ep to one of {valid}"
+            )
+
+
+def _row_major_strides(dims: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, int]:
+    """Row-major strides (last dim fastest) keyed by dim name."""
+    strides: dict[str, int] = {}
+    s = 1
+    for dim, size in zip(reversed(dims), reversed(shape)):
+        strides[dim] = s
+        s *= size
+    return strides
+
+
+def _divisors(n: int) -> list[int]:
+    """Positive divisors of ``n``, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Placement:
@@ -307,8 +440,11 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
     1. every degree (pp, dp_replicate, dp_shard, cp, tp, ep, etp) and
        ``num_ranks`` is an int >= 1 and ``rank_offset`` >= 0 (and each mapping key
        equals its layout's ``name``);
-    2. ``ep == etp == 1`` (reserved for MoE);
-    3. ``pp*dp_replicate*dp_shard*cp*tp == num_ranks``;
+    2. ``pp*dp_replicate*dp_shard*cp*tp == num_ranks``;
+    3. ``etp``, then ``ep * etp``, divides the ranks per stage
+       ``dp_replicate*dp_shard*cp*tp`` (so ``edp`` is an int). ``ep > 1`` on a
+       module whose model has no MoE layers is not a layout error (the model
+       code decides what to do with an unused expert grid);
     4. no module range reaches past ``world_size``;
     5. any two ranges are disjoint or identical (colocated);
     6. the ranges leave no gap below the highest covered rank;
@@ -340,7 +476,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
                 f"module '{key}': layout is registered under '{key}' but its name is '{lay.name}'; "
                 f"make the mapping key equal to ModuleLayout.name"
             )
-    # 1-3: per module.
+    # 1-3: per module (types/ranges, product, expert grid).
     for lay in layouts.values():
         lay.validate()
 
@@ -484,6 +620,28 @@ class RankRole:
     def dp_size(self, name: str) -> int:
         """Data-parallel degree (``dp_replicate * dp_shard``) of module ``name``."""
         return self.layouts[name].dp
+
+    def expert_coordinates(self, name: str) -> Mapping[str, int]:
+        """This rank's expert-grid coordinate in ``name``: ``{pp, edp, ep, etp}``.
+
+        See :meth:`ModuleLayout.expert_coordinate`. ``pp`` equals
+        ``coordinates[name]["pp"]``.
+
+        Raises:
+            ValueError: this rank does not hold ``name``.
+        """
+        self._coord(name)
+        c = self.layouts[name].expert_coordinate(self.rank)
+        assert c is not None
+        return MappingProxyType(c)
+
+    def ep_rank(self, name: str) -> int:
+        """Expert-parallel rank in ``name`` (index of this rank's expert shard), in ``[0, ep)``.
+
+        Raises:
+            ValueError: this rank does not hold ``name``.
+        """
+        return self.expert_coordinates(name)["ep"]
 
     @property
     def language(self) -> str:

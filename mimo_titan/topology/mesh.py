@@ -6,9 +6,17 @@ starting at ``rank_offset``, dims ordered slowest to fastest) with a 5-D
 :data:`~mimo_titan.topology.layout.MESH_DIMS` = ``(pp, dp_replicate, dp_shard,
 cp, tp)``; size-1 dims are kept so every module's mesh has the same dim names.
 
+Each module also gets a second, 4-D *expert* mesh over the same ranks, dims
+:data:`~mimo_titan.topology.layout.EXPERT_MESH_DIMS` = ``(pp, edp, ep, etp)``
+(Megatron-LM's expert grid: a stage's ranks re-read as ``(edp, ep, etp)`` with
+``etp`` fastest). It is built for every module, MoE or dense (then ``ep = etp =
+1`` and ``edp`` spans the whole stage), so the expert accessors work uniformly;
+for a dense module its groups are simply never used.
+
 Process groups are created collectively: every rank builds every module's mesh
-(members or not), plus any flattened data-parallel groups, in layout order. The
-resulting :class:`Topology` holds all groups; there is no module-level state.
+(members or not), plus any flattened data-parallel groups, then the module's
+expert mesh, module by module in layout order. The resulting :class:`Topology`
+holds all groups; there is no module-level state.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from mimo_titan.topology.layout import (
+    EXPERT_MESH_DIMS,
     MESH_DIMS,
     LayoutError,
     ModuleLayout,
@@ -56,6 +65,9 @@ class Topology:
             ``(pp, dp_replicate, dp_shard, cp, tp)`` over the module's ranks.
         dp_groups: module name -> this rank's flattened data-parallel group
             (``dp_replicate x dp_shard``), or None where the rank is not a member.
+        expert_meshes: module name -> 4-D DeviceMesh of shape
+            ``(pp, edp, ep, etp)`` (:data:`EXPERT_MESH_DIMS`) over the module's
+            ranks (the same ranks as ``meshes[name]``).
     """
 
     layouts: dict[str, ModuleLayout]
@@ -64,6 +76,7 @@ class Topology:
     role: RankRole
     meshes: dict[str, DeviceMesh]
     dp_groups: dict[str, ProcessGroup | None] = field(default_factory=dict, repr=False)
+    expert_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @property
     def rank(self) -> int:
@@ -166,6 +179,62 @@ class Topology:
         self._check_member(name, "group")
         return self.meshes[name].get_group(dim)
 
+    # ---- expert (MoE) grid ---------------------------------------------------------
+
+    def expert_mesh(self, name: str) -> DeviceMesh:
+        """The module's 4-D expert mesh, dims :data:`EXPERT_MESH_DIMS` = ``(pp, edp, ep, etp)``.
+
+        Same ranks as :meth:`mesh`, re-read as Megatron-LM's expert grid
+        (``etp`` fastest inside each stage). Returned on every rank; on
+        non-member ranks only whole-mesh queries work (``get_coordinate()`` is
+        None there).
+
+        Raises:
+            KeyError: unknown module name.
+        """
+        self._check_module(name)
+        return self.expert_meshes[name]
+
+    def ep_group(self, name: str) -> ProcessGroup:
+        """This rank's expert-parallel group in ``name`` (``ep`` ranks).
+
+        The ranks over which the module's experts are split; token dispatch and
+        combine all-to-alls run on it. ``dist.get_rank(group)`` is this rank's
+        ``ep`` coordinate. Size 1 when ``ep == 1``.
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "ep_group")
+        return self.expert_meshes[name].get_group("ep")
+
+    def etp_group(self, name: str) -> ProcessGroup:
+        """This rank's expert tensor-parallel group in ``name`` (``etp`` ranks).
+
+        The ranks that split each local expert's weights. Size 1 when ``etp == 1``.
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "etp_group")
+        return self.expert_meshes[name].get_group("etp")
+
+    def edp_mesh(self, name: str) -> DeviceMesh:
+        """This rank's 1-D ``("edp",)`` expert data-parallel submesh.
+
+        Shape ``(edp,)``: the ranks that hold the same expert shard (same pp,
+        ep and etp coordinates). Use it to FSDP-shard / reduce the expert
+        weights' gradients (the dense weights use :meth:`dp_mesh`).
+
+        Raises:
+            KeyError: unknown module name.
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "edp_mesh")
+        return self.expert_meshes[name]["edp"]
+
 
 def _flat_dp_rank_lists(lay: ModuleLayout) -> list[list[int]]:
     """Member lists of every flattened dp group of ``lay``, in row-major order of (pp, cp, tp)."""
@@ -195,7 +264,12 @@ def build_topology(
     ``(pp, cp, tp)`` coordinate is created with ``dist.new_group`` on every rank
     (``DeviceMesh._flatten`` cannot be called on non-member ranks, whose slicing
     raises); otherwise the dp group is the mesh's ``dp_shard`` (or
-    ``dp_replicate``) group and no extra group is created.
+    ``dp_replicate``) group and no extra group is created. Then, still for the
+    same module and on every rank, its expert mesh ``DeviceMesh(device_type,
+    arange(rank_offset, rank_offset + num_ranks).view(pp, edp, ep, etp),
+    mesh_dim_names=EXPERT_MESH_DIMS)`` is built, for every module (dense ones
+    included, with ``ep = etp = 1``): no new ranks, four more mesh dims' worth
+    of groups per module.
 
     Args:
         layouts: module name -> layout, in build order.
@@ -231,6 +305,7 @@ def build_topology(
 
     meshes: dict[str, DeviceMesh] = {}
     dp_groups: dict[str, ProcessGroup | None] = {}
+    expert_meshes: dict[str, DeviceMesh] = {}
     for name, lay in layouts.items():
         ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.shape)
         mesh = DeviceMesh(device_type, ranks, mesh_dim_names=MESH_DIMS)
@@ -248,6 +323,8 @@ def build_topology(
             dp_groups[name] = mesh.get_group(dim)
         else:
             dp_groups[name] = None
+        expert_ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.expert_shape)
+        expert_meshes[name] = DeviceMesh(device_type, expert_ranks, mesh_dim_names=EXPERT_MESH_DIMS)
 
     return Topology(
         layouts=dict(layouts),
@@ -256,6 +333,7 @@ def build_topology(
         role=role,
         meshes=meshes,
         dp_groups=dp_groups,
+        expert_meshes=expert_meshes,
     )
 
 

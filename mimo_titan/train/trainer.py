@@ -21,6 +21,7 @@ from torch import nn
 
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.models.mimo import LanguageStage, MimoModel
+from mimo_titan.parallel.ep import apply_ep, moe_modules
 from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
@@ -57,6 +58,19 @@ def validate_job(cfg, world_size: int) -> dict:
             )
         if not lay.is_language and lay.pp != 1:
             raise ValueError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
+        moe = getattr(cfg.model, name).moe
+        if lay.ep * lay.etp > 1:
+            if moe.num_experts == 0:
+                raise ValueError(
+                    f"parallelism.{name}: ep={lay.ep}, etp={lay.etp} but model.{name}.moe.num_experts = 0; expert "
+                    f"parallelism needs an MoE module: set model.{name}.moe.num_experts or ep = etp = 1"
+                )
+            if moe.num_experts % lay.ep:
+                raise ValueError(f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts="
+                                 f"{moe.num_experts}")
+            if moe.intermediate_size % lay.etp:
+                raise ValueError(f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
+                                 f"{moe.intermediate_size}")
     lang = next(lay for lay in layouts.values() if lay.is_language)
     stage_layer_range(cfg.model.language.num_layers, lang.pp, 0)  # raises if num_layers < pp
     check_batch_divisibility(cfg.training.global_batch_size, cfg.training.microbatches,
@@ -120,6 +134,28 @@ class Job:
     history: list[dict] = field(default_factory=list)
 
 
+def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
+    """Set up the MoE layers of this rank's ``part`` of module ``name``; return its edp mesh under EP, else None.
+
+    Every MoE layer sums its routing statistics over the module's DP group (layout-independent aux loss) and
+    scales its aux-loss gradient by ``1 / microbatches``; with ``ep · etp > 1`` the experts are sliced and the
+    all-to-all dispatch installed (``parallel.ep``).
+    """
+    layers = [m for _, m in moe_modules(part)]
+    if not layers:
+        return None
+    lay = topology.layouts[name]
+    for moe in layers:
+        moe.stats_group = topology.dp_group(name) if lay.dp > 1 else None
+        moe.aux_loss_scale = 1.0 / microbatches
+    if lay.ep * lay.etp == 1:
+        return None
+    coord = topology.role.expert_coordinates(name)
+    apply_ep(part, topology.ep_group(name), lay.ep, coord["ep"], topology.etp_group(name) if lay.etp > 1 else None,
+             lay.etp, coord["etp"])
+    return topology.edp_mesh(name)
+
+
 def build_processor(cfg) -> ImageTextProcessor:
     """The image + text processor of ``cfg`` (tokenizer from ``data.tokenizer``).
 
@@ -164,15 +200,18 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
 
     modules: dict[str, nn.Module] = {}
     if role.holds(vis_name):
-        vision = full.vision.to(device)
-        modules[vis_name] = apply_fsdp(vision, vision.vision_model.encoder.layers, topology.dp_mesh(vis_name),
-                                       param_dtype, reduce_dtype)
+        vision = full.vision
+        expert_mesh = _prepare_moe(vision, topology, vis_name, cfg.training.microbatches)
+        modules[vis_name] = apply_fsdp(vision.to(device), vision.vision_model.encoder.layers,
+                                       topology.dp_mesh(vis_name), param_dtype, reduce_dtype, expert_mesh=expert_mesh)
     if role.holds(lang_name):
         lay = layouts[lang_name]
         part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
-        stage = LanguageStage(part, processor.image_token_id).to(device)
-        modules[lang_name] = apply_fsdp(stage, list(part.model.layers.values()), topology.dp_mesh(lang_name),
-                                        param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1)
+        stage = LanguageStage(part, processor.image_token_id)
+        expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
+        modules[lang_name] = apply_fsdp(stage.to(device), list(part.model.layers.values()), topology.dp_mesh(lang_name),
+                                        param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1,
+                                        expert_mesh=expert_mesh)
     del full
 
     optimizers = {n: build_optimizer(m, cfg.optimizer) for n, m in modules.items()}

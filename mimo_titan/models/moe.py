@@ -1,0 +1,205 @@
+"""Mixture-of-Experts feed-forward layer (Qwen3-MoE / DeepSeek-V3 style), dropless, with pluggable dispatch.
+
+- Router: ``gate`` (``[E, H]``, HF name ``mlp.gate.weight``) → softmax or sigmoid scores ``[N, E]`` → top-k
+  experts per token; the top-k weights are optionally renormalised to sum to 1. With aux-loss-free balancing a
+  per-expert bias (``e_score_correction_bias``, a buffer updated outside the optimizer) shifts the *selection*
+  only, never the weights (DeepSeek-V3, Wang et al. 2024 "Auxiliary-Loss-Free Load Balancing").
+- Routed experts: SwiGLU experts stored stacked (``w_gate``, ``w_up``: ``[E, H, I]``; ``w_down``: ``[E, I, H]``)
+  and run as one grouped GEMM over expert-major rows (``torch._grouped_mm`` on CUDA bf16, a per-expert loop
+  elsewhere).
+- Optional shared expert (a dense SwiGLU every token passes through, Qwen2-MoE / DeepSeek).
+- Load-balancing auxiliary loss (Switch / GShard form ``coeff · E · Σ_e f_e · P_e``) computed with *global*
+  statistics of the microbatch: ``f_e`` (fraction of routed copies to expert e) and ``P_e`` (mean score) are
+  summed over the module's token-sharded ranks when a ``stats_group`` is set, so the loss is the same whatever
+  the layout (global-batch balancing, Qiu et al. 2025 "Demons in the Detail"). The loss joins the backward
+  through the layer output (Megatron's ``MoEAuxLossAutoScaler``), scaled by ``aux_loss_scale``.
+
+Token movement is delegated to ``self.dispatcher`` (:class:`LocalDispatch` by default); an expert-parallel
+plan replaces it with an all-to-all dispatcher and slices the expert weights (``mimo_titan.parallel.ep``), so
+the model itself knows nothing of meshes.
+
+Shape legend: N tokens (B·S), H hidden, E experts, K top-k, I expert width, L local experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import permute_tokens, unpermute_tokens
+
+__all__ = ["MoE", "TopKRouter", "GroupedExperts", "LocalDispatch", "grouped_mm"]
+
+
+def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``out[rows of group e] = x[rows of group e] @ w[e]`` for expert-major rows.
+
+    Args:
+        x_NI: ``[N, in]`` rows grouped by expert (``counts_E[e]`` rows for expert e, in order).
+        w_EIO: ``[E, in, out]``.
+        counts_E: ``[E]`` int rows per group (sum N).
+        impl: ``"auto"`` (``torch._grouped_mm`` on CUDA bf16 with compute capability >= 9, else the loop),
+            ``"grouped_mm"`` or ``"loop"``.
+
+    Returns:
+        ``[N, out]`` in x's dtype. Both paths are differentiable. ``_grouped_mm`` needs 16-row aligned groups: rows
+        are copied into a padded buffer and back.
+    """
+    counts = counts_E.tolist()
+    if impl == "auto":
+        impl = "grouped_mm" if (x_NI.is_cuda and x_NI.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                                and torch.cuda.get_device_capability(x_NI.device)[0] >= 9) else "loop"
+    if impl == "loop":
+        outs = [xe @ w_EIO[e] for e, xe in enumerate(torch.split(x_NI, counts))]
+        return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[-1])
+    padded = [(c + 15) // 16 * 16 for c in counts]
+    starts = torch.tensor([0] + padded[:-1], device=x_NI.device).cumsum(0)
+    idx = torch.cat([torch.arange(c, device=x_NI.device) + s for c, s in zip(counts, starts.tolist())])
+    buf = x_NI.new_zeros(sum(padded), x_NI.shape[1]).index_copy(0, idx, x_NI)
+    offs = torch.tensor(padded, device=x_NI.device).cumsum(0).to(torch.int32)
+    return torch._grouped_mm(buf, w_EIO, offs=offs).index_select(0, idx)
+
+
+class SharedExpert(nn.Module):
+    """Dense SwiGLU every token passes through: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (HF names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TopKRouter(nn.Module):
+    """Scores and top-k selection. Forward: ``x [N, H]`` → ``(weights [N, K] fp32, ids [N, K] int64, scores [N, E] fp32)``."""
+
+    def __init__(self, hidden: int, moe_cfg):
+        super().__init__()
+        self.num_experts, self.top_k = moe_cfg.num_experts, moe_cfg.top_k
+        self.score_func, self.norm_topk_prob = moe_cfg.score_func, moe_cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(moe_cfg.num_experts, hidden))
+        self.register_buffer("e_score_correction_bias", torch.zeros(moe_cfg.num_experts), persistent=True)
+        self.use_bias = moe_cfg.load_balance == "aux_free"
+
+    def forward(self, x_NH: torch.Tensor):
+        logits = F.linear(x_NH, self.weight).float()
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        select = scores + self.e_score_correction_bias if self.use_bias else scores
+        ids = select.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights, ids, scores
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts with stacked weights: ``w_down · (silu(x · w_gate) * (x · w_up))`` per expert.
+
+    ``w_gate``/``w_up`` are ``[E, H, I]`` and ``w_down`` ``[E, I, H]``; an expert-parallel plan keeps a slice
+    (local experts, and a column/row split of I under expert TP). Forward: expert-major rows ``[R, H]`` and
+    ``counts [E_local]`` → ``[R, H]`` (a partial sum when I is split).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.w_up = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.w_down = nn.Parameter(torch.empty(num_experts, inter, hidden))
+
+    def forward(self, x_RH: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = F.silu(grouped_mm(x_RH, self.w_gate, counts)) * grouped_mm(x_RH, self.w_up, counts)
+        return grouped_mm(h, self.w_down, counts)
+
+
+class LocalDispatch:
+    """All experts on this rank: permute → experts → weighted unpermute (the kernels' ops)."""
+
+    def __call__(self, x_NH, ids, weights, experts: GroupedExperts, num_experts: int) -> torch.Tensor:
+        permuted, _, row_map, counts = permute_tokens(x_NH, ids, num_experts)
+        return unpermute_tokens(experts(permuted, counts), row_map, weights)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out``; the backward also gives ``aux_loss`` the gradient ``scale`` (Megatron MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, out, aux_loss, scale):
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+class MoE(nn.Module):
+    """The MoE feed-forward block. Forward: ``x [B, S, H]`` → ``[B, S, H]``.
+
+    Args:
+        hidden: H.
+        moe_cfg: ``MoEConfig`` (num_experts, top_k, intermediate_size, score_func, norm_topk_prob,
+            shared_expert_intermediate_size, load_balance, aux_loss_coeff, bias_update_rate).
+
+    Attributes set by parallel plans (defaults: single process): ``dispatcher``; ``stats_group`` (process group
+    over which routing statistics are summed for the aux loss); ``aux_loss_scale`` (gradient scale of the aux
+    loss, e.g. 1 / microbatches). After each forward, ``last_aux_loss`` holds the (global) aux loss value and
+    ``tokens_per_expert`` accumulates this rank's routed-copy counts ``[E]`` (int64) until :meth:`reset_stats`.
+    """
+
+    def __init__(self, hidden: int, moe_cfg):
+        super().__init__()
+        self.cfg = moe_cfg
+        self.num_experts = moe_cfg.num_experts
+        self.gate = TopKRouter(hidden, moe_cfg)
+        self.experts = GroupedExperts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size)
+        self.shared_expert = None
+        if moe_cfg.shared_expert_intermediate_size > 0:
+            self.shared_expert = SharedExpert(hidden, moe_cfg.shared_expert_intermediate_size)
+        self.dispatcher = LocalDispatch()
+        self.stats_group = None
+        self.aux_loss_scale = 1.0
+        self.register_buffer("tokens_per_expert", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)
+        self.last_aux_loss = torch.zeros(())
+
+    def reset_stats(self) -> None:
+        self.tokens_per_expert.zero_()
+
+    def _aux_loss(self, ids_NK: torch.Tensor, scores_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``coeff · E · Σ_e f_e P_e`` with f (routed fraction) and P (mean score) over all ranks of ``stats_group``."""
+        n_local = torch.tensor([float(ids_NK.shape[0])], device=scores_NE.device)
+        stats = torch.cat([counts_E.float(), n_local])
+        if self.stats_group is not None:
+            stats = stats.clone()
+            dist.all_reduce(stats, group=self.stats_group)
+        counts_g, n_g = stats[:-1], stats[-1].clamp(min=1.0)
+        f = counts_g / (n_g * self.cfg.top_k)
+        p_local_sum = scores_NE.sum(0)  # differentiable; summing the per-rank terms gives the global P
+        return self.cfg.aux_loss_coeff * self.num_experts * (f * p_local_sum / n_g).sum()
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        shape = x_BSH.shape
+        x = x_BSH.reshape(-1, shape[-1])
+        weights, ids, scores = self.gate(x)
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
+        self.tokens_per_expert += counts.detach()
+        out = self.dispatcher(x, ids, weights, self.experts, self.num_experts)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        if self.cfg.load_balance == "aux_loss" and self.cfg.aux_loss_coeff > 0 and self.training:
+            aux = self._aux_loss(ids, scores, counts)
+            self.last_aux_loss = aux.detach()
+            out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
+        return out.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, global_counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: ``bias += rate · sign(mean load − load_e)`` from the step's global counts."""
+        if self.cfg.load_balance != "aux_free":
+            return
+        load = global_counts_E.float().to(self.gate.e_score_correction_bias.device)
+        self.gate.e_score_correction_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
