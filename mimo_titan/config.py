@@ -36,7 +36,7 @@ this module (:class:`Config` is the root)::
 
     [parallelism]              # ParallelismConfig scalar keys
     pipeline_schedule = "1F1B"         # "1F1B" | "GPipe"
-    mixed_precision_param = "auto"     # auto | float32 | bfloat16 | float16
+    mixed_precision_param = "auto"     # auto | float32 | bfloat16 (no float16: there is no gradient scaler)
     mixed_precision_reduce = "float32" # float32 | bfloat16
 
     [parallelism.vision]       # ModuleParallelism of the vision encoder
@@ -390,7 +390,7 @@ class ParallelismConfig:
     vision: ModuleParallelism
     language: ModuleParallelism
     pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
-    mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16"))  # no fp16: no grad scaler
     mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"))
 
 

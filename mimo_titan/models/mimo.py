@@ -108,7 +108,7 @@ class MimoModel(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Deterministic init, independent of any parallel layout: module k is drawn from ``seed + k``.
 
-        The global RNG state is restored afterwards.
+        The CPU RNG state is restored afterwards (initialisation runs on CPU).
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -9,7 +9,7 @@ Order on each rank (a rank may hold both modules, colocated):
    ``Schedule1F1B`` / ``ScheduleGPipe``) runs all microbatches through the language stages, with the loss
    ``sum of per-token cross-entropy / global count of loss tokens``; the first stage sends ``d loss / d rows``
    back;
-3. encoder ranks: receive each microbatch's gradient and run one backward over all microbatches' outputs.
+3. encoder ranks: receive each microbatch's gradient and run its backward (FSDP reduces after the last).
 
 Gradients are *sums* over microbatches and DP ranks (the loss is already normalised globally), so the
 pipelining schedule runs with ``scale_grads=False`` and FSDP reduces with a sum (see ``parallel.fsdp``).
@@ -151,14 +151,17 @@ class MimoSchedule:
                     d[ids == self.image_token_id] = rows
                     dense.append(d)
                 image_dense = torch.cat(dense).requires_grad_(True)
-                self.pp_schedule.step(input_ids, image_dense, **kwargs)
-                grad = image_dense.grad if image_dense.grad is not None else torch.zeros_like(image_dense)
+                self.pp_schedule.step(input_ids, image_dense, return_outputs=False, **kwargs)
+                grad = image_dense.grad
+                if grad is None:
+                    raise RuntimeError("the language pipeline produced no gradient for the image embeddings; the "
+                                       "encoder would silently stop training")
                 for m in range(M):
                     ids = input_ids[m * b:(m + 1) * b]
                     g = grad[m * b:(m + 1) * b][ids == self.image_token_id]
                     self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m))
             else:
-                self.pp_schedule.step(**kwargs)
+                self.pp_schedule.step(return_outputs=False, **kwargs)
             if losses:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
@@ -168,6 +171,12 @@ class MimoSchedule:
             for m, out in enumerate(enc_outputs):
                 g = self.bridge.recv_backward(m, v_dp, self._mb_images(global_batch, m))
                 grads.append(g.to(out.dtype).view_as(out))
-            torch.autograd.backward(enc_outputs, grads)
+            for m, (out, g) in enumerate(zip(enc_outputs, grads)):
+                # one backward per microbatch, reducing gradients after the last (as pipelining does for the LM)
+                last = m == len(enc_outputs) - 1
+                self.vision.set_requires_gradient_sync(last)
+                self.vision.set_is_last_backward(last)
+                self.vision.set_reshard_after_backward(last)
+                torch.autograd.backward(out, g)
         self.bridge.wait()
         return loss

@@ -93,11 +93,12 @@ def clip_grad_norm_(modules: list[nn.Module], max_norm: float, sq_norm_global: t
     """
     norm = sq_norm_global.sqrt()
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for module in modules:
-            for p in module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(float(coef))
+        coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))  # one host sync, not one per parameter
+        if coef < 1.0:
+            for module in modules:
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
     return norm
 
 

@@ -21,12 +21,14 @@ from torch import nn
 
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.models.mimo import LanguageStage, MimoModel
+from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.ep import apply_ep, moe_modules
 from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
 from mimo_titan.topology import build_topology, layouts_from_config, validate_layouts
+from mimo_titan.train.rng import RNGTracker, module_seeds
 from mimo_titan.train.optim import (
     all_reduce_sum, build_lr_scheduler, build_optimizer, clip_grad_norm_, global_grad_sq_norm,
 )
@@ -130,8 +132,18 @@ class Job:
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     schedule: MimoSchedule
     processor: ImageTextProcessor
+    moe_keys: list[str] = field(default_factory=list)  # every MoE layer of the model, same order on every rank
+    rng: dict[str, RNGTracker] = field(default_factory=dict)  # per held module; runtime randomness draws from it
     step: int = 0
     history: list[dict] = field(default_factory=list)
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """This rank's MoE layers by global key (``vision.<layer>`` / ``language.<layer>``)."""
+        out = {}
+        for name, module in self.modules.items():
+            for qual, moe in moe_modules(module):
+                out[_moe_key(name, qual)] = moe
+        return out
 
 
 def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
@@ -154,6 +166,13 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
     apply_ep(part, topology.ep_group(name), lay.ep, coord["ep"], topology.etp_group(name) if lay.etp > 1 else None,
              lay.etp, coord["etp"])
     return topology.edp_mesh(name)
+
+
+def _moe_key(module_name: str, qualified: str) -> str:
+    """Global name of an MoE layer: ``language.model.layers.3.mlp`` whatever the stage or wrapper prefix."""
+    if qualified.startswith(module_name + "."):
+        qualified = qualified[len(module_name) + 1:]
+    return f"{module_name}.{qualified}"
 
 
 def build_processor(cfg) -> ImageTextProcessor:
@@ -195,6 +214,8 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     processor = processor or build_processor(cfg)
     full = MimoModel(cfg.model, processor.image_token_id)
     full.init_weights(cfg.job.seed)
+    moe_keys = [_moe_key(vis_name, q) for q, _ in moe_modules(full.vision)]
+    moe_keys += [_moe_key(lang_name, q) for q, _ in moe_modules(full.language)]
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
     reduce_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device.type)
 
@@ -223,7 +244,12 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     schedule = MimoSchedule(topology, modules.get(vis_name), modules.get(lang_name), bridge, cfg.training.microbatches,
                             cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device,
                             cfg.training.seq_len, cfg.model.language.vocab_size, param_dtype)
-    return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor)
+    rng = {}
+    for index, name in enumerate(layouts):
+        if role.holds(name):
+            coords = {**role.coordinates[name], **role.expert_coordinates(name)}
+            rng[name] = RNGTracker(module_seeds(cfg.job.seed, index, coords))
+    return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
 
 
 def canonical_named_parameters(job: "Job"):
@@ -232,6 +258,25 @@ def canonical_named_parameters(job: "Job"):
     for module_name, module in job.modules.items():
         for name, p in module.named_parameters():
             yield (name if name.startswith(module_name + ".") else f"{module_name}.{name}"), p
+
+
+def _moe_stats(job: Job, moe: dict) -> torch.Tensor:
+    """``[n_moe_layers, E + 1]`` fp32: this rank's routed-copy counts per expert and, on one rank per layer
+    (DP rank 0 of the stage, expert-TP rank 0), the step's aux-loss sum, so a world sum gives global values."""
+    if not job.moe_keys:
+        return torch.zeros(0, 1, device=job.device)
+    width = max(getattr(job.cfg.model, k.split(".")[0]).moe.num_experts for k in job.moe_keys) + 1
+    out = torch.zeros(len(job.moe_keys), width, device=job.device)
+    role = job.topology.role
+    for i, key in enumerate(job.moe_keys):
+        layer = moe.get(key)
+        if layer is None:
+            continue
+        module = key.split(".")[0]
+        out[i, :layer.num_experts] = layer.tokens_per_expert.float()
+        if role.dp_rank(module) == 0 and role.expert_coordinates(module)["etp"] == 0:
+            out[i, -1] = layer.aux_loss_sum
+    return out
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -248,22 +293,41 @@ def train_step(job: Job, global_batch) -> dict:
         loss is the global per-token loss and grad_norm the global norm before clipping.
     """
     t0 = time.perf_counter()
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
     for opt in job.optimizers.values():
         opt.zero_grad(set_to_none=True)
+    moe = job.moe_layers()
+    for layer in moe.values():
+        layer.reset_stats()
     loss_part = job.schedule.step(global_batch)
     mods = list(job.modules.values())
-    stats = torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]).contiguous()
+    moe_stats = _moe_stats(job, moe)  # [layers, E + 1]: routed copies per expert, aux-loss sum
+    stats = torch.cat([torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]), moe_stats.flatten()])
     all_reduce_sum(stats)
+    moe_stats = stats[2:].view_as(moe_stats)
     grad_norm = clip_grad_norm_(mods, job.cfg.training.max_grad_norm, stats[1])
     lr = next(iter(job.schedulers.values())).get_last_lr()[0] if job.schedulers else job.cfg.optimizer.lr
     for name in job.modules:
         job.optimizers[name].step()
         job.schedulers[name].step()
+    for i, key in enumerate(job.moe_keys):
+        if key in moe:
+            moe[key].update_bias(moe_stats[i, :-1])
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
     rec = {"step": job.step, "loss": float(stats[0]), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
            "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device)}
+    if job.moe_keys:
+        rec["moe"] = {}
+        for i, key in enumerate(job.moe_keys):
+            counts = moe_stats[i, :-1]
+            rec["moe"][key] = {"min_tokens": int(counts.min()), "max_tokens": int(counts.max()),
+                               "imbalance": float(counts.max() / counts.float().mean().clamp(min=1e-9)),
+                               "aux_loss": float(moe_stats[i, -1]) / job.cfg.training.microbatches}
+        rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
+        rec["moe_max_imbalance"] = max(v["imbalance"] for v in rec["moe"].values())
     job.history.append(rec)
     return rec
 
@@ -279,6 +343,7 @@ def train(cfg) -> list[dict]:
     loader = build_loader(cfg, processor)
     rank, world, device = init_distributed(cfg.training.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
+    ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
     try:
         job = build_job(cfg, device, processor)
         logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
@@ -287,11 +352,18 @@ def train(cfg) -> list[dict]:
         for _ in range(cfg.training.steps):
             rec = train_step(job, next(loader))
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
+                moe = (f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
+                       if "moe" in rec else "")
                 logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
-                            "peak_mem %.2fGiB", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
-                            rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"])
+                            "peak_mem %.2fGiB%s", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
+                            rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"], moe)
+                for key, v in rec.get("moe", {}).items():
+                    logger.debug("  %s tokens/expert min %d max %d imbalance %.2f aux %.4f", key, v["min_tokens"],
+                                 v["max_tokens"], v["imbalance"], v["aux_loss"])
         logger.info("data: %s", loader.stats)
+        ok = True
         return job.history
     finally:
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
