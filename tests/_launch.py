@@ -32,6 +32,12 @@ def backends(world_size: int):
     ]
 
 
+def per_layout_backends(worlds: dict[str, int]) -> list:
+    """``(layout, backend)`` pytest params: every layout on gloo, and on NCCL when its own world size fits the GPUs."""
+    return [pytest.param(name, *b.values, marks=b.marks, id=f"{b.id}-{name}")
+            for name, world in worlds.items() for b in backends(world)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +56,9 @@ def _worker(fn, rank, world_size, port, backend, queue, args):
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        # as in production (mimo_titan.train.trainer.init_distributed): NCCL gets device_id (eager communicators)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                device_id=device if backend == "nccl" else None)
         result = fn(rank, world_size, device, *args)
         dist.barrier()
         dist.destroy_process_group()

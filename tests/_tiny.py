@@ -25,13 +25,20 @@ BASE = {
 }
 
 
+def _merge(dst: dict, upd: dict) -> None:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
 def tiny_config_dict(vision: dict, language: dict, **sections) -> dict:
-    """``BASE`` with the given module layouts; ``sections`` maps a section name to keys that update it."""
+    """``BASE`` with the given module layouts; ``sections`` maps a section name to keys merged into it (deeply)."""
     d = copy.deepcopy(BASE)
     d["parallelism"]["vision"] = dict(vision)
     d["parallelism"]["language"] = dict(language)
-    for sec, upd in sections.items():
-        d.setdefault(sec, {}).update(upd)
+    _merge(d, sections)
     return d
 
 

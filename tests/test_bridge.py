@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _launch import backends, run_ranks
+from _launch import per_layout_backends, run_ranks
 from _tiny import first_global_batch, tiny_config_dict
 from mimo_titan.pipeline.bridge import Route, module_rank, plan_routes
 from mimo_titan.topology import ModuleLayout
@@ -115,8 +115,7 @@ PAIRING = {
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", list(PAIRING))
-@pytest.mark.parametrize("backend", backends(7))
+@pytest.mark.parametrize("layout,backend", per_layout_backends({k: v[0] for k, v in PAIRING.items()}))
 def test_each_sample_sees_its_own_images(layout, backend):
     world, vision, language, gbs = PAIRING[layout]
     cfg = tiny_config_dict(vision, language, training={"global_batch_size": gbs, "microbatches": 2},

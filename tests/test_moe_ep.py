@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from _launch import backends, run_ranks
+from _launch import per_layout_backends, run_ranks
 
 H = 16
 
@@ -77,10 +77,13 @@ def _ep_worker(rank, world, device, ep, etp, n_per_rank):
     return {"checked": checked, "local_experts": moe.experts.w_gate.shape[0], "width": moe.experts.w_gate.shape[2]}
 
 
+EP_LAYOUTS = {"ep2": (2, 2, 1), "ep4": (4, 4, 1), "ep2_etp2": (4, 2, 2), "ep2_edp2": (4, 2, 1)}
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("world,ep,etp", [(2, 2, 1), (4, 4, 1), (4, 2, 2), (4, 2, 1)])
-@pytest.mark.parametrize("backend", backends(4))
-def test_ep_layer_matches_single_process(world, ep, etp, backend):
+@pytest.mark.parametrize("layout,backend", per_layout_backends({k: v[0] for k, v in EP_LAYOUTS.items()}))
+def test_ep_layer_matches_single_process(layout, backend):
+    world, ep, etp = EP_LAYOUTS[layout]
     res = run_ranks(_ep_worker, world, ep, etp, 5, backend=backend)
     n_params = len(list(_full_moe().parameters()))
     assert all(r["checked"] == n_params for r in res)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from _launch import backends, run_ranks
+from _launch import per_layout_backends, run_ranks
 from _tiny import tiny_config_dict
 from mimo_titan.config import config_from_dict
 from mimo_titan.topology import LayoutError
@@ -93,8 +93,7 @@ def _reference_losses(cfg, steps):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", ["colocated", "noncolocated_pp2"])
-@pytest.mark.parametrize("backend", backends(4))
+@pytest.mark.parametrize("layout,backend", per_layout_backends({"colocated": 2, "noncolocated_pp2": 4}))
 def test_several_steps_match_single_process_training(layout, backend):
     vision, language, world = {
         "colocated": (V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), 2),
@@ -112,7 +111,7 @@ def test_several_steps_match_single_process_training(layout, backend):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("config,nproc", [("debug_colocated", 2), ("debug_noncolocated", 8)])
+@pytest.mark.parametrize("config,nproc", [("debug_colocated", 2), ("debug_noncolocated", 8), ("debug_moe_ep", 8)])
 def test_readme_train_command_runs(config, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "scripts/train.py", "--config", f"train_configs/{config}.toml", "--training.steps=3"]

@@ -148,7 +148,7 @@ class MoE(nn.Module):
     Attributes set by parallel plans (defaults: single process): ``dispatcher``; ``stats_group`` (process group
     over which routing statistics are summed for the aux loss); ``aux_loss_scale`` (gradient scale of the aux
     loss, e.g. 1 / microbatches). After each forward, ``last_aux_loss`` holds the (global) aux loss value;
-    ``aux_loss_sum`` (float) and ``tokens_per_expert`` (this rank's routed-copy counts ``[E]`` int64) accumulate
+    ``aux_loss_sum`` (0-dim tensor) and ``tokens_per_expert`` (this rank's routed-copy counts ``[E]`` int64) accumulate
     until :meth:`reset_stats`.
     """
 
@@ -166,12 +166,12 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0
         self.register_buffer("tokens_per_expert", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)
         self.last_aux_loss = torch.zeros(())
-        self.aux_loss_sum = 0.0
+        self.aux_loss_sum = torch.zeros(())
 
     def reset_stats(self) -> None:
         """Zero the per-step statistics (routed-copy counts, aux-loss sum over microbatches)."""
         self.tokens_per_expert.zero_()
-        self.aux_loss_sum = 0.0
+        self.aux_loss_sum = torch.zeros((), device=self.tokens_per_expert.device)
 
     def _aux_loss(self, ids_NK: torch.Tensor, scores_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``coeff · E · Σ_e f_e P_e`` with f (routed fraction) and P (mean score) over all ranks of ``stats_group``."""
@@ -197,7 +197,7 @@ class MoE(nn.Module):
         if self.cfg.load_balance == "aux_loss" and self.cfg.aux_loss_coeff > 0 and self.training:
             aux = self._aux_loss(ids, scores, counts)
             self.last_aux_loss = aux.detach()
-            self.aux_loss_sum += float(aux)
+            self.aux_loss_sum = self.aux_loss_sum + self.last_aux_loss  # a tensor: no host sync per layer
             out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
         return out.view(shape)
 

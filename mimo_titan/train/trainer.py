@@ -348,7 +348,8 @@ def train(cfg) -> list[dict]:
         job = build_job(cfg, device, processor)
         logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
                     "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
-                              f"dp_shard={lay.dp_shard}" for n, lay in job.topology.layouts.items()))
+                              f"dp_shard={lay.dp_shard}" + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
+                              for n, lay in job.topology.layouts.items()))
         for _ in range(cfg.training.steps):
             rec = train_step(job, next(loader))
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
@@ -357,9 +358,10 @@ def train(cfg) -> list[dict]:
                 logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
                             "peak_mem %.2fGiB%s", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
                             rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"], moe)
-                for key, v in rec.get("moe", {}).items():
-                    logger.debug("  %s tokens/expert min %d max %d imbalance %.2f aux %.4f", key, v["min_tokens"],
-                                 v["max_tokens"], v["imbalance"], v["aux_loss"])
+                if "moe" in rec:
+                    logger.info("  moe tokens/expert (min/max/imbalance, aux): %s", "; ".join(
+                        f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
+                        f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}" for k, v in rec["moe"].items()))
         logger.info("data: %s", loader.stats)
         ok = True
         return job.history
