@@ -20,7 +20,8 @@ Kernels (``[BLOCK_T, BLOCK_H]`` tiles):
   backward with w = 1).
 - ``_row_dot_kernel``: ``g[t, k] = <grad_out[t], permuted[row_map[t, k]]>`` (probs gradient of unpermute).
 
-Bytes moved (bf16): permute and unpermute each ``2 · T · H · (1 + K)``.
+Bytes moved (bf16): permute and unpermute each ``2 · T · H · (1 + K)``. Loop bounds (K, the number of H blocks)
+are compile-time constants: the loops unroll, and Triton 3.6's interpreter cannot loop over a runtime int.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _block_rank_kernel(ids_ptr, base_ptr, row_map_ptr, TK, E, BLOCK: tl.constexp
 
 
 @triton.jit
-def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, K, src_stride, dst_stride,
+def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, dst_stride, K: tl.constexpr,
                          HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -80,7 +81,7 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, K, src_stri
 
 
 @triton.jit
-def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, K, src_stride, dst_stride,
+def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, dst_stride, K: tl.constexpr,
                        HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -98,15 +99,15 @@ def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, K, src_stride
 
 
 @triton.jit
-def _row_dot_kernel(g_ptr, src_ptr, row_map_ptr, out_ptr, T, H, K, g_stride, src_stride,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _row_dot_kernel(g_ptr, src_ptr, row_map_ptr, out_ptr, T, H, g_stride, src_stride, K: tl.constexpr,
+                    N_HBLOCKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     for k in range(K):
         rows = tl.load(row_map_ptr + t * K + k, mask=tmask, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
+        for hb in range(N_HBLOCKS):
+            h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
             mask = tmask[:, None] & (h < H)[None, :]
             g = tl.load(g_ptr + t[:, None].to(tl.int64) * g_stride + h[None, :], mask=mask, other=0.0).to(tl.float32)
             x = tl.load(src_ptr + rows[:, None] * src_stride + h[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -163,7 +164,7 @@ def _scatter_rows(src, row_map, w, n_rows, K, pad_rows):
     if T and H:
         bt, bh = _tiles(T, H, src.device)
         _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
-            src, dst, row_map, w if w is not None else src, T, H, K, src.stride(0), dst.stride(0),
+            src, dst, row_map, w if w is not None else src, T, H, src.stride(0), dst.stride(0), K=K,
             HAS_W=w is not None, BLOCK_T=bt, BLOCK_H=bh)
     return dst
 
@@ -174,7 +175,7 @@ def _gather_sum(src, row_map, w, T, K):
     if T and H:
         bt, bh = _tiles(T, H, src.device)
         _gather_sum_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
-            src, dst, row_map, w if w is not None else src, T, H, K, src.stride(0), dst.stride(0),
+            src, dst, row_map, w if w is not None else src, T, H, src.stride(0), dst.stride(0), K=K,
             HAS_W=w is not None, BLOCK_T=bt, BLOCK_H=bh)
     return dst
 
@@ -186,8 +187,8 @@ def _row_dot(g, src, row_map, T, K):
         bt, bh = _tiles(T, H, g.device)
         if g.device.type == "cuda":
             bt = 1
-        _row_dot_kernel[(triton.cdiv(T, bt),)](g, src, row_map, out, T, H, K, g.stride(0), src.stride(0),
-                                              BLOCK_T=bt, BLOCK_H=bh)
+        _row_dot_kernel[(triton.cdiv(T, bt),)](g, src, row_map, out, T, H, g.stride(0), src.stride(0), K=K,
+                                              N_HBLOCKS=triton.cdiv(H, bh), BLOCK_T=bt, BLOCK_H=bh)
     return out
 
 
@@ -235,7 +236,7 @@ class _Unpermute(torch.autograd.Function):
                 bt, bh = _tiles(ctx.T, permuted.shape[1], g_out.device)
                 _scatter_rows_kernel[(triton.cdiv(ctx.T, bt), triton.cdiv(permuted.shape[1], bh))](
                     g_out, g_permuted, row_map, probs_c if probs_c is not None else g_out, ctx.T, permuted.shape[1],
-                    ctx.K, g_out.stride(0), g_permuted.stride(0), HAS_W=probs_c is not None, BLOCK_T=bt, BLOCK_H=bh)
+                    g_out.stride(0), g_permuted.stride(0), K=ctx.K, HAS_W=probs_c is not None, BLOCK_T=bt, BLOCK_H=bh)
         if ctx.has_probs and ctx.needs_input_grad[2]:
             g_probs = _row_dot(g_out, permuted, row_map, ctx.T, ctx.K).to(ctx.probs_dtype)
         return g_permuted, None, g_probs, None, None

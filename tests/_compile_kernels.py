@@ -25,13 +25,13 @@ VARIANTS.append((P._block_rank_kernel, {"ids_ptr": "*i32", "base_ptr": "*i32", "
                  {"BLOCK": 128}))
 for dt in ("bf16", "fp16", "fp32"):
     rows_sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "row_map_ptr": "*i32", "w_ptr": f"*{dt}", "T": I32, "H": I32,
-                "K": I32, "src_stride": I32, "dst_stride": I32}
+                "src_stride": I32, "dst_stride": I32}
     for has_w in (False, True):
-        VARIANTS.append((P._scatter_rows_kernel, rows_sig, {"HAS_W": has_w, "BLOCK_T": 4, "BLOCK_H": 1024}))
-        VARIANTS.append((P._gather_sum_kernel, rows_sig, {"HAS_W": has_w, "BLOCK_T": 4, "BLOCK_H": 1024}))
+        VARIANTS.append((P._scatter_rows_kernel, rows_sig, {"K": 8, "HAS_W": has_w, "BLOCK_T": 4, "BLOCK_H": 1024}))
+        VARIANTS.append((P._gather_sum_kernel, rows_sig, {"K": 8, "HAS_W": has_w, "BLOCK_T": 4, "BLOCK_H": 1024}))
     VARIANTS.append((P._row_dot_kernel, {"g_ptr": f"*{dt}", "src_ptr": f"*{dt}", "row_map_ptr": "*i32", "out_ptr": "*fp32",
-                                         "T": I32, "H": I32, "K": I32, "g_stride": I32, "src_stride": I32},
-                     {"BLOCK_T": 1, "BLOCK_H": 1024}))
+                                         "T": I32, "H": I32, "g_stride": I32, "src_stride": I32},
+                     {"K": 2, "N_HBLOCKS": 4, "BLOCK_T": 1, "BLOCK_H": 1024}))
 for bits in ("i16", "i32"):
     VARIANTS.append((G._gather_rows_kernel, {"src_ptr": f"*{bits}", "dst_ptr": f"*{bits}", "idx_ptr": "*i64", "S": I32,
                                              "R": I32, "H": I32, "n_rows": I32, "stride_sb": "i64", "stride_ss": "i64",
