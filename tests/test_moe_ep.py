@@ -74,7 +74,11 @@ def _ep_worker(rank, world, device, ep, etp, n_per_rank):
             dist.all_reduce(gr)
             torch.testing.assert_close(gr, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
         checked += 1
-    return {"checked": checked, "local_experts": moe.experts.w_gate.shape[0], "width": moe.experts.w_gate.shape[2]}
+    from mimo_titan.train.rng import module_seeds
+
+    seeds = module_seeds(0, 1, {**topo.role.coordinates["language"], **coord})
+    return {"checked": checked, "local_experts": moe.experts.w_gate.shape[0], "width": moe.experts.w_gate.shape[2],
+            "coord": dict(coord), "seeds": seeds}
 
 
 EP_LAYOUTS = {"ep2": (2, 2, 1), "ep4": (4, 4, 1), "ep2_etp2": (4, 2, 2), "ep2_edp2": (4, 2, 1)}
@@ -88,3 +92,9 @@ def test_ep_layer_matches_single_process(layout, backend):
     n_params = len(list(_full_moe().parameters()))
     assert all(r["checked"] == n_params for r in res)
     assert all(r["local_experts"] == 8 // ep and r["width"] == 12 // etp for r in res)
+    # RNG streams from the ranks' real coordinates: expert streams differ across (ep, etp), agree across edp
+    for a in res:
+        for b in res:
+            same_shard = (a["coord"]["ep"], a["coord"]["etp"]) == (b["coord"]["ep"], b["coord"]["etp"])
+            assert (a["seeds"]["expert"] == b["seeds"]["expert"]) == same_shard
+            assert a["seeds"]["default"] == b["seeds"]["default"]

@@ -32,6 +32,14 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
     (V(0, 2, dp_shard=2), V(2, 2, dp_shard=2), {}, 8, r"--nproc_per_node|world"),
     (V(0, 2, dp_shard=2), V(2, 2, pp=2), {"training": {"microbatches": 1, "global_batch_size": 2}}, 4,
      r"training.microbatches=1 is smaller than parallelism.language.pp=2"),
+    (V(0, 1), V(1, 2, dp_shard=2, ep=2), {}, 3, r"ep=2, etp=1 but model.language.moe.num_experts = 0"),
+    (V(0, 1), V(1, 4, dp_shard=4, ep=4), {"model": {"language": {"moe": {"num_experts": 6, "intermediate_size": 8}}}},
+     5, r"parallelism.language.ep=4 must divide model.language.moe.num_experts=6"),
+    (V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), {"model": {"language": {"moe": {"num_experts": 4,
+                                                                              "intermediate_size": 9}}}},
+     5, r"parallelism.language.etp=2 must divide model.language.moe.intermediate_size=9"),
+    (V(0, 1), V(1, 3, dp_shard=3, ep=2), {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}},
+     4, r"ep"),
 ])
 def test_validate_job_errors_name_the_field(vision, language, extra, world, match):
     cfg = config_from_dict(tiny_config_dict(vision, language, **extra))
