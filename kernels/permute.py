@@ -156,9 +156,11 @@ def _routing(topk_ids: torch.Tensor, num_experts: int, align: int):
     return row_map, padded, n_rows, pad_rows
 
 
-def _scatter_rows(src, row_map, w, n_rows, K, pad_rows):
+def _scatter_rows(src, row_map, w, n_rows, K, pad_rows=None, zero_all=False):
+    """``dst [n_rows, H]`` with ``dst[row_map[t, k]] = w[t, k] · src[t]``; rows nobody maps to are zeroed
+    (``pad_rows`` when known, else every row first with ``zero_all``)."""
     T, H = src.shape
-    dst = torch.empty(n_rows, H, dtype=src.dtype, device=src.device)
+    dst = (torch.zeros if zero_all else torch.empty)(n_rows, H, dtype=src.dtype, device=src.device)
     if pad_rows is not None:
         dst.index_fill_(0, pad_rows, 0)
     if T and H:
@@ -230,13 +232,8 @@ class _Unpermute(torch.autograd.Function):
         permuted, row_map, probs_c = ctx.saved_tensors
         g_out = g_out.contiguous()
         g_permuted = g_probs = None
-        if ctx.needs_input_grad[0]:
-            g_permuted = torch.zeros_like(permuted)  # rows no token maps to (padding) get zero gradient
-            if ctx.T and permuted.shape[1]:
-                bt, bh = _tiles(ctx.T, permuted.shape[1], g_out.device)
-                _scatter_rows_kernel[(triton.cdiv(ctx.T, bt), triton.cdiv(permuted.shape[1], bh))](
-                    g_out, g_permuted, row_map, probs_c if probs_c is not None else g_out, ctx.T, permuted.shape[1],
-                    g_out.stride(0), g_permuted.stride(0), K=ctx.K, HAS_W=probs_c is not None, BLOCK_T=bt, BLOCK_H=bh)
+        if ctx.needs_input_grad[0]:  # rows no token maps to (padding) get zero gradient
+            g_permuted = _scatter_rows(g_out, row_map, probs_c, permuted.shape[0], ctx.K, zero_all=True)
         if ctx.has_probs and ctx.needs_input_grad[2]:
             g_probs = _row_dot(g_out, permuted, row_map, ctx.T, ctx.K).to(ctx.probs_dtype)
         return g_permuted, None, g_probs, None, None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import permute_tokens, unpermute_tokens
+from mimo_titan.models.mlp import SwiGLU
 
 __all__ = ["MoE", "TopKRouter", "GroupedExperts", "LocalDispatch", "grouped_mm"]
 
@@ -60,19 +61,6 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, 
     buf = x_NI.new_zeros(sum(padded), x_NI.shape[1]).index_copy(0, idx, x_NI)
     offs = torch.tensor(padded, device=x_NI.device).cumsum(0).to(torch.int32)
     return torch._grouped_mm(buf, w_EIO, offs=offs).index_select(0, idx)
-
-
-class SharedExpert(nn.Module):
-    """Dense SwiGLU every token passes through: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (HF names)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TopKRouter(nn.Module):
@@ -160,7 +148,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size)
         self.shared_expert = None
         if moe_cfg.shared_expert_intermediate_size > 0:
-            self.shared_expert = SharedExpert(hidden, moe_cfg.shared_expert_intermediate_size)
+            self.shared_expert = SwiGLU(hidden, moe_cfg.shared_expert_intermediate_size)
         self.dispatcher = LocalDispatch()
         self.stats_group = None
         self.aux_loss_scale = 1.0
