@@ -1,0 +1,346 @@
+"""Exact context-parallel (CP) attention for causal decoder LMs: all-gather K/V, mask by global position.
+
+With context parallelism every rank of the cp group holds ``S / cp_size`` tokens of each sequence (in any
+order; normally the zigzag shard of :mod:`kernels.zigzag`, which gives every rank equal causal work). Its
+queries must attend to the keys of *all* ranks, so :class:`ContextParallelAttention`:
+
+1. all-gathers ``k`` and ``v`` over the cp group in one collective (autograd: the backward is a
+   reduce-scatter that sums every rank's ``dk``/``dv`` contributions into the owner's shard);
+2. all-gathers the local tokens' global positions (and document ids, for packed sequences) in one small
+   integer collective, so the gathered keys' positions are known whatever the sharding order;
+3. builds the boolean mask ``kv_pos <= q_pos`` (and ``q_doc == kv_doc`` for packed sequences) and runs
+   ``F.scaled_dot_product_attention`` on the local queries against the full keys.
+
+The result equals full causal (or document-causal) attention restricted to the local query rows, forward and
+backward, up to floating-point summation order (fp32: ~1e-6). SDPA's own softmax numerics are used unchanged
+(it accumulates the softmax in fp32 for low-precision inputs).
+
+Memory: every rank holds the gathered ``k``/``v`` (``[B, nkv, S, hd]`` each, small with GQA) and a boolean
+mask of ``[S_local, S]`` (``[B, 1, S_local, S]`` for per-row positions): ``S^2 / cp_size`` bytes per distinct
+mask, e.g. 2 GiB at ``S = 128k``, ``cp_size = 8``. An explicit mask also rules out the flash kernel on CUDA
+(SDPA uses memory-efficient attention, which reads the mask as an additive bias of the query dtype, or the
+math kernel, which materialises the ``[B, nh, S_local, S]`` scores). Ring attention (K/V blocks passed around
+the ring, online softmax) would avoid both the full K/V and the mask; the all-gather form is simpler, exact
+and cheap in communication when K/V are small (GQA). The mask and gathered positions are cached between
+calls that pass the very same position tensors (as all layers of one forward do), see ``cache_mask``.
+
+Sources: all-gather-KV context parallelism as used to train Llama 3 ("The Llama 3 Herd of Models",
+Dubey et al. 2024, §3.3.2 "Context parallelism": all-gather K and V, then attention of the local Q chunk;
+sequences split into ``2 * cp_size`` chunks for load balance); zigzag load balancing as in Megatron-LM /
+TransformerEngine context parallelism (``get_batch_on_this_cp_rank``, ``thd_get_partitioned_indices``).
+This is an independent implementation on ``torch.distributed`` functional collectives, so it runs on gloo
+(CPU) and NCCL (CUDA); ``torch.distributed.tensor.experimental.context_parallel`` has no CPU SDPA support.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+__all__ = ["ContextParallelAttention", "attention_mask", "local_attention"]
+
+# torch >= 2.12 renamed the functional all-gathers (the old names warn); both versions have autograd variants.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+_GQA_MODES = ("auto", "native", "repeat")
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def _check_index(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{name} must be [S] or [B, S], got shape {tuple(t.shape)}")
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    q_doc: torch.Tensor | None = None,
+    kv_doc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean causal (and same-document) mask from global token positions; ``True`` = attend.
+
+    Query ``i`` may attend to key ``j`` iff ``kv_pos[j] <= q_pos[i]`` and, when document ids are given,
+    ``kv_doc[j] == q_doc[i]``. Positions are global (the token's index in its sequence, or in its document for
+    packed sequences), so the tokens may be in any order, e.g. zigzag shards.
+
+    Args:
+        q_pos: integer ``[Sq]`` or ``[B, Sq]``: positions of the query tokens.
+        kv_pos: integer ``[Skv]`` or ``[B, Skv]``: positions of the key tokens.
+        q_doc: optional integer, same shape as ``q_pos``: document of each query token (packed/THD sequences).
+        kv_doc: optional integer, same shape as ``kv_pos``; given iff ``q_doc`` is.
+
+    Returns:
+        bool ``[Sq, Skv]`` if both positions are 1-D, else ``[B, 1, Sq, Skv]`` (1-D inputs broadcast over
+        ``B``), ready for ``F.scaled_dot_product_attention``'s ``attn_mask``. On ``q_pos``'s device.
+
+    Raises:
+        ValueError: non-integer or wrongly shaped inputs, only one of ``q_doc``/``kv_doc``, a document tensor
+            shaped unlike its positions, or batch sizes that differ.
+    """
+    _check_index("q_pos", q_pos)
+    _check_index("kv_pos", kv_pos)
+    if (q_doc is None) != (kv_doc is None):
+        raise ValueError("pass both q_doc and kv_doc (packed sequences) or neither")
+    if q_doc is not None:
+        _check_index("q_doc", q_doc)
+        _check_index("kv_doc", kv_doc)
+        if q_doc.shape != q_pos.shape or kv_doc.shape != kv_pos.shape:
+            raise ValueError(
+                f"document ids must be shaped like their positions: q_doc {tuple(q_doc.shape)} vs q_pos "
+                f"{tuple(q_pos.shape)}, kv_doc {tuple(kv_doc.shape)} vs kv_pos {tuple(kv_pos.shape)}"
+            )
+    batched = q_pos.dim() == 2 or kv_pos.dim() == 2
+    if q_pos.dim() == 2 and kv_pos.dim() == 2 and q_pos.shape[0] != kv_pos.shape[0]:
+        raise ValueError(f"batch sizes differ: q_pos {tuple(q_pos.shape)}, kv_pos {tuple(kv_pos.shape)}")
+    mask = kv_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)  # [..., Sq, Skv]
+    if q_doc is not None:
+        mask = mask & (kv_doc.unsqueeze(-2) == q_doc.unsqueeze(-1))
+    if batched:
+        mask = mask.unsqueeze(1)  # [B, 1, Sq, Skv]
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def _check_qkv(q, k, v, q_pos, doc_ids) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, heads, S_local, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, nh, S, hd = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[2] != S or k.shape[3] != hd:
+        raise ValueError(
+            f"k/v {tuple(k.shape)} must be [B={B}, nkv, S_local={S}, head_dim={hd}] like q {tuple(q.shape)} "
+            "(the same local tokens)"
+        )
+    nkv = k.shape[1]
+    if nkv == 0 or nh % nkv:
+        raise ValueError(f"query heads ({nh}) must be a multiple of key/value heads ({nkv}) (GQA)")
+    _check_index("q_pos", q_pos)
+    if q_pos.shape[-1] != S or (q_pos.dim() == 2 and q_pos.shape[0] != B):
+        raise ValueError(f"q_pos must be [S_local={S}] or [B={B}, S_local={S}], got {tuple(q_pos.shape)}")
+    if doc_ids is not None:
+        _check_index("doc_ids", doc_ids)
+        if doc_ids.shape != q_pos.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must be shaped like q_pos {tuple(q_pos.shape)}")
+
+
+def _guard(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(safe_mask, row_ok)``: a query row with no allowed key would give softmax(all -inf) = NaN, so it may
+    see every key in ``safe_mask`` and its output is zeroed with ``row_ok`` afterwards. Such rows cannot occur
+    with causal (+ same-document) masks over consistent positions (every token sees itself)."""
+    row_ok = mask.any(dim=-1, keepdim=True)  # [..., Sq, 1]
+    return mask | ~row_ok, row_ok
+
+
+def _sdpa(q, k, v, safe_mask, row_ok, scale, gqa: str) -> torch.Tensor:
+    """SDPA with a guarded boolean mask (see :func:`_guard`) and GQA; rows without allowed keys are 0."""
+    nh, nkv = q.shape[1], k.shape[1]
+    native = gqa == "native" or (gqa == "auto" and q.device.type == "cpu")
+    if nh != nkv and not native:
+        # Repeat kv heads (head h reads kv head h // (nh / nkv), as enable_gqa does): on CUDA an explicit mask
+        # excludes flash attention, and memory-efficient attention takes no enable_gqa in some torch versions.
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+    kwargs = {"enable_gqa": True} if nh != k.shape[1] else {}
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask, scale=scale, **kwargs)
+    return out.masked_fill(~row_ok, 0.0)
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    gqa: str = "auto",
+) -> torch.Tensor:
+    """Causal (document-causal for packed sequences) attention of one process's tokens: the cp=1 counterpart.
+
+    Same signature as :class:`ContextParallelAttention`'s call; the queries attend to the same local tokens.
+
+    Args:
+        q: ``[B, nh, S, hd]`` float (any float dtype SDPA supports on its device).
+        k, v: ``[B, nkv, S, hd]``, same dtype; ``nh`` a multiple of ``nkv`` (GQA).
+        q_pos: integer ``[S]`` or ``[B, S]``: position of each token (within its document for packed
+            sequences). Need not be ``arange``: any order works, masking is by position.
+        doc_ids: optional integer, shaped like ``q_pos``: document index of each token (packed/THD); tokens
+            attend only within their document.
+        attn_mask: optional extra bool mask (``True`` = attend) broadcastable to ``[B, nh, S, S]``, ANDed with
+            the causal/document mask.
+        scale: softmax scale (default ``1 / sqrt(hd)``).
+        gqa: ``"auto"`` (SDPA's ``enable_gqa`` on CPU, repeated kv heads elsewhere), ``"native"`` or
+            ``"repeat"``.
+
+    Returns:
+        ``[B, nh, S, hd]`` in ``q``'s dtype; a query row whose mask allows no key is 0 (not NaN).
+
+    Raises:
+        ValueError: wrong shapes/dtypes, a non-bool ``attn_mask``, or an unknown ``gqa`` mode.
+    """
+    if gqa not in _GQA_MODES:
+        raise ValueError(f"gqa={gqa!r}; choose one of {_GQA_MODES}")
+    _check_qkv(q, k, v, q_pos, doc_ids)
+    mask = attention_mask(q_pos, q_pos, doc_ids, doc_ids)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise ValueError("attn_mask must be a bool tensor (True = attend), ANDed with the causal mask")
+        mask = mask & attn_mask
+    return _sdpa(q, k, v, *_guard(mask), scale, gqa)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (collectives need dense buffers)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+class ContextParallelAttention:
+    """Callable replacing ``F.scaled_dot_product_attention`` in an attention layer whose sequence is CP-sharded.
+
+    Every rank passes its local tokens' ``q``/``k``/``v`` (any token order, normally the zigzag shard) and their
+    global positions; the call all-gathers ``k``/``v`` (with autograd) and the positions/document ids over
+    ``cp_group``, masks by global position (and document), and returns the local queries' attention output. It
+    is exact: it equals full causal (document-causal) attention over the whole sequence restricted to the local
+    rows, and the gradients of the local ``q``/``k``/``v`` equal the matching rows of the full gradients. The
+    backward runs one reduce-scatter on the cp group, so every rank must run its backward too.
+
+    Args:
+        cp_group: the cp ``ProcessGroup`` (or a 1-D ``DeviceMesh``); may be ``None`` when ``cp_size == 1``.
+        cp_size: the cp group's size; with 1 no collective runs (plain :func:`local_attention`).
+        gqa: how ``nkv < nh`` is handled, see :func:`local_attention`.
+        cache_mask: reuse the gathered positions and the mask while the call gets the very same ``q_pos``
+            (and ``doc_ids``) tensor objects, unmodified (all layers of one forward): saves one collective and
+            one ``[S_local, S]`` mask per layer (all layers' SDPA backward then share one saved mask). Every
+            rank must hit or miss the cache alike (a miss runs a collective); ranks running the same model code
+            do. The cache holds one mask until the next call with other position tensors; set ``False`` to
+            build it on every call (e.g. under ``torch.compile``).
+
+    Memory: see the module docstring (gathered K/V ``[B, nkv, S, hd]`` and a bool mask ``[S_local, S]`` per
+    rank; ring attention would avoid both).
+
+    Raises:
+        ValueError: (construction) ``cp_size < 1``, no group for ``cp_size > 1``, or a group whose size is not
+            ``cp_size``; (call) see :meth:`__call__`.
+    """
+
+    def __init__(self, cp_group, cp_size: int, *, gqa: str = "auto", cache_mask: bool = True):
+        if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
+            raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
+        if gqa not in _GQA_MODES:
+            raise ValueError(f"gqa={gqa!r}; choose one of {_GQA_MODES}")
+        if cp_size > 1:
+            if cp_group is None:
+                raise ValueError(f"cp_size={cp_size} needs a cp process group")
+            group = cp_group.get_group() if hasattr(cp_group, "get_group") else cp_group
+            size = dist.get_world_size(group)
+            if size != cp_size:
+                raise ValueError(f"cp_size={cp_size} but the cp group has {size} ranks")
+            cp_group = group
+        self.cp_group = cp_group
+        self.cp_size = cp_size
+        self.gqa = gqa
+        self.cache_mask = cache_mask
+        self._cache = None  # (q_pos, its _version, doc_ids, its _version, (safe_mask, row_ok))
+
+    # ------------------------------------------------------------------------------------------- gathers
+
+    def _gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k, v [B, nkv, S_local, hd]`` -> gathered ``[B, nkv, cp * S_local, hd]`` each, rank-major keys."""
+        cp = self.cp_size
+        kv = torch.stack([k, v])  # [2, B, nkv, Sl, hd], contiguous
+        # backward: a reduce-scatter of the gradient, which must be dense (gloo can be silently wrong otherwise)
+        g = _ContiguousGrad.apply(_all_gather_autograd(kv, 0, self.cp_group))  # [cp * 2, B, nkv, Sl, hd]
+        two, B, nkv, Sl, hd = kv.shape
+        g = g.view(cp, two, B, nkv, Sl, hd).permute(1, 2, 3, 0, 4, 5).reshape(two, B, nkv, cp * Sl, hd)
+        return g[0], g[1]
+
+    def _gather_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Integer ``[n, ..., S_local]`` -> ``[n, ..., cp * S_local]`` (int64), in the same rank order as K/V."""
+        idx = idx.to(torch.int64).contiguous()
+        g = _all_gather(idx, 0, self.cp_group)  # [cp * n, ..., Sl]
+        g = g.view(self.cp_size, *idx.shape)  # [cp, n, ..., Sl]
+        return torch.movedim(g, 0, -2).reshape(*idx.shape[:-1], self.cp_size * idx.shape[-1])
+
+    def _mask(self, q_pos: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guarded ``(mask, row_ok)`` of the local queries against all keys (cached, see ``cache_mask``)."""
+        c = self._cache
+        if (c is not None and c[0] is q_pos and c[1] == q_pos._version and c[2] is doc_ids
+                and (doc_ids is None or c[3] == doc_ids._version)):
+            return c[4]
+        if doc_ids is None:
+            kv_pos, kv_doc = self._gather_index(q_pos.unsqueeze(0))[0], None
+        else:
+            kv_pos, kv_doc = self._gather_index(torch.stack([q_pos.to(torch.int64), doc_ids.to(torch.int64)]))
+        guarded = _guard(attention_mask(q_pos, kv_pos, doc_ids, kv_doc))
+        self._cache = ((q_pos, q_pos._version, doc_ids, None if doc_ids is None else doc_ids._version, guarded)
+                       if self.cache_mask else None)
+        return guarded
+
+    # ------------------------------------------------------------------------------------------- call
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_pos: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention of this rank's queries over the whole (CP-sharded) sequence.
+
+        Args:
+            q: ``[B, nh, S_local, hd]`` float: this rank's query tokens (any order, e.g. zigzag).
+            k, v: ``[B, nkv, S_local, hd]``, the same tokens; ``nh`` a multiple of ``nkv`` (GQA).
+            q_pos: integer ``[S_local]`` or ``[B, S_local]``: global position of each local token (its index
+                in the sequence, or in its document for packed sequences), e.g. from
+                ``kernels.zigzag.zigzag_position_ids``.
+            doc_ids: optional integer, shaped like ``q_pos``: document index of each local token (packed/THD
+                sequences: attention stays inside a document). Documents are identified by id across ranks.
+            attn_mask: must be ``None`` when ``cp_size > 1`` (with ``cp_size == 1`` it is ANDed in, as in
+                :func:`local_attention`).
+            scale: softmax scale (default ``1 / sqrt(hd)``).
+
+        Returns:
+            ``[B, nh, S_local, hd]`` in ``q``'s dtype, differentiable w.r.t. ``q``, ``k``, ``v``.
+
+        Raises:
+            ValueError: ``attn_mask`` given with ``cp_size > 1`` (CP derives the mask from positions and
+                documents), or wrong shapes/dtypes (see :func:`local_attention`).
+        """
+        if self.cp_size == 1:
+            return local_attention(q, k, v, q_pos, doc_ids, attn_mask, scale=scale, gqa=self.gqa)
+        if attn_mask is not None:
+            raise ValueError(
+                "ContextParallelAttention does not take a dense attn_mask: under context parallelism the mask "
+                "is derived from the tokens' global positions (causal) and document ids; pass doc_ids for "
+                "packed (THD) sequences instead of a block-diagonal mask"
+            )
+        _check_qkv(q, k, v, q_pos, doc_ids)
+        safe_mask, row_ok = self._mask(q_pos, doc_ids)
+        k_all, v_all = self._gather_kv(k, v)
+        return _sdpa(q, k_all, v_all, safe_mask, row_ok, scale, self.gqa)
