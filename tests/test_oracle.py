@@ -21,9 +21,9 @@ from _tiny import first_global_batch, tiny_config_dict
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 MOE_LM = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
                                          "shared_expert_intermediate_size": 16, "aux_loss_coeff": 0.05}}}}
-MOE_BOTH = {"model": {"language": MOE_LM["model"]["language"],
-                      "vision": {"moe": {"num_experts": 4, "top_k": 1, "intermediate_size": 32, "first_layer": 1,
-                                         "aux_loss_coeff": 0.05}}}}
+MOE_BOTH = {"model": {"language": MOE_LM["model"]["language"],  # the encoder has 2 experts, the LM 4
+                      "vision": {"moe": {"num_experts": 2, "top_k": 1, "intermediate_size": 32, "first_layer": 1,
+                                         "aux_loss_coeff": 0.5}}}}
 
 LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
@@ -51,6 +51,8 @@ LAYOUTS = {
     "moe_pp2_ep2_noncolocated": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), MOE_LM, ()),
     "moe_encoder_ep2_aux_free": (4, V(0, 2, dp_shard=2, ep=2), V(2, 2, dp_shard=2, ep=2),
                                  {**MOE_BOTH, "training": {"microbatches": 1}}, ()),
+    "moe_encoder_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
+                                        {**MOE_BOTH, "training": {"global_batch_size": 8}}, (0, 1, 4, 5)),
 }
 
 
@@ -89,6 +91,14 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe")}
 
 
+def _reference_moe_stats(model, microbatches):
+    """Per MoE layer of the reference: routed copies per expert and the aux loss (mean over microbatches)."""
+    from mimo_titan.parallel.ep import moe_modules
+
+    return {name: (moe.tokens_per_expert.tolist(), float(moe.aux_loss_sum) / microbatches)
+            for name, moe in moe_modules(model)}
+
+
 def _reference_step(cfg, no_image_samples):
     from mimo_titan.data import ImageTextProcessor
     from mimo_titan.models import MimoModel
@@ -115,7 +125,8 @@ def _reference_step(cfg, no_image_samples):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
     opt.step()
-    return loss, norm.item(), {n: p.detach() for n, p in model.named_parameters()}, batch
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return loss, norm.item(), params, batch, _reference_moe_stats(model, M)
 
 
 @pytest.mark.multirank
@@ -128,9 +139,10 @@ def test_one_step_matches_single_process(layout, backend):
     if layout == "moe_encoder_ep2_aux_free":
         extra["model"] = {"vision": {"moe": {**MOE_BOTH["model"]["vision"]["moe"], "load_balance": "aux_free"}},
                           "language": MOE_BOTH["model"]["language"]}
+        extra["model"]["vision"]["moe"]["num_experts"] = 2
     cfg_dict = tiny_config_dict(vision, language, **extra)
     cfg = config_from_dict(cfg_dict)
-    ref_loss, ref_norm, ref_params, batch = _reference_step(cfg, no_images)
+    ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images)
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
     results = run_ranks(_oracle_worker, world, cfg_dict, no_images, backend=backend)
@@ -146,10 +158,12 @@ def test_one_step_matches_single_process(layout, backend):
             seen.add(name)
     _check_expert_slices(results, ref_params, LAYOUTS[layout], seen)
     assert seen == set(ref_params), f"parameters never checked: {sorted(set(ref_params) - seen)}"
-    if results[0]["moe"]:  # every routed copy of every token was counted once
-        n_tokens = batch.input_ids.numel()
-        for key, stats in results[0]["moe"].items():
-            assert stats["min_tokens"] <= stats["max_tokens"] and stats["imbalance"] >= 1.0, key
+    assert set((results[0]["moe"] or {})) == set(ref_moe)
+    for rank, res in enumerate(results):  # routing counts (every token once) and aux loss equal the reference's
+        for key, stats in (res["moe"] or {}).items():
+            counts, aux = ref_moe[key]
+            assert stats["tokens_per_expert"] == counts, f"rank {rank} {key}"
+            assert stats["aux_loss"] == pytest.approx(aux, abs=1e-6), f"rank {rank} {key}"
     from mimo_titan.models import MimoModel
     init = MimoModel(cfg.model, 1998)
     init.init_weights(cfg.job.seed)

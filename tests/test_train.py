@@ -73,6 +73,7 @@ def _reference_losses(cfg, steps):
 
     from mimo_titan.data import ImageTextProcessor, MimoDataLoader
     from mimo_titan.models import MimoModel
+    from mimo_titan.parallel.ep import moe_modules
 
     tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, tpi)
@@ -80,6 +81,10 @@ def _reference_losses(cfg, steps):
                             max_images_per_sample=cfg.data.max_images_per_sample, seed=cfg.job.seed)
     model = MimoModel(cfg.model, proc.image_token_id)
     model.init_weights(cfg.job.seed)
+    M = cfg.training.microbatches
+    moe = [m for _, m in moe_modules(model)]
+    for m in moe:
+        m.aux_loss_scale = 1.0 / M
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
     w, total, lo = cfg.lr_schedule.warmup_steps, cfg.training.steps, cfg.lr_schedule.min_lr_ratio
@@ -90,26 +95,37 @@ def _reference_losses(cfg, steps):
             g["lr"] = cfg.optimizer.lr * mult
         batch = next(loader)
         opt.zero_grad()
-        logits = model(batch.input_ids, batch.pixel_values)
-        labels = batch.labels.flatten()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum") / (labels != -100).sum()
-        loss.backward()
+        for m in moe:
+            m.reset_stats()
+        n_loss, mb, loss = (batch.labels != -100).sum(), len(batch) // M, 0.0
+        for i in range(M):  # microbatch by microbatch: an MoE aux loss is defined per microbatch
+            part = batch.slice(i * mb, (i + 1) * mb)
+            logits = model(part.input_ids, part.pixel_values)
+            ce = F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100, reduction="sum")
+            (ce / n_loss).backward()
+            loss += (ce / n_loss).item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
         opt.step()
-        losses.append(loss.item())
+        for m in moe:  # aux-loss-free balancing: bias step from the step's routing counts
+            m.update_bias(m.tokens_per_expert)
+        losses.append(loss)
     return losses
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout,backend", per_layout_backends({"colocated": 2, "noncolocated_pp2": 4}))
+@pytest.mark.parametrize("layout,backend", per_layout_backends({"colocated": 2, "noncolocated_pp2": 4,
+                                                                 "moe_aux_free_ep2_pp2": 5}))
 def test_several_steps_match_single_process_training(layout, backend):
     vision, language, world = {
         "colocated": (V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), 2),
         "noncolocated_pp2": (V(0, 2, dp_shard=2), V(2, 2, pp=2), 4),
+        "moe_aux_free_ep2_pp2": (V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), 5),
     }[layout]
     steps = 4
+    moe = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
+                                          "load_balance": "aux_free", "bias_update_rate": 0.05}}}}
     cfg_dict = tiny_config_dict(vision, language, training={"steps": 6}, lr_schedule={"warmup_steps": 2},
-                                optimizer={"lr": 3e-3})
+                                optimizer={"lr": 3e-3}, **(moe if layout.startswith("moe") else {}))
     ref = _reference_losses(config_from_dict(cfg_dict), steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:

@@ -23,6 +23,8 @@ Shape legend: N tokens (B·S), H hidden, E experts, K top-k, I expert width, L l
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from torch import nn
 from kernels import permute_tokens, unpermute_tokens
 from mimo_titan.models.mlp import SwiGLU
 
-__all__ = ["MoE", "TopKRouter", "GroupedExperts", "LocalDispatch", "grouped_mm"]
+__all__ = ["MoE", "TopKRouter", "GroupedExperts", "LocalDispatch", "grouped_mm", "excluded_from_stats"]
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -51,7 +53,9 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, 
     counts = counts_E.tolist()
     if impl == "auto":
         impl = "grouped_mm" if (x_NI.is_cuda and x_NI.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                                and torch.cuda.get_device_capability(x_NI.device)[0] >= 9) else "loop"
+                                and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
+                                and x_NI.shape[1] % 8 == 0 and w_EIO.shape[-1] % 8 == 0  # 16-byte strides
+                                and x_NI.shape[0] > 0) else "loop"
     if impl == "loop":
         outs = [xe @ w_EIO[e] for e, xe in enumerate(torch.split(x_NI, counts))]
         return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[-1])
@@ -112,6 +116,20 @@ class LocalDispatch:
         return unpermute_tokens(experts(permuted, counts), row_map, weights)
 
 
+@contextlib.contextmanager
+def excluded_from_stats(module: nn.Module):
+    """Within the block, MoE layers of ``module`` route as usual (collectives included) but add nothing to the
+    routing counts, the aux loss or its gradient: for dummy inputs that only keep collectives in step."""
+    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m.exclude_from_stats = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.exclude_from_stats = False
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``out``; the backward also gives ``aux_loss`` the gradient ``scale`` (Megatron MoEAuxLossAutoScaler)."""
 
@@ -135,7 +153,8 @@ class MoE(nn.Module):
 
     Attributes set by parallel plans (defaults: single process): ``dispatcher``; ``stats_group`` (process group
     over which routing statistics are summed for the aux loss); ``aux_loss_scale`` (gradient scale of the aux
-    loss, e.g. 1 / microbatches). After each forward, ``last_aux_loss`` holds the (global) aux loss value;
+    loss, e.g. 1 / microbatches). After each forward, ``last_aux_loss`` holds this rank's share of the aux loss
+    (the shares of ``stats_group`` sum to the global value);
     ``aux_loss_sum`` (0-dim tensor) and ``tokens_per_expert`` (this rank's routed-copy counts ``[E]`` int64) accumulate
     until :meth:`reset_stats`.
     """
@@ -152,6 +171,7 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatch()
         self.stats_group = None
         self.aux_loss_scale = 1.0
+        self.exclude_from_stats = False  # set by :func:`excluded_from_stats` for padding-only (dummy) forwards
         self.register_buffer("tokens_per_expert", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)
         self.last_aux_loss = torch.zeros(())
         self.aux_loss_sum = torch.zeros(())
@@ -162,8 +182,11 @@ class MoE(nn.Module):
         self.aux_loss_sum = torch.zeros((), device=self.tokens_per_expert.device)
 
     def _aux_loss(self, ids_NK: torch.Tensor, scores_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """``coeff · E · Σ_e f_e P_e`` with f (routed fraction) and P (mean score) over all ranks of ``stats_group``."""
-        n_local = torch.tensor([float(ids_NK.shape[0])], device=scores_NE.device)
+        """``coeff · E · Σ_e f_e P_e`` with f (routed fraction) and P (mean score) over all ranks of ``stats_group``.
+
+        This rank's return value is its share (its tokens' scores); the shares of the group sum to the loss.
+        """
+        n_local = torch.full((1,), 0.0 if self.exclude_from_stats else float(ids_NK.shape[0]), device=scores_NE.device)
         stats = torch.cat([counts_E.float(), n_local])
         if self.stats_group is not None:
             stats = stats.clone()
@@ -171,14 +194,19 @@ class MoE(nn.Module):
         counts_g, n_g = stats[:-1], stats[-1].clamp(min=1.0)
         f = counts_g / (n_g * self.cfg.top_k)
         p_local_sum = scores_NE.sum(0)  # differentiable; summing the per-rank terms gives the global P
+        if self.exclude_from_stats:
+            p_local_sum = p_local_sum * 0.0
         return self.cfg.aux_loss_coeff * self.num_experts * (f * p_local_sum / n_g).sum()
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         shape = x_BSH.shape
         x = x_BSH.reshape(-1, shape[-1])
         weights, ids, scores = self.gate(x)
-        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
-        self.tokens_per_expert += counts.detach()
+        flat = ids.flatten()
+        counts = flat.new_zeros(self.num_experts)
+        if not self.exclude_from_stats:  # scatter_add, not bincount: no device sync
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+        self.tokens_per_expert += counts
         out = self.dispatcher(x, ids, weights, self.experts, self.num_experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

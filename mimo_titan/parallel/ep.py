@@ -72,11 +72,15 @@ class ExpertParallelDispatch:
         send_PL, recv_PL = counts.view(P, L), recv_counts.view(P, L)
         in_splits, out_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
         received = self._all_to_all(permuted, out_splits, in_splits)
-        to_expert_major = torch.arange(P * L).view(P, L).t().flatten()  # chunk (src s, expert l) → l·P + s
-        grouped = sort_chunks_by_index(received, recv_PL.flatten(), to_expert_major)
+        if P > 1:  # rank-major → expert-major; sizes come from a collective, so skip re-validating (a host sync)
+            to_expert_major = torch.arange(P * L).view(P, L).t().flatten()  # chunk (src s, expert l) → l·P + s
+            grouped = sort_chunks_by_index(received, recv_PL.flatten(), to_expert_major, validate=False)
+        else:
+            grouped = received
         y = experts(grouped, recv_PL.sum(0))
-        to_rank_major = torch.arange(P * L).view(L, P).t().flatten()
-        y = sort_chunks_by_index(y, recv_PL.t().flatten(), to_rank_major)
+        if P > 1:
+            to_rank_major = torch.arange(P * L).view(L, P).t().flatten()
+            y = sort_chunks_by_index(y, recv_PL.t().flatten(), to_rank_major, validate=False)
         back = self._all_to_all(y, in_splits, out_splits)
         out = unpermute_tokens(back, row_map, weights_NK)
         if self.etp_size > 1:

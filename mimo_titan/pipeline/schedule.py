@@ -30,6 +30,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
+from mimo_titan.models.moe import excluded_from_stats
 from mimo_titan.pipeline.bridge import Bridge
 
 __all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
@@ -110,8 +111,10 @@ class MimoSchedule:
         """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows are dropped)."""
         n = pixel_values.shape[0]
         if n == 0:
-            pixel_values = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
-        return self.vision(pixel_values)[:n]
+            dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
+            with excluded_from_stats(self.vision):  # MoE routing of the dummy counts for nothing
+                return self.vision(dummy)[:0]
+        return self.vision(pixel_values)
 
     def step(self, global_batch: Batch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.

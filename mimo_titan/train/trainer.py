@@ -70,6 +70,12 @@ def validate_job(cfg, world_size: int) -> dict:
             if moe.num_experts % lay.ep:
                 raise ValueError(f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts="
                                  f"{moe.num_experts}")
+            if not lay.is_language and lay.etp > 1:
+                raise ValueError(
+                    f"parallelism.{name}.etp={lay.etp}: expert tensor parallelism needs the same number of tokens on "
+                    "every rank of an etp group, which an encoder fed a variable number of images does not have; "
+                    f"set parallelism.{name}.etp = 1 (ep is supported)"
+                )
             if moe.intermediate_size % lay.etp:
                 raise ValueError(f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
                                  f"{moe.intermediate_size}")
@@ -248,7 +254,7 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     for index, name in enumerate(layouts):
         if role.holds(name):
             coords = {**role.coordinates[name], **role.expert_coordinates(name)}
-            rng[name] = RNGTracker(module_seeds(cfg.job.seed, index, coords))
+            rng[name] = RNGTracker(module_seeds(cfg.job.seed, index, coords), cuda=device.type == "cuda")
     return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
 
 
@@ -261,20 +267,17 @@ def canonical_named_parameters(job: "Job"):
 
 
 def _moe_stats(job: Job, moe: dict) -> torch.Tensor:
-    """``[n_moe_layers, E + 1]`` fp32: this rank's routed-copy counts per expert and, on one rank per layer
-    (DP rank 0 of the stage, expert-TP rank 0), the step's aux-loss sum, so a world sum gives global values."""
+    """``[n_moe_layers, E_max + 1]`` fp32: this rank's routed-copy counts per expert and its share of the step's
+    aux-loss sum (the shares of a layer's DP group add up to the global value), so a world sum gives global
+    values. Layers with fewer than ``E_max`` experts leave the extra columns at zero."""
     if not job.moe_keys:
         return torch.zeros(0, 1, device=job.device)
     width = max(getattr(job.cfg.model, k.split(".")[0]).moe.num_experts for k in job.moe_keys) + 1
     out = torch.zeros(len(job.moe_keys), width, device=job.device)
-    role = job.topology.role
     for i, key in enumerate(job.moe_keys):
         layer = moe.get(key)
-        if layer is None:
-            continue
-        module = key.split(".")[0]
-        out[i, :layer.num_experts] = layer.tokens_per_expert.float()
-        if role.dp_rank(module) == 0 and role.expert_coordinates(module)["etp"] == 0:
+        if layer is not None:
+            out[i, :layer.num_experts] = layer.tokens_per_expert.float()
             out[i, -1] = layer.aux_loss_sum
     return out
 
@@ -313,7 +316,7 @@ def train_step(job: Job, global_batch) -> dict:
         job.schedulers[name].step()
     for i, key in enumerate(job.moe_keys):
         if key in moe:
-            moe[key].update_bias(moe_stats[i, :-1])
+            moe[key].update_bias(moe_stats[i, :moe[key].num_experts])
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
@@ -322,8 +325,9 @@ def train_step(job: Job, global_batch) -> dict:
     if job.moe_keys:
         rec["moe"] = {}
         for i, key in enumerate(job.moe_keys):
-            counts = moe_stats[i, :-1]
-            rec["moe"][key] = {"min_tokens": int(counts.min()), "max_tokens": int(counts.max()),
+            counts = moe_stats[i, :getattr(job.cfg.model, key.split(".")[0]).moe.num_experts]
+            rec["moe"][key] = {"tokens_per_expert": counts.long().tolist(),
+                               "min_tokens": int(counts.min()), "max_tokens": int(counts.max()),
                                "imbalance": float(counts.max() / counts.float().mean().clamp(min=1e-9)),
                                "aux_loss": float(moe_stats[i, -1]) / job.cfg.training.microbatches}
         rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
