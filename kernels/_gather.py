@@ -66,7 +66,8 @@ def _gather_rows_kernel(
     batch = rows // R
     src_rows = tl.load(idx_ptr + (rows - batch * R), mask=row_ok, other=-1).to(tl.int64)
     valid = row_ok & (src_rows >= 0) & (src_rows < S)
-    src_row_off = tl.where(valid, batch.to(tl.int64) * stride_sb + src_rows * stride_ss, 0)
+    # (where() on the row index, not on the whole offset, keeps the loads vectorizable on Triton 3.9)
+    src_row_off = batch.to(tl.int64) * stride_sb + tl.where(valid, src_rows, 0) * stride_ss
     dst_row_off = rows.to(tl.int64) * H
 
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)

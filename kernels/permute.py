@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._backend import use_triton
 from kernels.reference import permute_tokens_ref, unpermute_tokens_ref
@@ -56,6 +57,7 @@ def _block_rank_kernel(ids_ptr, base_ptr, row_map_ptr, TK, E, BLOCK: tl.constexp
     idx = b * BLOCK + lane
     valid = idx < TK
     ids = tl.load(ids_ptr + idx, mask=valid, other=-1)
+    valid = valid & (ids >= 0) & (ids < E)  # an out-of-range id must not read outside base (its row stays unset)
     same_earlier = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
     rank = tl.sum(same_earlier.to(tl.int32), axis=1)
     base = tl.load(base_ptr + b * E + ids, mask=valid, other=0)
@@ -70,7 +72,7 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride,
     tmask = t < T
     mask = tmask[:, None] & (h < H)[None, :]
     x = tl.load(src_ptr + t[:, None].to(tl.int64) * src_stride + h[None, :], mask=mask)
-    for k in range(K):
+    for k in tl.static_range(K):
         rows = tl.load(row_map_ptr + t * K + k, mask=tmask, other=0).to(tl.int64)
         if HAS_W:
             w = tl.load(w_ptr + t * K + k, mask=tmask, other=0.0).to(tl.float32)
@@ -88,7 +90,7 @@ def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, d
     tmask = t < T
     mask = tmask[:, None] & (h < H)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         rows = tl.load(row_map_ptr + t * K + k, mask=tmask, other=0).to(tl.int64)
         x = tl.load(src_ptr + rows[:, None] * src_stride + h[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
@@ -103,7 +105,7 @@ def _row_dot_kernel(g_ptr, src_ptr, row_map_ptr, out_ptr, T, H, g_stride, src_st
                     N_HBLOCKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
-    for k in range(K):
+    for k in tl.static_range(K):
         rows = tl.load(row_map_ptr + t * K + k, mask=tmask, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for hb in range(N_HBLOCKS):
@@ -123,6 +125,12 @@ def _tiles(T: int, H: int, device: torch.device) -> tuple[int, int]:
     return min(64, triton.next_power_of_2(max(T, 1))), min(4096, triton.next_power_of_2(max(H, 16)))
 
 
+def _routing_block(TK: int, device: torch.device) -> int:
+    """Entries per routing program: 128 on GPU (the rank pass is a [BLOCK, BLOCK] compare); one large block in
+    the CPU interpreter."""
+    return 128 if device.type == "cuda" else min(1024, triton.next_power_of_2(max(TK, 16)))
+
+
 def _routing(topk_ids: torch.Tensor, num_experts: int, align: int):
     """Triton routing map: ``(row_map [T·K] int32, tokens_per_expert [E] int64, n_rows, pad_rows)``.
 
@@ -135,7 +143,7 @@ def _routing(topk_ids: torch.Tensor, num_experts: int, align: int):
     E = num_experts
     if TK == 0:
         return ids, torch.zeros(E, dtype=torch.int64, device=dev), 0, None
-    block = 128 if dev.type == "cuda" else min(1024, triton.next_power_of_2(max(TK, 16)))
+    block = _routing_block(TK, dev)
     nblk = triton.cdiv(TK, block)
     cnt = torch.empty(nblk, E, dtype=torch.int32, device=dev)
     _block_hist_kernel[(nblk,)](ids, cnt, TK, E, BLOCK=block, E_POW2=triton.next_power_of_2(E))
@@ -208,6 +216,7 @@ class _Permute(torch.autograd.Function):
         return permuted, permuted_probs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_permuted, g_pprobs):
         (row_map,) = ctx.saved_tensors
         g_tokens = g_probs = None
@@ -228,12 +237,14 @@ class _Unpermute(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out):
         permuted, row_map, probs_c = ctx.saved_tensors
         g_out = g_out.contiguous()
         g_permuted = g_probs = None
-        if ctx.needs_input_grad[0]:  # rows no token maps to (padding) get zero gradient
-            g_permuted = _scatter_rows(g_out, row_map, probs_c, permuted.shape[0], ctx.K, zero_all=True)
+        if ctx.needs_input_grad[0]:  # rows no token maps to (padding, only when N > T·K) get zero gradient
+            g_permuted = _scatter_rows(g_out, row_map, probs_c, permuted.shape[0], ctx.K,
+                                       zero_all=permuted.shape[0] > ctx.T * ctx.K)
         if ctx.has_probs and ctx.needs_input_grad[2]:
             g_probs = _row_dot(g_out, permuted, row_map, ctx.T, ctx.K).to(ctx.probs_dtype)
         return g_permuted, None, g_probs, None, None

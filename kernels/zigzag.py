@@ -25,7 +25,7 @@ zigzag shards, document after document; the local ``cu_seqlens`` is ``cu_seqlens
 
 All ops are row gathers along the sequence dim, run by the Triton kernel of :mod:`kernels._gather`. Index
 maps are built with a few small torch ops on the tensor's device, without host syncs (except the single
-validation sync of the THD ops on device-resident ``cu_seqlens``), and cached (see "map caches" below). A
+validation sync of the THD ops on device-resident ``cu_seqlens``); BSHD maps are cached (see "index maps"). A
 gather reads and writes each kept element once: ``2 * numel(out) * itemsize`` bytes. Backwards are gathers
 with the inverse map (zeros for the positions a rank does not keep).
 
@@ -292,8 +292,8 @@ def zigzag_shard_thd(
     Args:
         x: ``[T, ...]`` packed tokens (tokens first), any dtype and strides.
         cu_seqlens: int32/int64 ``[D + 1]``: 0, then cumulative document lengths; the last entry is ``T``.
-            May live on another device than ``x``. Validating it costs one host sync when it is on CUDA; the
-            Triton path caches the validated index map per ``cu_seqlens`` tensor (until it is modified).
+            May live on another device than ``x``. Validating it costs one host sync when it is on CUDA (keep it
+            on the CPU, as the collator makes it, to avoid that).
         cp_size: context-parallel world size (>= 1).
         cp_rank: this rank, in ``[0, cp_size)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.

@@ -90,7 +90,7 @@ def bench_zigzag(device, copy_bw, quick):
         rows.append(_row("zigzag_shard_bshd", f"S={S} cp={cp} [1,S,32,128]", nbytes,
                          _bench(lambda: zigzag_shard(x, cp, 0, 1)), _bench(ref), copy_bw))
         # THD: 16 documents of random lengths (multiples of 2*cp) packed to S tokens
-        g = torch.Generator().manual_seed(S + cp)
+        torch.manual_seed(S + cp)  # Dirichlet.sample takes no generator: seed the global one
         parts = torch.distributions.Dirichlet(torch.ones(16)).sample() * (S // (2 * cp))
         lens = parts.floor().long().clamp(min=1)
         lens[-1] += S // (2 * cp) - int(lens.sum())

@@ -52,7 +52,7 @@ def test_permute_and_unpermute_equal_reference(T, H, K, E, align, dtype):
     tokens, ids, probs = _case(T, H, K, E, dtype, seed, noncontig=(T % 2 == 1))
     results = {}
     for backend in ("triton", "torch"):
-        x = tokens.clone().requires_grad_(True) if T else tokens.clone().requires_grad_(True)
+        x = tokens.clone().requires_grad_(True)
         p = probs.clone().requires_grad_(True)
         permuted, pprobs, row_map, per_expert = permute_tokens(x, ids, E, p, align, backend=backend)
         g_perm = _grads([permuted, pprobs], (x, p), seed + 1)
@@ -150,3 +150,27 @@ def test_auto_backend_uses_reference_on_cpu_and_rejects_unknown():
     assert torch.equal(permute_tokens(x, ids, 2)[0], permute_tokens_ref(x, ids, 2)[0])
     with pytest.raises(ValueError, match="backend="):
         permute_tokens(x, ids, 2, backend="cuda")
+
+
+@pytest.mark.parametrize("T,H,K,E,align", [(130, 40, 8, 256, 1), (77, 24, 3, 10, 4), (300, 16, 1, 1, 1)])
+def test_gpu_tile_and_block_sizes_in_the_interpreter(monkeypatch, T, H, K, E, align):
+    """The CUDA configuration (routing blocks of 128, 4-token tiles, H split over several blocks) on CPU."""
+    import kernels.permute as P
+
+    monkeypatch.setattr(P, "_routing_block", lambda TK, device: 128)
+    monkeypatch.setattr(P, "_tiles", lambda T, H, device: (4, 16))
+    tokens, ids, probs = _case(T, H, K, E, torch.float32, 9)
+    x, p = tokens.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    got = permute_tokens(x, ids, E, p, align, backend="triton")
+    want = permute_tokens_ref(tokens, ids, E, probs, align)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b if b.dtype != torch.int64 or a.dtype == torch.int64 else b.to(a.dtype))
+    out_t = unpermute_tokens(got[0], got[2], p, backend="triton")
+    out_r = unpermute_tokens_ref(want[0], want[2], probs)
+    assert torch.equal(out_t, out_r)
+    g_t = torch.autograd.grad((out_t * tokens).sum(), (x, p))
+    xr, pr = tokens.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    pe = permute_tokens_ref(xr, ids, E, pr, align)
+    g_r = torch.autograd.grad((unpermute_tokens_ref(pe[0], pe[2], pr) * tokens).sum(), (xr, pr))
+    for a, b in zip(g_t, g_r):
+        assert torch.equal(a, b)
