@@ -51,6 +51,11 @@ LAYOUTS = {
     "moe_pp2_ep2_noncolocated": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), MOE_LM, ()),
     "moe_encoder_ep2_aux_free": (4, V(0, 2, dp_shard=2, ep=2), V(2, 2, dp_shard=2, ep=2),
                                  {**MOE_BOTH, "training": {"microbatches": 1}}, ()),
+    "lm_cp2_noncolocated": (3, V(0, 1), V(1, 2, cp=2), {}, ()),
+    "lm_cp2_dp2_fan_in": (6, V(0, 2, dp_shard=2), V(2, 4, dp_shard=2, cp=2),
+                          {"data": {"max_images_per_sample": 2}}, (1,)),
+    "lm_pp2_cp2_colocated": (4, V(0, 4, dp_shard=4), V(0, 4, pp=2, cp=2), {"training": {"global_batch_size": 8}}, ()),
+    "moe_cp2_ep2": (5, V(0, 1), V(1, 4, dp_shard=2, cp=2, ep=2), MOE_LM, ()),
     "moe_encoder_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
                                         {**MOE_BOTH, "training": {"global_batch_size": 8}}, (0, 1, 4, 5)),
 }

@@ -25,7 +25,12 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 
 
 @pytest.mark.parametrize("vision,language,extra,world,match", [
-    (V(0, 2, tp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision: tp=2, cp=1; tensor and context parallelism"),
+    (V(0, 2, tp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.tp=2: tensor parallelism is not supported yet"),
+    (V(0, 2, cp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.cp=2: context parallelism is supported for the "
+                                                 r"language module only"),
+    (V(0, 1), V(1, 2, cp=2), {"training": {"seq_len": 46}}, 3, r"training.seq_len=46 must be divisible by 2 \* "
+                                                                r"parallelism.language.cp = 4.*e.g. 48"),
+    (V(0, 1), V(1, 4, dp_replicate=2, cp=2), {}, 5, r"cp=2 with dp_replicate=2 is not supported yet"),
     (V(0, 2, pp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.pp=2: encoder modules run as one stage"),
     (V(0, 1), V(1, 3, pp=3), {}, 4, r"num_layers=2 is smaller than parallelism.language.pp=3"),
     (V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), {"training": {"global_batch_size": 4}}, 5, r"training\.global_batch_size"),

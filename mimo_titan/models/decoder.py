@@ -79,14 +79,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Replaced by a parallel plan (e.g. context parallelism): ``attn_fn(q, k, v, positions) -> [B, nh, S, hd]``
+        # with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]`` and the tokens' global positions ``[S]``.
+        self.attn_fn = None
 
-    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
         k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
         v = self.v_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if self.attn_fn is not None:
+            return self.o_proj(self.attn_fn(q, k, v, positions).transpose(1, 2).reshape(b, s, -1))
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
@@ -112,8 +118,9 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin)
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -135,8 +142,10 @@ class DecoderLM(nn.Module):
     Forward:
         ``x``: ``[B, S]`` int64 token ids when this part has ``embed_tokens``, else ``[B, S, H]`` hidden states.
         ``inputs_embeds``: optional ``[B, S, H]`` replacing the embedding lookup (used by the MIMO merge).
+        ``position_ids``: optional ``[S]`` int64 global positions of the tokens (default ``0..S-1``; under context
+        parallelism the positions of this rank's zigzag shard), used by RoPE and passed to ``attn_fn``.
         Returns ``[B, S, V]`` logits when this part has ``lm_head``, else ``[B, S, H]`` hidden states.
-        Positions are ``0..S-1`` for every row (right-padded batches, causal attention).
+        Rows are right-padded; attention is causal.
 
     Raises:
         ValueError: on an inconsistent config (heads not dividing, tied embeddings with pipeline splitting).
@@ -157,17 +166,19 @@ class DecoderLM(nn.Module):
         """Token embeddings ``[B, S, H]`` of ids ``[B, S]`` int64."""
         return self.model.embed_tokens(input_ids_BS)
 
-    def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if inputs_embeds is not None:
             h = inputs_embeds
         elif self.model.embed_tokens is not None:
             h = self.embed(x)
         else:
             h = x
-        s = h.shape[1]
-        cos, sin = rope_cos_sin(torch.arange(s, device=h.device), self.head_dim, self.cfg.rope_theta, h.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.model.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, position_ids)
         if self.model.norm is not None:
             h = self.model.norm(h)
         if self.lm_head is not None:

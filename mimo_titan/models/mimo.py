@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import zigzag_position_ids, zigzag_shard
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
 
@@ -63,7 +64,9 @@ class LanguageStage(nn.Module):
 
     Forward:
         first stage: ``(input_ids [B, S] int64, image_dense [B, S, H] float)``; other stages:
-        ``(hidden [B, S, H])``. Returns logits ``[B, S, V]`` on the last stage, hidden states otherwise.
+        ``(hidden [B, S / cp, H])``. Returns logits ``[B, S / cp, V]`` on the last stage, hidden states otherwise.
+        With context parallelism (``cp_size > 1``) the first stage zigzag-shards the merged embeddings over the
+        sequence, and every stage gives RoPE and attention the global positions of its shard.
     """
 
     def __init__(self, language: DecoderLM, image_token_id: int):
@@ -71,14 +74,23 @@ class LanguageStage(nn.Module):
         self.language = language
         self.image_token_id = image_token_id
         self.is_first = language.model.embed_tokens is not None
+        self.cp_size, self.cp_rank = 1, 0  # set by the context-parallel plan (mimo_titan.parallel.cp)
 
     def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None) -> torch.Tensor:
         if not self.is_first:
-            return self.language(x)
+            return self.language(x, position_ids=self._positions(x.shape[1] * self.cp_size, x.device))
         embeds = self.language.embed(x)
         if image_dense_BSH is not None:
             embeds = merge_image_embeddings(embeds, x, image_dense_BSH, self.image_token_id)
-        return self.language(x, inputs_embeds=embeds)
+        if self.cp_size > 1:  # after the merge: this rank keeps its zigzag shard of the sequence
+            embeds = zigzag_shard(embeds, self.cp_size, self.cp_rank, seq_dim=1)
+        return self.language(x, inputs_embeds=embeds, position_ids=self._positions(x.shape[1], x.device))
+
+    def _positions(self, seq_len: int, device) -> torch.Tensor:
+        """Global positions ``[S / cp]`` of this rank's tokens of a length-``seq_len`` sequence."""
+        if self.cp_size == 1:
+            return torch.arange(seq_len, device=device)
+        return zigzag_position_ids(seq_len, self.cp_size, self.cp_rank, device)
 
 
 class MimoModel(nn.Module):

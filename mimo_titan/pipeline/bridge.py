@@ -7,7 +7,12 @@ Along a route the encoder sends the image-token rows of exactly those samples; t
 concatenates its routes in sample order. Gradients travel the same routes backwards, so each encoder rank gets
 ``d loss / d embeds`` for exactly its own rows. This handles fan-in (encoder DP > LM DP), fan-out (encoder
 DP < LM DP), equal DP and ratios that do not divide (2 → 3), and any number of image tokens per sample (zero
-included): a route whose samples have no image token sends nothing, and both sides know it.
+included): a route whose samples have no image token sends nothing, and both sides know it. With context
+parallelism on the language side, every CP rank of the destination DP index receives the route's rows (each
+keeps what its zigzag shard needs) and their gradients are summed on the way back.
+
+Ordering: every pair of ranks posts its sends and receives in the same order on both sides (microbatch
+ascending, then route start, all forwards before any backward), so NCCL, which ignores tags, pairs them too.
 
 Example (mb_size 6, encoder dp 2 → language dp 3): encoder ranges [0,3) [3,6), language ranges [0,2) [2,4)
 [4,6); routes (e0→l0, [0,2)), (e0→l1, [2,3)), (e1→l1, [3,4)), (e1→l2, [4,6)).
@@ -93,18 +98,19 @@ class Bridge:
                 f"parallelism.{src_layout.name}.pp={src_layout.pp}: encoder modules run as a single pipeline stage "
                 "ahead of the language model; set pp = 1 and use dp_shard instead"
             )
-        for lay in (src_layout, dst_layout):
-            if lay.tp != 1 or lay.cp != 1:
+        for lay, cp_ok in ((src_layout, False), (dst_layout, True)):
+            if lay.tp != 1 or (lay.cp != 1 and not cp_ok):
                 raise ValueError(
-                    f"parallelism.{lay.name}: tp={lay.tp}, cp={lay.cp}; tensor and context parallelism are not "
-                    "supported by the bridge yet, set tp = 1 and cp = 1"
+                    f"parallelism.{lay.name}: tp={lay.tp}, cp={lay.cp}; the bridge supports context parallelism on "
+                    "the language side only and no tensor parallelism yet: set tp = 1 (and cp = 1 for encoders)"
                 )
         self.src, self.dst = src_layout, dst_layout
         self.mb_size, self.tokens_per_image, self.hidden_size = mb_size, tokens_per_image, hidden_size
         self.dtype, self.device, self.rank = dtype, device, rank
         self.routes = plan_routes(mb_size, src_layout.dp, dst_layout.dp)
-        self.src_ranks = [module_rank(src_layout, 0, d) for d in range(src_layout.dp)]
-        self.dst_ranks = [module_rank(dst_layout, 0, d) for d in range(dst_layout.dp)]
+        self.src_ranks = [[module_rank(src_layout, 0, d)] for d in range(src_layout.dp)]
+        # every CP rank of a language DP index gets the rows of its samples (it shards them like its tokens)
+        self.dst_ranks = [[module_rank(dst_layout, 0, d, c) for c in range(dst_layout.cp)] for d in range(dst_layout.dp)]
         self._local: dict[tuple[int, int, Route], torch.Tensor] = {}
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
@@ -117,32 +123,38 @@ class Bridge:
             offsets.append(offsets[-1] + int(c))
         return offsets
 
-    def _send(self, rows: torch.Tensor, peer: int, tag: int, key) -> None:
+    def _send(self, rows: torch.Tensor, peers: list[int], tag: int, key) -> None:
+        """Send ``rows`` to every rank in ``peers``."""
         if rows.shape[0] == 0:
             return
-        if peer == self.rank:
-            self._local[key] = rows.detach()
-            return
         buf = rows.detach().to(self.dtype).contiguous()
-        self._sends.append((dist.isend(buf, dst=peer, tag=tag), buf))
+        for peer in peers:
+            if peer == self.rank:
+                self._local[(*key, peer)] = buf
+            else:
+                self._sends.append((dist.isend(buf, dst=peer, tag=tag), buf))
 
-    def _recv_all(self, pieces: list[tuple[int, int, object]], tag: int) -> torch.Tensor:
-        """Receive each (n_rows, peer, key) piece; return them concatenated in order as ``[sum n_rows, H]``."""
+    def _recv_all(self, pieces: list[tuple[int, list[int], object]], tag: int) -> torch.Tensor:
+        """Receive each (n_rows, peers, key) piece from every rank in ``peers`` and sum over them; return the
+        pieces concatenated in order as ``[sum n_rows, H]``."""
         out, works = [], []
-        for n, peer, key in pieces:
+        for n, peers, key in pieces:
             if n == 0:
                 continue
-            if peer == self.rank:
-                out.append(self._local.pop(key).to(self.dtype))
-                continue
-            buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
-            works.append(dist.irecv(buf, src=peer, tag=tag))
-            out.append(buf)
+            bufs = []
+            for peer in peers:
+                if peer == self.rank:
+                    bufs.append(self._local.pop((*key, self.rank)).to(self.dtype))
+                    continue
+                buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
+                works.append(dist.irecv(buf, src=peer, tag=tag))
+                bufs.append(buf)
+            out.append(bufs)
         for w in works:
             w.wait()
         if not out:
             return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        return torch.cat(out)
+        return torch.cat([bufs[0] if len(bufs) == 1 else torch.stack(bufs).sum(0) for bufs in out])
 
     def _send_rows(self, mb: int, direction: int, my_dp: int, rows: torch.Tensor, images_per_sample: torch.Tensor,
                    side_size: int, mine_of, peer_of) -> None:

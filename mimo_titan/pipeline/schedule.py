@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from kernels import zigzag_shard
 from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.moe import excluded_from_stats
@@ -80,8 +81,11 @@ class MimoSchedule:
         self.vision_name = enc[0]
         self._num_loss_tokens = 1
         self.pp_schedule = None
+        self.cp_size, self.cp_rank = 1, 0
         if language is not None:
             lay = topology.layouts[self.lang_name]
+            self.cp_size, self.cp_rank = lay.cp, role.coordinates[self.lang_name]["cp"]
+            s_local = seq_len // self.cp_size
             stage_idx = role.pp_stage(self.lang_name)
             self.is_first = stage_idx == 0
             self.is_last = stage_idx == lay.pp - 1
@@ -90,8 +94,8 @@ class MimoSchedule:
                 return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
 
             inputs = ((meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
-                      if self.is_first else (meta(b, seq_len, H),))
-            outputs = (meta(b, seq_len, vocab_size),) if self.is_last else (meta(b, seq_len, H),)
+                      if self.is_first else (meta(b, s_local, H),))
+            outputs = (meta(b, s_local, vocab_size),) if self.is_last else (meta(b, s_local, H),)
             self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
                                        input_args=inputs, output_args=outputs, group=topology.pp_group(self.lang_name))
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
@@ -99,7 +103,12 @@ class MimoSchedule:
             )
 
     def _loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        """Sum of per-token cross-entropy (fp32) over the microbatch / global number of loss tokens of the step."""
+        """Sum of per-token cross-entropy (fp32) over the microbatch / global number of loss tokens of the step.
+
+        Under context parallelism the logits are this rank's zigzag shard; the labels get the same shard.
+        """
+        if self.cp_size > 1:
+            labels_BS = zigzag_shard(labels_BS, self.cp_size, self.cp_rank, seq_dim=1)
         ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return ce / self._num_loss_tokens
 

@@ -44,6 +44,7 @@ from mimo_titan.topology.layout import (
 __all__ = ["Topology", "build_topology", "layouts_from_config"]
 
 _DP_DIMS = ("dp_replicate", "dp_shard")
+DP_CP_MESH_DIMS = ("pp", "dp_cp", "tp")
 _CONFIG_FIELDS = ("rank_offset", "num_ranks", "pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
 
 
@@ -77,6 +78,7 @@ class Topology:
     meshes: dict[str, DeviceMesh]
     dp_groups: dict[str, ProcessGroup | None] = field(default_factory=dict, repr=False)
     expert_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    dp_cp_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)  # modules with cp > 1
 
     @property
     def rank(self) -> int:
@@ -139,6 +141,39 @@ class Topology:
         """
         self._check_member(name, "dp_mesh")
         return self.meshes[name][_DP_DIMS]
+
+    def fsdp_mesh(self, name: str) -> DeviceMesh:
+        """The mesh FSDP shards module ``name`` over: :meth:`dp_mesh` when ``cp == 1``, else the 1-D ``dp_cp`` mesh
+        (``dp_shard x cp`` ranks: parameters are replicated across CP ranks, so their gradients are summed over
+        dp and cp, as torchtitan's ``dp_shard_cp``).
+
+        Raises:
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "fsdp_mesh")
+        if self.layouts[name].cp == 1:
+            return self.dp_mesh(name)
+        return self.dp_cp_meshes[name]["dp_cp"]
+
+    def token_group(self, name: str) -> ProcessGroup:
+        """The group whose ranks hold different tokens of a microbatch: dp (x cp when ``cp > 1``).
+
+        Raises:
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "token_group")
+        if self.layouts[name].cp == 1:
+            return self.dp_group(name)
+        return self.dp_cp_meshes[name].get_group("dp_cp")
+
+    def cp_group(self, name: str) -> ProcessGroup:
+        """This rank's context-parallel group in ``name`` (``cp`` ranks).
+
+        Raises:
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "cp_group")
+        return self.meshes[name].get_group("cp")
 
     def dp_group(self, name: str) -> ProcessGroup:
         """This rank's flattened data-parallel group (``dp_replicate x dp_shard`` ranks).
@@ -306,6 +341,7 @@ def build_topology(
     meshes: dict[str, DeviceMesh] = {}
     dp_groups: dict[str, ProcessGroup | None] = {}
     expert_meshes: dict[str, DeviceMesh] = {}
+    dp_cp_meshes: dict[str, DeviceMesh] = {}
     for name, lay in layouts.items():
         ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.shape)
         mesh = DeviceMesh(device_type, ranks, mesh_dim_names=MESH_DIMS)
@@ -325,6 +361,9 @@ def build_topology(
             dp_groups[name] = None
         expert_ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.expert_shape)
         expert_meshes[name] = DeviceMesh(device_type, expert_ranks, mesh_dim_names=EXPERT_MESH_DIMS)
+        if lay.cp > 1:  # dp x cp flattened (adjacent dims, same rank order): FSDP and token-statistics group
+            dp_cp_ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.pp, lay.dp * lay.cp, lay.tp)
+            dp_cp_meshes[name] = DeviceMesh(device_type, dp_cp_ranks, mesh_dim_names=DP_CP_MESH_DIMS)
 
     return Topology(
         layouts=dict(layouts),
@@ -334,6 +373,7 @@ def build_topology(
         meshes=meshes,
         dp_groups=dp_groups,
         expert_meshes=expert_meshes,
+        dp_cp_meshes=dp_cp_meshes,
     )
 
 

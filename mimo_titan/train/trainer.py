@@ -22,6 +22,7 @@ from torch import nn
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.models.mimo import LanguageStage, MimoModel
 from mimo_titan.models.moe import MoE
+from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
 from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.pipeline.bridge import Bridge
@@ -53,11 +54,21 @@ def validate_job(cfg, world_size: int) -> dict:
     layouts = layouts_from_config(cfg.parallelism)
     validate_layouts(layouts, world_size)
     for name, lay in layouts.items():
-        if lay.tp != 1 or lay.cp != 1:
-            raise ValueError(
-                f"parallelism.{name}: tp={lay.tp}, cp={lay.cp}; tensor and context parallelism are not supported "
-                "yet, set tp = 1 and cp = 1 (use dp_shard / pp)"
-            )
+        if lay.tp != 1:
+            raise ValueError(f"parallelism.{name}.tp={lay.tp}: tensor parallelism is not supported yet; set tp = 1")
+        if lay.cp != 1:
+            if not lay.is_language:
+                raise ValueError(f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
+                                 "module only; set cp = 1")
+            if lay.dp_replicate != 1:
+                raise ValueError(f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
+                                 "supported yet; use dp_shard instead of dp_replicate")
+            if cfg.training.seq_len % (2 * lay.cp):
+                raise ValueError(
+                    f"training.seq_len={cfg.training.seq_len} must be divisible by 2 * parallelism.{name}.cp = "
+                    f"{2 * lay.cp} (zigzag context parallelism splits each sequence into 2 * cp chunks); e.g. "
+                    f"{cfg.training.seq_len + (-cfg.training.seq_len) % (2 * lay.cp)}"
+                )
         if not lay.is_language and lay.pp != 1:
             raise ValueError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
         moe = getattr(cfg.model, name).moe
@@ -164,7 +175,7 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
         return None
     lay = topology.layouts[name]
     for moe in layers:
-        moe.stats_group = topology.dp_group(name) if lay.dp > 1 else None
+        moe.stats_group = topology.token_group(name) if lay.dp * lay.cp > 1 else None
         moe.aux_loss_scale = 1.0 / microbatches
     if lay.ep * lay.etp == 1:
         return None
@@ -235,8 +246,10 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
         lay = layouts[lang_name]
         part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
         stage = LanguageStage(part, processor.image_token_id)
+        if lay.cp > 1:
+            apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
-        modules[lang_name] = apply_fsdp(stage.to(device), list(part.model.layers.values()), topology.dp_mesh(lang_name),
+        modules[lang_name] = apply_fsdp(stage.to(device), list(part.model.layers.values()), topology.fsdp_mesh(lang_name),
                                         param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1,
                                         expert_mesh=expert_mesh)
     del full
