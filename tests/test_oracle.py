@@ -5,15 +5,13 @@ samples with no image, and MoE with expert parallelism: ep = 2 / 4, ep × etp, e
 pp, an MoE encoder): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
 update is nearly invariant to a gradient scale, so this is what catches a wrong reduction) and every updated
 parameter (1e-3, fp32) equal those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in
-this process. The reference runs microbatch by microbatch only because an MoE layer's load-balancing loss is
-defined per microbatch (over all of its tokens, whatever the layout).
+this process (``tests/_reference.py``), together with the MoE routing counts and aux loss.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _launch import per_layout_backends, run_ranks
 from _tiny import first_global_batch, tiny_config_dict
@@ -96,42 +94,17 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe")}
 
 
-def _reference_moe_stats(model, microbatches):
-    """Per MoE layer of the reference: routed copies per expert and the aux loss (mean over microbatches)."""
-    from mimo_titan.parallel.ep import moe_modules
-
-    return {name: (moe.tokens_per_expert.tolist(), float(moe.aux_loss_sum) / microbatches)
-            for name, moe in moe_modules(model)}
-
-
 def _reference_step(cfg, no_image_samples):
+    from _reference import ReferenceTrainer
+
     from mimo_titan.data import ImageTextProcessor
-    from mimo_titan.models import MimoModel
-    from mimo_titan.parallel.ep import moe_modules
 
     tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, tpi)
     batch = _batch(cfg, proc, no_image_samples)
-    model = MimoModel(cfg.model, proc.image_token_id)
-    model.init_weights(cfg.job.seed)
-    M = cfg.training.microbatches
-    for _, moe in moe_modules(model):
-        moe.aux_loss_scale = 1.0 / M
-    n_loss = (batch.labels != -100).sum()
-    loss = 0.0
-    mb = len(batch) // M
-    for m in range(M):
-        part = batch.slice(m * mb, (m + 1) * mb)
-        logits = model(part.input_ids, part.pixel_values)
-        ce = F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100, reduction="sum") / n_loss
-        ce.backward()
-        loss += ce.item()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
-    opt.step()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    return loss, norm.item(), params, batch, _reference_moe_stats(model, M)
+    ref = ReferenceTrainer(cfg, proc.image_token_id)
+    loss, norm = ref.step(batch)
+    return loss, norm, ref.params(), batch, ref.moe_stats()
 
 
 @pytest.mark.multirank

@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from _launch import per_layout_backends, run_ranks
 from _tiny import tiny_config_dict
@@ -73,48 +71,17 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
 
 
 def _reference_losses(cfg, steps):
-    """Plain single-process training: same loader, warmup + cosine written out here, global clipping, AdamW."""
-    import math
+    """Single-process training on the same loader's batches (``tests/_reference.py``)."""
+    from _reference import ReferenceTrainer
 
     from mimo_titan.data import ImageTextProcessor, MimoDataLoader
-    from mimo_titan.models import MimoModel
-    from mimo_titan.parallel.ep import moe_modules
 
     tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, tpi)
     loader = MimoDataLoader(cfg.data.path, proc, cfg.training.global_batch_size, cfg.training.seq_len,
                             max_images_per_sample=cfg.data.max_images_per_sample, seed=cfg.job.seed)
-    model = MimoModel(cfg.model, proc.image_token_id)
-    model.init_weights(cfg.job.seed)
-    M = cfg.training.microbatches
-    moe = [m for _, m in moe_modules(model)]
-    for m in moe:
-        m.aux_loss_scale = 1.0 / M
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
-    w, total, lo = cfg.lr_schedule.warmup_steps, cfg.training.steps, cfg.lr_schedule.min_lr_ratio
-    losses = []
-    for s in range(steps):
-        mult = (s + 1) / (w + 1) if s < w else lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - w) / (total - w)))
-        for g in opt.param_groups:
-            g["lr"] = cfg.optimizer.lr * mult
-        batch = next(loader)
-        opt.zero_grad()
-        for m in moe:
-            m.reset_stats()
-        n_loss, mb, loss = (batch.labels != -100).sum(), len(batch) // M, 0.0
-        for i in range(M):  # microbatch by microbatch: an MoE aux loss is defined per microbatch
-            part = batch.slice(i * mb, (i + 1) * mb)
-            logits = model(part.input_ids, part.pixel_values)
-            ce = F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100, reduction="sum")
-            (ce / n_loss).backward()
-            loss += (ce / n_loss).item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-        opt.step()
-        for m in moe:  # aux-loss-free balancing: bias step from the step's routing counts
-            m.update_bias(m.tokens_per_expert)
-        losses.append(loss)
-    return losses
+    ref = ReferenceTrainer(cfg, proc.image_token_id)
+    return [ref.step(next(loader))[0] for _ in range(steps)]
 
 
 @pytest.mark.multirank
