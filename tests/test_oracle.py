@@ -54,16 +54,27 @@ LAYOUTS = {
                           {"data": {"max_images_per_sample": 2}}, (1,)),
     "lm_pp2_cp2_colocated": (4, V(0, 4, dp_shard=4), V(0, 4, pp=2, cp=2), {"training": {"global_batch_size": 8}}, ()),
     "moe_cp2_ep2": (5, V(0, 1), V(1, 4, dp_shard=2, cp=2, ep=2), MOE_LM, ()),
+    "lm_cp2_images_on_every_shard": (3, V(0, 1), V(1, 2, cp=2), {"data": {"max_images_per_sample": 2}}, ()),
+    "lm_cp4_colocated_images_on_every_shard": (4, V(0, 4, dp_shard=4), V(0, 4, cp=4),
+                                               {"training": {"global_batch_size": 8}}, ()),
     "moe_encoder_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
                                         {**MOE_BOTH, "training": {"global_batch_size": 8}}, (0, 1, 4, 5)),
 }
 
 
-def _batch(cfg, processor, no_image_samples):
-    """The first global batch; the given samples lose their images (placeholders become text tokens)."""
+# layouts whose batches are rotated so image tokens reach every CP rank (the bridge sums their gradients)
+ROLL = {"lm_cp2_images_on_every_shard": 14, "lm_cp4_colocated_images_on_every_shard": 9}
+
+
+def _batch(cfg, processor, no_image_samples, roll=0):
+    """The first global batch; the given samples lose their images (placeholders become text tokens); with
+    ``roll`` every row (ids and labels together) is rotated by that many positions, which moves the image tokens
+    onto other context-parallel shards and across shard boundaries."""
     from mimo_titan.data.collate import Batch
 
     b = first_global_batch(cfg, processor)
+    if roll:
+        b = Batch(b.input_ids.roll(roll, 1), b.labels.roll(roll, 1), b.pixel_values, b.images_per_sample, b.sample_ids)
     if not no_image_samples:
         return b
     ids, ims = b.input_ids.clone(), b.images_per_sample.clone()
@@ -86,7 +97,8 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
-    rec = train_step(job, _batch(cfg, job.processor, no_image_samples))
+    no_image_samples, roll = no_image_samples
+    rec = train_step(job, _batch(cfg, job.processor, no_image_samples, roll))
     params = {}
     for name, p in canonical_named_parameters(job):
         full = p.full_tensor() if isinstance(p, DTensor) else p
@@ -94,14 +106,14 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe")}
 
 
-def _reference_step(cfg, no_image_samples):
+def _reference_step(cfg, no_image_samples, roll):
     from _reference import ReferenceTrainer
 
     from mimo_titan.data import ImageTextProcessor
 
     tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, tpi)
-    batch = _batch(cfg, proc, no_image_samples)
+    batch = _batch(cfg, proc, no_image_samples, roll)
     ref = ReferenceTrainer(cfg, proc.image_token_id)
     loss, norm = ref.step(batch)
     return loss, norm, ref.params(), batch, ref.moe_stats()
@@ -120,10 +132,11 @@ def test_one_step_matches_single_process(layout, backend):
         extra["model"]["vision"]["moe"]["num_experts"] = 2
     cfg_dict = tiny_config_dict(vision, language, **extra)
     cfg = config_from_dict(cfg_dict)
-    ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images)
+    roll = ROLL.get(layout, 0)
+    ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images, roll)
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
-    results = run_ranks(_oracle_worker, world, cfg_dict, no_images, backend=backend)
+    results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll), backend=backend)
 
     seen = set()
     for rank, res in enumerate(results):

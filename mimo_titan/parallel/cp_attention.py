@@ -232,7 +232,8 @@ class ContextParallelAttention:
         gqa: how ``nkv < nh`` is handled, see :func:`local_attention`.
         cache_mask: reuse the gathered positions and the mask while the call gets the very same ``q_pos``
             (and ``doc_ids``) tensor objects, unmodified (all layers of one forward): saves one collective and
-            one ``[S_local, S]`` mask per layer (all layers' SDPA backward then share one saved mask). Every
+            one boolean ``[S_local, S]`` mask per layer (SDPA still turns it into an additive mask per call and
+            saves that copy for its backward, so saved memory grows as layers × S_local × S elements). Every
             rank must hit or miss the cache alike (a miss runs a collective); ranks running the same model code
             do. The cache holds one mask until the next call with other position tensors; set ``False`` to
             build it on every call (e.g. under ``torch.compile``).
@@ -286,7 +287,9 @@ class ContextParallelAttention:
     def _mask(self, q_pos: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Guarded ``(mask, row_ok)`` of the local queries against all keys (cached, see ``cache_mask``)."""
         c = self._cache
-        if (c is not None and c[0] is q_pos and c[1] == q_pos._version and c[2] is doc_ids
+        if q_pos.is_inference() or (doc_ids is not None and doc_ids.is_inference()):
+            c = None  # inference tensors have no version counter: no caching
+        elif (c is not None and c[0] is q_pos and c[1] == q_pos._version and c[2] is doc_ids
                 and (doc_ids is None or c[3] == doc_ids._version)):
             return c[4]
         if doc_ids is None:
@@ -294,8 +297,9 @@ class ContextParallelAttention:
         else:
             kv_pos, kv_doc = self._gather_index(torch.stack([q_pos.to(torch.int64), doc_ids.to(torch.int64)]))
         guarded = _guard(attention_mask(q_pos, kv_pos, doc_ids, kv_doc))
+        cacheable = self.cache_mask and not q_pos.is_inference() and (doc_ids is None or not doc_ids.is_inference())
         self._cache = ((q_pos, q_pos._version, doc_ids, None if doc_ids is None else doc_ids._version, guarded)
-                       if self.cache_mask else None)
+                       if cacheable else None)
         return guarded
 
     # ------------------------------------------------------------------------------------------- call

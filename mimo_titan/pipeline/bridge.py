@@ -88,7 +88,7 @@ class Bridge:
     step no longer needs them.
 
     Raises:
-        ValueError: if the encoder has pp > 1, or either side has tp or cp > 1 (not supported by this bridge yet).
+        ValueError: if the encoder has pp > 1 or cp > 1, or either side has tp > 1 (not supported yet).
     """
 
     def __init__(self, src_layout, dst_layout, mb_size: int, tokens_per_image: int, hidden_size: int,

@@ -365,7 +365,8 @@ def train(cfg) -> list[dict]:
         job = build_job(cfg, device, processor)
         logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
                     "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
-                              f"dp_shard={lay.dp_shard}" + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
+                              f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "")
+                              + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
                               for n, lay in job.topology.layouts.items()))
         for _ in range(cfg.training.steps):
             rec = train_step(job, next(loader))
