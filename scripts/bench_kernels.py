@@ -25,19 +25,28 @@ import sys
 import torch
 
 
+SMOKE = False  # --smoke: tiny shapes on CPU through the Triton interpreter, wall-clock timing (checks the script)
+BACKEND = "auto"
+
+
 def _bench(fn) -> float:
-    """Median time of ``fn`` in µs."""
+    """Median time of ``fn`` in µs (``triton.testing.do_bench``; in smoke mode one wall-clock call)."""
+    if SMOKE:
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t0)
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _copy_bandwidth(device) -> float:
-    n = (1 << 30) // 2
+    n = (1 << 30) // 2 if not SMOKE else 1 << 16
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     t = _bench(lambda: dst.copy_(src))
-    del src, dst
     return 2 * n * 2 / (t * 1e-6) / 1e9
 
 
@@ -52,6 +61,8 @@ def bench_permute(device, copy_bw, quick):
     from kernels import permute_tokens, unpermute_tokens
 
     grid = [(8192, 4096, 8, 64)] if quick else itertools.product((4096, 8192, 16384), (2048, 4096, 7168), (1, 2, 8), (8, 64, 256))
+    if SMOKE:
+        grid = [(64, 32, 2, 8), (40, 16, 8, 64)]
     rows = []
     for T, H, K, E in grid:
         if K > E:
@@ -61,19 +72,18 @@ def bench_permute(device, copy_bw, quick):
         scores = torch.rand(T, E, device=device, generator=g)
         probs, ids = scores.topk(K, dim=-1)
         probs = (probs / probs.sum(-1, keepdim=True)).to(torch.bfloat16)
-        out = permute_tokens(x, ids, E, probs)
+        out = permute_tokens(x, ids, E, probs, backend=BACKEND)
         ref = permute_tokens(x, ids, E, probs, backend="torch")
         assert all(torch.equal(a, b) for a, b in zip(out, ref)), f"permute mismatch at {(T, H, K, E)}"
         nbytes = x.element_size() * T * H * (1 + K)
         shape = f"T={T} H={H} K={K} E={E}"
-        rows.append(_row("permute_fwd", shape, nbytes, _bench(lambda: permute_tokens(x, ids, E, probs)),
+        rows.append(_row("permute_fwd", shape, nbytes, _bench(lambda: permute_tokens(x, ids, E, probs, backend=BACKEND)),
                          _bench(lambda: permute_tokens(x, ids, E, probs, backend="torch")), copy_bw))
         permuted, _, row_map, _ = out
-        u = unpermute_tokens(permuted, row_map, probs)
+        u = unpermute_tokens(permuted, row_map, probs, backend=BACKEND)
         torch.testing.assert_close(u, unpermute_tokens(permuted, row_map, probs, backend="torch"), rtol=1e-2, atol=1e-2)
-        rows.append(_row("unpermute_fwd", shape, nbytes, _bench(lambda: unpermute_tokens(permuted, row_map, probs)),
+        rows.append(_row("unpermute_fwd", shape, nbytes, _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend=BACKEND)),
                          _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend="torch")), copy_bw))
-        del x, out, ref, permuted, u
     return rows
 
 
@@ -82,30 +92,32 @@ def bench_zigzag(device, copy_bw, quick):
 
     rows = []
     seqs = (131072,) if quick else (8192, 32768, 131072)
+    heads, dim = 32, 128
+    if SMOKE:
+        seqs, heads, dim = (512,), 2, 8
     for S, cp in itertools.product(seqs, (2, 4, 8)):
-        x = torch.randn(1, S, 32, 128, device=device, dtype=torch.bfloat16)  # BSHD
+        x = torch.randn(1, S, heads, dim, device=device, dtype=torch.bfloat16)  # BSHD
         ref = lambda: torch.cat([x.chunk(2 * cp, 1)[0], x.chunk(2 * cp, 1)[2 * cp - 1]], 1)  # noqa: E731
-        assert torch.equal(zigzag_shard(x, cp, 0, 1), ref())
+        assert torch.equal(zigzag_shard(x, cp, 0, 1, backend=BACKEND), ref())
         nbytes = 2 * x.numel() // cp * x.element_size()
-        rows.append(_row("zigzag_shard_bshd", f"S={S} cp={cp} [1,S,32,128]", nbytes,
-                         _bench(lambda: zigzag_shard(x, cp, 0, 1)), _bench(ref), copy_bw))
+        rows.append(_row("zigzag_shard_bshd", f"S={S} cp={cp} [1,S,{heads},{dim}]", nbytes,
+                         _bench(lambda: zigzag_shard(x, cp, 0, 1, backend=BACKEND)), _bench(ref), copy_bw))
         # THD: 16 documents of random lengths (multiples of 2*cp) packed to S tokens
         torch.manual_seed(S + cp)  # Dirichlet.sample takes no generator: seed the global one
         parts = torch.distributions.Dirichlet(torch.ones(16)).sample() * (S // (2 * cp))
         lens = parts.floor().long().clamp(min=1)
         lens[-1] += S // (2 * cp) - int(lens.sum())
         cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens * 2 * cp, 0)]).to(device)
-        xt = x.view(S, 32, 128)
+        xt = x.view(S, heads, dim)
         def ref_thd():  # noqa: E306
             pieces = []
             for d in range(16):
                 chunks = xt[int(cu[d]):int(cu[d + 1])].chunk(2 * cp, 0)
                 pieces += [chunks[0], chunks[2 * cp - 1]]
             return torch.cat(pieces)
-        assert torch.equal(zigzag_shard_thd(xt, cu, cp, 0)[0], ref_thd())
-        rows.append(_row("zigzag_shard_thd", f"S={S} cp={cp} docs=16 [S,32,128]", nbytes,
-                         _bench(lambda: zigzag_shard_thd(xt, cu, cp, 0)), _bench(ref_thd), copy_bw))
-        del x, xt
+        assert torch.equal(zigzag_shard_thd(xt, cu, cp, 0, backend=BACKEND)[0], ref_thd())
+        rows.append(_row("zigzag_shard_thd", f"S={S} cp={cp} docs=16 [S,{heads},{dim}]", nbytes,
+                         _bench(lambda: zigzag_shard_thd(xt, cu, cp, 0, backend=BACKEND)), _bench(ref_thd), copy_bw))
     return rows
 
 
@@ -125,14 +137,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_kernels.json", help="where to write the JSON results")
     ap.add_argument("--quick", action="store_true", help="only the cases that carry targets")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the script on CPU: tiny shapes, Triton interpreter (needs TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global SMOKE, BACKEND
+    if args.smoke:
+        SMOKE, BACKEND = True, "triton"
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU (it times Triton kernels); none is available here, nothing to do.")
         return 0
-    device = torch.device("cuda")
+    else:
+        device = torch.device("cuda")
     copy_bw = _copy_bandwidth(device)
     rows = bench_permute(device, copy_bw, args.quick) + bench_zigzag(device, copy_bw, args.quick)
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke: Triton interpreter)"
     print(f"device: {name}; device-to-device copy bandwidth: {copy_bw:.0f} GB/s; torch {torch.__version__}")
     hdr = f"{'kernel':<18} {'shape':<36} {'µs':>9} {'GB/s':>8} {'%copy':>6} {'ref µs':>9} {'speedup':>7}"
     print(hdr)
