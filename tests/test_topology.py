@@ -981,3 +981,32 @@ def test_multirank_gloo_debug_topology(tmp_path):
         assert vis["ep_ranks"] == sorted([r, across[r]]) and vis["ep_sum"] == r + across[r], r
         assert vis["edp_ranks"] == [r] and vis["edp_sum"] == r, r
         assert vis["ep_rank"] == (r % 4) // 2 and vis["coord"] == [r // 4, 0, (r % 4) // 2, r % 2], r
+
+
+def test_build_context_parallel_groups(fake_pg):
+    """cp > 1: FSDP shards over dp_shard x cp (the dp_cp mesh); tokens are split over the same ranks; cp groups."""
+    layouts = {
+        "vision": ModuleLayout("vision", 0, 1),
+        # ranks 1..8: pp=2 x dp_shard=2 x cp=2 -> stage 0 = 1..4, stage 1 = 5..8; cp pairs (1,2) (3,4) (5,6) (7,8)
+        "language": ModuleLayout("language", 1, 8, pp=2, dp_shard=2, cp=2, is_language=True),
+    }
+    fake_pg(6, 9)
+    topo = build_topology(layouts, 9, 6, "cpu")
+    assert topo.role.coordinates["language"] == {"pp": 1, "dp_replicate": 0, "dp_shard": 0, "cp": 1, "tp": 0}
+    assert topo.fsdp_mesh("language").mesh.tolist() == [5, 6, 7, 8]
+    assert topo.fsdp_mesh("language").mesh_dim_names == ("dp_cp",)
+    assert _pg_ranks(topo.token_group("language")) == [5, 6, 7, 8]
+    assert _pg_ranks(topo.cp_group("language")) == [5, 6]
+    assert _pg_ranks(topo.dp_group("language")) == [6, 8]  # data slices: same dp index on both cp ranks
+    assert topo.role.dp_rank("language") == 0
+    for accessor in (topo.fsdp_mesh, topo.token_group, topo.cp_group):
+        with pytest.raises(RuntimeError, match="not one of module 'vision' ranks"):
+            accessor("vision")
+
+
+def test_without_context_parallelism_fsdp_mesh_is_the_dp_mesh(fake_pg):
+    fake_pg(3, 8)
+    topo = build_topology(debug_layout(), 8, 3, "cpu")
+    assert topo.fsdp_mesh("language").mesh.tolist() == topo.dp_mesh("language").mesh.tolist() == [[2, 3, 4]]
+    assert _pg_ranks(topo.token_group("language")) == [2, 3, 4]
+    assert _pg_ranks(topo.cp_group("language")) == [3]
