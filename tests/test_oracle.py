@@ -48,7 +48,10 @@ LAYOUTS = {
     "moe_ep2_edp2_fsdp": (5, V(0, 1), V(1, 4, dp_shard=4, ep=2), {**MOE_LM, "training": {"global_batch_size": 8}}, ()),
     "moe_pp2_ep2_noncolocated": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), MOE_LM, ()),
     "moe_encoder_ep2_aux_free": (4, V(0, 2, dp_shard=2, ep=2), V(2, 2, dp_shard=2, ep=2),
-                                 {**MOE_BOTH, "training": {"microbatches": 1}}, ()),
+                                 {"model": {"language": MOE_BOTH["model"]["language"],
+                                            "vision": {"moe": {**MOE_BOTH["model"]["vision"]["moe"],
+                                                               "load_balance": "aux_free"}}},
+                                  "training": {"microbatches": 1}}, ()),
     "lm_cp2_noncolocated": (3, V(0, 1), V(1, 2, cp=2), {}, ()),
     "lm_cp2_dp2_fan_in": (6, V(0, 2, dp_shard=2), V(2, 4, dp_shard=2, cp=2),
                           {"data": {"max_images_per_sample": 2}}, (1,)),
@@ -125,11 +128,6 @@ def test_one_step_matches_single_process(layout, backend):
     from mimo_titan.config import config_from_dict
 
     world, vision, language, extra, no_images = LAYOUTS[layout]
-    extra = dict(extra)
-    if layout == "moe_encoder_ep2_aux_free":
-        extra["model"] = {"vision": {"moe": {**MOE_BOTH["model"]["vision"]["moe"], "load_balance": "aux_free"}},
-                          "language": MOE_BOTH["model"]["language"]}
-        extra["model"]["vision"]["moe"]["num_experts"] = 2
     cfg_dict = tiny_config_dict(vision, language, **extra)
     cfg = config_from_dict(cfg_dict)
     roll = ROLL.get(layout, 0)
@@ -169,7 +167,7 @@ def _check_expert_slices(results, ref_params, layout, seen):
     from mimo_titan.topology import ModuleLayout
 
     for module, lay_kw in (("vision", vision), ("language", language)):
-        lay = ModuleLayout(module, **{k: v for k, v in lay_kw.items()}, is_language=module == "language")
+        lay = ModuleLayout(module, **lay_kw, is_language=module == "language")
         if lay.ep * lay.etp == 1:
             continue
         for name, ref in ref_params.items():

@@ -70,11 +70,7 @@ class Batch:
         return int(self.input_ids.shape[0])
 
     def _image_offsets(self) -> list[int]:
-        counts = self.images_per_sample.tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + int(c))
-        return offsets
+        return [0, *torch.cumsum(self.images_per_sample, 0).tolist()]
 
     def slice(self, start: int, end: int) -> Batch:
         """Samples ``[start, end)`` together with exactly their images.

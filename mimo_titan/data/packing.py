@@ -98,10 +98,7 @@ class PackedBatch:
         return int(self.input_ids.shape[1])
 
     def _image_offsets(self) -> list[int]:
-        offsets = [0]
-        for c in self.images_per_row.tolist():
-            offsets.append(offsets[-1] + int(c))
-        return offsets
+        return [0, *torch.cumsum(self.images_per_row, 0).tolist()]
 
     def slice(self, start: int, end: int) -> PackedBatch:
         """Rows ``[start, end)`` together with exactly their images.

@@ -117,11 +117,7 @@ class Bridge:
     # -- helpers ---------------------------------------------------------------------------------------
     def _row_offsets(self, images_per_sample: torch.Tensor, start: int, end: int) -> list[int]:
         """Row offset of each sample boundary in ``[start, end]`` relative to sample ``start``."""
-        counts = (images_per_sample[start:end] * self.tokens_per_image).tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + int(c))
-        return offsets
+        return [0, *torch.cumsum(images_per_sample[start:end] * self.tokens_per_image, 0).tolist()]
 
     def _send(self, rows: torch.Tensor, peers: list[int], tag: int, key) -> None:
         """Send ``rows`` to every rank in ``peers``."""
