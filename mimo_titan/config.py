@@ -434,6 +434,7 @@ class DataConfig:
     tokenizer: str  # a directory holding tokenizer.json, or the tokenizer.json file
     max_images_per_sample: int = _opt(1, ge=1)
     shuffle: bool = True
+    packing: bool = False  # pack several samples per row (THD) with cu_seqlens; attention never crosses documents
 
 
 @dataclass(kw_only=True)

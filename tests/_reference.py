@@ -49,7 +49,8 @@ class ReferenceTrainer:
         n_loss, mb, loss = (batch.labels != -100).sum(), len(batch) // M, 0.0
         for i in range(M):
             part = batch.slice(i * mb, (i + 1) * mb)
-            logits = self.model(part.input_ids, part.pixel_values)
+            packed = getattr(part, "doc_ids", None) is not None  # THD rows: per-document positions and masks
+            logits = self.model(part.input_ids, part.pixel_values, *((part.position_ids, part.doc_ids) if packed else ()))
             ce = F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100,
                                  reduction="sum") / n_loss
             ce.backward()

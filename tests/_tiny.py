@@ -43,10 +43,7 @@ def tiny_config_dict(vision: dict, language: dict, **sections) -> dict:
 
 
 def first_global_batch(cfg, processor):
-    """The first global batch the training loader yields for ``cfg``."""
-    from mimo_titan.data import MimoDataLoader
+    """The first global batch the training loader yields for ``cfg`` (padded rows; packed with ``data.packing``)."""
+    from mimo_titan.train.trainer import build_loader
 
-    loader = MimoDataLoader(cfg.data.path, processor, cfg.training.global_batch_size, cfg.training.seq_len,
-                            max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
-                            seed=cfg.job.seed)
-    return next(iter(loader))
+    return next(iter(build_loader(cfg, processor)))

@@ -109,3 +109,35 @@ def test_hf_parameter_names():
               "vision.vision_model.encoder.layers.0.self_attn.out_proj.weight", "vision.vision_model.post_layernorm.weight",
               "vision.multi_modal_projector.linear_2.weight"]:
         assert n in names, n
+
+
+def test_packed_rows_compute_every_document_as_if_alone():
+    """THD packing: the logits of each packed document equal those of the document run on its own (per-document
+    RoPE positions, attention never crossing documents, padding never attended by real tokens)."""
+    from _tiny import first_global_batch, tiny_config_dict
+    from mimo_titan.data import ImageTextProcessor
+
+    one = {"rank_offset": 0, "num_ranks": 1}
+    cfg = config_from_dict(tiny_config_dict(one, one, data={"packing": True, "max_images_per_sample": 2},
+                                            training={"seq_len": 120}))
+    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, P)
+    batch = first_global_batch(cfg, proc)
+    model = MimoModel(cfg.model, proc.image_token_id)
+    model.init_weights(3)
+    with torch.no_grad():
+        packed = model(batch.input_ids, batch.pixel_values, batch.position_ids, batch.doc_ids)
+        image = 0
+        checked = 0
+        for r in range(len(batch)):
+            cu, cu_real = batch.cu_seqlens[r].tolist(), batch.cu_seqlens_unpadded[r].tolist()
+            for d in range(len(batch.sample_ids[r])):
+                start, n = cu[d], cu_real[d + 1] - cu_real[d]
+                ids = batch.input_ids[r:r + 1, start:start + n]
+                k = int((ids == proc.image_token_id).sum()) // P
+                alone = model(ids, batch.pixel_values[image:image + k])
+                image += k
+                torch.testing.assert_close(packed[r:r + 1, start:start + n], alone, atol=2e-5, rtol=0)
+                checked += 1
+    assert image == batch.pixel_values.shape[0]
+    assert checked > len(batch)  # some row holds several documents

@@ -23,6 +23,8 @@ MOE_BOTH = {"model": {"language": MOE_LM["model"]["language"],  # the encoder ha
                       "vision": {"moe": {"num_experts": 2, "top_k": 1, "intermediate_size": 32, "first_layer": 1,
                                          "aux_loss_coeff": 0.5}}}}
 
+PACKED = {"data": {"packing": True}, "training": {"seq_len": 120}}
+
 LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
     "colocated_dp2": (2, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), {}, ()),
@@ -60,6 +62,15 @@ LAYOUTS = {
     "lm_cp2_images_on_every_shard": (3, V(0, 1), V(1, 2, cp=2), {"data": {"max_images_per_sample": 2}}, ()),
     "lm_cp4_colocated_images_on_every_shard": (4, V(0, 4, dp_shard=4), V(0, 4, cp=4),
                                                {"training": {"global_batch_size": 8}}, ()),
+    "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2), {}, ()),
+    "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {}, ()),
+    "vision_tp2_fan_out_lm_dp2_tp2": (6, V(0, 2, tp=2), V(2, 4, dp_shard=2, tp=2), {"data": {"max_images_per_sample": 2}}, (1,)),
+    "lm_pp2_tp2_cp2_colocated": (8, V(0, 8, dp_shard=4, tp=2), V(0, 8, pp=2, cp=2, tp=2),
+                                 {"training": {"global_batch_size": 8}}, ()),
+    # packed THD rows of 120 tokens: 2-3 documents per row, attention never crosses them
+    "packed_lm_cp2": (3, V(0, 1), V(1, 2, cp=2), {**PACKED, "data": {**PACKED["data"], "max_images_per_sample": 2}}, ()),
+    "packed_vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), PACKED, ()),
+    "packed_lm_pp2_dp2_tp2": (9, V(0, 1), V(1, 8, pp=2, dp_shard=2, tp=2), PACKED, ()),
     "moe_encoder_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
                                         {**MOE_BOTH, "training": {"global_batch_size": 8}}, (0, 1, 4, 5)),
 }
@@ -134,6 +145,8 @@ def test_one_step_matches_single_process(layout, backend):
     ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images, roll)
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
+    if cfg.data.packing:  # rows really hold several documents
+        assert max(len(ids) for ids in batch.sample_ids) >= 2
     results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll), backend=backend)
 
     seen = set()

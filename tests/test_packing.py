@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import BASE
+from _tiny import BASE, tiny_config_dict
 
 from kernels import zigzag_shard_thd, zigzag_unshard_thd
-from mimo_titan.data import IGNORE_INDEX, ImageTextProcessor, MimoDataLoader, Sample, collate
-from mimo_titan.data.packing import PackedBatch, pack
+from mimo_titan.config import ConfigError, config_from_dict
+from mimo_titan.data import IGNORE_INDEX, ImageTextProcessor, MimoDataLoader, Sample, collate, local_batch
+from mimo_titan.data.packing import PackedBatch, concat_packed_batches, pack
 
 DATA = Path(BASE["data"]["path"])
 TOKENIZER = Path(BASE["data"]["tokenizer"])
@@ -87,17 +88,17 @@ def check_invariants(pb: PackedBatch, proc, samples: list[Sample], multiple: int
         seq = list(by_id[pb.sample_ids[r][d]].tokens)
         assert pb.input_ids[r, start : start + n].tolist() == seq[:n]
         assert pb.position_ids[r, start : start + n].tolist() == list(range(n))
-        # padding of the document: pad_id, ignored, position 0, same document
+        # padding of the document: pad_id, ignored, positions continuing the document's, same document
         assert (pb.input_ids[r, start + n : end] == proc.pad_id).all()
         assert (pb.labels[r, start + n : end] == IGNORE_INDEX).all()
-        assert (pb.position_ids[r, start + n : end] == 0).all()
+        assert pb.position_ids[r, start + n : end].tolist() == list(range(n, end - start))
         assert real[r, start : start + n].all() and not real[r, start + n : end].any()
     # tail padding document (if any): only padding
     for r in range(R):
         if pb.cu_seqlens[r].numel() - 1 > len(pb.sample_ids[r]):
             tail = int(pb.cu_seqlens[r][-2])
             assert (pb.input_ids[r, tail:] == proc.pad_id).all() and (pb.labels[r, tail:] == IGNORE_INDEX).all()
-            assert (pb.position_ids[r, tail:] == 0).all() and not real[r, tail:].any()
+            assert pb.position_ids[r, tail:].tolist() == list(range(S - tail)) and not real[r, tail:].any()
     # labels never cross documents: every target is the next token of the same document
     r_idx, t_idx = torch.nonzero(pb.labels != IGNORE_INDEX, as_tuple=True)
     inner = t_idx < S - 1  # a document truncated to S tokens keeps a target beyond the row
@@ -120,7 +121,7 @@ def test_first_fit_order_and_cu_seqlens(proc):
     assert [c.tolist() for c in pb.cu_seqlens_unpadded] == [[0, 10, 22, 22], [0, 16, 24], [0, 14, 18, 18]]
     assert pb.images_per_row.tolist() == [2, 2, 1]
     assert pb.doc_ids[0].tolist() == [0] * 10 + [1] * 12 + [2] * 2
-    assert pb.position_ids[2].tolist() == list(range(14)) + list(range(4)) + [0] * 6
+    assert pb.position_ids[2].tolist() == list(range(14)) + list(range(4)) + list(range(6))  # tail: 0..5
     assert pb.input_ids[0].tolist() == list(samples[0].tokens) + list(samples[2].tokens) + [proc.pad_id] * 2
     # labels: next token within the document; image targets, document ends and padding ignored
     expected = []
@@ -279,3 +280,178 @@ def test_errors(proc):
         do_pack(proc, [s0, small], 16)
     with pytest.raises(ValueError, match="sample 7 has no tokens"):
         do_pack(proc, [Sample([], torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE), 7, proc.image_token_id, TPI)], 16)
+
+
+# ------------------------------------------------------------------------- positions and the mask
+def text_sample(proc, sample_id: int, n: int) -> Sample:
+    """A text-only sample of ``n`` tokens (BOS, ``n - 2`` caption tokens, EOS), no images."""
+    tokens = [proc.bos_id] + [100 + 10 * sample_id + j for j in range(n - 2)] + [proc.eos_id]
+    return Sample(tokens, torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE), sample_id, proc.image_token_id, TPI)
+
+
+def test_module_docstring_example(proc):
+    """The layout table of the module docstring: documents of 6 and 3 tokens, multiple 4, S = 16."""
+    a, b = text_sample(proc, 0, 6), text_sample(proc, 1, 3)
+    pb = do_pack(proc, [a, b], seq_len=16, multiple=4)
+    assert [c.tolist() for c in pb.cu_seqlens] == [[0, 8, 12, 16]]
+    assert [c.tolist() for c in pb.cu_seqlens_unpadded] == [[0, 6, 9, 9]]
+    assert pb.doc_ids[0].tolist() == [0] * 8 + [1] * 4 + [2] * 4
+    assert pb.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3]
+    P = proc.pad_id
+    assert pb.input_ids[0].tolist() == list(a.tokens) + [P, P] + list(b.tokens) + [P] + [P] * 4
+    assert pb.labels[0].tolist() == list(a.tokens[1:]) + [IGNORE_INDEX] * 3 + list(b.tokens[1:]) + [IGNORE_INDEX] * 6
+    check_invariants(pb, proc, [a, b], 4)
+
+
+def position_mask(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """bool ``[S, S]``: the order-free mask ``doc_q == doc_k and pos_k <= pos_q`` (as context parallelism builds it)."""
+    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_positions_increase_per_document_and_give_the_mask(proc, real_samples, multiple):
+    pb = do_pack(proc, real_samples, seq_len=128, multiple=multiple)
+    padded_docs = sum(1 for _, _, _, n, end_minus in documents(pb) if n % multiple)
+    assert multiple == 1 or padded_docs > 0  # in-document padding really occurs
+    assert any(c.numel() - 1 > len(ids) for c, ids in zip(pb.cu_seqlens, pb.sample_ids))  # and tail padding
+    mask = pb.attention_mask()
+    g = torch.Generator().manual_seed(multiple)
+    for r in range(len(pb)):
+        doc, pos = pb.doc_ids[r], pb.position_ids[r]
+        for d in doc.unique().tolist():
+            p = pos[doc == d]
+            assert p[0] == 0 and (p.diff() > 0).all(), (r, d, p.tolist())
+        assert torch.equal(position_mask(doc, pos), mask[r])
+        # the mask depends on (doc, pos) only, not on the order of the tokens (CP reorders them)
+        perm = torch.randperm(pb.seq_len, generator=g)
+        assert torch.equal(position_mask(doc[perm], pos[perm]), mask[r][perm][:, perm])
+
+
+# ------------------------------------------------------------------------- PackedBatch as a Batch
+def assert_packed_equal(a: PackedBatch, b: PackedBatch) -> None:
+    for f in ("input_ids", "labels", "position_ids", "doc_ids", "pixel_values", "images_per_row"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    for f in ("cu_seqlens", "cu_seqlens_unpadded"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)), f
+    assert a.sample_ids == b.sample_ids
+
+
+def test_images_per_sample_alias_and_local_batch(proc, real_samples):
+    pb = do_pack(proc, real_samples, seq_len=128, multiple=4)
+    assert len(pb) == 8 and len(set(pb.images_per_row.tolist())) > 1  # rows with different image counts
+    assert max(len(ids) for ids in pb.sample_ids) >= 2
+    assert pb.images_per_sample is pb.images_per_row
+    with pytest.raises(AttributeError):
+        pb.images_per_sample = pb.images_per_row
+    offsets = [0] + torch.cumsum(pb.images_per_row, 0).tolist()
+    # 2 microbatches of 4 rows, 2 dp ranks of 2 rows each per microbatch
+    expected_rows = {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+    parts = {}
+    for rank, rows in expected_rows.items():
+        lb = local_batch(pb, microbatches=2, dp_rank=rank, dp_size=2)
+        parts[rank] = lb
+        assert isinstance(lb, PackedBatch) and len(lb) == 4
+        assert lb.sample_ids == [pb.sample_ids[i] for i in rows]
+        assert torch.equal(lb.input_ids, pb.input_ids[rows]) and torch.equal(lb.position_ids, pb.position_ids[rows])
+        assert all(torch.equal(c, pb.cu_seqlens[i]) for c, i in zip(lb.cu_seqlens, rows))
+        assert torch.equal(lb.images_per_sample, pb.images_per_row[rows])
+        img_rows = [j for i in rows for j in range(offsets[i], offsets[i + 1])]
+        assert torch.equal(lb.pixel_values, pb.pixel_values[img_rows])
+        ids = {i for row in lb.sample_ids for i in row}
+        check_invariants(lb, proc, [s for s in real_samples if s.sample_id in ids], 4)
+    # chunk m of every rank, concatenated over ranks and then over m, is the global batch
+    rebuilt = concat_packed_batches([parts[r].slice(2 * m, 2 * m + 2) for m in range(2) for r in range(2)])
+    assert_packed_equal(rebuilt, pb)
+    assert_packed_equal(local_batch(pb, 1, 0, 1), pb)
+    with pytest.raises(ValueError, match="different row lengths"):
+        concat_packed_batches([pb, do_pack(proc, real_samples[:2], seq_len=64)])
+    with pytest.raises(ValueError, match="at least one"):
+        concat_packed_batches([])
+
+
+# ------------------------------------------------------------------------- the packing loader
+def packed_loader(proc, **kw) -> MimoDataLoader:
+    args = {"global_batch_size": 4, "seq_len": 128, "max_images_per_sample": 2, "shuffle": True,
+            "seed": BASE["job"]["seed"], "packing": True}
+    args.update(kw)
+    return MimoDataLoader(str(DATA), proc, **args)
+
+
+def sample_stream(proc, n: int, **kw) -> list[Sample]:
+    """The first ``n`` samples of the stream of ``packed_loader(proc, **kw)``, one at a time."""
+    loader = packed_loader(proc, **kw)
+    return [loader._next_sample() for _ in range(n)]
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_packed_loader_batches(proc, multiple):
+    B, S, steps = 4, 128, 12
+    loader = packed_loader(proc, global_batch_size=B, seq_len=S, pack_multiple=multiple)
+    batches = [next(loader) for _ in range(steps)]
+    total = loader.state_dict()["samples_produced"]
+    stream = sample_stream(proc, total + 1, pack_multiple=multiple)
+    ids = [i for pb in batches for row in pb.sample_ids for i in sorted(row)]
+    assert sorted(ids) == list(range(total))  # every sample exactly once, none skipped
+    assert total > B * steps and max(len(row) for pb in batches for row in pb.sample_ids) >= 3  # rows are shared
+    assert loader.epoch >= 2  # the stream crossed epoch boundaries
+    start = 0
+    for pb in batches:
+        assert len(pb) == B and pb.input_ids.shape == (B, S) and pb.position_ids.shape == (B, S)
+        batch_ids = sorted(i for row in pb.sample_ids for i in row)
+        assert batch_ids == list(range(start, start + len(batch_ids)))  # consecutive, following the last batch
+        end = start + len(batch_ids)
+        # exactly pack() of those stream samples, and maximal: the next sample would need row B + 1
+        assert_packed_equal(pb, pack(stream[start:end], S, proc.pad_id, proc.image_token_id, multiple))
+        assert len(pack(stream[start : end + 1], S, proc.pad_id, proc.image_token_id, multiple)) == B + 1
+        check_invariants(pb, proc, stream[start:end], multiple)
+        for r in range(B):  # every row's images match its placeholders
+            assert int((pb.input_ids[r] == proc.image_token_id).sum()) == int(pb.images_per_row[r]) * TPI
+            assert ((pb.cu_seqlens[r].diff() % multiple) == 0).all()
+        assert pb.pixel_values.shape[0] == int(pb.images_per_row.sum())
+        start = end
+    if multiple > 1:  # documents really were padded to the multiple
+        assert any(n % multiple for pb in batches for _, _, _, n, _ in documents(pb))
+
+
+def test_packed_loader_resume(proc):
+    a = packed_loader(proc, pack_multiple=2)
+    for k in range(6):
+        next(a)
+    state = a.state_dict()
+    assert state["packing"] is True and state["pack_multiple"] == 2
+    expected = [next(a) for _ in range(3)]
+    # the state points at the first sample of the next batch
+    assert state["samples_produced"] == min(i for row in expected[0].sample_ids for i in row)
+    b = packed_loader(proc, pack_multiple=2)
+    b.load_state_dict(state)
+    for x in expected:
+        assert_packed_equal(x, next(b))
+    assert b.state_dict() == a.state_dict()
+    # a resumed loader with another batch size continues the same sample stream
+    c = packed_loader(proc, pack_multiple=2, global_batch_size=2)
+    c.load_state_dict(state)
+    assert min(i for row in next(c).sample_ids for i in row) == state["samples_produced"]
+    with pytest.raises(ValueError, match="packing"):
+        packed_loader(proc, packing=False, pack_multiple=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="pack_multiple"):
+        packed_loader(proc, pack_multiple=4).load_state_dict(state)
+
+
+def test_packed_loader_errors(proc):
+    with pytest.raises(ValueError, match=r"training.seq_len=50 must be a multiple of 4"):
+        packed_loader(proc, seq_len=50, pack_multiple=4)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="pack_multiple must be a positive int"):
+            packed_loader(proc, pack_multiple=bad)
+    unpacked = packed_loader(proc, seq_len=50, pack_multiple=4, packing=False)  # the multiple only matters when packing
+    assert len(next(unpacked)) == 4 and not unpacked.state_dict()["packing"]
+
+
+def test_data_packing_config_key():
+    one_rank = {"rank_offset": 0, "num_ranks": 1}
+    d = tiny_config_dict(one_rank, one_rank)
+    assert config_from_dict(d).data.packing is False
+    assert config_from_dict(d, ["--data.packing=true"]).data.packing is True
+    with pytest.raises(ConfigError, match="data.packing"):
+        config_from_dict(tiny_config_dict(one_rank, one_rank, data={"packing": "yes"}))

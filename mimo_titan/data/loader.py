@@ -14,6 +14,13 @@ import torch
 from torch import Tensor
 
 from mimo_titan.data.collate import Batch, Sample, collate
+from mimo_titan.data.packing import (
+    PackedBatch,
+    check_pack_multiple,
+    first_fit_row,
+    pack,
+    packed_length,
+)
 from mimo_titan.data.processor import CorruptSampleError, ImageTextProcessor
 from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
 
@@ -41,7 +48,8 @@ def _derive_seed(seed: int, epoch: int, stream: str) -> int:
 
 
 class MimoDataLoader:
-    """Endless iterator of global :class:`~mimo_titan.data.collate.Batch` es.
+    """Endless iterator of global :class:`~mimo_titan.data.collate.Batch` es (or, with
+    ``packing``, :class:`~mimo_titan.data.packing.PackedBatch` es).
 
     Every rank constructs the same loader with the same arguments and receives the
     same sequence of global batches; ranks then take their share with
@@ -68,6 +76,18 @@ class MimoDataLoader:
     with a per-shard index (or shard-level permutation plus a shuffle buffer) while
     keeping the ``(seed, epoch)``-only dependence and the ``(epoch, position)`` state.
 
+    Packing (``packing=True``): every batch is a
+    :class:`~mimo_titan.data.packing.PackedBatch` of exactly ``global_batch_size`` rows
+    of ``seq_len`` tokens (``input_ids``/``labels``/``position_ids``/``doc_ids``
+    ``[global_batch_size, seq_len]`` int64, per-row int32 ``cu_seqlens``), each row
+    holding one or more whole samples (THD format; attention never crosses samples).
+    Samples are drawn in stream order and placed by greedy first fit, each document
+    padded to a multiple of ``pack_multiple``; the batch ends before the first sample
+    that would need row ``global_batch_size + 1``. That sample is not consumed: it is
+    the first sample of the next batch. So no sample is skipped or repeated, sample ids
+    stay ``0, 1, 2, ...`` across batches, a batch holds a variable number of samples,
+    and :meth:`state_dict` after any batch resumes exactly.
+
     Args:
         path: ``data.path``: a ``.tar`` shard or a directory of ``.tar`` shards.
         processor: Decodes images and tokenises captions.
@@ -77,12 +97,19 @@ class MimoDataLoader:
         max_images_per_sample: Upper bound on image-caption pairs per sample.
         shuffle: Permute the records anew every epoch.
         seed: Seed of all randomness.
+        packing: ``data.packing``: yield packed batches of ``global_batch_size`` rows
+            (see above) instead of one padded sample per row.
+        pack_multiple: With ``packing``, every packed document length (every
+            ``cu_seqlens`` step) is a multiple of this, e.g. ``2 * cp_size`` for zigzag
+            context parallelism. Unused without ``packing``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (message names ``data.path``).
         ValueError: Bad sizes; ``seq_len`` too small for ``max_images_per_sample``
             image blocks plus BOS (message names ``training.seq_len`` and the minimum);
-            no ``.tar`` shard or no valid record under ``path``.
+            ``pack_multiple`` not a positive int, or (with ``packing``) ``seq_len`` not
+            a multiple of it (message names ``training.seq_len``); no ``.tar`` shard or
+            no valid record under ``path``.
     """
 
     def __init__(
@@ -94,6 +121,8 @@ class MimoDataLoader:
         max_images_per_sample: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        packing: bool = False,
+        pack_multiple: int = 1,
     ) -> None:
         if global_batch_size <= 0:
             raise ValueError(f"training.global_batch_size must be positive, got {global_batch_size}")
@@ -110,12 +139,18 @@ class MimoDataLoader:
                 f"training.seq_len >= {needed - 1}; raise training.seq_len or lower "
                 f"max_images_per_sample / the image token count"
             )
+        if not isinstance(pack_multiple, int) or isinstance(pack_multiple, bool) or pack_multiple < 1:
+            raise ValueError(f"pack_multiple must be a positive int, got {pack_multiple!r}")
+        if packing:
+            check_pack_multiple(seq_len, pack_multiple)
         self.processor = processor
         self.global_batch_size = int(global_batch_size)
         self.seq_len = int(seq_len)
         self.max_images_per_sample = int(max_images_per_sample)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        self.packing = bool(packing)
+        self.pack_multiple = pack_multiple
         self.shards = resolve_shards(path)
 
         self._stats = {"corrupt_image": 0, "empty_caption": 0, "missing_field": 0, "samples": 0}
@@ -228,16 +263,39 @@ class MimoDataLoader:
             self._position = 0
         return sample
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _next_packed(self) -> PackedBatch:
+        samples: list[Sample] = []
+        used: list[int] = []  # tokens used per row, as pack's first fit fills them
+        while True:
+            before = (self._epoch, self._position, self._samples_produced)
+            sample = self._next_sample()
+            length = packed_length(len(sample.tokens), self.seq_len, self.pack_multiple)
+            r = first_fit_row(used, length, self.seq_len)
+            if r == self.global_batch_size:  # needs one row too many: leave it for the next batch
+                self._epoch, self._position, self._samples_produced = before
+                break
+            if r == len(used):
+                used.append(0)
+            used[r] += length
+            samples.append(sample)
+        return pack(samples, self.seq_len, self.processor.pad_id, self.processor.image_token_id,
+                    multiple=self.pack_multiple)
+
+    def __iter__(self) -> Iterator[Batch | PackedBatch]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Batch | PackedBatch:
         """The next global batch.
 
         Returns:
-            A :class:`~mimo_titan.data.collate.Batch` with ``global_batch_size``
-            samples and ``seq_len`` columns.
+            Without packing, a :class:`~mimo_titan.data.collate.Batch` with
+            ``global_batch_size`` samples and ``seq_len`` columns; with packing, a
+            :class:`~mimo_titan.data.packing.PackedBatch` with ``global_batch_size``
+            rows of ``seq_len`` tokens holding the next samples of the stream (see the
+            class docstring).
         """
+        if self.packing:
+            return self._next_packed()
         samples = [self._next_sample() for _ in range(self.global_batch_size)]
         return collate(samples, self.seq_len, self.processor.pad_id)
 
@@ -248,7 +306,8 @@ class MimoDataLoader:
         Returns:
             ``{"epoch", "position", "samples_produced"}`` plus the settings that fix
             the stream (``seed``, ``shuffle``, ``max_images_per_sample``,
-            ``num_records``), all plain ints/bools.
+            ``num_records``, ``packing``, ``pack_multiple``), all plain ints/bools.
+            With packing the position is that of the first sample of the next batch.
         """
         return {
             "epoch": self._epoch,
@@ -258,6 +317,8 @@ class MimoDataLoader:
             "shuffle": self.shuffle,
             "max_images_per_sample": self.max_images_per_sample,
             "num_records": len(self._records),
+            "packing": self.packing,
+            "pack_multiple": self.pack_multiple,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,14 +332,16 @@ class MimoDataLoader:
 
         Raises:
             ValueError: The state came from a stream with a different seed, shuffle
-                flag, ``max_images_per_sample`` or number of valid records, or its
-                position is out of range.
+                flag, ``max_images_per_sample``, number of valid records, ``packing``
+                flag or ``pack_multiple``, or its position is out of range.
         """
         for key, mine in (
             ("seed", self.seed),
             ("shuffle", self.shuffle),
             ("max_images_per_sample", self.max_images_per_sample),
             ("num_records", len(self._records)),
+            ("packing", self.packing),
+            ("pack_multiple", self.pack_multiple),
         ):
             if key in state and state[key] != mine:
                 raise ValueError(

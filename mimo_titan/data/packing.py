@@ -13,7 +13,7 @@ Layout of one row (``multiple = 4``, documents of 6 and 3 tokens, ``S = 16``)::
 
     tokens      a0 a1 a2 a3 a4 a5 pp pp | b0 b1 b2 pp | pp pp pp pp
     doc_ids      0  0  0  0  0  0  0  0 |  1  1  1  1 |  2  2  2  2
-    position_ids 0  1  2  3  4  5  0  0 |  0  1  2  0 |  0  0  0  0
+    position_ids 0  1  2  3  4  5  6  7 |  0  1  2  3 |  0  1  2  3
     labels      a1 a2 a3 a4 a5  -  -  - | b1 b2  -  - |  -  -  -  -
     cu_seqlens  [0, 8, 12, 16]          cu_seqlens_unpadded [0, 6, 9, 9]
 
@@ -23,8 +23,11 @@ real tokens), so that :func:`kernels.zigzag_shard_thd` with ``2 * cp_size == mul
 (or a divisor of it) can cut every document into ``2 * cp_size`` equal chunks. The rest
 of a row after its last document is one more padding-only document, so
 ``cu_seqlens[-1] == S``. Real tokens never attend to padding: padding inside a document
-comes after its real tokens (hidden by the causal mask) and the tail padding is a
-document of its own.
+comes after its real tokens and continues their positions (hidden by the causal mask)
+and the tail padding is a document of its own. So within every segment the positions
+are ``0, 1, 2, ...`` along the row, and the mask can be computed from per-token
+``(doc_id, position)`` alone, ``doc_q == doc_k and pos_k <= pos_q``, which context
+parallelism needs (it reorders the tokens, so the row index is not available there).
 """
 
 from __future__ import annotations
@@ -37,12 +40,25 @@ from torch import Tensor
 
 from mimo_titan.data.collate import IGNORE_INDEX, Sample
 
-__all__ = ["PackedBatch", "pack"]
+__all__ = [
+    "PackedBatch",
+    "check_pack_multiple",
+    "concat_packed_batches",
+    "first_fit_row",
+    "pack",
+    "packed_length",
+]
 
 
 @dataclass
 class PackedBatch:
     """Samples packed into rows of ``S`` tokens (THD format, see the module docstring).
+
+    Rows play the role of :class:`~mimo_titan.data.collate.Batch` samples: they are
+    the units split over data-parallel ranks and microbatches
+    (:func:`~mimo_titan.data.sharding.local_batch`, via :meth:`slice` and
+    :func:`concat_packed_batches`) and sent across the bridge, so
+    :attr:`images_per_sample` aliases :attr:`images_per_row`.
 
     Row ``r`` owns the image rows
     ``pixel_values[sum(images_per_row[:r]) : sum(images_per_row[:r + 1])]``, in the order
@@ -57,7 +73,12 @@ class PackedBatch:
             documents). A document truncated to ``S`` tokens keeps its real next token
             as the target of its last kept token, as :func:`collate` does.
         position_ids: ``[R, S]`` int64: position of each token within its own document
-            (``0 .. len - 1``), so RoPE restarts per document; padding gets 0.
+            (``0 .. len - 1``), so RoPE restarts per document. Padding inside a
+            document continues its positions (``len, len + 1, ...``) and the tail
+            padding document gets ``0 .. S - cu_seqlens[-2] - 1``: in every
+            ``cu_seqlens`` segment the positions are ``0, 1, 2, ...``, so
+            ``doc_q == doc_k and pos_k <= pos_q`` is exactly :meth:`attention_mask`
+            (without the row order, e.g. after zigzag reordering).
         doc_ids: ``[R, S]`` int64: index ``d`` of the ``cu_seqlens`` segment holding the
             token (``cu_seqlens[r][d] <= t < cu_seqlens[r][d + 1]``). Padding inside a
             document has that document's id; the tail padding of a row is a document of
@@ -71,7 +92,9 @@ class PackedBatch:
             row-major document order.
         images_per_row: ``[R]`` int64.
         sample_ids: per row, the ``sample_id`` of each real document in row order
-            (the tail padding document has none).
+            (the tail padding document has none). Unlike :attr:`Batch.sample_ids`
+            (an int64 ``[B]`` tensor, one id per row) this is a list of lists, as a
+            row holds several samples.
         cu_seqlens_unpadded: per row, int32 ``[D_r + 1]``: the cumulative *real*
             lengths of the same segments (0 for padding-only segments); the real tokens
             of document ``d`` are ``cu_seqlens[d] : cu_seqlens[d] + (cu_seqlens_unpadded[d + 1]
@@ -96,6 +119,12 @@ class PackedBatch:
     def seq_len(self) -> int:
         """Row length ``S``."""
         return int(self.input_ids.shape[1])
+
+    @property
+    def images_per_sample(self) -> Tensor:
+        """``[R]`` int64, :attr:`images_per_row` (read-only alias, so code written for
+        :class:`~mimo_titan.data.collate.Batch`, whose samples are rows, works)."""
+        return self.images_per_row
 
     def _image_offsets(self) -> list[int]:
         return [0, *torch.cumsum(self.images_per_row, 0).tolist()]
@@ -175,8 +204,91 @@ class PackedBatch:
         )
 
 
+def concat_packed_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """Concatenate packed batches along the row dimension (images follow their rows).
+
+    Args:
+        batches: Packed batches with the same row length and image shape (at least one).
+
+    Returns:
+        A :class:`PackedBatch` with ``sum(len(b) for b in batches)`` rows.
+
+    Raises:
+        ValueError: ``batches`` is empty, or row lengths / image shapes differ.
+    """
+    if not batches:
+        raise ValueError("concat_packed_batches needs at least one batch")
+    seq_lens = {b.seq_len for b in batches}
+    if len(seq_lens) != 1:
+        raise ValueError(f"cannot concatenate packed batches with different row lengths {sorted(seq_lens)}")
+    image_shapes = {tuple(b.pixel_values.shape[1:]) for b in batches}
+    if len(image_shapes) != 1:
+        raise ValueError(f"cannot concatenate packed batches with different image shapes {sorted(image_shapes)}")
+    return PackedBatch(
+        input_ids=torch.cat([b.input_ids for b in batches], dim=0),
+        labels=torch.cat([b.labels for b in batches], dim=0),
+        position_ids=torch.cat([b.position_ids for b in batches], dim=0),
+        doc_ids=torch.cat([b.doc_ids for b in batches], dim=0),
+        cu_seqlens=[c for b in batches for c in b.cu_seqlens],
+        pixel_values=torch.cat([b.pixel_values for b in batches], dim=0),
+        images_per_row=torch.cat([b.images_per_row for b in batches], dim=0),
+        sample_ids=[list(s) for b in batches for s in b.sample_ids],
+        cu_seqlens_unpadded=[c for b in batches for c in b.cu_seqlens_unpadded],
+    )
+
+
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
+
+
+def check_pack_multiple(seq_len: int, multiple: int) -> None:
+    """Validate the row length and document-length multiple of :func:`pack`.
+
+    Args:
+        seq_len: ``training.seq_len``, the row length ``S``.
+        multiple: The document-length multiple (e.g. ``2 * cp_size``).
+
+    Raises:
+        ValueError: ``multiple`` not a positive int, ``seq_len`` not positive, or
+            ``seq_len % multiple != 0`` (names ``training.seq_len`` and the nearest
+            valid values).
+    """
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if seq_len <= 0:
+        raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+    if seq_len % multiple != 0:
+        raise ValueError(
+            f"training.seq_len={seq_len} must be a multiple of {multiple} (every packed "
+            f"document is padded to a multiple of {multiple}, e.g. 2 * cp_size); set "
+            f"training.seq_len to {_round_up(seq_len, multiple)} or {seq_len // multiple * multiple}"
+        )
+
+
+def packed_length(num_tokens: int, seq_len: int, multiple: int) -> int:
+    """Row tokens a document of ``num_tokens`` tokens takes in :func:`pack`.
+
+    Its inputs are truncated to ``seq_len`` tokens and padded to a multiple of
+    ``multiple``: ``ceil(min(num_tokens, seq_len) / multiple) * multiple``, which is
+    ``<= seq_len`` when ``seq_len % multiple == 0``.
+    """
+    return _round_up(min(num_tokens, seq_len), multiple)
+
+
+def first_fit_row(used: Sequence[int], length: int, seq_len: int) -> int:
+    """The row first fit puts a document of ``length`` (padded) tokens into.
+
+    Args:
+        used: Tokens already used in each existing row, in row creation order.
+        length: The document's :func:`packed_length`.
+        seq_len: The row length ``S``.
+
+    Returns:
+        The first ``r`` with ``used[r] + length <= seq_len``, or ``len(used)`` (a new
+        row) when none fits. Adding a document never changes where earlier documents
+        went, so first fit can run incrementally over a stream.
+    """
+    return next((r for r, u in enumerate(used) if u + length <= seq_len), len(used))
 
 
 def pack(
@@ -191,13 +303,14 @@ def pack(
     Method: each sample is one document. Its tokens (the processor layout, BOS and EOS
     included) are truncated to ``seq_len`` like :func:`collate` does (``tokens[:seq_len]``;
     the first dropped token stays the target of the last kept one), its length ``L`` is
-    rounded up to ``P = ceil(L / multiple) * multiple``, and it goes into the first row
-    (in creation order) whose used length plus ``P`` fits in ``seq_len``, or into a new
-    row. Samples are visited in order, so the result is deterministic and documents
-    keep their sample order within each row. Each row's remainder becomes one padding
-    document. Labels, positions and document ids are then laid out as described in
-    :class:`PackedBatch` (Megatron-LM / NeMo THD packing with ``cu_seqlens``;
-    per-document ``position_ids`` so RoPE restarts per document).
+    rounded up to ``P = ceil(L / multiple) * multiple`` (:func:`packed_length`), and it
+    goes into the first row (in creation order) whose used length plus ``P`` fits in
+    ``seq_len``, or into a new row (:func:`first_fit_row`). Samples are visited in
+    order, so the result is deterministic and documents keep their sample order within
+    each row. Each row's remainder becomes one padding document. Labels, positions and
+    document ids are then laid out as described in :class:`PackedBatch` (Megatron-LM /
+    NeMo THD packing with ``cu_seqlens``; per-document ``position_ids`` so RoPE
+    restarts per document).
 
     Args:
         samples: The samples, in stream order (at least one); e.g. built by the loader
@@ -222,16 +335,7 @@ def pack(
     """
     if not samples:
         raise ValueError("pack needs at least one sample")
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    if seq_len <= 0:
-        raise ValueError(f"training.seq_len must be positive, got {seq_len}")
-    if seq_len % multiple != 0:
-        raise ValueError(
-            f"training.seq_len={seq_len} must be a multiple of {multiple} (every packed "
-            f"document is padded to a multiple of {multiple}, e.g. 2 * cp_size); set "
-            f"training.seq_len to {_round_up(seq_len, multiple)} or {seq_len // multiple * multiple}"
-        )
+    check_pack_multiple(seq_len, multiple)
     per_image = samples[0].image_tokens_per_image
     shapes = {tuple(s.pixel_values.shape[1:]) for s in samples}
     if len(shapes) != 1:
@@ -273,21 +377,19 @@ def pack(
     rows: list[list[int]] = []  # document indices per row
     used: list[int] = []
     for i, (inputs, _) in enumerate(docs):
-        padded = _round_up(len(inputs), multiple)  # <= seq_len as seq_len % multiple == 0
-        for r in range(len(rows)):
-            if used[r] + padded <= seq_len:
-                rows[r].append(i)
-                used[r] += padded
-                break
-        else:
-            rows.append([i])
-            used.append(padded)
+        padded = packed_length(len(inputs), seq_len, multiple)
+        r = first_fit_row(used, padded, seq_len)
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(i)
+        used[r] += padded
 
     # -- layout ---------------------------------------------------------------------
     R = len(rows)
     input_ids = torch.full((R, seq_len), pad_id, dtype=torch.int64)
     labels = torch.full((R, seq_len), IGNORE_INDEX, dtype=torch.int64)
-    position_ids = torch.zeros((R, seq_len), dtype=torch.int64)
+    position_ids = torch.empty((R, seq_len), dtype=torch.int64)
     doc_ids = torch.empty((R, seq_len), dtype=torch.int64)
     cu_seqlens: list[Tensor] = []
     cu_seqlens_unpadded: list[Tensor] = []
@@ -302,8 +404,8 @@ def pack(
             start, n = cu[-1], len(inputs)
             input_ids[r, start : start + n] = torch.tensor(inputs, dtype=torch.int64)
             labels[r, start : start + n] = torch.tensor(targets, dtype=torch.int64)
-            position_ids[r, start : start + n] = torch.arange(n, dtype=torch.int64)
-            end = start + _round_up(n, multiple)
+            end = start + packed_length(n, seq_len, multiple)
+            position_ids[r, start:end] = torch.arange(end - start, dtype=torch.int64)
             doc_ids[r, start:end] = d
             cu.append(end)
             cu_real.append(cu_real[-1] + n)
@@ -311,6 +413,7 @@ def pack(
             n_images += samples[i].num_images
         if cu[-1] < seq_len:  # tail padding document
             doc_ids[r, cu[-1] :] = len(members)
+            position_ids[r, cu[-1] :] = torch.arange(seq_len - cu[-1], dtype=torch.int64)
             cu.append(seq_len)
             cu_real.append(cu_real[-1])
         found = int((input_ids[r] == image_token_id).sum().item())

@@ -6,6 +6,9 @@ model) may have its own data-parallel size; a rank of data-parallel size ``dp`` 
 in every microbatch, the contiguous share ``dp_sample_range(mb_size, dp_rank, dp)``.
 Because each module's share is carved per microbatch, the samples of microbatch
 ``m`` are the same set for every module, whatever its dp size.
+
+A :class:`~mimo_titan.data.packing.PackedBatch` (sequence packing) is split the same
+way with its rows in place of samples: ``B`` is then the number of packed rows.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from collections.abc import Mapping
 
 from mimo_titan.data.collate import Batch, concat_batches
+from mimo_titan.data.packing import PackedBatch, concat_packed_batches
 
 __all__ = ["check_batch_divisibility", "dp_sample_range", "local_batch"]
 
@@ -47,23 +51,27 @@ def dp_sample_range(num_samples: int, dp_rank: int, dp_size: int) -> tuple[int, 
     return dp_rank * per_rank, (dp_rank + 1) * per_rank
 
 
-def local_batch(global_batch: Batch, microbatches: int, dp_rank: int, dp_size: int) -> Batch:
+def local_batch(
+    global_batch: Batch | PackedBatch, microbatches: int, dp_rank: int, dp_size: int
+) -> Batch | PackedBatch:
     """This rank's part of a global batch, microbatch by microbatch.
 
     With ``mb = len(global_batch) // microbatches``, the result is the concatenation
     over ``m = 0..microbatches-1`` of the global samples
     ``m * mb + dp_sample_range(mb, dp_rank, dp_size)``; so chunk ``m`` of size
     ``mb // dp_size`` of the local batch is this rank's slice of microbatch ``m``.
-    Images travel with their samples.
+    Images travel with their samples. For a :class:`PackedBatch` the units are its
+    rows (each with all its documents, ``cu_seqlens`` and images).
 
     Args:
-        global_batch: The global batch (identical on every rank).
+        global_batch: The global batch (identical on every rank): a :class:`Batch`
+            or a :class:`PackedBatch`.
         microbatches: Number of microbatches the global batch is split into.
         dp_rank: This rank's index in the module's data-parallel group.
         dp_size: The module's data-parallel size (``dp_replicate * dp_shard``).
 
     Returns:
-        A :class:`Batch` of ``len(global_batch) // dp_size`` samples.
+        A batch of the same type with ``len(global_batch) // dp_size`` samples (rows).
 
     Raises:
         ValueError: ``microbatches < 1``, the batch size is not divisible by
@@ -77,7 +85,9 @@ def local_batch(global_batch: Batch, microbatches: int, dp_rank: int, dp_size: i
     mb_size = total // microbatches
     start, end = dp_sample_range(mb_size, dp_rank, dp_size)
     parts = [global_batch.slice(m * mb_size + start, m * mb_size + end) for m in range(microbatches)]
-    return parts[0] if len(parts) == 1 else concat_batches(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return concat_packed_batches(parts) if isinstance(global_batch, PackedBatch) else concat_batches(parts)
 
 
 def check_batch_divisibility(

@@ -79,25 +79,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
-        # Replaced by a parallel plan (e.g. context parallelism): ``attn_fn(q, k, v, positions) -> [B, nh, S, hd]``
-        # with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]`` and the tokens' global positions ``[S]``.
+        # Replaced by a parallel plan (e.g. context parallelism): ``attn_fn(q, k, v, positions, doc_ids) -> [B, nh, S,
+        # hd]`` with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]``, the tokens' global positions ``[S]`` / ``[B, S]``
+        # and their document ids (``[B, S]``, packed sequences) or None.
         self.attn_fn = None
 
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x_BSH.shape
-        q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+        q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd] (nh / tp under TP)
         k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
         v = self.v_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if cos.dim() == 3:  # per-row positions (packed sequences): [B, S, hd] -> [B, 1, S, hd]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if self.attn_fn is not None:
-            return self.o_proj(self.attn_fn(q, k, v, positions).transpose(1, 2).reshape(b, s, -1))
+            return self.o_proj(self.attn_fn(q, k, v, positions, doc_ids).transpose(1, 2).reshape(b, s, -1))
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if doc_ids is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # packed rows: causal inside each document (positions increase along a document), never across
+            same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # [B, S, S]
+            causal = positions.unsqueeze(-1) >= positions.unsqueeze(-2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=(same_doc & causal).unsqueeze(1))
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -119,8 +127,9 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions)
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # five positional arguments always: a tensor-parallel plan prepares them by position
+        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions, doc_ids)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -142,8 +151,11 @@ class DecoderLM(nn.Module):
     Forward:
         ``x``: ``[B, S]`` int64 token ids when this part has ``embed_tokens``, else ``[B, S, H]`` hidden states.
         ``inputs_embeds``: optional ``[B, S, H]`` replacing the embedding lookup (used by the MIMO merge).
-        ``position_ids``: optional ``[S]`` int64 global positions of the tokens (default ``0..S-1``; under context
-        parallelism the positions of this rank's zigzag shard), used by RoPE and passed to ``attn_fn``.
+        ``position_ids``: optional ``[S]`` or ``[B, S]`` int64 global positions of the tokens (default ``0..S-1``;
+        under context parallelism the positions of this rank's zigzag shard; for packed rows the position inside
+        each document), used by RoPE and passed to ``attn_fn``.
+        ``doc_ids``: optional ``[B, S]`` int64 document of each token (packed THD rows): attention is causal inside
+        a document and never crosses documents (the positions must increase along every document).
         Returns ``[B, S, V]`` logits when this part has ``lm_head``, else ``[B, S, H]`` hidden states.
         Rows are right-padded; attention is causal.
 
@@ -167,7 +179,7 @@ class DecoderLM(nn.Module):
         return self.model.embed_tokens(input_ids_BS)
 
     def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if inputs_embeds is not None:
             h = inputs_embeds
         elif self.model.embed_tokens is not None:
@@ -178,7 +190,7 @@ class DecoderLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.model.layers.values():
-            h = layer(h, cos, sin, position_ids)
+            h = layer(h, cos, sin, position_ids, doc_ids)
         if self.model.norm is not None:
             h = self.model.norm(h)
         if self.lm_head is not None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import zigzag_position_ids, zigzag_shard
+from kernels import zigzag_position_ids, zigzag_shard, zigzag_shard_thd
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
 
-__all__ = ["MimoModel", "LanguageStage", "scatter_image_embeddings", "merge_image_embeddings"]
+__all__ = ["MimoModel", "LanguageStage", "cp_shard_rows", "scatter_image_embeddings", "merge_image_embeddings"]
 
 
 def scatter_image_embeddings(image_embeds_NH: torch.Tensor, input_ids_BS: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -56,6 +56,30 @@ def merge_image_embeddings(
     return torch.where(mask, image_dense_BSH.to(text_embeds_BSH.dtype), text_embeds_BSH)
 
 
+def cp_shard_rows(x: torch.Tensor, cp_size: int, cp_rank: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """This CP rank's zigzag shard of every row of ``x`` ``[B, S, ...]`` → ``[B, S / cp_size, ...]``.
+
+    Without ``doc_ids_BS`` each row is one sequence (``kernels.zigzag_shard``: chunks ``r`` and ``2·cp − 1 − r``
+    of ``2·cp``). With ``doc_ids_BS`` (``[B, S]`` int64, packed THD rows whose documents are contiguous runs of
+    equal ids, every run a multiple of ``2·cp`` long) every document is zigzag-sharded on its own
+    (``kernels.zigzag_shard_thd`` over the rows laid end to end), so each row keeps ``S / cp`` tokens.
+    Differentiable w.r.t. ``x``.
+
+    Raises:
+        ValueError: a sequence or document length not divisible by ``2·cp`` (from the kernels).
+    """
+    if cp_size == 1:
+        return x
+    if doc_ids_BS is None:
+        return zigzag_shard(x, cp_size, cp_rank, seq_dim=1)
+    B, S = doc_ids_BS.shape
+    flat = (doc_ids_BS.detach().cpu() + torch.arange(B).unsqueeze(1) * (S + 1)).flatten()  # ids unique per row
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), starts, torch.tensor([B * S])]).to(torch.int32)
+    local, _ = zigzag_shard_thd(x.flatten(0, 1), cu_seqlens, cp_size, cp_rank)
+    return local.view(B, S // cp_size, *x.shape[2:])
+
+
 class LanguageStage(nn.Module):
     """A pipeline stage of the language module (or the whole of it), with the image merge on the first stage.
 
@@ -64,9 +88,15 @@ class LanguageStage(nn.Module):
 
     Forward:
         first stage: ``(input_ids [B, S] int64, image_dense [B, S, H] float)``; other stages:
-        ``(hidden [B, S / cp, H])``. Returns logits ``[B, S / cp, V]`` on the last stage, hidden states otherwise.
+        ``(hidden [B, S / (cp·tp), H])``; every stage also takes, for packed (THD) rows, ``position_ids`` and
+        ``doc_ids`` ``[B, S]`` int64 of the full rows (positions inside each document; document index).
+        Returns logits ``[B, S / cp, V / tp]`` on the last stage, hidden states ``[B, S / (cp·tp), H]`` otherwise.
+
         With context parallelism (``cp_size > 1``) the first stage zigzag-shards the merged embeddings over the
-        sequence, and every stage gives RoPE and attention the global positions of its shard.
+        sequence (every packed document on its own), and every stage gives RoPE and attention the global
+        positions (and documents) of its shard. With sequence parallelism (``sp_mesh`` set by the tensor-parallel
+        plan) the first stage then scatters the embeddings' sequence over the tp ranks; only the embeddings are
+        scattered, positions stay those of the whole CP shard (attention all-gathers the sequence).
     """
 
     def __init__(self, language: DecoderLM, image_token_id: int):
@@ -75,16 +105,27 @@ class LanguageStage(nn.Module):
         self.image_token_id = image_token_id
         self.is_first = language.model.embed_tokens is not None
         self.cp_size, self.cp_rank = 1, 0  # set by the context-parallel plan (mimo_titan.parallel.cp)
+        # set by the tensor-parallel plan (mimo_titan.parallel.tp): ``[B, S, H]`` -> this rank's ``[B, S / sp, H]``
+        self.sp_size, self.sp_scatter = 1, None
 
-    def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is not None:  # packed rows: this rank's positions and documents, sharded like its tokens
+            positions = cp_shard_rows(position_ids, self.cp_size, self.cp_rank, doc_ids)
+            local_doc_ids = cp_shard_rows(doc_ids, self.cp_size, self.cp_rank, doc_ids)
+        else:
+            seq_len = x.shape[1] if self.is_first else x.shape[1] * self.sp_size * self.cp_size
+            positions, local_doc_ids = self._positions(seq_len, x.device), None
         if not self.is_first:
-            return self.language(x, position_ids=self._positions(x.shape[1] * self.cp_size, x.device))
+            return self.language(x, position_ids=positions, doc_ids=local_doc_ids)
         embeds = self.language.embed(x)
         if image_dense_BSH is not None:
             embeds = merge_image_embeddings(embeds, x, image_dense_BSH, self.image_token_id)
-        if self.cp_size > 1:  # after the merge: this rank keeps its zigzag shard of the sequence
-            embeds = zigzag_shard(embeds, self.cp_size, self.cp_rank, seq_dim=1)
-        return self.language(x, inputs_embeds=embeds, position_ids=self._positions(x.shape[1], x.device))
+        # after the merge: this rank keeps its zigzag shard of the sequence, then its SP slice of that
+        embeds = cp_shard_rows(embeds, self.cp_size, self.cp_rank, doc_ids)
+        if self.sp_scatter is not None:
+            embeds = self.sp_scatter(embeds)
+        return self.language(x, inputs_embeds=embeds, position_ids=positions, doc_ids=local_doc_ids)
 
     def _positions(self, seq_len: int, device) -> torch.Tensor:
         """Global positions ``[S / cp]`` of this rank's tokens of a length-``seq_len`` sequence."""
@@ -104,8 +145,8 @@ class MimoModel(nn.Module):
         image_token_id: id of ``<|image|>`` in the tokenizer.
 
     Forward:
-        input_ids ``[B, S]`` int64, pixel_values ``[N, C, H_img, W_img]`` float (images in sample order) →
-        logits ``[B, S, V]``.
+        input_ids ``[B, S]`` int64, pixel_values ``[N, C, H_img, W_img]`` float (images in sample order), and for
+        packed (THD) rows ``position_ids`` / ``doc_ids`` ``[B, S]`` int64 → logits ``[B, S, V]``.
 
     Raises:
         ValueError: if the number of placeholders differs from ``N * tokens_per_image``.
@@ -128,7 +169,8 @@ class MimoModel(nn.Module):
             torch.manual_seed(seed + 1)
             self.language.init_weights()
 
-    def forward(self, input_ids_BS: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids_BS: torch.Tensor, pixel_values: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         image_embeds = self.vision(pixel_values).flatten(0, 1)  # [N * P, H]
         dense = scatter_image_embeddings(image_embeds, input_ids_BS, self.image_token_id)
-        return LanguageStage(self.language, self.image_token_id)(input_ids_BS, dense)
+        return LanguageStage(self.language, self.image_token_id)(input_ids_BS, dense, position_ids, doc_ids)

@@ -36,12 +36,12 @@ class _Attention(nn.Module):
         n, p, d = x_NPD.shape
         hd = d // self.num_heads
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(n, p, self.num_heads, hd).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # under tensor parallelism a rank holds heads / tp heads
+            return t.view(n, p, t.shape[-1] // hd, hd).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x_NPD)), heads(self.k_proj(x_NPD)), heads(self.v_proj(x_NPD))
         out = F.scaled_dot_product_attention(q, k, v)  # bidirectional over patches
-        return self.out_proj(out.transpose(1, 2).reshape(n, p, d))
+        return self.out_proj(out.transpose(1, 2).reshape(n, p, out.shape[1] * hd))
 
 
 class _MLP(nn.Module):
@@ -146,6 +146,7 @@ class VisionEncoder(nn.Module):
         self.multi_modal_projector = Projector(cfg.hidden_size, cfg.projector_intermediate_size, out_dim)
         self.tokens_per_image = self.vision_model.embeddings.num_patches
         self.out_dim = out_dim
+        self.cfg = cfg
 
     def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
         return self.multi_modal_projector(self.vision_model(pixel_values_NCHW))

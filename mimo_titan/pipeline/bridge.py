@@ -9,7 +9,8 @@ concatenates its routes in sample order. Gradients travel the same routes backwa
 DP < LM DP), equal DP and ratios that do not divide (2 → 3), and any number of image tokens per sample (zero
 included): a route whose samples have no image token sends nothing, and both sides know it. With context
 parallelism on the language side, every CP rank of the destination DP index receives the route's rows (each
-keeps what its zigzag shard needs) and their gradients are summed on the way back.
+keeps what its zigzag shard needs) and their gradients are summed on the way back. With tensor parallelism, one
+tp rank sends what all its tp peers hold identically, and every tp rank of the receiving side receives it.
 
 Ordering: every pair of ranks posts its sends and receives in the same order on both sides (microbatch
 ascending, then route start, all forwards before any backward), so NCCL, which ignores tags, pairs them too.
@@ -87,8 +88,12 @@ class Bridge:
     of images of every sample of the *global* microbatch. Sends are asynchronous; call :meth:`wait` once the
     step no longer needs them.
 
+    With tensor parallelism on either side the rows travel once per (sender, receiver) pair: encoder tp rank 0
+    sends to every (cp, tp) rank of the language DP index; language tp rank 0 of each cp rank sends the
+    gradient back to every encoder tp rank, which sums the cp parts.
+
     Raises:
-        ValueError: if the encoder has pp > 1 or cp > 1, or either side has tp > 1 (not supported yet).
+        ValueError: if the encoder has pp > 1 or cp > 1.
     """
 
     def __init__(self, src_layout, dst_layout, mb_size: int, tokens_per_image: int, hidden_size: int,
@@ -98,19 +103,23 @@ class Bridge:
                 f"parallelism.{src_layout.name}.pp={src_layout.pp}: encoder modules run as a single pipeline stage "
                 "ahead of the language model; set pp = 1 and use dp_shard instead"
             )
-        for lay, cp_ok in ((src_layout, False), (dst_layout, True)):
-            if lay.tp != 1 or (lay.cp != 1 and not cp_ok):
-                raise ValueError(
-                    f"parallelism.{lay.name}: tp={lay.tp}, cp={lay.cp}; the bridge supports context parallelism on "
-                    "the language side only and no tensor parallelism yet: set tp = 1 (and cp = 1 for encoders)"
-                )
+        if src_layout.cp != 1:
+            raise ValueError(f"parallelism.{src_layout.name}.cp={src_layout.cp}: the bridge supports context "
+                             "parallelism on the language side only; set cp = 1 for encoders")
         self.src, self.dst = src_layout, dst_layout
         self.mb_size, self.tokens_per_image, self.hidden_size = mb_size, tokens_per_image, hidden_size
         self.dtype, self.device, self.rank = dtype, device, rank
         self.routes = plan_routes(mb_size, src_layout.dp, dst_layout.dp)
-        self.src_ranks = [[module_rank(src_layout, 0, d)] for d in range(src_layout.dp)]
-        # every CP rank of a language DP index gets the rows of its samples (it shards them like its tokens)
-        self.dst_ranks = [[module_rank(dst_layout, 0, d, c) for c in range(dst_layout.cp)] for d in range(dst_layout.dp)]
+        src, dst = src_layout, dst_layout
+        # forward: encoder tp rank 0 sends (its tp peers hold the same rows); every (cp, tp) rank of the language DP
+        # index receives (each keeps what its zigzag shard needs). Backward: language tp rank 0 of every cp rank
+        # sends (its tp peers hold the same gradient; cp ranks hold disjoint parts, summed by the receiver), and
+        # every encoder tp rank receives (each runs the same backward).
+        self.src_senders = [[module_rank(src, 0, d)] for d in range(src.dp)]
+        self.src_receivers = [[module_rank(src, 0, d, 0, t) for t in range(src.tp)] for d in range(src.dp)]
+        self.dst_senders = [[module_rank(dst, 0, d, c) for c in range(dst.cp)] for d in range(dst.dp)]
+        self.dst_receivers = [[module_rank(dst, 0, d, c, t) for c in range(dst.cp) for t in range(dst.tp)]
+                              for d in range(dst.dp)]
         self._local: dict[tuple[int, int, Route], torch.Tensor] = {}
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
@@ -153,11 +162,13 @@ class Bridge:
         return torch.cat([bufs[0] if len(bufs) == 1 else torch.stack(bufs).sum(0) for bufs in out])
 
     def _send_rows(self, mb: int, direction: int, my_dp: int, rows: torch.Tensor, images_per_sample: torch.Tensor,
-                   side_size: int, mine_of, peer_of) -> None:
+                   side_size: int, mine_of, peer_of, senders: list[int]) -> None:
         lo, hi = dp_sample_range(self.mb_size, my_dp, side_size)
         offsets = self._row_offsets(images_per_sample, lo, hi)
         if rows.shape[0] != offsets[-1]:
             raise ValueError(f"bridge: microbatch {mb} has {offsets[-1]} image-token rows on this rank, got {rows.shape[0]}")
+        if self.rank not in senders:  # a tensor-parallel peer of the sending rank: same rows, sent once
+            return
         for r in self.routes:
             if mine_of(r) == my_dp:
                 piece = rows[offsets[r.start - lo]: offsets[r.end - lo]]
@@ -175,20 +186,22 @@ class Bridge:
     def send_forward(self, mb: int, src_dp: int, embeds: torch.Tensor, images_per_sample: torch.Tensor) -> None:
         """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes."""
         self._send_rows(mb, _FWD, src_dp, embeds, images_per_sample, self.src.dp,
-                        lambda r: r.src_dp, lambda r: self.dst_ranks[r.dst_dp])
+                        lambda r: r.src_dp, lambda r: self.dst_receivers[r.dst_dp], self.src_senders[src_dp])
 
     def recv_forward(self, mb: int, dst_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
         """Language side: image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb``, in sample order."""
-        return self._recv_rows(mb, _FWD, dst_dp, images_per_sample, lambda r: r.dst_dp, lambda r: self.src_ranks[r.src_dp])
+        return self._recv_rows(mb, _FWD, dst_dp, images_per_sample, lambda r: r.dst_dp,
+                               lambda r: self.src_senders[r.src_dp])
 
     def send_backward(self, mb: int, dst_dp: int, grads: torch.Tensor, images_per_sample: torch.Tensor) -> None:
         """Language side: send ``d loss / d rows`` (``[n, H]``, same layout as :meth:`recv_forward`) back."""
         self._send_rows(mb, _BWD, dst_dp, grads, images_per_sample, self.dst.dp,
-                        lambda r: r.dst_dp, lambda r: self.src_ranks[r.src_dp])
+                        lambda r: r.dst_dp, lambda r: self.src_receivers[r.src_dp], self.dst_senders[dst_dp])
 
     def recv_backward(self, mb: int, src_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
         """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb``."""
-        return self._recv_rows(mb, _BWD, src_dp, images_per_sample, lambda r: r.src_dp, lambda r: self.dst_ranks[r.dst_dp])
+        return self._recv_rows(mb, _BWD, src_dp, images_per_sample, lambda r: r.src_dp,
+                               lambda r: self.dst_senders[r.dst_dp])
 
     def wait(self) -> None:
         """Wait for every outstanding send; raise if a colocated hand-over was never collected."""

@@ -23,14 +23,18 @@ bridge communicator), with torch.distributed.pipelining in place of Megatron's s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 
-from kernels import zigzag_shard
 from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
+from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
 from mimo_titan.pipeline.bridge import Bridge
 
@@ -52,9 +56,11 @@ class MimoSchedule:
         image_token_id: id of ``<|image|>``.
         tokens_per_image: image tokens per image (P).
         device: device the step runs on.
-        seq_len: S, tokens per sample.
-        vocab_size: V (logits width of the last stage).
+        seq_len: S, tokens per sample (or per packed row).
+        vocab_size: V (logits width of the last stage; ``V / tp`` per rank under tensor parallelism).
         act_dtype: dtype of activations between language stages (the FSDP compute dtype).
+        packed: global batches are packed THD rows (``PackedBatch``): every stage gets the rows' ``position_ids``
+            and ``doc_ids`` as keyword inputs.
 
     Each language ``PipelineStage`` gets static input / output metadata (meta tensors of the microbatch
     shapes), so torch.distributed.pipelining runs no metadata-inference pass: such a pass would run the stage
@@ -66,7 +72,7 @@ class MimoSchedule:
 
     def __init__(self, topology, vision: nn.Module | None, language: nn.Module | None, bridge: Bridge,
                  microbatches: int, schedule: str, image_token_id: int, tokens_per_image: int, device: torch.device,
-                 seq_len: int, vocab_size: int, act_dtype: torch.dtype):
+                 seq_len: int, vocab_size: int, act_dtype: torch.dtype, packed: bool = False):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
         role = topology.role
@@ -81,10 +87,15 @@ class MimoSchedule:
         self.vision_name = enc[0]
         self._num_loss_tokens = 1
         self.pp_schedule = None
-        self.cp_size, self.cp_rank = 1, 0
+        self.packed = packed
+        self.cp_size, self.cp_rank, self.tp_mesh = 1, 0, None
         if language is not None:
             lay = topology.layouts[self.lang_name]
             self.cp_size, self.cp_rank = lay.cp, role.coordinates[self.lang_name]["cp"]
+            if lay.tp > 1:
+                self.tp_mesh = topology.tp_mesh(self.lang_name)
+            # the loss is replicated over tp: one tp rank reports it
+            self.reports_loss = role.coordinates[self.lang_name]["tp"] == 0
             s_local = seq_len // self.cp_size
             stage_idx = role.pp_stage(self.lang_name)
             self.is_first = stage_idx == 0
@@ -95,7 +106,10 @@ class MimoSchedule:
 
             inputs = ((meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
                       if self.is_first else (meta(b, s_local, H),))
-            outputs = (meta(b, s_local, vocab_size),) if self.is_last else (meta(b, s_local, H),)
+            # inputs of later stages and outputs of non-last stages are the SP shard [b, S / (cp tp), H]
+            if not self.is_first:
+                inputs = (meta(b, s_local // lay.tp, H),)
+            outputs = ((meta(b, s_local, vocab_size // lay.tp),) if self.is_last else (meta(b, s_local // lay.tp, H),))
             self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
                                        input_args=inputs, output_args=outputs, group=topology.pp_group(self.lang_name))
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
@@ -105,12 +119,22 @@ class MimoSchedule:
     def _loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Sum of per-token cross-entropy (fp32) over the microbatch / global number of loss tokens of the step.
 
-        Under context parallelism the logits are this rank's zigzag shard; the labels get the same shard.
+        Under context parallelism the logits are this rank's zigzag shard, and so are the labels (sharded by
+        :meth:`step`, never SP-scattered). Under tensor parallelism the logits are this rank's vocabulary shard
+        ``[b, S, V / tp]`` and the cross-entropy is vocabulary-parallel (``loss_parallel``: the softmax statistics
+        are all-reduced over tp; the step runs inside its context, which its backward needs).
         """
-        if self.cp_size > 1:
-            labels_BS = zigzag_shard(labels_BS, self.cp_size, self.cp_rank, seq_dim=1)
-        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = logits_BSV.float()
+        if self.tp_mesh is not None:
+            logits = DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if isinstance(ce, DTensor):
+            ce = ce.to_local()
         return ce / self._num_loss_tokens
+
+    def _loss_context(self):
+        """``loss_parallel()`` under tensor parallelism (forward and backward of the loss run inside), else a no-op."""
+        return loss_parallel() if self.tp_mesh is not None else contextlib.nullcontext()
 
     def _mb_images(self, global_batch: Batch, m: int) -> torch.Tensor:
         s = len(global_batch) // self.microbatches
@@ -132,6 +156,9 @@ class MimoSchedule:
             0-dim fp32 tensor: this rank's share of the step loss (non-zero on the last language stage only);
             the sum over ranks is the loss of the global batch.
         """
+        if self.packed != hasattr(global_batch, "doc_ids"):
+            raise ValueError(f"data.packing={str(self.packed).lower()} but the step got a {type(global_batch).__name__}; "
+                             "build the loader with mimo_titan.train.trainer.build_loader(cfg, ...)")
         M = self.microbatches
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
         enc_outputs = []
@@ -150,9 +177,15 @@ class MimoSchedule:
             l_dp = self.role.dp_rank(self.lang_name)
             l_local = local_batch(global_batch, M, l_dp, self.topology.layouts[self.lang_name].dp)
             input_ids = l_local.input_ids.to(self.device)
-            labels = l_local.labels.to(self.device)
+            kwargs = {}
+            doc_ids = None
+            if self.packed:
+                doc_ids = l_local.doc_ids.to(self.device)
+                kwargs.update(position_ids=l_local.position_ids.to(self.device), doc_ids=doc_ids)
             losses: list[torch.Tensor] = []
-            kwargs = {"target": labels, "losses": losses} if self.is_last else {}
+            if self.is_last:  # this rank's CP shard of the labels, as its logits
+                labels = cp_shard_rows(l_local.labels.to(self.device), self.cp_size, self.cp_rank, doc_ids)
+                kwargs.update(target=labels, losses=losses)
             if self.is_first:
                 b = len(l_local) // M
                 dense = []
@@ -163,7 +196,8 @@ class MimoSchedule:
                     d[ids == self.image_token_id] = rows
                     dense.append(d)
                 image_dense = torch.cat(dense).requires_grad_(True)
-                self.pp_schedule.step(input_ids, image_dense, return_outputs=False, **kwargs)
+                with self._loss_context():
+                    self.pp_schedule.step(input_ids, image_dense, return_outputs=False, **kwargs)
                 grad = image_dense.grad
                 if grad is None:
                     raise RuntimeError("the language pipeline produced no gradient for the image embeddings; the "
@@ -173,8 +207,9 @@ class MimoSchedule:
                     g = grad[m * b:(m + 1) * b][ids == self.image_token_id]
                     self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m))
             else:
-                self.pp_schedule.step(return_outputs=False, **kwargs)
-            if losses:
+                with self._loss_context():
+                    self.pp_schedule.step(return_outputs=False, **kwargs)
+            if losses and self.reports_loss:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
         if self.vision is not None:

@@ -155,6 +155,20 @@ class Topology:
             return self.dp_mesh(name)
         return self.dp_cp_meshes[name]["dp_cp"]
 
+    def tp_mesh(self, name: str) -> DeviceMesh:
+        """This rank's 1-D ``("tp",)`` submesh, for tensor-parallel plans.
+
+        Sliced from the same root mesh as :meth:`fsdp_mesh` (the ``dp_cp`` mesh when ``cp > 1``), as FSDP2
+        requires for 2-D FSDP x TP.
+
+        Raises:
+            RuntimeError: this rank is not a member of the module.
+        """
+        self._check_member(name, "tp_mesh")
+        if self.layouts[name].cp == 1:
+            return self.meshes[name]["tp"]
+        return self.dp_cp_meshes[name]["tp"]
+
     def token_group(self, name: str) -> ProcessGroup:
         """The group whose ranks hold different tokens of a microbatch: dp (x cp when ``cp > 1``).
 

@@ -9,6 +9,7 @@ the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the brid
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -25,6 +26,7 @@ from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
 from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
+from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
@@ -54,8 +56,21 @@ def validate_job(cfg, world_size: int) -> dict:
     layouts = layouts_from_config(cfg.parallelism)
     validate_layouts(layouts, world_size)
     for name, lay in layouts.items():
-        if lay.tp != 1:
-            raise ValueError(f"parallelism.{name}.tp={lay.tp}: tensor parallelism is not supported yet; set tp = 1")
+        moe = getattr(cfg.model, name).moe
+        if lay.tp > 1 and moe.num_experts > 0:
+            raise ValueError(
+                f"parallelism.{name}.tp={lay.tp} with model.{name}.moe.num_experts={moe.num_experts}: tensor "
+                f"parallelism of MoE layers is not supported; split the experts with parallelism.{name}.ep / etp "
+                "and set tp = 1"
+            )
+        check_tp(name, getattr(cfg.model, name), lay.tp)
+        if lay.tp > 1 and lay.dp_replicate > 1:
+            raise ValueError(f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
+                             "use dp_shard instead of dp_replicate")
+        if lay.tp > 1 and lay.is_language and cfg.model.language.tie_word_embeddings:
+            raise ValueError(f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
+                             "supported (the vocabulary-parallel embedding and head would be sharded separately); "
+                             "untie them or set tp = 1")
         if lay.cp != 1:
             if not lay.is_language:
                 raise ValueError(f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
@@ -63,15 +78,8 @@ def validate_job(cfg, world_size: int) -> dict:
             if lay.dp_replicate != 1:
                 raise ValueError(f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
                                  "supported yet; use dp_shard instead of dp_replicate")
-            if cfg.training.seq_len % (2 * lay.cp):
-                raise ValueError(
-                    f"training.seq_len={cfg.training.seq_len} must be divisible by 2 * parallelism.{name}.cp = "
-                    f"{2 * lay.cp} (zigzag context parallelism splits each sequence into 2 * cp chunks); e.g. "
-                    f"{cfg.training.seq_len + (-cfg.training.seq_len) % (2 * lay.cp)}"
-                )
         if not lay.is_language and lay.pp != 1:
             raise ValueError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
-        moe = getattr(cfg.model, name).moe
         if lay.ep * lay.etp > 1:
             if moe.num_experts == 0:
                 raise ValueError(
@@ -100,6 +108,21 @@ def validate_job(cfg, world_size: int) -> dict:
             f"the pipeline needs at least one microbatch per stage; set training.microbatches >= {lang.pp}"
         )
     return layouts
+
+
+def sequence_multiple(cfg) -> int:
+    """Every sequence (packed row) length must be a multiple of this: ``2·cp`` for zigzag context parallelism
+    (``2·cp`` chunks per sequence) and ``cp·tp`` so that sequence parallelism splits each CP shard over tp."""
+    lang = layouts_from_config(cfg.parallelism)["language"]
+    return math.lcm(2 * lang.cp if lang.cp > 1 else 1, lang.cp * lang.tp)
+
+
+def padded_seq_len(cfg) -> int:
+    """``training.seq_len`` rounded up to :func:`sequence_multiple`: the loader builds rows of this length (a
+    sample shorter than the row is padded, without loss), so a length that CP / SP cannot split is rounded up, not
+    rejected."""
+    m = sequence_multiple(cfg)
+    return -(-cfg.training.seq_len // m) * m
 
 
 def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]:
@@ -209,10 +232,13 @@ def build_processor(cfg) -> ImageTextProcessor:
 
 
 def build_loader(cfg, processor: ImageTextProcessor) -> MimoDataLoader:
-    """The global-batch loader of ``cfg`` (identical on every rank)."""
-    return MimoDataLoader(cfg.data.path, processor, cfg.training.global_batch_size, cfg.training.seq_len,
+    """The global-batch loader of ``cfg`` (identical on every rank): rows of :func:`padded_seq_len` tokens; with
+    ``data.packing`` packed THD rows whose documents are padded to a multiple of ``2·cp``."""
+    lang = layouts_from_config(cfg.parallelism)["language"]
+    return MimoDataLoader(cfg.data.path, processor, cfg.training.global_batch_size, padded_seq_len(cfg),
                           max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
-                          seed=cfg.job.seed)
+                          seed=cfg.job.seed, packing=cfg.data.packing,
+                          pack_multiple=2 * lang.cp if cfg.data.packing and lang.cp > 1 else 1)
 
 
 def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
@@ -238,18 +264,23 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
 
     modules: dict[str, nn.Module] = {}
     if role.holds(vis_name):
-        vision = full.vision
+        lay = layouts[vis_name]
+        vision = full.vision.to(device)
         expert_mesh = _prepare_moe(vision, topology, vis_name, cfg.training.microbatches)
-        modules[vis_name] = apply_fsdp(vision.to(device), vision.vision_model.encoder.layers,
-                                       topology.dp_mesh(vis_name), param_dtype, reduce_dtype, expert_mesh=expert_mesh)
+        if lay.tp > 1:
+            apply_tp_vision(vision, topology.tp_mesh(vis_name))
+        modules[vis_name] = apply_fsdp(vision, vision.vision_model.encoder.layers, topology.dp_mesh(vis_name),
+                                       param_dtype, reduce_dtype, expert_mesh=expert_mesh)
     if role.holds(lang_name):
         lay = layouts[lang_name]
         part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
-        stage = LanguageStage(part, processor.image_token_id)
+        stage = LanguageStage(part, processor.image_token_id).to(device)
         if lay.cp > 1:
             apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
-        modules[lang_name] = apply_fsdp(stage.to(device), list(part.model.layers.values()), topology.fsdp_mesh(lang_name),
+        if lay.tp > 1:
+            apply_tp_language(stage, topology.tp_mesh(lang_name))
+        modules[lang_name] = apply_fsdp(stage, list(part.model.layers.values()), topology.fsdp_mesh(lang_name),
                                         param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1,
                                         expert_mesh=expert_mesh)
     del full
@@ -262,7 +293,7 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
                     param_dtype, device, rank)
     schedule = MimoSchedule(topology, modules.get(vis_name), modules.get(lang_name), bridge, cfg.training.microbatches,
                             cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device,
-                            cfg.training.seq_len, cfg.model.language.vocab_size, param_dtype)
+                            padded_seq_len(cfg), cfg.model.language.vocab_size, param_dtype, packed=cfg.data.packing)
     rng = {}
     for index, name in enumerate(layouts):
         if role.holds(name):
@@ -365,7 +396,7 @@ def train(cfg) -> list[dict]:
         job = build_job(cfg, device, processor)
         logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
                     "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
-                              f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "")
+                              f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "") + (f" tp={lay.tp}" if lay.tp > 1 else "")
                               + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
                               for n, lay in job.topology.layouts.items()))
         for _ in range(cfg.training.steps):
