@@ -62,7 +62,7 @@ def _tag_rows(batch, tokens_per_image):
 def _pairing_worker(rank, world, device, cfg_dict):
     from mimo_titan.config import config_from_dict
     from mimo_titan.data import ImageTextProcessor, local_batch
-    from mimo_titan.pipeline.bridge import Bridge
+    from mimo_titan.pipeline.bridge import Bridge, cp_owner, image_row_cp_ranks
     from mimo_titan.topology import build_topology
     from mimo_titan.train.trainer import validate_job
 
@@ -77,31 +77,37 @@ def _pairing_worker(rank, world, device, cfg_dict):
     S = len(batch) // M
     bridge = Bridge(layouts["vision"], layouts["language"], S, tpi, 4, torch.float64, device, rank)
     ims = lambda m: batch.images_per_sample[m * S:(m + 1) * S]  # noqa: E731
-    sent, received = {}, 0
-    if role.holds("vision"):
+    cp = layouts["language"].cp
+    row_cp = [image_row_cp_ranks(batch.input_ids[m * S:(m + 1) * S], proc.image_token_id, cp) if cp > 1 else None
+              for m in range(M)]
+    sent, received, cp_rank = {}, 0, None
+    if role.holds("vision"):  # every encoder tp rank calls (tp rank 0 sends)
         dp = role.dp_rank("vision")
         local = local_batch(batch, M, dp, layouts["vision"].dp)
         b = len(local) // M
         for m in range(M):
             sent[m] = _tag_rows(local.slice(m * b, (m + 1) * b), tpi).to(device)
-            bridge.send_forward(m, dp, sent[m], ims(m))
+            bridge.send_forward(m, dp, sent[m], ims(m), row_cp[m])
     if role.holds("language") and role.is_first_stage("language"):
-        dp = role.dp_rank("language")
+        dp, c = role.dp_rank("language"), role.coordinates["language"]["cp"]
+        cp_rank = c
         local = local_batch(batch, M, dp, layouts["language"].dp)
         b = len(local) // M
         for m in range(M):
             mb = local.slice(m * b, (m + 1) * b)
-            rows = bridge.recv_forward(m, dp, ims(m)).cpu()
-            assert rows.shape[0] == int((mb.input_ids == proc.image_token_id).sum())
-            torch.testing.assert_close(rows, _tag_rows(mb, tpi), rtol=0, atol=0)
-            received += rows.shape[0]
-            bridge.send_backward(m, dp, (rows * 2 + 1).to(device), ims(m))
+            rows = bridge.recv_forward(m, dp, ims(m), c, row_cp[m]).cpu()
+            # exactly the rows whose placeholders lie in this CP rank's zigzag shard, in order
+            mine = (cp_owner(*mb.input_ids.shape, cp) == c)[mb.input_ids == proc.image_token_id]
+            torch.testing.assert_close(rows, _tag_rows(mb, tpi)[mine], rtol=0, atol=0)
+            if role.coordinates["language"]["tp"] == 0:
+                received += rows.shape[0]
+            bridge.send_backward(m, dp, (rows * 2 + 1).to(device), ims(m), c, row_cp[m])
     if role.holds("vision"):
         dp = role.dp_rank("vision")
         for m in range(M):
-            torch.testing.assert_close(bridge.recv_backward(m, dp, ims(m)), sent[m] * 2 + 1, rtol=0, atol=0)
+            torch.testing.assert_close(bridge.recv_backward(m, dp, ims(m), row_cp[m]), sent[m] * 2 + 1, rtol=0, atol=0)
     bridge.wait()
-    return {"received": received, "total": int(batch.images_per_sample.sum()) * tpi,
+    return {"received": received, "cp_rank": cp_rank, "total": int(batch.images_per_sample.sum()) * tpi,
             "ids": batch.sample_ids.tolist(), "images": batch.images_per_sample.tolist()}
 
 
@@ -111,6 +117,9 @@ PAIRING = {
     "fan_out_1to3_pp2": (7, V(0, 1), V(1, 6, pp=2, dp_shard=3), 6),
     "ratio_2to3": (5, V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), 12),
     "colocated_2to1": (2, V(0, 2, dp_shard=2), V(0, 2, pp=2), 4),
+    "vision_tp2_to_lm_cp2_tp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), 4),
+    "fan_out_1to2_cp4": (9, V(0, 1), V(1, 8, dp_shard=2, cp=4), 4),  # seq_len 24: images reach every CP shard
+    "colocated_cp2_tp2": (4, V(0, 4, dp_shard=2, tp=2), V(0, 4, cp=2, tp=2), 4),
 }
 
 
@@ -118,9 +127,11 @@ PAIRING = {
 @pytest.mark.parametrize("layout,backend", per_layout_backends({k: v[0] for k, v in PAIRING.items()}))
 def test_each_sample_sees_its_own_images(layout, backend):
     world, vision, language, gbs = PAIRING[layout]
-    cfg = tiny_config_dict(vision, language, training={"global_batch_size": gbs, "microbatches": 2},
-                           data={"max_images_per_sample": 3})
+    cfg = tiny_config_dict(vision, language, data={"max_images_per_sample": 3},
+                           training={"global_batch_size": gbs, "microbatches": 2, "seq_len": 24 if "cp4" in layout else 48})
     res = run_ranks(_pairing_worker, world, cfg, backend=backend)
     assert sum(r["received"] for r in res) == res[0]["total"] > 0  # every image token arrived exactly once
+    cps = {r["cp_rank"] for r in res} - {None}
+    assert all(sum(r["received"] for r in res if r["cp_rank"] == c) > 0 for c in cps)  # each CP rank got its rows
     assert len(set(res[0]["images"])) > 1  # variable number of images per sample
     assert all(r["ids"] == res[0]["ids"] for r in res)  # every rank drew the same global batch

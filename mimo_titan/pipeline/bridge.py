@@ -8,8 +8,9 @@ concatenates its routes in sample order. Gradients travel the same routes backwa
 ``d loss / d embeds`` for exactly its own rows. This handles fan-in (encoder DP > LM DP), fan-out (encoder
 DP < LM DP), equal DP and ratios that do not divide (2 → 3), and any number of image tokens per sample (zero
 included): a route whose samples have no image token sends nothing, and both sides know it. With context
-parallelism on the language side, every CP rank of the destination DP index receives the route's rows (each
-keeps what its zigzag shard needs) and their gradients are summed on the way back. With tensor parallelism, one
+parallelism on the language side, each CP rank of the destination DP index receives only the rows whose
+placeholders fall in its zigzag shard (both sides compute the owner of every row from the token ids,
+:func:`image_row_cp_ranks`), and each row's gradient comes back from that CP rank. With tensor parallelism, one
 tp rank sends what all its tp peers hold identically, and every tp rank of the receiving side receives it.
 
 Ordering: every pair of ranks posts its sends and receives in the same order on both sides (microbatch
@@ -33,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from mimo_titan.data.sharding import dp_sample_range
+from mimo_titan.models.mimo import cp_shard_rows
 
-__all__ = ["Route", "plan_routes", "module_rank", "Bridge"]
+__all__ = ["Route", "plan_routes", "module_rank", "cp_owner", "image_row_cp_ranks", "Bridge"]
 
 _FWD, _BWD = 0, 1
 
@@ -71,6 +73,27 @@ def module_rank(layout, pp_stage: int, dp_rank: int, cp_rank: int = 0, tp_rank: 
     return layout.rank_offset + ((pp_stage * layout.dp + dp_rank) * layout.cp + cp_rank) * layout.tp + tp_rank
 
 
+def cp_owner(batch_size: int, seq_len: int, cp_size: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, S]`` int64 (CPU): the language CP rank that keeps each position under the zigzag shard of
+    :func:`mimo_titan.models.mimo.cp_shard_rows` (computed with that very function, so the two agree); packed
+    (THD) rows pass their ``doc_ids_BS`` ``[B, S]``."""
+    owner = torch.zeros(batch_size, seq_len, dtype=torch.int64)
+    if cp_size > 1:
+        pos = torch.arange(seq_len).expand(batch_size, seq_len)
+        docs = None if doc_ids_BS is None else doc_ids_BS.cpu()
+        for c in range(cp_size):
+            owner.scatter_(1, cp_shard_rows(pos, cp_size, c, docs), c)
+    return owner
+
+
+def image_row_cp_ranks(input_ids_BS: torch.Tensor, image_token_id: int, cp_size: int,
+                       doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_image_tokens]`` int64 (CPU): the language CP rank whose sequence shard holds each image-token row of a
+    microbatch (``input_ids_BS`` ``[B, S]``), in row-major placeholder order (the bridge's row order)."""
+    ids = input_ids_BS.cpu()
+    return cp_owner(*ids.shape, cp_size, doc_ids_BS)[ids == image_token_id]
+
+
 class Bridge:
     """Point-to-point transfer of image-token embeddings between two modules' meshes.
 
@@ -88,9 +111,9 @@ class Bridge:
     of images of every sample of the *global* microbatch. Sends are asynchronous; call :meth:`wait` once the
     step no longer needs them.
 
-    With tensor parallelism on either side the rows travel once per (sender, receiver) pair: encoder tp rank 0
-    sends to every (cp, tp) rank of the language DP index; language tp rank 0 of each cp rank sends the
-    gradient back to every encoder tp rank, which sums the cp parts.
+    With context parallelism the methods take ``row_cp`` (``[n]`` int64, :func:`image_row_cp_ranks` of the global
+    microbatch): encoder tp rank 0 sends each row to the tp ranks of the CP rank that owns it; language tp rank 0
+    of each CP rank sends that rank's rows' gradients back to every encoder tp rank, which puts them in place.
 
     Raises:
         ValueError: if the encoder has pp > 1 or cp > 1.
@@ -111,22 +134,32 @@ class Bridge:
         self.dtype, self.device, self.rank = dtype, device, rank
         self.routes = plan_routes(mb_size, src_layout.dp, dst_layout.dp)
         src, dst = src_layout, dst_layout
-        # forward: encoder tp rank 0 sends (its tp peers hold the same rows); every (cp, tp) rank of the language DP
-        # index receives (each keeps what its zigzag shard needs). Backward: language tp rank 0 of every cp rank
-        # sends (its tp peers hold the same gradient; cp ranks hold disjoint parts, summed by the receiver), and
-        # every encoder tp rank receives (each runs the same backward).
-        self.src_senders = [[module_rank(src, 0, d)] for d in range(src.dp)]
+        # forward: encoder tp rank 0 sends (its tp peers hold the same rows) to every tp rank of the CP rank that
+        # owns the row. Backward: language tp rank 0 of every CP rank sends (its tp peers hold the same gradient)
+        # to every encoder tp rank (each runs the same backward).
+        self.src_sender = [module_rank(src, 0, d) for d in range(src.dp)]
         self.src_receivers = [[module_rank(src, 0, d, 0, t) for t in range(src.tp)] for d in range(src.dp)]
-        self.dst_senders = [[module_rank(dst, 0, d, c) for c in range(dst.cp)] for d in range(dst.dp)]
-        self.dst_receivers = [[module_rank(dst, 0, d, c, t) for c in range(dst.cp) for t in range(dst.tp)]
+        self.dst_sender = [[module_rank(dst, 0, d, c) for c in range(dst.cp)] for d in range(dst.dp)]
+        self.dst_receivers = [[[module_rank(dst, 0, d, c, t) for t in range(dst.tp)] for c in range(dst.cp)]
                               for d in range(dst.dp)]
-        self._local: dict[tuple[int, int, Route], torch.Tensor] = {}
+        self._local: dict[tuple, torch.Tensor] = {}
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _row_offsets(self, images_per_sample: torch.Tensor, start: int, end: int) -> list[int]:
-        """Row offset of each sample boundary in ``[start, end]`` relative to sample ``start``."""
-        return [0, *torch.cumsum(images_per_sample[start:end] * self.tokens_per_image, 0).tolist()]
+    def _row_offsets(self, images_per_sample: torch.Tensor) -> list[int]:
+        """Global row offset of every sample boundary of the microbatch (``mb_size + 1`` entries)."""
+        return [0, *torch.cumsum(images_per_sample * self.tokens_per_image, 0).tolist()]
+
+    def _owners(self, row_cp: torch.Tensor | None, offsets: list[int]) -> torch.Tensor:
+        """``[n_rows]`` int64: the language CP rank that needs each image-token row of the microbatch."""
+        if row_cp is None:
+            if self.dst.cp > 1:
+                raise ValueError("bridge: the language module has cp > 1, so row_cp (the CP rank of every "
+                                 "image-token row) is required")
+            return torch.zeros(offsets[-1], dtype=torch.int64)
+        if row_cp.shape != (offsets[-1],):
+            raise ValueError(f"bridge: row_cp has shape {tuple(row_cp.shape)}, expected ({offsets[-1]},)")
+        return row_cp.cpu()
 
     def _send(self, rows: torch.Tensor, peers: list[int], tag: int, key) -> None:
         """Send ``rows`` to every rank in ``peers``."""
@@ -139,69 +172,91 @@ class Bridge:
             else:
                 self._sends.append((dist.isend(buf, dst=peer, tag=tag), buf))
 
-    def _recv_all(self, pieces: list[tuple[int, list[int], object]], tag: int) -> torch.Tensor:
-        """Receive each (n_rows, peers, key) piece from every rank in ``peers`` and sum over them; return the
-        pieces concatenated in order as ``[sum n_rows, H]``."""
-        out, works = [], []
-        for n, peers, key in pieces:
-            if n == 0:
-                continue
-            bufs = []
-            for peer in peers:
-                if peer == self.rank:
-                    bufs.append(self._local.pop((*key, self.rank)).to(self.dtype))
-                    continue
-                buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
-                works.append(dist.irecv(buf, src=peer, tag=tag))
-                bufs.append(buf)
-            out.append(bufs)
-        for w in works:
-            w.wait()
-        if not out:
-            return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        return torch.cat([bufs[0] if len(bufs) == 1 else torch.stack(bufs).sum(0) for bufs in out])
+    def _recv(self, n: int, peer: int, tag: int, key, works: list) -> torch.Tensor:
+        """Post the receive of ``[n, H]`` rows from ``peer`` (or take the local hand-over)."""
+        if n == 0 or peer == self.rank:
+            return (self._local.pop((*key, self.rank)).to(self.dtype) if n else
+                    torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device))
+        buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
+        works.append(dist.irecv(buf, src=peer, tag=tag))
+        return buf
 
-    def _send_rows(self, mb: int, direction: int, my_dp: int, rows: torch.Tensor, images_per_sample: torch.Tensor,
-                   side_size: int, mine_of, peer_of, senders: list[int]) -> None:
-        lo, hi = dp_sample_range(self.mb_size, my_dp, side_size)
-        offsets = self._row_offsets(images_per_sample, lo, hi)
-        if rows.shape[0] != offsets[-1]:
-            raise ValueError(f"bridge: microbatch {mb} has {offsets[-1]} image-token rows on this rank, got {rows.shape[0]}")
-        if self.rank not in senders:  # a tensor-parallel peer of the sending rank: same rows, sent once
-            return
-        for r in self.routes:
-            if mine_of(r) == my_dp:
-                piece = rows[offsets[r.start - lo]: offsets[r.end - lo]]
-                self._send(piece, peer_of(r), 2 * mb + direction, (direction, mb, r))
-
-    def _recv_rows(self, mb: int, direction: int, my_dp: int, images_per_sample: torch.Tensor, mine_of, peer_of) -> torch.Tensor:
-        pieces = []
-        for r in self.routes:
-            if mine_of(r) == my_dp:
-                n = self._row_offsets(images_per_sample, r.start, r.end)[-1]
-                pieces.append((n, peer_of(r), (direction, mb, r)))
-        return self._recv_all(pieces, 2 * mb + direction)
+    def _check_rows(self, mb: int, rows: torch.Tensor, n: int) -> None:
+        if rows.shape[0] != n:
+            raise ValueError(f"bridge: microbatch {mb} has {n} image-token rows on this rank, got {rows.shape[0]}")
 
     # -- public API ------------------------------------------------------------------------------------
-    def send_forward(self, mb: int, src_dp: int, embeds: torch.Tensor, images_per_sample: torch.Tensor) -> None:
-        """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes."""
-        self._send_rows(mb, _FWD, src_dp, embeds, images_per_sample, self.src.dp,
-                        lambda r: r.src_dp, lambda r: self.dst_receivers[r.dst_dp], self.src_senders[src_dp])
+    def send_forward(self, mb: int, src_dp: int, embeds: torch.Tensor, images_per_sample: torch.Tensor,
+                     row_cp: torch.Tensor | None = None) -> None:
+        """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes; each
+        language CP rank gets only the rows of its sequence shard (``row_cp``, see :func:`image_row_cp_ranks`)."""
+        off = self._row_offsets(images_per_sample)
+        owners = self._owners(row_cp, off)
+        lo, hi = dp_sample_range(self.mb_size, src_dp, self.src.dp)
+        self._check_rows(mb, embeds, off[hi] - off[lo])
+        if self.rank != self.src_sender[src_dp]:  # a tensor-parallel peer of the sender: same rows, sent once
+            return
+        for r in self.routes:
+            if r.src_dp != src_dp:
+                continue
+            piece, own = embeds[off[r.start] - off[lo]: off[r.end] - off[lo]], owners[off[r.start]: off[r.end]]
+            for c in range(self.dst.cp):
+                self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], 2 * mb + _FWD, (_FWD, mb, r, c))
 
-    def recv_forward(self, mb: int, dst_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
-        """Language side: image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb``, in sample order."""
-        return self._recv_rows(mb, _FWD, dst_dp, images_per_sample, lambda r: r.dst_dp,
-                               lambda r: self.src_senders[r.src_dp])
+    def recv_forward(self, mb: int, dst_dp: int, images_per_sample: torch.Tensor, cp_rank: int = 0,
+                     row_cp: torch.Tensor | None = None) -> torch.Tensor:
+        """Language side: the image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb`` that CP rank
+        ``cp_rank`` needs (all of them when ``cp == 1``), in sample order."""
+        off = self._row_offsets(images_per_sample)
+        owners = self._owners(row_cp, off)
+        works, out = [], []
+        for r in self.routes:
+            if r.dst_dp == dst_dp:
+                n = int((owners[off[r.start]: off[r.end]] == cp_rank).sum())
+                out.append(self._recv(n, self.src_sender[r.src_dp], 2 * mb + _FWD, (_FWD, mb, r, cp_rank), works))
+        for w in works:
+            w.wait()
+        return torch.cat(out) if out else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
 
-    def send_backward(self, mb: int, dst_dp: int, grads: torch.Tensor, images_per_sample: torch.Tensor) -> None:
-        """Language side: send ``d loss / d rows`` (``[n, H]``, same layout as :meth:`recv_forward`) back."""
-        self._send_rows(mb, _BWD, dst_dp, grads, images_per_sample, self.dst.dp,
-                        lambda r: r.dst_dp, lambda r: self.src_receivers[r.src_dp], self.dst_senders[dst_dp])
+    def send_backward(self, mb: int, dst_dp: int, grads: torch.Tensor, images_per_sample: torch.Tensor,
+                      cp_rank: int = 0, row_cp: torch.Tensor | None = None) -> None:
+        """Language side: send ``d loss / d rows`` (``[n, H]``, the rows :meth:`recv_forward` gave) back."""
+        off = self._row_offsets(images_per_sample)
+        owners = self._owners(row_cp, off)
+        lo, hi = dp_sample_range(self.mb_size, dst_dp, self.dst.dp)
+        self._check_rows(mb, grads, int((owners[off[lo]: off[hi]] == cp_rank).sum()))
+        if self.rank != self.dst_sender[dst_dp][cp_rank]:  # a tensor-parallel peer: same gradient, sent once
+            return
+        start = 0
+        for r in self.routes:
+            if r.dst_dp != dst_dp:
+                continue
+            n = int((owners[off[r.start]: off[r.end]] == cp_rank).sum())
+            self._send(grads[start:start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, (_BWD, mb, r, cp_rank))
+            start += n
 
-    def recv_backward(self, mb: int, src_dp: int, images_per_sample: torch.Tensor) -> torch.Tensor:
-        """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb``."""
-        return self._recv_rows(mb, _BWD, src_dp, images_per_sample, lambda r: r.src_dp,
-                               lambda r: self.dst_senders[r.dst_dp])
+    def recv_backward(self, mb: int, src_dp: int, images_per_sample: torch.Tensor,
+                      row_cp: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb`` (``[n, H]``); each row's
+        gradient comes from the CP rank that used it."""
+        off = self._row_offsets(images_per_sample)
+        owners = self._owners(row_cp, off)
+        lo, hi = dp_sample_range(self.mb_size, src_dp, self.src.dp)
+        out = torch.zeros(off[hi] - off[lo], self.hidden_size, dtype=self.dtype, device=self.device)
+        works, parts = [], []
+        for r in self.routes:
+            if r.src_dp != src_dp:
+                continue
+            own = owners[off[r.start]: off[r.end]]
+            for c in range(self.dst.cp):
+                rows = torch.nonzero(own == c).flatten() + (off[r.start] - off[lo])
+                buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], 2 * mb + _BWD, (_BWD, mb, r, c), works)
+                parts.append((rows.to(self.device), buf))
+        for w in works:
+            w.wait()
+        for rows, buf in parts:
+            out[rows] = buf
+        return out
 
     def wait(self) -> None:
         """Wait for every outstanding send; raise if a colocated hand-over was never collected."""

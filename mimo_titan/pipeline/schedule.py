@@ -36,7 +36,7 @@ from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
-from mimo_titan.pipeline.bridge import Bridge
+from mimo_titan.pipeline.bridge import Bridge, cp_owner, image_row_cp_ranks
 
 __all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
 
@@ -140,6 +140,15 @@ class MimoSchedule:
         s = len(global_batch) // self.microbatches
         return global_batch.images_per_sample[m * s:(m + 1) * s]
 
+    def _row_cp(self, global_batch: Batch, m: int) -> torch.Tensor | None:
+        """The language CP rank of every image-token row of global microbatch ``m`` (None without CP)."""
+        cp = self.topology.layouts[self.lang_name].cp
+        if cp == 1:
+            return None
+        s = len(global_batch) // self.microbatches
+        docs = global_batch.doc_ids[m * s:(m + 1) * s] if self.packed else None
+        return image_row_cp_ranks(global_batch.input_ids[m * s:(m + 1) * s], self.image_token_id, cp, docs)
+
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows are dropped)."""
         n = pixel_values.shape[0]
@@ -161,6 +170,7 @@ class MimoSchedule:
                              "build the loader with mimo_titan.train.trainer.build_loader(cfg, ...)")
         M = self.microbatches
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
+        row_cp = [self._row_cp(global_batch, m) for m in range(M)]
         enc_outputs = []
         if self.vision is not None:
             v_dp = self.role.dp_rank(self.vision_name)
@@ -170,7 +180,7 @@ class MimoSchedule:
                 mb = v_local.slice(m * b, (m + 1) * b)
                 out = self._encode(mb.pixel_values.to(self.device))
                 enc_outputs.append(out)
-                self.bridge.send_forward(m, v_dp, out.flatten(0, 1), self._mb_images(global_batch, m))
+                self.bridge.send_forward(m, v_dp, out.flatten(0, 1), self._mb_images(global_batch, m), row_cp[m])
 
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.pp_schedule is not None:
@@ -188,12 +198,15 @@ class MimoSchedule:
                 kwargs.update(target=labels, losses=losses)
             if self.is_first:
                 b = len(l_local) // M
+                # the image-token positions this CP rank keeps (its rows are exactly those, in order)
+                mine = cp_owner(*l_local.input_ids.shape, self.cp_size, l_local.doc_ids if self.packed else None)
+                mine = (mine == self.cp_rank).to(self.device) & (input_ids == self.image_token_id)
                 dense = []
                 for m in range(M):
-                    rows = self.bridge.recv_forward(m, l_dp, self._mb_images(global_batch, m))
-                    ids = input_ids[m * b:(m + 1) * b]
-                    d = torch.zeros(*ids.shape, self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device)
-                    d[ids == self.image_token_id] = rows
+                    rows = self.bridge.recv_forward(m, l_dp, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
+                    d = torch.zeros(b, input_ids.shape[1], self.bridge.hidden_size, dtype=self.bridge.dtype,
+                                    device=self.device)
+                    d[mine[m * b:(m + 1) * b]] = rows
                     dense.append(d)
                 image_dense = torch.cat(dense).requires_grad_(True)
                 with self._loss_context():
@@ -203,9 +216,8 @@ class MimoSchedule:
                     raise RuntimeError("the language pipeline produced no gradient for the image embeddings; the "
                                        "encoder would silently stop training")
                 for m in range(M):
-                    ids = input_ids[m * b:(m + 1) * b]
-                    g = grad[m * b:(m + 1) * b][ids == self.image_token_id]
-                    self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m))
+                    g = grad[m * b:(m + 1) * b][mine[m * b:(m + 1) * b]]
+                    self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
             else:
                 with self._loss_context():
                     self.pp_schedule.step(return_outputs=False, **kwargs)
@@ -216,7 +228,7 @@ class MimoSchedule:
             v_dp = self.role.dp_rank(self.vision_name)
             grads = []
             for m, out in enumerate(enc_outputs):
-                g = self.bridge.recv_backward(m, v_dp, self._mb_images(global_batch, m))
+                g = self.bridge.recv_backward(m, v_dp, self._mb_images(global_batch, m), row_cp[m])
                 grads.append(g.to(out.dtype).view_as(out))
             for m, (out, g) in enumerate(zip(enc_outputs, grads)):
                 # one backward per microbatch, reducing gradients after the last (as pipelining does for the LM)
