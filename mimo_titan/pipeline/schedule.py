@@ -28,6 +28,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
@@ -155,8 +156,12 @@ class MimoSchedule:
         if n == 0:
             dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
             with excluded_from_stats(self.vision):  # MoE routing of the dummy counts for nothing
-                return self.vision(dummy)[:0]
-        return self.vision(pixel_values)
+                out = self.vision(dummy)
+        else:
+            out = self.vision(pixel_values)
+        if isinstance(out, AsyncCollectiveTensor):  # a tensor-parallel all-reduce: wait for it now, also on tp ranks
+            out = out.clone()  # that never read the output (only tp rank 0 sends it), not at process exit
+        return out[:n]
 
     def step(self, global_batch: Batch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.
