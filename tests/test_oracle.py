@@ -1,8 +1,9 @@
 """The oracle: one distributed optimizer step equals one single-process step on the same global batch.
 
 For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-dividing DP ratio, LM pp=2, HSDP,
-samples with no image, and MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
-pp, an MoE encoder): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
+samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
+pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM and the encoder,
+tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
 update is nearly invariant to a gradient scale, so this is what catches a wrong reduction) and every updated
 parameter (1e-3, fp32) equal those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in
 this process (``tests/_reference.py``), together with the MoE routing counts and aux loss.

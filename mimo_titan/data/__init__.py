@@ -6,13 +6,15 @@ Public API:
       tokenisation and token layout.
     - :class:`Sample`, :class:`Batch`, :func:`collate`, :func:`concat_batches`,
       :data:`IGNORE_INDEX`: batching.
-    - :class:`MimoDataLoader`: deterministic, resumable global batches.
+    - :class:`PackedBatch`, :func:`pack`: packed (THD) rows with ``cu_seqlens``.
+    - :class:`MimoDataLoader`: deterministic, resumable global batches (padded or packed rows).
     - :func:`dp_sample_range`, :func:`local_batch`, :func:`check_batch_divisibility`:
       per-rank/microbatch splitting.
 """
 
 from mimo_titan.data.collate import IGNORE_INDEX, Batch, Sample, collate, concat_batches
 from mimo_titan.data.loader import MimoDataLoader
+from mimo_titan.data.packing import PackedBatch, pack
 from mimo_titan.data.processor import CLIP_MEAN, CLIP_STD, CorruptSampleError, ImageTextProcessor
 from mimo_titan.data.sharding import check_batch_divisibility, dp_sample_range, local_batch
 from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
@@ -25,6 +27,7 @@ __all__ = [
     "CorruptSampleError",
     "ImageTextProcessor",
     "MimoDataLoader",
+    "PackedBatch",
     "Sample",
     "check_batch_divisibility",
     "collate",
@@ -32,5 +35,6 @@ __all__ = [
     "dp_sample_range",
     "iter_webdataset",
     "local_batch",
+    "pack",
     "resolve_shards",
 ]
