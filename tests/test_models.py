@@ -141,3 +141,12 @@ def test_packed_rows_compute_every_document_as_if_alone():
                 checked += 1
     assert image == batch.pixel_values.shape[0]
     assert checked > len(batch)  # some row holds several documents
+
+
+def test_patch_embedding_equals_the_strided_convolution():
+    """The ViT patchifies + projects (for tensor parallelism); that must equal HF's stride-p Conv2d on its weights."""
+    cfg, m = _model()
+    emb = m.vision.vision_model.embeddings
+    x = torch.randn(3, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
+    conv = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(emb(x), conv + emb.position_embedding.weight, atol=1e-5, rtol=0)

@@ -77,8 +77,14 @@ class _Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values_NCHW.to(self.patch_embedding.weight.dtype))
-        x_NPD = x.flatten(2).transpose(1, 2)
+        # the stride-p convolution written as patchify + linear (same weights, same result): DTensor's convolution
+        # backward over-counts the weight gradient of a replicated conv on torch 2.11 (tensor-parallel encoders)
+        conv = self.patch_embedding
+        p = conv.kernel_size[0]
+        n, c, h, w = pixel_values_NCHW.shape
+        x = pixel_values_NCHW.to(conv.weight.dtype).reshape(n, c, h // p, p, w // p, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)  # [N, P, C p p], row-major patches
+        x_NPD = F.linear(x, conv.weight.flatten(1), conv.bias)
         return x_NPD + self.position_embedding.weight.unsqueeze(0)
 
 
