@@ -111,8 +111,8 @@ class LanguageStage(nn.Module):
     def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is not None:  # packed rows: this rank's positions and documents, sharded like its tokens
-            positions = cp_shard_rows(position_ids, self.cp_size, self.cp_rank, doc_ids)
-            local_doc_ids = cp_shard_rows(doc_ids, self.cp_size, self.cp_rank, doc_ids)
+            index = torch.stack([position_ids, doc_ids], dim=-1)  # [B, S, 2]: one shard call for both
+            positions, local_doc_ids = cp_shard_rows(index, self.cp_size, self.cp_rank, doc_ids).unbind(-1)
         else:
             seq_len = x.shape[1] if self.is_first else x.shape[1] * self.sp_size * self.cp_size
             positions, local_doc_ids = self._positions(seq_len, x.device), None
