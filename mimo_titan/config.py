@@ -51,7 +51,7 @@ this module (:class:`Config` is the root)::
     dp_shard = 2
 
     [training]
-    steps = 1000
+    steps = 1000                       # or samples = 32000 (LM samples)
     global_batch_size = 32
     microbatches = 4
     seq_len = 2048
@@ -72,8 +72,15 @@ this module (:class:`Config` is the root)::
     [metrics]                  # optional
     log_freq = 10
 
+    [checkpoint]               # optional; CheckpointConfig
+    enable = true
+    folder = "checkpoint"              # under job.output_dir
+    interval = 500
+    keep_latest_k = 3                  # 0 keeps all
+    load_step = -1                     # -1: the newest complete checkpoint
+
 A table whose dataclass has only defaulted fields (``[job]``,
-``[lr_schedule]``, ``[metrics]``) may be omitted entirely; any key with a
+``[lr_schedule]``, ``[metrics]``, ``[checkpoint]``) may be omitted entirely; any key with a
 default may be omitted. Unknown keys are errors (with a "did you mean"
 suggestion), as are wrongly typed values, missing required keys, values
 outside an allowed set and simple out-of-range values. A TOML integer is
@@ -138,6 +145,7 @@ __all__ = [
     "LRScheduleConfig",
     "DataConfig",
     "MetricsConfig",
+    "CheckpointConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -346,6 +354,7 @@ class LanguageModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _config_problems(self) -> list[tuple[str, str]]:
@@ -396,9 +405,33 @@ class ParallelismConfig:
 
 @dataclass(kw_only=True)
 class TrainingConfig:
-    """``[training]``: loop length, batch geometry and device."""
+    """``[training]``: loop length, batch geometry and device.
 
-    steps: int = _opt(ge=1)
+    The length is given either as ``steps`` (optimizer steps) or as ``samples``: a budget in language-model
+    samples, the unit of ``global_batch_size`` (one sequence of ``seq_len`` tokens, or one packed row with
+    ``data.packing``; an encoder's batch varies with the images per sample and is not counted). ``samples``
+    gives ``ceil(samples / global_batch_size)`` steps (Megatron-LM's ``--train-samples``, rounded up so that
+    no sample of the budget is dropped). Exactly one of the two must be set.
+    """
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: ``steps``, or ``ceil(samples / global_batch_size)``."""
+        if self.steps is not None:
+            return self.steps
+        return -(-self.samples // self.global_batch_size)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        if self.steps is None and self.samples is None:
+            return [("steps", "the run length is missing; set '{p}.steps' (optimizer steps) or '{p}.samples' "
+                              "(language-model samples, counted like global_batch_size)")]
+        if self.steps is not None and self.samples is not None:
+            return [("samples", f"'{{p}}.steps' = {self.steps} is set too; give the run length once: remove "
+                                "one of '{p}.steps' and '{p}.samples'")]
+        return []
+
+    steps: int | None = _opt(None, ge=1)
+    samples: int | None = _opt(None, ge=1)  # budget in LM samples (sequences / packed rows) instead of steps
     global_batch_size: int = _opt(ge=1)
     microbatches: int = _opt(1, ge=1)
     seq_len: int = _opt(ge=2)
@@ -438,6 +471,30 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """``[checkpoint]``: distributed checkpoints (torch.distributed.checkpoint), as torchtitan's ``[checkpoint]``.
+
+    Attributes:
+        enable: save every ``interval`` steps and at the last step, and resume from ``folder`` when it holds a
+            complete checkpoint.
+        folder: checkpoint directory; a relative path is taken under ``job.output_dir``. Each checkpoint is a
+            subdirectory ``step-N``.
+        interval: steps between saves (>= 1).
+        keep_latest_k: keep only the newest k complete checkpoints; 0 keeps all.
+        load_step: the step to resume from; -1 = the newest complete checkpoint in ``folder``.
+        initial_load_path: a model-only checkpoint (e.g. written by ``scripts/convert_hf.py import``) whose
+            weights initialise the model when ``folder`` has no checkpoint yet; "" = none.
+    """
+
+    enable: bool = False
+    folder: str = "checkpoint"
+    interval: int = _opt(500, ge=1)
+    keep_latest_k: int = _opt(0, ge=0)
+    load_step: int = _opt(-1, ge=-1)
+    initial_load_path: str = ""
+
+
+@dataclass(kw_only=True)
 class MetricsConfig:
     """``[metrics]``: logging cadence."""
 
@@ -456,6 +513,7 @@ class Config:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     data: DataConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as a plain nested dict (e.g. for logging).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def lr_multiplier(step: int, cfg) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio`` (the configs' ``decay = "cosine"``)."""
-    w, total, lo = cfg.lr_schedule.warmup_steps, cfg.training.steps, cfg.lr_schedule.min_lr_ratio
+    w, total, lo = cfg.lr_schedule.warmup_steps, cfg.training.total_steps, cfg.lr_schedule.min_lr_ratio
     if step < w:
         return (step + 1) / (w + 1)
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))

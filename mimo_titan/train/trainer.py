@@ -286,7 +286,7 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     del full
 
     optimizers = {n: build_optimizer(m, cfg.optimizer) for n, m in modules.items()}
-    schedulers = {n: build_lr_scheduler(o, cfg.training.steps, cfg.lr_schedule) for n, o in optimizers.items()}
+    schedulers = {n: build_lr_scheduler(o, cfg.training.total_steps, cfg.lr_schedule) for n, o in optimizers.items()}
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
     tokens_per_image = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     bridge = Bridge(layouts[vis_name], layouts[lang_name], mb_size, tokens_per_image, cfg.model.language.hidden_size,
@@ -336,7 +336,7 @@ def train_step(job: Job, global_batch) -> dict:
     """One optimizer step on ``global_batch`` (identical on every rank). Every rank must call it.
 
     Returns:
-        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib"}`` where
+        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib", "sample_ids"}`` where
         loss is the global per-token loss and grad_norm the global norm before clipping.
     """
     t0 = time.perf_counter()
@@ -364,8 +364,11 @@ def train_step(job: Job, global_batch) -> dict:
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
+    ids = global_batch.sample_ids
+    sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
     rec = {"step": job.step, "loss": float(stats[0]), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
-           "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device)}
+           "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device),
+           "sample_ids": sample_ids}
     if job.moe_keys:
         rec["moe"] = {}
         for i, key in enumerate(job.moe_keys):
@@ -380,15 +383,29 @@ def train_step(job: Job, global_batch) -> dict:
     return rec
 
 
-def train(cfg) -> list[dict]:
-    """Run ``training.steps`` steps; log one line per ``metrics.log_freq`` steps on rank 0. Returns the history.
+def train(cfg, max_steps: int | None = None) -> list[dict]:
+    """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log one line
+    per ``metrics.log_freq`` steps on rank 0. Returns this process's history.
+
+    With ``checkpoint.enable`` it resumes from the newest complete checkpoint in ``checkpoint.folder`` (or
+    ``checkpoint.load_step``), or initialises the model from ``checkpoint.initial_load_path``, and saves every
+    ``checkpoint.interval`` steps and at the last step (:class:`~mimo_titan.checkpoint.CheckpointManager`).
+
+    Args:
+        cfg: the run's ``Config``.
+        max_steps: stop after this many steps of this process even if the run is not finished (what a preempted
+            job does; used by the resume tests). None runs to the end.
 
     Layout, batch, tokenizer and data errors are raised before any process group is created.
     """
+    from mimo_titan.checkpoint import CheckpointManager
+
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate_job(cfg, world)
     processor = build_processor(cfg)
     loader = build_loader(cfg, processor)
+    total_steps = cfg.training.total_steps
+    owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     rank, world, device = init_distributed(cfg.training.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
@@ -399,8 +416,15 @@ def train(cfg) -> list[dict]:
                               f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "") + (f" tp={lay.tp}" if lay.tp > 1 else "")
                               + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
                               for n, lay in job.topology.layouts.items()))
-        for _ in range(cfg.training.steps):
+        if cfg.training.samples is not None:
+            logger.info("training.samples=%d: %d steps of %d LM samples", cfg.training.samples, total_steps,
+                        cfg.training.global_batch_size)
+        ckpt = CheckpointManager(cfg)
+        ckpt.load(job, loader)
+        done = 0
+        while job.step < total_steps and (max_steps is None or done < max_steps):
             rec = train_step(job, next(loader))
+            done += 1
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
                 moe = (f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
                        if "moe" in rec else "")
@@ -411,10 +435,13 @@ def train(cfg) -> list[dict]:
                     logger.info("  moe tokens/expert (min/max/imbalance, aux): %s", "; ".join(
                         f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
                         f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}" for k, v in rec["moe"].items()))
+            if ckpt.should_save(job.step):
+                rec["checkpoint_save_s"] = ckpt.save(job, loader)
         logger.info("data: %s", loader.stats)
         ok = True
         return job.history
     finally:
         if ok:
             dist.barrier()
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
