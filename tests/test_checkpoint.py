@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import os
 import subprocess
 import sys
@@ -271,3 +272,23 @@ def test_training_samples_budget_runs_that_many_lm_samples():
     # the LR schedule spans the 3 steps: linear decay from lr to min_lr_ratio * lr over total_steps = 3
     lr, lo = d["optimizer"]["lr"], 0.1
     assert [r["lr"] for r in hist] == pytest.approx([lr * (1 - (1 - lo) * s / 3) for s in range(3)])
+
+
+@pytest.mark.multirank
+def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
+    """The README's train command with ``--checkpoint.*`` overrides: save every step, then resume from step 1."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
+            "--config", "train_configs/debug_colocated.toml", f"--job.output_dir={tmp_path}",
+            "--checkpoint.enable=true", "--checkpoint.interval=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(base + ["--training.steps=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2"]
+    again = subprocess.run(base + ["--training.steps=3", "--checkpoint.load_step=1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "checkpoint: resumed step 1" in log
+    steps = [int(m) for m in re.findall(r"step +(\d+) \| loss", log)]
+    assert steps == [2, 3]

@@ -2,8 +2,8 @@
 
 For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-dividing DP ratio, LM pp=2, HSDP,
 samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
-pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM and the encoder,
-tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
+pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with Qwen3's
+q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
 update is nearly invariant to a gradient scale, so this is what catches a wrong reduction) and every updated
 parameter (1e-3, fp32) equal those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in
 this process (``tests/_reference.py``), together with the MoE routing counts and aux loss.
@@ -64,6 +64,7 @@ LAYOUTS = {
     "lm_cp4_colocated_images_on_every_shard": (4, V(0, 4, dp_shard=4), V(0, 4, cp=4),
                                                {"training": {"global_batch_size": 8}}, ()),
     "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2), {}, ()),
+    "lm_tp2_qk_norm": (3, V(0, 1), V(1, 2, tp=2), {"model": {"language": {"qk_norm": True}}}, ()),  # Qwen3 q/k norms
     "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {}, ()),
     "vision_tp2_fan_out_lm_dp2_tp2": (6, V(0, 2, tp=2), V(2, 4, dp_shard=2, tp=2), {"data": {"max_images_per_sample": 2}}, (1,)),
     "lm_pp2_tp2_cp2_colocated": (8, V(0, 8, dp_shard=4, tp=2), V(0, 8, pp=2, cp=2, tp=2),

@@ -64,7 +64,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention over SDPA (no bias, HF Llama layout)."""
+    """Causal grouped-query attention over SDPA (no bias, HF Llama layout).
+
+    With ``cfg.qk_norm`` (Qwen3) queries and keys are RMS-normalised per head (``q_norm`` / ``k_norm``, weight
+    ``[hd]``, HF names ``self_attn.q_norm.weight`` / ``self_attn.k_norm.weight``) on the ``[B, S, heads, hd]``
+    view of the projections, before RoPE, as ``Qwen3Attention`` in HF transformers'
+    ``models/qwen3/modeling_qwen3.py``.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -79,6 +85,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if getattr(cfg, "qk_norm", False):
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         # Replaced by a parallel plan (e.g. context parallelism): ``attn_fn(q, k, v, positions, doc_ids) -> [B, nh, S,
         # hd]`` with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]``, the tokens' global positions ``[S]`` / ``[B, S]``
         # and their document ids (``[B, S]``, packed sequences) or None.
@@ -87,8 +98,11 @@ class Attention(nn.Module):
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x_BSH.shape
-        q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd] (nh / tp under TP)
-        k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
+        q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nh, hd] (nh / tp under TP)
+        k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nkv, hd]
+        if self.q_norm is not None:  # per-head norm over hd (Qwen3); under TP a plan over the heads dim
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, hd], [B, nkv, S, hd]
         v = self.v_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)
         if cos.dim() == 3:  # per-row positions (packed sequences): [B, S, hd] -> [B, 1, S, hd]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -146,7 +160,7 @@ class DecoderLM(nn.Module):
 
     Args:
         cfg: ``LanguageModelConfig`` (vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
-            num_kv_heads, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings).
+            num_kv_heads, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qk_norm, moe).
 
     Forward:
         ``x``: ``[B, S]`` int64 token ids when this part has ``embed_tokens``, else ``[B, S, H]`` hidden states.

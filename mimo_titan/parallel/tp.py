@@ -8,7 +8,8 @@ way torchtitan's ``apply_tp`` does for Llama:
   row-parallel with a reduce-scatter onto the sequence (``output_layouts=Shard(1)``);
 - MLP: gate/up (or fc1) column-parallel, down (or fc2) row-parallel, reduce-scattered onto the sequence;
 - norms: ``SequenceParallel`` (each rank normalises its ``S / tp`` tokens; the weights are replicated DTensors,
-  whose gradients DTensor sums over tp);
+  whose gradients DTensor sums over tp); Qwen3's per-head q / k norms the same way over the heads dim of
+  ``[B, S, heads, hd]``, which the column-parallel projections shard;
 - the module inputs of attention and MLP are all-gathered from ``Shard(1)`` to ``Replicate()``
   (``PrepareModuleInput``);
 - LM vocabulary: the embedding is row-parallel over the vocabulary (``Replicate`` output, then the
@@ -84,6 +85,17 @@ def sp_scatter(x_BSH, tp_mesh: DeviceMesh):
     return d.redistribute(tp_mesh, [Shard(1)]).to_local()
 
 
+def _qk_norm_plan(prefix: str) -> dict:
+    """Plan entries for the per-head q / k norms (Qwen3) of layer ``prefix``.
+
+    The column-parallel q / k projections leave each rank ``heads / tp`` heads of the ``[B, S, heads, hd]`` view the
+    norms act on, so the norms run as ``SequenceParallel`` over dim 2 (the heads, torchtitan's Qwen3 plan): the
+    weight ``[hd]`` is a replicated DTensor whose gradient DTensor sums over tp; the output is the local tensor.
+    """
+    return {prefix + f"self_attn.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
+            for name in ("q_norm", "k_norm")}
+
+
 def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStage:
     """Tensor + sequence parallelism for a language pipeline stage, in place; returns ``stage``.
 
@@ -123,6 +135,8 @@ def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStag
             p + "mlp.up_proj": ColwiseParallel(),
             p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         })
+        if lm.model.layers[key].self_attn.q_norm is not None:
+            plan.update(_qk_norm_plan(p))
     parallelize_module(stage, tp_mesh, plan)
     stage.sp_size, stage.sp_scatter = tp, functools.partial(sp_scatter, tp_mesh=tp_mesh)
     return stage
