@@ -292,3 +292,18 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     assert "checkpoint: resumed step 1" in log
     steps = [int(m) for m in re.findall(r"step +(\d+) \| loss", log)]
     assert steps == [2, 3]
+
+
+def test_bad_checkpoint_settings_fail_before_any_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from mimo_titan.train.trainer import train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), str(tmp_path / "none"), load_step=4)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.load_step=4: no complete checkpoint step-4 .*none"):
+        train(config_from_dict(d))
+    d["checkpoint"] = {"initial_load_path": str(tmp_path)}
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.initial_load_path=.* is not a checkpoint directory"):
+        train(config_from_dict(d))
+    assert not dist.is_initialized()

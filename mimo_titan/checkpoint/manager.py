@@ -178,6 +178,19 @@ class CheckpointManager:
             return self.ckpt.load_step
         return steps[-1] if steps else None
 
+    def validate(self) -> None:
+        """The checks that need no process group: ``load_step`` names a complete checkpoint, and
+        ``initial_load_path`` (used only when the folder has none) is a checkpoint directory.
+
+        Raises:
+            FileNotFoundError: naming the key and the fix.
+        """
+        step = self.resume_step() if self.ckpt.enable else None
+        path = self.ckpt.initial_load_path
+        if step is None and path and not os.path.isfile(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
+                                    ".metadata); write one with scripts/convert_hf.py import")
+
     def load(self, job, loader) -> bool:
         """Resume ``job`` and ``loader`` from the checkpoint :meth:`resume_step` picks, or initialise the model from
         ``checkpoint.initial_load_path`` when the folder has none. Returns True if training state was resumed.
@@ -193,9 +206,7 @@ class CheckpointManager:
             path = self.ckpt.initial_load_path
             if not path:
                 return False
-            if not os.path.isfile(os.path.join(path, ".metadata")):
-                raise FileNotFoundError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
-                                        ".metadata); write one with scripts/convert_hf.py import")
+            self.validate()
             state = {"model": {}}
             for name, module in job.modules.items():
                 state["model"].update(model_state(name, module, _etp_mesh(job, name)))

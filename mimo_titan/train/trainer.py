@@ -405,6 +405,8 @@ def train(cfg, max_steps: int | None = None) -> list[dict]:
     processor = build_processor(cfg)
     loader = build_loader(cfg, processor)
     total_steps = cfg.training.total_steps
+    ckpt = CheckpointManager(cfg)
+    ckpt.validate()
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     rank, world, device = init_distributed(cfg.training.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
@@ -419,7 +421,6 @@ def train(cfg, max_steps: int | None = None) -> list[dict]:
         if cfg.training.samples is not None:
             logger.info("training.samples=%d: %d steps of %d LM samples", cfg.training.samples, total_steps,
                         cfg.training.global_batch_size)
-        ckpt = CheckpointManager(cfg)
         ckpt.load(job, loader)
         done = 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
