@@ -71,14 +71,15 @@ def _reshard_worker(rank, world, device, cfg_dict, folder, max_steps):
 @pytest.mark.multirank
 @pytest.mark.parametrize("case", ["dense_dp3_to_tp2dp2_encoder_dp2_to_1", "moe_ep2etp2_to_pp2_ep1"])
 def test_checkpoint_reshards_to_another_layout(case, tmp_path):
-    """Save after step 2 under one layout, resume under another: step 3's loss equals the saving layout's own."""
+    """Save after step 2 under one layout, resume under another: steps 3 and 4 equal the saving layout's own (step 3
+    checks the weights, step 4 also the resharded AdamW moments and the LR schedule)."""
     (v_save, l_save, w_save), (v_load, l_load, w_load), gbs, extra = {
         "dense_dp3_to_tp2dp2_encoder_dp2_to_1": ((V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), 5),
                                                  (V(0, 1), V(1, 4, tp=2, dp_shard=2), 5), 12, {}),
         "moe_ep2etp2_to_pp2_ep1": ((V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), 5),
                                    (V(0, 2, dp_shard=2), V(2, 4, pp=2, dp_shard=2), 6), 16, MOE),
     }[case]
-    common = dict(training={"steps": 3, "global_batch_size": gbs, "microbatches": 2}, optimizer={"lr": 3e-3},
+    common = dict(training={"steps": 4, "global_batch_size": gbs, "microbatches": 2}, optimizer={"lr": 3e-3},
                   **extra)
     saver = tiny_config_dict(v_save, l_save, **common)
     loader = tiny_config_dict(v_load, l_load, **common)
@@ -87,10 +88,12 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
     saved = run_ranks(_reshard_worker, w_save, saver, folder, 2, timeout=300)[0]
     assert [r["step"] for r in saved] == [1, 2]
     resumed = run_ranks(_reshard_worker, w_load, loader, folder, None, timeout=300)[0]
-    assert [r["step"] for r in resumed] == [3]
-    assert resumed[0]["sample_ids"] == straight[2]["sample_ids"]
-    assert resumed[0]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-4)
-    assert resumed[0]["grad_norm"] == pytest.approx(straight[2]["grad_norm"], rel=1e-4)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for got, want in zip(resumed, straight[2:]):
+        assert got["sample_ids"] == want["sample_ids"]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["lr"] == want["lr"]
     assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2  # the load matters: the model has moved
 
 
@@ -234,6 +237,8 @@ def test_a_save_killed_part_way_never_replaces_the_last_good_checkpoint(tmp_path
 
     proc, hist = _child(tmp_path, "normal", folder, load_step=3, max_steps=1)  # an explicit step redoes step 4
     assert proc.returncode == 0 and [h[0] for h in hist] == [4]
+    assert complete_steps(folder) == [3, 4]  # the old step 4 is set aside, not resumed from nor purged
+    assert sorted(os.listdir(folder)) == ["step-3", "step-4", "step-4.abandoned"]
     proc, _ = _child(tmp_path, "normal", folder, load_step=1)
     assert proc.returncode != 0 and "checkpoint.load_step=1: no complete checkpoint step-1" in proc.stderr
 
@@ -281,19 +286,26 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
             "--config", "train_configs/debug_colocated.toml", f"--job.output_dir={tmp_path}",
             "--checkpoint.enable=true", "--checkpoint.interval=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(base + ["--training.steps=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+    first = subprocess.run(base + ["--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2"]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-3"]
     again = subprocess.run(base + ["--training.steps=3", "--checkpoint.load_step=1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "checkpoint: resumed step 1" in log
-    steps = [int(m) for m in re.findall(r"step +(\d+) \| loss", log)]
-    assert steps == [2, 3]
+
+    def losses(text):  # {step: the logged loss} (4 decimals)
+        return {int(m[0]): m[1] for m in re.findall(r"step +(\d+) \| loss (\S+)", text)}
+
+    # new processes, same losses as the first run's steps 2-3
+    assert losses(log) == {k: v for k, v in losses(first.stdout + first.stderr).items() if k > 1}
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-2.abandoned", "step-3",
+                                                           "step-3.abandoned"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_bad_checkpoint_settings_fail_before_any_process_group(tmp_path, monkeypatch):
     import torch.distributed as dist
 
@@ -306,4 +318,65 @@ def test_bad_checkpoint_settings_fail_before_any_process_group(tmp_path, monkeyp
     d["checkpoint"] = {"initial_load_path": str(tmp_path)}
     with pytest.raises(FileNotFoundError, match=r"checkpoint.initial_load_path=.* is not a checkpoint directory"):
         train(config_from_dict(d))
+
+    # a checkpoint whose stream or batch size does not fit this run (only its extras are read before the group)
+    import torch.distributed.checkpoint as dcp
+
+    from mimo_titan.train.trainer import build_loader, build_processor
+
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(0, 1)))
+    stream = build_loader(cfg, build_processor(cfg)).state_dict()
+    folder = tmp_path / "saved"
+    extra = {"train": json.dumps({"step": 2, "global_batch_size": 8}), "dataloader": json.dumps({**stream, "seed": 99})}
+    dcp.save({"extra": extra}, checkpoint_id=str(folder / "step-2"), no_dist=True)
+    d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), str(folder))
+    with pytest.raises(ValueError, match=r"checkpoint has seed=99 but this loader has seed=1234.*start a new"):
+        train(config_from_dict(d))
+    extra["dataloader"] = json.dumps(stream)
+    dcp.save({"extra": extra}, checkpoint_id=str(folder / "step-3"), no_dist=True)
+    del d["training"]["steps"]
+    d["training"]["samples"] = 40
+    with pytest.raises(ValueError, match=r"training.global_batch_size=4 but step-3 was trained with 8.*"
+                                         r"--training.global_batch_size=8"):
+        train(config_from_dict(d))
     assert not dist.is_initialized()
+
+
+def _rng_worker(rank, world, device, cfg_dict):
+    from mimo_titan.checkpoint import CheckpointManager
+    from mimo_titan.train.trainer import build_job, build_loader
+
+    cfg = config_from_dict(cfg_dict)
+    job = build_job(cfg, device)
+    loader = build_loader(cfg, job.processor)
+    for tracker in job.rng.values():  # advance every stream by a rank- and stream-dependent amount
+        for i, stream in enumerate(tracker.names):
+            with tracker.fork(stream):
+                torch.rand(rank + i + 1)
+    manager = CheckpointManager(cfg)
+    job.step = 1
+    manager.save(job, loader)
+    want = {}
+    for name, tracker in job.rng.items():
+        for stream in tracker.names:
+            with tracker.fork(stream):
+                want[name, stream] = torch.rand(4)
+    fresh = build_job(cfg, device)
+    assert manager.load(fresh, build_loader(cfg, fresh.processor))
+    got = {}
+    for name, tracker in fresh.rng.items():
+        for stream in tracker.names:
+            with tracker.fork(stream):
+                got[name, stream] = torch.rand(4)
+    return want, got
+
+
+@pytest.mark.multirank
+def test_rng_streams_resume_per_rank_and_module(tmp_path):
+    cfg_dict = _with_ckpt(tiny_config_dict(V(0, 2, dp_shard=2), V(2, 1)), str(tmp_path / "c"))
+    results = run_ranks(_rng_worker, 3, cfg_dict, timeout=300)
+    for want, got in results:
+        assert want.keys() == got.keys() and want
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    _, stream = next(iter(results[0][0]))
+    assert not torch.equal(results[0][0]["vision", stream], results[1][0]["vision", stream])  # per rank: they differ

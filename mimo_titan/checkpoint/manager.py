@@ -14,7 +14,10 @@ One checkpoint is a directory ``<folder>/step-N`` holding every rank's state for
 **Atomicity.** A save writes ``step-N.partial`` and, once every rank has written and DCP's ``.metadata`` is on
 disk, rank 0 renames it to ``step-N`` (an atomic rename). A process killed part-way leaves at most a
 ``.partial`` directory, which is never loaded and is removed by the next save; the previous ``step-M`` is never
-touched before the new one is complete. ``keep_latest_k`` then deletes the oldest complete checkpoints.
+touched before the new one is complete. ``keep_latest_k`` then deletes the oldest complete checkpoints, their
+``.metadata`` first (a purge killed part-way leaves an incomplete directory, not a damaged complete one).
+Resuming with ``load_step`` from an older step sets the newer checkpoints aside as ``step-M.abandoned``, so
+neither a later resume nor the purge confuses the abandoned run with the new one.
 
 Semantics follow torchtitan's ``CheckpointManager`` (``[checkpoint]`` keys ``enable``, ``folder``, ``interval``,
 ``keep_latest_k``, ``load_step``, ``initial_load_path``); it is not used itself because its save writes into
@@ -23,6 +26,7 @@ the final ``step-N`` directory in place and it assumes one model (ours is one pe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -30,8 +34,8 @@ import os
 import re
 import shutil
 import time
+import warnings
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -63,7 +67,7 @@ def complete_steps(folder: str) -> list[int]:
 
 
 def _layout_signature(job) -> dict:
-    return {"world_size": job.topology.world_size,
+    return {"world_size": job.topology.world_size, "device_type": job.device.type,
             "layouts": {n: dataclasses.asdict(lay) for n, lay in job.topology.layouts.items()}}
 
 
@@ -80,6 +84,15 @@ def _scheduler_state(scheduler) -> dict:
 def _param_groups(optimizer) -> list[dict]:
     return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
             for g in optimizer.param_groups]
+
+
+def _unique(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist."""
+    out, i = path, 0
+    while os.path.exists(out):
+        i += 1
+        out = f"{path}.{i}"
+    return out
 
 
 class CheckpointManager:
@@ -107,7 +120,8 @@ class CheckpointManager:
             state["optimizer"].update(optimizer_state(name, module, job.optimizers[name], etp))
             state["extra"][f"lr_scheduler.{name}"] = json.dumps(_scheduler_state(job.schedulers[name]))
             state["extra"][f"param_groups.{name}"] = json.dumps(_param_groups(job.optimizers[name]))
-        state["extra"]["train"] = json.dumps({"step": job.step})
+        state["extra"]["train"] = json.dumps({"step": job.step,
+                                              "global_batch_size": self.cfg.training.global_batch_size})
         state["extra"]["dataloader"] = json.dumps(loader.state_dict())
         state["extra"]["layout"] = json.dumps(_layout_signature(job))
         if rng:
@@ -133,35 +147,62 @@ class CheckpointManager:
         rank = dist.get_rank()
         final = os.path.join(self.folder, f"step-{job.step}")
         partial = final + ".partial"
-        if rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
-        dist.barrier()
+        self._on_rank0(self._sweep_partials)  # left by saves that were killed
         dcp.save(self._state(job, loader, rng=True), checkpoint_id=partial)
         dist.barrier()  # every rank's files are written; DCP's coordinator wrote .metadata last
-        if rank == 0:
-            if os.path.isdir(final):
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                os.rename(partial, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(partial, final)
-            self._purge()
-        dist.barrier()
+
+        def commit():
+            if os.path.isdir(final):  # only after a rewind that could not move it aside: keep it, do not delete
+                os.rename(final, _unique(final + ".replaced"))
+            os.rename(partial, final)
+            self._purge(keep=job.step)
+
+        self._on_rank0(commit)
         self.last_save_s = time.perf_counter() - t0
         logger.info("checkpoint: saved step %d to %s in %.2f s", job.step, final, self.last_save_s)
         return self.last_save_s
 
-    def _purge(self) -> None:
+    @staticmethod
+    def _on_rank0(fn) -> None:
+        """Run ``fn`` on rank 0 only and share its outcome: every rank raises if it failed (no rank is left
+        waiting in a barrier for a rank 0 that raised)."""
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = f"{type(exc).__name__}: {exc}"
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise RuntimeError(f"checkpoint: rank 0 failed: {box[0]}")
+
+    def _sweep_partials(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        for name in os.listdir(self.folder):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+
+    def _purge(self, keep: int) -> None:
+        """Delete the oldest complete checkpoints beyond ``keep_latest_k`` (never step ``keep``). ``.metadata``
+        goes first, so a purge killed part-way leaves an incomplete directory, never a damaged "complete" one."""
         k = self.ckpt.keep_latest_k
         if k <= 0:
             return
-        for step in complete_steps(self.folder)[:-k]:
-            shutil.rmtree(os.path.join(self.folder, f"step-{step}"), ignore_errors=True)
+        for step in [s for s in complete_steps(self.folder) if s != keep][:-k + 1 or None]:
+            path = os.path.join(self.folder, f"step-{step}")
+            os.remove(os.path.join(path, ".metadata"))
+            shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
+    def _set_aside_newer(self, step: int) -> None:
+        """Rename the complete checkpoints newer than ``step`` (a run rewound with ``load_step``) to
+        ``step-M.abandoned``: kept on disk, but never resumed from nor counted by ``keep_latest_k``."""
+        for newer in [s for s in complete_steps(self.folder) if s > step]:
+            src = os.path.join(self.folder, f"step-{newer}")
+            os.rename(src, _unique(src + ".abandoned"))
+            logger.info("checkpoint: resuming from step %d; set aside the newer step-%d", step, newer)
+
     def resume_step(self) -> int | None:
         """The step to resume from: ``load_step`` or the newest complete checkpoint; None when there is none.
 
@@ -178,18 +219,41 @@ class CheckpointManager:
             return self.ckpt.load_step
         return steps[-1] if steps else None
 
-    def validate(self) -> None:
-        """The checks that need no process group: ``load_step`` names a complete checkpoint, and
-        ``initial_load_path`` (used only when the folder has none) is a checkpoint directory.
+    def validate(self, loader=None) -> None:
+        """The checks that need no process group: ``load_step`` names a complete checkpoint; ``initial_load_path``
+        (used only when the folder has none) is a checkpoint directory; the checkpoint's data stream fits
+        ``loader`` (same seed, shuffle, packing, ``pack_multiple``; see :meth:`MimoDataLoader.load_state_dict`);
+        a ``training.samples`` budget is resumed with the ``global_batch_size`` it was counted in.
 
         Raises:
-            FileNotFoundError: naming the key and the fix.
+            FileNotFoundError / ValueError: naming the key and the fix.
         """
         step = self.resume_step() if self.ckpt.enable else None
         path = self.ckpt.initial_load_path
-        if step is None and path and not os.path.isfile(os.path.join(path, ".metadata")):
-            raise FileNotFoundError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
-                                    ".metadata); write one with scripts/convert_hf.py import")
+        if step is None:
+            if path and not os.path.isfile(os.path.join(path, ".metadata")):
+                raise FileNotFoundError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
+                                        ".metadata); write one with scripts/convert_hf.py import")
+            return
+        extra = {"train": "", "dataloader": ""}
+        with warnings.catch_warnings():  # read in this process alone, before any process group exists
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.load({"extra": extra}, checkpoint_id=os.path.join(self.folder, f"step-{step}"), no_dist=True)
+        saved_gbs = json.loads(extra["train"]).get("global_batch_size")
+        gbs = self.cfg.training.global_batch_size
+        if self.cfg.training.samples is not None and saved_gbs not in (None, gbs):
+            raise ValueError(
+                f"training.global_batch_size={gbs} but step-{step} was trained with {saved_gbs}: the steps of a "
+                f"training.samples budget are counted in global batches, so resume with "
+                f"--training.global_batch_size={saved_gbs} (or give the rest of the run as training.steps)"
+            )
+        if loader is not None:
+            try:
+                copy.copy(loader).load_state_dict(json.loads(extra["dataloader"]))
+            except ValueError as exc:
+                raise ValueError(f"{exc} (step-{step} in {self.folder}); resume with the data settings and the "
+                                 "language cp of the saved run (packing pads documents to 2·cp), or start a new "
+                                 "checkpoint.folder") from None
 
     def load(self, job, loader) -> bool:
         """Resume ``job`` and ``loader`` from the checkpoint :meth:`resume_step` picks, or initialise the model from
@@ -215,6 +279,7 @@ class CheckpointManager:
             logger.info("checkpoint: model initialised from %s in %.2f s", path, self.last_load_s)
             return False
         path = os.path.join(self.folder, f"step-{step}")
+        self._on_rank0(lambda: self._set_aside_newer(step))
         probe = {"extra": {"layout": ""}}
         dcp.load(probe, checkpoint_id=path)
         same_layout = json.loads(probe["extra"]["layout"]) == json.loads(json.dumps(_layout_signature(job)))

@@ -406,7 +406,7 @@ def train(cfg, max_steps: int | None = None) -> list[dict]:
     loader = build_loader(cfg, processor)
     total_steps = cfg.training.total_steps
     ckpt = CheckpointManager(cfg)
-    ckpt.validate()
+    ckpt.validate(loader)
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     rank, world, device = init_distributed(cfg.training.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
