@@ -104,11 +104,12 @@ def _initial_load_worker(rank, world, device, cfg_dict, path):
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     assert CheckpointManager(cfg).load(job, build_loader(cfg, job.processor)) is False  # weights only
+    from mimo_titan.models.mimo import full_model_key
+
     out = {}
     for module_name, module in job.modules.items():
         for key, v in module.state_dict().items():
-            key = key if key.startswith(module_name + ".") else f"{module_name}.{key}"
-            out[key] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+            out[full_model_key(module_name, key)] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
     return out
 
 

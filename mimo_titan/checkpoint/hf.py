@@ -290,22 +290,11 @@ def _experts_from_hf(src: dict, prefix: str, num_experts: int, used: set[str]) -
 
 
 def _lm_expected_keys(cfg) -> set[str]:
-    """The ``state_dict()`` keys of a full ``DecoderLM(cfg)`` (derived from the config, no module built)."""
-    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        keys |= {p + n + ".weight" for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
-                                             "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
-        if cfg.qk_norm:
-            keys |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
-        if cfg.moe.num_experts > 0 and cfg.moe.is_moe_layer(i):
-            keys |= {p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"}
-            keys |= {p + f"mlp.experts.w_{n}" for n in ("gate", "up", "down")}
-            if cfg.moe.shared_expert_intermediate_size > 0:
-                keys |= {p + f"mlp.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")}
-        else:
-            keys |= {p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
-    return keys
+    """The ``state_dict()`` keys of a full ``DecoderLM(cfg)`` (built on the meta device: no memory, no init)."""
+    from mimo_titan.models.decoder import DecoderLM
+
+    with torch.device("meta"):
+        return set(DecoderLM(cfg).state_dict())
 
 
 def _check_keys(got: dict, expected: set[str], what: str, fix_field: str) -> None:

@@ -71,6 +71,18 @@ def _layout_signature(job) -> dict:
             "layouts": {n: dataclasses.asdict(lay) for n, lay in job.topology.layouts.items()}}
 
 
+def _rng_key(name: str, kind: str, stream: str) -> str:
+    """Checkpoint key (under ``rng.``) of this rank's state of RNG stream ``stream`` (``kind`` cpu / cuda) of module
+    ``name``."""
+    return f"rank{dist.get_rank()}.{name}.{kind}.{stream}"
+
+
+def _rng_states(job) -> dict:
+    """This rank's RNG stream states (copies) under :func:`_rng_key` keys."""
+    return {_rng_key(name, kind, stream): t for name, tracker in job.rng.items()
+            for kind in ("cpu", "cuda") for stream, t in tracker.state_dict().get(kind, {}).items()}
+
+
 def _etp_mesh(job, name: str):
     return job.topology.expert_mesh(name)["etp"] if job.topology.layouts[name].etp > 1 else None
 
@@ -125,12 +137,7 @@ class CheckpointManager:
         state["extra"]["dataloader"] = json.dumps(loader.state_dict())
         state["extra"]["layout"] = json.dumps(_layout_signature(job))
         if rng:
-            rank = dist.get_rank()
-            for name, tracker in job.rng.items():
-                sd = tracker.state_dict()
-                for kind in ("cpu", "cuda"):
-                    for stream, t in sd.get(kind, {}).items():
-                        state["rng"][f"rank{rank}.{name}.{kind}.{stream}"] = t
+            state["rng"] = _rng_states(job)
         return state
 
     # ------------------------------------------------------------------ save
@@ -293,12 +300,11 @@ class CheckpointManager:
         loader.load_state_dict(json.loads(extra["dataloader"]))
         job.step = json.loads(extra["train"])["step"]
         if same_layout:
-            rank = dist.get_rank()
             for name, tracker in job.rng.items():
                 sd = tracker.state_dict()
                 for kind in ("cpu", "cuda"):
                     for stream in sd.get(kind, {}):
-                        sd[kind][stream] = state["rng"][f"rank{rank}.{name}.{kind}.{stream}"]
+                        sd[kind][stream] = state["rng"][_rng_key(name, kind, stream)]
                 tracker.load_state_dict(sd)
         else:
             logger.info("checkpoint: saved under another layout; RNG streams start fresh from job.seed")

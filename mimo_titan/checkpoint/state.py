@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from mimo_titan.models.mimo import full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.ep import ExpertParallelDispatch, moe_modules
 
@@ -92,10 +93,6 @@ def stack_experts(ckpt_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _canonical(module_name: str, key: str) -> str:
-    return key if key.startswith(module_name + ".") else f"{module_name}.{key}"
-
-
 def _local_and_offset(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The local tensor of ``t`` and the global offset of its first row along dim 0 (0 for a plain tensor)."""
     if isinstance(t, DTensor):
@@ -129,7 +126,7 @@ def _expert_owners(module_name: str, module: nn.Module) -> dict[str, MoE]:
     owners = {}
     for qual, moe in moe_modules(module):
         for w in EXPERT_WEIGHTS:
-            owners[_canonical(module_name, f"{qual}.experts.{w}")] = moe
+            owners[full_model_key(module_name, f"{qual}.experts.{w}")] = moe
     return owners
 
 
@@ -147,7 +144,7 @@ def model_state(module_name: str, module: nn.Module, etp_mesh=None) -> dict[str,
     owners = _expert_owners(module_name, module)
     out: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():
-        key = _canonical(module_name, key)
+        key = full_model_key(module_name, key)
         if key in owners:
             out.update(_expert_entries(key, value, owners[key], etp_mesh))
         else:
@@ -179,7 +176,7 @@ def optimizer_state(module_name: str, module: nn.Module, optimizer: torch.optim.
     """
     init_optimizer_state(optimizer)
     owners = _expert_owners(module_name, module)
-    names = {p: _canonical(module_name, n) for n, p in module.named_parameters()}
+    names = {p: full_model_key(module_name, n) for n, p in module.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -17,7 +17,15 @@ from kernels import zigzag_position_ids, zigzag_shard, zigzag_shard_thd
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
 
-__all__ = ["MimoModel", "LanguageStage", "cp_shard_rows", "scatter_image_embeddings", "merge_image_embeddings"]
+__all__ = ["MimoModel", "LanguageStage", "cp_shard_rows", "scatter_image_embeddings", "merge_image_embeddings",
+           "full_model_key"]
+
+
+def full_model_key(module_name: str, key: str) -> str:
+    """The :class:`MimoModel` name of ``key`` inside module ``module_name`` (``"vision"`` / ``"language"``), whether
+    ``key`` is relative to the module (``vision_model.post_layernorm.weight``) or to a wrapper that already
+    starts with it (a :class:`LanguageStage`'s ``language.model.norm.weight``)."""
+    return key if key.startswith(module_name + ".") else f"{module_name}.{key}"
 
 
 def scatter_image_embeddings(image_embeds_NH: torch.Tensor, input_ids_BS: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
-from mimo_titan.models.mimo import LanguageStage, MimoModel
+from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
@@ -182,7 +183,7 @@ class Job:
         out = {}
         for name, module in self.modules.items():
             for qual, moe in moe_modules(module):
-                out[_moe_key(name, qual)] = moe
+                out[full_model_key(name, qual)] = moe
         return out
 
 
@@ -206,13 +207,6 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
     apply_ep(part, topology.ep_group(name), lay.ep, coord["ep"], topology.etp_group(name) if lay.etp > 1 else None,
              lay.etp, coord["etp"])
     return topology.edp_mesh(name)
-
-
-def _moe_key(module_name: str, qualified: str) -> str:
-    """Global name of an MoE layer: ``language.model.layers.3.mlp`` whatever the stage or wrapper prefix."""
-    if qualified.startswith(module_name + "."):
-        qualified = qualified[len(module_name) + 1:]
-    return f"{module_name}.{qualified}"
 
 
 def build_processor(cfg) -> ImageTextProcessor:
@@ -257,8 +251,8 @@ def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = 
     processor = processor or build_processor(cfg)
     full = MimoModel(cfg.model, processor.image_token_id)
     full.init_weights(cfg.job.seed)
-    moe_keys = [_moe_key(vis_name, q) for q, _ in moe_modules(full.vision)]
-    moe_keys += [_moe_key(lang_name, q) for q, _ in moe_modules(full.language)]
+    moe_keys = [full_model_key(vis_name, q) for q, _ in moe_modules(full.vision)]
+    moe_keys += [full_model_key(lang_name, q) for q, _ in moe_modules(full.language)]
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
     reduce_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device.type)
 
@@ -307,7 +301,7 @@ def canonical_named_parameters(job: "Job"):
     (``vision.*``, ``language.*``), so a part can be compared with or loaded from the full model."""
     for module_name, module in job.modules.items():
         for name, p in module.named_parameters():
-            yield (name if name.startswith(module_name + ".") else f"{module_name}.{name}"), p
+            yield full_model_key(module_name, name), p
 
 
 def _moe_stats(job: Job, moe: dict) -> torch.Tensor:
@@ -398,8 +392,6 @@ def train(cfg, max_steps: int | None = None) -> list[dict]:
 
     Layout, batch, tokenizer and data errors are raised before any process group is created.
     """
-    from mimo_titan.checkpoint import CheckpointManager
-
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate_job(cfg, world)
     processor = build_processor(cfg)
