@@ -1,9 +1,21 @@
-"""Choosing between the Triton kernels and the plain-torch reference.
+"""Choosing between the Triton kernels and the plain-torch references: one switch for the whole process.
 
-``backend="auto"`` (the default of every public op) runs Triton on CUDA tensors and the torch reference
-elsewhere. ``backend="triton"`` forces the kernels: on CPU this needs ``TRITON_INTERPRET=1`` set *before*
-``kernels`` is imported (Triton reads it when a kernel is decorated); the tests do that. ``backend="torch"``
-forces the reference.
+Every public op takes ``backend=None`` (the process-wide choice below) or an explicit name:
+
+- ``"auto"``: Triton on CUDA tensors, the torch reference elsewhere;
+- ``"triton"``: the Triton kernels always; on CPU they run in Triton's interpreter, which must be active when
+  the kernels are *decorated*, i.e. ``TRITON_INTERPRET=1`` set before ``kernels`` is imported;
+- ``"torch"``: the references always.
+
+The process-wide choice is, in order: the environment variable ``MIMO_TITAN_KERNELS`` (so a launcher can force
+it for every rank), then :func:`set_backend` (mimo_titan calls it with the config key ``kernels.backend``), then
+``"auto"``. Importing ``kernels`` with ``MIMO_TITAN_KERNELS=triton`` on a machine without CUDA sets
+``TRITON_INTERPRET=1`` first, so the forced kernels run on CPU too.
+
+Triton receives raw pointers: an input must be a plain tensor with storage. A tensor subclass without storage
+(an unwaited ``AsyncCollectiveTensor`` from ``torch.distributed._functional_collectives``, whose ``data_ptr()``
+is 0) would reach the kernel as a null pointer on CUDA; :func:`use_triton` refuses it with an error that says to
+wait on the collective first.
 """
 
 from __future__ import annotations
@@ -12,21 +24,111 @@ import os
 
 import torch
 
+__all__ = ["BACKENDS", "ENV_VAR", "set_backend", "get_backend", "interpreter_active", "use_triton",
+           "check_backend"]
+
 BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "MIMO_TITAN_KERNELS"
+
+_configured = "auto"
 
 
-def use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Whether an op on ``x`` runs its Triton kernel.
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def prepare_interpreter() -> None:
+    """With ``MIMO_TITAN_KERNELS=triton`` and no CUDA device, set ``TRITON_INTERPRET=1`` (if unset) so that the
+    kernels decorated next run in Triton's interpreter. Called by ``kernels/__init__`` before any kernel exists."""
+    if os.environ.get(ENV_VAR, "").strip().lower() == "triton" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreter_active() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET`` truthy when the kernels were
+    decorated; this module is imported right before them)."""
+    return _INTERPRET
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend (``kernels.backend`` of a config); ``MIMO_TITAN_KERNELS`` still wins.
 
     Raises:
-        ValueError: for an unknown backend, or ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``.
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
-    if backend == "torch":
+    global _configured
+    _configured = _checked(name, "kernels.backend")
+
+
+def get_backend() -> str:
+    """The process-wide backend: ``MIMO_TITAN_KERNELS`` if set, else :func:`set_backend`'s, else ``"auto"``.
+
+    Raises:
+        ValueError: ``MIMO_TITAN_KERNELS`` holds an unknown name.
+    """
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _checked(env, f"environment variable {ENV_VAR}") if env else _configured
+
+
+def check_backend(device_type: str, backend: str | None = None) -> str:
+    """Fail early (before any data reaches a kernel) when ``backend`` cannot run on ``device_type``.
+
+    Args:
+        device_type: ``"cuda"`` or ``"cpu"``: where the op's tensors will live.
+        backend: a name of :data:`BACKENDS`, or None for :func:`get_backend`.
+
+    Returns:
+        The backend that ops on such tensors will run: ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: unknown backend, or ``"triton"`` on CPU while the kernels were not decorated for the
+            interpreter.
+    """
+    name = _checked(backend, "backend") if backend is not None else get_backend()
+    if name == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    if name == "triton" and device_type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"the Triton kernels were asked for on {device_type} ({ENV_VAR} / kernels.backend = 'triton') but "
+            "Triton's interpreter was off when the kernels were imported; set TRITON_INTERPRET=1 (or "
+            f"{ENV_VAR}=triton) in the environment before Python starts, or use kernels.backend = 'auto'"
+        )
+    return name
+
+
+def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
+    """Whether an op on ``tensors`` (the first decides the device) runs its Triton kernel.
+
+    Args:
+        backend: a name of :data:`BACKENDS`, or None for the process-wide :func:`get_backend`.
+        tensors: the op's tensor inputs (None entries are skipped).
+
+    Raises:
+        ValueError: unknown backend; ``"triton"`` on a CPU tensor without the interpreter; a Triton input that is
+            a tensor subclass without storage (e.g. an unwaited collective output).
+    """
+    x = tensors[0]
+    if check_backend("cuda" if x.is_cuda else "cpu", backend) == "torch":
         return False
-    if backend == "auto":
-        return x.is_cuda
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before importing kernels")
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            raise ValueError(
+                f"a Triton kernel got a {type(t).__name__}, which has no storage of its own (data_ptr() = "
+                f"{t.data_ptr()}); wait on the collective that produced it (funcol.wait_tensor) before the kernel"
+            )
     return True
+
+
+def _interpret_from_env() -> bool:
+    try:
+        from triton import knobs  # triton >= 3.4 reads TRITON_INTERPRET through its knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # pragma: no cover - older triton
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+prepare_interpreter()
+_INTERPRET = _interpret_from_env()

@@ -267,7 +267,7 @@ def _check_route_inputs(tokens, topk_ids, num_experts, probs, align):
 
 
 def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, probs: torch.Tensor | None = None,
-                   align: int = 1, *, backend: str = "auto"):
+                   align: int = 1, *, backend: str | None = None):
     """Group token copies by expert (Megatron's dropless order).
 
     Args:
@@ -276,7 +276,7 @@ def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
         num_experts: E (up to 256 tested).
         probs: optional ``[T, K]`` routing weights, carried along to ``permuted_probs``.
         align: pad each expert's group with zero rows to a multiple of ``align``.
-        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``(permuted [N, H] tokens' dtype, permuted_probs [N] or None, row_map [T, K] int32,
@@ -291,7 +291,7 @@ def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     rows ``[t0, t0, t1, t1]``, row_map ``[[1, 0], [2, 3]]``, tokens_per_expert ``[1, 2, 1]``.
     """
     _check_route_inputs(tokens, topk_ids, num_experts, probs, align)
-    if not use_triton(backend, tokens):
+    if not use_triton(backend, tokens, topk_ids, probs):
         return permute_tokens_ref(tokens, topk_ids, num_experts, probs, align)
     T, K = topk_ids.shape
     tokens_c = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
@@ -301,7 +301,7 @@ def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
 
 
 def unpermute_tokens(permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor | None = None, *,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str | None = None) -> torch.Tensor:
     """Weighted sum of each token's expert outputs: ``out[t] = Σ_k probs[t, k] · permuted[row_map[t, k]]``.
 
     Args:
@@ -320,7 +320,7 @@ def unpermute_tokens(permuted: torch.Tensor, row_map: torch.Tensor, probs: torch
     if permuted.dim() != 2 or row_map.dim() != 2 or (probs is not None and probs.shape != row_map.shape):
         raise ValueError(f"permuted must be [N, H], row_map [T, K] and probs [T, K]; got {tuple(permuted.shape)}, "
                          f"{tuple(row_map.shape)}, {None if probs is None else tuple(probs.shape)}")
-    if not use_triton(backend, permuted):
+    if not use_triton(backend, permuted, row_map, probs):
         return unpermute_tokens_ref(permuted, row_map, probs)
     T, K = row_map.shape
     permuted_c = permuted if permuted.stride(-1) == 1 else permuted.contiguous()

@@ -81,7 +81,7 @@ def sort_chunks_by_index(
     split_sizes: Sequence[int] | torch.Tensor,
     order: Sequence[int] | torch.Tensor,
     *,
-    backend: str = "auto",
+    backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Cut ``x``'s rows into chunks of ``split_sizes`` and concatenate the chunks in ``order``.
@@ -98,7 +98,7 @@ def sort_chunks_by_index(
             are allowed.
         order: int ``[D]`` (list or tensor), a permutation of ``range(D)``: output chunk ``k`` is input chunk
             ``order[k]``.
-        backend: ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
         validate: check the sizes and the permutation (one host sync when they are CUDA tensors). With
             ``validate=False`` invalid input gives unspecified rows (never out-of-bounds reads).
 

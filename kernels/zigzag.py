@@ -217,7 +217,7 @@ def zigzag_position_ids(seq_len: int, cp_size: int, cp_rank: int, device=None) -
 
 
 def zigzag_shard(
-    x: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int, *, backend: str = "auto"
+    x: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int, *, backend: str | None = None
 ) -> torch.Tensor:
     """Keep rank ``cp_rank``'s zigzag shard of the sequence dim: chunks ``cp_rank`` and ``2*cp_size-1-cp_rank``.
 
@@ -229,7 +229,7 @@ def zigzag_shard(
         cp_size: context-parallel world size (>= 1).
         cp_rank: this rank, in ``[0, cp_size)``.
         seq_dim: the sequence dim (negative counts from the end).
-        backend: ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
 
     Returns:
         A new contiguous tensor shaped like ``x`` with ``S / cp_size`` at ``seq_dim``. Differentiable with
@@ -248,7 +248,7 @@ def zigzag_shard(
     return gather_rows(x, idx, dim, inverse=inv)
 
 
-def zigzag_unshard(x: torch.Tensor, cp_size: int, seq_dim: int, *, backend: str = "auto") -> torch.Tensor:
+def zigzag_unshard(x: torch.Tensor, cp_size: int, seq_dim: int, *, backend: str | None = None) -> torch.Tensor:
     """Restore the global sequence order from all ranks' zigzag shards concatenated along ``seq_dim``.
 
     ``zigzag_unshard(torch.cat([zigzag_shard(x, cp, r, d) for r in range(cp)], d), cp, d)`` equals ``x``.
@@ -257,7 +257,7 @@ def zigzag_unshard(x: torch.Tensor, cp_size: int, seq_dim: int, *, backend: str 
         x: the concatenation (rank 0's shard first) along ``seq_dim`` of length ``S``; any dtype and strides.
         cp_size: context-parallel world size (>= 1).
         seq_dim: the sequence dim (negative counts from the end).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: None (process-wide), ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
         A new contiguous tensor of ``x``'s shape in global order. Differentiable with respect to ``x``.
@@ -276,7 +276,7 @@ def zigzag_unshard(x: torch.Tensor, cp_size: int, seq_dim: int, *, backend: str 
 
 
 def zigzag_shard_thd(
-    x: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, *, backend: str = "auto"
+    x: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zigzag-shard every document of a packed (THD) batch separately.
 
@@ -296,7 +296,7 @@ def zigzag_shard_thd(
             on the CPU, as the collator makes it, to avoid that).
         cp_size: context-parallel world size (>= 1).
         cp_rank: this rank, in ``[0, cp_size)``.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: None (process-wide), ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
         ``(local_x [T / cp_size, ...], local_cu_seqlens [D + 1])``; ``local_cu_seqlens = cu_seqlens // cp_size``
@@ -311,7 +311,7 @@ def zigzag_shard_thd(
     if x.dim() == 0:
         raise ValueError("x must be [T, ...] with tokens first")
     T = x.shape[0]
-    if not use_triton(backend, x):
+    if not use_triton(backend, x, cu_seqlens):
         _check_cu_seqlens(cu_seqlens, T, 2 * cp_size)
         return ref.zigzag_shard_thd_reference(x, cu_seqlens, cp_size, cp_rank)[0], cu_seqlens // cp_size
     idx, inv = _thd_maps("shard", cu_seqlens, T, cp_size, cp_rank, x.device)
@@ -319,7 +319,7 @@ def zigzag_shard_thd(
 
 
 def zigzag_unshard_thd(
-    x: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, *, backend: str = "auto"
+    x: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, *, backend: str | None = None
 ) -> torch.Tensor:
     """Inverse of :func:`zigzag_shard_thd`: global token order from all ranks' local tokens concatenated.
 
@@ -327,7 +327,7 @@ def zigzag_unshard_thd(
         x: ``[T, ...]``: rank 0's ``T / cp_size`` local tokens, then rank 1's, ...
         cu_seqlens: the *global* int32/int64 ``[D + 1]`` boundaries (as passed to ``zigzag_shard_thd``).
         cp_size: context-parallel world size (>= 1).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: None (process-wide), ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
         ``[T, ...]`` in global order, differentiable with respect to ``x``.
@@ -339,7 +339,7 @@ def zigzag_unshard_thd(
     if x.dim() == 0:
         raise ValueError("x must be [T, ...] with tokens first")
     T = x.shape[0]
-    if not use_triton(backend, x):
+    if not use_triton(backend, x, cu_seqlens):
         _check_cu_seqlens(cu_seqlens, T, 2 * cp_size)
         return ref.zigzag_unshard_thd_reference(x, cu_seqlens, cp_size)
     idx, inv = _thd_maps("unshard", cu_seqlens, T, cp_size, 0, x.device)

@@ -56,6 +56,8 @@ this module (:class:`Config` is the root)::
     microbatches = 4
     seq_len = 2048
     device = "auto"                    # auto | cpu | cuda
+    max_skipped_steps = 3              # consecutive non-finite steps skipped, then stop
+    collective_timeout_s = 600         # a rank without progress this long ends the job
 
     [optimizer]
     lr = 3e-4
@@ -79,8 +81,11 @@ this module (:class:`Config` is the root)::
     keep_latest_k = 3                  # 0 keeps all
     load_step = -1                     # -1: the newest complete checkpoint
 
+    [kernels]                  # optional; KernelsConfig
+    backend = "auto"                   # auto | triton | torch (env MIMO_TITAN_KERNELS wins)
+
 A table whose dataclass has only defaulted fields (``[job]``,
-``[lr_schedule]``, ``[metrics]``, ``[checkpoint]``) may be omitted entirely; any key with a
+``[lr_schedule]``, ``[metrics]``, ``[checkpoint]``, ``[kernels]``) may be omitted entirely; any key with a
 default may be omitted. Unknown keys are errors (with a "did you mean"
 suggestion), as are wrongly typed values, missing required keys, values
 outside an allowed set and simple out-of-range values. A TOML integer is
@@ -131,6 +136,8 @@ from typing import Any
 
 import tomli
 
+from mimo_titan.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "JobConfig",
@@ -146,19 +153,12 @@ __all__ = [
     "DataConfig",
     "MetricsConfig",
     "CheckpointConfig",
+    "KernelsConfig",
     "Config",
     "load_config",
     "config_from_dict",
     "parse_args",
 ]
-
-
-class ConfigError(ValueError):
-    """Raised for any invalid configuration file, key, value or override.
-
-    The message always names the offending dotted key (or override) and the
-    config source, and says how to fix the problem.
-    """
 
 
 def _opt(
@@ -437,6 +437,8 @@ class TrainingConfig:
     seq_len: int = _opt(ge=2)
     max_grad_norm: float = 1.0
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    max_skipped_steps: int = _opt(3, ge=1)  # consecutive non-finite steps skipped before the run stops
+    collective_timeout_s: float = _opt(600.0, gt=0)  # a rank without progress this long ends the job
 
 
 @dataclass(kw_only=True)
@@ -502,6 +504,19 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True)
+class KernelsConfig:
+    """``[kernels]``: which implementation the MoE permutation and zigzag CP kernels use.
+
+    ``backend = "auto"`` runs the Triton kernels on CUDA tensors and the plain-torch references elsewhere;
+    ``"triton"`` forces the Triton kernels (on CPU they run in Triton's interpreter, ``TRITON_INTERPRET=1``, which
+    ``scripts/train.py`` sets); ``"torch"`` forces the references. The environment variable
+    ``MIMO_TITAN_KERNELS`` wins over this key.
+    """
+
+    backend: str = _opt("auto", choices=("auto", "triton", "torch"))
+
+
+@dataclass(kw_only=True)
 class Config:
     """Root of the configuration tree; one attribute per TOML table."""
 
@@ -514,6 +529,7 @@ class Config:
     data: DataConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as a plain nested dict (e.g. for logging).

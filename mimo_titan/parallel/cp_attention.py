@@ -36,14 +36,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-__all__ = ["ContextParallelAttention", "attention_mask", "local_attention"]
+from mimo_titan.parallel import comm
 
-# torch >= 2.12 renamed the functional all-gathers (the old names warn); both versions have autograd variants.
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+__all__ = ["ContextParallelAttention", "attention_mask", "local_attention"]
 
 _GQA_MODES = ("auto", "native", "repeat")
 
@@ -204,18 +201,6 @@ def local_attention(
     return _sdpa(q, k, v, *_guard(mask), scale, gqa)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (collectives need dense buffers)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
-
-
 class ContextParallelAttention:
     """Callable replacing ``F.scaled_dot_product_attention`` in an attention layer whose sequence is CP-sharded.
 
@@ -271,8 +256,8 @@ class ContextParallelAttention:
         """``k, v [B, nkv, S_local, hd]`` -> gathered ``[B, nkv, cp * S_local, hd]`` each, rank-major keys."""
         cp = self.cp_size
         kv = torch.stack([k, v])  # [2, B, nkv, Sl, hd], contiguous
-        # backward: a reduce-scatter of the gradient, which must be dense (gloo can be silently wrong otherwise)
-        g = _ContiguousGrad.apply(_all_gather_autograd(kv, 0, self.cp_group))  # [cp * 2, B, nkv, Sl, hd]
+        # backward: a reduce-scatter of the (contiguous, see comm.wait) gradient
+        g = comm.all_gather(kv, self.cp_group)  # [cp * 2, B, nkv, Sl, hd]
         two, B, nkv, Sl, hd = kv.shape
         g = g.view(cp, two, B, nkv, Sl, hd).permute(1, 2, 3, 0, 4, 5).reshape(two, B, nkv, cp * Sl, hd)
         return g[0], g[1]
@@ -280,7 +265,7 @@ class ContextParallelAttention:
     def _gather_index(self, idx: torch.Tensor) -> torch.Tensor:
         """Integer ``[n, ..., S_local]`` -> ``[n, ..., cp * S_local]`` (int64), in the same rank order as K/V."""
         idx = idx.to(torch.int64).contiguous()
-        g = _all_gather(idx, 0, self.cp_group)  # [cp * n, ..., Sl]
+        g = comm.all_gather(idx, self.cp_group, differentiable=False)  # [cp * n, ..., Sl]
         g = g.view(self.cp_size, *idx.shape)  # [cp, n, ..., Sl]
         return torch.movedim(g, 0, -2).reshape(*idx.shape[:-1], self.cp_size * idx.shape[-1])
 

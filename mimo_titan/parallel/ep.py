@@ -17,6 +17,9 @@ Token flow of one MoE layer (:class:`ExpertParallelDispatch`), N local tokens:
 5. ``unpermute_tokens`` sums each token's K weighted expert outputs; with ``etp > 1`` the outputs are partial
    sums over the width split: a reduce-scatter over etp sums them and returns each rank its own tokens.
 
+Every collective output is waited on before a kernel reads it (:mod:`mimo_titan.parallel.comm`): the permute,
+sort and unpermute kernels take raw pointers, and an unwaited functional-collective output has none.
+
 Reference semantics: Megatron-LM ``MoEAlltoAllTokenDispatcher`` (+ ETP), torchtitan ``ExpertParallel``;
 collectives are ``torch.distributed._functional_collectives`` autograd ops (correct on gloo and NCCL).
 """
@@ -26,10 +29,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
 
 from kernels import permute_tokens, sort_chunks_by_index, unpermute_tokens
 from mimo_titan.models.moe import MoE
+from mimo_titan.parallel import comm
 
 __all__ = ["ExpertParallelDispatch", "apply_ep", "moe_modules"]
 
@@ -54,14 +57,14 @@ class ExpertParallelDispatch:
     def _all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         if self.ep_size == 1:
             return x
-        return funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.ep_group)
+        return comm.all_to_all_single(x, out_splits, in_splits, self.ep_group)
 
     def __call__(self, x_NH, ids_NK, weights_NK, experts, num_experts: int) -> torch.Tensor:
         n_local = x_NH.shape[0]
         if self.etp_size > 1:
-            x_NH = funcol.all_gather_tensor_autograd(x_NH.contiguous(), 0, self.etp_group)
-            weights_NK = funcol.all_gather_tensor_autograd(weights_NK.contiguous(), 0, self.etp_group)
-            ids_NK = funcol.all_gather_tensor(ids_NK.contiguous(), 0, self.etp_group)
+            x_NH = comm.all_gather(x_NH, self.etp_group)
+            weights_NK = comm.all_gather(weights_NK, self.etp_group)
+            ids_NK = comm.all_gather(ids_NK, self.etp_group, differentiable=False)
         P, L = self.ep_size, num_experts // self.ep_size
         permuted, _, row_map, counts = permute_tokens(x_NH, ids_NK, num_experts)
         if P > 1:
@@ -84,7 +87,7 @@ class ExpertParallelDispatch:
         back = self._all_to_all(y, in_splits, out_splits)
         out = unpermute_tokens(back, row_map, weights_NK)
         if self.etp_size > 1:
-            out = funcol.reduce_scatter_tensor_autograd(out.contiguous(), "sum", 0, self.etp_group)
+            out = comm.reduce_scatter_sum(out, self.etp_group)
         assert out.shape[0] == n_local
         return out
 

@@ -28,7 +28,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
@@ -37,6 +36,7 @@ from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
+from mimo_titan.parallel import comm
 from mimo_titan.pipeline.bridge import Bridge, cp_owner, image_row_cp_ranks
 
 __all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
@@ -159,9 +159,9 @@ class MimoSchedule:
                 out = self.vision(dummy)
         else:
             out = self.vision(pixel_values)
-        if isinstance(out, AsyncCollectiveTensor):  # a tensor-parallel all-reduce: wait for it now, also on tp ranks
-            out = out.clone()  # that never read the output (only tp rank 0 sends it), not at process exit
-        return out[:n]
+        # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
+        # sends it), not at process exit
+        return comm.wait(out)[:n]
 
     def step(self, global_batch: Batch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.

@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from mimo_titan.errors import LayoutError
+
 __all__ = [
     "EXPERT_MESH_DIMS",
     "MESH_DIMS",
@@ -55,15 +57,6 @@ MESH_DIMS: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_MESH_DIMS: tuple[str, ...] = ("pp", "edp", "ep", "etp")
 
 _DEGREE_FIELDS: tuple[str, ...] = MESH_DIMS + ("ep", "etp")
-
-
-class LayoutError(ValueError):
-    """A module layout (or a set of them) is inconsistent.
-
-    Raised by :func:`validate_layouts` (and everything that calls it) before any
-    process group is created. The message names the module, the offending field
-    and a suggested fix.
-    """
 
 
 class Placement(enum.Enum):
