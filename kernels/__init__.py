@@ -7,7 +7,16 @@ kernels; on CPU they run in Triton's interpreter, ``TRITON_INTERPRET=1`` before 
 """
 
 # first: with MIMO_TITAN_KERNELS=triton on a CPU machine this turns the interpreter on before any kernel exists
-from kernels._backend import BACKENDS, ENV_VAR, check_backend, get_backend, interpreter_active, set_backend
+from kernels._backend import (
+    BACKENDS,
+    ENV_VAR,
+    check_backend,
+    dispatch_counts,
+    get_backend,
+    interpreter_active,
+    reset_dispatch_counts,
+    set_backend,
+)
 from kernels.permute import permute_tokens, unpermute_tokens
 from kernels.sort_chunks import sort_chunks_by_index
 from kernels.zigzag import (
@@ -23,8 +32,10 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "check_backend",
+    "dispatch_counts",
     "get_backend",
     "interpreter_active",
+    "reset_dispatch_counts",
     "set_backend",
     "pad_cu_seqlens",
     "permute_tokens",

@@ -25,12 +25,25 @@ import os
 import torch
 
 __all__ = ["BACKENDS", "ENV_VAR", "set_backend", "get_backend", "interpreter_active", "use_triton",
-           "check_backend"]
+           "check_backend", "dispatch_counts", "reset_dispatch_counts"]
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MIMO_TITAN_KERNELS"
 
 _configured = "auto"
+_dispatched = {"triton": 0, "torch": 0}  # ops dispatched per implementation since the last reset
+
+
+def dispatch_counts() -> dict[str, int]:
+    """How many kernel ops ran on each implementation (``{"triton": n, "torch": m}``) in this process since the
+    last :func:`reset_dispatch_counts`: lets a test prove that training really took the Triton path."""
+    return dict(_dispatched)
+
+
+def reset_dispatch_counts() -> None:
+    """Zero the counters of :func:`dispatch_counts`."""
+    for k in _dispatched:
+        _dispatched[k] = 0
 
 
 def _checked(name: str, source: str) -> str:
@@ -111,6 +124,7 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     """
     x = tensors[0]
     if check_backend("cuda" if x.is_cuda else "cpu", backend) == "torch":
+        _dispatched["torch"] += 1
         return False
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
@@ -118,6 +132,7 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
                 f"a Triton kernel got a {type(t).__name__}, which has no storage of its own (data_ptr() = "
                 f"{t.data_ptr()}); wait on the collective that produced it (funcol.wait_tensor) before the kernel"
             )
+    _dispatched["triton"] += 1
     return True
 
 

@@ -16,12 +16,13 @@ class               raised for
 :class:`DataError`        ``data.path`` / ``data.tokenizer``: missing files, no valid record
 :class:`CheckpointError`  ``checkpoint.*``: folders that cannot be written, a checkpoint that does not fit the
                           model, a missing step
+:class:`TrainingError`    a run that diverged: ``training.max_skipped_steps`` consecutive non-finite steps
 ==================  ===========================================================================================
 """
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "LayoutError", "DataError", "CheckpointError"]
+__all__ = ["UserError", "ConfigError", "LayoutError", "DataError", "CheckpointError", "TrainingError"]
 
 
 class UserError(ValueError):
@@ -51,3 +52,9 @@ class DataError(UserError):
 class CheckpointError(UserError):
     """A checkpoint cannot be written or read: an unwritable folder, too little disk space, a missing step, or a
     checkpoint whose tensors do not fit the configured model."""
+
+
+class TrainingError(UserError):
+    """The run diverged: its loss or gradient norm stayed non-finite for ``training.max_skipped_steps``
+    consecutive steps (lower ``optimizer.lr``, raise ``lr_schedule.warmup_steps`` or set
+    ``training.max_grad_norm``)."""

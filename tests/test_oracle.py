@@ -108,18 +108,22 @@ def _batch(cfg, processor, no_image_samples, roll=0):
 def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     from torch.distributed.tensor import DTensor
 
+    import kernels
     from mimo_titan.config import config_from_dict
     from mimo_titan.train.trainer import build_job, canonical_named_parameters, train_step
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     no_image_samples, roll = no_image_samples
-    rec = train_step(job, _batch(cfg, job.processor, no_image_samples, roll))
+    batch = _batch(cfg, job.processor, no_image_samples, roll)
+    kernels.reset_dispatch_counts()
+    rec = train_step(job, batch)
     params = {}
     for name, p in canonical_named_parameters(job):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         params[name] = full.detach().cpu()
-    return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe")}
+    return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe"),
+            "kernels": kernels.dispatch_counts()}
 
 
 def _reference_step(cfg, no_image_samples, roll):
@@ -138,10 +142,31 @@ def _reference_step(cfg, no_image_samples, roll):
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout,backend", per_layout_backends({k: v[0] for k, v in LAYOUTS.items()}))
 def test_one_step_matches_single_process(layout, backend):
+    _check_one_step(layout, backend)
+
+
+# the layouts whose training step runs the Triton kernels on a GPU: MoE permutation with the EP all-to-all (ep, ep x
+# etp, an MoE encoder under EP) and zigzag CP sharding (BSHD rows, packed THD rows)
+TRITON_LAYOUTS = ["moe_colocated_ep2", "moe_ep2_etp2", "moe_encoder_ep2_aux_free", "lm_cp2_noncolocated",
+                  "packed_lm_cp2"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout,backend", per_layout_backends({k: LAYOUTS[k][0] for k in TRITON_LAYOUTS}))
+def test_one_step_through_the_triton_kernels_matches_single_process(layout, backend):
+    """The GPU code path on every machine: ``kernels.backend = "triton"`` runs the Triton kernels inside the
+    training step (in Triton's interpreter on CPU) and the step still equals the single-process reference."""
+    results = _check_one_step(layout, backend, kernels_backend="triton")
+    for rank, res in enumerate(results):
+        assert res["kernels"]["torch"] == 0, f"rank {rank} ran a torch reference op: {res['kernels']}"
+    assert sum(res["kernels"]["triton"] for res in results) > 0  # (a rank of a module without kernels runs none)
+
+
+def _check_one_step(layout, backend, kernels_backend="auto"):
     from mimo_titan.config import config_from_dict
 
     world, vision, language, extra, no_images = LAYOUTS[layout]
-    cfg_dict = tiny_config_dict(vision, language, **extra)
+    cfg_dict = tiny_config_dict(vision, language, **extra, kernels={"backend": kernels_backend})
     cfg = config_from_dict(cfg_dict)
     roll = ROLL.get(layout, 0)
     ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images, roll)
@@ -174,6 +199,7 @@ def test_one_step_matches_single_process(layout, backend):
     lang = [(n, p) for n, p in init.named_parameters() if n.startswith("language.")]
     moved = sum(float((p.detach() - ref_params[n]).abs().max()) > 1e-5 for n, p in lang)
     assert moved > len(lang) // 2  # the step really changed the weights
+    return results
 
 
 def _check_expert_slices(results, ref_params, layout, seen):

@@ -641,6 +641,17 @@ class RankRole:
         """Name of the language module (the one with ``is_language=True``)."""
         return next(n for n, lay in self.layouts.items() if lay.is_language)
 
+    def describe(self) -> str:
+        """Where this rank sits, for messages: each held module with its coordinates along the dims whose size is
+        above 1, e.g. ``"language pp 1, dp_shard 2"`` or ``"vision dp_shard 0; language dp_shard 0"``
+        (colocated)."""
+        parts = []
+        for name in self.modules:
+            lay, c = self.layouts[name], self.coordinates[name]
+            dims = [f"{d} {c[d]}" for d in MESH_DIMS if getattr(lay, d) > 1]
+            parts.append(f"{name} {', '.join(dims)}" if dims else name)
+        return "; ".join(parts)
+
 
 def rank_role(
     layouts: Mapping[str, ModuleLayout], rank: int, world_size: int | None = None

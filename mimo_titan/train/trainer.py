@@ -8,6 +8,7 @@ the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the brid
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -20,7 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import kernels
 from mimo_titan.checkpoint import CheckpointManager
+from mimo_titan.config import Config
+from mimo_titan.errors import ConfigError, TrainingError
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
@@ -31,13 +35,16 @@ from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
-from mimo_titan.topology import build_topology, layouts_from_config, validate_layouts
-from mimo_titan.train.rng import RNGTracker, module_seeds
+from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.optim import (
     all_reduce_sum, build_lr_scheduler, build_optimizer, clip_grad_norm_, global_grad_sq_norm,
 )
+from mimo_titan.train.rng import RNGTracker, module_seeds
+from mimo_titan.train.stop import GracefulStop
+from mimo_titan.train.watchdog import Watchdog, process_group_timeout
 
-__all__ = ["validate_job", "init_distributed", "Job", "build_processor", "build_loader", "build_job", "canonical_named_parameters", "train_step", "train"]
+__all__ = ["validate_job", "check_kernel_backend", "planned_device_type", "init_distributed", "Job", "build_processor",
+           "build_loader", "build_job", "canonical_named_parameters", "train_step", "train"]
 
 # Linear layers on 3-D inputs return views; nothing in this package modifies a module output in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -45,80 +52,127 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 logger = logging.getLogger("mimo_titan")
 
 
-def validate_job(cfg, world_size: int) -> dict:
-    """Every check that needs no process group: layouts, batch divisibility, features not supported yet.
+def validate_job(cfg: Config, world_size: int) -> dict:
+    """Every check that needs no process group: layouts, batch divisibility, features not supported yet, and that
+    the chosen kernel backend can run on the planned device.
 
     Returns:
         The validated module layouts (``{name: ModuleLayout}``).
 
     Raises:
-        LayoutError / ValueError: naming the config field and the fix.
+        LayoutError / ConfigError: naming the config field and the fix.
     """
     layouts = layouts_from_config(cfg.parallelism)
     validate_layouts(layouts, world_size)
     for name, lay in layouts.items():
         moe = getattr(cfg.model, name).moe
         if lay.tp > 1 and moe.num_experts > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"parallelism.{name}.tp={lay.tp} with model.{name}.moe.num_experts={moe.num_experts}: tensor "
                 f"parallelism of MoE layers is not supported; split the experts with parallelism.{name}.ep / etp "
                 "and set tp = 1"
             )
-        check_tp(name, getattr(cfg.model, name), lay.tp)
+        _config_check(check_tp, name, getattr(cfg.model, name), lay.tp)
         if lay.tp > 1 and lay.dp_replicate > 1:
-            raise ValueError(f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
+            raise ConfigError(f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
                              "use dp_shard instead of dp_replicate")
         if lay.tp > 1 and lay.is_language and cfg.model.language.tie_word_embeddings:
-            raise ValueError(f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
+            raise ConfigError(f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
                              "supported (the vocabulary-parallel embedding and head would be sharded separately); "
                              "untie them or set tp = 1")
         if lay.cp != 1:
             if not lay.is_language:
-                raise ValueError(f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
+                raise ConfigError(f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
                                  "module only; set cp = 1")
             if lay.dp_replicate != 1:
-                raise ValueError(f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
+                raise ConfigError(f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
                                  "supported yet; use dp_shard instead of dp_replicate")
         if not lay.is_language and lay.pp != 1:
-            raise ValueError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
+            raise ConfigError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
         if lay.ep * lay.etp > 1:
             if moe.num_experts == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"parallelism.{name}: ep={lay.ep}, etp={lay.etp} but model.{name}.moe.num_experts = 0; expert "
                     f"parallelism needs an MoE module: set model.{name}.moe.num_experts or ep = etp = 1"
                 )
             if moe.num_experts % lay.ep:
-                raise ValueError(f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts="
+                raise ConfigError(f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts="
                                  f"{moe.num_experts}")
             if not lay.is_language and lay.etp > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"parallelism.{name}.etp={lay.etp}: expert tensor parallelism needs the same number of tokens on "
                     "every rank of an etp group, which an encoder fed a variable number of images does not have; "
                     f"set parallelism.{name}.etp = 1 (ep is supported)"
                 )
             if moe.intermediate_size % lay.etp:
-                raise ValueError(f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
+                raise ConfigError(f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
                                  f"{moe.intermediate_size}")
     lang = next(lay for lay in layouts.values() if lay.is_language)
-    stage_layer_range(cfg.model.language.num_layers, lang.pp, 0)  # raises if num_layers < pp
-    check_batch_divisibility(cfg.training.global_batch_size, cfg.training.microbatches,
-                             {name: lay.dp for name, lay in layouts.items()})
+    _config_check(stage_layer_range, cfg.model.language.num_layers, lang.pp, 0)  # raises if num_layers < pp
+    _config_check(check_batch_divisibility, cfg.training.global_batch_size, cfg.training.microbatches,
+                  {name: lay.dp for name, lay in layouts.items()})
     if lang.pp > cfg.training.microbatches:
-        raise ValueError(
+        raise ConfigError(
             f"training.microbatches={cfg.training.microbatches} is smaller than parallelism.language.pp={lang.pp}: "
             f"the pipeline needs at least one microbatch per stage; set training.microbatches >= {lang.pp}"
         )
+    check_kernel_backend(cfg)
     return layouts
 
 
-def sequence_multiple(cfg) -> int:
+def _config_check(check, *args) -> None:
+    """Run a check of another module that raises a plain ``ValueError`` naming config keys; re-raise as a
+    :class:`ConfigError` (a user error, printed without a traceback)."""
+    try:
+        check(*args)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def planned_device_type(device_pref: str) -> str:
+    """The device type :func:`init_distributed` will pick for ``training.device`` (``auto`` / ``cpu`` / ``cuda``),
+    decided before any process group exists: ``cuda`` when asked for, or with ``auto`` when there is a CUDA device
+    for every local rank; else ``cpu``.
+
+    Raises:
+        ConfigError: ``cuda`` without a CUDA device for every local rank.
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    if device_pref == "auto":
+        return "cuda" if enough_gpus else "cpu"
+    if device_pref == "cuda" and not enough_gpus:
+        raise ConfigError(
+            f"training.device = 'cuda' but {torch.cuda.device_count()} CUDA devices serve {local_world} local ranks; "
+            "use 'auto' (CPU/gloo) or launch one rank per GPU"
+        )
+    return device_pref
+
+
+def check_kernel_backend(cfg: Config) -> str:
+    """Set the process-wide kernel backend from ``kernels.backend`` (``MIMO_TITAN_KERNELS`` wins) and check that it
+    runs on the planned device. Returns ``"triton"`` or ``"torch"``: what the MoE and CP kernels will run.
+
+    Raises:
+        ConfigError: an unknown ``MIMO_TITAN_KERNELS``, or Triton on CPU without Triton's interpreter.
+    """
+    try:
+        kernels.set_backend(cfg.kernels.backend)
+        return kernels.check_backend(planned_device_type(cfg.training.device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def sequence_multiple(cfg: Config) -> int:
     """Every sequence (packed row) length must be a multiple of this: ``2·cp`` for zigzag context parallelism
     (``2·cp`` chunks per sequence) and ``cp·tp`` so that sequence parallelism splits each CP shard over tp."""
     lang = layouts_from_config(cfg.parallelism)["language"]
     return math.lcm(2 * lang.cp if lang.cp > 1 else 1, lang.cp * lang.tp)
 
 
-def padded_seq_len(cfg) -> int:
+def padded_seq_len(cfg: Config) -> int:
     """``training.seq_len`` rounded up to :func:`sequence_multiple`: the loader builds rows of this length (a
     sample shorter than the row is padded, without loss), so a length that CP / SP cannot split is rounded up, not
     rejected."""
@@ -126,28 +180,25 @@ def padded_seq_len(cfg) -> int:
     return -(-cfg.training.seq_len // m) * m
 
 
-def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]:
+def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Initialise the default process group from torchrun's environment (or a 1-rank group).
 
-    Device: ``auto`` → ``cuda:LOCAL_RANK`` with NCCL when there is a CUDA device for every local rank, else CPU
-    with gloo; ``cuda`` / ``cpu`` force the choice.
+    Device: :func:`planned_device_type`: ``cuda:LOCAL_RANK`` with NCCL, or CPU with gloo.
+
+    Args:
+        device_pref: ``training.device``.
+        timeout_s: the process group's collective timeout in seconds (None: torch's default); the trainer passes
+            :func:`~mimo_titan.train.watchdog.process_group_timeout` of ``training.collective_timeout_s``.
 
     Returns:
         ``(rank, world_size, device)``.
 
     Raises:
-        ValueError: ``training.device = "cuda"`` without a CUDA device for every local rank.
+        ConfigError: ``training.device = "cuda"`` without a CUDA device for every local rank.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
-    use_cuda = enough_gpus if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not enough_gpus:
-        raise ValueError(
-            f"training.device = 'cuda' but {torch.cuda.device_count()} CUDA devices serve {local_world} local ranks; "
-            "use 'auto' (CPU/gloo) or launch one rank per GPU"
-        )
+    use_cuda = planned_device_type(device_pref) == "cuda"
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -156,8 +207,9 @@ def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                device_id=device if use_cuda else None)
+                                device_id=device if use_cuda else None, **extra)
     return rank, world, device
 
 
@@ -165,8 +217,8 @@ def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]
 class Job:
     """Everything one rank needs to train. ``modules`` maps module name → this rank's (sharded) part."""
 
-    cfg: object
-    topology: object
+    cfg: Config
+    topology: Topology
     device: torch.device
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
@@ -177,6 +229,7 @@ class Job:
     rng: dict[str, RNGTracker] = field(default_factory=dict)  # per held module; runtime randomness draws from it
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
 
     def moe_layers(self) -> dict[str, MoE]:
         """This rank's MoE layers by global key (``vision.<layer>`` / ``language.<layer>``)."""
@@ -209,23 +262,24 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
     return topology.edp_mesh(name)
 
 
-def build_processor(cfg) -> ImageTextProcessor:
+def build_processor(cfg: Config) -> ImageTextProcessor:
     """The image + text processor of ``cfg`` (tokenizer from ``data.tokenizer``).
 
     Raises:
-        ValueError / FileNotFoundError: a missing tokenizer, or ``model.language.vocab_size`` below the tokenizer's.
+        DataError: a missing or unreadable tokenizer.
+        ConfigError: ``model.language.vocab_size`` below the tokenizer's.
     """
     processor = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size,
                                    (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2)
     if processor.vocab_size > cfg.model.language.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
             f"{processor.vocab_size} tokens ({cfg.data.tokenizer}); raise vocab_size"
         )
     return processor
 
 
-def build_loader(cfg, processor: ImageTextProcessor) -> MimoDataLoader:
+def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
     """The global-batch loader of ``cfg`` (identical on every rank): rows of :func:`padded_seq_len` tokens; with
     ``data.packing`` packed THD rows whose documents are padded to a multiple of ``2·cp``."""
     lang = layouts_from_config(cfg.parallelism)["language"]
@@ -235,7 +289,7 @@ def build_loader(cfg, processor: ImageTextProcessor) -> MimoDataLoader:
                           pack_multiple=2 * lang.cp if cfg.data.packing and lang.cp > 1 else 1)
 
 
-def build_job(cfg, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
+def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
     """Build meshes, model parts, FSDP, optimizers, bridge and schedule on this rank.
 
     Requires an initialised default process group whose size matches the layouts. Every rank makes the same
@@ -326,13 +380,34 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def train_step(job: Job, global_batch) -> dict:
+def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress=None) -> dict:
     """One optimizer step on ``global_batch`` (identical on every rank). Every rank must call it.
 
+    **Non-finite guard.** The step's loss and squared gradient norm are summed over all ranks in one all-reduce,
+    so every rank sees the same values and takes the same decision: when either is NaN or infinite the optimizer
+    step (and the MoE routing-bias update) is skipped on every rank, the weights stay as they were, a warning
+    ``step N: non-finite loss/grad_norm, step skipped (k in a row)`` is logged, and the step still counts (the
+    batch is consumed and the LR schedule advances). After ``training.max_skipped_steps`` consecutive skips the
+    run stops with a :class:`~mimo_titan.errors.TrainingError` (Megatron-LM skips such iterations the same way
+    with its loss scaler and stops on NaN with ``--check-for-nan-in-loss-and-grad``).
+
+    Args:
+        job: the rank's :class:`Job`.
+        global_batch: the step's global batch (``Batch`` or ``PackedBatch``).
+        stop_requested: this rank received a stop signal (:class:`~mimo_titan.train.stop.GracefulStop`); it is
+            summed over the ranks in the same all-reduce, so every rank learns whether any rank wants to stop.
+        progress: ``progress(phase)`` marks the step's phases for the watchdog (None: no marks).
+
     Returns:
-        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib", "sample_ids"}`` where
-        loss is the global per-token loss and grad_norm the global norm before clipping.
+        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib",
+        "sample_ids", "skipped", "stop"}`` where loss is the global per-token loss, grad_norm the global norm
+        before clipping, ``skipped`` whether the optimizer step was skipped and ``stop`` whether any rank asked to
+        stop.
+
+    Raises:
+        TrainingError: the ``training.max_skipped_steps``-th consecutive skipped step.
     """
+    mark = progress or (lambda phase: None)
     t0 = time.perf_counter()
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
@@ -341,28 +416,42 @@ def train_step(job: Job, global_batch) -> dict:
     moe = job.moe_layers()
     for layer in moe.values():
         layer.reset_stats()
+    mark("forward-backward")
     loss_part = job.schedule.step(global_batch)
+    mark("loss and gradient-norm all-reduce")
     mods = list(job.modules.values())
     moe_stats = _moe_stats(job, moe)  # [layers, E + 1]: routed copies per expert, aux-loss sum
-    stats = torch.cat([torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]), moe_stats.flatten()])
+    flags = torch.tensor([float(stop_requested)], device=job.device)
+    stats = torch.cat([torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]), flags, moe_stats.flatten()])
     all_reduce_sum(stats)
-    moe_stats = stats[2:].view_as(moe_stats)
-    grad_norm = clip_grad_norm_(mods, job.cfg.training.max_grad_norm, stats[1])
+    moe_stats = stats[3:].view_as(moe_stats)
+    loss_sum, sq_norm = float(stats[0]), float(stats[1])
+    finite = math.isfinite(loss_sum) and math.isfinite(sq_norm)
     lr = next(iter(job.schedulers.values())).get_last_lr()[0] if job.schedulers else job.cfg.optimizer.lr
+    mark("optimizer step")
+    if finite:
+        grad_norm = clip_grad_norm_(mods, job.cfg.training.max_grad_norm, stats[1])
+        for name in job.modules:
+            job.optimizers[name].step()
+        for i, key in enumerate(job.moe_keys):
+            if key in moe:
+                moe[key].update_bias(moe_stats[i, :moe[key].num_experts])
+        job.skipped_in_a_row = 0
+    else:
+        grad_norm = stats[1].sqrt()
+        for opt in job.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        job.skipped_in_a_row += 1
     for name in job.modules:
-        job.optimizers[name].step()
         job.schedulers[name].step()
-    for i, key in enumerate(job.moe_keys):
-        if key in moe:
-            moe[key].update_bias(moe_stats[i, :moe[key].num_experts])
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
     ids = global_batch.sample_ids
     sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
-    rec = {"step": job.step, "loss": float(stats[0]), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+    rec = {"step": job.step, "loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
            "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device),
-           "sample_ids": sample_ids}
+           "sample_ids": sample_ids, "skipped": not finite, "stop": float(stats[2]) > 0}
     if job.moe_keys:
         rec["moe"] = {}
         for i, key in enumerate(job.moe_keys):
@@ -374,10 +463,45 @@ def train_step(job: Job, global_batch) -> dict:
         rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
         rec["moe_max_imbalance"] = max(v["imbalance"] for v in rec["moe"].values())
     job.history.append(rec)
+    if not finite:
+        limit = job.cfg.training.max_skipped_steps
+        if dist.get_rank() == 0:  # the same decision on every rank: say it once
+            logger.warning("step %d: non-finite loss/grad_norm (loss %s, grad_norm %s), step skipped (%d in a row)",
+                           job.step, loss_sum, float(grad_norm), job.skipped_in_a_row)
+        if job.skipped_in_a_row >= limit:
+            raise TrainingError(
+                f"steps {job.step - limit + 1}-{job.step}: the loss or the gradient norm was non-finite for {limit} "
+                f"consecutive steps (training.max_skipped_steps={limit}), so the run diverged and stops; the weights "
+                f"are those after step {job.step - limit} and no checkpoint holds non-finite values. Lower "
+                f"optimizer.lr (now {job.cfg.optimizer.lr:g}), raise lr_schedule.warmup_steps (now "
+                f"{job.cfg.lr_schedule.warmup_steps}) or lower training.max_grad_norm (now "
+                f"{job.cfg.training.max_grad_norm:g}), then resume from the last checkpoint"
+            )
     return rec
 
 
-def train(cfg, max_steps: int | None = None) -> list[dict]:
+def _log_step(rec: dict) -> None:
+    moe = (f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
+           if "moe" in rec else "")
+    logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
+                "peak_mem %.2fGiB%s", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
+                rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"], moe)
+    if "moe" in rec:
+        logger.info("  moe tokens/expert (min/max/imbalance, aux): %s", "; ".join(
+            f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
+            f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}" for k, v in rec["moe"].items()))
+
+
+def _describe_layout(job: Job, world: int, backend: str) -> str:
+    return f"layout {job.topology.placement.name} on {world} ranks; device {job.device}; kernels {backend}; " + \
+        "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
+                  f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "")
+                  + (f" tp={lay.tp}" if lay.tp > 1 else "")
+                  + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
+                  for n, lay in job.topology.layouts.items())
+
+
+def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log one line
     per ``metrics.log_freq`` steps on rank 0. Returns this process's history.
 
@@ -385,55 +509,77 @@ def train(cfg, max_steps: int | None = None) -> list[dict]:
     ``checkpoint.load_step``), or initialises the model from ``checkpoint.initial_load_path``, and saves every
     ``checkpoint.interval`` steps and at the last step (:class:`~mimo_titan.checkpoint.CheckpointManager`).
 
+    Faults: a non-finite step is skipped on every rank (:func:`train_step`); SIGTERM / SIGINT finish the current
+    step, save a checkpoint (when checkpointing is on) and return normally
+    (:class:`~mimo_titan.train.stop.GracefulStop`); a rank that makes no progress for
+    ``training.collective_timeout_s`` ends the job with a message naming it (:class:`~mimo_titan.train.watchdog.
+    Watchdog`; the process group's timeout is a little longer).
+
     Args:
         cfg: the run's ``Config``.
         max_steps: stop after this many steps of this process even if the run is not finished (what a preempted
             job does; used by the resume tests). None runs to the end.
 
-    Layout, batch, tokenizer and data errors are raised before any process group is created.
+    Layout, batch, kernel-backend, tokenizer, data and checkpoint-folder errors are raised before any process group
+    is created.
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
-    validate_job(cfg, world)
-    processor = build_processor(cfg)
-    loader = build_loader(cfg, processor)
+    stopper = GracefulStop().install()
+    try:
+        validate_job(cfg, world)
+        backend = check_kernel_backend(cfg)
+        processor = build_processor(cfg)
+        loader = build_loader(cfg, processor)
+        ckpt = CheckpointManager(cfg)
+        ckpt.validate(loader)
+        return _run(cfg, max_steps, backend, processor, loader, ckpt, stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextProcessor, loader: MimoDataLoader,
+         ckpt: CheckpointManager, stopper: GracefulStop) -> list[dict]:
+    """The part of :func:`train` after validation: process group, job, loop."""
     total_steps = cfg.training.total_steps
-    ckpt = CheckpointManager(cfg)
-    ckpt.validate(loader)
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
-    rank, world, device = init_distributed(cfg.training.device)
+    timeout_s = cfg.training.collective_timeout_s
+    rank, world, device = init_distributed(cfg.training.device, process_group_timeout(timeout_s))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
+    layouts = layouts_from_config(cfg.parallelism)
+    watchdog = Watchdog(rank=rank, world_size=world, timeout_s=timeout_s,
+                        describe=lambda r: rank_role(layouts, r, world).describe()).start()
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
     try:
+        watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
-        logger.info("layout %s on %d ranks; device %s; %s", job.topology.placement.name, world, device,
-                    "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
-                              f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "") + (f" tp={lay.tp}" if lay.tp > 1 else "")
-                              + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
-                              for n, lay in job.topology.layouts.items()))
+        logger.info(_describe_layout(job, world, backend))
         if cfg.training.samples is not None:
             logger.info("training.samples=%d: %d steps of %d LM samples", cfg.training.samples, total_steps,
                         cfg.training.global_batch_size)
+        watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
         done = 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
-            rec = train_step(job, next(loader))
+            watchdog.progress("loading the batch", job.step + 1)
+            rec = train_step(job, next(loader), stop_requested=stopper.requested, progress=watchdog.progress)
             done += 1
-            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1:
-                moe = (f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
-                       if "moe" in rec else "")
-                logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
-                            "peak_mem %.2fGiB%s", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
-                            rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"], moe)
-                if "moe" in rec:
-                    logger.info("  moe tokens/expert (min/max/imbalance, aux): %s", "; ".join(
-                        f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
-                        f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}" for k, v in rec["moe"].items()))
-            if ckpt.should_save(job.step):
+            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or rec["stop"]:
+                _log_step(rec)
+                logger.info("  %s", loader.stats)
+            if ckpt.should_save(job.step) or (rec["stop"] and ckpt.ckpt.enable):
+                watchdog.progress("saving a checkpoint", job.step)
                 rec["checkpoint_save_s"] = ckpt.save(job, loader)
+            if rec["stop"]:
+                logger.info("stopped after step %d on a signal (%s)%s", job.step,
+                               stopper.signal_name or "received by another rank",
+                               "; checkpoint saved" if ckpt.ckpt.enable else "; checkpointing is off, nothing saved")
+                break
         logger.info("data: %s", loader.stats)
+        watchdog.progress("finishing")
         ok = True
         return job.history
     finally:
+        watchdog.stop()
         if ok:
             dist.barrier()
         if owns_group:

@@ -1,0 +1,236 @@
+"""Watchdog: a rank that stops making progress ends the whole job, with a message that names it.
+
+Without it a stopped rank (``kill -STOP``, a hung driver, a livelocked loop) leaves every other rank waiting in a
+collective until the process-group timeout (gloo's default: 30 minutes), and then each of them fails with a
+timeout that does not say which rank was at fault.
+
+Mechanism (one daemon thread per rank, beside the training loop):
+
+- **Heartbeat.** Every ``interval_s`` (``timeout_s / 20``, within 0.2-10 s) the thread writes this rank's record to
+  the job's store (:mod:`~mimo_titan.train.coordination`): a beat counter, the wall time, the pid and host, and
+  the last *progress mark* the training loop set with :meth:`Watchdog.progress` (step and phase, e.g. ``step 12:
+  forward-backward``) with its time. The thread beats even while the main thread waits in a collective, so a
+  stale heartbeat means the whole process stopped.
+- **Judgement.** Only a rank whose own progress has stalled looks at the others (so a healthy job reads nothing).
+  After ``timeout_s - 2 · interval_s`` without progress it names the culprit: the ranks whose heartbeat is older
+  than ``max(timeout_s / 2, 3 · interval_s)`` (stopped or dead), else the ranks that passed fewer progress marks
+  than the others (stuck in their own code while the others wait for them), else all ranks (a deadlock).
+- **Verdict.** The first rank to claim the verdict in the store prints it (one message for the whole job); every
+  stalled rank kills the culprits that run on its own host (``SIGKILL``; a stopped process never handles anything
+  gentler) and exits with :data:`EXIT_STUCK`. Under torchrun the agent then ends the remaining ranks.
+
+So the job ends within about ``timeout_s`` of the stall. ``timeout_s`` is ``training.collective_timeout_s``: the
+longest any phase between two progress marks may take (a step, a checkpoint save, building the job); the process
+group's own timeout is set a little longer (:func:`process_group_timeout`) as the backstop.
+
+Reference semantics: torch's NCCL watchdog / ``TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC`` and torchelastic's health
+checks; this version works on gloo and names the rank and its module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from mimo_titan.train.coordination import job_store, rank_host
+
+__all__ = ["Watchdog", "EXIT_STUCK", "process_group_timeout", "heartbeat_interval"]
+
+logger = logging.getLogger("mimo_titan")
+
+#: exit code of a rank ended by the watchdog
+EXIT_STUCK = 3
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    """Seconds between heartbeats for a watchdog timeout of ``timeout_s``: ``timeout_s / 20`` within 0.2-10 s."""
+    return min(10.0, max(0.2, timeout_s / 20))
+
+
+def process_group_timeout(timeout_s: float) -> float:
+    """The process group's collective timeout (seconds) for a watchdog timeout of ``timeout_s``: later than the
+    watchdog's verdict (``timeout_s + max(30, timeout_s / 4)``), so the watchdog reports the culprit first and the
+    collective timeout is only the backstop."""
+    return timeout_s + max(30.0, timeout_s / 4)
+
+
+class Watchdog:
+    """Heartbeats plus judgement of stalled ranks (see the module docstring).
+
+    Args:
+        rank / world_size: this rank and the job's size.
+        timeout_s: seconds without progress after which the job ends (``training.collective_timeout_s``).
+        describe: ``rank -> text`` naming a rank's module(s) and place, e.g. ``"language pp stage 1, dp 2"``.
+        store: the store to use (tests); None opens a client of the job's store at :meth:`start`.
+        on_verdict: called with the message instead of exiting (tests); None exits the process.
+
+    The main thread calls :meth:`progress` at every phase boundary of the training loop.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, timeout_s: float, describe: Callable[[int], str],
+                 store=None, on_verdict: Callable[[str], None] | None = None):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.interval_s = heartbeat_interval(self.timeout_s)
+        self.describe = describe
+        self.store = store
+        self.on_verdict = on_verdict
+        self._beat = 0
+        self._seq = 0
+        self._phase, self._step = "starting", 0
+        self._progress_wall = time.time()
+        self._progress_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.verdict: str | None = None
+
+    # ----------------------------------------------------------------------------------- main thread
+    def progress(self, phase: str, step: int | None = None) -> None:
+        """Mark progress: the loop entered ``phase`` (at ``step``). Every rank must pass the same marks in the same
+        order (they count: a rank with fewer marks than the others is the one they wait for). Cheap: a few
+        attribute writes and two clock reads."""
+        self._seq += 1
+        self._phase = phase
+        if step is not None:
+            self._step = step
+        self._progress_wall = time.time()
+        self._progress_mono = time.monotonic()
+
+    def start(self) -> Watchdog:
+        """Publish the first heartbeat and start the thread (no-op for a single rank or without a store)."""
+        if self.world_size <= 1:
+            return self
+        if self.store is None:
+            self.store = job_store(timeout_s=max(5.0, min(60.0, self.timeout_s / 2)))
+        if self.store is None:
+            logger.warning("watchdog: the job's store cannot be reached; stuck ranks end the job only through the "
+                           "process-group timeout")
+            return self
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="mimo_titan-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and mark this rank done (a finished rank is never judged stuck)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s + 5)
+            self._thread = None
+        if self.store is not None and self.world_size > 1:
+            try:
+                self._publish(done=True)
+            except Exception:  # noqa: BLE001 - the store may already be gone at exit
+                pass
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------------------------- thread
+    def _record(self, done: bool = False) -> dict:
+        return {"beat": self._beat, "wall": time.time(), "pid": os.getpid(), "host": rank_host(), "done": done,
+                "phase": self._phase, "step": self._step, "seq": self._seq, "progress_wall": self._progress_wall}
+
+    def _publish(self, done: bool = False) -> None:
+        self._beat += 1
+        self.store.set(f"hb/{self.rank}", json.dumps(self._record(done)))
+
+    def _records(self) -> dict[int, dict | None]:
+        """Every rank's last heartbeat (None: it never published one)."""
+        keys = [f"hb/{r}" for r in range(self.world_size)]
+        present = [r for r in range(self.world_size) if self.store.check([keys[r]])]
+        values = self.store.multi_get([keys[r] for r in present]) if present else []
+        out: dict[int, dict | None] = {r: None for r in range(self.world_size)}
+        for r, v in zip(present, values):
+            out[r] = json.loads(v)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._publish()
+                stalled = time.monotonic() - self._progress_mono
+                if stalled >= self.timeout_s - 2 * self.interval_s:
+                    message, culprits = self.judge(self._records(), now=time.time(), stalled_s=stalled)
+                    if message is not None:
+                        self._end_job(message, culprits)
+                        return
+            except Exception as exc:  # noqa: BLE001 - a store that stopped answering is itself a verdict
+                if time.monotonic() - self._progress_mono >= self.timeout_s:
+                    self._end_job(f"watchdog: rank {self.rank} made no progress for "
+                                  f"{time.monotonic() - self._progress_mono:.0f} s and the job's store stopped "
+                                  f"answering ({type(exc).__name__}: {exc}); the process hosting it (torchrun's "
+                                  "agent, or rank 0 without torchrun) is stopped or gone", [])
+                    return
+
+    def judge(self, records: dict[int, dict | None], *, now: float, stalled_s: float) -> tuple[str | None, list]:
+        """The verdict for this rank, stalled for ``stalled_s`` seconds, given every rank's heartbeat.
+
+        Returns:
+            ``(message, culprits)``: the message naming the stuck rank(s) with their module and last progress, and
+            the culprits' records as ``(rank, record)``; ``(None, [])`` when nobody can be blamed yet.
+        """
+        stale_after = max(self.timeout_s / 2, 3 * self.interval_s)
+        frozen = [(r, rec) for r, rec in records.items()
+                  if r != self.rank and (rec is None or (not rec["done"] and now - rec["wall"] >= stale_after))]
+        limit = f"training.collective_timeout_s={self.timeout_s:g}"
+        if frozen:
+            parts = []
+            for r, rec in frozen[:8]:
+                if rec is None:
+                    parts.append(f"rank {r} ({self.describe(r)}) never sent a heartbeat")
+                else:
+                    parts.append(f"rank {r} ({self.describe(r)}) stopped responding {now - rec['wall']:.0f} s ago "
+                                 f"(no heartbeat; last progress: step {rec['step']}, {rec['phase']}; pid "
+                                 f"{rec['pid']} on {rec['host']})")
+            more = f" and {len(frozen) - 8} more" if len(frozen) > 8 else ""
+            return (f"watchdog: {'; '.join(parts)}{more}. Rank {self.rank} waited {stalled_s:.0f} s for it "
+                    f"({limit}); ending the job", frozen)
+        live = [(r, rec) for r, rec in records.items() if rec is not None and not rec["done"]]
+        if not live:
+            return None, []
+        oldest = min(rec["progress_wall"] for _, rec in live)
+        if now - oldest < self.timeout_s - 2 * self.interval_s:
+            return None, []
+        # every rank passes the same progress marks in the same order: the ranks with fewer marks are the ones the
+        # others wait for
+        last = max(rec["seq"] for _, rec in live)
+        behind = [(r, rec) for r, rec in live if rec["seq"] < last]
+        if not behind:
+            r0, rec0 = live[0]
+            return (f"watchdog: all {len(live)} ranks made no progress for {now - oldest:.0f} s, all at step "
+                    f"{rec0['step']}, {rec0['phase']}, and every heartbeat is alive: a deadlock or a collective that "
+                    f"never completes ({limit}); ending the job", [])
+        text = "; ".join(f"rank {r} ({self.describe(r)}) made no progress for {now - rec['progress_wall']:.0f} s "
+                         f"(last: step {rec['step']}, {rec['phase']}; pid {rec['pid']} on {rec['host']})"
+                         for r, rec in behind[:8])
+        text += f" and {len(behind) - 8} more" if len(behind) > 8 else ""
+        return f"watchdog: {text}; the other ranks wait for it ({limit}); ending the job", behind
+
+    def _end_job(self, message: str, culprits: list) -> None:
+        self.verdict = message
+        try:
+            claimed = self.store.compare_set("verdict", "", message) == message.encode()
+        except Exception:  # noqa: BLE001 - without the store, report it here
+            claimed = True
+        if claimed:
+            print(f"[rank{self.rank}] {message}", file=sys.stderr, flush=True)
+        host = rank_host()
+        for r, rec in culprits:
+            if rec is not None and r != self.rank and rec.get("host") == host:
+                try:
+                    os.kill(rec["pid"], signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if self.on_verdict is not None:
+            self.on_verdict(message)
+            return
+        os._exit(EXIT_STUCK)
