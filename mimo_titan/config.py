@@ -55,6 +55,7 @@ this module (:class:`Config` is the root)::
     global_batch_size = 32
     microbatches = 4
     seq_len = 2048
+    max_grad_norm = 1.0                # global gradient-norm clipping; 0 disables it
     device = "auto"                    # auto | cpu | cuda
     max_skipped_steps = 3              # consecutive non-finite steps skipped, then stop
     collective_timeout_s = 600         # a rank without progress this long ends the job
@@ -64,7 +65,7 @@ this module (:class:`Config` is the root)::
     betas = [0.9, 0.95]
 
     [lr_schedule]              # optional
-    warmup_steps = 100
+    warmup_steps = 100                 # at most the run's optimizer steps
     decay = "cosine"                   # cosine | linear | constant
 
     [data]
@@ -87,12 +88,35 @@ this module (:class:`Config` is the root)::
 A table whose dataclass has only defaulted fields (``[job]``,
 ``[lr_schedule]``, ``[metrics]``, ``[checkpoint]``, ``[kernels]``) may be omitted entirely; any key with a
 default may be omitted. Unknown keys are errors (with a "did you mean"
-suggestion), as are wrongly typed values, missing required keys, values
-outside an allowed set and simple out-of-range values. A TOML integer is
-accepted where a float is expected; a boolean is never accepted as a number.
-Checks that relate several keys of one table (e.g. ``moe.top_k <=
-moe.num_experts``) are declared by the table's dataclass in a
-``_config_problems()`` method and reported the same way, naming the key.
+suggestion), as are wrongly typed values, missing required keys and values
+outside an allowed set. A TOML integer is accepted where a float is expected;
+a boolean is never accepted as a number.
+
+Every number has a range, declared on its field (``_opt(ge=, gt=, le=, lt=)``,
+applied to each element of a list) and checked first, for all keys:
+
+* sizes and counts are >= 1: the ``model.*`` widths, layer and head counts,
+  ``vocab_size``, ``image_size``, ``patch_size``, ``num_channels``,
+  ``head_dim`` (or ``none``), ``training.steps`` / ``samples`` /
+  ``global_batch_size`` / ``microbatches`` / ``max_skipped_steps``,
+  ``data.max_images_per_sample``; ``training.seq_len`` >= 2;
+* epsilons, ``rope_theta``, ``optimizer.lr`` and
+  ``training.collective_timeout_s`` are > 0; ``optimizer.betas`` in [0, 1);
+* ``optimizer.weight_decay``, ``training.max_grad_norm`` (0 disables
+  clipping), ``lr_schedule.warmup_steps`` and the MoE sizes and rates are
+  >= 0; ``lr_schedule.min_lr_ratio`` is in [0, 1];
+* no float may be ``nan`` or ``inf``.
+
+Then the checks that relate several keys, declared by a table's dataclass in a
+``_config_problems()`` method (innermost tables first, the root last) and
+reported the same way, naming the key: ``hidden_size`` divisible by
+``num_heads`` (unless ``head_dim`` is set), an even language head dim (RoPE),
+``num_heads`` a multiple of ``num_kv_heads``, ``image_size`` a multiple of
+``patch_size``, ``moe.top_k <= moe.num_experts`` and a MoE layer below
+``num_layers``, ``training.global_batch_size`` a multiple of
+``training.microbatches``, exactly one of ``training.steps`` /
+``training.samples``, and, across sections, ``lr_schedule.warmup_steps`` at
+most the run's optimizer steps (``training.total_steps``).
 
 Overrides are applied to the parsed TOML *before* it is converted into
 dataclasses, so they are validated exactly like values from the file. Each
@@ -116,9 +140,11 @@ matched case-insensitively and stored in their canonical spelling
 (``"gpipe"`` -> ``"GPipe"``).
 
 Every problem raises :class:`ConfigError` whose message names the dotted key,
-the config file, and how to fix it. Parallel layouts (mesh sizes vs. rank
-counts) and the existence of data/tokenizer paths are deliberately *not*
-checked here; the parallelism and data modules own those checks.
+its value, the config file (and the override that set the key, if one did),
+and how to fix it. Parallel layouts (mesh sizes vs. rank counts, and sizes
+that a parallel degree must divide) and the existence of data/tokenizer paths
+are deliberately *not* checked here; the parallelism and data modules own
+those checks.
 """
 
 from __future__ import annotations
@@ -126,7 +152,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -169,20 +197,26 @@ def _opt(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    lt: float | None = None,
     length: int | None = None,
+    hint: str | None = None,
 ) -> Any:
-    """A dataclass field carrying validation metadata used by the loader."""
+    """A dataclass field carrying validation metadata used by the loader.
+
+    ``ge`` / ``gt`` / ``le`` / ``lt`` bound the value (every element of a list); ``choices`` is the allowed set
+    of a string; ``length`` the exact length of a list; ``hint`` is appended to an out-of-range message (what
+    the value means, e.g. "0 disables clipping").
+    """
     meta: dict[str, Any] = {}
     if choices is not None:
         meta["choices"] = tuple(choices)
-    if ge is not None:
-        meta["ge"] = ge
-    if gt is not None:
-        meta["gt"] = gt
-    if le is not None:
-        meta["le"] = le
+    for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+        if bound is not None:
+            meta[name] = bound
     if length is not None:
         meta["length"] = length
+    if hint is not None:
+        meta["hint"] = hint
     return field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -313,52 +347,133 @@ def _moe_layer_problems(num_layers: int, moe: MoEConfig) -> list[tuple[str, str]
     return []
 
 
+def _near_multiples(value: int, m: int) -> str:
+    """The positive multiples of ``m`` next to ``value``, as text for a fix ("24 or 32")."""
+    below = value // m * m
+    return f"{below} or {below + m}" if below > 0 else str(m)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _heads_problem(hidden_size: int, num_heads: int, rope: bool) -> tuple[str, str] | None:
+    """``hidden_size`` must split into ``num_heads`` heads of an integer width (``rope``: the language model,
+    whose head dim must also be even and whose ``head_dim`` key avoids the split)."""
+    if hidden_size % num_heads == 0:
+        return None
+    if rope:
+        fixes = (f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * num_heads} (an even head dim, "
+                 f"as RoPE needs; e.g. {_near_multiples(hidden_size, 2 * num_heads)}), change '{{p}}.num_heads' "
+                 "or set '{p}.head_dim'")
+    else:
+        fixes = (f"set '{{p}}.hidden_size' to a multiple of num_heads (e.g. {_near_multiples(hidden_size, num_heads)}) "
+                 "or change '{p}.num_heads'")
+    return (
+        "hidden_size",
+        f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}, so the head dim would not be an "
+        f"integer; {fixes}",
+    )
+
+
 @dataclass(kw_only=True)
 class VisionModelConfig:
     """``[model.vision]``: ViT encoder plus the MLP projector into the LM.
+
+    Every size is >= 1 and ``norm_eps`` > 0. Cross-key rules: ``hidden_size`` is a multiple of ``num_heads``
+    (attention heads of width ``hidden_size / num_heads``) and ``image_size`` a multiple of ``patch_size`` (the
+    image is cut into ``(image_size / patch_size) ** 2`` patches, one token each).
 
     ``moe`` (table ``[model.vision.moe]``) makes the encoder's MLPs
     Mixture-of-Experts; dense by default.
     """
 
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    norm_eps: float = 1e-6
-    projector_intermediate_size: int  # MLP projector hidden width (to LM hidden size)
+    image_size: int = _opt(ge=1)
+    patch_size: int = _opt(ge=1)
+    num_channels: int = _opt(3, ge=1)
+    hidden_size: int = _opt(ge=1)
+    num_layers: int = _opt(ge=1)
+    num_heads: int = _opt(ge=1)
+    intermediate_size: int = _opt(ge=1)
+    norm_eps: float = _opt(1e-6, gt=0, hint="the LayerNorm epsilon, e.g. 1e-6")
+    projector_intermediate_size: int = _opt(ge=1)  # MLP projector hidden width (to LM hidden size)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _config_problems(self) -> list[tuple[str, str]]:
-        return _moe_layer_problems(self.num_layers, self.moe)
+        out: list[tuple[str, str]] = []
+        heads = _heads_problem(self.hidden_size, self.num_heads, rope=False)
+        if heads is not None:
+            out.append(heads)
+        size, patch = self.image_size, self.patch_size
+        if size % patch:
+            fixes = " or ".join(
+                f"{n * patch} ({n} x {n} = {n * n} {'patch' if n == 1 else 'patches'} per image)"
+                for n in (size // patch, size // patch + 1) if n > 0
+            )
+            out.append((
+                "image_size",
+                f"image_size={size} is not a multiple of patch_size={patch}, so the image does not split into "
+                f"whole patches ({size} / {patch} = {size / patch:g} per side); set '{{p}}.image_size' to a "
+                f"multiple of {patch}, e.g. {fixes}, or change '{{p}}.patch_size'",
+            ))
+        return out + _moe_layer_problems(self.num_layers, self.moe)
 
 
 @dataclass(kw_only=True)
 class LanguageModelConfig:
     """``[model.language]``: decoder-only language model.
 
+    Every size is >= 1 (``head_dim`` may also be omitted / ``none``: then it is ``hidden_size // num_heads``),
+    ``rope_theta`` and ``rms_norm_eps`` are > 0. Cross-key rules: without ``head_dim``, ``hidden_size`` is a
+    multiple of ``num_heads``; the head dim is even (RoPE rotates pairs of dimensions); ``num_heads`` is a
+    multiple of ``num_kv_heads`` (grouped-query attention).
+
     ``moe`` (table ``[model.language.moe]``) makes the decoder's MLPs
     Mixture-of-Experts; dense by default.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    vocab_size: int = _opt(ge=1)
+    hidden_size: int = _opt(ge=1)
+    intermediate_size: int = _opt(ge=1)
+    num_layers: int = _opt(ge=1)
+    num_heads: int = _opt(ge=1)
+    num_kv_heads: int = _opt(ge=1)
+    head_dim: int | None = _opt(None, ge=1, hint="or none to use hidden_size // num_heads")
+    rope_theta: float = _opt(10000.0, gt=0, hint="the RoPE base, e.g. 10000 (Llama-2) or 500000 (Llama-3)")
+    rms_norm_eps: float = _opt(1e-6, gt=0, hint="the RMSNorm epsilon, e.g. 1e-6")
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _config_problems(self) -> list[tuple[str, str]]:
-        return _moe_layer_problems(self.num_layers, self.moe)
+        out: list[tuple[str, str]] = []
+        heads, kv = self.num_heads, self.num_kv_heads
+        problem = None if self.head_dim is not None else _heads_problem(self.hidden_size, heads, rope=True)
+        if problem is not None:
+            out.append(problem)
+        elif self.head_dim is not None and self.head_dim % 2:
+            out.append((
+                "head_dim",
+                f"head_dim={self.head_dim} is odd, but RoPE rotates pairs of dimensions; set '{{p}}.head_dim' to "
+                f"an even number (e.g. {self.head_dim + 1})",
+            ))
+        elif self.head_dim is None and (self.hidden_size // heads) % 2:
+            out.append((
+                "hidden_size",
+                f"the head dim hidden_size / num_heads = {self.hidden_size} / {heads} = {self.hidden_size // heads} "
+                f"is odd, but RoPE rotates pairs of dimensions; set '{{p}}.hidden_size' to a multiple of "
+                f"2 * num_heads = {2 * heads} (e.g. {_near_multiples(self.hidden_size, 2 * heads)}), or set "
+                f"'{{p}}.head_dim' to an even number",
+            ))
+        if heads % kv:
+            divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+            out.append((
+                "num_kv_heads",
+                f"num_heads={heads} is not a multiple of num_kv_heads={kv}: grouped-query attention shares each "
+                f"key/value head among num_heads / num_kv_heads query heads; set '{{p}}.num_kv_heads' to a "
+                f"divisor of {heads} ({divisors})",
+            ))
+        return out + _moe_layer_problems(self.num_layers, self.moe)
 
 
 @dataclass(kw_only=True)
@@ -412,6 +527,10 @@ class TrainingConfig:
     ``data.packing``; an encoder's batch varies with the images per sample and is not counted). ``samples``
     gives ``ceil(samples / global_batch_size)`` steps (Megatron-LM's ``--train-samples``, rounded up so that
     no sample of the budget is dropped). Exactly one of the two must be set.
+
+    ``global_batch_size`` must be a multiple of ``microbatches`` (each module's data-parallel size must also
+    divide the microbatch size; that needs the layout and is checked by the data module).
+    ``max_grad_norm`` is the threshold of global gradient-norm clipping; ``0`` disables clipping.
     """
 
     @property
@@ -428,6 +547,12 @@ class TrainingConfig:
         if self.steps is not None and self.samples is not None:
             return [("samples", f"'{{p}}.steps' = {self.steps} is set too; give the run length once: remove "
                                 "one of '{p}.steps' and '{p}.samples'")]
+        gbs, mb = self.global_batch_size, self.microbatches
+        if gbs % mb:
+            return [("global_batch_size",
+                     f"global_batch_size={gbs} is not divisible by microbatches={mb}, so the global batch does not "
+                     f"split into equal microbatches; set '{{p}}.global_batch_size' to a multiple of {mb} (e.g. "
+                     f"{_near_multiples(gbs, mb)}) or '{{p}}.microbatches' to a divisor of {gbs}")]
         return []
 
     steps: int | None = _opt(None, ge=1)
@@ -435,7 +560,7 @@ class TrainingConfig:
     global_batch_size: int = _opt(ge=1)
     microbatches: int = _opt(1, ge=1)
     seq_len: int = _opt(ge=2)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = _opt(1.0, ge=0, hint="0 disables gradient clipping")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     max_skipped_steps: int = _opt(3, ge=1)  # consecutive non-finite steps skipped before the run stops
     collective_timeout_s: float = _opt(600.0, gt=0)  # a rank without progress this long ends the job
@@ -443,18 +568,25 @@ class TrainingConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """``[optimizer]``: only AdamW is supported."""
+    """``[optimizer]``: only AdamW is supported.
+
+    ``lr`` > 0, ``betas`` two moment decay rates in [0, 1), ``eps`` > 0, ``weight_decay`` >= 0.
+    """
 
     name: str = _opt("AdamW", choices=("AdamW",))
     lr: float = _opt(gt=0)
-    betas: list[float] = _opt(factory=lambda: [0.9, 0.95], length=2)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    betas: list[float] = _opt(factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1,
+                              hint="AdamW's moment decay rates, e.g. [0.9, 0.95]")
+    eps: float = _opt(1e-8, gt=0, hint="AdamW's denominator epsilon, e.g. 1e-8")
+    weight_decay: float = _opt(0.0, ge=0, hint="0 disables weight decay")
 
 
 @dataclass(kw_only=True)
 class LRScheduleConfig:
-    """``[lr_schedule]``: linear warmup followed by a decay to ``min_lr_ratio * lr``."""
+    """``[lr_schedule]``: linear warmup followed by a decay to ``min_lr_ratio * lr``.
+
+    ``warmup_steps`` may not exceed the run's optimizer steps (``training.total_steps``).
+    """
 
     warmup_steps: int = _opt(0, ge=0)
     decay: str = _opt("cosine", choices=("cosine", "linear", "constant"))
@@ -531,6 +663,21 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
+    def _config_problems(self) -> list[tuple[str, str]]:
+        """Checks that relate two sections (and need no parallel layout); keys are full dotted keys."""
+        t, warmup = self.training, self.lr_schedule.warmup_steps
+        total = t.total_steps
+        if warmup > total:
+            run = (f"training.steps={t.steps}" if t.steps is not None else
+                   f"training.samples={t.samples} / training.global_batch_size={t.global_batch_size}, rounded up")
+            return [(
+                "lr_schedule.warmup_steps",
+                f"warmup_steps={warmup} is longer than the run of {_plural(total, 'optimizer step')} ({run}), so "
+                f"the learning rate would never reach its peak; set 'lr_schedule.warmup_steps' to at most {total} "
+                "or lengthen the run",
+            )]
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as a plain nested dict (e.g. for logging).
 
@@ -551,6 +698,7 @@ class _Ctx:
     def __init__(self, source: str) -> None:
         self.source = source
         self.overridden: dict[str, str] = {}  # dotted key -> override token
+        self.built: list[tuple[Any, str]] = []  # (table, dotted path), innermost first: cross-checked last
 
     def where(self, key: str) -> str:
         text = f"'{key}' in {self.source}"
@@ -673,8 +821,20 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
     raise _type_error(tp, value, key, ctx)
 
 
+_BOUNDS = (
+    ("ge", lambda v, b: v >= b, ">="),
+    ("gt", lambda v, b: v > b, ">"),
+    ("le", lambda v, b: v <= b, "<="),
+    ("lt", lambda v, b: v < b, "<"),
+)
+
+
 def _check_constraints(value: Any, meta: Mapping[str, Any], key: str, ctx: _Ctx) -> Any:
-    """Apply choices/range/length metadata; returns the (possibly canonicalised) value."""
+    """Apply choices/length/range metadata; returns the (possibly canonicalised) value.
+
+    Every float must be finite. The bounds apply to a number, or to each element of a list; the message gives
+    all bounds of the key (and its ``hint``), not only the one that failed.
+    """
     if value is None:
         return value
     choices = meta.get("choices")
@@ -687,21 +847,25 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], key: str, ctx: _Ctx)
                     f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}"
                 )
             value = canonical
-    checks = (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-    )
-    for name, ok, sym in checks:
-        if name in meta and not ok(value, meta[name]):
-            raise ConfigError(
-                f"out-of-range value {value!r} for {ctx.where(key)}; it must be {sym} {meta[name]}"
-            )
     length = meta.get("length")
     if length is not None and len(value) != length:
         raise ConfigError(
             f"wrong length for {ctx.where(key)}: expected exactly {length} values, "
             f"got {len(value)} ({value!r}); give a list of {length} numbers"
+        )
+    is_list = isinstance(value, list)
+    bounds = [(ok, sym, meta[name]) for name, ok, sym in _BOUNDS if name in meta]
+    for i, item in enumerate(value if is_list else [value]):
+        shown = f"{item!r} (element {i} of {value!r})" if is_list else repr(item)
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"non-finite value {shown} for {ctx.where(key)}; give a finite number")
+        if all(ok(item, bound) for ok, _, bound in bounds):
+            continue
+        rule = " and ".join(f"{sym} {bound}" for _, sym, bound in bounds)
+        hint = f" ({meta['hint']})" if "hint" in meta else ""
+        raise ConfigError(
+            f"out-of-range value {shown} for {ctx.where(key)}; {'each element' if is_list else 'it'} must be "
+            f"{rule}{hint}"
         )
     return value
 
@@ -778,7 +942,7 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
                 f" under {section}"
             )
     obj = cls(**kwargs)
-    _check_cross_keys(obj, prefix, ctx)
+    ctx.built.append((obj, prefix))
     return obj
 
 
@@ -788,7 +952,10 @@ def _check_cross_keys(obj: Any, prefix: str, ctx: _Ctx) -> None:
     A dataclass may define ``_config_problems(self) -> list[tuple[str, str]]``
     for checks that involve several of its keys; each pair is a key relative
     to the table (dotted for sub-tables) and a "problem; fix" text in which
-    ``{p}`` stands for the table's dotted path.
+    ``{p}`` stands for the table's dotted path. These checks run after every
+    key of the whole config passed its own checks (so they may rely on them),
+    innermost tables first. Other keys of the table that the text names and
+    that an override set are pointed out too.
     """
     problems = getattr(obj, "_config_problems", None)
     if problems is None:
@@ -798,9 +965,22 @@ def _check_cross_keys(obj: Any, prefix: str, ctx: _Ctx) -> None:
         for part in rel.split("."):
             value = getattr(value, part)
         key = _join(prefix, rel)
-        raise ConfigError(
-            f"invalid value {value!r} for {ctx.where(key)}: {text.replace('{p}', prefix)}"
-        )
+        text = text.replace("{p}", prefix)
+        notes = [
+            f"'{other}' was set by override '{token}'"
+            for other, token in ctx.overridden.items()
+            if other != key and _names_key(text, other, prefix)
+        ]
+        note = f" (note: {'; '.join(notes)})" if notes else ""
+        raise ConfigError(f"invalid value {value!r} for {ctx.where(key)}: {text}{note}")
+
+
+def _names_key(text: str, key: str, prefix: str) -> bool:
+    """Whether ``text`` (a problem of table ``prefix``) names dotted ``key``, in full or relative to the table."""
+    names = [key]
+    if prefix and key.startswith(prefix + "."):
+        names.append(key[len(prefix) + 1:])
+    return any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text) for n in names)
 
 
 # --------------------------------------------------------------------------
@@ -948,7 +1128,10 @@ def config_from_dict(
     raw = copy.deepcopy(dict(data))
     for key, text, shown in _split_overrides(overrides, ctx.source):
         _apply_override(raw, key, text, shown, ctx)
-    return _build(Config, raw, "", ctx)
+    cfg = _build(Config, raw, "", ctx)
+    for obj, prefix in ctx.built:  # every key is in range: now the checks that relate several keys
+        _check_cross_keys(obj, prefix, ctx)
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

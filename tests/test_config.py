@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -282,10 +284,10 @@ def test_override_equals_form(minimal: Path) -> None:
 
 def test_override_two_token_form(minimal: Path) -> None:
     cfg = load_config(
-        minimal, ["--optimizer.lr", "2e-4", "--optimizer.weight_decay", "-0.5", "--training.seq_len=32"]
+        minimal, ["--optimizer.lr", "2e-4", "--job.seed", "-3", "--training.seq_len=32"]
     )
     assert cfg.optimizer.lr == 2e-4
-    assert cfg.optimizer.weight_decay == -0.5
+    assert cfg.job.seed == -3  # a value that starts with '-' is still a value
     assert cfg.training.seq_len == 32
 
 
@@ -299,8 +301,8 @@ def test_override_nested_parallelism(minimal: Path) -> None:
 
 
 def test_override_creates_omitted_section(minimal: Path) -> None:
-    cfg = load_config(minimal, ["--lr_schedule.warmup_steps=5", "--metrics.log_freq=3"])
-    assert cfg.lr_schedule.warmup_steps == 5 and cfg.lr_schedule.decay == "cosine"
+    cfg = load_config(minimal, ["--lr_schedule.warmup_steps=2", "--metrics.log_freq=3"])
+    assert cfg.lr_schedule.warmup_steps == 2 and cfg.lr_schedule.decay == "cosine"
     assert cfg.metrics.log_freq == 3
 
 
@@ -806,3 +808,308 @@ def test_moe_wrong_type(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML + LM_MOE.replace("num_experts = 8", "num_experts = 8.0"))
     with pytest.raises(ConfigError, match=err(path, "'model.language.moe.num_experts'", "expected int")):
         load_config(path)
+
+
+# --------------------------------------------------------------------------
+# Ranges of every numeric key, and the checks that relate keys
+# --------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "train_configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.lr_schedule.warmup_steps <= cfg.training.total_steps
+    # the overrides the tests and the README use on them stay valid
+    assert load_config(path, ["--training.steps=3"]).training.steps == 3
+
+
+def test_tests_base_config_loads() -> None:
+    from _tiny import BASE, tiny_config_dict
+
+    one = {"rank_offset": 0, "num_ranks": 1}
+    cfg = config_from_dict(tiny_config_dict(one, one))
+    assert cfg.model.language.hidden_size == BASE["model"]["language"]["hidden_size"]
+
+
+def test_shipped_configs_found() -> None:
+    assert len(SHIPPED) >= 4
+
+
+def _numeric_keys(cls: type, prefix: str) -> list[tuple[str, object]]:
+    """Every dotted key of ``cls`` holding a number or a list of numbers, with its type."""
+    out: list[tuple[str, object]] = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.extend(_numeric_keys(tp, key))
+        elif tp in (int, float, int | None, float | None, list[float], list[int]):
+            out.append((key, tp))
+        else:
+            assert tp in (str, bool), f"{key}: a field of type {tp} needs a case in this test"
+    return out
+
+
+NUMERIC_KEYS = [
+    kv
+    for section in ("model", "optimizer", "lr_schedule", "training", "data")
+    for kv in _numeric_keys(typing.get_type_hints(Config)[section], section)
+]
+
+
+def test_numeric_key_walk_finds_the_known_keys() -> None:
+    keys = {k for k, _ in NUMERIC_KEYS}
+    for known in ("model.vision.patch_size", "model.language.rope_theta", "model.language.head_dim",
+                  "model.language.moe.aux_loss_coeff", "model.vision.moe.top_k", "optimizer.betas",
+                  "optimizer.eps", "lr_schedule.min_lr_ratio", "training.max_grad_norm", "training.samples",
+                  "data.max_images_per_sample"):
+        assert known in keys
+    assert len(keys) >= 45
+
+
+@pytest.mark.parametrize("key,tp", NUMERIC_KEYS, ids=[k for k, _ in NUMERIC_KEYS])
+def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp: object) -> None:
+    """A numeric key added later without a range rule (metadata or a cross-key check) fails here."""
+    text = "-1,-1" if tp in (list[float], list[int]) else "-1"
+    token = f"--{key}={text}"
+    with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", "-1", token)):
+        load_config(minimal, [token])
+
+
+@pytest.mark.parametrize(
+    "override,key,shown,rule",
+    [
+        # [model.vision]
+        ("--model.vision.image_size=0", "model.vision.image_size", "value 0", ">= 1"),
+        ("--model.vision.patch_size=0", "model.vision.patch_size", "value 0", ">= 1"),
+        ("--model.vision.num_channels=0", "model.vision.num_channels", "value 0", ">= 1"),
+        ("--model.vision.hidden_size=0", "model.vision.hidden_size", "value 0", ">= 1"),
+        ("--model.vision.num_layers=0", "model.vision.num_layers", "value 0", ">= 1"),
+        ("--model.vision.num_heads=0", "model.vision.num_heads", "value 0", ">= 1"),
+        ("--model.vision.intermediate_size=0", "model.vision.intermediate_size", "value 0", ">= 1"),
+        ("--model.vision.norm_eps=0", "model.vision.norm_eps", "value 0.0", "> 0"),
+        ("--model.vision.projector_intermediate_size=0", "model.vision.projector_intermediate_size", "value 0",
+         ">= 1"),
+        # [model.language]
+        ("--model.language.vocab_size=0", "model.language.vocab_size", "value 0", ">= 1"),
+        ("--model.language.hidden_size=-256", "model.language.hidden_size", "value -256", ">= 1"),
+        ("--model.language.intermediate_size=0", "model.language.intermediate_size", "value 0", ">= 1"),
+        ("--model.language.num_layers=0", "model.language.num_layers", "value 0", ">= 1"),
+        ("--model.language.num_heads=0", "model.language.num_heads", "value 0", ">= 1"),
+        ("--model.language.num_kv_heads=0", "model.language.num_kv_heads", "value 0", ">= 1"),
+        ("--model.language.head_dim=0", "model.language.head_dim", "value 0", "or none"),
+        ("--model.language.rope_theta=-1", "model.language.rope_theta", "value -1.0", "> 0 (the RoPE base"),
+        ("--model.language.rope_theta=0", "model.language.rope_theta", "value 0.0", "> 0"),
+        ("--model.language.rms_norm_eps=0", "model.language.rms_norm_eps", "value 0.0", "> 0"),
+        # [optimizer]
+        ("--optimizer.lr=-1", "optimizer.lr", "value -1.0", "> 0"),
+        ("--optimizer.betas=1.5,0.9", "optimizer.betas", "value 1.5 (element 0 of [1.5, 0.9])",
+         "each element must be >= 0 and < 1"),
+        ("--optimizer.betas=0.9,1", "optimizer.betas", "value 1.0 (element 1 of [0.9, 1.0])", "< 1"),
+        ("--optimizer.betas=-0.1,0.9", "optimizer.betas", "value -0.1 (element 0 of [-0.1, 0.9])", ">= 0"),
+        ("--optimizer.eps=-1", "optimizer.eps", "value -1.0", "> 0"),
+        ("--optimizer.eps=0", "optimizer.eps", "value 0.0", "> 0"),
+        ("--optimizer.weight_decay=-0.1", "optimizer.weight_decay", "value -0.1", ">= 0"),
+        # [training]
+        ("--training.max_grad_norm=-1", "training.max_grad_norm", "value -1.0",
+         ">= 0 (0 disables gradient clipping)"),
+        ("--training.samples=0", "training.samples", "value 0", ">= 1"),
+        ("--training.max_skipped_steps=0", "training.max_skipped_steps", "value 0", ">= 1"),
+        ("--training.collective_timeout_s=0", "training.collective_timeout_s", "value 0.0", "> 0"),
+    ],
+)
+def test_range_of_each_key(minimal: Path, override: str, key: str, shown: str, rule: str) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, f"out-of-range {shown} for '{key}'", rule, override)):
+        load_config(minimal, [override])
+
+
+def test_range_of_a_key_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "num_kv_heads = 2", "num_kv_heads = 0"))
+    with pytest.raises(ConfigError, match=err(path, "out-of-range value 0 for 'model.language.num_kv_heads'", ">= 1")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,key,shown",
+    [
+        ("--optimizer.lr=nan", "optimizer.lr", "nan"),
+        ("--model.language.rope_theta=inf", "model.language.rope_theta", "inf"),
+        ("--training.collective_timeout_s=inf", "training.collective_timeout_s", "inf"),
+        ("--training.max_grad_norm=inf", "training.max_grad_norm", "inf"),
+        ("--optimizer.betas=0.9,nan", "optimizer.betas", "nan (element 1 of [0.9, nan])"),
+    ],
+)
+def test_non_finite_numbers_rejected(minimal: Path, override: str, key: str, shown: str) -> None:
+    with pytest.raises(ConfigError, match=err(minimal, f"non-finite value {shown} for '{key}'", override,
+                                              "give a finite number")):
+        load_config(minimal, [override])
+
+
+def test_non_finite_number_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "lr = 1e-3", "lr = 1e-3\neps = -inf"))
+    with pytest.raises(ConfigError, match=err(path, "non-finite value -inf for 'optimizer.eps'")):
+        load_config(path)
+
+
+def test_zero_max_grad_norm_disables_clipping(minimal: Path) -> None:
+    assert load_config(minimal, ["--training.max_grad_norm=0"]).training.max_grad_norm == 0.0
+
+
+def test_language_heads_not_dividing_hidden_size(minimal: Path) -> None:
+    # hidden_size = 128: 128 / 3 is no integer (it used to fail later as "head dim (42) must be even").
+    with pytest.raises(
+        ConfigError,
+        match=err(
+            minimal,
+            "invalid value 128 for 'model.language.hidden_size'",
+            "hidden_size=128 is not divisible by num_heads=3, so the head dim would not be an integer",
+            "multiple of 2 * num_heads = 6",
+            "e.g. 126 or 132",
+            "or set 'model.language.head_dim'",
+            "'model.language.num_heads' was set by override '--model.language.num_heads=3'",
+        ),
+    ):
+        load_config(minimal, ["--model.language.num_heads=3", "--model.language.num_kv_heads=1"])
+
+
+def test_language_head_dim_given_avoids_the_split(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--model.language.num_heads=3", "--model.language.num_kv_heads=1",
+                                "--model.language.head_dim=32"])
+    assert (cfg.model.language.num_heads, cfg.model.language.head_dim) == (3, 32)
+
+
+def test_language_derived_head_dim_odd(minimal: Path) -> None:
+    # 120 / 8 = 15
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "invalid value 120 for 'model.language.hidden_size'", "--model.language.hidden_size=120",
+                  "hidden_size / num_heads = 120 / 8 = 15 is odd", "RoPE", "multiple of 2 * num_heads = 16",
+                  "e.g. 112 or 128", "'model.language.head_dim' to an even number"),
+    ):
+        load_config(minimal, ["--model.language.hidden_size=120"])
+
+
+def test_language_head_dim_odd(minimal: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "invalid value 15 for 'model.language.head_dim'", "--model.language.head_dim=15",
+                  "head_dim=15 is odd", "RoPE", "even number (e.g. 16)"),
+    ):
+        load_config(minimal, ["--model.language.head_dim=15"])
+
+
+@pytest.mark.parametrize("kv", [3, 16])
+def test_language_kv_heads_not_dividing_heads(minimal: Path, kv: int) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, f"invalid value {kv} for 'model.language.num_kv_heads'",
+                  f"--model.language.num_kv_heads={kv}", f"num_heads=8 is not a multiple of num_kv_heads={kv}",
+                  "grouped-query attention", "a divisor of 8 (1, 2, 4, 8)"),
+    ):
+        load_config(minimal, [f"--model.language.num_kv_heads={kv}"])
+
+
+def test_vision_heads_not_dividing_hidden_size(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "hidden_size = 64", "hidden_size = 66"))
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "invalid value 66 for 'model.vision.hidden_size'",
+                  "hidden_size=66 is not divisible by num_heads=4", "e.g. 64 or 68", "change 'model.vision.num_heads'"),
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "size,fix",
+    [
+        (30, "e.g. 24 (3 x 3 = 9 patches per image) or 32 (4 x 4 = 16 patches per image)"),
+        (4, "e.g. 8 (1 x 1 = 1 patch per image)"),
+    ],
+)
+def test_vision_image_size_not_a_multiple_of_patch_size(minimal: Path, size: int, fix: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, f"invalid value {size} for 'model.vision.image_size'",
+                  f"--model.vision.image_size={size}", f"image_size={size} is not a multiple of patch_size=8",
+                  "whole patches", fix, "or change 'model.vision.patch_size'"),
+    ):
+        load_config(minimal, [f"--model.vision.image_size={size}"])
+
+
+def test_global_batch_not_divisible_by_microbatches(minimal: Path) -> None:
+    # global_batch_size = 4
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "invalid value 4 for 'training.global_batch_size'",
+                  "global_batch_size=4 is not divisible by microbatches=3", "a multiple of 3 (e.g. 3 or 6)",
+                  "'training.microbatches' to a divisor of 4",
+                  "'training.microbatches' was set by override '--training.microbatches=3'"),
+    ):
+        load_config(minimal, ["--training.microbatches=3"])
+
+
+def test_warmup_longer_than_the_run(minimal: Path) -> None:
+    # steps = 3
+    with pytest.raises(
+        ConfigError,
+        match=err(minimal, "invalid value 4 for 'lr_schedule.warmup_steps'", "--lr_schedule.warmup_steps=4",
+                  "longer than the run of 3 optimizer steps (training.steps=3)",
+                  "set 'lr_schedule.warmup_steps' to at most 3"),
+    ):
+        load_config(minimal, ["--lr_schedule.warmup_steps=4"])
+    assert load_config(minimal, ["--lr_schedule.warmup_steps=3"]).lr_schedule.warmup_steps == 3
+
+
+def test_warmup_longer_than_a_samples_budget(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", "samples = 9") + "\n[lr_schedule]\nwarmup_steps = 4\n")
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "invalid value 4 for 'lr_schedule.warmup_steps'",
+                  "run of 3 optimizer steps (training.samples=9 / training.global_batch_size=4, rounded up)"),
+    ):
+        load_config(path)
+    assert load_config(path, ["--training.samples=13"]).training.total_steps == 4
+
+
+def test_cross_check_names_the_override_of_the_other_key() -> None:
+    path = ROOT / "train_configs" / "debug_colocated.toml"  # warmup_steps = 3
+    with pytest.raises(
+        ConfigError,
+        match=err(path, "invalid value 3 for 'lr_schedule.warmup_steps'", "run of 1 optimizer step (",
+                  "'training.steps' was set by override '--training.steps=1'"),
+    ):
+        load_config(path, ["--training.steps=1"])
+
+
+def test_key_ranges_are_reported_before_cross_key_problems(minimal: Path) -> None:
+    # hidden_size=-256 with num_heads=3 is out of range, not "not divisible"
+    with pytest.raises(ConfigError, match="out-of-range value -256 for 'model.language.hidden_size'"):
+        load_config(minimal, ["--model.language.num_heads=3", "--model.language.hidden_size=-256"])
+    # a bad [training] key is reported before a cross-key problem of [model.language], which comes first in the file
+    with pytest.raises(ConfigError, match="out-of-range value 0 for 'training.global_batch_size'"):
+        load_config(minimal, ["--model.language.num_heads=3", "--training.global_batch_size=0"])
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        (["--model.language.rope_theta=-1"], ["'model.language.rope_theta'", "-1.0", "> 0"]),
+        (["--model.language.num_layers=0"], ["'model.language.num_layers'", "value 0", ">= 1"]),
+        (["--model.vision.patch_size=0"], ["'model.vision.patch_size'", "value 0", ">= 1"]),
+        (["--model.language.num_kv_heads=0"], ["'model.language.num_kv_heads'", "value 0", ">= 1"]),
+        (["--optimizer.betas=1.5,0.9"], ["'optimizer.betas'", "1.5", "< 1"]),
+        (["--optimizer.eps=-1"], ["'optimizer.eps'", "-1.0", "> 0"]),
+        (["--model.language.hidden_size=-256"], ["'model.language.hidden_size'", "-256", ">= 1"]),
+        (["--model.language.num_heads=3"],
+         ["'model.language.hidden_size'", "hidden_size=256 is not divisible by num_heads=3", "head_dim"]),
+        (["--lr_schedule.warmup_steps=31"], ["'lr_schedule.warmup_steps'", "31", "run of 30 optimizer steps"]),
+    ],
+)
+def test_probe_findings_on_a_shipped_config(override: list[str], fragments: list[str]) -> None:
+    """The values a probe found to train on NaN, crash with a bare torch / ZeroDivisionError, or pass silently."""
+    path = ROOT / "train_configs" / "debug_colocated.toml"
+    with pytest.raises(ConfigError, match=err(path, *fragments, override[0])):
+        load_config(path, override)

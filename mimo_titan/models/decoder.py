@@ -180,6 +180,12 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        if not cfg.head_dim and cfg.hidden_size % cfg.num_heads:  # the config loader reports this first
+            raise ValueError(
+                f"model.language.hidden_size={cfg.hidden_size} is not divisible by model.language.num_heads="
+                f"{cfg.num_heads}, so the head dim would not be an integer; set hidden_size to a multiple of "
+                "num_heads or set model.language.head_dim"
+            )
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
         if self.head_dim % 2:
             raise ValueError(f"the language head dim ({self.head_dim}) must be even for RoPE: set model.language.head_dim")
