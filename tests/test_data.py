@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import logging
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from mimo_titan.data import (
     local_batch,
     resolve_shards,
 )
+from mimo_titan.errors import ConfigError, DataError
 
 DATA_DIR = Path("/work/shared/data/cc12m")
 SHARD = DATA_DIR / "cc12m-train-0000.tar"
@@ -82,15 +87,15 @@ def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (10, 7), mode
 def test_resolve_shards(tmp_path):
     assert resolve_shards(SHARD) == [str(SHARD)]
     assert resolve_shards(DATA_DIR) == [str(SHARD)]
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(DataError, match="data.path"):
         resolve_shards(tmp_path / "nope")
-    with pytest.raises(ValueError, match="data.path.*directory without any .tar"):
+    with pytest.raises(DataError, match="data.path.*directory without any .tar"):
         resolve_shards(tmp_path)
     (tmp_path / "b.tar").write_bytes(b"")
     (tmp_path / "a.tar").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
     assert resolve_shards(tmp_path) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
-    with pytest.raises(ValueError, match="data.path.*not a .tar"):
+    with pytest.raises(DataError, match="data.path.*not a .tar"):
         resolve_shards(tmp_path / "notes.txt")
 
 
@@ -129,8 +134,16 @@ def test_iter_webdataset_grouping(tmp_path):
     ] * 2
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar archive" * 40)
-    with pytest.raises(ValueError, match="bad.tar"):
+    with pytest.raises(DataError, match=r"data.path: shard .*bad.tar.* after 0 complete record"):
         list(iter_webdataset([str(bad)]))
+    # with a handler: damaged or missing shards are reported and skipped, reading goes on
+    calls = []
+    got = list(iter_webdataset([str(bad), shard, str(tmp_path / "gone.tar")],
+                               on_shard_error=lambda *a: calls.append(a)))
+    assert [k for k, _ in got] == ["x", "y", "x"]
+    assert [(p, n, type(e)) for p, n, e in calls] == [
+        (str(bad), 0, tarfile.ReadError), (str(tmp_path / "gone.tar"), 0, FileNotFoundError)
+    ]
 
 
 # --------------------------------------------------------------------------- processor
@@ -145,8 +158,21 @@ def test_processor_special_tokens_and_tokenize(proc):
     # the file path form works too, a missing path names the config key
     p = ImageTextProcessor(TOKENIZER_DIR / "tokenizer.json", 16, 2)
     assert p.image_token_id == IMG
-    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+    with pytest.raises(DataError, match="data.tokenizer"):
         ImageTextProcessor("/nonexistent/tok", 16, 2)
+
+
+def test_unreadable_tokenizer_files_raise_data_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(DataError, match=r"data.tokenizer: cannot load .*tokenizer.json"):
+        ImageTextProcessor(tmp_path, 16, 2)
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(DataError, match=r"data.tokenizer: cannot read .*tokenizer_config.json"):
+        ImageTextProcessor(tmp_path, 16, 2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"img_token": "<|nope|>"}))
+    with pytest.raises(DataError, match=r"data.tokenizer: .* has no token '<\|nope\|>'"):
+        ImageTextProcessor(tmp_path, 16, 2)
 
 
 # ------------------------------------------------------------- tokenizer repair
@@ -316,7 +342,7 @@ def test_tokenizer_repair_synthetic_non_ascii(tmp_path):
     bad = naive_ranked_export([])
     del bad["model"]["vocab"]["\\xff"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"data.tokenizer.*0xff"):
+    with pytest.raises(DataError, match=r"data.tokenizer.*0xff"):
         ImageTextProcessor(tmp_path, image_size=16, image_tokens_per_image=2)
 
 
@@ -437,8 +463,14 @@ def test_build_sequence_truncation(proc):
     assert proc.build_sequence(caps, 16) == [BOS] + block + [10, 11, 12] + block
     assert proc.build_sequence(caps, 14) == [BOS] + block + [10] + block
     assert proc.build_sequence(caps, 13) == [BOS] + block + block  # placeholders always kept
-    with pytest.raises(ValueError, match="training.seq_len >= 12"):
+    with pytest.raises(ConfigError, match="training.seq_len >= 12"):
         proc.build_sequence(caps, 12)
+    # caption_tokens_cut: the caption tokens build_sequence leaves out (the EOS does not count)
+    for max_tokens in range(13, 23):
+        out = proc.build_sequence(caps, max_tokens)
+        kept = sum(1 for t in out if t not in (BOS, BOI, IMG, EOI, EOS))
+        assert proc.caption_tokens_cut([3, 3], max_tokens) == 6 - kept, max_tokens
+    assert [proc.caption_tokens_cut([3, 3], m) for m in (13, 16, 19, 20)] == [6, 3, 0, 0]
 
 
 def test_truncation_in_loader_keeps_placeholders(proc):
@@ -454,7 +486,7 @@ def test_truncation_in_loader_keeps_placeholders(proc):
             assert row == [BOS] + ([BOI] + [IMG] * T + [EOI]) + [BOI] + [IMG] * T
             assert batch.labels[b, -1].item() == EOI
     # min seq_len is checked up front
-    with pytest.raises(ValueError, match=r"training.seq_len=11 .*training.seq_len >= 12"):
+    with pytest.raises(ConfigError, match=r"training.seq_len=11 .*training.seq_len >= 12"):
         make_loader(proc, seq_len=11, max_images_per_sample=2)
     make_loader(proc, seq_len=6, max_images_per_sample=1)  # 1 + 6 tokens fit in seq_len + 1
 
@@ -506,7 +538,10 @@ def test_corrupt_and_empty_records_are_skipped(proc, records, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         loader = MimoDataLoader(shard, proc, global_batch_size=3, seq_len=64)
     assert caplog.records == []
-    assert loader.stats == {"corrupt_image": 1, "empty_caption": 1, "missing_field": 2, "samples": 1}
+    assert loader.stats == {
+        "samples": 1, "shards": 1, "corrupt_shards": 0, "missing_field": 2, "non_utf8_caption": 0,
+        "empty_caption": 1, "corrupt_image": 1, "truncated_captions": 0, "truncated_tokens": 0,
+    }
     assert loader.record_keys == ["a"]
     batch = next(loader)  # the single valid record, repeated over epochs
     assert batch.sample_ids.tolist() == [0, 1, 2]
@@ -515,8 +550,244 @@ def test_corrupt_and_empty_records_are_skipped(proc, records, tmp_path, caplog):
     assert loader.epoch == 3
 
     only_bad = write_tar(tmp_path / "bad.tar", [("b.jpg", b"nope"), ("b.txt", b"x")])
-    with pytest.raises(ValueError, match="data.path.*no valid"):
+    with pytest.raises(DataError, match=r"data.path=.*bad.tar.* no valid .*corrupt_image=1"):
         MimoDataLoader(only_bad, proc, global_batch_size=2, seq_len=64)
+
+
+# --------------------------------------------------------------------------- damaged data
+LOADER_LOG = "mimo_titan.data.loader"
+
+
+def shard_members() -> list[tarfile.TarInfo]:
+    """The real shard's members, read with tarfile's random-access mode (not the code under test)."""
+    with tarfile.open(SHARD) as tar:
+        return tar.getmembers()
+
+
+def expected_kept_keys(members: list[tarfile.TarInfo], cut: int) -> list[str]:
+    """Keys of the records a reader must keep from the shard cut to its first ``cut`` bytes.
+
+    A record is kept iff all its members' data lies before the cut and the header of a member of a later
+    record was read in full (only that proves the record has no further member); the record in progress at
+    the cut is dropped.
+    """
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    kept = []
+    for i, key in enumerate(keys):
+        mine = [m for m in members if m.name.split(".")[0] == key]
+        later = [m for m in members if m.name.split(".")[0] in keys[i + 1 :]]
+        if all(m.offset_data + m.size <= cut for m in mine) and any(m.offset_data <= cut for m in later):
+            kept.append(key)
+    return kept
+
+
+@pytest.mark.parametrize("where", ["mid_member", "mid_header", "record_boundary", "garbage_header"])
+def test_damaged_shard_keeps_complete_records(proc, records, tmp_path, caplog, where):
+    members = shard_members()
+    assert len(members) == 96 and members[9].name == "000000006.jpg"  # 4th record: jpg, json, txt
+    data = SHARD.read_bytes()
+    m = members[10]  # 000000006.json, the 2nd member of the 4th record
+    if where == "mid_member":  # cut in the middle of a member's data
+        cut = m.offset_data + m.size // 2
+        damaged = data[:cut]
+    elif where == "mid_header":  # cut inside a member's header block(s)
+        cut = m.offset + 100
+        damaged = data[:cut]
+    elif where == "record_boundary":  # cut exactly before the 4th record's first header
+        cut = members[9].offset
+        damaged = data[:cut]
+    else:  # the 2nd member's header overwritten with garbage, the file keeps its length
+        cut = m.offset
+        damaged = data[:cut] + b"\x5a" * 512 + data[cut + 512 :]
+    keys = expected_kept_keys(members, cut)
+    # independent expectation: 3 complete records, but at a record boundary the last complete one
+    # cannot be told from a record cut after its last member, so it is dropped too
+    assert keys == FIRST_KEYS[: 2 if where == "record_boundary" else 3]
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a-damaged.tar").write_bytes(damaged)
+    shutil.copy(SHARD, folder / "b-good.tar")
+    with caplog.at_level(logging.WARNING, logger=LOADER_LOG):
+        loader = MimoDataLoader(str(folder), proc, global_batch_size=8, seq_len=96, shuffle=False)
+    assert loader.record_keys == keys + [k for k, _ in records]
+    stats = loader.stats
+    assert stats["samples"] == len(keys) + 32 and stats["shards"] == 2 and stats["corrupt_shards"] == 1
+    assert sum(stats[k] for k in ("missing_field", "non_utf8_caption", "empty_caption", "corrupt_image")) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(folder / "a-damaged.tar") in warnings[0]
+    assert f"after {len(keys)} complete record(s)" in warnings[0] and "ReadError" in warnings[0]
+    assert loader.stats_summary() == f"data: {len(keys) + 32} records kept; 1 of 2 shards damaged"
+    # the records before the damage are whole: the same tokens and pixels as in the good copy
+    batch = next(loader)  # no shuffle: the damaged shard's records, then the good shard's
+    for j in range(len(keys)):
+        assert torch.equal(batch.input_ids[j], batch.input_ids[len(keys) + j])
+        assert torch.equal(batch.pixel_values[j], batch.pixel_values[len(keys) + j])
+
+
+def test_unreadable_shards_are_skipped(proc, records, tmp_path, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a-garbage.tar").write_bytes(os.urandom(4096))
+    (folder / "b-empty.tar").write_bytes(b"")
+    shutil.copy(SHARD, folder / "c-good.tar")
+    (folder / "d-zeros.tar").write_bytes(bytes(1024))  # an empty archive: only the end marker
+    with caplog.at_level(logging.WARNING, logger=LOADER_LOG):
+        loader = MimoDataLoader(str(folder), proc, global_batch_size=4, seq_len=96)
+    assert loader.num_records == 32 and loader.record_keys == [k for k, _ in records]
+    assert loader.stats["corrupt_shards"] == 2 and loader.stats["shards"] == 4
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert len(warnings) == 2
+    assert "a-garbage.tar" in warnings[0] and "cannot be read" in warnings[0]
+    assert "b-empty.tar" in warnings[1] and "empty file" in warnings[1]
+
+    # every shard bad: a DataError naming data.path and the per-reason counts
+    (folder / "c-good.tar").write_bytes(SHARD.read_bytes()[: shard_members()[2].offset_data + 10])
+    (folder / "d-zeros.tar").unlink()
+    with pytest.raises(DataError, match=r"data.path=.*shards.* no valid .* 3 shard.*corrupt_shards=3"):
+        MimoDataLoader(str(folder), proc, global_batch_size=4, seq_len=96)
+
+
+def test_non_utf8_captions_are_skipped_and_counted(proc, records, tmp_path, caplog):
+    good = records[0][1]
+    shard = write_tar(
+        tmp_path / "text.tar",
+        [
+            ("a.jpg", good["jpg"]), ("a.txt", "café ünïcode".encode()),
+            ("b.jpg", good["jpg"]), ("b.txt", "café latin-1".encode("latin-1")),
+            ("c.jpg", good["jpg"]), ("c.txt", b"\xff\xfe\x00broken"),
+            ("d.jpg", good["jpg"]), ("d.txt", good["txt"]),
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger=LOADER_LOG):
+        loader = MimoDataLoader(shard, proc, global_batch_size=2, seq_len=96, shuffle=False)
+    assert loader.record_keys == ["a", "d"]
+    assert loader.stats["non_utf8_caption"] == 2 and loader.stats["samples"] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # the first one only
+    assert "'b'" in warnings[0] and "text.tar" in warnings[0] and "UTF-8" in warnings[0]
+    batch = next(loader)
+    assert batch.input_ids[0, 7 : 7 + len(proc.tokenize("café ünïcode"))].tolist() == proc.tokenize("café ünïcode")
+    assert "\ufffd" not in proc._tokenizer.decode(batch.input_ids[0].tolist())
+    assert loader.stats_summary() == "data: 2 records kept; skipped 2 non-UTF-8 captions"
+
+
+def test_stats_summary(proc, records, tmp_path):
+    good = records[0][1]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_tar(folder / "a.tar", [
+        ("a.jpg", good["jpg"]), ("a.txt", good["txt"]),
+        ("b.jpg", b"broken"), ("b.txt", b"x"),
+        ("c.jpg", good["jpg"]), ("c.txt", b"\xe9"),
+        ("d.txt", b"no image"), ("e.txt", b"no image either"),
+        ("f.jpg", good["jpg"]), ("f.txt", b" "),
+    ])
+    (folder / "b.tar").write_bytes(b"garbage" * 100)
+    (folder / "c.tar").write_bytes(b"")
+    loader = MimoDataLoader(str(folder), proc, global_batch_size=1, seq_len=10)
+    assert loader.stats_summary() == (
+        "data: 1 record kept; skipped 2 records missing an image or caption, 1 non-UTF-8 caption, "
+        "1 empty caption, 1 corrupt image; 2 of 3 shards damaged"
+    )
+    next(loader)  # 20 caption tokens, budget 10 + 1 - 7 = 4: 16 cut
+    assert loader.stats_summary().endswith("; 1 sample with truncated captions (16 tokens cut)")
+    next(loader)
+    assert loader.stats_summary().endswith("; 2 samples with truncated captions (32 tokens cut)")
+
+
+def caption_lengths(proc, records) -> list[int]:
+    return [len(proc.tokenize(f["txt"].decode("utf-8").strip())) for _, f in records]
+
+
+def expected_truncation(proc, loader, lengths, num_samples: int) -> tuple[int, int]:
+    """(samples with a caption cut, caption tokens cut) over the first ``num_samples`` samples of the stream."""
+    groups: list[tuple[int, ...]] = []
+    epoch = 0
+    while len(groups) < num_samples:
+        groups += loader.epoch_plan(epoch)
+        epoch += 1
+    samples = tokens = 0
+    for g in groups[:num_samples]:
+        budget = loader.seq_len + 1 - (1 + len(g) * (T + 2))  # caption tokens that fit
+        over = sum(lengths[i] for i in g) - budget
+        samples += over > 0
+        tokens += max(over, 0)
+    return samples, tokens
+
+
+def test_truncated_captions_are_counted(proc, records):
+    lengths = caption_lengths(proc, records)
+    seq_len = 24  # 25 tokens: BOS + an image block of 6 leave 18 caption tokens
+    loader = make_loader(proc, shuffle=False, seq_len=seq_len, global_batch_size=8)
+    assert loader.stats["truncated_captions"] == loader.stats["truncated_tokens"] == 0
+    next(loader)
+    longer = [n for n in lengths[:8] if n > 18]
+    assert (loader.stats["truncated_captions"], loader.stats["truncated_tokens"]) == (
+        len(longer), sum(n - 18 for n in longer))
+    assert len(longer) > 0
+    for _ in range(4):  # 40 samples: the whole of epoch 0 and 8 of epoch 1
+        next(loader)
+    n32 = [n for n in lengths if n > 18]
+    assert (loader.stats["truncated_captions"], loader.stats["truncated_tokens"]) == (
+        len(n32) + len(longer), sum(n - 18 for n in n32) + sum(n - 18 for n in longer))
+
+    # two images per sample: a sample counts once, with the tokens cut from both captions
+    loader = make_loader(proc, seq_len=30, max_images_per_sample=2, global_batch_size=5, seed=2)
+    for _ in range(9):
+        next(loader)
+    got = (loader.stats["truncated_captions"], loader.stats["truncated_tokens"])
+    assert got == expected_truncation(proc, loader, lengths, 45)
+    assert 0 < got[0] < 45
+
+
+@pytest.mark.parametrize("max_images", [1, 2])
+def test_truncated_captions_counted_once_with_packing(proc, records, max_images):
+    lengths = caption_lengths(proc, records)
+    loader = make_loader(proc, seq_len=32, max_images_per_sample=max_images, global_batch_size=2,
+                         packing=True, seed=1)
+    seen: list[int] = []
+    for _ in range(12):  # each batch leaves its overflow sample for the next one
+        pb = next(loader)
+        seen += [i for ids in pb.sample_ids for i in ids]
+        assert seen == list(range(len(seen)))  # no sample skipped or repeated
+        got = (loader.stats["truncated_captions"], loader.stats["truncated_tokens"])
+        assert got == expected_truncation(proc, loader, lengths, len(seen))
+    assert loader.stats["truncated_captions"] > 0
+    assert loader.state_dict()["samples_produced"] == len(seen)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_state_dict_keeps_truncation_counters(proc, packing):
+    kw = {"seq_len": 24, "max_images_per_sample": 2, "global_batch_size": 4, "packing": packing, "seed": 5}
+    a = make_loader(proc, **kw)
+    for _ in range(11):
+        next(a)
+    state = a.state_dict()
+    assert state["truncated_captions"] == a.stats["truncated_captions"] > 0
+    assert state["truncated_tokens"] == a.stats["truncated_tokens"] > 0
+    assert json.loads(json.dumps(state)) == state  # plain JSON, as checkpoints store it
+    expected = [next(a) for _ in range(3)]
+
+    b = make_loader(proc, **kw)
+    # the checkpoint manager validates on a shallow copy: the loader itself must not change
+    copy.copy(b).load_state_dict(state)
+    assert b.stats["truncated_captions"] == 0 and b.state_dict()["samples_produced"] == 0
+    b.load_state_dict(state)
+    assert b.stats == {**a.stats, **{k: state[k] for k in ("truncated_captions", "truncated_tokens")}}
+    for x in expected:
+        y = next(b)
+        for f in ("input_ids", "labels", "pixel_values"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), f
+    assert b.stats == a.stats and b.state_dict() == a.state_dict()
+
+    # a checkpoint from before the counters existed: resumes, counters start from 0
+    old = {k: v for k, v in state.items() if k not in ("truncated_captions", "truncated_tokens")}
+    c = make_loader(proc, **kw)
+    c.load_state_dict(old)
+    assert c.stats["truncated_captions"] == c.stats["truncated_tokens"] == 0
+    assert c.state_dict()["samples_produced"] == state["samples_produced"]
 
 
 # --------------------------------------------------------------------------- determinism

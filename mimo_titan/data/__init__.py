@@ -1,13 +1,19 @@
 """Multimodal data pipeline: WebDataset shards -> processed samples -> global batches.
 
 Public API:
-    - :func:`resolve_shards`, :func:`iter_webdataset`: read WebDataset tar shards.
+    - :func:`resolve_shards`, :func:`iter_webdataset`: read WebDataset tar shards
+      (damaged shards: records before the damage kept, then reported or raised).
     - :class:`ImageTextProcessor`, :class:`CorruptSampleError`: image decoding,
       tokenisation and token layout.
     - :class:`Sample`, :class:`Batch`, :func:`collate`, :func:`concat_batches`,
       :data:`IGNORE_INDEX`: batching.
     - :class:`PackedBatch`, :func:`pack`: packed (THD) rows with ``cu_seqlens``.
-    - :class:`MimoDataLoader`: deterministic, resumable global batches (padded or packed rows).
+    - :class:`MimoDataLoader`: deterministic, resumable global batches (padded or packed rows);
+      data faults skipped and counted in ``stats`` (one log line: ``stats_summary()``).
+
+User errors (bad ``data.path`` / ``data.tokenizer``, no valid record) raise
+:class:`~mimo_titan.errors.DataError`; bad ``training.*`` sizes raise
+:class:`~mimo_titan.errors.ConfigError`.
     - :func:`dp_sample_range`, :func:`local_batch`, :func:`check_batch_divisibility`:
       per-rank/microbatch splitting.
 """

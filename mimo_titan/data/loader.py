@@ -1,4 +1,11 @@
-"""Deterministic, resumable loader of global multimodal batches."""
+"""Deterministic, resumable loader of global multimodal batches.
+
+Faults in the data (damaged shards, records with a missing field, a non-UTF-8 or
+empty caption, an undecodable image) are skipped and counted, and captions cut to
+fit ``training.seq_len`` are counted as samples are produced; see
+:class:`MimoDataLoader` (:attr:`~MimoDataLoader.stats`,
+:meth:`~MimoDataLoader.stats_summary`).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from mimo_titan.data.packing import (
 )
 from mimo_titan.data.processor import CorruptSampleError, ImageTextProcessor
 from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
+from mimo_titan.errors import ConfigError, DataError
 
 __all__ = ["MimoDataLoader"]
 
@@ -33,12 +41,29 @@ IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 #: Record field holding the caption (UTF-8 text).
 CAPTION_FIELD = "txt"
 
+#: Counters of shards and records skipped while reading, fixed once the loader is built.
+SKIP_COUNTERS: tuple[str, ...] = (
+    "corrupt_shards", "missing_field", "non_utf8_caption", "empty_caption", "corrupt_image",
+)
+# (record counter, noun, words after the count) for MimoDataLoader.stats_summary
+_SKIP_WORDS: tuple[tuple[str, str, str], ...] = (
+    ("missing_field", "record", " missing an image or caption"),
+    ("non_utf8_caption", "non-UTF-8 caption", ""),
+    ("empty_caption", "empty caption", ""),
+    ("corrupt_image", "corrupt image", ""),
+)
+
 
 @dataclass(frozen=True)
 class _Record:
     key: str
     pixel_values: Tensor  # [3, H, W] float32
     caption_tokens: tuple[int, ...]
+
+
+def _counted(n: int, noun: str) -> str:
+    """``"1 record"``, ``"2 records"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _derive_seed(seed: int, epoch: int, stream: str) -> int:
@@ -65,10 +90,32 @@ class MimoDataLoader:
     ends. Sample ids are the running ordinal of samples produced since the start of
     epoch 0, hence unique within a run and identical across ranks and resumes.
 
-    Records missing an image (``jpg``/``jpeg``/``png``/``webp``) or the ``txt``
-    caption, with an empty or whitespace-only caption (or one that tokenises to
-    nothing), or with an undecodable image are skipped and counted in
-    :attr:`stats`, never raised.
+    Faults in the data are skipped and counted in :attr:`stats`, never raised (the
+    one exception: no valid record at all, see Raises):
+
+    - a damaged shard (unreadable, cut short, an invalid header, no end-of-archive
+      marker; see :mod:`mimo_titan.data.webdataset`): the records completed before
+      the damage are kept, the record in progress and the rest of the shard are
+      skipped, reading goes on with the next shard; a warning names the shard, the
+      records read from it and the tar error (``corrupt_shards``);
+    - a record missing an image (``jpg``/``jpeg``/``png``/``webp``) or the ``txt``
+      caption (``missing_field``);
+    - a caption that is not valid UTF-8 (``non_utf8_caption``; the first one is
+      logged as a warning naming its key and shard). Such a record is skipped rather
+      than decoded with replacement characters: the bytes are in an unknown encoding
+      or damaged, so the text cannot be trusted, and ``U+FFFD`` characters would
+      become training targets that teach the model to emit them; guessing an
+      encoding (Latin-1, CP1252, ...) could silently produce wrong text. One skipped
+      record costs little, and the counter makes the problem visible;
+    - an empty or whitespace-only caption, or one that tokenises to nothing
+      (``empty_caption``);
+    - an undecodable image (``corrupt_image``).
+
+    Captions cut because a sample does not fit ``seq_len + 1`` tokens (see
+    :meth:`~mimo_titan.data.processor.ImageTextProcessor.build_sequence`) are counted
+    as the samples are produced (``truncated_captions``, ``truncated_tokens``), each
+    sample once, also with packing. :meth:`stats_summary` formats all counters as one
+    log line.
 
     Implementation note: this version reads and decodes all shards once into memory
     (fine for small shards). The epoch logic only needs the number of valid records
@@ -104,12 +151,15 @@ class MimoDataLoader:
             context parallelism. Unused without ``packing``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (message names ``data.path``).
-        ValueError: Bad sizes; ``seq_len`` too small for ``max_images_per_sample``
-            image blocks plus BOS (message names ``training.seq_len`` and the minimum);
-            ``pack_multiple`` not a positive int, or (with ``packing``) ``seq_len`` not
-            a multiple of it (message names ``training.seq_len``); no ``.tar`` shard or
-            no valid record under ``path``.
+        DataError: ``path`` does not exist, is not a ``.tar``, is a directory without
+            ``.tar`` shards, or holds no valid record in any shard (the message names
+            ``data.path`` and the per-reason skip counts).
+        ConfigError: Non-positive ``global_batch_size``, ``seq_len`` or
+            ``max_images_per_sample``; ``seq_len`` too small for
+            ``max_images_per_sample`` image blocks plus BOS (message names
+            ``training.seq_len`` and the minimum); with ``packing``, ``seq_len`` not a
+            multiple of ``pack_multiple`` (message names ``training.seq_len``).
+        ValueError: ``pack_multiple`` not a positive int.
     """
 
     def __init__(
@@ -125,14 +175,14 @@ class MimoDataLoader:
         pack_multiple: int = 1,
     ) -> None:
         if global_batch_size <= 0:
-            raise ValueError(f"training.global_batch_size must be positive, got {global_batch_size}")
+            raise ConfigError(f"training.global_batch_size must be positive, got {global_batch_size}")
         if seq_len <= 0:
-            raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+            raise ConfigError(f"training.seq_len must be positive, got {seq_len}")
         if max_images_per_sample <= 0:
-            raise ValueError(f"max_images_per_sample must be positive, got {max_images_per_sample}")
+            raise ConfigError(f"data.max_images_per_sample must be positive, got {max_images_per_sample}")
         needed = processor.min_sequence_tokens(max_images_per_sample)
         if needed > seq_len + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"training.seq_len={seq_len} is too small: a sample with "
                 f"{max_images_per_sample} image(s) of {processor.image_tokens_per_image} "
                 f"tokens needs {needed} tokens (BOS + begin/image/end blocks), i.e. "
@@ -151,56 +201,136 @@ class MimoDataLoader:
         self.seed = int(seed)
         self.packing = bool(packing)
         self.pack_multiple = pack_multiple
+        self.path = os.fspath(path)
         self.shards = resolve_shards(path)
 
-        self._stats = {"corrupt_image": 0, "empty_caption": 0, "missing_field": 0, "samples": 0}
+        self._skipped = dict.fromkeys(SKIP_COUNTERS, 0)
+        self._warned_non_utf8 = False
         self._records = self._read_records()
         if not self._records:
-            raise ValueError(
-                f"data.path={os.fspath(path)!r} holds no valid image-caption record "
-                f"(skipped: {self._stats}); point data.path at WebDataset shards with "
-                f"<key>.jpg and <key>.txt members"
+            skipped = ", ".join(f"{k}={v}" for k, v in self._skipped.items())
+            raise DataError(
+                f"data.path={self.path!r} holds no valid image-caption record in its "
+                f"{len(self.shards)} shard(s) (skipped: {skipped}); point data.path at "
+                f"WebDataset shards with <key>.jpg and <key>.txt members (see the "
+                f"warnings above for damaged shards)"
             )
 
         self._epoch = 0
         self._position = 0  # index of the next sample within the epoch's plan
         self._samples_produced = 0
+        # Stream counters: plain ints (a shallow copy of the loader never shares them).
+        self._truncated_captions = 0  # samples with at least one caption token cut
+        self._truncated_tokens = 0  # caption tokens cut, summed over those samples
         self._plan_cache: tuple[int, list[tuple[int, ...]]] | None = None
 
     # ------------------------------------------------------------ reading
+    def _on_shard_error(self, shard: str, records_read: int, exc: Exception) -> None:
+        self._skipped["corrupt_shards"] += 1
+        if records_read:
+            logger.warning(
+                "data.path: shard %r is damaged after %d complete record(s) (%s: %s); keeping "
+                "those records and skipping the rest of the shard (counted in "
+                "stats['corrupt_shards'])", shard, records_read, type(exc).__name__, exc,
+            )
+        else:
+            logger.warning(
+                "data.path: shard %r cannot be read, 0 records read (%s: %s); skipping the "
+                "shard (counted in stats['corrupt_shards'])", shard, type(exc).__name__, exc,
+            )
+
     def _read_records(self) -> list[_Record]:
+        """Read and decode every shard; skipped records are counted in ``self._skipped``."""
         records: list[_Record] = []
-        for key, fields in iter_webdataset(self.shards):
-            image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
-            if image_field is None or CAPTION_FIELD not in fields:
-                self._stats["missing_field"] += 1
-                continue
-            caption = fields[CAPTION_FIELD].decode("utf-8", errors="replace").strip()
-            tokens = self.processor.tokenize(caption) if caption else []
-            if not tokens:
-                self._stats["empty_caption"] += 1
-                continue
-            try:
-                pixels = self.processor.load_image(fields[image_field])
-            except CorruptSampleError:
-                self._stats["corrupt_image"] += 1
-                continue
-            records.append(_Record(key=key, pixel_values=pixels, caption_tokens=tuple(tokens)))
-        self._stats["samples"] = len(records)
+        for shard in self.shards:
+            for key, fields in iter_webdataset([shard], on_shard_error=self._on_shard_error):
+                image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
+                if image_field is None or CAPTION_FIELD not in fields:
+                    self._skipped["missing_field"] += 1
+                    continue
+                try:
+                    caption = fields[CAPTION_FIELD].decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    self._skipped["non_utf8_caption"] += 1
+                    if not self._warned_non_utf8:
+                        self._warned_non_utf8 = True
+                        logger.warning(
+                            "data.path: record %r in shard %r has a caption that is not valid "
+                            "UTF-8 (%s); skipping it (this and later ones are counted in "
+                            "stats['non_utf8_caption'], without further warnings)",
+                            key, shard, exc,
+                        )
+                    continue
+                tokens = self.processor.tokenize(caption) if caption else []
+                if not tokens:
+                    self._skipped["empty_caption"] += 1
+                    continue
+                try:
+                    pixels = self.processor.load_image(fields[image_field])
+                except CorruptSampleError:
+                    self._skipped["corrupt_image"] += 1
+                    continue
+                records.append(_Record(key=key, pixel_values=pixels, caption_tokens=tuple(tokens)))
         logger.debug(
-            "read %d records from %d shard(s); stats=%s", len(records), len(self.shards), self._stats
+            "read %d records from %d shard(s); skipped %s", len(records), len(self.shards), self._skipped
         )
         return records
 
     # ------------------------------------------------------------- public
     @property
     def stats(self) -> dict[str, int]:
-        """Record counters (a copy).
+        """Data counters (a new dict of ints on every call; cheap, safe to call every step).
 
-        Keys: ``corrupt_image``, ``empty_caption``, ``missing_field`` (records skipped
-        for that reason) and ``samples`` (valid image-caption records kept).
+        Fixed once the loader is built (they come from reading the shards, so a
+        resumed run has the same values):
+
+        - ``samples``: valid image-caption records kept (one epoch);
+        - ``shards``: shards under ``data.path``;
+        - ``corrupt_shards``: shards that could not be opened or were cut short or
+          damaged (the rest of each was skipped; see the class docstring);
+        - ``missing_field``, ``non_utf8_caption``, ``empty_caption``,
+          ``corrupt_image``: records skipped for that reason (each record counts
+          once, under the first reason found, in this order).
+
+        Growing with the stream (restored by :meth:`load_state_dict`):
+
+        - ``truncated_captions``: produced samples with at least one caption token cut
+          to fit ``seq_len + 1`` tokens (a sample counts once, however many of its
+          captions were cut; a sample that only lost its EOS is not counted);
+        - ``truncated_tokens``: caption tokens cut from those samples.
         """
-        return dict(self._stats)
+        return {
+            "samples": len(self._records),
+            "shards": len(self.shards),
+            **self._skipped,
+            "truncated_captions": self._truncated_captions,
+            "truncated_tokens": self._truncated_tokens,
+        }
+
+    def stats_summary(self) -> str:
+        """:attr:`stats` as one compact line for the training log.
+
+        The kept records always appear; the other parts only when non-zero, e.g.
+        ``"data: 32 records kept; skipped 2 non-UTF-8 captions, 1 corrupt image; 1 of
+        3 shards damaged; 5 samples with truncated captions (40 tokens cut)"`` (a
+        damaged shard was cut short or could not be read; its rest was skipped).
+
+        Returns:
+            The line, starting with ``"data: "``.
+        """
+        s = self.stats
+        parts = [f"data: {_counted(s['samples'], 'record')} kept"]
+        skipped = [_counted(s[key], noun) + words for key, noun, words in _SKIP_WORDS if s[key]]
+        if skipped:
+            parts.append("skipped " + ", ".join(skipped))
+        if s["corrupt_shards"]:
+            parts.append(f"{s['corrupt_shards']} of {_counted(s['shards'], 'shard')} damaged")
+        if s["truncated_captions"]:
+            parts.append(
+                f"{_counted(s['truncated_captions'], 'sample')} with truncated captions "
+                f"({_counted(s['truncated_tokens'], 'token')} cut)"
+            )
+        return "; ".join(parts)
 
     @property
     def num_records(self) -> int:
@@ -248,7 +378,12 @@ class MimoDataLoader:
         plan = self.epoch_plan(self._epoch)
         group = plan[self._position]
         records = [self._records[i] for i in group]
-        tokens = self.processor.build_sequence([r.caption_tokens for r in records], self.seq_len + 1)
+        captions = [r.caption_tokens for r in records]
+        tokens = self.processor.build_sequence(captions, self.seq_len + 1)
+        cut = self.processor.caption_tokens_cut([len(c) for c in captions], self.seq_len + 1)
+        if cut:
+            self._truncated_captions += 1
+            self._truncated_tokens += cut
         sample = Sample(
             tokens=tokens,
             pixel_values=torch.stack([r.pixel_values for r in records]),
@@ -267,12 +402,12 @@ class MimoDataLoader:
         samples: list[Sample] = []
         used: list[int] = []  # tokens used per row, as pack's first fit fills them
         while True:
-            before = (self._epoch, self._position, self._samples_produced)
+            before = self._cursor()
             sample = self._next_sample()
             length = packed_length(len(sample.tokens), self.seq_len, self.pack_multiple)
             r = first_fit_row(used, length, self.seq_len)
             if r == self.global_batch_size:  # needs one row too many: leave it for the next batch
-                self._epoch, self._position, self._samples_produced = before
+                self._restore(before)  # position and truncation counters: counted when it is used
                 break
             if r == len(used):
                 used.append(0)
@@ -280,6 +415,15 @@ class MimoDataLoader:
             samples.append(sample)
         return pack(samples, self.seq_len, self.processor.pad_id, self.processor.image_token_id,
                     multiple=self.pack_multiple)
+
+    def _cursor(self) -> tuple[int, ...]:
+        """Everything :meth:`_next_sample` advances (position and stream counters)."""
+        return (self._epoch, self._position, self._samples_produced,
+                self._truncated_captions, self._truncated_tokens)
+
+    def _restore(self, cursor: tuple[int, ...]) -> None:
+        (self._epoch, self._position, self._samples_produced,
+         self._truncated_captions, self._truncated_tokens) = cursor
 
     def __iter__(self) -> Iterator[Batch | PackedBatch]:
         return self
@@ -304,15 +448,20 @@ class MimoDataLoader:
         """Position in the stream, for checkpointing.
 
         Returns:
-            ``{"epoch", "position", "samples_produced"}`` plus the settings that fix
-            the stream (``seed``, ``shuffle``, ``max_images_per_sample``,
-            ``num_records``, ``packing``, ``pack_multiple``), all plain ints/bools.
-            With packing the position is that of the first sample of the next batch.
+            ``{"epoch", "position", "samples_produced"}``, the stream counters
+            ``truncated_captions`` and ``truncated_tokens`` (see :attr:`stats`), and
+            the settings that fix the stream (``seed``, ``shuffle``,
+            ``max_images_per_sample``, ``num_records``, ``packing``,
+            ``pack_multiple``), all plain ints/bools. With packing the position is
+            that of the first sample of the next batch. The skip counters are not
+            included: they come from reading the shards again.
         """
         return {
             "epoch": self._epoch,
             "position": self._position,
             "samples_produced": self._samples_produced,
+            "truncated_captions": self._truncated_captions,
+            "truncated_tokens": self._truncated_tokens,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "max_images_per_sample": self.max_images_per_sample,
@@ -325,7 +474,9 @@ class MimoDataLoader:
         """Resume from :meth:`state_dict` output; the next batch continues exactly.
 
         ``global_batch_size`` may differ from the saved run (the position is kept in
-        samples).
+        samples). A state without ``truncated_captions`` / ``truncated_tokens`` (a
+        checkpoint written before they existed) sets them to 0: they then count from
+        the resume on.
 
         Args:
             state: A dict produced by :meth:`state_dict`.
@@ -354,3 +505,5 @@ class MimoDataLoader:
         self._epoch = epoch
         self._position = position
         self._samples_produced = int(state["samples_produced"])
+        self._truncated_captions = int(state.get("truncated_captions", 0))
+        self._truncated_tokens = int(state.get("truncated_tokens", 0))

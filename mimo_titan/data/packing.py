@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from mimo_titan.data.collate import IGNORE_INDEX, Sample
+from mimo_titan.errors import ConfigError
 
 __all__ = [
     "PackedBatch",
@@ -249,16 +250,16 @@ def check_pack_multiple(seq_len: int, multiple: int) -> None:
         multiple: The document-length multiple (e.g. ``2 * cp_size``).
 
     Raises:
-        ValueError: ``multiple`` not a positive int, ``seq_len`` not positive, or
-            ``seq_len % multiple != 0`` (names ``training.seq_len`` and the nearest
-            valid values).
+        ValueError: ``multiple`` not a positive int.
+        ConfigError: ``seq_len`` not positive, or ``seq_len % multiple != 0`` (names
+            ``training.seq_len`` and the nearest valid values).
     """
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
     if seq_len <= 0:
-        raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+        raise ConfigError(f"training.seq_len must be positive, got {seq_len}")
     if seq_len % multiple != 0:
-        raise ValueError(
+        raise ConfigError(
             f"training.seq_len={seq_len} must be a multiple of {multiple} (every packed "
             f"document is padded to a multiple of {multiple}, e.g. 2 * cp_size); set "
             f"training.seq_len to {_round_up(seq_len, multiple)} or {seq_len // multiple * multiple}"

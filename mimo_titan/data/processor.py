@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mimo_titan.errors import ConfigError, DataError
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -59,7 +61,7 @@ def _resolve_tokenizer_file(tokenizer_path: str | os.PathLike[str]) -> str:
     p = os.fspath(tokenizer_path)
     candidate = os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
     if not os.path.isfile(candidate):
-        raise FileNotFoundError(
+        raise DataError(
             f"{_CONFIG_KEY}={p!r}: no tokenizer.json found; set {_CONFIG_KEY} to a "
             f"directory containing a HF `tokenizers` tokenizer.json, or to the file itself"
         )
@@ -136,8 +138,8 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
     in ``special_texts`` keep their key and id verbatim and take part in no merge.
 
     Raises:
-        ValueError: The vocabulary cannot be read as a ranked byte BPE (two keys mean
-            the same bytes, or a single byte has no token).
+        DataError: The vocabulary cannot be read as a ranked byte BPE (two keys mean
+            the same bytes, or a single byte has no token); names ``data.tokenizer``.
     """
     vocab: dict[str, int] = spec["model"]["vocab"]
     ranks: dict[bytes, int] = {}  # token bytes -> id (== merge rank)
@@ -150,7 +152,7 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
         data = _raw_key_bytes(key, token_id)
         if not data or data in ranks:
             other = [k for k, i in vocab.items() if i == ranks.get(data)]
-            raise ValueError(
+            raise DataError(
                 f"{_CONFIG_KEY}: cannot repair {source!r} as a ranked byte-level BPE: "
                 f"token {key!r} (id {token_id}) means the same bytes {data!r} as "
                 f"{other[0] if other else 'an empty token'!r}"
@@ -159,13 +161,13 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
         new_vocab[_to_byte_level(data)] = token_id
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{_CONFIG_KEY}: cannot repair {source!r} as a ranked byte-level BPE: no "
             f"token for the single byte(s) {[hex(b) for b in missing[:8]]}"
             f"{' ...' if len(missing) > 8 else ''}; every byte needs its own token"
         )
     if len(new_vocab) != len(vocab):  # a special key equal to a converted key
-        raise ValueError(
+        raise DataError(
             f"{_CONFIG_KEY}: cannot repair {source!r}: a special token collides with "
             f"a byte-level token text"
         )
@@ -216,6 +218,10 @@ def _load_tokenizer(
 
     Returns:
         The tokenizer and whether it was repaired. The file is never modified.
+
+    Raises:
+        DataError: The file cannot be read or parsed, or cannot be repaired (names
+            ``data.tokenizer`` and the file).
     """
     try:
         with open(tokenizer_file, encoding="utf-8") as f:
@@ -229,15 +235,15 @@ def _load_tokenizer(
             return Tokenizer.from_str(text), False
         repaired = _repair_ranked_bpe(spec, specials, tokenizer_file)
         tokenizer = Tokenizer.from_str(json.dumps(repaired))
+    except DataError:
+        raise
     except ValueError as exc:
-        if str(exc).startswith(_CONFIG_KEY):
-            raise
-        raise ValueError(
+        raise DataError(
             f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
             f"tokenizer.json: {exc}"
         ) from exc
-    except Exception as exc:  # the Rust side raises a generic Exception
-        raise ValueError(
+    except Exception as exc:  # the Rust side raises a generic Exception; OSError for the file
+        raise DataError(
             f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
             f"tokenizer.json: {exc}"
         ) from exc
@@ -311,9 +317,10 @@ class ImageTextProcessor:
             i.e. the number of embeddings the vision encoder emits per image.
 
     Raises:
-        FileNotFoundError: No tokenizer file at ``tokenizer_path``.
-        ValueError: The tokenizer file cannot be parsed or lacks a special token, or
-            ``image_size`` / ``image_tokens_per_image`` is not positive.
+        DataError: No tokenizer file at ``tokenizer_path``; the tokenizer file or its
+            ``tokenizer_config.json`` cannot be read or parsed, or it lacks a special
+            token (messages name ``data.tokenizer``).
+        ValueError: ``image_size`` / ``image_tokens_per_image`` is not positive.
     """
 
     def __init__(
@@ -335,8 +342,19 @@ class ImageTextProcessor:
         config: dict = {}
         config_file = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise DataError(
+                    f"{_CONFIG_KEY}: cannot read {config_file!r} as JSON: {exc}; fix or "
+                    f"remove that file (the default special tokens are used without it)"
+                ) from exc
+            if not isinstance(config, dict):
+                raise DataError(
+                    f"{_CONFIG_KEY}: {config_file!r} holds a JSON {type(config).__name__}, "
+                    f"not an object; fix or remove that file"
+                )
         special_texts = {
             _special_token_text(config, key, default) for _, key, default in _SPECIAL_TOKENS
         }
@@ -356,7 +374,7 @@ class ImageTextProcessor:
             text = _special_token_text(config, key, default)
             token_id = self._tokenizer.token_to_id(text)
             if token_id is None:
-                raise ValueError(
+                raise DataError(
                     f"{_CONFIG_KEY}: tokenizer {tokenizer_file!r} has no token {text!r} "
                     f"(needed as {attr}); use a tokenizer whose vocabulary contains it"
                 )
@@ -478,17 +496,19 @@ class ImageTextProcessor:
         Returns:
             The token ids, ``len <= max_tokens``.
 
+        The number of caption tokens removed is :meth:`caption_tokens_cut`.
+
         Raises:
-            ValueError: ``caption_tokens`` is empty, or the image blocks plus BOS alone
-                need more than ``max_tokens`` tokens (message names
-                ``training.seq_len``).
+            ValueError: ``caption_tokens`` is empty.
+            ConfigError: The image blocks plus BOS alone need more than ``max_tokens``
+                tokens (message names ``training.seq_len`` and its minimum).
         """
         k = len(caption_tokens)
         if k == 0:
             raise ValueError("a sample needs at least one image-caption pair")
         fixed = self.min_sequence_tokens(k)
         if fixed > max_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"training.seq_len is too small: {k} image(s) with "
                 f"{self.image_tokens_per_image} tokens each need {fixed} tokens "
                 f"(BOS + begin/end-of-image markers) but only {max_tokens} "
@@ -511,3 +531,20 @@ class ImageTextProcessor:
         if add_eos:
             out.append(self.eos_id)
         return out
+
+    def caption_tokens_cut(self, caption_lengths: Sequence[int], max_tokens: int) -> int:
+        """Caption tokens that :meth:`build_sequence` removes to fit ``max_tokens``.
+
+        Only caption tokens count: a sample whose captions all fit but whose EOS does
+        not (``len == max_tokens + 1`` before truncation) loses its EOS and counts 0.
+
+        Args:
+            caption_lengths: Caption length in tokens of each image-caption pair.
+            max_tokens: As for :meth:`build_sequence` (``seq_len + 1`` in training).
+
+        Returns:
+            ``max(0, sum(caption_lengths) - (max_tokens - min_sequence_tokens(k)))``,
+            the tokens dropped from the end of the captions (``0`` if nothing is cut).
+        """
+        budget = max_tokens - self.min_sequence_tokens(len(caption_lengths))
+        return max(0, sum(caption_lengths) - max(budget, 0))

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from mimo_titan.data.collate import Batch, concat_batches
 from mimo_titan.data.packing import PackedBatch, concat_packed_batches
+from mimo_titan.errors import ConfigError
 
 __all__ = ["check_batch_divisibility", "dp_sample_range", "local_batch"]
 
@@ -101,22 +102,23 @@ def check_batch_divisibility(
         dp_sizes: Module name -> data-parallel size (``dp_replicate * dp_shard``).
 
     Raises:
-        ValueError: Non-positive sizes; ``global_batch_size`` not divisible by
+        ConfigError: Non-positive sizes; ``global_batch_size`` not divisible by
             ``microbatches``; or a module whose dp size does not divide the
             microbatch size. Messages name the config keys, the module, and the fix
             (the microbatch size must be a multiple of the lcm of all dp sizes).
+        ValueError: A dp size below 1.
     """
     if global_batch_size < 1:
-        raise ValueError(f"training.global_batch_size must be >= 1, got {global_batch_size}")
+        raise ConfigError(f"training.global_batch_size must be >= 1, got {global_batch_size}")
     if microbatches < 1:
-        raise ValueError(f"training.microbatches must be >= 1, got {microbatches}")
+        raise ConfigError(f"training.microbatches must be >= 1, got {microbatches}")
     for name, dp in dp_sizes.items():
         if dp < 1:
             raise ValueError(f"module {name!r} has data-parallel size {dp}; it must be >= 1")
     lcm = math.lcm(*dp_sizes.values()) if dp_sizes else 1
     if global_batch_size % microbatches != 0:
         suggestion = microbatches * lcm * max(1, math.ceil(global_batch_size / (microbatches * lcm)))
-        raise ValueError(
+        raise ConfigError(
             f"training.global_batch_size={global_batch_size} is not divisible by "
             f"training.microbatches={microbatches}; set training.global_batch_size to a "
             f"multiple of training.microbatches * {lcm} (lcm of dp sizes), e.g. {suggestion}, "
@@ -126,7 +128,7 @@ def check_batch_divisibility(
     for name, dp in dp_sizes.items():
         if mb_size % dp != 0:
             suggestion = microbatches * lcm * math.ceil(mb_size / lcm)
-            raise ValueError(
+            raise ConfigError(
                 f"module {name!r}: data-parallel size {dp} (dp_replicate * dp_shard) does not "
                 f"divide the microbatch size {mb_size} = training.global_batch_size="
                 f"{global_batch_size} / training.microbatches={microbatches}; the smallest "

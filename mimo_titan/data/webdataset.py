@@ -4,17 +4,34 @@ A WebDataset shard is a plain tar archive in which the files of one record sit n
 to each other and share a *key*: ``000003.jpg``, ``000003.txt``, ``000003.json``
 form the record ``"000003"`` with fields ``{"jpg", "txt", "json"}``. This module only
 groups raw bytes; decoding is the job of :mod:`mimo_titan.data.processor`.
+
+Damaged shards. A shard is *damaged* when it cannot be opened or read as a tar
+archive, when a member's data is cut short, when a header is invalid, or when the
+archive ends without its end-of-archive marker (a file cut exactly between two
+members). Python's ``tarfile`` silently stops at the last three kinds (they look
+like the end of the archive to it); :func:`iter_webdataset` detects them by
+checking that the member loop ended at the marker. In a damaged shard the records
+completed before the damage are kept, and the record being assembled when the
+damage is found is dropped together with the rest of the shard: its remaining
+members may be missing, even when the cut falls exactly between two members.
 """
 
 from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["iter_webdataset", "resolve_shards", "split_member_name"]
+from mimo_titan.errors import DataError
+
+__all__ = ["ShardErrorHandler", "iter_webdataset", "resolve_shards", "split_member_name"]
 
 _CONFIG_KEY = "data.path"
+
+#: ``on_shard_error(path, records_read, exc)``: called by :func:`iter_webdataset` for a
+#: damaged shard, with the number of complete records it yielded from that shard before
+#: the damage and the error describing it (a ``tarfile.TarError`` or an ``OSError``).
+ShardErrorHandler = Callable[[str, int, Exception], None]
 
 
 def resolve_shards(path: str | os.PathLike[str]) -> list[str]:
@@ -29,13 +46,12 @@ def resolve_shards(path: str | os.PathLike[str]) -> list[str]:
         sees the same order.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is a file that is not a ``.tar``, or a directory with no
-            ``.tar`` files in it.
+        DataError: ``path`` does not exist, is a file that is not a ``.tar``, or is a
+            directory with no ``.tar`` files in it (messages name ``data.path``).
     """
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(
+        raise DataError(
             f"{_CONFIG_KEY}={p!r} does not exist; set {_CONFIG_KEY} to a WebDataset "
             f".tar shard or to a directory containing .tar shards"
         )
@@ -46,14 +62,14 @@ def resolve_shards(path: str | os.PathLike[str]) -> list[str]:
             if name.endswith(".tar") and os.path.isfile(os.path.join(p, name))
         )
         if not shards:
-            raise ValueError(
+            raise DataError(
                 f"{_CONFIG_KEY}={p!r} is a directory without any .tar shards; point "
                 f"{_CONFIG_KEY} at a directory containing WebDataset .tar files or at "
                 f"one .tar file"
             )
         return shards
     if not p.endswith(".tar"):
-        raise ValueError(
+        raise DataError(
             f"{_CONFIG_KEY}={p!r} is not a .tar file; set {_CONFIG_KEY} to a WebDataset "
             f".tar shard or to a directory containing .tar shards"
         )
@@ -80,7 +96,74 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
-def iter_webdataset(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+class _MarkerTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that notes on its ``TarFile`` why reading the next header failed.
+
+    ``TarFile`` ends its member loop without an error on an empty, truncated or
+    invalid header after the first member; only an all-zero block
+    (``EOFHeaderError``) is the real end-of-archive marker. The last header error is
+    kept as ``tar._mimo_header_error`` so that :func:`_iter_shard` can tell the two
+    apart.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar._mimo_header_error = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _missing_end_marker(tar: tarfile.TarFile) -> tarfile.ReadError | None:
+    """``None`` if ``tar``'s member loop stopped at the end-of-archive marker, else the error."""
+    exc = getattr(tar, "_mimo_header_error", None)
+    if isinstance(exc, tarfile.EOFHeaderError):
+        return None
+    if exc is None or isinstance(exc, tarfile.EmptyHeaderError):
+        return tarfile.ReadError(f"archive ends at byte {tar.offset} without its end-of-archive marker")
+    return tarfile.ReadError(f"{exc} at byte {tar.offset}")
+
+
+def _iter_shard(path: str, on_error: ShardErrorHandler | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The records of one shard; see :func:`iter_webdataset`."""
+    records_read = 0
+    try:
+        with tarfile.open(path, mode="r|*", tarinfo=_MarkerTarInfo) as tar:
+            current_key: str | None = None
+            fields: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = split_member_name(member.name)
+                if parts is None:
+                    continue
+                key, ext = parts
+                if key != current_key:
+                    if current_key is not None and fields:
+                        records_read += 1
+                        yield current_key, fields
+                    current_key, fields = key, {}
+                handle = tar.extractfile(member)
+                fields[ext] = handle.read() if handle is not None else b""
+            damage = _missing_end_marker(tar)
+            if damage is not None:
+                raise damage  # the record in ``fields`` may lack members: dropped
+            if current_key is not None and fields:
+                records_read += 1
+                yield current_key, fields
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if on_error is None:
+            raise DataError(
+                f"{_CONFIG_KEY}: shard {path!r} is not a readable tar archive (damaged after "
+                f"{records_read} complete record(s)): {exc}; replace or remove the shard"
+            ) from exc
+        on_error(path, records_read, exc)
+
+
+def iter_webdataset(
+    paths: Sequence[str], on_shard_error: ShardErrorHandler | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream the records of WebDataset shards, one shard after the other.
 
     Members are read strictly sequentially (tar streaming mode), so this works on
@@ -90,40 +173,25 @@ def iter_webdataset(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, bytes
     keeps the last member's bytes. Directories, links and members without a key or
     extension are ignored.
 
+    A damaged shard (see the module docstring: unreadable, cut short, an invalid
+    header, no end-of-archive marker) yields the records completed before the
+    damage; the record in progress and the rest of that shard are dropped. Then,
+    with ``on_shard_error``, the handler is called and reading goes on with the
+    next shard; without it, :class:`~mimo_titan.errors.DataError` is raised.
+
     Args:
         paths: Tar shard paths, read in the given order.
+        on_shard_error: ``on_shard_error(path, records_read, exc)``, called once per
+            damaged shard (``records_read``: complete records yielded from it;
+            ``exc``: the ``tarfile.TarError`` / ``OSError`` / ``EOFError`` met).
 
     Yields:
         ``(key, fields)`` in tar order, where ``fields`` maps each extension (e.g.
         ``"jpg"``, ``"txt"``, ``"json"``) to the member's raw bytes.
 
     Raises:
-        FileNotFoundError: A shard does not exist.
-        ValueError: A shard is not a readable tar archive (the message names it).
+        DataError: Without ``on_shard_error``, a shard is missing or damaged (the
+            message names it and the number of records read before the damage).
     """
     for path in paths:
-        try:
-            tar = tarfile.open(path, mode="r|*")
-        except tarfile.ReadError as exc:
-            raise ValueError(f"{path!r} is not a readable tar archive: {exc}") from exc
-        with tar:
-            current_key: str | None = None
-            fields: dict[str, bytes] = {}
-            try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    parts = split_member_name(member.name)
-                    if parts is None:
-                        continue
-                    key, ext = parts
-                    if key != current_key:
-                        if current_key is not None and fields:
-                            yield current_key, fields
-                        current_key, fields = key, {}
-                    handle = tar.extractfile(member)
-                    fields[ext] = handle.read() if handle is not None else b""
-            except (tarfile.TarError, EOFError) as exc:
-                raise ValueError(f"{path!r} is not a readable tar archive: {exc}") from exc
-            if current_key is not None and fields:
-                yield current_key, fields
+        yield from _iter_shard(path, on_shard_error)
