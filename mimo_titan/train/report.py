@@ -9,11 +9,12 @@ cause under the other ranks' follow-on errors.
 - a :class:`~mimo_titan.errors.UserError` (config, layout, data, checkpoint, a diverged run) is printed as one
   message, ``[rank0] ConfigError: <what, where, how to fix>``, without a traceback;
 - any other exception keeps its traceback, printed once;
-- the ranks agree on who prints through the job's store (:mod:`~mimo_titan.train.coordination`): the first rank
-  to claim the report prints, and lower ranks claim first (a rank waits ``0.1 s × min(rank, 10)`` before it
-  tries), so when every rank raises the same error, rank 0 prints it. The others print nothing. Without a
-  reachable store (a single process, or a plain ``env://`` launch that failed before rank 0 started its store)
-  every failing rank prints;
+- the ranks agree on who prints through the job's store (:mod:`~mimo_titan.train.coordination`): every failing
+  rank records itself in ``lowest_failed`` (an atomic minimum), rank 0 prints at once, and any other rank waits up
+  to :data:`DEFER_S` seconds for a lower rank to fail too (ranks start at slightly different times, so the same
+  config error reaches them at different moments) before it prints. So the lowest rank that raised prints, and
+  the others print nothing. Without a reachable store (a single process, or a plain ``env://`` launch that failed
+  before rank 0 started its store) every failing rank prints;
 - every failing rank exits with status 1; torchrun then ends the ranks that did not fail.
 
 torchrun adds its own summary of the failed ranks after the message (``ChildFailedError``); that part belongs to
@@ -30,10 +31,12 @@ from collections.abc import Callable
 from mimo_titan.errors import UserError
 from mimo_titan.train.coordination import job_store, launch_rank, launch_world_size
 
-__all__ = ["run_main", "report_failure", "format_failure", "EXIT_FAILURE"]
+__all__ = ["run_main", "report_failure", "format_failure", "claim_job_report", "EXIT_FAILURE", "DEFER_S"]
 
 #: exit status of a rank that failed (user error or unexpected exception)
 EXIT_FAILURE = 1
+#: seconds a failing rank other than 0 waits for a lower rank to fail as well before it prints its own error
+DEFER_S = 5.0
 
 
 def format_failure(exc: BaseException, rank: int) -> str:
@@ -43,13 +46,41 @@ def format_failure(exc: BaseException, rank: int) -> str:
     return f"[rank{rank}] " + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
 
 
+def _record_failure(store, rank: int) -> None:
+    """Lower the store's ``lowest_failed`` to ``rank`` (an atomic minimum built on compare-and-set)."""
+    while True:
+        current = store.get("lowest_failed") if store.check(["lowest_failed"]) else b""
+        if current and int(current) <= rank:
+            return
+        if int(store.compare_set("lowest_failed", current, str(rank))) <= rank:
+            return
+
+
+def claim_job_report(store, rank: int) -> bool:
+    """Claim the one report of the job for ``rank`` right away (the watchdog's verdict uses it); False when a report
+    was already claimed. Later failures of other ranks (a peer that exits breaks their collectives) then stay
+    silent."""
+    _record_failure(store, -1)
+    return store.compare_set("error_reporter", "", str(rank)) == str(rank).encode()
+
+
 def _claim_report(rank: int) -> bool:
-    """Whether this rank prints the job's error: True if it won the claim, or if there is no store to claim in."""
+    """Whether this rank prints the job's error (module docstring): the lowest failing rank does, unless the job's
+    report was claimed already; True as well when there is no store to agree through."""
     store = job_store(timeout_s=3.0)
     if store is None:
         return True
-    time.sleep(0.1 * min(rank, 10))  # lower ranks claim first
     try:
+        if store.check(["error_reporter"]):
+            return False
+        _record_failure(store, rank)
+        deadline = time.monotonic() + DEFER_S
+        while rank > 0 and time.monotonic() < deadline:
+            if int(store.get("lowest_failed")) < rank:
+                return False
+            time.sleep(0.1)
+        if int(store.get("lowest_failed")) < rank:
+            return False
         return store.compare_set("error_reporter", "", str(rank)) == str(rank).encode()
     except Exception:  # noqa: BLE001 - a store that fails now cannot arbitrate: report here
         return True

@@ -24,7 +24,7 @@ from torch import nn
 import kernels
 from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.config import Config
-from mimo_titan.errors import ConfigError, TrainingError
+from mimo_titan.errors import ConfigError, TrainingError, UserError
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
@@ -475,7 +475,8 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
                 f"are those after step {job.step - limit} and no checkpoint holds non-finite values. Lower "
                 f"optimizer.lr (now {job.cfg.optimizer.lr:g}), raise lr_schedule.warmup_steps (now "
                 f"{job.cfg.lr_schedule.warmup_steps}) or lower training.max_grad_norm (now "
-                f"{job.cfg.training.max_grad_norm:g}), then resume from the last checkpoint"
+                f"{job.cfg.training.max_grad_norm:g}), then resume from a checkpoint saved before the loss rose "
+                "(checkpoint.load_step) or start a new run"
             )
     return rec
 
@@ -565,7 +566,7 @@ def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextP
             done += 1
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or rec["stop"]:
                 _log_step(rec)
-                logger.info("  %s", loader.stats)
+                logger.info("  %s", loader.stats_summary())
             if ckpt.should_save(job.step) or (rec["stop"] and ckpt.ckpt.enable):
                 watchdog.progress("saving a checkpoint", job.step)
                 rec["checkpoint_save_s"] = ckpt.save(job, loader)
@@ -574,10 +575,15 @@ def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextP
                                stopper.signal_name or "received by another rank",
                                "; checkpoint saved" if ckpt.ckpt.enable else "; checkpointing is off, nothing saved")
                 break
-        logger.info("data: %s", loader.stats)
+        logger.info("%s", loader.stats_summary())
         watchdog.progress("finishing")
         ok = True
         return job.history
+    except Exception as exc:
+        lost = [] if isinstance(exc, UserError) else watchdog.lost_ranks()
+        if lost and hasattr(exc, "add_note"):  # a peer that died breaks this rank's collectives: name it
+            exc.add_note(f"[rank{rank}] this failure follows from a rank that is gone: {'; '.join(lost)}")
+        raise
     finally:
         watchdog.stop()
         if ok:

@@ -15,7 +15,8 @@ Mechanism (one daemon thread per rank, beside the training loop):
   After ``timeout_s - 2 · interval_s`` without progress it names the culprit: the ranks whose heartbeat is older
   than ``max(timeout_s / 2, 3 · interval_s)`` (stopped or dead), else the ranks that passed fewer progress marks
   than the others (stuck in their own code while the others wait for them), else all ranks (a deadlock).
-- **Verdict.** The first rank to claim the verdict in the store prints it (one message for the whole job); every
+- **Verdict.** The first rank to claim the job's report in the store prints it (one message for the whole job, and
+  the errors that follow on other ranks stay silent, :mod:`~mimo_titan.train.report`); every
   stalled rank kills the culprits that run on its own host (``SIGKILL``; a stopped process never handles anything
   gentler) and exits with :data:`EXIT_STUCK`. Under torchrun the agent then ends the remaining ranks.
 
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable
 
 from mimo_titan.train.coordination import job_store, rank_host
+from mimo_titan.train.report import claim_job_report
 
 __all__ = ["Watchdog", "EXIT_STUCK", "process_group_timeout", "heartbeat_interval"]
 
@@ -58,6 +60,23 @@ def process_group_timeout(timeout_s: float) -> float:
     watchdog's verdict (``timeout_s + max(30, timeout_s / 4)``), so the watchdog reports the culprit first and the
     collective timeout is only the backstop."""
     return timeout_s + max(30.0, timeout_s / 4)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped by its launcher, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 class Watchdog:
@@ -133,6 +152,26 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def lost_ranks(self) -> list[str]:
+        """The other ranks that are gone, for a failure message: a rank on this host whose process no longer exists
+        (killed, crashed), or any rank whose heartbeat is older than three intervals. Each as ``"rank r (<where>,
+        pid p on host)"``; empty without a store or when all look alive."""
+        if self.store is None:
+            return []
+        try:
+            records = self._records()
+        except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
+            return []
+        now, host, lost = time.time(), rank_host(), []
+        for r, rec in records.items():
+            if r == self.rank or rec is None or rec["done"]:
+                continue
+            gone = now - rec["wall"] > 3 * self.interval_s or (rec["host"] == host and not _alive(rec["pid"]))
+            if gone:
+                lost.append(f"rank {r} ({self.describe(r)}, pid {rec['pid']} on {rec['host']}; its last heartbeat, "
+                            f"{now - rec['wall']:.0f} s ago, was at step {rec['step']}, {rec['phase']})")
+        return lost
 
     # ----------------------------------------------------------------------------------- thread
     def _record(self, done: bool = False) -> dict:
@@ -218,7 +257,7 @@ class Watchdog:
     def _end_job(self, message: str, culprits: list) -> None:
         self.verdict = message
         try:
-            claimed = self.store.compare_set("verdict", "", message) == message.encode()
+            claimed = claim_job_report(self.store, self.rank)  # the one report of the job: later errors stay silent
         except Exception:  # noqa: BLE001 - without the store, report it here
             claimed = True
         if claimed:

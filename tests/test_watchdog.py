@@ -1,0 +1,142 @@
+"""Units of the fault handling, in one process: the watchdog's judgement, the one-report protocol between ranks,
+and the graceful-stop signal handler. (tests/test_faults.py runs them in real multi-rank jobs.)"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from mimo_titan.errors import ConfigError
+from mimo_titan.train import report
+from mimo_titan.train.stop import GracefulStop
+from mimo_titan.train.watchdog import Watchdog, heartbeat_interval, process_group_timeout
+
+
+def _store():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=5))
+    return master, lambda: dist.PrefixStore("job/", dist.TCPStore("127.0.0.1", port, is_master=False,
+                                                                    wait_for_workers=False,
+                                                                    timeout=datetime.timedelta(seconds=5)))
+
+
+def _rec(beat_age, seq, *, now=1000.0, done=False, step=7, phase="forward-backward", pid=None):
+    return {"beat": 1, "wall": now - beat_age, "pid": pid or 1, "host": socket.gethostname(), "done": done,
+            "phase": phase, "step": step, "seq": seq, "progress_wall": now - 58}
+
+
+def _watchdog(rank=0, world=4, timeout_s=60.0):
+    return Watchdog(rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: f"module of {r}")
+
+
+def test_intervals_and_process_group_timeout_follow_the_watchdog_timeout():
+    assert heartbeat_interval(600) == 10 and heartbeat_interval(20) == 1 and heartbeat_interval(1) == 0.2
+    assert process_group_timeout(600) == 750 and process_group_timeout(10) == 40
+
+
+def test_judge_names_a_stopped_rank_first():
+    wd = _watchdog()
+    records = {0: _rec(1, 10), 1: _rec(1, 10), 2: _rec(45, 9, pid=4242), 3: _rec(1, 10)}
+    message, culprits = wd.judge(records, now=1000.0, stalled_s=58)
+    assert [r for r, _ in culprits] == [2]
+    assert "rank 2 (module of 2) stopped responding 45 s ago" in message
+    assert "last progress: step 7, forward-backward; pid 4242" in message
+    assert "training.collective_timeout_s=60" in message
+    # a rank that never sent a heartbeat is stopped too; a finished rank never is
+    records = {0: _rec(1, 10), 1: None, 2: _rec(500, 9, done=True), 3: _rec(1, 10)}
+    message, culprits = wd.judge(records, now=1000.0, stalled_s=58)
+    assert [r for r, _ in culprits] == [1] and "rank 1 (module of 1) never sent a heartbeat" in message
+
+
+def test_judge_names_the_rank_the_others_wait_for_or_a_deadlock():
+    wd = _watchdog()
+    live = {0: _rec(1, 12), 1: _rec(1, 11, phase="loading the batch"), 2: _rec(1, 12), 3: _rec(1, 12)}
+    message, culprits = wd.judge(live, now=1000.0, stalled_s=58)
+    assert [r for r, _ in culprits] == [1]
+    assert "rank 1 (module of 1) made no progress for 58 s (last: step 7, loading the batch" in message
+    same = {r: _rec(1, 12) for r in range(4)}
+    message, culprits = wd.judge(same, now=1000.0, stalled_s=58)
+    assert culprits == [] and "all 4 ranks made no progress for 58 s" in message and "deadlock" in message
+    # progress younger than the timeout: nobody is blamed yet
+    fresh = {r: {**_rec(1, 12), "progress_wall": 1000.0 - 5} for r in range(4)}
+    assert wd.judge(fresh, now=1000.0, stalled_s=58) == (None, [])
+
+
+def test_a_stalled_watchdog_reports_once_through_the_store():
+    master, client = _store()
+    verdicts = []
+    wds = [Watchdog(rank=r, world_size=2, timeout_s=2.0, describe=lambda r: f"m{r}", store=client(),
+                    on_verdict=verdicts.append) for r in range(2)]
+    wds[0].start()  # rank 1 never starts: it never sends a heartbeat
+    t0 = time.monotonic()
+    while not verdicts and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    wds[0].stop()
+    assert verdicts and "rank 1 (m1) never sent a heartbeat" in verdicts[0]
+    assert 1.4 <= time.monotonic() - t0 < 4  # about timeout_s - 2 intervals after the last progress
+    # the verdict is the job's report: a later failure of another rank stays silent
+    assert client().get("error_reporter") == b"0"
+    assert not report.claim_job_report(client(), 1)
+
+
+def test_the_lowest_failing_rank_reports_and_the_others_stay_silent(monkeypatch, capsys):
+    master, client = _store()
+    monkeypatch.setattr(report, "job_store", lambda timeout_s: client())
+    monkeypatch.setattr(report, "DEFER_S", 2.0)
+    printed = {}
+
+    def fail(rank, delay):
+        time.sleep(delay)
+        printed[rank] = report.report_failure(ConfigError(f"bad key on rank {rank}"), rank=rank, world_size=4)
+
+    threads = [threading.Thread(target=fail, args=(r, d)) for r, d in ((3, 0.0), (1, 0.5), (2, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert printed == {3: False, 1: True, 2: False}  # rank 3 failed first but waited for the lower ranks
+    err = capsys.readouterr().err
+    assert err == "[rank1] ConfigError: bad key on rank 1\n"  # one line, no traceback
+
+
+def test_without_a_store_every_failing_rank_reports_and_unexpected_errors_keep_the_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(report, "job_store", lambda timeout_s: None)
+    try:
+        raise KeyError("boom")
+    except KeyError as exc:
+        assert report.report_failure(exc, rank=2, world_size=4)
+    err = capsys.readouterr().err
+    assert err.startswith("[rank2] Traceback (most recent call last):") and "KeyError: 'boom'" in err
+    assert report.run_main(lambda: (_ for _ in ()).throw(ConfigError("x"))) == report.EXIT_FAILURE
+    assert report.run_main(lambda: None) == 0
+
+
+def test_graceful_stop_records_the_first_signal_and_ignores_quick_repeats():
+    stop = GracefulStop(grace_s=30)
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy, within the grace period
+        time.sleep(0.05)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+
+
+def test_a_late_repeat_ends_the_process_at_once():
+    stop = GracefulStop(grace_s=0.0)
+    with stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # insists: the default handler raises KeyboardInterrupt
+        time.sleep(0.05)
