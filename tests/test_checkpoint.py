@@ -1,5 +1,7 @@
 """Checkpoints: exact resume, resharding across layouts, atomic saves, load_step / keep_latest_k, model-only
-initialisation, the offline full-state format, and ``training.samples``."""
+initialisation, the offline full-state format, ``training.samples``; the checks before any process group (writable
+folder, free space, keys and shapes of the checkpoint named by their ``model.*`` setting), the current optimizer /
+LR config on resume, and saves refused for NaN / Inf or folder errors."""
 
 from __future__ import annotations
 
@@ -18,11 +20,29 @@ import torch
 from _launch import run_ranks
 from _tiny import tiny_config_dict
 from mimo_titan.config import ConfigError, config_from_dict
+from mimo_titan.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 MOE = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
                                       "load_balance": "aux_free", "bias_update_rate": 0.05}}}}
+
+
+def _write_training_checkpoint(path: str, cfg, stream: dict, global_batch_size: int | None = None, step: int = 2):
+    """A training checkpoint of ``cfg``'s model written in this process (no process group): the weights of a
+    fresh model, zero AdamW moments, and the extras :meth:`CheckpointManager.validate` reads."""
+    import torch.distributed.checkpoint as dcp
+
+    from mimo_titan.checkpoint.state import split_experts
+    from mimo_titan.models.mimo import MimoModel
+
+    model = MimoModel(cfg.model, image_token_id=0)
+    params = split_experts({k: v.detach() for k, v in model.named_parameters()})
+    gbs = global_batch_size or cfg.training.global_batch_size
+    moments = {f"{k}.{m}": torch.zeros_like(v) for k, v in params.items() for m in ("exp_avg", "exp_avg_sq")}
+    state = {"model": split_experts({k: v.detach() for k, v in model.state_dict().items()}), "optimizer": moments,
+             "extra": {"train": json.dumps({"step": step, "global_batch_size": gbs}), "dataloader": json.dumps(stream)}}
+    dcp.save(state, checkpoint_id=path, no_dist=True)
 
 
 def _with_ckpt(cfg_dict: dict, folder: str, **keys) -> dict:
@@ -99,7 +119,7 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
 
 def _initial_load_worker(rank, world, device, cfg_dict, path):
     from mimo_titan.checkpoint import CheckpointManager
-    from mimo_titan.train.trainer import build_job, build_loader, canonical_named_parameters
+    from mimo_titan.train.trainer import build_job, build_loader
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
@@ -169,8 +189,14 @@ def test_full_model_state_round_trips_offline(tmp_path):
     assert "model.language.model.layers.1.mlp.experts.w_down" not in keys
     back = load_full_model_state(str(tmp_path / "m"), cfg)
     assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
-    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_full_model_state(str(tmp_path), cfg)
+    other = tiny_config_dict(V(0, 1), V(0, 1), **MOE)
+    other["model"]["language"]["moe"]["intermediate_size"] = 16
+    other = config_from_dict(other)
+    with pytest.raises(CheckpointError, match=r"experts.0.w_gate is \[64, 32\] in the checkpoint but \[64, 16\].*"
+                                              r"model.language.moe.intermediate_size"):
+        load_full_model_state(str(tmp_path / "m"), other)
 
 
 # ---------------------------------------------------------------------------------------------- atomic saves
@@ -314,31 +340,27 @@ def test_bad_checkpoint_settings_fail_before_any_process_group(tmp_path, monkeyp
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), str(tmp_path / "none"), load_step=4)
-    with pytest.raises(FileNotFoundError, match=r"checkpoint.load_step=4: no complete checkpoint step-4 .*none"):
+    with pytest.raises(CheckpointError, match=r"checkpoint.load_step=4: no complete checkpoint step-4 .*none"):
         train(config_from_dict(d))
     d["checkpoint"] = {"initial_load_path": str(tmp_path)}
-    with pytest.raises(FileNotFoundError, match=r"checkpoint.initial_load_path=.* is not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match=r"checkpoint.initial_load_path=.* is not a checkpoint directory"):
         train(config_from_dict(d))
 
-    # a checkpoint whose stream or batch size does not fit this run (only its extras are read before the group)
-    import torch.distributed.checkpoint as dcp
-
+    # a checkpoint whose stream or batch size does not fit this run (only its .metadata and extras are read)
     from mimo_titan.train.trainer import build_loader, build_processor
 
     cfg = config_from_dict(tiny_config_dict(V(0, 1), V(0, 1)))
     stream = build_loader(cfg, build_processor(cfg)).state_dict()
     folder = tmp_path / "saved"
-    extra = {"train": json.dumps({"step": 2, "global_batch_size": 8}), "dataloader": json.dumps({**stream, "seed": 99})}
-    dcp.save({"extra": extra}, checkpoint_id=str(folder / "step-2"), no_dist=True)
+    _write_training_checkpoint(str(folder / "step-2"), cfg, {**stream, "seed": 99}, global_batch_size=8)
     d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), str(folder))
-    with pytest.raises(ValueError, match=r"checkpoint has seed=99 but this loader has seed=1234.*start a new"):
+    with pytest.raises(CheckpointError, match=r"checkpoint has seed=99 but this loader has seed=1234.*start a new"):
         train(config_from_dict(d))
-    extra["dataloader"] = json.dumps(stream)
-    dcp.save({"extra": extra}, checkpoint_id=str(folder / "step-3"), no_dist=True)
+    _write_training_checkpoint(str(folder / "step-3"), cfg, stream, global_batch_size=8)
     del d["training"]["steps"]
     d["training"]["samples"] = 40
-    with pytest.raises(ValueError, match=r"training.global_batch_size=4 but step-3 was trained with 8.*"
-                                         r"--training.global_batch_size=8"):
+    with pytest.raises(CheckpointError, match=r"training.global_batch_size=4 but step-3 was trained with 8.*"
+                                              r"--training.global_batch_size=8"):
         train(config_from_dict(d))
     assert not dist.is_initialized()
 
@@ -381,3 +403,297 @@ def test_rng_streams_resume_per_rank_and_module(tmp_path):
         assert all(torch.equal(want[k], got[k]) for k in want)
     _, stream = next(iter(results[0][0]))
     assert not torch.equal(results[0][0]["vision", stream], results[1][0]["vision", stream])  # per rank: they differ
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+def _manager(tmp_path, folder="checkpoint", output_dir=None):
+    from mimo_titan.checkpoint import CheckpointManager
+
+    d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), folder)
+    d["job"]["output_dir"] = str(output_dir or tmp_path / "out")
+    return CheckpointManager(config_from_dict(d))
+
+
+def test_checkpoint_size_estimate_counts_parameters_and_adamw_moments():
+    from mimo_titan.checkpoint.manager import checkpoint_size_bytes
+    from mimo_titan.models.mimo import MimoModel
+
+    for extra in ({}, MOE):
+        cfg = config_from_dict(tiny_config_dict(V(0, 1), V(0, 1), **extra))
+        n = sum(p.numel() for p in MimoModel(cfg.model, image_token_id=0).parameters())  # a real CPU model
+        assert n > 300_000
+        assert checkpoint_size_bytes(cfg) == 3 * 4 * n  # fp32 parameters + exp_avg + exp_avg_sq
+
+
+def test_preflight_accepts_a_writable_folder_and_leaves_no_probe(tmp_path):
+    manager = _manager(tmp_path)
+    manager.validate()  # twice: a folder that exists (made by another rank, or an earlier run) is fine
+    manager.validate()
+    assert os.listdir(tmp_path / "out" / "checkpoint") == []
+
+
+def test_preflight_rejects_an_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(CheckpointError, match=r"job.output_dir=.*out' is a file, not a directory.*--job.output_dir"):
+        _manager(tmp_path).validate()
+
+
+def test_preflight_rejects_a_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "plain_file"
+    blocker.write_text("x")
+    folder = str(blocker / "ckpt")  # a folder under a regular file can never be created, even by root
+    with pytest.raises(CheckpointError, match=rf"checkpoint.folder='{re.escape(folder)}': cannot create the folder: "
+                                              r"Not a directory; make it writable, or set --checkpoint.folder"):
+        _manager(tmp_path, folder).validate()
+    with pytest.raises(CheckpointError, match=r"checkpoint.folder='plain_file' \(under job.output_dir: .*\) is a file"):
+        _manager(tmp_path, "plain_file", output_dir=tmp_path).validate()
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(CheckpointError, match=r"cannot write a file in it: Permission denied"):
+            _manager(tmp_path, str(ro)).validate()
+
+
+def test_preflight_rejects_a_file_system_without_room_for_one_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from mimo_titan.checkpoint.manager import checkpoint_size_bytes
+
+    manager = _manager(tmp_path)
+    need = checkpoint_size_bytes(manager.cfg)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=need // 3))
+    with pytest.raises(CheckpointError) as err:
+        manager.validate()
+    msg = str(err.value)
+    assert "checkpoint.folder='checkpoint' (under job.output_dir:" in msg and "set --checkpoint.folder" in msg
+    got_need, got_free = map(float, re.search(r"needs ([\d.e+-]+) GB .*, ([\d.e+-]+) GB free", msg).groups())
+    assert got_need == pytest.approx(need / 1e9, rel=1e-2) and got_free == pytest.approx(need / 3e9, rel=1e-2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=need))
+    manager.validate()  # exactly enough is enough
+
+
+# ---------------------------------------------------------------------------------------------- shape check
+def _cfg(**model):
+    return config_from_dict(tiny_config_dict(V(0, 1), V(0, 1), model=model))
+
+
+@pytest.mark.parametrize("changed, key, setting", [
+    ({"language": {"intermediate_size": 256}}, "gate_proj.weight is [128, 64] in the checkpoint but [256, 64]",
+     "model.language.intermediate_size (the checkpoint fits 128"),
+    ({"language": {"vocab_size": 4096}}, "embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64]",
+     "model.language.vocab_size (the checkpoint fits 2048"),
+    ({"vision": {"patch_size": 8}}, "patch_embedding.weight is [32, 3, 16, 16] in the checkpoint but [32, 3, 8, 8]",
+     "model.vision.patch_size (the checkpoint fits 16"),
+    ({"vision": {"image_size": 64}}, "position_embedding.weight is [4, 32] in the checkpoint but [16, 32]",
+     "model.vision.image_size (the checkpoint fits 32"),
+    ({"language": {"head_dim": 32}}, "q_proj.weight is [64, 64] in the checkpoint but [128, 64]",
+     "model.language.head_dim (the checkpoint fits 16"),
+    ({"language": {"qk_norm": True}}, "q_norm.weight [16] is in the configured model but not in the checkpoint",
+     "model.language.qk_norm (the checkpoint fits False"),
+    ({"language": {"num_layers": 1}}, "layers.1.input_layernorm.weight [64] is in the checkpoint but not in the "
+                                      "configured model", "model.language.num_layers (the checkpoint fits 2"),
+    ({"language": {"num_kv_heads": 4}}, "k_proj.weight is [32, 64] in the checkpoint but [64, 64]",
+     "model.language.num_kv_heads (the checkpoint fits 2"),  # (num_heads = 8 fits too: same shapes)
+])
+def test_model_mismatch_names_the_setting_behind_a_shape(changed, key, setting):
+    """Shapes only (no files): the saved model is the tiny one, the config changes one setting."""
+    from mimo_titan.checkpoint.state import model_mismatch, model_shapes
+
+    saved = {f"model.{k}": v for k, v in model_shapes(_cfg().model).items()}
+    assert model_mismatch(saved, _cfg().model) is None
+    msg = model_mismatch(saved, _cfg(**changed).model)
+    assert key in msg and setting in msg, msg
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_of_another_model_is_refused_before_any_process_group(tmp_path, monkeypatch):
+    """hidden_size 64 saved, 128 configured: train() raises one CheckpointError before creating a process group."""
+    import torch.distributed as dist
+
+    from mimo_titan.train.trainer import build_loader, build_processor, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    saved = _cfg()
+    folder = str(tmp_path / "ckpt")
+    _write_training_checkpoint(os.path.join(folder, "step-2"), saved, build_loader(saved, build_processor(saved))
+                               .state_dict())
+    d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"hidden_size": 128}}), folder)
+    with pytest.raises(CheckpointError) as err:
+        train(config_from_dict(d))
+    msg = str(err.value)
+    assert not dist.is_initialized()
+    assert msg.startswith(f"checkpoint {folder}/step-2 does not fit the configured model: ")
+    assert ("model.vision.multi_modal_projector.linear_2.weight is [64, 64] in the checkpoint but [128, 64] in the "
+            "config; that is set by model.language.hidden_size (the checkpoint fits 64, the config has 128)") in msg
+    assert f"another --checkpoint.folder (this one is {folder})" in msg
+
+    # the same checkpoint under the config it was saved with passes; one holding no optimizer state does not
+    from mimo_titan.checkpoint import CheckpointManager, save_full_model_state
+    from mimo_titan.models.mimo import MimoModel
+
+    CheckpointManager(config_from_dict(_with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), folder))).validate()
+    save_full_model_state(MimoModel(saved.model, image_token_id=0).state_dict(), os.path.join(folder, "step-3"))
+    with pytest.raises(CheckpointError, match=r"step-3 does not fit .*optimizer.vision.*exp_avg is missing"):
+        CheckpointManager(config_from_dict(_with_ckpt(tiny_config_dict(V(0, 1), V(0, 1)), folder))).validate()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_model_only_checkpoints_of_another_model_are_refused(tmp_path):
+    """``initial_load_path`` and a resumed folder: vocab_size, num_layers (missing keys) and MoE num_experts."""
+    from mimo_titan.checkpoint import CheckpointManager, save_full_model_state
+    from mimo_titan.models.mimo import MimoModel
+
+    def saved_as(path, cfg_dict):
+        save_full_model_state(MimoModel(config_from_dict(cfg_dict).model, image_token_id=0).state_dict(), path)
+        return path
+
+    def check(cfg_dict, path):
+        d = copy.deepcopy(cfg_dict)
+        d["checkpoint"] = {"initial_load_path": path}
+        with pytest.raises(CheckpointError) as err:
+            CheckpointManager(config_from_dict(d)).validate()
+        return str(err.value)
+
+    dense = tiny_config_dict(V(0, 1), V(0, 1))
+    path = saved_as(str(tmp_path / "dense"), dense)
+    msg = check(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"vocab_size": 4096}}), path)
+    assert msg.startswith(f"checkpoint.initial_load_path='{path}' does not fit the configured model: ")
+    assert ("model.language.model.embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64] in the config; "
+            "that is set by model.language.vocab_size (the checkpoint fits 2048, the config has 4096)") in msg
+    msg = check(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"num_layers": 3}}), path)
+    assert ("model.language.model.layers.2.input_layernorm.weight [64] is in the configured model but not in the "
+            "checkpoint; that is set by model.language.num_layers (the checkpoint fits 2, the config has 3)") in msg
+    msg = check(tiny_config_dict(V(0, 1), V(0, 1), **MOE), path)
+    assert "layers.0.mlp.gate.weight [4, 64] is in the configured model but not in the checkpoint" in msg
+    assert "model.language.moe.num_experts (the checkpoint fits 0, the config has 4)" in msg
+
+    moe8 = tiny_config_dict(V(0, 1), V(0, 1), **MOE)
+    moe8["model"]["language"]["moe"]["num_experts"] = 8
+    msg = check(moe8, saved_as(str(tmp_path / "moe4"), tiny_config_dict(V(0, 1), V(0, 1), **MOE)))
+    assert ("model.language.model.layers.0.mlp.gate.weight is [4, 64] in the checkpoint but [8, 64] in the config; "
+            "that is set by model.language.moe.num_experts (the checkpoint fits 4, the config has 8)") in msg
+
+
+# ---------------------------------------------------------------------------------------------- resume config
+def _config_change_worker(rank, world, device, folder):
+    import logging
+
+    from mimo_titan.checkpoint import CheckpointManager
+    from mimo_titan.train.trainer import build_job, build_loader, train
+
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("mimo_titan")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    def cfg(lr, warmup, where=folder):
+        d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 4}, optimizer={"lr": lr},
+                                        lr_schedule={"warmup_steps": warmup}), where, interval=1)
+        return config_from_dict(d)
+
+    train(cfg(1e-3, 2), max_steps=2)  # saves steps 1, 2
+    lines.clear()
+    changed = train(cfg(2e-3, 0), max_steps=1)  # resumes step 2 with another lr and warmup, runs and saves step 3
+    changed_lines = list(lines)
+    lines.clear()
+    same = train(cfg(2e-3, 0))  # resumes step 3 with the config it was saved with: step 4
+    same_lines = list(lines)
+    # the optimizer itself (not only the logged value) uses the current config after a load
+    c = cfg(3e-3, 0)
+    job = build_job(c, device)
+    CheckpointManager(c).load(job, build_loader(c, job.processor))
+    groups = [g for opt in job.optimizers.values() for g in opt.param_groups]
+    # a checkpoint written before extra.hparams existed: the saved optimizer values come from its param groups
+    real_state = CheckpointManager._state
+
+    def old_state(self, *args, **kwargs):
+        state = real_state(self, *args, **kwargs)
+        state["extra"].pop("hparams")
+        return state
+
+    CheckpointManager._state = old_state
+    old = cfg(1e-3, 2, folder + "_old")
+    job = build_job(old, device)
+    job.step = 2
+    CheckpointManager(old).save(job, build_loader(old, job.processor))
+    CheckpointManager._state = real_state
+    lines.clear()
+    c = cfg(3e-3, 0, folder + "_old")
+    CheckpointManager(c).load(job, build_loader(c, job.processor))
+    return (changed, changed_lines, same, same_lines, [(g["lr"], g["betas"], g["weight_decay"]) for g in groups],
+            [line for line in lines if "config changes" in line])
+
+
+@pytest.mark.multirank
+def test_resume_applies_the_current_optimizer_config_and_says_what_changed(tmp_path):
+    from mimo_titan.train.optim import lr_multiplier
+
+    changed, changed_lines, same, same_lines, groups, old_lines = run_ranks(_config_change_worker, 1,
+                                                                           str(tmp_path / "c"), timeout=300)[0]
+    assert [r["step"] for r in changed] == [3] and [r["step"] for r in same] == [4]
+    assert changed[0]["lr"] == 2e-3 * lr_multiplier(2, 4, 0, "cosine", 0.1)  # the new lr, the new schedule
+    assert same[0]["lr"] == 2e-3 * lr_multiplier(3, 4, 0, "cosine", 0.1)
+    notes = [line for line in changed_lines if "config changes" in line]
+    assert notes == ["checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.002, "
+                     "lr_schedule.warmup_steps 2 -> 0 (the current config applies from step 3)"]
+    assert not [line for line in same_lines if "config changes" in line]
+    assert groups and all(g == (3e-3 * lr_multiplier(4, 4, 0, "cosine", 0.1), (0.9, 0.95), 0.1) for g in groups)
+    assert old_lines == ["checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.003 (the current "
+                         "config applies from step 3)"]
+
+
+# ---------------------------------------------------------------------------------------------- refused saves
+def _refused_save_worker(rank, world, device, cfg_dict):
+    import torch.distributed
+
+    from mimo_titan.checkpoint import CheckpointManager, complete_steps
+    from mimo_titan.train.trainer import build_job, build_loader
+
+    cfg = config_from_dict(cfg_dict)
+    job = build_job(cfg, device)
+    loader = build_loader(cfg, job.processor)
+    manager = CheckpointManager(cfg)
+    job.step = 1
+    manager.save(job, loader)
+    out = {}
+    if "language" in job.modules:  # rank 1 only: a NaN in one element of one parameter
+        p = next(job.modules["language"].parameters())
+        with torch.no_grad():
+            (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("nan")
+    job.step = 2
+    try:
+        manager.save(job, loader)
+    except CheckpointError as exc:
+        out["nan"] = str(exc)
+    out["after_nan"] = (complete_steps(manager.folder), sorted(os.listdir(manager.folder)))
+    torch.distributed.barrier()  # every rank has looked before rank 0 changes the folder
+    if "language" in job.modules:
+        with torch.no_grad():
+            (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = 0.0
+    if rank == 0:  # a regular file where rank 0 must rename the new checkpoint to
+        open(os.path.join(manager.folder, "step-3"), "w").close()
+    job.step = 3
+    try:
+        manager.save(job, loader)
+    except CheckpointError as exc:
+        out["commit"] = str(exc)
+    out["after_commit"] = complete_steps(manager.folder)
+    return out
+
+
+@pytest.mark.multirank
+def test_a_save_refuses_nan_and_reports_folder_errors_on_every_rank(tmp_path):
+    folder = str(tmp_path / "c")
+    results = run_ranks(_refused_save_worker, 2, _with_ckpt(tiny_config_dict(V(0, 1), V(1, 1)), folder), timeout=300)
+    for out in results:  # rank 0 holds no NaN itself: it names rank 1's key
+        assert re.fullmatch(r"checkpoint: refusing to save step 2: model\.language\.\S+ holds NaN/Inf \(found on rank "
+                            r"1\); the run diverged — lower optimizer.lr \(now 0.001\), raise lr_schedule.warmup_steps"
+                            rf" or lower training.max_grad_norm, and resume from step-1, the newest complete "
+                            rf"checkpoint in {re.escape(folder)}", out["nan"]), out["nan"]
+        assert out["after_nan"] == ([1], ["step-1"])  # nothing written
+        assert out["commit"].startswith(f"checkpoint: rank 0 could not commit step-3 to {folder}: [Errno 20] Not a "
+                                        "directory")
+        assert out["after_commit"] == [1]

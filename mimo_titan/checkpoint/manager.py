@@ -6,7 +6,8 @@ One checkpoint is a directory ``<folder>/step-N`` holding every rank's state for
   (:mod:`mimo_titan.checkpoint.state`), so a checkpoint loads under any other layout (dp, tp, pp, cp, ep, etp
   and the module rank ranges may all change);
 - ``extra.*``: JSON strings: the step, the data loader's position (:meth:`MimoDataLoader.state_dict`), each
-  module's LR scheduler and optimizer hyper-parameters, and the layout it was saved under;
+  module's LR scheduler and optimizer hyper-parameters, the layout it was saved under, and (``extra.hparams``)
+  the run's ``optimizer.*`` / ``lr_schedule.*`` / total steps;
 - ``rng.rank<r>.<module>.<stream>``: each rank's RNG streams (``Job.rng``); they are restored only when the
   layout is unchanged (per-rank streams have no meaning under another layout; the run then keeps the fresh
   streams of its own seeds and says so).
@@ -18,6 +19,12 @@ touched before the new one is complete. ``keep_latest_k`` then deletes the oldes
 ``.metadata`` first (a purge killed part-way leaves an incomplete directory, not a damaged complete one).
 Resuming with ``load_step`` from an older step sets the newer checkpoints aside as ``step-M.abandoned``, so
 neither a later resume nor the purge confuses the abandoned run with the new one.
+
+**Checks.** :meth:`CheckpointManager.validate` runs before any process group: the folder is writable and has
+room for one checkpoint (:func:`checkpoint_size_bytes`), and the checkpoint to resume has the configured model's
+keys and shapes (read from its ``.metadata``). A save refuses to write a model or optimizer tensor holding NaN / Inf
+on any rank. On resume the optimizer and LR-schedule settings of the *current* config apply, and one log line
+names those that changed. Every failure a user can fix is a :class:`~mimo_titan.errors.CheckpointError`.
 
 Semantics follow torchtitan's ``CheckpointManager`` (``[checkpoint]`` keys ``enable``, ``folder``, ``interval``,
 ``keep_latest_k``, ``load_step``, ``initial_load_path``); it is not used itself because its save writes into
@@ -33,15 +40,24 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
+import uuid
 import warnings
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.tensor import DTensor
 
-from mimo_titan.checkpoint.state import model_state, optimizer_state
+from mimo_titan.checkpoint.state import (
+    meta_model, model_mismatch, model_shapes, model_state, optimizer_state, saved_shapes,
+)
+from mimo_titan.errors import CheckpointError
 
-__all__ = ["CheckpointManager", "complete_steps", "checkpoint_folder"]
+__all__ = ["CheckpointManager", "complete_steps", "checkpoint_folder", "checkpoint_size_bytes"]
 
 logger = logging.getLogger("mimo_titan")
 
@@ -64,6 +80,61 @@ def complete_steps(folder: str) -> list[int]:
         if m and os.path.isfile(os.path.join(folder, name, ".metadata")):
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def checkpoint_size_bytes(cfg) -> int:
+    """Estimated size in bytes of one training checkpoint of ``cfg.model``: every parameter of the *whole* model
+    (all ranks write into one folder) and AdamW's two moments (``exp_avg``, ``exp_avg_sq``), each stored in the
+    parameter dtype (fp32: FSDP keeps fp32 parameters whatever ``mixed_precision_param``), so
+    ``3 × 4 bytes × parameters``. Buffers, step counters, RNG states and metadata (at most a few MB) are not
+    counted. Computed from a meta-device model: no memory, no process group."""
+    return 3 * sum(p.numel() * p.element_size() for p in meta_model(cfg.model).parameters())
+
+
+def _gb(n: float) -> str:
+    """Bytes as decimal GB with 3 significant digits (``1.2 GB``, ``0.00462 GB``, ``312 GB``)."""
+    g = n / 1e9
+    return f"{g:.0f} GB" if g >= 100 else f"{g:.3g} GB"
+
+
+def _hparams(cfg) -> dict:
+    """The settings a resumed run takes from its *current* config, under their config keys (saved as
+    ``extra.hparams`` to say what changed on resume)."""
+    o, s = cfg.optimizer, cfg.lr_schedule
+    return {"optimizer.lr": float(o.lr), "optimizer.betas": [float(b) for b in o.betas], "optimizer.eps": float(o.eps),
+            "optimizer.weight_decay": float(o.weight_decay), "lr_schedule.warmup_steps": s.warmup_steps,
+            "lr_schedule.decay": s.decay, "lr_schedule.min_lr_ratio": float(s.min_lr_ratio),
+            "training.total_steps": cfg.training.total_steps}
+
+
+def _show(value, other) -> str:
+    """``value`` for a log line: floats as ``%g`` (``1e+06``), full precision when ``%g`` would not tell it from
+    ``other``."""
+    def fmt(v, exact):
+        if isinstance(v, float):
+            return repr(v) if exact else f"{v:g}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x, exact) for x in v) + "]"
+        return str(v)
+    return fmt(value, fmt(value, False) == fmt(other, False))
+
+
+def _first_nonfinite(state: dict) -> str | None:
+    """The first ``model.*`` / ``optimizer.*`` key of ``state`` whose local tensor (this rank's shard) holds a NaN
+    or Inf; None when all are finite. One device-to-host copy per device."""
+    keys: list[str] = []
+    flags: dict = {}  # device -> [(index into keys, 0-dim bool tensor)]
+    for section in ("model", "optimizer"):
+        for key, t in state[section].items():
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if local.is_floating_point() and local.numel():
+                keys.append(f"{section}.{key}")
+                flags.setdefault(local.device, []).append((len(keys) - 1, torch.isfinite(local).all()))
+    bad = []
+    for pairs in flags.values():
+        finite = torch.stack([f for _, f in pairs]).cpu().tolist()
+        bad += [i for (i, _), ok in zip(pairs, finite) if not ok]
+    return keys[min(bad)] if bad else None
 
 
 def _layout_signature(job) -> dict:
@@ -136,6 +207,7 @@ class CheckpointManager:
                                               "global_batch_size": self.cfg.training.global_batch_size})
         state["extra"]["dataloader"] = json.dumps(loader.state_dict())
         state["extra"]["layout"] = json.dumps(_layout_signature(job))
+        state["extra"]["hparams"] = json.dumps(_hparams(self.cfg))
         if rng:
             state["rng"] = _rng_states(job)
         return state
@@ -148,14 +220,28 @@ class CheckpointManager:
     def save(self, job, loader) -> float:
         """Write ``<folder>/step-<job.step>`` atomically (module docstring); returns the wall time in seconds.
 
-        A complete checkpoint of the same step is replaced only after the new one is complete.
+        A complete checkpoint of the same step is replaced only after the new one is complete. Nothing is written
+        when any rank holds a NaN / Inf in a model or optimizer tensor (:meth:`_refuse_nonfinite`).
+
+        Raises:
+            CheckpointError: a non-finite tensor; the folder cannot be written (permission, disk full), raised on
+                every rank.
         """
         t0 = time.perf_counter()
-        rank = dist.get_rank()
         final = os.path.join(self.folder, f"step-{job.step}")
         partial = final + ".partial"
-        self._on_rank0(self._sweep_partials)  # left by saves that were killed
-        dcp.save(self._state(job, loader, rng=True), checkpoint_id=partial)
+        state = self._state(job, loader, rng=True)
+        self._refuse_nonfinite(state, job)
+        self._on_rank0(self._sweep_partials, "clear the .partial checkpoints in")  # .partial dirs left by killed saves
+        try:
+            dcp.save(state, checkpoint_id=partial)
+        except CheckpointException as exc:  # DCP raises it on every rank when any rank failed to write
+            cause = next((e for e, _ in exc.failures.values() if isinstance(e, OSError)), None)
+            if cause is None:
+                raise
+            raise CheckpointError(f"checkpoint: could not write step {job.step} to {partial}: {cause}; make "
+                                  f"checkpoint.folder ({self.folder}) writable and free space on its file system, or "
+                                  "set --checkpoint.folder to another directory") from None
         dist.barrier()  # every rank's files are written; DCP's coordinator wrote .metadata last
 
         def commit():
@@ -164,25 +250,65 @@ class CheckpointManager:
             os.rename(partial, final)
             self._purge(keep=job.step)
 
-        self._on_rank0(commit)
+        self._on_rank0(commit, f"commit step-{job.step} to")
         self.last_save_s = time.perf_counter() - t0
         logger.info("checkpoint: saved step %d to %s in %.2f s", job.step, final, self.last_save_s)
         return self.last_save_s
 
-    @staticmethod
-    def _on_rank0(fn) -> None:
+    def _refuse_nonfinite(self, state: dict, job) -> None:
+        """Raise on every rank, before anything is written, if any rank's model or optimizer tensors hold a NaN
+        or Inf: one all-reduce (MIN) finds the lowest such rank, which then broadcasts its first bad key.
+
+        Raises:
+            CheckpointError: naming the step, the key, the rank and the fix.
+        """
+        bad = _first_nonfinite(state)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        found = torch.tensor([rank if bad else world], dtype=torch.int64, device=job.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        src = int(found.item())
+        if src == world:
+            return
+        box = [bad]
+        dist.broadcast_object_list(box, src=src)
+        steps = complete_steps(self.folder)
+        resume = f"step-{steps[-1]}, the newest complete checkpoint in {self.folder}" if steps else "scratch"
+        raise CheckpointError(
+            f"checkpoint: refusing to save step {job.step}: {box[0]} holds NaN/Inf (found on rank {src}); the run "
+            f"diverged — lower optimizer.lr (now {self.cfg.optimizer.lr:g}), raise lr_schedule.warmup_steps or lower "
+            f"training.max_grad_norm, and resume from {resume}"
+        )
+
+    def _on_rank0(self, fn, what: str) -> None:
         """Run ``fn`` on rank 0 only and share its outcome: every rank raises if it failed (no rank is left
-        waiting in a barrier for a rank 0 that raised)."""
-        error = None
+        waiting in a barrier for a rank 0 that raised).
+
+        Args:
+            fn: the file operation.
+            what: what it does to the folder, for the message ("commit step-4 to").
+
+        Raises:
+            CheckpointError: ``fn`` raised an ``OSError`` (permission, disk full, ...): the user can fix it.
+            RuntimeError: any other exception of ``fn``.
+        """
+        error, user = None, False
         if dist.get_rank() == 0:
             try:
                 fn()
+            except OSError as exc:
+                error, user = str(exc), True
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 error = f"{type(exc).__name__}: {exc}"
-        box = [error]
+        box = [(error, user)]
         dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise RuntimeError(f"checkpoint: rank 0 failed: {box[0]}")
+        error, user = box[0]
+        if error is None:
+            return
+        if user:
+            raise CheckpointError(f"checkpoint: rank 0 could not {what} {self.folder}: {error}; make checkpoint.folder "
+                                  "writable and free space on its file system, or set --checkpoint.folder to another "
+                                  "directory")
+        raise RuntimeError(f"checkpoint: rank 0 failed to {what} {self.folder}: {error}")
 
     def _sweep_partials(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
@@ -201,7 +327,7 @@ class CheckpointManager:
             os.remove(os.path.join(path, ".metadata"))
             shutil.rmtree(path, ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ resume
     def _set_aside_newer(self, step: int) -> None:
         """Rename the complete checkpoints newer than ``step`` (a run rewound with ``load_step``) to
         ``step-M.abandoned``: kept on disk, but never resumed from nor counted by ``keep_latest_k``."""
@@ -214,42 +340,136 @@ class CheckpointManager:
         """The step to resume from: ``load_step`` or the newest complete checkpoint; None when there is none.
 
         Raises:
-            FileNotFoundError: ``checkpoint.load_step`` names a step with no complete checkpoint.
+            CheckpointError: ``checkpoint.load_step`` names a step with no complete checkpoint.
         """
         steps = complete_steps(self.folder)
         if self.ckpt.load_step >= 0:
             if self.ckpt.load_step not in steps:
-                raise FileNotFoundError(
+                raise CheckpointError(
                     f"checkpoint.load_step={self.ckpt.load_step}: no complete checkpoint step-{self.ckpt.load_step} in "
                     f"{self.folder} (complete: {steps or 'none'}); pick one of those or -1 for the newest"
                 )
             return self.ckpt.load_step
         return steps[-1] if steps else None
 
-    def validate(self, loader=None) -> None:
-        """The checks that need no process group: ``load_step`` names a complete checkpoint; ``initial_load_path``
-        (used only when the folder has none) is a checkpoint directory; the checkpoint's data stream fits
-        ``loader`` (same seed, shuffle, packing, ``pack_multiple``; see :meth:`MimoDataLoader.load_state_dict`);
-        a ``training.samples`` budget is resumed with the ``global_batch_size`` it was counted in.
+    # ------------------------------------------------------------------ checks before any process group
+    def preflight(self) -> None:
+        """Check, before training starts, that checkpoints can be written: ``job.output_dir`` is not a file; the
+        checkpoint folder can be created and a file written into it and deleted (a probe named by host, process
+        and a random suffix, so every rank may run this at once on a shared file system); its file system has
+        :func:`checkpoint_size_bytes` free for one more checkpoint.
+
+        Needs no process group. Creates the folder.
 
         Raises:
-            FileNotFoundError / ValueError: naming the key and the fix.
+            CheckpointError: naming the config key, the path, the cause and the fix.
         """
-        step = self.resume_step() if self.ckpt.enable else None
+        out = self.cfg.job.output_dir
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise CheckpointError(f"job.output_dir={out!r} is a file, not a directory, so nothing (checkpoints "
+                                  "included) can be written under it; set --job.output_dir to a directory or move "
+                                  "the file away")
+        where = f"checkpoint.folder={self.ckpt.folder!r}"
+        if not os.path.isabs(self.ckpt.folder):
+            where += f" (under job.output_dir: {self.folder})"
+        fix = "make it writable, or set --checkpoint.folder to a writable directory"
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise CheckpointError(f"{where} is a file, not a directory; set --checkpoint.folder to a directory")
+        try:
+            os.makedirs(self.folder, exist_ok=True)  # another rank may create it at the same time: fine
+        except OSError as exc:
+            raise CheckpointError(f"{where}: cannot create the folder: {exc.strerror or exc}; {fix}") from None
+        probe = os.path.join(self.folder, f".write-probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"mimo_titan checkpoint write probe\n")
+            os.remove(probe)
+        except OSError as exc:
+            raise CheckpointError(f"{where}: cannot write a file in it: {exc.strerror or exc}; {fix}") from None
+        need, free = checkpoint_size_bytes(self.cfg), shutil.disk_usage(self.folder).free
+        if free < need:
+            raise CheckpointError(
+                f"{where}: one checkpoint needs {_gb(need)} (parameters and AdamW moments of the whole model, fp32), "
+                f"{_gb(free)} free on its file system; free space there, or set --checkpoint.folder to a file system "
+                "with room (checkpoint.keep_latest_k bounds how many checkpoints stay)"
+            )
+
+    def _check_initial_load_path(self) -> str:
         path = self.ckpt.initial_load_path
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
+                                  ".metadata); write one with scripts/convert_hf.py import, or pass a step-N directory")
+        return path
+
+    def _check_fits(self, path: str, training: bool) -> dict:
+        """Compare the checkpoint ``path``'s tensor shapes (its ``.metadata``, read in this process) with the
+        configured model: every ``model.*`` key and shape (:func:`~mimo_titan.checkpoint.state.model_mismatch`)
+        and, for a training checkpoint, the AdamW moments of every parameter. Returns ``{key: shape}`` of the
+        checkpoint.
+
+        Raises:
+            CheckpointError: the first differing key, both shapes, the ``model.*`` setting behind it, the path.
+        """
+        try:
+            shapes = saved_shapes(path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable .metadata: the checkpoint is damaged
+            raise CheckpointError(f"checkpoint {path}: cannot read its .metadata ({type(exc).__name__}: {exc}); "
+                                  "it is damaged: move it away or pick another checkpoint") from None
+        problem = model_mismatch(shapes, self.cfg.model)
+        if problem is None and training:
+            for key, shape in model_shapes(self.cfg.model, parameters_only=True).items():
+                moments = {m: shapes.get(f"optimizer.{key}.{m}") for m in ("exp_avg", "exp_avg_sq")}
+                bad = next((m for m, got in moments.items() if got != shape), None)
+                if bad is not None:
+                    got = moments[bad]
+                    problem = (f"optimizer.{key}.{bad} is " + ("missing" if got is None else str(list(got)))
+                               + f" but the parameter is {list(shape)} (not a training checkpoint, or damaged)")
+                    break
+        if problem is None:
+            return shapes
+        if training:
+            raise CheckpointError(f"checkpoint {path} does not fit the configured model: {problem}. Resume with the "
+                                  "model.* settings it was saved with, or start a new run in another "
+                                  f"--checkpoint.folder (this one is {self.folder})")
+        raise CheckpointError(f"checkpoint.initial_load_path={path!r} does not fit the configured model: {problem}. "
+                              "Set the model.* keys it was written with, or point checkpoint.initial_load_path at a "
+                              "checkpoint of this model")
+
+    def validate(self, loader=None) -> None:
+        """Every check that needs no process group (each rank runs them at the same time):
+
+        - with ``checkpoint.enable``, :meth:`preflight` (the folder is writable and has room for a checkpoint);
+        - ``load_step`` names a complete checkpoint;
+        - the checkpoint to resume (or ``initial_load_path``, used only when the folder has none) has the keys and
+          shapes of the configured model (:meth:`_check_fits`, from its ``.metadata`` alone);
+        - the checkpoint's data stream fits ``loader`` (same seed, shuffle, packing, ``pack_multiple``; see
+          :meth:`MimoDataLoader.load_state_dict`);
+        - a ``training.samples`` budget is resumed with the ``global_batch_size`` it was counted in.
+
+        Raises:
+            CheckpointError: naming the key, the path and the fix.
+        """
+        if self.ckpt.enable:
+            self.preflight()
+        step = self.resume_step() if self.ckpt.enable else None
         if step is None:
-            if path and not os.path.isfile(os.path.join(path, ".metadata")):
-                raise FileNotFoundError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
-                                        ".metadata); write one with scripts/convert_hf.py import")
+            if self.ckpt.initial_load_path:
+                self._check_fits(self._check_initial_load_path(), training=False)
             return
+        path = os.path.join(self.folder, f"step-{step}")
+        shapes = self._check_fits(path, training=True)
+        if "extra.train" not in shapes or "extra.dataloader" not in shapes:
+            raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no extra.train / extra.dataloader: "
+                                  "a model-only one loads through checkpoint.initial_load_path); move it out of "
+                                  f"{self.folder} or set checkpoint.load_step to another step")
         extra = {"train": "", "dataloader": ""}
         with warnings.catch_warnings():  # read in this process alone, before any process group exists
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.load({"extra": extra}, checkpoint_id=os.path.join(self.folder, f"step-{step}"), no_dist=True)
+            dcp.load({"extra": extra}, checkpoint_id=path, no_dist=True)
         saved_gbs = json.loads(extra["train"]).get("global_batch_size")
         gbs = self.cfg.training.global_batch_size
         if self.cfg.training.samples is not None and saved_gbs not in (None, gbs):
-            raise ValueError(
+            raise CheckpointError(
                 f"training.global_batch_size={gbs} but step-{step} was trained with {saved_gbs}: the steps of a "
                 f"training.samples budget are counted in global batches, so resume with "
                 f"--training.global_batch_size={saved_gbs} (or give the rest of the run as training.steps)"
@@ -258,26 +478,30 @@ class CheckpointManager:
             try:
                 copy.copy(loader).load_state_dict(json.loads(extra["dataloader"]))
             except ValueError as exc:
-                raise ValueError(f"{exc} (step-{step} in {self.folder}); resume with the data settings and the "
-                                 "language cp of the saved run (packing pads documents to 2·cp), or start a new "
-                                 "checkpoint.folder") from None
+                raise CheckpointError(f"{exc} (step-{step} in {self.folder}); resume with the data settings and the "
+                                      "language cp of the saved run (packing pads documents to 2·cp), or start a new "
+                                      "checkpoint.folder") from None
 
+    # ------------------------------------------------------------------ load
     def load(self, job, loader) -> bool:
         """Resume ``job`` and ``loader`` from the checkpoint :meth:`resume_step` picks, or initialise the model from
         ``checkpoint.initial_load_path`` when the folder has none. Returns True if training state was resumed.
 
+        The optimizer hyper-parameters and the LR schedule then follow the *current* config at the resumed step
+        (:meth:`_apply_current_hparams`); one line on rank 0 says which of them differ from the saved run.
+        Shapes are checked by :meth:`validate` (before any process group), not here.
+
         Raises:
-            FileNotFoundError: see :meth:`resume_step`; ``initial_load_path`` without a checkpoint.
+            CheckpointError: see :meth:`resume_step`; ``initial_load_path`` without a checkpoint.
             ValueError: the data loader's stream differs from the checkpoint's (seed, shuffle, packing, ...).
-            RuntimeError (from DCP): a model shape differs from the checkpoint's.
+            RuntimeError (from DCP): a model shape differs from the checkpoint's (when :meth:`validate` was not run).
         """
         step = self.resume_step() if self.ckpt.enable else None
         t0 = time.perf_counter()
         if step is None:
-            path = self.ckpt.initial_load_path
-            if not path:
+            if not self.ckpt.initial_load_path:
                 return False
-            self.validate()
+            path = self._check_initial_load_path()
             state = {"model": {}}
             for name, module in job.modules.items():
                 state["model"].update(model_state(name, module, _etp_mesh(job, name)))
@@ -286,11 +510,12 @@ class CheckpointManager:
             logger.info("checkpoint: model initialised from %s in %.2f s", path, self.last_load_s)
             return False
         path = os.path.join(self.folder, f"step-{step}")
-        self._on_rank0(lambda: self._set_aside_newer(step))
-        probe = {"extra": {"layout": ""}}
-        dcp.load(probe, checkpoint_id=path)
+        self._on_rank0(lambda: self._set_aside_newer(step), f"set aside the checkpoints newer than step-{step} in")
+        probe = {"extra": {"layout": "", "hparams": ""}}  # hparams: absent from older checkpoints
+        dcp.load(probe, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
         same_layout = json.loads(probe["extra"]["layout"]) == json.loads(json.dumps(_layout_signature(job)))
         state = self._state(job, loader, rng=same_layout)
+        del state["extra"]["hparams"]
         dcp.load(state, checkpoint_id=path)
         extra = state["extra"]
         for name in job.modules:
@@ -299,6 +524,7 @@ class CheckpointManager:
             job.schedulers[name].load_state_dict(json.loads(extra[f"lr_scheduler.{name}"]))
         loader.load_state_dict(json.loads(extra["dataloader"]))
         job.step = json.loads(extra["train"])["step"]
+        self._apply_current_hparams(job, probe["extra"]["hparams"], extra)
         if same_layout:
             for name, tracker in job.rng.items():
                 sd = tracker.state_dict()
@@ -311,3 +537,38 @@ class CheckpointManager:
         self.last_load_s = time.perf_counter() - t0
         logger.info("checkpoint: resumed step %d from %s in %.2f s", job.step, path, self.last_load_s)
         return True
+
+    def _apply_current_hparams(self, job, saved_json: str, extra: dict) -> None:
+        """After a restore: set every optimizer's ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and every LR
+        scheduler's base LR from the current config, so the next step uses
+        ``optimizer.lr × lr_multiplier(job.step, total_steps, ...)`` of the current config (its LR lambdas are
+        already the current ones), and log one line on rank 0 naming what differs from the saved run.
+
+        The saved values are ``extra.hparams``; a checkpoint written before it existed falls back to the restored
+        param groups and scheduler state (optimizer keys only).
+        """
+        current = _hparams(self.cfg)
+        if saved_json:
+            saved = json.loads(saved_json)
+        else:
+            name = next(iter(job.modules))
+            group = json.loads(extra[f"param_groups.{name}"])[0]
+            base_lrs = json.loads(extra[f"lr_scheduler.{name}"]).get("base_lrs") or [group.get("initial_lr")]
+            saved = {"optimizer.lr": base_lrs[0], "optimizer.betas": list(group["betas"]),
+                     "optimizer.eps": group["eps"], "optimizer.weight_decay": group["weight_decay"]}
+        o = self.cfg.optimizer
+        for name in job.modules:
+            optimizer, scheduler = job.optimizers[name], job.schedulers[name]
+            for group in optimizer.param_groups:
+                group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, initial_lr=o.lr)
+            scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+            # LambdaLR.get_lr's own expression, so an unchanged config restores the saved LR bit for bit
+            lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+        changes = [f"{k} {_show(saved[k], v)} -> {_show(v, saved[k])}" for k, v in current.items()
+                   if k in saved and saved[k] is not None and saved[k] != v]
+        if changes and dist.get_rank() == 0:
+            logger.info("checkpoint: resuming step %d with config changes: %s (the current config applies from "
+                        "step %d)", job.step, ", ".join(changes), job.step + 1)

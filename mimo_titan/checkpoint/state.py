@@ -18,12 +18,18 @@ The optimizer state (AdamW ``exp_avg`` / ``exp_avg_sq`` / ``step``) is keyed ``{
 laid out like its parameter. ``model_state`` / ``optimizer_state`` return *views* of the live tensors: DCP's
 load writes into them in place.
 
+Before any process group exists, :func:`model_mismatch` compares a checkpoint's ``.metadata`` with the configured
+model (:func:`model_shapes`, a meta-device :class:`MimoModel`) and names the first differing key, both shapes and
+the ``model.*`` setting behind the difference (found by rebuilding the meta model with one setting changed).
+
 Method: torch.distributed.checkpoint (DCP) with resharding by chunk offsets, as torchtitan's checkpointing;
 per-expert keys as in Megatron-LM's distributed checkpoint of grouped experts.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import torch
@@ -32,13 +38,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from mimo_titan.models.mimo import full_model_key
+from mimo_titan.errors import CheckpointError
+from mimo_titan.models.mimo import MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.ep import ExpertParallelDispatch, moe_modules
 
 __all__ = [
     "EXPERT_WEIGHTS", "expert_key", "split_experts", "stack_experts", "model_state", "optimizer_state",
-    "init_optimizer_state", "save_full_model_state", "load_full_model_state",
+    "init_optimizer_state", "save_full_model_state", "load_full_model_state", "meta_model", "model_shapes",
+    "saved_shapes", "model_mismatch",
 ]
 
 # stacked routed-expert weights of GroupedExperts and the per-expert dim split by expert TP
@@ -213,18 +221,223 @@ def load_full_model_state(path: str, cfg) -> dict[str, torch.Tensor]:
         cfg: the run's ``Config`` (the model's shapes come from ``cfg.model``).
 
     Raises:
-        FileNotFoundError: ``path`` is not a checkpoint directory.
-        RuntimeError / ValueError (from DCP): a key missing or a shape different from ``cfg.model``.
+        CheckpointError: ``path`` is not a checkpoint directory; a key missing or a shape different from
+            ``cfg.model`` (:func:`model_mismatch`).
     """
     import os
 
-    from mimo_titan.models.mimo import MimoModel
-
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no .metadata); pass a step-N directory")
+        raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata); pass a step-N directory")
+    problem = model_mismatch(saved_shapes(path), cfg.model)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {problem}. Pass the model.* "
+                              "settings it was saved with")
     with torch.device("cpu"):
         template = split_experts(MimoModel(cfg.model, image_token_id=0).state_dict())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.load({"model": template}, checkpoint_id=path, no_dist=True)
     return stack_experts(template)
+
+
+# ---------------------------------------------------------------------------------------------- shape checks
+def meta_model(model_cfg) -> MimoModel:
+    """The single-process :class:`MimoModel` of ``model_cfg`` on the meta device: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        return MimoModel(model_cfg, image_token_id=0)
+
+
+def model_shapes(model_cfg, parameters_only: bool = False) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint key without the "model." prefix: shape}`` of the model ``model_cfg`` describes (experts one
+    key per expert, as :func:`model_state` writes them), in state-dict order.
+
+    Args:
+        model_cfg: a ``ModelConfig``.
+        parameters_only: only the parameters (the tensors with AdamW state), not the persistent buffers.
+    """
+    model = meta_model(model_cfg)
+    state = dict(model.named_parameters()) if parameters_only else model.state_dict()
+    return {k: tuple(v.shape) for k, v in split_experts(state).items()}
+
+
+def saved_shapes(path: str) -> dict[str, tuple[int, ...] | None]:
+    """``{key: shape}`` of every entry of the DCP checkpoint directory ``path`` (``model.*``, ``optimizer.*``,
+    ``rng.*``; None for the non-tensor ``extra.*`` entries), read from its ``.metadata`` alone, in this process
+    (no process group, no tensor data).
+
+    Raises:
+        OSError: ``path`` has no readable ``.metadata``.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k: tuple(v.size) if isinstance(v, TensorStorageMetadata) else None for k, v in meta.items()}
+
+
+def _shape_fields(model_cfg, prefix: str = "") -> list[tuple[str, object]]:
+    """``(path relative to cfg.model, value)`` of every int, bool and optional-int setting of ``model_cfg`` and
+    its sub-tables (``language.hidden_size``, ``language.moe.num_experts``, ``language.head_dim``, ...)."""
+    out = []
+    for f in dataclasses.fields(model_cfg):
+        value = getattr(model_cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _shape_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, int) or (value is None and "int" in str(f.type)):
+            out.append((prefix + f.name, value))
+    return out
+
+
+def _trial_values(value, presence: bool) -> list:
+    """Other values of a setting to rebuild the model with: flipped for a bool; 16, 32 for an unset optional int
+    (one of them differs from the derived default); for an int ``v``: 1, 2 when 0, else ``2v`` and ``v // 2``
+    (a size the setting scales changes) and, when a tensor is present on one side only (``presence``), also 0,
+    ``v + 1``, ``v - 1`` (0 turns a feature such as MoE off, ``± 1`` adds or removes one layer)."""
+    if isinstance(value, bool):
+        return [not value]
+    if value is None:
+        return [16, 32]
+    trials = [1, 2] if value == 0 else [2 * value, value // 2] + ([0, value + 1, value - 1] if presence else [])
+    return [v for v in dict.fromkeys(trials) if v != value and v >= 0]
+
+
+def _shapes_with(model_cfg, path: str, value, cache: dict) -> dict[str, tuple[int, ...]] | None:
+    """:func:`model_shapes` with setting ``path`` set to ``value`` (memoised in ``cache``); None if that model
+    cannot be built."""
+    if (path, value) not in cache:
+        cfg = copy.deepcopy(model_cfg)
+        *parents, name = path.split(".")
+        obj = cfg
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, name, value)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[path, value] = model_shapes(cfg)
+        except Exception:  # noqa: BLE001 - an invalid combination of settings says nothing about this key
+            cache[path, value] = None
+    return cache[path, value]
+
+
+def _under(shapes: dict, prefix: str) -> dict:
+    return {k: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _explaining_settings(model_cfg, key: str, have: dict, want: dict) -> tuple[list, list]:
+    """Which ``cfg.model`` settings decide the tensor ``key`` where the checkpoint (shapes ``have``) and the
+    configured model (shapes ``want``) differ (keys without the ``model.`` prefix; ``key`` may be on one side
+    only).
+
+    Method: rebuild the meta-device model with one setting changed at a time (:func:`_trial_values`).
+
+    - Shapes differ: a setting is *related* if a change alters a differing dimension of ``key``. The dimension is
+      taken as linear in the setting (sizes are products of settings) and solved for the value giving the
+      checkpoint's size; that value (or a trial value) is a *fit* if the rebuilt model has the checkpoint's shape.
+    - One side lacks ``key``: take the deepest block (dotted prefix) of ``key`` that both sides have tensors in
+      (``...layers.0.self_attn`` for a missing q_norm, ``...layers`` for a missing layer). A setting is *related* if
+      a change adds / removes ``key`` but keeps that block (so ``num_layers = 0`` does not explain a missing norm),
+      a *fit* if the block's tensors then equal the checkpoint's.
+
+    Returns:
+        ``(exact, related)``: ``exact`` lists ``(path, value)`` fits with the fewest tensors left differing from
+        the checkpoint over the whole model (ties all kept); ``related`` the paths (relative to ``cfg.model``) of
+        every related setting.
+    """
+    cache: dict = {}
+    saved, wanted = have.get(key), want.get(key)
+    if saved is not None and wanted is not None:
+        dims = [d for d in range(len(wanted)) if saved[d] != wanted[d]] if len(saved) == len(wanted) else None
+        block = None
+    else:
+        dims, block, parts = None, "", key.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i]) + "."
+            if _under(have, prefix) and _under(want, prefix):
+                block = prefix
+                break
+
+    def fits(shapes) -> bool:
+        return shapes.get(key) == saved if block is None else _under(shapes, block) == _under(have, block)
+
+    def mismatches(shapes) -> int:
+        return sum(shapes.get(k) != v for k, v in have.items()) + sum(k not in have for k in shapes)
+
+    related, exact = [], []
+    for path, value in _shape_fields(model_cfg):
+        found = None
+        for trial in _trial_values(value, presence=block is not None):
+            shapes = _shapes_with(model_cfg, path, trial, cache)
+            if shapes is None:
+                continue
+            got = shapes.get(key)
+            if block is None:
+                if got is None or not (len(got) != len(wanted) if dims is None else
+                                       any(got[d] != wanted[d] for d in dims)):
+                    continue
+            elif (got is None) == (wanted is None) or (block and not _under(shapes, block)):
+                continue
+            if path not in related:
+                related.append(path)
+            if fits(shapes):
+                found = trial
+            elif dims and isinstance(value, int) and not isinstance(value, bool) and len(got) == len(wanted):
+                d = next(d for d in dims if got[d] != wanted[d])
+                need = value + (saved[d] - wanted[d]) * (trial - value) / (got[d] - wanted[d])
+                if need > 0 and need == int(need) and fits(_shapes_with(model_cfg, path, int(need), cache) or {}):
+                    found = int(need)
+            if found is not None:
+                exact.append((path, found, mismatches(cache[path, found])))
+                break
+    best = min((m for *_, m in exact), default=None)
+    return [(p, v) for p, v, m in exact if m == best], related
+
+
+def _config_value(model_cfg, path: str):
+    obj = model_cfg
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def model_mismatch(saved: dict[str, tuple[int, ...] | None], model_cfg) -> str | None:
+    """Compare a checkpoint's ``model.*`` tensor shapes with the model ``model_cfg`` describes.
+
+    Args:
+        saved: ``{key: shape}`` of the checkpoint (:func:`saved_shapes`); keys other than ``model.*`` are ignored.
+        model_cfg: the configured ``ModelConfig``.
+
+    Returns:
+        None when every key and shape agrees, else one sentence naming the first differing key (in the model's
+        state-dict order; then keys only the checkpoint has), both shapes, the ``model.*`` setting(s) that decide
+        it (:func:`_explaining_settings`) and how many other tensors differ.
+    """
+    want = {f"model.{k}": v for k, v in model_shapes(model_cfg).items()}
+    have = {k: v for k, v in saved.items() if k.startswith("model.") and v is not None}
+    if not have:
+        return "the checkpoint holds no model.* tensors"
+    diff = [k for k in want if have.get(k) != want[k]] + [k for k in have if k not in want]
+    if not diff:
+        return None
+    key = diff[0]
+    s, w = have.get(key), want.get(key)
+    if s is None:
+        what = f"{key} {list(w)} is in the configured model but not in the checkpoint"
+    elif w is None:
+        what = f"{key} {list(s)} is in the checkpoint but not in the configured model"
+    else:
+        what = f"{key} is {list(s)} in the checkpoint but {list(w)} in the config"
+    n = len("model.")
+    exact, related = _explaining_settings(model_cfg, key[n:], {k[n:]: v for k, v in have.items()},
+                                          {k[n:]: v for k, v in want.items()})
+    if exact:
+        why = " or ".join(f"model.{p} (the checkpoint fits {v}, the config has {_config_value(model_cfg, p)})"
+                          for p, v in exact)
+        why = f"; that is set by {why}"
+    elif related:
+        why = "; that is set by " + " / ".join(f"model.{p} (= {_config_value(model_cfg, p)} in the config)"
+                                               for p in related)
+    else:
+        why = "; no single model.* setting explains it"
+    n = len(diff) - 1
+    more = f" ({n} more tensor{'s differ' if n > 1 else ' differs'})" if n else ""
+    return what + why + more
