@@ -2,7 +2,7 @@
 
 Every error that a user can fix by changing their input is a :class:`UserError`. Its message is complete on its
 own (it names the config key or path, the value, and the fix), so the training entry point prints it once, as
-one message without a traceback, and exits non-zero on every rank (:mod:`mimo_titan.train.failures`). Any other
+one message without a traceback, and exits non-zero on every rank (:mod:`mimo_titan.train.report`). Any other
 exception is a bug or a fault of the machine and keeps its traceback.
 
 The classes derive from ``ValueError`` so that code catching ``ValueError`` keeps working.
