@@ -111,22 +111,21 @@ def check_backend(device_type: str, backend: str | None = None) -> str:
     return name
 
 
-def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
+def use_triton(backend: str | None, x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether an op on ``tensors`` (the first decides the device) runs its Triton kernel.
 
     Args:
         backend: a name of :data:`BACKENDS`, or None for the process-wide :func:`get_backend`.
-        tensors: the op's tensor inputs (None entries are skipped).
+        x, others: the op's tensor inputs (None entries of ``others`` are skipped).
 
     Raises:
         ValueError: unknown backend; ``"triton"`` on a CPU tensor without the interpreter; a Triton input that is
             a tensor subclass without storage (e.g. an unwaited collective output).
     """
-    x = tensors[0]
     if check_backend("cuda" if x.is_cuda else "cpu", backend) == "torch":
         _dispatched["torch"] += 1
         return False
-    for t in tensors:
+    for t in (x, *others):
         if t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             raise ValueError(
                 f"a Triton kernel got a {type(t).__name__}, which has no storage of its own (data_ptr() = "

@@ -151,13 +151,13 @@ class _GatherRows(torch.autograd.Function):
     """``[B, S, H] -> [B, R, H]`` gather; its backward is the gather with the inverse map (and vice versa)."""
 
     @staticmethod
-    def forward(ctx, x3: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None):  # type: ignore[override]
+    def forward(ctx, x3: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None):
         ctx.save_for_backward(idx, inv)
         ctx.n_src = x3.shape[1]
         return _launch(x3, idx)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         idx, inv = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None

@@ -276,7 +276,8 @@ def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
         num_experts: E (up to 256 tested).
         probs: optional ``[T, K]`` routing weights, carried along to ``permuted_probs``.
         align: pad each expert's group with zero rows to a multiple of ``align``.
-        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, torch
+            elsewhere), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``(permuted [N, H] tokens' dtype, permuted_probs [N] or None, row_map [T, K] int32,

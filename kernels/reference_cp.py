@@ -10,6 +10,7 @@ They assume validated arguments (the public ops validate before dispatching) and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 
@@ -89,7 +90,7 @@ def zigzag_shard_thd_reference(
     """Zigzag-shard each packed document of ``x`` (``[T, ...]``) separately; see ``zigzag_shard_thd``."""
     bounds = _ints(cu_seqlens)
     pieces = [
-        zigzag_shard_reference(x[s:e], cp_size, cp_rank, 0) for s, e in zip(bounds[:-1], bounds[1:]) if e > s
+        zigzag_shard_reference(x[s:e], cp_size, cp_rank, 0) for s, e in pairwise(bounds) if e > s
     ]
     return _cat(pieces, x, 0), cu_seqlens // cp_size
 
@@ -100,7 +101,7 @@ def zigzag_unshard_thd_reference(x: torch.Tensor, cu_seqlens: torch.Tensor, cp_s
     local = x.shape[0] // cp_size
     ranks = [x[r * local : (r + 1) * local] for r in range(cp_size)]
     pieces = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in pairwise(bounds):
         if e > s:
             ls, le = s // cp_size, e // cp_size
             doc = torch.cat([ranks[r][ls:le] for r in range(cp_size)], 0)

@@ -98,7 +98,8 @@ def sort_chunks_by_index(
             are allowed.
         order: int ``[D]`` (list or tensor), a permutation of ``range(D)``: output chunk ``k`` is input chunk
             ``order[k]``.
-        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else
+            torch), ``"triton"`` or ``"torch"``.
         validate: check the sizes and the permutation (one host sync when they are CUDA tensors). With
             ``validate=False`` invalid input gives unspecified rows (never out-of-bounds reads).
 

@@ -229,7 +229,8 @@ def zigzag_shard(
         cp_size: context-parallel world size (>= 1).
         cp_rank: this rank, in ``[0, cp_size)``.
         seq_dim: the sequence dim (negative counts from the end).
-        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or ``"torch"``.
+        backend: None (the process-wide choice, :func:`kernels.get_backend`), ``"auto"`` (Triton on CUDA, else
+            torch), ``"triton"`` or ``"torch"``.
 
     Returns:
         A new contiguous tensor shaped like ``x`` with ``S / cp_size`` at ``seq_dim``. Differentiable with

@@ -460,10 +460,10 @@ class LanguageModelConfig:
         elif self.head_dim is None and (self.hidden_size // heads) % 2:
             out.append((
                 "hidden_size",
-                f"the head dim hidden_size / num_heads = {self.hidden_size} / {heads} = {self.hidden_size // heads} "
-                f"is odd, but RoPE rotates pairs of dimensions; set '{{p}}.hidden_size' to a multiple of "
-                f"2 * num_heads = {2 * heads} (e.g. {_near_multiples(self.hidden_size, 2 * heads)}), or set "
-                f"'{{p}}.head_dim' to an even number",
+                f"the head dim hidden_size / num_heads = {self.hidden_size} / {heads} = "
+                f"{self.hidden_size // heads} is odd, but RoPE rotates pairs of dimensions; "
+                f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * heads} "
+                f"(e.g. {_near_multiples(self.hidden_size, 2 * heads)}), or set '{{p}}.head_dim' to an even number",
             ))
         if heads % kv:
             divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
@@ -538,6 +538,7 @@ class TrainingConfig:
         """Optimizer steps of the run: ``steps``, or ``ceil(samples / global_batch_size)``."""
         if self.steps is not None:
             return self.steps
+        assert self.samples is not None, "training.steps or training.samples is set (checked by the loader)"
         return -(-self.samples // self.global_batch_size)
 
     def _config_problems(self) -> list[tuple[str, str]]:
@@ -575,8 +576,9 @@ class OptimizerConfig:
 
     name: str = _opt("AdamW", choices=("AdamW",))
     lr: float = _opt(gt=0)
-    betas: list[float] = _opt(factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1,
-                              hint="AdamW's moment decay rates, e.g. [0.9, 0.95]")
+    betas: list[float] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field (a default_factory here)
+        factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1, hint="AdamW's moment decay rates, e.g. [0.9, 0.95]"
+    )
     eps: float = _opt(1e-8, gt=0, hint="AdamW's denominator epsilon, e.g. 1e-8")
     weight_decay: float = _opt(0.0, ge=0, hint="0 disables weight decay")
 
@@ -838,15 +840,14 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], key: str, ctx: _Ctx)
     if value is None:
         return value
     choices = meta.get("choices")
-    if choices is not None:
-        if value not in choices:
-            canonical = {c.lower(): c for c in choices}.get(value.lower())
-            if canonical is None:
-                allowed = ", ".join(repr(c) for c in choices)
-                raise ConfigError(
-                    f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}"
-                )
-            value = canonical
+    if choices is not None and value not in choices:
+        canonical = {c.lower(): c for c in choices}.get(value.lower())
+        if canonical is None:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(
+                f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}"
+            )
+        value = canonical
     length = meta.get("length")
     if length is not None and len(value) != length:
         raise ConfigError(

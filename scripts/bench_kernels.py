@@ -24,7 +24,6 @@ import sys
 
 import torch
 
-
 SMOKE = False  # --smoke: tiny shapes on CPU through the Triton interpreter, wall-clock timing (checks the script)
 BACKEND = "auto"
 
@@ -109,7 +108,7 @@ def bench_zigzag(device, copy_bw, quick):
         lens[-1] += S // (2 * cp) - int(lens.sum())
         cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens * 2 * cp, 0)]).to(device)
         xt = x.view(S, heads, dim)
-        def ref_thd():  # noqa: E306
+        def ref_thd():
             pieces = []
             for d in range(16):
                 chunks = xt[int(cu[d]):int(cu[d + 1])].chunk(2 * cp, 0)

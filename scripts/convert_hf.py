@@ -31,7 +31,7 @@ import sys
 import torch
 
 from mimo_titan.checkpoint.hf import LM_ARCHS, export_hf, import_hf
-from mimo_titan.config import load_config
+from mimo_titan.config import Config, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_import(cfg, hf_language: str | None, hf_vision: str | None, projector: str | None, out: str) -> None:
+def run_import(cfg: Config, hf_language: str | None, hf_vision: str | None, projector: str | None, out: str) -> None:
     """Fresh model (``init_weights(job.seed)``) + HF weights → model-only checkpoint ``out``."""
     from mimo_titan.checkpoint import save_full_model_state
     from mimo_titan.models import MimoModel
@@ -67,7 +67,7 @@ def run_import(cfg, hf_language: str | None, hf_vision: str | None, projector: s
     print(f"wrote {out}; train from it with --checkpoint.initial_load_path={out}")
 
 
-def run_export(cfg, checkpoint: str, out: str, language_arch: str) -> None:
+def run_export(cfg: Config, checkpoint: str, out: str, language_arch: str) -> None:
     """Checkpoint ``checkpoint`` → ``out/language``, ``out/vision``, ``out/multi_modal_projector.safetensors``."""
     from mimo_titan.checkpoint import load_full_model_state
 

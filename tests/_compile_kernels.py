@@ -42,7 +42,7 @@ for bits in ("i16", "i32"):
 def main() -> int:
     for arch in (80, 90):
         for fn, sig, consts in VARIANTS:
-            signature = {**sig, **{k: "constexpr" for k in consts}}
+            signature = {**sig, **dict.fromkeys(consts, "constexpr")}
             try:
                 k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                                    target=GPUTarget("cuda", arch, 32))

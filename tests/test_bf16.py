@@ -17,7 +17,6 @@ BF16 = {"parallelism": {"mixed_precision_param": "bfloat16", "mixed_precision_re
 
 def _step_worker(rank, world, device, cfg_dict):
     from _tiny import first_global_batch
-
     from mimo_titan.config import config_from_dict
     from mimo_titan.train.trainer import build_job, train_step
 

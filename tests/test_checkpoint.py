@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -182,7 +182,7 @@ def test_full_model_state_round_trips_offline(tmp_path):
     full.init_weights(seed=3)
     state = {k: v.clone() for k, v in full.state_dict().items()}
     assert {k: torch.equal(v, state[k]) for k, v in stack_experts(split_experts(state)).items()} == \
-        {k: True for k in state}
+        dict.fromkeys(state, True)
     save_full_model_state(state, str(tmp_path / "m"))
     keys = dcp.FileSystemReader(str(tmp_path / "m")).read_metadata().state_dict_metadata
     assert "model.language.model.layers.1.mlp.experts.3.w_down" in keys
@@ -313,11 +313,11 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
             "--config", "train_configs/debug_colocated.toml", f"--job.output_dir={tmp_path}",
             "--checkpoint.enable=true", "--checkpoint.interval=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(base + ["--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+    first = subprocess.run([*base, "--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-3"]
-    again = subprocess.run(base + ["--training.steps=3", "--checkpoint.load_step=1"], cwd=ROOT, env=env,
+    again = subprocess.run([*base, "--training.steps=3", "--checkpoint.load_step=1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr

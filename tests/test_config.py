@@ -14,8 +14,8 @@ from mimo_titan.config import (
     ConfigError,
     DataConfig,
     LanguageModelConfig,
-    MoEConfig,
     ModuleParallelism,
+    MoEConfig,
     OptimizerConfig,
     VisionModelConfig,
     config_from_dict,
@@ -1086,10 +1086,10 @@ def test_cross_check_names_the_override_of_the_other_key() -> None:
 
 def test_key_ranges_are_reported_before_cross_key_problems(minimal: Path) -> None:
     # hidden_size=-256 with num_heads=3 is out of range, not "not divisible"
-    with pytest.raises(ConfigError, match="out-of-range value -256 for 'model.language.hidden_size'"):
+    with pytest.raises(ConfigError, match=r"out-of-range value -256 for 'model\.language\.hidden_size'"):
         load_config(minimal, ["--model.language.num_heads=3", "--model.language.hidden_size=-256"])
     # a bad [training] key is reported before a cross-key problem of [model.language], which comes first in the file
-    with pytest.raises(ConfigError, match="out-of-range value 0 for 'training.global_batch_size'"):
+    with pytest.raises(ConfigError, match=r"out-of-range value 0 for 'training\.global_batch_size'"):
         load_config(minimal, ["--model.language.num_heads=3", "--training.global_batch_size=0"])
 
 

@@ -95,7 +95,7 @@ def _cp_worker(rank, world, device):
     pos = zigzag_position_ids(S, world, rank, device=device)
     for gqa in ("native", "repeat"):
         attn = ContextParallelAttention(group, world, gqa=gqa)
-        for call in range(2):  # the second call reuses the cached mask (same q_pos object), as a second layer
+        for _ in range(2):  # the second call reuses the cached mask (same q_pos object), as a second layer
             out, grads = run(attn, q_l, k_l, v_l, w_l, pos)
             check(f"bshd.out.{gqa}", out, shard(out_ref))
             for name, g, gr in zip("qkv", grads, g_ref):

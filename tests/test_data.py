@@ -87,15 +87,15 @@ def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (10, 7), mode
 def test_resolve_shards(tmp_path):
     assert resolve_shards(SHARD) == [str(SHARD)]
     assert resolve_shards(DATA_DIR) == [str(SHARD)]
-    with pytest.raises(DataError, match="data.path"):
+    with pytest.raises(DataError, match=r"data\.path"):
         resolve_shards(tmp_path / "nope")
-    with pytest.raises(DataError, match="data.path.*directory without any .tar"):
+    with pytest.raises(DataError, match=r"data\.path.*directory without any \.tar"):
         resolve_shards(tmp_path)
     (tmp_path / "b.tar").write_bytes(b"")
     (tmp_path / "a.tar").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
     assert resolve_shards(tmp_path) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
-    with pytest.raises(DataError, match="data.path.*not a .tar"):
+    with pytest.raises(DataError, match=r"data\.path.*not a \.tar"):
         resolve_shards(tmp_path / "notes.txt")
 
 
@@ -158,7 +158,7 @@ def test_processor_special_tokens_and_tokenize(proc):
     # the file path form works too, a missing path names the config key
     p = ImageTextProcessor(TOKENIZER_DIR / "tokenizer.json", 16, 2)
     assert p.image_token_id == IMG
-    with pytest.raises(DataError, match="data.tokenizer"):
+    with pytest.raises(DataError, match=r"data\.tokenizer"):
         ImageTextProcessor("/nonexistent/tok", 16, 2)
 
 
@@ -228,7 +228,7 @@ def test_tokenizer_repair_round_trip(proc, captions):
     assert proc.tokenizer_repaired
     tok = proc._tokenizer
     assert len(captions) == 32
-    for c in captions + ["café — naïve", "  two  spaces\n\tand tabs ", "日本語 😀 ¡ñ!"]:
+    for c in [*captions, "café — naïve", "  two  spaces\n\tand tabs ", "日本語 😀 ¡ñ!"]:
         ids = proc.tokenize(c)
         assert tok.decode(ids) == c
     assert tok.decode(proc.tokenize("Red Square is a city")) == "Red Square is a city"
@@ -242,7 +242,7 @@ def test_tokenizer_repair_round_trip(proc, captions):
 
 def test_tokenizer_repair_matches_ranked_bpe(proc, captions):
     ranks = shipped_ranks()
-    for c in captions + ["café — naïve", "Shoe's ``x'' 3:00 PM?\n\nOK"]:
+    for c in [*captions, "café — naïve", "Shoe's ``x'' 3:00 PM?\n\nOK"]:
         assert proc.tokenize(c) == ranked_bpe_encode(c, ranks), c
 
 
@@ -270,7 +270,7 @@ def test_tokenizer_repair_special_tokens(proc, captions):
     assert (proc._tokenizer.token_to_id("<|image|>"), proc.image_token_id) == (1998, IMG)
     # caption text never yields any special id, even when it spells one out
     tricky = "a <|image|> b <|im_start|>[PAD]</think> <|end_of_text|>"
-    for c in captions + [tricky]:
+    for c in [*captions, tricky]:
         ids = proc._tokenizer.encode(c, add_special_tokens=False).ids
         assert max(ids) < NUM_RANKED
     assert proc._tokenizer.decode(proc.tokenize(tricky)) == tricky
@@ -437,7 +437,7 @@ def test_layout_two_images(proc, records):
     c0 = proc.tokenize(records[i0][1]["txt"].decode())
     c1 = proc.tokenize(records[i1][1]["txt"].decode())
     block = [BOI] + [IMG] * T + [EOI]
-    seq = [BOS] + block + c0 + block + c1 + [EOS]
+    seq = [BOS, *block, *c0, *block, *c1, EOS]
     assert len(seq) <= seq_len
     row = batch.input_ids[b].tolist()
     assert row[: len(seq)] == seq and set(row[len(seq) :]) <= {PAD}
@@ -459,11 +459,11 @@ def test_build_sequence_truncation(proc):
     assert proc.build_sequence(caps, 20) == full  # exactly fits
     assert proc.build_sequence(caps, 19) == full[:-1]  # EOS dropped first
     # the last pair's caption is cut first
-    assert proc.build_sequence(caps, 18) == [BOS] + block + [10, 11, 12] + block + [20, 21]
-    assert proc.build_sequence(caps, 16) == [BOS] + block + [10, 11, 12] + block
-    assert proc.build_sequence(caps, 14) == [BOS] + block + [10] + block
-    assert proc.build_sequence(caps, 13) == [BOS] + block + block  # placeholders always kept
-    with pytest.raises(ConfigError, match="training.seq_len >= 12"):
+    assert proc.build_sequence(caps, 18) == [BOS, *block, 10, 11, 12, *block, 20, 21]
+    assert proc.build_sequence(caps, 16) == [BOS, *block, 10, 11, 12, *block]
+    assert proc.build_sequence(caps, 14) == [BOS, *block, 10, *block]
+    assert proc.build_sequence(caps, 13) == [BOS, *block, *block]  # placeholders always kept
+    with pytest.raises(ConfigError, match=r"training\.seq_len >= 12"):
         proc.build_sequence(caps, 12)
     # caption_tokens_cut: the caption tokens build_sequence leaves out (the EOS does not count)
     for max_tokens in range(13, 23):
@@ -511,7 +511,7 @@ def test_collate_checks_and_batch_ops(proc):
     with pytest.raises(ValueError, match="more than seq_len"):
         collate([s1], seq_len=10, pad_id=PAD)
     wrong = Sample([BOS, BOI] + [IMG] * (T - 1) + [EOI, EOS], px[:1], 0, IMG, T)
-    with pytest.raises(ValueError, match="<|image|> tokens"):
+    with pytest.raises(ValueError, match=r"<\|image\|> tokens"):
         collate([wrong], seq_len=20, pad_id=PAD)
     # full-length sequence: the last input position keeps its real target
     full = collate([s0], seq_len=len(s0.tokens) - 1, pad_id=PAD)
@@ -871,7 +871,7 @@ def test_local_batch(proc):
     loader = make_loader(proc, global_batch_size=12, max_images_per_sample=2, seed=0)
     g = next(loader)
     assert g.sample_ids.tolist() == list(range(12))
-    offsets = [0] + torch.cumsum(g.images_per_sample, 0).tolist()
+    offsets = [0, *torch.cumsum(g.images_per_sample, 0).tolist()]
     assert len(set(g.images_per_sample.tolist())) == 2  # a mix of 1- and 2-image samples
     expected_ids = {0: [0, 1, 6, 7], 1: [2, 3, 8, 9], 2: [4, 5, 10, 11]}
     parts = {}
@@ -907,5 +907,5 @@ def test_check_batch_divisibility():
     assert "= 4," in msg and "training.microbatches * 4 = 8" in msg and "e.g. 16" in msg
     with pytest.raises(ValueError, match="'llm'"):
         check_batch_divisibility(4, 1, {"vision": 1, "llm": 3})
-    with pytest.raises(ValueError, match="training.microbatches"):
+    with pytest.raises(ValueError, match=r"training\.microbatches"):
         check_batch_divisibility(4, 0, {"llm": 1})

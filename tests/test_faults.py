@@ -17,6 +17,7 @@ Faults are injected by ``tests/_fault_train.py`` (the train script plus one patc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,9 +39,7 @@ pytestmark = pytest.mark.multirank
 COLOCATED = ["--config", "train_configs/debug_colocated.toml"]  # 2 ranks, both modules on each
 CONSTANT_LR = ["--lr_schedule.decay=constant", "--lr_schedule.warmup_steps=0"]  # the LR does not depend on steps
 # 3 ranks, non-colocated: the encoder on rank 0, the language model's two pipeline stages on ranks 1 and 2
-NONCOLOCATED = COLOCATED + ["--parallelism.vision.num_ranks=1", "--parallelism.vision.dp_shard=1",
-                            "--parallelism.language.rank_offset=1", "--parallelism.language.dp_shard=1",
-                            "--parallelism.language.pp=2"]
+NONCOLOCATED = [*COLOCATED, "--parallelism.vision.num_ranks=1", "--parallelism.vision.dp_shard=1", "--parallelism.language.rank_offset=1", "--parallelism.language.dp_shard=1", "--parallelism.language.pp=2"]
 
 
 class Job:
@@ -48,7 +47,7 @@ class Job:
 
     def __init__(self, tmp_path: Path, nproc: int, args: list[str], *, fault: str = "", name: str = "job"):
         self.log_path = tmp_path / f"{name}.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - open for the job's lifetime, closed in close()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MIMO_TITAN_TEST_FAULT": fault}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "tests/_fault_train.py", *args]
@@ -126,7 +125,7 @@ def model_state(folder: Path, step: int) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------ kill -9
 def test_kill_9_of_a_rank_mid_step_ends_the_job_within_60_s(tmp_path, jobs):
-    job = jobs(tmp_path, 3, NONCOLOCATED + ["--training.steps=1000", f"--job.output_dir={tmp_path}"])
+    job = jobs(tmp_path, 3, [*NONCOLOCATED, "--training.steps=1000", f"--job.output_dir={tmp_path}"])
     job.wait_for(r"step +3 \|")
     os.kill(job.ranks()[1], signal.SIGKILL)  # the first language stage, in the middle of a step
     killed = time.monotonic()
@@ -179,8 +178,7 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_bit_exact(tmp_path, j
 
 
 def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
-    run = jobs(tmp_path, 2, COLOCATED + ["--checkpoint.enable=true", "--checkpoint.interval=1000",
-                                         "--training.steps=1000", f"--job.output_dir={tmp_path}"])
+    run = jobs(tmp_path, 2, [*COLOCATED, "--checkpoint.enable=true", "--checkpoint.interval=1000", "--training.steps=1000", f"--job.output_dir={tmp_path}"])
     run.wait_for(r"step +2 \|")
     os.killpg(run.proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches torchrun and its ranks (torchrun forwards it too)
     signalled = time.monotonic()
@@ -213,8 +211,7 @@ def test_a_nan_step_is_skipped_on_every_rank_and_never_checkpointed(tmp_path, jo
 
 
 def test_a_diverging_run_stops_with_one_clean_error_and_no_nonfinite_checkpoint(tmp_path, jobs):
-    run = jobs(tmp_path, 2, COLOCATED + ["--optimizer.lr=1e6", "--checkpoint.enable=true", "--checkpoint.interval=1",
-                                         f"--job.output_dir={tmp_path}"])
+    run = jobs(tmp_path, 2, [*COLOCATED, "--optimizer.lr=1e6", "--checkpoint.enable=true", "--checkpoint.interval=1", f"--job.output_dir={tmp_path}"])
     assert run.wait() == 1
     out = run.output()
     errors = our_error_lines(out)
@@ -231,8 +228,7 @@ def test_a_diverging_run_stops_with_one_clean_error_and_no_nonfinite_checkpoint(
 # ------------------------------------------------------------------------------------------------------ watchdog
 def test_a_stopped_rank_ends_the_job_and_is_named(tmp_path, jobs):
     timeout_s = 10
-    job = jobs(tmp_path, 3, NONCOLOCATED + ["--training.steps=1000", f"--training.collective_timeout_s={timeout_s}",
-                                            f"--job.output_dir={tmp_path}"])
+    job = jobs(tmp_path, 3, [*NONCOLOCATED, "--training.steps=1000", f"--training.collective_timeout_s={timeout_s}", f"--job.output_dir={tmp_path}"])
     job.wait_for(r"step +3 \|")
     victim = job.ranks()[2]  # the last language pipeline stage
     os.kill(victim, signal.SIGSTOP)
@@ -241,10 +237,8 @@ def test_a_stopped_rank_ends_the_job_and_is_named(tmp_path, jobs):
         rc = job.wait(timeout=4 * timeout_s)
         took = time.monotonic() - stopped
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert rc != 0 and took < 2 * timeout_s, f"ended after {took:.1f} s"
     lines = [line for line in job.output().splitlines() if "watchdog:" in line]
     assert len(lines) == 1, job.output()[-4000:]
@@ -260,7 +254,7 @@ def test_a_truncated_shard_is_counted_at_every_log_step_and_the_run_goes_on(tmp_
     shutil.copy(shard, data / "a.tar")
     blob = shard.read_bytes()
     (data / "b.tar").write_bytes(blob[: len(blob) // 2 + 100])  # cut in the middle of a member
-    run = jobs(tmp_path, 2, COLOCATED + ["--training.steps=3", f"--data.path={data}", f"--job.output_dir={tmp_path}"])
+    run = jobs(tmp_path, 2, [*COLOCATED, "--training.steps=3", f"--data.path={data}", f"--job.output_dir={tmp_path}"])
     assert run.wait() == 0, run.output()[-3000:]
     out = run.output()
     assert len(re.findall(r"step +\d+ \|", out)) == 3

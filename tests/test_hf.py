@@ -1,4 +1,5 @@
-"""Hugging Face import / export (``mimo_titan.checkpoint.hf``, ``scripts/convert_hf.py``) against real transformers models.
+"""Hugging Face import / export (``mimo_titan.checkpoint.hf``, ``scripts/convert_hf.py``) against real transformers
+models.
 
 Tiny random HF models (every weight, norm scales included, drawn at random so that a swapped mapping cannot pass)
 are saved with ``save_pretrained``, imported into our modules and must give the same logits / hidden states
@@ -207,7 +208,7 @@ def test_rope_scaling_rejected_from_a_saved_llama3_1_style_config(tmp_path):
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})
     cfg.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="llama3.*plain rotary embedding"):
+    with pytest.raises(ValueError, match=r"llama3.*plain rotary embedding"):
         hf.lm_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
 
 
@@ -292,7 +293,7 @@ def test_import_lists_every_config_mismatch(tmp_path):
                  "model.vision.patch_size=16 vs HF patch_size=8"):
         assert part in msg, msg
     qwen = config_from_dict(_model_cfg_dict(qk_norm=True))
-    with pytest.raises(ValueError, match="model.language.qk_norm=True vs HF model_type"):
+    with pytest.raises(ValueError, match=r"model\.language\.qk_norm=True vs HF model_type"):
         hf.import_hf(qwen.model, {}, str(tmp_path / "lm"))
 
 

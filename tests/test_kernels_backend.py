@@ -33,7 +33,7 @@ def test_environment_wins_over_the_config_and_auto_picks_by_device(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="environment variable MIMO_TITAN_KERNELS='cuda'; choose one of"):
         kernels.get_backend()
-    with pytest.raises(ValueError, match="kernels.backend='fast'"):
+    with pytest.raises(ValueError, match=r"kernels\.backend='fast'"):
         kernels.set_backend("fast")
 
 
@@ -57,7 +57,7 @@ def test_a_kernel_refuses_an_unwaited_collective_output():
     x = torch.randn(4, 8)
     pending = AsyncCollectiveTensor(x)  # what funcol returns before anyone waits on it: no storage of its own
     assert pending.data_ptr() == 0
-    with pytest.raises(ValueError, match="got a AsyncCollectiveTensor, which has no storage .* wait on the collective"):
+    with pytest.raises(ValueError, match=r"got a AsyncCollectiveTensor, which has no storage .* wait on the collective"):
         kernels.permute_tokens(pending, torch.zeros(4, 1, dtype=torch.long), 2, backend="triton")
     with pytest.raises(ValueError, match="AsyncCollectiveTensor"):
         kernels.sort_chunks_by_index(pending, [2, 2], [1, 0], backend="triton")

@@ -24,10 +24,8 @@ def _dyadic(shape, lo=-48, hi=48, dtype=torch.float32, gen=None):
 
 def _case(T, H, K, E, dtype, seed, noncontig=False):
     g = torch.Generator().manual_seed(seed)
-    if noncontig:  # a transposed view: stride(0) == 1
-        tokens = _dyadic((H, T), dtype=dtype, gen=g).t()
-    else:
-        tokens = _dyadic((T, H), dtype=dtype, gen=g)
+    # noncontig: a transposed view, stride(0) == 1
+    tokens = _dyadic((H, T), dtype=dtype, gen=g).t() if noncontig else _dyadic((T, H), dtype=dtype, gen=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
     probs = _dyadic((T, K), 1, 16, dtype, g)
     return tokens, ids, probs

@@ -9,6 +9,7 @@ here with ``torch.chunk``/``torch.split``/``torch.cat``: forward outputs and gra
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -226,7 +227,7 @@ def test_zigzag_errors():
 def _thd_expected(x, cu, cp, r):
     """Independent per-document definition with torch.chunk."""
     b = cu.tolist()
-    pieces = [_chunk_shard(x[s:e], cp, r, 0) for s, e in zip(b[:-1], b[1:]) if e > s]
+    pieces = [_chunk_shard(x[s:e], cp, r, 0) for s, e in pairwise(b) if e > s]
     return torch.cat(pieces) if pieces else x[:0]
 
 
@@ -238,7 +239,7 @@ def test_zigzag_thd_shard_and_unshard(dtype, cp):
     lengths.insert(2, 0)  # a length-0 document
     lengths.append(0)  # ... also last
     for cu_dtype in (torch.int32, torch.int64):
-        cu = torch.tensor([0] + lengths, dtype=cu_dtype).cumsum(0).to(cu_dtype)
+        cu = torch.tensor([0, *lengths], dtype=cu_dtype).cumsum(0).to(cu_dtype)
         T = int(cu[-1])
         x = _rand((T, 3, 2), dtype, seed=cp)
         locals_ = []

@@ -41,7 +41,7 @@ def test_scatter_and_merge_place_image_rows_at_placeholders():
 
 def test_scatter_raises_when_counts_differ():
     ids = torch.tensor([[5, IMG, IMG, 6]])
-    with pytest.raises(ValueError, match="2 <|image|> placeholder tokens but 3"):
+    with pytest.raises(ValueError, match=r"2 <\|image\|> placeholder tokens but 3"):
         scatter_image_embeddings(torch.zeros(3, 8), ids, IMG)
 
 
@@ -85,7 +85,7 @@ def test_pipeline_stages_compose_to_the_full_model(pp):
 def test_stage_layer_range():
     assert [list(stage_layer_range(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
     assert [list(stage_layer_range(4, 4, s)) for s in range(4)] == [[0], [1], [2], [3]]
-    with pytest.raises(ValueError, match="num_layers=2 is smaller than parallelism.language.pp=3"):
+    with pytest.raises(ValueError, match=r"num_layers=2 is smaller than parallelism\.language\.pp=3"):
         stage_layer_range(2, 3, 0)
 
 

@@ -2,11 +2,12 @@
 
 For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-dividing DP ratio, LM pp=2, HSDP,
 samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
-pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with Qwen3's
-q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first
-update is nearly invariant to a gradient scale, so this is what catches a wrong reduction) and every updated
-parameter (1e-3, fp32) equal those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in
-this process (``tests/_reference.py``), together with the MoE routing counts and aux loss.
+pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with
+Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the
+loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly invariant
+to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
+those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in this process
+(``tests/_reference.py``), together with the MoE routing counts and aux loss.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _batch(cfg, processor, no_image_samples, roll=0):
     if not no_image_samples:
         return b
     ids, ims = b.input_ids.clone(), b.images_per_sample.clone()
-    first = [0] + torch.cumsum(b.images_per_sample, 0).tolist()
+    first = [0, *torch.cumsum(b.images_per_sample, 0).tolist()]
     keep = []
     for s in range(len(b)):
         if s in no_image_samples:
@@ -128,7 +129,6 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
 
 def _reference_step(cfg, no_image_samples, roll):
     from _reference import ReferenceTrainer
-
     from mimo_titan.data import ImageTextProcessor
 
     tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
@@ -187,7 +187,7 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
             seen.add(name)
     _check_expert_slices(results, ref_params, LAYOUTS[layout], seen)
     assert seen == set(ref_params), f"parameters never checked: {sorted(set(ref_params) - seen)}"
-    assert set((results[0]["moe"] or {})) == set(ref_moe)
+    assert set(results[0]["moe"] or {}) == set(ref_moe)
     for rank, res in enumerate(results):  # routing counts (every token once) and aux loss equal the reference's
         for key, stats in (res["moe"] or {}).items():
             counts, aux = ref_moe[key]
@@ -204,7 +204,7 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
 
 def _check_expert_slices(results, ref_params, layout, seen):
     """Under EP each rank holds experts [ep·L, (ep+1)·L) and width slice etp: stitch them and compare."""
-    world, vision, language, *_ = layout
+    _, vision, language, *_ = layout
     from mimo_titan.topology import ModuleLayout
 
     for module, lay_kw in (("vision", vision), ("language", language)):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import BASE, tiny_config_dict
 
+from _tiny import BASE, tiny_config_dict
 from kernels import zigzag_shard_thd, zigzag_unshard_thd
 from mimo_titan.config import ConfigError, config_from_dict
 from mimo_titan.data import IGNORE_INDEX, ImageTextProcessor, MimoDataLoader, Sample, collate, local_batch
@@ -70,7 +70,7 @@ def check_invariants(pb: PackedBatch, proc, samples: list[Sample], multiple: int
         assert t.dtype == torch.int64 and t.shape == (R, S)
     assert pb.images_per_row.dtype == torch.int64 and pb.images_per_row.shape == (R,)
     assert pb.pixel_values.dtype == torch.float32
-    offsets = [0] + torch.cumsum(pb.images_per_row, 0).tolist()
+    offsets = [0, *torch.cumsum(pb.images_per_row, 0).tolist()]
     for r in range(R):
         cu = pb.cu_seqlens[r]
         assert cu.dtype == torch.int32 and pb.cu_seqlens_unpadded[r].dtype == torch.int32
@@ -235,7 +235,7 @@ def test_truncation(proc):
 def test_slice(proc, real_samples):
     pb = do_pack(proc, real_samples, seq_len=128, multiple=4)
     assert len(pb) >= 3
-    offsets = [0] + torch.cumsum(pb.images_per_row, 0).tolist()
+    offsets = [0, *torch.cumsum(pb.images_per_row, 0).tolist()]
     part = pb.slice(1, 3)
     assert len(part) == 2
     assert torch.equal(part.input_ids, pb.input_ids[1:3]) and torch.equal(part.labels, pb.labels[1:3])
@@ -262,7 +262,7 @@ def test_errors(proc):
         do_pack(proc, [], 16)
     with pytest.raises(ValueError, match=r"training.seq_len=18 must be a multiple of 4"):
         do_pack(proc, [s0], 18, multiple=4)
-    with pytest.raises(ValueError, match="training.seq_len must be positive"):
+    with pytest.raises(ValueError, match=r"training\.seq_len must be positive"):
         do_pack(proc, [s0], 0)
     for bad in (0, -2, 2.0, True):
         with pytest.raises(ValueError, match="multiple must be a positive int"):
@@ -344,7 +344,7 @@ def test_images_per_sample_alias_and_local_batch(proc, real_samples):
     assert pb.images_per_sample is pb.images_per_row
     with pytest.raises(AttributeError):
         pb.images_per_sample = pb.images_per_row
-    offsets = [0] + torch.cumsum(pb.images_per_row, 0).tolist()
+    offsets = [0, *torch.cumsum(pb.images_per_row, 0).tolist()]
     # 2 microbatches of 4 rows, 2 dp ranks of 2 rows each per microbatch
     expected_rows = {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
     parts = {}
@@ -416,7 +416,7 @@ def test_packed_loader_batches(proc, multiple):
 
 def test_packed_loader_resume(proc):
     a = packed_loader(proc, pack_multiple=2)
-    for k in range(6):
+    for _ in range(6):
         next(a)
     state = a.state_dict()
     assert state["packing"] is True and state["pack_multiple"] == 2
@@ -453,5 +453,5 @@ def test_data_packing_config_key():
     d = tiny_config_dict(one_rank, one_rank)
     assert config_from_dict(d).data.packing is False
     assert config_from_dict(d, ["--data.packing=true"]).data.packing is True
-    with pytest.raises(ConfigError, match="data.packing"):
+    with pytest.raises(ConfigError, match=r"data\.packing"):
         config_from_dict(tiny_config_dict(one_rank, one_rank, data={"packing": "yes"}))

@@ -176,10 +176,12 @@ def test_fork_streams_independent_and_nested():
     assert torch.equal(torch.get_rng_state(), outer)
     assert torch.equal(torch.cat([t1, t2]), torch.rand(6, generator=torch.Generator().manual_seed(11)))
     assert torch.equal(e1, torch.rand(3, generator=torch.Generator().manual_seed(22)))
-    with pytest.raises(RuntimeError, match=r"RNG stream 'tensor' is already forked"):
-        with tracker.fork("tensor"):
-            with tracker.fork("tensor"):
-                pass
+    with (
+        pytest.raises(RuntimeError, match=r"RNG stream 'tensor' is already forked"),
+        tracker.fork("tensor"),
+        tracker.fork("tensor"),
+    ):
+        pass
     assert torch.equal(torch.get_rng_state(), outer)
 
 
@@ -187,10 +189,9 @@ def test_fork_restores_on_exception():
     tracker = _tracker()
     torch.manual_seed(5)
     outer = torch.get_rng_state()
-    with pytest.raises(ZeroDivisionError):
-        with tracker.fork("expert"):
-            torch.rand(2)
-            1 / 0
+    with pytest.raises(ZeroDivisionError), tracker.fork("expert"):
+        torch.rand(2)
+        raise ZeroDivisionError
     assert torch.equal(torch.get_rng_state(), outer)
     with tracker.fork("expert"):  # the consumed numbers stay consumed
         x = torch.rand(2)
@@ -237,9 +238,8 @@ def test_state_dict_round_trip():
 
 def test_state_dict_errors():
     t = _tracker()
-    with t.fork("tensor"):
-        with pytest.raises(RuntimeError, match=r"state_dict\(\) called inside fork\('tensor'\)"):
-            t.state_dict()
+    with t.fork("tensor"), pytest.raises(RuntimeError, match=r"state_dict\(\) called inside fork\('tensor'\)"):
+        t.state_dict()
     with pytest.raises(ValueError, match="has no 'cpu' entry"):
         t.load_state_dict({"seeds": {"x": 1}})
     with pytest.raises(ValueError, match="no CPU state for stream 'x'"):
@@ -256,9 +256,8 @@ def test_tracker_add_errors():
         t.add("tensor", 5)
     with pytest.raises(ValueError, match="seed 22 of RNG stream 'x' is already used by stream 'expert'"):
         t.add("x", 22)
-    with pytest.raises(KeyError, match=r"unknown RNG stream 'nope'"):
-        with t.fork("nope"):
-            pass
+    with pytest.raises(KeyError, match=r"unknown RNG stream 'nope'"), t.fork("nope"):
+        pass
     t.add("default", 33)
     assert t.names == ("tensor", "expert", "default")
 

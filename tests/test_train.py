@@ -100,7 +100,6 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
 def _reference_losses(cfg, steps):
     """Single-process training on the same loader's batches (``tests/_reference.py``)."""
     from _reference import ReferenceTrainer
-
     from mimo_titan.train.trainer import build_loader, build_processor
 
     proc = build_processor(cfg)

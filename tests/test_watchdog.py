@@ -73,7 +73,7 @@ def test_judge_names_the_rank_the_others_wait_for_or_a_deadlock():
 
 
 def test_a_stalled_watchdog_reports_once_through_the_store():
-    master, client = _store()
+    _master, client = _store()  # the server lives as long as its reference
     verdicts = []
     wds = [Watchdog(rank=r, world_size=2, timeout_s=2.0, describe=lambda r: f"m{r}", store=client(),
                     on_verdict=verdicts.append) for r in range(2)]
@@ -90,7 +90,7 @@ def test_a_stalled_watchdog_reports_once_through_the_store():
 
 
 def test_the_lowest_failing_rank_reports_and_the_others_stay_silent(monkeypatch, capsys):
-    master, client = _store()
+    _master, client = _store()  # the server lives as long as its reference
     monkeypatch.setattr(report, "job_store", lambda timeout_s: client())
     monkeypatch.setattr(report, "DEFER_S", 2.0)
     printed = {}

@@ -31,9 +31,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from mimo_titan.config import LanguageModelConfig, ModelConfig, MoEConfig, VisionModelConfig
 
 __all__ = [
     "LM_ARCHS",
@@ -212,7 +215,7 @@ def _moe_config_from_hf(hf: dict, num_layers: int) -> dict:
             "shared_expert_intermediate_size": 0}
 
 
-def _lm_cfg(lm_cfg):
+def _lm_cfg(lm_cfg: LanguageModelConfig | dict[str, Any]) -> LanguageModelConfig:
     """A ``LanguageModelConfig`` from itself or from a dict such as :func:`lm_config_from_hf` returns."""
     if not isinstance(lm_cfg, dict):
         return lm_cfg
@@ -226,7 +229,9 @@ def _layer_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def lm_state_from_hf(hf_state: dict[str, torch.Tensor], lm_cfg) -> dict[str, torch.Tensor]:
+def lm_state_from_hf(
+    hf_state: dict[str, torch.Tensor], lm_cfg: LanguageModelConfig | dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """HF causal-LM weights → our :class:`~mimo_titan.models.decoder.DecoderLM` state (keys of its ``state_dict()``).
 
     Args:
@@ -289,7 +294,7 @@ def _experts_from_hf(src: dict, prefix: str, num_experts: int, used: set[str]) -
             prefix + "experts.w_down": w_down.contiguous(), prefix + "gate.e_score_correction_bias": bias}
 
 
-def _lm_expected_keys(cfg) -> set[str]:
+def _lm_expected_keys(cfg: LanguageModelConfig) -> set[str]:
     """The ``state_dict()`` keys of a full ``DecoderLM(cfg)`` (built on the meta device: no memory, no init)."""
     from mimo_titan.models.decoder import DecoderLM
 
@@ -309,7 +314,9 @@ def _check_keys(got: dict, expected: set[str], what: str, fix_field: str) -> Non
                          "embeddings?)")
 
 
-def lm_state_to_hf(state: dict[str, torch.Tensor], lm_cfg) -> dict[str, torch.Tensor]:
+def lm_state_to_hf(
+    state: dict[str, torch.Tensor], lm_cfg: LanguageModelConfig | dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Our ``DecoderLM`` state → HF on-disk state (exact inverse of :func:`lm_state_from_hf`).
 
     Args:
@@ -348,7 +355,7 @@ def lm_state_to_hf(state: dict[str, torch.Tensor], lm_cfg) -> dict[str, torch.Te
     return out
 
 
-def _check_exportable(cfg, arch: str) -> None:
+def _check_exportable(cfg: LanguageModelConfig, arch: str) -> None:
     """Raise if ``cfg`` has features HF ``arch`` lacks (or lacks ones it has)."""
     if arch not in LM_ARCHS:
         raise ValueError(f"language arch {arch!r} is not supported; choose one of {sorted(LM_ARCHS)}")
@@ -373,7 +380,7 @@ def _check_exportable(cfg, arch: str) -> None:
             raise ValueError(f"model.language cannot be exported as qwen3_moe: {'; '.join(problems)}")
 
 
-def hf_lm_config(lm_cfg, arch: str, dtype: str = "float32", max_position_embeddings: int = 4096) -> dict:
+def hf_lm_config(lm_cfg: LanguageModelConfig | dict[str, Any], arch: str, dtype: str = "float32", max_position_embeddings: int = 4096) -> dict:
     """An HF ``config.json`` dict for our language model as ``arch`` (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``).
 
     Written for transformers 5 (``rope_parameters``, ``dtype``) and 4 (``rope_theta``, ``rope_scaling``,
@@ -414,7 +421,7 @@ def hf_lm_config(lm_cfg, arch: str, dtype: str = "float32", max_position_embeddi
     return out
 
 
-def _hf_moe_fields(cfg) -> dict:
+def _hf_moe_fields(cfg: LanguageModelConfig) -> dict:
     """Qwen3-MoE config fields of our ``moe`` (see :func:`hf_lm_config`)."""
     moe = cfg.moe
     layers = set(moe.moe_layers(cfg.num_layers))
@@ -476,7 +483,7 @@ def _vision_expected_keys(num_layers: int) -> set[str]:
     return keys
 
 
-def _vis_num_layers(vis_cfg) -> int:
+def _vis_num_layers(vis_cfg: VisionModelConfig | dict[str, Any]) -> int:
     if isinstance(vis_cfg, dict):
         return int(vis_cfg["num_layers"])
     if vis_cfg.moe.num_experts > 0:
@@ -485,7 +492,9 @@ def _vis_num_layers(vis_cfg) -> int:
     return vis_cfg.num_layers
 
 
-def vision_state_from_hf(hf_state: dict[str, torch.Tensor], vis_cfg) -> dict[str, torch.Tensor]:
+def vision_state_from_hf(
+    hf_state: dict[str, torch.Tensor], vis_cfg: VisionModelConfig | dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """SigLIP vision weights → our ``VisionEncoder`` keys under ``vision_model.`` (no projector).
 
     Args:
@@ -515,7 +524,9 @@ def vision_state_from_hf(hf_state: dict[str, torch.Tensor], vis_cfg) -> dict[str
     return out
 
 
-def vision_state_to_hf(state: dict[str, torch.Tensor], vis_cfg) -> dict[str, torch.Tensor]:
+def vision_state_to_hf(
+    state: dict[str, torch.Tensor], vis_cfg: VisionModelConfig | dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Our encoder's ``vision_model.*`` weights → a ``SiglipVisionModel`` file state (keys ``vision_model.*``).
 
     The ``vision_model.`` prefix is kept (transformers 4 and 5 both load it); projector keys
@@ -530,7 +541,7 @@ def vision_state_to_hf(state: dict[str, torch.Tensor], vis_cfg) -> dict[str, tor
     return out
 
 
-def hf_vision_config(vis_cfg, dtype: str = "float32") -> dict:
+def hf_vision_config(vis_cfg: VisionModelConfig, dtype: str = "float32") -> dict:
     """An HF ``config.json`` dict (``SiglipVisionModel``, no pooling head) for our ViT.
 
     Raises:
@@ -611,21 +622,22 @@ def save_hf_dir(path: str, config: dict, state: dict[str, torch.Tensor], max_sha
 
 
 # ---------------------------------------------------------------------------------------------------------- MIMO
-def _mismatches(section: str, ours, theirs: dict, hf_names: dict) -> list[str]:
+def _mismatches(section: str, ours: LanguageModelConfig | VisionModelConfig | MoEConfig, theirs: dict, hf_names: dict) -> list[str]:
     """``model.<section>.<field>=ours vs HF <name>=theirs`` for every differing field of ``theirs``."""
     out = []
     for field, value in theirs.items():
         if field == "moe":
             continue
         mine = getattr(ours, field)
-        if field == "head_dim" and mine is None:
-            mine = ours.hidden_size // ours.num_heads
+        if field == "head_dim" and mine is None:  # a language-model field
+            lm = cast("LanguageModelConfig", ours)
+            mine = lm.hidden_size // lm.num_heads
         if mine != value:
             out.append(f"model.{section}.{field}={mine!r} vs HF {hf_names[field]}={value!r}")
     return out
 
 
-def _lm_mismatches(lm, hf_fields: dict) -> list[str]:
+def _lm_mismatches(lm: LanguageModelConfig, hf_fields: dict) -> list[str]:
     out = _mismatches("language", lm, hf_fields, _LM_HF_NAMES)
     hf_moe = hf_fields["moe"]
     if lm.moe.num_experts != hf_moe["num_experts"]:
@@ -662,7 +674,7 @@ def _load_projector(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(model_cfg, full_state: dict[str, torch.Tensor], language_dir: str | None = None,
+def import_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], language_dir: str | None = None,
               vision_dir: str | None = None, projector_path: str | None = None) -> dict[str, torch.Tensor]:
     """Overlay HF weights on a full single-process MIMO state (keys of ``MimoModel.state_dict()``).
 
@@ -710,7 +722,7 @@ def import_hf(model_cfg, full_state: dict[str, torch.Tensor], language_dir: str 
     return out
 
 
-def export_hf(model_cfg, full_state: dict[str, torch.Tensor], out_dir: str, language_arch: str,
+def export_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], out_dir: str, language_arch: str,
               max_shard_bytes: int | None = None) -> None:
     """Write a full MIMO state as HF directories: ``out_dir/language/`` (``language_arch``: llama / qwen3 /
     qwen3_moe), ``out_dir/vision/`` (``SiglipVisionModel``) and ``out_dir/multi_modal_projector.safetensors`` (our

@@ -44,6 +44,7 @@ import socket
 import time
 import uuid
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -53,9 +54,19 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.tensor import DTensor
 
 from mimo_titan.checkpoint.state import (
-    meta_model, model_mismatch, model_shapes, model_state, optimizer_state, saved_shapes,
+    meta_model,
+    model_mismatch,
+    model_shapes,
+    model_state,
+    optimizer_state,
+    saved_shapes,
 )
 from mimo_titan.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from mimo_titan.config import Config
+    from mimo_titan.data import MimoDataLoader
+    from mimo_titan.train.trainer import Job
 
 __all__ = ["CheckpointManager", "complete_steps", "checkpoint_folder", "checkpoint_size_bytes"]
 
@@ -64,7 +75,7 @@ logger = logging.getLogger("mimo_titan")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def checkpoint_folder(cfg) -> str:
+def checkpoint_folder(cfg: Config) -> str:
     """``checkpoint.folder``, under ``job.output_dir`` when relative."""
     folder = cfg.checkpoint.folder
     return folder if os.path.isabs(folder) else os.path.join(cfg.job.output_dir, folder)
@@ -82,7 +93,7 @@ def complete_steps(folder: str) -> list[int]:
     return sorted(steps)
 
 
-def checkpoint_size_bytes(cfg) -> int:
+def checkpoint_size_bytes(cfg: Config) -> int:
     """Estimated size in bytes of one training checkpoint of ``cfg.model``: every parameter of the *whole* model
     (all ranks write into one folder) and AdamW's two moments (``exp_avg``, ``exp_avg_sq``), each stored in the
     parameter dtype (fp32: FSDP keeps fp32 parameters whatever ``mixed_precision_param``), so
@@ -97,7 +108,7 @@ def _gb(n: float) -> str:
     return f"{g:.0f} GB" if g >= 100 else f"{g:.3g} GB"
 
 
-def _hparams(cfg) -> dict:
+def _hparams(cfg: Config) -> dict:
     """The settings a resumed run takes from its *current* config, under their config keys (saved as
     ``extra.hparams`` to say what changed on resume)."""
     o, s = cfg.optimizer, cfg.lr_schedule
@@ -137,7 +148,7 @@ def _first_nonfinite(state: dict) -> str | None:
     return keys[min(bad)] if bad else None
 
 
-def _layout_signature(job) -> dict:
+def _layout_signature(job: Job) -> dict:
     return {"world_size": job.topology.world_size, "device_type": job.device.type,
             "layouts": {n: dataclasses.asdict(lay) for n, lay in job.topology.layouts.items()}}
 
@@ -148,13 +159,13 @@ def _rng_key(name: str, kind: str, stream: str) -> str:
     return f"rank{dist.get_rank()}.{name}.{kind}.{stream}"
 
 
-def _rng_states(job) -> dict:
+def _rng_states(job: Job) -> dict:
     """This rank's RNG stream states (copies) under :func:`_rng_key` keys."""
     return {_rng_key(name, kind, stream): t for name, tracker in job.rng.items()
             for kind in ("cpu", "cuda") for stream, t in tracker.state_dict().get(kind, {}).items()}
 
 
-def _etp_mesh(job, name: str):
+def _etp_mesh(job: Job, name: str):
     return job.topology.expert_mesh(name)["etp"] if job.topology.layouts[name].etp > 1 else None
 
 
@@ -187,7 +198,7 @@ class CheckpointManager:
     Every method that touches files is collective: every rank of the default process group calls it.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.ckpt = cfg.checkpoint
         self.folder = checkpoint_folder(cfg)
@@ -195,7 +206,7 @@ class CheckpointManager:
         self.last_load_s: float | None = None
 
     # ------------------------------------------------------------------ state
-    def _state(self, job, loader, *, rng: bool) -> dict:
+    def _state(self, job: Job, loader: MimoDataLoader, *, rng: bool) -> dict:
         state: dict = {"model": {}, "optimizer": {}, "extra": {}, "rng": {}}
         for name, module in job.modules.items():
             etp = _etp_mesh(job, name)
@@ -217,7 +228,7 @@ class CheckpointManager:
         """Whether to save after optimizer step ``step``: every ``interval`` steps and at the last step."""
         return self.ckpt.enable and (step % self.ckpt.interval == 0 or step == self.cfg.training.total_steps)
 
-    def save(self, job, loader) -> float:
+    def save(self, job: Job, loader: MimoDataLoader) -> float:
         """Write ``<folder>/step-<job.step>`` atomically (module docstring); returns the wall time in seconds.
 
         A complete checkpoint of the same step is replaced only after the new one is complete. Nothing is written
@@ -255,7 +266,7 @@ class CheckpointManager:
         logger.info("checkpoint: saved step %d to %s in %.2f s", job.step, final, self.last_save_s)
         return self.last_save_s
 
-    def _refuse_nonfinite(self, state: dict, job) -> None:
+    def _refuse_nonfinite(self, state: dict, job: Job) -> None:
         """Raise on every rank, before anything is written, if any rank's model or optimizer tensors hold a NaN
         or Inf: one all-reduce (MIN) finds the lowest such rank, which then broadcasts its first bad key.
 
@@ -435,7 +446,7 @@ class CheckpointManager:
                               "Set the model.* keys it was written with, or point checkpoint.initial_load_path at a "
                               "checkpoint of this model")
 
-    def validate(self, loader=None) -> None:
+    def validate(self, loader: MimoDataLoader | None = None) -> None:
         """Every check that needs no process group (each rank runs them at the same time):
 
         - with ``checkpoint.enable``, :meth:`preflight` (the folder is writable and has room for a checkpoint);
@@ -483,7 +494,7 @@ class CheckpointManager:
                                       "checkpoint.folder") from None
 
     # ------------------------------------------------------------------ load
-    def load(self, job, loader) -> bool:
+    def load(self, job: Job, loader: MimoDataLoader) -> bool:
         """Resume ``job`` and ``loader`` from the checkpoint :meth:`resume_step` picks, or initialise the model from
         ``checkpoint.initial_load_path`` when the folder has none. Returns True if training state was resumed.
 
@@ -502,10 +513,10 @@ class CheckpointManager:
             if not self.ckpt.initial_load_path:
                 return False
             path = self._check_initial_load_path()
-            state = {"model": {}}
+            weights: dict[str, dict[str, torch.Tensor]] = {"model": {}}
             for name, module in job.modules.items():
-                state["model"].update(model_state(name, module, _etp_mesh(job, name)))
-            dcp.load(state, checkpoint_id=path)
+                weights["model"].update(model_state(name, module, _etp_mesh(job, name)))
+            dcp.load(weights, checkpoint_id=path)
             self.last_load_s = time.perf_counter() - t0
             logger.info("checkpoint: model initialised from %s in %.2f s", path, self.last_load_s)
             return False
@@ -538,7 +549,7 @@ class CheckpointManager:
         logger.info("checkpoint: resumed step %d from %s in %.2f s", job.step, path, self.last_load_s)
         return True
 
-    def _apply_current_hparams(self, job, saved_json: str, extra: dict) -> None:
+    def _apply_current_hparams(self, job: Job, saved_json: str, extra: dict) -> None:
         """After a restore: set every optimizer's ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and every LR
         scheduler's base LR from the current config, so the next step uses
         ``optimizer.lr × lr_multiplier(job.step, total_steps, ...)`` of the current config (its LR lambdas are

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -42,6 +43,9 @@ from mimo_titan.errors import CheckpointError
 from mimo_titan.models.mimo import MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.ep import ExpertParallelDispatch, moe_modules
+
+if TYPE_CHECKING:
+    from mimo_titan.config import Config, ModelConfig
 
 __all__ = [
     "EXPERT_WEIGHTS", "expert_key", "split_experts", "stack_experts", "model_state", "optimizer_state",
@@ -87,10 +91,10 @@ def stack_experts(ckpt_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, value in ckpt_state.items():
         parts = key.split(".")
         if len(parts) >= 3 and parts[-3] == "experts" and parts[-1] in EXPERT_WEIGHTS and parts[-2].isdigit():
-            stacked = ".".join(parts[:-2] + [parts[-1]])
+            stacked = ".".join([*parts[:-2], parts[-1]])
             if stacked not in groups:
                 groups[stacked] = {}
-                out[stacked] = None  # keep the key order
+                out[stacked] = None  # type: ignore[assignment]  # keeps the key order; the stack replaces it below
             groups[stacked][int(parts[-2])] = value
         else:
             out[key] = value
@@ -212,7 +216,7 @@ def save_full_model_state(state: dict[str, torch.Tensor], path: str) -> None:
                  checkpoint_id=path, no_dist=True)
 
 
-def load_full_model_state(path: str, cfg) -> dict[str, torch.Tensor]:
+def load_full_model_state(path: str, cfg: Config) -> dict[str, torch.Tensor]:
     """Read the full single-process model state (keys as ``MimoModel.state_dict()``, stacked experts) from a
     checkpoint directory (a training checkpoint ``step-N`` or a model-only one), in one process.
 
@@ -241,13 +245,13 @@ def load_full_model_state(path: str, cfg) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- shape checks
-def meta_model(model_cfg) -> MimoModel:
+def meta_model(model_cfg: ModelConfig) -> MimoModel:
     """The single-process :class:`MimoModel` of ``model_cfg`` on the meta device: shapes and dtypes, no memory."""
     with torch.device("meta"):
         return MimoModel(model_cfg, image_token_id=0)
 
 
-def model_shapes(model_cfg, parameters_only: bool = False) -> dict[str, tuple[int, ...]]:
+def model_shapes(model_cfg: ModelConfig, parameters_only: bool = False) -> dict[str, tuple[int, ...]]:
     """``{checkpoint key without the "model." prefix: shape}`` of the model ``model_cfg`` describes (experts one
     key per expert, as :func:`model_state` writes them), in state-dict order.
 
@@ -256,7 +260,7 @@ def model_shapes(model_cfg, parameters_only: bool = False) -> dict[str, tuple[in
         parameters_only: only the parameters (the tensors with AdamW state), not the persistent buffers.
     """
     model = meta_model(model_cfg)
-    state = dict(model.named_parameters()) if parameters_only else model.state_dict()
+    state: dict[str, torch.Tensor] = dict(model.named_parameters()) if parameters_only else model.state_dict()
     return {k: tuple(v.shape) for k, v in split_experts(state).items()}
 
 
@@ -274,7 +278,7 @@ def saved_shapes(path: str) -> dict[str, tuple[int, ...] | None]:
     return {k: tuple(v.size) if isinstance(v, TensorStorageMetadata) else None for k, v in meta.items()}
 
 
-def _shape_fields(model_cfg, prefix: str = "") -> list[tuple[str, object]]:
+def _shape_fields(model_cfg: Any, prefix: str = "") -> list[tuple[str, object]]:
     """``(path relative to cfg.model, value)`` of every int, bool and optional-int setting of ``model_cfg`` and
     its sub-tables (``language.hidden_size``, ``language.moe.num_experts``, ``language.head_dim``, ...)."""
     out = []
@@ -300,7 +304,7 @@ def _trial_values(value, presence: bool) -> list:
     return [v for v in dict.fromkeys(trials) if v != value and v >= 0]
 
 
-def _shapes_with(model_cfg, path: str, value, cache: dict) -> dict[str, tuple[int, ...]] | None:
+def _shapes_with(model_cfg: ModelConfig, path: str, value, cache: dict) -> dict[str, tuple[int, ...]] | None:
     """:func:`model_shapes` with setting ``path`` set to ``value`` (memoised in ``cache``); None if that model
     cannot be built."""
     if (path, value) not in cache:
@@ -323,7 +327,7 @@ def _under(shapes: dict, prefix: str) -> dict:
     return {k: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def _explaining_settings(model_cfg, key: str, have: dict, want: dict) -> tuple[list, list]:
+def _explaining_settings(model_cfg: ModelConfig, key: str, have: dict, want: dict) -> tuple[list, list]:
     """Which ``cfg.model`` settings decide the tensor ``key`` where the checkpoint (shapes ``have``) and the
     configured model (shapes ``want``) differ (keys without the ``model.`` prefix; ``key`` may be on one side
     only).
@@ -371,6 +375,7 @@ def _explaining_settings(model_cfg, key: str, have: dict, want: dict) -> tuple[l
                 continue
             got = shapes.get(key)
             if block is None:
+                assert wanted is not None  # block is None: both sides have key
                 if got is None or not (len(got) != len(wanted) if dims is None else
                                        any(got[d] != wanted[d] for d in dims)):
                     continue
@@ -380,7 +385,8 @@ def _explaining_settings(model_cfg, key: str, have: dict, want: dict) -> tuple[l
                 related.append(path)
             if fits(shapes):
                 found = trial
-            elif dims and isinstance(value, int) and not isinstance(value, bool) and len(got) == len(wanted):
+            elif (dims and got is not None and saved is not None and wanted is not None  # dims: both sides have key
+                  and isinstance(value, int) and not isinstance(value, bool) and len(got) == len(wanted)):
                 d = next(d for d in dims if got[d] != wanted[d])
                 need = value + (saved[d] - wanted[d]) * (trial - value) / (got[d] - wanted[d])
                 if need > 0 and need == int(need) and fits(_shapes_with(model_cfg, path, int(need), cache) or {}):
@@ -392,14 +398,14 @@ def _explaining_settings(model_cfg, key: str, have: dict, want: dict) -> tuple[l
     return [(p, v) for p, v, m in exact if m == best], related
 
 
-def _config_value(model_cfg, path: str):
+def _config_value(model_cfg: ModelConfig, path: str) -> Any:
     obj = model_cfg
     for p in path.split("."):
         obj = getattr(obj, p)
     return obj
 
 
-def model_mismatch(saved: dict[str, tuple[int, ...] | None], model_cfg) -> str | None:
+def model_mismatch(saved: dict[str, tuple[int, ...] | None], model_cfg: ModelConfig) -> str | None:
     """Compare a checkpoint's ``model.*`` tensor shapes with the model ``model_cfg`` describes.
 
     Args:
@@ -421,6 +427,7 @@ def model_mismatch(saved: dict[str, tuple[int, ...] | None], model_cfg) -> str |
     key = diff[0]
     s, w = have.get(key), want.get(key)
     if s is None:
+        assert w is not None  # key is in diff: the model or the checkpoint has it
         what = f"{key} {list(w)} is in the configured model but not in the checkpoint"
     elif w is None:
         what = f"{key} {list(s)} is in the checkpoint but not in the configured model"

@@ -187,7 +187,7 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
                 candidates.append((rank, left_rank, right_rank, left, right))
     candidates.sort()
     # "left right" strings: byte-level text never contains a plain space.
-    merges = [f"{_to_byte_level(l)} {_to_byte_level(r)}" for _, _, _, l, r in candidates]
+    merges = [f"{_to_byte_level(a)} {_to_byte_level(b)}" for _, _, _, a, b in candidates]
 
     repaired = json.loads(json.dumps(spec))  # deep copy, the caller's dict stays as is
     repaired["model"].update(

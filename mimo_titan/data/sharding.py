@@ -85,10 +85,12 @@ def local_batch(
         raise ValueError(f"a batch of {total} samples cannot be split into {microbatches} microbatches")
     mb_size = total // microbatches
     start, end = dp_sample_range(mb_size, dp_rank, dp_size)
-    parts = [global_batch.slice(m * mb_size + start, m * mb_size + end) for m in range(microbatches)]
-    if len(parts) == 1:
-        return parts[0]
-    return concat_packed_batches(parts) if isinstance(global_batch, PackedBatch) else concat_batches(parts)
+    ranges = [(m * mb_size + start, m * mb_size + end) for m in range(microbatches)]
+    if isinstance(global_batch, PackedBatch):
+        rows = [global_batch.slice(a, b) for a, b in ranges]
+        return rows[0] if len(rows) == 1 else concat_packed_batches(rows)
+    parts = [global_batch.slice(a, b) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else concat_batches(parts)
 
 
 def check_batch_divisibility(

@@ -21,8 +21,12 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from mimo_titan.errors import DataError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["ShardErrorHandler", "iter_webdataset", "resolve_shards", "split_member_name"]
 
@@ -107,7 +111,7 @@ class _MarkerTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tar)
         except tarfile.HeaderError as exc:
@@ -118,9 +122,9 @@ class _MarkerTarInfo(tarfile.TarInfo):
 def _missing_end_marker(tar: tarfile.TarFile) -> tarfile.ReadError | None:
     """``None`` if ``tar``'s member loop stopped at the end-of-archive marker, else the error."""
     exc = getattr(tar, "_mimo_header_error", None)
-    if isinstance(exc, tarfile.EOFHeaderError):
+    if isinstance(exc, tarfile.EOFHeaderError):  # type: ignore[attr-defined]  # CPython's, not in typeshed
         return None
-    if exc is None or isinstance(exc, tarfile.EmptyHeaderError):
+    if exc is None or isinstance(exc, tarfile.EmptyHeaderError):  # type: ignore[attr-defined]  # as above
         return tarfile.ReadError(f"archive ends at byte {tar.offset} without its end-of-archive marker")
     return tarfile.ReadError(f"{exc} at byte {tar.offset}")
 

@@ -17,6 +17,9 @@ Shape legend: B batch, S sequence, H hidden size, V vocabulary, nh / nkv query /
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +27,15 @@ from torch import nn
 from mimo_titan.models.mlp import SwiGLU
 from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
 
+if TYPE_CHECKING:
+    from mimo_titan.config import LanguageModelConfig
+
 __all__ = ["DecoderLM", "RMSNorm", "rope_cos_sin"]
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype (Zhang & Sennrich, 2019)."""
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and returned in the input dtype (Zhang & Sennrich,
+    2019)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -72,14 +79,15 @@ class Attention(nn.Module):
     ``models/qwen3/modeling_qwen3.py``.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: LanguageModelConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
         if cfg.num_heads % cfg.num_kv_heads:
             raise ValueError(
-                f"model.language.num_heads={cfg.num_heads} must be a multiple of model.language.num_kv_heads={cfg.num_kv_heads}"
+                f"model.language.num_heads={cfg.num_heads} must be a multiple of "
+                f"model.language.num_kv_heads={cfg.num_kv_heads}"
             )
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -93,14 +101,15 @@ class Attention(nn.Module):
         # Replaced by a parallel plan (e.g. context parallelism): ``attn_fn(q, k, v, positions, doc_ids) -> [B, nh, S,
         # hd]`` with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]``, the tokens' global positions ``[S]`` / ``[B, S]``
         # and their document ids (``[B, S]``, packed sequences) or None.
-        self.attn_fn = None
+        self.attn_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nh, hd] (nh / tp under TP)
         k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nkv, hd]
-        if self.q_norm is not None:  # per-head norm over hd (Qwen3); under TP a plan over the heads dim
+        # per-head norm over hd (Qwen3; q_norm and k_norm come together); under TP a plan over the heads dim
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, hd], [B, nkv, S, hd]
         v = self.v_proj(x_BSH).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -117,6 +126,7 @@ class Attention(nn.Module):
         if doc_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # packed rows: causal inside each document (positions increase along a document), never across
+            assert positions is not None, "packed rows pass their positions with their doc_ids"
             same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # [B, S, S]
             causal = positions.unsqueeze(-1) >= positions.unsqueeze(-2)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=(same_doc & causal).unsqueeze(1))
@@ -130,11 +140,12 @@ class DecoderLayer(nn.Module):
     ``layer_idx`` an MoE layer.
     """
 
-    def __init__(self, cfg, layer_idx: int = 0):
+    def __init__(self, cfg: LanguageModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: MoE | SwiGLU
         if cfg.moe.num_experts > 0 and cfg.moe.is_moe_layer(layer_idx):
             self.mlp = MoE(cfg.hidden_size, cfg.moe)
         else:
@@ -148,7 +159,7 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: LanguageModelConfig):
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_layers)})
@@ -177,7 +188,7 @@ class DecoderLM(nn.Module):
         ValueError: on an inconsistent config (heads not dividing, tied embeddings with pipeline splitting).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: LanguageModelConfig):
         super().__init__()
         self.cfg = cfg
         if not cfg.head_dim and cfg.hidden_size % cfg.num_heads:  # the config loader reports this first
@@ -192,10 +203,12 @@ class DecoderLM(nn.Module):
         self.model = _Backbone(cfg)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
+            assert self.model.embed_tokens is not None  # a new backbone has its embedding
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[B, S, H]`` of ids ``[B, S]`` int64."""
+        assert self.model.embed_tokens is not None, "only the first pipeline stage embeds tokens"
         return self.model.embed_tokens(input_ids_BS)
 
     def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None,

@@ -10,12 +10,18 @@ special-token positions in the language model's input embeddings), LLaVA's merge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from kernels import zigzag_position_ids, zigzag_shard, zigzag_shard_thd
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
+
+if TYPE_CHECKING:
+    from mimo_titan.config import ModelConfig
 
 __all__ = ["MimoModel", "LanguageStage", "cp_shard_rows", "scatter_image_embeddings", "merge_image_embeddings",
            "full_model_key"]
@@ -114,11 +120,13 @@ class LanguageStage(nn.Module):
         self.is_first = language.model.embed_tokens is not None
         self.cp_size, self.cp_rank = 1, 0  # set by the context-parallel plan (mimo_titan.parallel.cp)
         # set by the tensor-parallel plan (mimo_titan.parallel.tp): ``[B, S, H]`` -> this rank's ``[B, S / sp, H]``
-        self.sp_size, self.sp_scatter = 1, None
+        self.sp_size = 1
+        self.sp_scatter: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is not None:  # packed rows: this rank's positions and documents, sharded like its tokens
+            assert doc_ids is not None, "packed rows pass their doc_ids with their position_ids"
             index = torch.stack([position_ids, doc_ids], dim=-1)  # [B, S, 2]: one shard call for both
             positions, local_doc_ids = cp_shard_rows(index, self.cp_size, self.cp_rank, doc_ids).unbind(-1)
         else:
@@ -160,7 +168,7 @@ class MimoModel(nn.Module):
         ValueError: if the number of placeholders differs from ``N * tokens_per_image``.
     """
 
-    def __init__(self, model_cfg, image_token_id: int):
+    def __init__(self, model_cfg: ModelConfig, image_token_id: int):
         super().__init__()
         self.vision = VisionEncoder(model_cfg.vision, model_cfg.language.hidden_size)
         self.language = DecoderLM(model_cfg.language)

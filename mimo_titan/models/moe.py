@@ -24,6 +24,7 @@ Shape legend: N tokens (B·S), H hidden, E experts, K top-k, I expert width, L l
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,10 @@ from torch import nn
 
 from kernels import permute_tokens, unpermute_tokens
 from mimo_titan.models.mlp import SwiGLU
+
+if TYPE_CHECKING:
+    from mimo_titan.config import MoEConfig
+    from mimo_titan.parallel.ep import ExpertParallelDispatch
 
 __all__ = ["MoE", "TopKRouter", "GroupedExperts", "LocalDispatch", "grouped_mm", "excluded_from_stats"]
 
@@ -60,7 +65,7 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, 
         outs = [xe @ w_EIO[e] for e, xe in enumerate(torch.split(x_NI, counts))]
         return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[-1])
     padded = [(c + 15) // 16 * 16 for c in counts]
-    starts = torch.tensor([0] + padded[:-1], device=x_NI.device).cumsum(0)
+    starts = torch.tensor([0, *padded[:-1]], device=x_NI.device).cumsum(0)
     idx = torch.cat([torch.arange(c, device=x_NI.device) + s for c, s in zip(counts, starts.tolist())])
     buf = x_NI.new_zeros(sum(padded), x_NI.shape[1]).index_copy(0, idx, x_NI)
     offs = torch.tensor(padded, device=x_NI.device).cumsum(0).to(torch.int32)
@@ -68,9 +73,12 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, 
 
 
 class TopKRouter(nn.Module):
-    """Scores and top-k selection. Forward: ``x [N, H]`` → ``(weights [N, K] fp32, ids [N, K] int64, scores [N, E] fp32)``."""
+    """Scores and top-k selection. Forward: ``x [N, H]`` → ``(weights [N, K] fp32, ids [N, K] int64,
+    scores [N, E] fp32)``."""
 
-    def __init__(self, hidden: int, moe_cfg):
+    e_score_correction_bias: torch.Tensor  # registered buffer
+
+    def __init__(self, hidden: int, moe_cfg: MoEConfig):
         super().__init__()
         self.num_experts, self.top_k = moe_cfg.num_experts, moe_cfg.top_k
         self.score_func, self.norm_topk_prob = moe_cfg.score_func, moe_cfg.norm_topk_prob
@@ -131,7 +139,8 @@ def excluded_from_stats(module: nn.Module):
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``out``; the backward also gives ``aux_loss`` the gradient ``scale`` (Megatron MoEAuxLossAutoScaler)."""
+    """Identity on ``out``; the backward also gives ``aux_loss`` the gradient ``scale`` (Megatron
+    MoEAuxLossAutoScaler)."""
 
     @staticmethod
     def forward(ctx, out, aux_loss, scale):
@@ -159,17 +168,19 @@ class MoE(nn.Module):
     until :meth:`reset_stats`.
     """
 
-    def __init__(self, hidden: int, moe_cfg):
+    tokens_per_expert: torch.Tensor  # registered buffer
+
+    def __init__(self, hidden: int, moe_cfg: MoEConfig):
         super().__init__()
         self.cfg = moe_cfg
         self.num_experts = moe_cfg.num_experts
         self.gate = TopKRouter(hidden, moe_cfg)
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size)
-        self.shared_expert = None
+        self.shared_expert: SwiGLU | None = None
         if moe_cfg.shared_expert_intermediate_size > 0:
             self.shared_expert = SwiGLU(hidden, moe_cfg.shared_expert_intermediate_size)
-        self.dispatcher = LocalDispatch()
-        self.stats_group = None
+        self.dispatcher: LocalDispatch | ExpertParallelDispatch = LocalDispatch()
+        self.stats_group: dist.ProcessGroup | None = None
         self.aux_loss_scale = 1.0
         self.exclude_from_stats = False  # set by :func:`excluded_from_stats` for padding-only (dummy) forwards
         self.register_buffer("tokens_per_expert", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)

@@ -12,11 +12,16 @@ Shape legend: N images, C channels, P patches per image, D ViT width, H language
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+
+if TYPE_CHECKING:
+    from mimo_titan.config import MoEConfig, VisionModelConfig
 
 __all__ = ["VisionEncoder", "ViT", "Projector"]
 
@@ -57,7 +62,7 @@ class _MLP(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; ``mlp`` may be an MoE."""
 
-    def __init__(self, dim: int, num_heads: int, intermediate_size: int, eps: float, moe_cfg=None):
+    def __init__(self, dim: int, num_heads: int, intermediate_size: int, eps: float, moe_cfg: MoEConfig | None = None):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = _Attention(dim, num_heads)
@@ -70,7 +75,7 @@ class ViTBlock(nn.Module):
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: VisionModelConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
@@ -89,7 +94,7 @@ class _Embeddings(nn.Module):
 
 
 class _Encoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: VisionModelConfig):
         super().__init__()
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
         self.layers = nn.ModuleList(
@@ -107,11 +112,12 @@ class _Encoder(nn.Module):
 class ViT(nn.Module):
     """Patch embedding + learned positions + pre-norm blocks + final LayerNorm; returns every patch token."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: VisionModelConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(
-                f"model.vision.image_size={cfg.image_size} must be a multiple of model.vision.patch_size={cfg.patch_size}"
+                f"model.vision.image_size={cfg.image_size} must be a multiple of "
+                f"model.vision.patch_size={cfg.patch_size}"
             )
         self.embeddings = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
@@ -146,7 +152,7 @@ class VisionEncoder(nn.Module):
         ``P = (image_size // patch_size) ** 2`` is :attr:`tokens_per_image`.
     """
 
-    def __init__(self, cfg, out_dim: int):
+    def __init__(self, cfg: VisionModelConfig, out_dim: int):
         super().__init__()
         self.vision_model = ViT(cfg)
         self.multi_modal_projector = Projector(cfg.hidden_size, cfg.projector_intermediate_size, out_dim)

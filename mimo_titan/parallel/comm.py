@@ -30,12 +30,12 @@ class _Wait(torch.autograd.Function):
     reduce a non-contiguous buffer wrongly without an error."""
 
     @staticmethod
-    def forward(ctx, t):  # noqa: D102
+    def forward(ctx, t):
         ready = t.trigger_wait() if isinstance(t, AsyncCollectiveTensor) else t
         return ready.view_as(ready)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         return grad.contiguous()
 
 

@@ -87,7 +87,7 @@ def attention_mask(
     _check_index("kv_pos", kv_pos)
     if (q_doc is None) != (kv_doc is None):
         raise ValueError("pass both q_doc and kv_doc (packed sequences) or neither")
-    if q_doc is not None:
+    if q_doc is not None and kv_doc is not None:  # both or neither, checked above
         _check_index("q_doc", q_doc)
         _check_index("kv_doc", kv_doc)
         if q_doc.shape != q_pos.shape or kv_doc.shape != kv_pos.shape:
@@ -99,7 +99,7 @@ def attention_mask(
     if q_pos.dim() == 2 and kv_pos.dim() == 2 and q_pos.shape[0] != kv_pos.shape[0]:
         raise ValueError(f"batch sizes differ: q_pos {tuple(q_pos.shape)}, kv_pos {tuple(kv_pos.shape)}")
     mask = kv_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)  # [..., Sq, Skv]
-    if q_doc is not None:
+    if q_doc is not None and kv_doc is not None:
         mask = mask & (kv_doc.unsqueeze(-2) == q_doc.unsqueeze(-1))
     if batched:
         mask = mask.unsqueeze(1)  # [B, 1, Sq, Skv]
@@ -248,7 +248,9 @@ class ContextParallelAttention:
         self.cp_size = cp_size
         self.gqa = gqa
         self.cache_mask = cache_mask
-        self._cache = None  # (q_pos, its _version, doc_ids, its _version, (safe_mask, row_ok))
+        # (q_pos, its _version, doc_ids, its _version, (safe_mask, row_ok))
+        self._cache: tuple[torch.Tensor, int, torch.Tensor | None, int | None, tuple[torch.Tensor, torch.Tensor]] | None
+        self._cache = None
 
     # ------------------------------------------------------------------------------------------- gathers
 

@@ -29,25 +29,31 @@ embedding is replicated and its output is scattered onto the patches, and its pr
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
+from mimo_titan.models.decoder import Attention
 from mimo_titan.models.mimo import LanguageStage
 from mimo_titan.models.vit import VisionEncoder
+
+if TYPE_CHECKING:
+    from mimo_titan.config import LanguageModelConfig, VisionModelConfig
 
 __all__ = ["apply_tp_language", "apply_tp_vision", "check_tp", "sp_scatter"]
 
 
-def check_tp(module: str, model_cfg, tp: int) -> None:
+def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp: int) -> None:
     """Raise if module ``module`` (``"language"`` or an encoder) cannot be split ``tp`` ways; no process group needed.
 
     Args:
@@ -65,7 +71,8 @@ def check_tp(module: str, model_cfg, tp: int) -> None:
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")}
     else:
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "intermediate_size", "projector_intermediate_size")}
-        fields["(image_size // patch_size) ** 2"] = (model_cfg.image_size // model_cfg.patch_size) ** 2
+        vis = cast("VisionModelConfig", model_cfg)  # module != "language": an encoder's config
+        fields["(image_size // patch_size) ** 2"] = (vis.image_size // vis.patch_size) ** 2
     for field, value in fields.items():
         if value % tp:
             raise ValueError(f"model.{module}.{field}={value} must be divisible by parallelism.{module}.tp={tp}: "
@@ -113,7 +120,7 @@ def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStag
     tp = tp_mesh.size()
     lm = stage.language
     check_tp("language", lm.cfg, tp)
-    plan = {}
+    plan: dict[str, ParallelStyle] = {}
     if lm.model.embed_tokens is not None:
         plan["language.model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if lm.model.norm is not None:
@@ -135,7 +142,9 @@ def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStag
             p + "mlp.up_proj": ColwiseParallel(),
             p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         })
-        if lm.model.layers[key].self_attn.q_norm is not None:
+        attn = lm.model.layers[key].self_attn
+        assert isinstance(attn, Attention)
+        if attn.q_norm is not None:
             plan.update(_qk_norm_plan(p))
     parallelize_module(stage, tp_mesh, plan)
     stage.sp_size, stage.sp_scatter = tp, functools.partial(sp_scatter, tp_mesh=tp_mesh)

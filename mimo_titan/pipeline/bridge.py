@@ -43,7 +43,8 @@ _FWD, _BWD = 0, 1
 
 @dataclass(frozen=True)
 class Route:
-    """Samples ``[start, end)`` of every microbatch go from encoder DP rank ``src_dp`` to language DP rank ``dst_dp``."""
+    """Samples ``[start, end)`` of every microbatch go from encoder DP rank ``src_dp`` to language DP rank
+    ``dst_dp``."""
 
     src_dp: int
     dst_dp: int
@@ -91,7 +92,8 @@ def image_row_cp_ranks(input_ids_BS: torch.Tensor, image_token_id: int, cp_size:
     """``[n_image_tokens]`` int64 (CPU): the language CP rank whose sequence shard holds each image-token row of a
     microbatch (``input_ids_BS`` ``[B, S]``), in row-major placeholder order (the bridge's row order)."""
     ids = input_ids_BS.cpu()
-    return cp_owner(*ids.shape, cp_size, doc_ids_BS)[ids == image_token_id]
+    batch_size, seq_len = ids.shape
+    return cp_owner(batch_size, seq_len, cp_size, doc_ids_BS)[ids == image_token_id]
 
 
 class Bridge:
@@ -168,17 +170,22 @@ class Bridge:
         buf = rows.detach().to(self.dtype).contiguous()
         for peer in peers:
             if peer == self.rank:
-                self._local[(*key, peer)] = buf
+                slot = (*key, peer)
+                self._local[slot] = buf
             else:
-                self._sends.append((dist.isend(buf, dst=peer, tag=tag), buf))
+                work = dist.isend(buf, dst=peer, tag=tag)
+                assert work is not None  # None only on a rank outside the group: the bridge uses the default group
+                self._sends.append((work, buf))
 
-    def _recv(self, n: int, peer: int, tag: int, key, works: list) -> torch.Tensor:
+    def _recv(self, n: int, peer: int, tag: int, key: tuple, works: list[dist.Work]) -> torch.Tensor:
         """Post the receive of ``[n, H]`` rows from ``peer`` (or take the local hand-over)."""
         if n == 0 or peer == self.rank:
             return (self._local.pop((*key, self.rank)).to(self.dtype) if n else
                     torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device))
         buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
-        works.append(dist.irecv(buf, src=peer, tag=tag))
+        work = dist.irecv(buf, src=peer, tag=tag)
+        assert work is not None  # None only on a rank outside the group: the bridge uses the default group
+        works.append(work)
         return buf
 
     def _check_rows(self, mb: int, rows: torch.Tensor, n: int) -> None:
@@ -209,7 +216,8 @@ class Bridge:
         ``cp_rank`` needs (all of them when ``cp == 1``), in sample order."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
-        works, out = [], []
+        works: list[dist.Work] = []
+        out: list[torch.Tensor] = []
         for r in self.routes:
             if r.dst_dp == dst_dp:
                 n = int((owners[off[r.start]: off[r.end]] == cp_rank).sum())
@@ -243,7 +251,8 @@ class Bridge:
         owners = self._owners(row_cp, off)
         lo, hi = dp_sample_range(self.mb_size, src_dp, self.src.dp)
         out = torch.zeros(off[hi] - off[lo], self.hidden_size, dtype=self.dtype, device=self.device)
-        works, parts = [], []
+        works: list[dist.Work] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for r in self.routes:
             if r.src_dp != src_dp:
                 continue

@@ -24,6 +24,7 @@ bridge communicator), with torch.distributed.pipelining in place of Megatron's s
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,11 @@ from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
 from mimo_titan.parallel import comm
 from mimo_titan.pipeline.bridge import Bridge, cp_owner, image_row_cp_ranks
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    from mimo_titan.data.packing import PackedBatch
 
 __all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
 
@@ -137,21 +143,23 @@ class MimoSchedule:
         """``loss_parallel()`` under tensor parallelism (forward and backward of the loss run inside), else a no-op."""
         return loss_parallel() if self.tp_mesh is not None else contextlib.nullcontext()
 
-    def _mb_images(self, global_batch: Batch, m: int) -> torch.Tensor:
+    def _mb_images(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor:
         s = len(global_batch) // self.microbatches
         return global_batch.images_per_sample[m * s:(m + 1) * s]
 
-    def _row_cp(self, global_batch: Batch, m: int) -> torch.Tensor | None:
+    def _row_cp(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor | None:
         """The language CP rank of every image-token row of global microbatch ``m`` (None without CP)."""
         cp = self.topology.layouts[self.lang_name].cp
         if cp == 1:
             return None
         s = len(global_batch) // self.microbatches
-        docs = global_batch.doc_ids[m * s:(m + 1) * s] if self.packed else None
+        docs = cast("PackedBatch", global_batch).doc_ids[m * s:(m + 1) * s] if self.packed else None
         return image_row_cp_ranks(global_batch.input_ids[m * s:(m + 1) * s], self.image_token_id, cp, docs)
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows are dropped)."""
+        """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows
+        are dropped)."""
+        assert self.vision is not None, "only a rank holding the encoder encodes"
         n = pixel_values.shape[0]
         if n == 0:
             dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
@@ -163,7 +171,7 @@ class MimoSchedule:
         # sends it), not at process exit
         return comm.wait(out)[:n]
 
-    def step(self, global_batch: Batch) -> torch.Tensor:
+    def step(self, global_batch: Batch | PackedBatch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.
 
         Returns:
@@ -192,11 +200,12 @@ class MimoSchedule:
             l_dp = self.role.dp_rank(self.lang_name)
             l_local = local_batch(global_batch, M, l_dp, self.topology.layouts[self.lang_name].dp)
             input_ids = l_local.input_ids.to(self.device)
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
             doc_ids = None
             if self.packed:
-                doc_ids = l_local.doc_ids.to(self.device)
-                kwargs.update(position_ids=l_local.position_ids.to(self.device), doc_ids=doc_ids)
+                packed = cast("PackedBatch", l_local)
+                doc_ids = packed.doc_ids.to(self.device)
+                kwargs.update(position_ids=packed.position_ids.to(self.device), doc_ids=doc_ids)
             losses: list[torch.Tensor] = []
             if self.is_last:  # this rank's CP shard of the labels, as its logits
                 labels = cp_shard_rows(l_local.labels.to(self.device), self.cp_size, self.cp_rank, doc_ids)
@@ -204,7 +213,9 @@ class MimoSchedule:
             if self.is_first:
                 b = len(l_local) // M
                 # the image-token positions this CP rank keeps (its rows are exactly those, in order)
-                mine = cp_owner(*l_local.input_ids.shape, self.cp_size, l_local.doc_ids if self.packed else None)
+                rows_b, rows_s = l_local.input_ids.shape
+                docs = cast("PackedBatch", l_local).doc_ids if self.packed else None
+                mine = cp_owner(rows_b, rows_s, self.cp_size, docs)
                 mine = (mine == self.cp_rank).to(self.device) & (input_ids == self.image_token_id)
                 dense = []
                 for m in range(M):
@@ -230,6 +241,7 @@ class MimoSchedule:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
         if self.vision is not None:
+            vision = cast("FSDPModule", self.vision)  # fully_shard made the encoder an FSDPModule
             v_dp = self.role.dp_rank(self.vision_name)
             grads = []
             for m, out in enumerate(enc_outputs):
@@ -238,9 +250,9 @@ class MimoSchedule:
             for m, (out, g) in enumerate(zip(enc_outputs, grads)):
                 # one backward per microbatch, reducing gradients after the last (as pipelining does for the LM)
                 last = m == len(enc_outputs) - 1
-                self.vision.set_requires_gradient_sync(last)
-                self.vision.set_is_last_backward(last)
-                self.vision.set_reshard_after_backward(last)
+                vision.set_requires_gradient_sync(last)
+                vision.set_is_last_backward(last)
+                vision.set_reshard_after_backward(last)
                 torch.autograd.backward(out, g)
         self.bridge.wait()
         return loss

@@ -56,7 +56,7 @@ MESH_DIMS: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: data parallel (derived), expert parallel, expert tensor parallel.
 EXPERT_MESH_DIMS: tuple[str, ...] = ("pp", "edp", "ep", "etp")
 
-_DEGREE_FIELDS: tuple[str, ...] = MESH_DIMS + ("ep", "etp")
+_DEGREE_FIELDS: tuple[str, ...] = (*MESH_DIMS, "ep", "etp")
 
 
 class Placement(enum.Enum):
@@ -341,7 +341,7 @@ class ModuleLayout:
         """
         n = self.name
         # 1. types and ranges
-        for f in ("rank_offset", "num_ranks") + _DEGREE_FIELDS:
+        for f in ("rank_offset", "num_ranks", *_DEGREE_FIELDS):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise LayoutError(
@@ -496,7 +496,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
                     f"(non-colocated) or identical (colocated): change parallelism.{b.name}.rank_offset/num_ranks"
                 )
     # 6: no gap below the highest covered rank.
-    seen = set()
+    seen: set[int] = set()
     for lay in mods:
         seen.update(lay.ranks)
     holes = [r for r in range(covered) if r not in seen]

@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+if TYPE_CHECKING:
+    from mimo_titan.config import LRScheduleConfig, OptimizerConfig
+
 __all__ = [
     "build_optimizer", "lr_multiplier", "build_lr_scheduler", "global_grad_sq_norm", "clip_grad_norm_", "all_reduce_sum",
 ]
 
 
-def build_optimizer(module: nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over ``module``'s parameters from an ``OptimizerConfig`` (lr, betas, eps, weight_decay)."""
-    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 
 
@@ -48,7 +52,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, mi
     raise ValueError(f"lr_schedule.decay={decay!r}; choose cosine, linear or constant")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: LRScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` applying :func:`lr_multiplier` with an ``LRScheduleConfig``."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio)
@@ -61,6 +67,7 @@ def _owned_local(grad: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(grad, DTensor):
         return grad
     coord = grad.device_mesh.get_coordinate()
+    assert coord is not None, "a rank holding a DTensor is in its mesh"
     for dim, placement in enumerate(grad.placements):
         if placement.is_replicate() and coord[dim] != 0:
             return None

@@ -253,7 +253,7 @@ class RNGTracker:
             self._active.remove(name)
             self._cpu[name].set_state(torch.get_rng_state())
             torch.set_rng_state(outer_cpu)
-            if device is not None:
+            if device is not None and outer_gpu is not None:  # outer_gpu is saved iff there is a device
                 self._gpu[name].set_state(torch.cuda.get_rng_state(device))
                 torch.cuda.set_rng_state(outer_gpu, device)
 

@@ -16,6 +16,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,8 @@ from torch import nn
 import kernels
 from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.config import Config
-from mimo_titan.errors import ConfigError, TrainingError, UserError
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
+from mimo_titan.errors import ConfigError, TrainingError, UserError
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.cp import apply_cp
@@ -37,7 +38,11 @@ from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.optim import (
-    all_reduce_sum, build_lr_scheduler, build_optimizer, clip_grad_norm_, global_grad_sq_norm,
+    all_reduce_sum,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_grad_norm_,
+    global_grad_sq_norm,
 )
 from mimo_titan.train.rng import RNGTracker, module_seeds
 from mimo_titan.train.stop import GracefulStop
@@ -207,7 +212,7 @@ def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+        extra: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 device_id=device if use_cuda else None, **extra)
     return rank, world, device
@@ -221,8 +226,8 @@ class Job:
     topology: Topology
     device: torch.device
     modules: dict[str, nn.Module]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    optimizers: dict[str, torch.optim.AdamW]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     schedule: MimoSchedule
     processor: ImageTextProcessor
     moe_keys: list[str] = field(default_factory=list)  # every MoE layer of the model, same order on every rank
@@ -350,7 +355,7 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
 
 
-def canonical_named_parameters(job: "Job"):
+def canonical_named_parameters(job: Job):
     """``(name, param)`` of this rank's parts under the single-process :class:`MimoModel` names
     (``vision.*``, ``language.*``), so a part can be compared with or loaded from the full model."""
     for module_name, module in job.modules.items():
@@ -449,7 +454,7 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
     ids = global_batch.sample_ids
     sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
-    rec = {"step": job.step, "loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+    rec: dict[str, Any] = {"step": job.step, "loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
            "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device),
            "sample_ids": sample_ids, "skipped": not finite, "stop": float(stats[2]) > 0}
     if job.moe_keys:

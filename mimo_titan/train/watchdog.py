@@ -30,6 +30,7 @@ checks; this version works on gloo and names the rank and its module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -142,10 +143,8 @@ class Watchdog:
             self._thread.join(timeout=2 * self.interval_s + 5)
             self._thread = None
         if self.store is not None and self.world_size > 1:
-            try:
+            with contextlib.suppress(Exception):  # the store may already be gone at exit
                 self._publish(done=True)
-            except Exception:  # noqa: BLE001 - the store may already be gone at exit
-                pass
 
     def __enter__(self) -> Watchdog:
         return self.start()
@@ -187,7 +186,7 @@ class Watchdog:
         keys = [f"hb/{r}" for r in range(self.world_size)]
         present = [r for r in range(self.world_size) if self.store.check([keys[r]])]
         values = self.store.multi_get([keys[r] for r in present]) if present else []
-        out: dict[int, dict | None] = {r: None for r in range(self.world_size)}
+        out: dict[int, dict | None] = dict.fromkeys(range(self.world_size))
         for r, v in zip(present, values):
             out[r] = json.loads(v)
         return out
@@ -244,7 +243,7 @@ class Watchdog:
         last = max(rec["seq"] for _, rec in live)
         behind = [(r, rec) for r, rec in live if rec["seq"] < last]
         if not behind:
-            r0, rec0 = live[0]
+            _, rec0 = live[0]
             return (f"watchdog: all {len(live)} ranks made no progress for {now - oldest:.0f} s, all at step "
                     f"{rec0['step']}, {rec0['phase']}, and every heartbeat is alive: a deadlock or a collective that "
                     f"never completes ({limit}); ending the job", [])
@@ -265,10 +264,8 @@ class Watchdog:
         host = rank_host()
         for r, rec in culprits:
             if rec is not None and r != self.rank and rec.get("host") == host:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(rec["pid"], signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
         if self.on_verdict is not None:
             self.on_verdict(message)
             return
