@@ -24,8 +24,17 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "set_backend", "get_backend", "interpreter_active", "use_triton",
-           "check_backend", "dispatch_counts", "reset_dispatch_counts"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "set_backend",
+    "get_backend",
+    "interpreter_active",
+    "use_triton",
+    "check_backend",
+    "dispatch_counts",
+    "reset_dispatch_counts",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MIMO_TITAN_KERNELS"

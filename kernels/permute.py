@@ -65,8 +65,20 @@ def _block_rank_kernel(ids_ptr, base_ptr, row_map_ptr, TK, E, BLOCK: tl.constexp
 
 
 @triton.jit
-def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, dst_stride, K: tl.constexpr,
-                         HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _scatter_rows_kernel(
+    src_ptr,
+    dst_ptr,
+    row_map_ptr,
+    w_ptr,
+    T,
+    H,
+    src_stride,
+    dst_stride,
+    K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     tmask = t < T
@@ -83,8 +95,20 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride,
 
 
 @triton.jit
-def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, dst_stride, K: tl.constexpr,
-                       HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_sum_kernel(
+    src_ptr,
+    dst_ptr,
+    row_map_ptr,
+    w_ptr,
+    T,
+    H,
+    src_stride,
+    dst_stride,
+    K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     tmask = t < T
@@ -101,8 +125,20 @@ def _gather_sum_kernel(src_ptr, dst_ptr, row_map_ptr, w_ptr, T, H, src_stride, d
 
 
 @triton.jit
-def _row_dot_kernel(g_ptr, src_ptr, row_map_ptr, out_ptr, T, H, g_stride, src_stride, K: tl.constexpr,
-                    N_HBLOCKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _row_dot_kernel(
+    g_ptr,
+    src_ptr,
+    row_map_ptr,
+    out_ptr,
+    T,
+    H,
+    g_stride,
+    src_stride,
+    K: tl.constexpr,
+    N_HBLOCKS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     for k in tl.static_range(K):
@@ -174,8 +210,19 @@ def _scatter_rows(src, row_map, w, n_rows, K, pad_rows=None, zero_all=False):
     if T and H:
         bt, bh = _tiles(T, H, src.device)
         _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
-            src, dst, row_map, w if w is not None else src, T, H, src.stride(0), dst.stride(0), K=K,
-            HAS_W=w is not None, BLOCK_T=bt, BLOCK_H=bh)
+            src,
+            dst,
+            row_map,
+            w if w is not None else src,
+            T,
+            H,
+            src.stride(0),
+            dst.stride(0),
+            K=K,
+            HAS_W=w is not None,
+            BLOCK_T=bt,
+            BLOCK_H=bh,
+        )
     return dst
 
 
@@ -185,8 +232,19 @@ def _gather_sum(src, row_map, w, T, K):
     if T and H:
         bt, bh = _tiles(T, H, src.device)
         _gather_sum_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
-            src, dst, row_map, w if w is not None else src, T, H, src.stride(0), dst.stride(0), K=K,
-            HAS_W=w is not None, BLOCK_T=bt, BLOCK_H=bh)
+            src,
+            dst,
+            row_map,
+            w if w is not None else src,
+            T,
+            H,
+            src.stride(0),
+            dst.stride(0),
+            K=K,
+            HAS_W=w is not None,
+            BLOCK_T=bt,
+            BLOCK_H=bh,
+        )
     return dst
 
 
@@ -197,8 +255,20 @@ def _row_dot(g, src, row_map, T, K):
         bt, bh = _tiles(T, H, g.device)
         if g.device.type == "cuda":
             bt = 1
-        _row_dot_kernel[(triton.cdiv(T, bt),)](g, src, row_map, out, T, H, g.stride(0), src.stride(0), K=K,
-                                              N_HBLOCKS=triton.cdiv(H, bh), BLOCK_T=bt, BLOCK_H=bh)
+        _row_dot_kernel[(triton.cdiv(T, bt),)](
+            g,
+            src,
+            row_map,
+            out,
+            T,
+            H,
+            g.stride(0),
+            src.stride(0),
+            K=K,
+            N_HBLOCKS=triton.cdiv(H, bh),
+            BLOCK_T=bt,
+            BLOCK_H=bh,
+        )
     return out
 
 
@@ -233,7 +303,12 @@ class _Unpermute(torch.autograd.Function):
         probs_c = probs.reshape(-1).contiguous() if probs is not None else None
         out = _gather_sum(permuted, row_map, probs_c, T, K)
         ctx.save_for_backward(permuted, row_map, probs_c)
-        ctx.T, ctx.K, ctx.has_probs, ctx.probs_dtype = T, K, probs is not None, probs.dtype if probs is not None else None
+        ctx.T, ctx.K, ctx.has_probs, ctx.probs_dtype = (
+            T,
+            K,
+            probs is not None,
+            probs.dtype if probs is not None else None,
+        )
         return out
 
     @staticmethod
@@ -243,8 +318,9 @@ class _Unpermute(torch.autograd.Function):
         g_out = g_out.contiguous()
         g_permuted = g_probs = None
         if ctx.needs_input_grad[0]:  # rows no token maps to (padding, only when N > T·K) get zero gradient
-            g_permuted = _scatter_rows(g_out, row_map, probs_c, permuted.shape[0], ctx.K,
-                                       zero_all=permuted.shape[0] > ctx.T * ctx.K)
+            g_permuted = _scatter_rows(
+                g_out, row_map, probs_c, permuted.shape[0], ctx.K, zero_all=permuted.shape[0] > ctx.T * ctx.K
+            )
         if ctx.has_probs and ctx.needs_input_grad[2]:
             g_probs = _row_dot(g_out, permuted, row_map, ctx.T, ctx.K).to(ctx.probs_dtype)
         return g_permuted, None, g_probs, None, None
@@ -253,7 +329,9 @@ class _Unpermute(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------- public API
 def _check_route_inputs(tokens, topk_ids, num_experts, probs, align):
     if tokens.dim() != 2 or topk_ids.dim() != 2 or tokens.shape[0] != topk_ids.shape[0]:
-        raise ValueError(f"tokens must be [T, H] and topk_ids [T, K]; got {tuple(tokens.shape)} and {tuple(topk_ids.shape)}")
+        raise ValueError(
+            f"tokens must be [T, H] and topk_ids [T, K]; got {tuple(tokens.shape)} and {tuple(topk_ids.shape)}"
+        )
     if probs is not None and probs.shape != topk_ids.shape:
         raise ValueError(f"probs must have topk_ids' shape {tuple(topk_ids.shape)}; got {tuple(probs.shape)}")
     if topk_ids.dtype.is_floating_point:
@@ -266,8 +344,15 @@ def _check_route_inputs(tokens, topk_ids, num_experts, probs, align):
             raise ValueError(f"topk_ids must lie in [0, num_experts={num_experts}); found values in [{lo}, {hi}]")
 
 
-def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, probs: torch.Tensor | None = None,
-                   align: int = 1, *, backend: str | None = None):
+def permute_tokens(
+    tokens: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    probs: torch.Tensor | None = None,
+    align: int = 1,
+    *,
+    backend: str | None = None,
+):
     """Group token copies by expert (Megatron's dropless order).
 
     Args:
@@ -301,8 +386,9 @@ def permute_tokens(tokens: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     return permuted, permuted_probs, row_map.view(T, K), per_expert
 
 
-def unpermute_tokens(permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor | None = None, *,
-                     backend: str | None = None) -> torch.Tensor:
+def unpermute_tokens(
+    permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
     """Weighted sum of each token's expert outputs: ``out[t] = Σ_k probs[t, k] · permuted[row_map[t, k]]``.
 
     Args:
@@ -319,8 +405,10 @@ def unpermute_tokens(permuted: torch.Tensor, row_map: torch.Tensor, probs: torch
         ValueError: on shape mismatch.
     """
     if permuted.dim() != 2 or row_map.dim() != 2 or (probs is not None and probs.shape != row_map.shape):
-        raise ValueError(f"permuted must be [N, H], row_map [T, K] and probs [T, K]; got {tuple(permuted.shape)}, "
-                         f"{tuple(row_map.shape)}, {None if probs is None else tuple(probs.shape)}")
+        raise ValueError(
+            f"permuted must be [N, H], row_map [T, K] and probs [T, K]; got {tuple(permuted.shape)}, "
+            f"{tuple(row_map.shape)}, {None if probs is None else tuple(probs.shape)}"
+        )
     if not use_triton(backend, permuted, row_map, probs):
         return unpermute_tokens_ref(permuted, row_map, probs)
     T, K = row_map.shape

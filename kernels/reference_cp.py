@@ -89,9 +89,7 @@ def zigzag_shard_thd_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zigzag-shard each packed document of ``x`` (``[T, ...]``) separately; see ``zigzag_shard_thd``."""
     bounds = _ints(cu_seqlens)
-    pieces = [
-        zigzag_shard_reference(x[s:e], cp_size, cp_rank, 0) for s, e in pairwise(bounds) if e > s
-    ]
+    pieces = [zigzag_shard_reference(x[s:e], cp_size, cp_rank, 0) for s, e in pairwise(bounds) if e > s]
     return _cat(pieces, x, 0), cu_seqlens // cp_size
 
 

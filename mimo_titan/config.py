@@ -320,30 +320,36 @@ class MoEConfig:
             return []
         out: list[tuple[str, str]] = []
         if self.top_k > self.num_experts:
-            out.append((
-                "top_k",
-                f"top_k must be <= num_experts={self.num_experts} (each token picks top_k "
-                f"distinct experts); set '{{p}}.top_k' to at most {self.num_experts} "
-                f"or raise '{{p}}.num_experts'",
-            ))
+            out.append(
+                (
+                    "top_k",
+                    f"top_k must be <= num_experts={self.num_experts} (each token picks top_k "
+                    f"distinct experts); set '{{p}}.top_k' to at most {self.num_experts} "
+                    f"or raise '{{p}}.num_experts'",
+                )
+            )
         if self.intermediate_size <= 0:
-            out.append((
-                "intermediate_size",
-                f"a MoE module (num_experts={self.num_experts}) needs the per-expert SwiGLU width; "
-                f"set '{{p}}.intermediate_size' > 0, or set '{{p}}.num_experts = 0' for a dense module",
-            ))
+            out.append(
+                (
+                    "intermediate_size",
+                    f"a MoE module (num_experts={self.num_experts}) needs the per-expert SwiGLU width; "
+                    f"set '{{p}}.intermediate_size' > 0, or set '{{p}}.num_experts = 0' for a dense module",
+                )
+            )
         return out
 
 
 def _moe_layer_problems(num_layers: int, moe: MoEConfig) -> list[tuple[str, str]]:
     """The module-level MoE check: a MoE module must have at least one MoE layer."""
     if moe.num_experts > 0 and moe.first_layer >= num_layers:
-        return [(
-            "moe.first_layer",
-            f"first_layer must be < num_layers={num_layers}, otherwise no layer is MoE although "
-            f"num_experts={moe.num_experts}; lower '{{p}}.moe.first_layer' or set "
-            f"'{{p}}.moe.num_experts = 0' for a dense module",
-        )]
+        return [
+            (
+                "moe.first_layer",
+                f"first_layer must be < num_layers={num_layers}, otherwise no layer is MoE although "
+                f"num_experts={moe.num_experts}; lower '{{p}}.moe.first_layer' or set "
+                f"'{{p}}.moe.num_experts = 0' for a dense module",
+            )
+        ]
     return []
 
 
@@ -363,12 +369,16 @@ def _heads_problem(hidden_size: int, num_heads: int, rope: bool) -> tuple[str, s
     if hidden_size % num_heads == 0:
         return None
     if rope:
-        fixes = (f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * num_heads} (an even head dim, "
-                 f"as RoPE needs; e.g. {_near_multiples(hidden_size, 2 * num_heads)}), change '{{p}}.num_heads' "
-                 "or set '{p}.head_dim'")
+        fixes = (
+            f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * num_heads} (an even head dim, "
+            f"as RoPE needs; e.g. {_near_multiples(hidden_size, 2 * num_heads)}), change '{{p}}.num_heads' "
+            "or set '{p}.head_dim'"
+        )
     else:
-        fixes = (f"set '{{p}}.hidden_size' to a multiple of num_heads (e.g. {_near_multiples(hidden_size, num_heads)}) "
-                 "or change '{p}.num_heads'")
+        fixes = (
+            f"set '{{p}}.hidden_size' to a multiple of num_heads (e.g. {_near_multiples(hidden_size, num_heads)}) "
+            "or change '{p}.num_heads'"
+        )
     return (
         "hidden_size",
         f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}, so the head dim would not be an "
@@ -408,14 +418,17 @@ class VisionModelConfig:
         if size % patch:
             fixes = " or ".join(
                 f"{n * patch} ({n} x {n} = {n * n} {'patch' if n == 1 else 'patches'} per image)"
-                for n in (size // patch, size // patch + 1) if n > 0
+                for n in (size // patch, size // patch + 1)
+                if n > 0
             )
-            out.append((
-                "image_size",
-                f"image_size={size} is not a multiple of patch_size={patch}, so the image does not split into "
-                f"whole patches ({size} / {patch} = {size / patch:g} per side); set '{{p}}.image_size' to a "
-                f"multiple of {patch}, e.g. {fixes}, or change '{{p}}.patch_size'",
-            ))
+            out.append(
+                (
+                    "image_size",
+                    f"image_size={size} is not a multiple of patch_size={patch}, so the image does not split into "
+                    f"whole patches ({size} / {patch} = {size / patch:g} per side); set '{{p}}.image_size' to a "
+                    f"multiple of {patch}, e.g. {fixes}, or change '{{p}}.patch_size'",
+                )
+            )
         return out + _moe_layer_problems(self.num_layers, self.moe)
 
 
@@ -452,27 +465,33 @@ class LanguageModelConfig:
         if problem is not None:
             out.append(problem)
         elif self.head_dim is not None and self.head_dim % 2:
-            out.append((
-                "head_dim",
-                f"head_dim={self.head_dim} is odd, but RoPE rotates pairs of dimensions; set '{{p}}.head_dim' to "
-                f"an even number (e.g. {self.head_dim + 1})",
-            ))
+            out.append(
+                (
+                    "head_dim",
+                    f"head_dim={self.head_dim} is odd, but RoPE rotates pairs of dimensions; set '{{p}}.head_dim' to "
+                    f"an even number (e.g. {self.head_dim + 1})",
+                )
+            )
         elif self.head_dim is None and (self.hidden_size // heads) % 2:
-            out.append((
-                "hidden_size",
-                f"the head dim hidden_size / num_heads = {self.hidden_size} / {heads} = "
-                f"{self.hidden_size // heads} is odd, but RoPE rotates pairs of dimensions; "
-                f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * heads} "
-                f"(e.g. {_near_multiples(self.hidden_size, 2 * heads)}), or set '{{p}}.head_dim' to an even number",
-            ))
+            out.append(
+                (
+                    "hidden_size",
+                    f"the head dim hidden_size / num_heads = {self.hidden_size} / {heads} = "
+                    f"{self.hidden_size // heads} is odd, but RoPE rotates pairs of dimensions; "
+                    f"set '{{p}}.hidden_size' to a multiple of 2 * num_heads = {2 * heads} "
+                    f"(e.g. {_near_multiples(self.hidden_size, 2 * heads)}), or set '{{p}}.head_dim' to an even number",
+                )
+            )
         if heads % kv:
             divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
-            out.append((
-                "num_kv_heads",
-                f"num_heads={heads} is not a multiple of num_kv_heads={kv}: grouped-query attention shares each "
-                f"key/value head among num_heads / num_kv_heads query heads; set '{{p}}.num_kv_heads' to a "
-                f"divisor of {heads} ({divisors})",
-            ))
+            out.append(
+                (
+                    "num_kv_heads",
+                    f"num_heads={heads} is not a multiple of num_kv_heads={kv}: grouped-query attention shares each "
+                    f"key/value head among num_heads / num_kv_heads query heads; set '{{p}}.num_kv_heads' to a "
+                    f"divisor of {heads} ({divisors})",
+                )
+            )
         return out + _moe_layer_problems(self.num_layers, self.moe)
 
 
@@ -543,17 +562,31 @@ class TrainingConfig:
 
     def _config_problems(self) -> list[tuple[str, str]]:
         if self.steps is None and self.samples is None:
-            return [("steps", "the run length is missing; set '{p}.steps' (optimizer steps) or '{p}.samples' "
-                              "(language-model samples, counted like global_batch_size)")]
+            return [
+                (
+                    "steps",
+                    "the run length is missing; set '{p}.steps' (optimizer steps) or '{p}.samples' "
+                    "(language-model samples, counted like global_batch_size)",
+                )
+            ]
         if self.steps is not None and self.samples is not None:
-            return [("samples", f"'{{p}}.steps' = {self.steps} is set too; give the run length once: remove "
-                                "one of '{p}.steps' and '{p}.samples'")]
+            return [
+                (
+                    "samples",
+                    f"'{{p}}.steps' = {self.steps} is set too; give the run length once: remove "
+                    "one of '{p}.steps' and '{p}.samples'",
+                )
+            ]
         gbs, mb = self.global_batch_size, self.microbatches
         if gbs % mb:
-            return [("global_batch_size",
-                     f"global_batch_size={gbs} is not divisible by microbatches={mb}, so the global batch does not "
-                     f"split into equal microbatches; set '{{p}}.global_batch_size' to a multiple of {mb} (e.g. "
-                     f"{_near_multiples(gbs, mb)}) or '{{p}}.microbatches' to a divisor of {gbs}")]
+            return [
+                (
+                    "global_batch_size",
+                    f"global_batch_size={gbs} is not divisible by microbatches={mb}, so the global batch does not "
+                    f"split into equal microbatches; set '{{p}}.global_batch_size' to a multiple of {mb} (e.g. "
+                    f"{_near_multiples(gbs, mb)}) or '{{p}}.microbatches' to a divisor of {gbs}",
+                )
+            ]
         return []
 
     steps: int | None = _opt(None, ge=1)
@@ -670,14 +703,19 @@ class Config:
         t, warmup = self.training, self.lr_schedule.warmup_steps
         total = t.total_steps
         if warmup > total:
-            run = (f"training.steps={t.steps}" if t.steps is not None else
-                   f"training.samples={t.samples} / training.global_batch_size={t.global_batch_size}, rounded up")
-            return [(
-                "lr_schedule.warmup_steps",
-                f"warmup_steps={warmup} is longer than the run of {_plural(total, 'optimizer step')} ({run}), so "
-                f"the learning rate would never reach its peak; set 'lr_schedule.warmup_steps' to at most {total} "
-                "or lengthen the run",
-            )]
+            run = (
+                f"training.steps={t.steps}"
+                if t.steps is not None
+                else f"training.samples={t.samples} / training.global_batch_size={t.global_batch_size}, rounded up"
+            )
+            return [
+                (
+                    "lr_schedule.warmup_steps",
+                    f"warmup_steps={warmup} is longer than the run of {_plural(total, 'optimizer step')} ({run}), so "
+                    f"the learning rate would never reach its peak; set 'lr_schedule.warmup_steps' to at most {total} "
+                    "or lengthen the run",
+                )
+            ]
         return []
 
     def to_dict(self) -> dict[str, Any]:
@@ -787,9 +825,7 @@ def _type_error(tp: Any, value: Any, key: str, ctx: _Ctx) -> ConfigError:
         fix = f"write '{key.rsplit('.', 1)[-1]} = <value>' instead of a [{key}] table"
     else:
         fix = f"give it a value of type {expected}"
-    return ConfigError(
-        f"wrong type for {ctx.where(key)}: expected {expected}, got {_describe_value(value)}; {fix}"
-    )
+    return ConfigError(f"wrong type for {ctx.where(key)}: expected {expected}, got {_describe_value(value)}; {fix}")
 
 
 def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
@@ -844,9 +880,7 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], key: str, ctx: _Ctx)
         canonical = {c.lower(): c for c in choices}.get(value.lower())
         if canonical is None:
             allowed = ", ".join(repr(c) for c in choices)
-            raise ConfigError(
-                f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}"
-            )
+            raise ConfigError(f"invalid value {value!r} for {ctx.where(key)}; use one of: {allowed}")
         value = canonical
     length = meta.get("length")
     if length is not None and len(value) != length:
@@ -918,9 +952,7 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
     for name in data:
         if name not in fields:
             key = _join(prefix, name)
-            raise ConfigError(
-                f"unknown key '{key}' in {ctx.source}; {_suggest(cls, prefix, name)}"
-            )
+            raise ConfigError(f"unknown key '{key}' in {ctx.source}; {_suggest(cls, prefix, name)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = _join(prefix, name)
@@ -930,17 +962,14 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
             kwargs[name] = _check_constraints(value, f.metadata, key, ctx)
         elif not _has_default(f):
             if _is_dataclass_type(tp):
-                required = [
-                    g.name for g in dataclasses.fields(tp) if not _has_default(g)
-                ]
+                required = [g.name for g in dataclasses.fields(tp) if not _has_default(g)]
                 raise ConfigError(
                     f"missing required section '{key}' in {ctx.source}; add the [{key}] table"
                     f" with at least: {', '.join(required)}"
                 )
             section = f"[{prefix}]" if prefix else "the top level"
             raise ConfigError(
-                f"missing required key '{key}' in {ctx.source}; add '{name} = <{_describe_type(tp)}>'"
-                f" under {section}"
+                f"missing required key '{key}' in {ctx.source}; add '{name} = <{_describe_type(tp)}>' under {section}"
             )
     obj = cls(**kwargs)
     ctx.built.append((obj, prefix))
@@ -980,7 +1009,7 @@ def _names_key(text: str, key: str, prefix: str) -> bool:
     """Whether ``text`` (a problem of table ``prefix``) names dotted ``key``, in full or relative to the table."""
     names = [key]
     if prefix and key.startswith(prefix + "."):
-        names.append(key[len(prefix) + 1:])
+        names.append(key[len(prefix) + 1 :])
     return any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text) for n in names)
 
 
@@ -1041,10 +1070,7 @@ def _split_overrides(tokens: Sequence[str], source: str) -> list[tuple[str, str,
             i += 1
         else:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ConfigError(
-                    f"override '{tok}' for {source} has no value; "
-                    f"write '{tok}=VALUE' or '{tok} VALUE'"
-                )
+                raise ConfigError(f"override '{tok}' for {source} has no value; write '{tok}=VALUE' or '{tok} VALUE'")
             key, text = body, tokens[i + 1]
             shown = f"{tok} {text}"
             i += 2
@@ -1067,8 +1093,7 @@ def _apply_override(raw: dict, key: str, text: str, shown: str, ctx: _Ctx) -> No
         names = {f.name for f in dataclasses.fields(cls)}
         if part not in names:
             raise ConfigError(
-                f"unknown key '{key}' in override '{shown}' for {ctx.source}; "
-                f"{_suggest(cls, prefix, part)}"
+                f"unknown key '{key}' in override '{shown}' for {ctx.source}; {_suggest(cls, prefix, part)}"
             )
         tp = _hints(cls)[part]
     if _is_dataclass_type(tp):
@@ -1102,9 +1127,7 @@ def _apply_override(raw: dict, key: str, text: str, shown: str, ctx: _Ctx) -> No
 # --------------------------------------------------------------------------
 
 
-def config_from_dict(
-    data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>"
-) -> Config:
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> Config:
     """Build a :class:`Config` from an already-parsed TOML-like dict.
 
     Useful for tests and programmatic construction; :func:`load_config` is a
@@ -1155,9 +1178,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     """
     source = os.fspath(path)
     if not os.path.exists(source):
-        raise ConfigError(
-            f"config file '{source}' does not exist; check the path given to --config"
-        )
+        raise ConfigError(f"config file '{source}' does not exist; check the path given to --config")
     if os.path.isdir(source):
         raise ConfigError(f"config path '{source}' is a directory; pass a .toml file")
     try:

@@ -51,15 +51,26 @@ def _copy_bandwidth(device) -> float:
 
 def _row(kind, shape, nbytes, t_us, t_ref_us, copy_bw):
     gbps = nbytes / (t_us * 1e-6) / 1e9
-    return {"kernel": kind, "shape": shape, "bytes": nbytes, "time_us": round(t_us, 2), "GBps": round(gbps, 1),
-            "pct_copy_bw": round(100 * gbps / copy_bw, 1), "ref_time_us": round(t_ref_us, 2),
-            "speedup_vs_ref": round(t_ref_us / t_us, 2)}
+    return {
+        "kernel": kind,
+        "shape": shape,
+        "bytes": nbytes,
+        "time_us": round(t_us, 2),
+        "GBps": round(gbps, 1),
+        "pct_copy_bw": round(100 * gbps / copy_bw, 1),
+        "ref_time_us": round(t_ref_us, 2),
+        "speedup_vs_ref": round(t_ref_us / t_us, 2),
+    }
 
 
 def bench_permute(device, copy_bw, quick):
     from kernels import permute_tokens, unpermute_tokens
 
-    grid = [(8192, 4096, 8, 64)] if quick else itertools.product((4096, 8192, 16384), (2048, 4096, 7168), (1, 2, 8), (8, 64, 256))
+    grid = (
+        [(8192, 4096, 8, 64)]
+        if quick
+        else itertools.product((4096, 8192, 16384), (2048, 4096, 7168), (1, 2, 8), (8, 64, 256))
+    )
     if SMOKE:
         grid = [(64, 32, 2, 8), (40, 16, 8, 64)]
     rows = []
@@ -76,13 +87,29 @@ def bench_permute(device, copy_bw, quick):
         assert all(torch.equal(a, b) for a, b in zip(out, ref)), f"permute mismatch at {(T, H, K, E)}"
         nbytes = x.element_size() * T * H * (1 + K)
         shape = f"T={T} H={H} K={K} E={E}"
-        rows.append(_row("permute_fwd", shape, nbytes, _bench(lambda: permute_tokens(x, ids, E, probs, backend=BACKEND)),
-                         _bench(lambda: permute_tokens(x, ids, E, probs, backend="torch")), copy_bw))
+        rows.append(
+            _row(
+                "permute_fwd",
+                shape,
+                nbytes,
+                _bench(lambda: permute_tokens(x, ids, E, probs, backend=BACKEND)),
+                _bench(lambda: permute_tokens(x, ids, E, probs, backend="torch")),
+                copy_bw,
+            )
+        )
         permuted, _, row_map, _ = out
         u = unpermute_tokens(permuted, row_map, probs, backend=BACKEND)
         torch.testing.assert_close(u, unpermute_tokens(permuted, row_map, probs, backend="torch"), rtol=1e-2, atol=1e-2)
-        rows.append(_row("unpermute_fwd", shape, nbytes, _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend=BACKEND)),
-                         _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend="torch")), copy_bw))
+        rows.append(
+            _row(
+                "unpermute_fwd",
+                shape,
+                nbytes,
+                _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend=BACKEND)),
+                _bench(lambda: unpermute_tokens(permuted, row_map, probs, backend="torch")),
+                copy_bw,
+            )
+        )
     return rows
 
 
@@ -99,8 +126,16 @@ def bench_zigzag(device, copy_bw, quick):
         ref = lambda: torch.cat([x.chunk(2 * cp, 1)[0], x.chunk(2 * cp, 1)[2 * cp - 1]], 1)  # noqa: E731
         assert torch.equal(zigzag_shard(x, cp, 0, 1, backend=BACKEND), ref())
         nbytes = 2 * x.numel() // cp * x.element_size()
-        rows.append(_row("zigzag_shard_bshd", f"S={S} cp={cp} [1,S,{heads},{dim}]", nbytes,
-                         _bench(lambda: zigzag_shard(x, cp, 0, 1, backend=BACKEND)), _bench(ref), copy_bw))
+        rows.append(
+            _row(
+                "zigzag_shard_bshd",
+                f"S={S} cp={cp} [1,S,{heads},{dim}]",
+                nbytes,
+                _bench(lambda: zigzag_shard(x, cp, 0, 1, backend=BACKEND)),
+                _bench(ref),
+                copy_bw,
+            )
+        )
         # THD: 16 documents of random lengths (multiples of 2*cp) packed to S tokens
         torch.manual_seed(S + cp)  # Dirichlet.sample takes no generator: seed the global one
         parts = torch.distributions.Dirichlet(torch.ones(16)).sample() * (S // (2 * cp))
@@ -108,15 +143,25 @@ def bench_zigzag(device, copy_bw, quick):
         lens[-1] += S // (2 * cp) - int(lens.sum())
         cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens * 2 * cp, 0)]).to(device)
         xt = x.view(S, heads, dim)
+
         def ref_thd():
             pieces = []
             for d in range(16):
-                chunks = xt[int(cu[d]):int(cu[d + 1])].chunk(2 * cp, 0)
+                chunks = xt[int(cu[d]) : int(cu[d + 1])].chunk(2 * cp, 0)
                 pieces += [chunks[0], chunks[2 * cp - 1]]
             return torch.cat(pieces)
+
         assert torch.equal(zigzag_shard_thd(xt, cu, cp, 0, backend=BACKEND)[0], ref_thd())
-        rows.append(_row("zigzag_shard_thd", f"S={S} cp={cp} docs=16 [S,{heads},{dim}]", nbytes,
-                         _bench(lambda: zigzag_shard_thd(xt, cu, cp, 0, backend=BACKEND)), _bench(ref_thd), copy_bw))
+        rows.append(
+            _row(
+                "zigzag_shard_thd",
+                f"S={S} cp={cp} docs=16 [S,{heads},{dim}]",
+                nbytes,
+                _bench(lambda: zigzag_shard_thd(xt, cu, cp, 0, backend=BACKEND)),
+                _bench(ref_thd),
+                copy_bw,
+            )
+        )
     return rows
 
 
@@ -136,8 +181,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_kernels.json", help="where to write the JSON results")
     ap.add_argument("--quick", action="store_true", help="only the cases that carry targets")
-    ap.add_argument("--smoke", action="store_true",
-                    help="check the script on CPU: tiny shapes, Triton interpreter (needs TRITON_INTERPRET=1)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script on CPU: tiny shapes, Triton interpreter (needs TRITON_INTERPRET=1)",
+    )
     args = ap.parse_args(argv)
     global SMOKE, BACKEND
     if args.smoke:
@@ -156,17 +204,28 @@ def main(argv=None) -> int:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['kernel']:<18} {r['shape']:<36} {r['time_us']:>9.1f} {r['GBps']:>8.0f} {r['pct_copy_bw']:>6.1f} "
-              f"{r['ref_time_us']:>9.1f} {r['speedup_vs_ref']:>7.2f}")
+        print(
+            f"{r['kernel']:<18} {r['shape']:<36} {r['time_us']:>9.1f} {r['GBps']:>8.0f} {r['pct_copy_bw']:>6.1f} "
+            f"{r['ref_time_us']:>9.1f} {r['speedup_vs_ref']:>7.2f}"
+        )
     targets = check_targets(rows)
     for desc, val, ok in targets:
         print(f"target {'met' if ok else 'MISSED'}: {desc} (measured {val})")
     import triton
 
     with open(args.out, "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                   "copy_bandwidth_GBps": round(copy_bw, 1), "results": rows,
-                   "targets": [{"target": d, "measured": v, "met": ok} for d, v, ok in targets]}, f, indent=1)
+        json.dump(
+            {
+                "device": name,
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "copy_bandwidth_GBps": round(copy_bw, 1),
+                "results": rows,
+                "targets": [{"target": d, "measured": v, "met": ok} for d, v, ok in targets],
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -27,15 +27,21 @@ def backends(world_size: int):
     have = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
     return [
         pytest.param("gloo", id="gloo"),
-        pytest.param("nccl", id="nccl", marks=[pytest.mark.nccl,
-                                               pytest.mark.skipif(not have, reason=f"needs {world_size} CUDA devices")]),
+        pytest.param(
+            "nccl",
+            id="nccl",
+            marks=[pytest.mark.nccl, pytest.mark.skipif(not have, reason=f"needs {world_size} CUDA devices")],
+        ),
     ]
 
 
 def per_layout_backends(worlds: dict[str, int]) -> list:
     """``(layout, backend)`` pytest params: every layout on gloo, and on NCCL when its own world size fits the GPUs."""
-    return [pytest.param(name, *b.values, marks=b.marks, id=f"{b.id}-{name}")
-            for name, world in worlds.items() for b in backends(world)]
+    return [
+        pytest.param(name, *b.values, marks=b.marks, id=f"{b.id}-{name}")
+        for name, world in worlds.items()
+        for b in backends(world)
+    ]
 
 
 def _free_port() -> int:
@@ -48,8 +54,9 @@ def _worker(fn, rank, world_size, port, backend, queue, args):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     try:
         if backend == "nccl":
             device = torch.device("cuda", rank)
@@ -57,8 +64,9 @@ def _worker(fn, rank, world_size, port, backend, queue, args):
         else:
             device = torch.device("cpu")
         # as in production (mimo_titan.train.trainer.init_distributed): NCCL gets device_id (eager communicators)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None
+        )
         result = fn(rank, world_size, device, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -75,8 +83,10 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
     """
     queue = _CTX.Queue()
     port = _free_port()
-    procs = [_CTX.Process(target=_worker, args=(fn, r, world_size, port, backend, queue, args), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        _CTX.Process(target=_worker, args=(fn, r, world_size, port, backend, queue, args), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results, errors = {}, {}

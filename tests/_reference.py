@@ -35,8 +35,9 @@ class ReferenceTrainer:
         for m in self.moe.values():
             m.aux_loss_scale = 1.0 / cfg.training.microbatches
         o = cfg.optimizer
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.steps = 0
 
     def step(self, batch) -> tuple[float, float]:
@@ -50,9 +51,13 @@ class ReferenceTrainer:
         for i in range(M):
             part = batch.slice(i * mb, (i + 1) * mb)
             packed = getattr(part, "doc_ids", None) is not None  # THD rows: per-document positions and masks
-            logits = self.model(part.input_ids, part.pixel_values, *((part.position_ids, part.doc_ids) if packed else ()))
-            ce = F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100,
-                                 reduction="sum") / n_loss
+            logits = self.model(
+                part.input_ids, part.pixel_values, *((part.position_ids, part.doc_ids) if packed else ())
+            )
+            ce = (
+                F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100, reduction="sum")
+                / n_loss
+            )
             ce.backward()
             loss += ce.item()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)

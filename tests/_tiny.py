@@ -12,10 +12,23 @@ if not SHARED.exists():  # CI clones the repo with shared/ beside it; fall back 
 BASE = {
     "job": {"name": "test", "seed": 1234},
     "model": {
-        "vision": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                   "intermediate_size": 64, "projector_intermediate_size": 64},
-        "language": {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-                     "num_heads": 4, "num_kv_heads": 2},
+        "vision": {
+            "image_size": 32,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "projector_intermediate_size": 64,
+        },
+        "language": {
+            "vocab_size": 2048,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+        },
     },
     "parallelism": {"pipeline_schedule": "1F1B", "mixed_precision_param": "float32"},
     "training": {"steps": 10, "global_batch_size": 4, "microbatches": 2, "seq_len": 48, "max_grad_norm": 1.0},

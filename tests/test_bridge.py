@@ -20,7 +20,10 @@ from mimo_titan.topology import ModuleLayout
 
 def test_routes_two_to_three():
     assert plan_routes(6, 2, 3) == (
-        Route(0, 0, 0, 2), Route(0, 1, 2, 3), Route(1, 1, 3, 4), Route(1, 2, 4, 6),
+        Route(0, 0, 0, 2),
+        Route(0, 1, 2, 3),
+        Route(1, 1, 3, 4),
+        Route(1, 2, 4, 6),
     )
 
 
@@ -43,8 +46,11 @@ def test_module_rank_follows_mesh_order():
     lay = ModuleLayout("language", rank_offset=2, num_ranks=6, pp=2, dp_shard=3, is_language=True)
     assert [module_rank(lay, 0, d) for d in range(3)] == [2, 3, 4]
     assert [module_rank(lay, 1, d) for d in range(3)] == [5, 6, 7]
-    assert all(lay.coordinate(module_rank(lay, p, d))["pp"] == p and lay.dp_rank(module_rank(lay, p, d)) == d
-               for p in range(2) for d in range(3))
+    assert all(
+        lay.coordinate(module_rank(lay, p, d))["pp"] == p and lay.dp_rank(module_rank(lay, p, d)) == d
+        for p in range(2)
+        for d in range(3)
+    )
 
 
 def _tag_rows(batch, tokens_per_image):
@@ -76,10 +82,12 @@ def _pairing_worker(rank, world, device, cfg_dict):
     M = cfg.training.microbatches
     S = len(batch) // M
     bridge = Bridge(layouts["vision"], layouts["language"], S, tpi, 4, torch.float64, device, rank)
-    ims = lambda m: batch.images_per_sample[m * S:(m + 1) * S]  # noqa: E731
+    ims = lambda m: batch.images_per_sample[m * S : (m + 1) * S]  # noqa: E731
     cp = layouts["language"].cp
-    row_cp = [image_row_cp_ranks(batch.input_ids[m * S:(m + 1) * S], proc.image_token_id, cp) if cp > 1 else None
-              for m in range(M)]
+    row_cp = [
+        image_row_cp_ranks(batch.input_ids[m * S : (m + 1) * S], proc.image_token_id, cp) if cp > 1 else None
+        for m in range(M)
+    ]
     sent, received, cp_rank = {}, 0, None
     if role.holds("vision"):  # every encoder tp rank calls (tp rank 0 sends)
         dp = role.dp_rank("vision")
@@ -107,8 +115,13 @@ def _pairing_worker(rank, world, device, cfg_dict):
         for m in range(M):
             torch.testing.assert_close(bridge.recv_backward(m, dp, ims(m), row_cp[m]), sent[m] * 2 + 1, rtol=0, atol=0)
     bridge.wait()
-    return {"received": received, "cp_rank": cp_rank, "total": int(batch.images_per_sample.sum()) * tpi,
-            "ids": batch.sample_ids.tolist(), "images": batch.images_per_sample.tolist()}
+    return {
+        "received": received,
+        "cp_rank": cp_rank,
+        "total": int(batch.images_per_sample.sum()) * tpi,
+        "ids": batch.sample_ids.tolist(),
+        "images": batch.images_per_sample.tolist(),
+    }
 
 
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
@@ -127,8 +140,12 @@ PAIRING = {
 @pytest.mark.parametrize("layout,backend", per_layout_backends({k: v[0] for k, v in PAIRING.items()}))
 def test_each_sample_sees_its_own_images(layout, backend):
     world, vision, language, gbs = PAIRING[layout]
-    cfg = tiny_config_dict(vision, language, data={"max_images_per_sample": 3},
-                           training={"global_batch_size": gbs, "microbatches": 2, "seq_len": 24 if "cp4" in layout else 48})
+    cfg = tiny_config_dict(
+        vision,
+        language,
+        data={"max_images_per_sample": 3},
+        training={"global_batch_size": gbs, "microbatches": 2, "seq_len": 24 if "cp4" in layout else 48},
+    )
     res = run_ranks(_pairing_worker, world, cfg, backend=backend)
     assert sum(r["received"] for r in res) == res[0]["total"] > 0  # every image token arrived exactly once
     cps = {r["cp_rank"] for r in res} - {None}

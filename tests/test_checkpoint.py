@@ -24,8 +24,19 @@ from mimo_titan.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
-MOE = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
-                                      "load_balance": "aux_free", "bias_update_rate": 0.05}}}}
+MOE = {
+    "model": {
+        "language": {
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "intermediate_size": 32,
+                "load_balance": "aux_free",
+                "bias_update_rate": 0.05,
+            }
+        }
+    }
+}
 
 
 def _write_training_checkpoint(path: str, cfg, stream: dict, global_batch_size: int | None = None, step: int = 2):
@@ -40,8 +51,11 @@ def _write_training_checkpoint(path: str, cfg, stream: dict, global_batch_size: 
     params = split_experts({k: v.detach() for k, v in model.named_parameters()})
     gbs = global_batch_size or cfg.training.global_batch_size
     moments = {f"{k}.{m}": torch.zeros_like(v) for k, v in params.items() for m in ("exp_avg", "exp_avg_sq")}
-    state = {"model": split_experts({k: v.detach() for k, v in model.state_dict().items()}), "optimizer": moments,
-             "extra": {"train": json.dumps({"step": step, "global_batch_size": gbs}), "dataloader": json.dumps(stream)}}
+    state = {
+        "model": split_experts({k: v.detach() for k, v in model.state_dict().items()}),
+        "optimizer": moments,
+        "extra": {"train": json.dumps({"step": step, "global_batch_size": gbs}), "dataloader": json.dumps(stream)},
+    }
     dcp.save(state, checkpoint_id=path, no_dist=True)
 
 
@@ -68,10 +82,12 @@ def test_resume_continues_bit_for_bit(layout, tmp_path):
         "noncolocated_pp2": (V(0, 2, dp_shard=2), V(2, 2, pp=2), 4, {}),
         "moe_aux_free_ep2_pp2": (V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), 5, MOE),
     }[layout]
-    cfg_dict = tiny_config_dict(vision, language, training={"steps": 20}, optimizer={"lr": 3e-3},
-                                lr_schedule={"warmup_steps": 2}, **extra)
-    straight, first, second = run_ranks(_resume_worker, world, cfg_dict, str(tmp_path / "a"), str(tmp_path / "b"),
-                                        timeout=480)[0]
+    cfg_dict = tiny_config_dict(
+        vision, language, training={"steps": 20}, optimizer={"lr": 3e-3}, lr_schedule={"warmup_steps": 2}, **extra
+    )
+    straight, first, second = run_ranks(
+        _resume_worker, world, cfg_dict, str(tmp_path / "a"), str(tmp_path / "b"), timeout=480
+    )[0]
     assert [r["step"] for r in first] == list(range(1, 11)) and [r["step"] for r in second] == list(range(11, 21))
     resumed = first + second
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exact, fp32 on CPU
@@ -94,13 +110,20 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
     """Save after step 2 under one layout, resume under another: steps 3 and 4 equal the saving layout's own (step 3
     checks the weights, step 4 also the resharded AdamW moments and the LR schedule)."""
     (v_save, l_save, w_save), (v_load, l_load, w_load), gbs, extra = {
-        "dense_dp3_to_tp2dp2_encoder_dp2_to_1": ((V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), 5),
-                                                 (V(0, 1), V(1, 4, tp=2, dp_shard=2), 5), 12, {}),
-        "moe_ep2etp2_to_pp2_ep1": ((V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), 5),
-                                   (V(0, 2, dp_shard=2), V(2, 4, pp=2, dp_shard=2), 6), 16, MOE),
+        "dense_dp3_to_tp2dp2_encoder_dp2_to_1": (
+            (V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), 5),
+            (V(0, 1), V(1, 4, tp=2, dp_shard=2), 5),
+            12,
+            {},
+        ),
+        "moe_ep2etp2_to_pp2_ep1": (
+            (V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), 5),
+            (V(0, 2, dp_shard=2), V(2, 4, pp=2, dp_shard=2), 6),
+            16,
+            MOE,
+        ),
     }[case]
-    common = dict(training={"steps": 4, "global_batch_size": gbs, "microbatches": 2}, optimizer={"lr": 3e-3},
-                  **extra)
+    common = dict(training={"steps": 4, "global_batch_size": gbs, "microbatches": 2}, optimizer={"lr": 3e-3}, **extra)
     saver = tiny_config_dict(v_save, l_save, **common)
     loader = tiny_config_dict(v_load, l_load, **common)
     folder = str(tmp_path / "ckpt")
@@ -160,7 +183,7 @@ def test_initial_load_path_fills_every_layout_from_a_full_state(tmp_path):
             want = state[name]
             weight = name.rsplit(".", 1)[-1]
             if weight in EXPERT_WEIGHTS:  # this rank's 2 experts and its half of the width I
-                want = want[ep * 2:(ep + 1) * 2]
+                want = want[ep * 2 : (ep + 1) * 2]
                 width_dim = 2 if weight in ("w_gate", "w_up") else 1
                 half = want.shape[width_dim] // 2
                 want = want.narrow(width_dim, etp * half, half)
@@ -181,8 +204,9 @@ def test_full_model_state_round_trips_offline(tmp_path):
     full = MimoModel(cfg.model, image_token_id=0)
     full.init_weights(seed=3)
     state = {k: v.clone() for k, v in full.state_dict().items()}
-    assert {k: torch.equal(v, state[k]) for k, v in stack_experts(split_experts(state)).items()} == \
-        dict.fromkeys(state, True)
+    assert {k: torch.equal(v, state[k]) for k, v in stack_experts(split_experts(state)).items()} == dict.fromkeys(
+        state, True
+    )
     save_full_model_state(state, str(tmp_path / "m"))
     keys = dcp.FileSystemReader(str(tmp_path / "m")).read_metadata().state_dict_metadata
     assert "model.language.model.layers.1.mlp.experts.3.w_down" in keys
@@ -194,8 +218,11 @@ def test_full_model_state_round_trips_offline(tmp_path):
     other = tiny_config_dict(V(0, 1), V(0, 1), **MOE)
     other["model"]["language"]["moe"]["intermediate_size"] = 16
     other = config_from_dict(other)
-    with pytest.raises(CheckpointError, match=r"experts.0.w_gate is \[64, 32\] in the checkpoint but \[64, 16\].*"
-                                              r"model.language.moe.intermediate_size"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts.0.w_gate is \[64, 32\] in the checkpoint but \[64, 16\].*"
+        r"model.language.moe.intermediate_size",
+    ):
         load_full_model_state(str(tmp_path / "m"), other)
 
 
@@ -232,8 +259,14 @@ def _child(tmp_path, mode, folder, load_step=-1, max_steps=2):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), mode, folder, str(port), str(load_step), str(max_steps)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), mode, folder, str(port), str(load_step), str(max_steps)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     hist = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("HIST")]
     return proc, (hist[0] if hist else None)
 
@@ -309,16 +342,33 @@ def test_training_samples_budget_runs_that_many_lm_samples():
 @pytest.mark.multirank
 def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     """The README's train command with ``--checkpoint.*`` overrides: save every step, then resume from step 1."""
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
-            "--config", "train_configs/debug_colocated.toml", f"--job.output_dir={tmp_path}",
-            "--checkpoint.enable=true", "--checkpoint.interval=1"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "scripts/train.py",
+        "--config",
+        "train_configs/debug_colocated.toml",
+        f"--job.output_dir={tmp_path}",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*base, "--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+    first = subprocess.run(
+        [*base, "--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-3"]
-    again = subprocess.run([*base, "--training.steps=3", "--checkpoint.load_step=1"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [*base, "--training.steps=3", "--checkpoint.load_step=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "checkpoint: resumed step 1" in log
@@ -328,8 +378,13 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
 
     # new processes, same losses as the first run's steps 2-3
     assert losses(log) == {k: v for k, v in losses(first.stdout + first.stderr).items() if k > 1}
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-2.abandoned", "step-3",
-                                                           "step-3.abandoned"]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == [
+        "step-1",
+        "step-2",
+        "step-2.abandoned",
+        "step-3",
+        "step-3.abandoned",
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -359,8 +414,11 @@ def test_bad_checkpoint_settings_fail_before_any_process_group(tmp_path, monkeyp
     _write_training_checkpoint(str(folder / "step-3"), cfg, stream, global_batch_size=8)
     del d["training"]["steps"]
     d["training"]["samples"] = 40
-    with pytest.raises(CheckpointError, match=r"training.global_batch_size=4 but step-3 was trained with 8.*"
-                                              r"--training.global_batch_size=8"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"training.global_batch_size=4 but step-3 was trained with 8.*"
+        r"--training.global_batch_size=8",
+    ):
         train(config_from_dict(d))
     assert not dist.is_initialized()
 
@@ -442,8 +500,11 @@ def test_preflight_rejects_a_folder_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "plain_file"
     blocker.write_text("x")
     folder = str(blocker / "ckpt")  # a folder under a regular file can never be created, even by root
-    with pytest.raises(CheckpointError, match=rf"checkpoint.folder='{re.escape(folder)}': cannot create the folder: "
-                                              r"Not a directory; make it writable, or set --checkpoint.folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"checkpoint.folder='{re.escape(folder)}': cannot create the folder: "
+        r"Not a directory; make it writable, or set --checkpoint.folder",
+    ):
         _manager(tmp_path, folder).validate()
     with pytest.raises(CheckpointError, match=r"checkpoint.folder='plain_file' \(under job.output_dir: .*\) is a file"):
         _manager(tmp_path, "plain_file", output_dir=tmp_path).validate()
@@ -478,24 +539,51 @@ def _cfg(**model):
     return config_from_dict(tiny_config_dict(V(0, 1), V(0, 1), model=model))
 
 
-@pytest.mark.parametrize("changed, key, setting", [
-    ({"language": {"intermediate_size": 256}}, "gate_proj.weight is [128, 64] in the checkpoint but [256, 64]",
-     "model.language.intermediate_size (the checkpoint fits 128"),
-    ({"language": {"vocab_size": 4096}}, "embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64]",
-     "model.language.vocab_size (the checkpoint fits 2048"),
-    ({"vision": {"patch_size": 8}}, "patch_embedding.weight is [32, 3, 16, 16] in the checkpoint but [32, 3, 8, 8]",
-     "model.vision.patch_size (the checkpoint fits 16"),
-    ({"vision": {"image_size": 64}}, "position_embedding.weight is [4, 32] in the checkpoint but [16, 32]",
-     "model.vision.image_size (the checkpoint fits 32"),
-    ({"language": {"head_dim": 32}}, "q_proj.weight is [64, 64] in the checkpoint but [128, 64]",
-     "model.language.head_dim (the checkpoint fits 16"),
-    ({"language": {"qk_norm": True}}, "q_norm.weight [16] is in the configured model but not in the checkpoint",
-     "model.language.qk_norm (the checkpoint fits False"),
-    ({"language": {"num_layers": 1}}, "layers.1.input_layernorm.weight [64] is in the checkpoint but not in the "
-                                      "configured model", "model.language.num_layers (the checkpoint fits 2"),
-    ({"language": {"num_kv_heads": 4}}, "k_proj.weight is [32, 64] in the checkpoint but [64, 64]",
-     "model.language.num_kv_heads (the checkpoint fits 2"),  # (num_heads = 8 fits too: same shapes)
-])
+@pytest.mark.parametrize(
+    "changed, key, setting",
+    [
+        (
+            {"language": {"intermediate_size": 256}},
+            "gate_proj.weight is [128, 64] in the checkpoint but [256, 64]",
+            "model.language.intermediate_size (the checkpoint fits 128",
+        ),
+        (
+            {"language": {"vocab_size": 4096}},
+            "embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64]",
+            "model.language.vocab_size (the checkpoint fits 2048",
+        ),
+        (
+            {"vision": {"patch_size": 8}},
+            "patch_embedding.weight is [32, 3, 16, 16] in the checkpoint but [32, 3, 8, 8]",
+            "model.vision.patch_size (the checkpoint fits 16",
+        ),
+        (
+            {"vision": {"image_size": 64}},
+            "position_embedding.weight is [4, 32] in the checkpoint but [16, 32]",
+            "model.vision.image_size (the checkpoint fits 32",
+        ),
+        (
+            {"language": {"head_dim": 32}},
+            "q_proj.weight is [64, 64] in the checkpoint but [128, 64]",
+            "model.language.head_dim (the checkpoint fits 16",
+        ),
+        (
+            {"language": {"qk_norm": True}},
+            "q_norm.weight [16] is in the configured model but not in the checkpoint",
+            "model.language.qk_norm (the checkpoint fits False",
+        ),
+        (
+            {"language": {"num_layers": 1}},
+            "layers.1.input_layernorm.weight [64] is in the checkpoint but not in the configured model",
+            "model.language.num_layers (the checkpoint fits 2",
+        ),
+        (
+            {"language": {"num_kv_heads": 4}},
+            "k_proj.weight is [32, 64] in the checkpoint but [64, 64]",
+            "model.language.num_kv_heads (the checkpoint fits 2",
+        ),  # (num_heads = 8 fits too: same shapes)
+    ],
+)
 def test_model_mismatch_names_the_setting_behind_a_shape(changed, key, setting):
     """Shapes only (no files): the saved model is the tiny one, the config changes one setting."""
     from mimo_titan.checkpoint.state import model_mismatch, model_shapes
@@ -516,16 +604,19 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_process_group(tmp_p
     monkeypatch.setenv("WORLD_SIZE", "1")
     saved = _cfg()
     folder = str(tmp_path / "ckpt")
-    _write_training_checkpoint(os.path.join(folder, "step-2"), saved, build_loader(saved, build_processor(saved))
-                               .state_dict())
+    _write_training_checkpoint(
+        os.path.join(folder, "step-2"), saved, build_loader(saved, build_processor(saved)).state_dict()
+    )
     d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"hidden_size": 128}}), folder)
     with pytest.raises(CheckpointError) as err:
         train(config_from_dict(d))
     msg = str(err.value)
     assert not dist.is_initialized()
     assert msg.startswith(f"checkpoint {folder}/step-2 does not fit the configured model: ")
-    assert ("model.vision.multi_modal_projector.linear_2.weight is [64, 64] in the checkpoint but [128, 64] in the "
-            "config; that is set by model.language.hidden_size (the checkpoint fits 64, the config has 128)") in msg
+    assert (
+        "model.vision.multi_modal_projector.linear_2.weight is [64, 64] in the checkpoint but [128, 64] in the "
+        "config; that is set by model.language.hidden_size (the checkpoint fits 64, the config has 128)"
+    ) in msg
     assert f"another --checkpoint.folder (this one is {folder})" in msg
 
     # the same checkpoint under the config it was saved with passes; one holding no optimizer state does not
@@ -559,11 +650,15 @@ def test_model_only_checkpoints_of_another_model_are_refused(tmp_path):
     path = saved_as(str(tmp_path / "dense"), dense)
     msg = check(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"vocab_size": 4096}}), path)
     assert msg.startswith(f"checkpoint.initial_load_path='{path}' does not fit the configured model: ")
-    assert ("model.language.model.embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64] in the config; "
-            "that is set by model.language.vocab_size (the checkpoint fits 2048, the config has 4096)") in msg
+    assert (
+        "model.language.model.embed_tokens.weight is [2048, 64] in the checkpoint but [4096, 64] in the config; "
+        "that is set by model.language.vocab_size (the checkpoint fits 2048, the config has 4096)"
+    ) in msg
     msg = check(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"num_layers": 3}}), path)
-    assert ("model.language.model.layers.2.input_layernorm.weight [64] is in the configured model but not in the "
-            "checkpoint; that is set by model.language.num_layers (the checkpoint fits 2, the config has 3)") in msg
+    assert (
+        "model.language.model.layers.2.input_layernorm.weight [64] is in the configured model but not in the "
+        "checkpoint; that is set by model.language.num_layers (the checkpoint fits 2, the config has 3)"
+    ) in msg
     msg = check(tiny_config_dict(V(0, 1), V(0, 1), **MOE), path)
     assert "layers.0.mlp.gate.weight [4, 64] is in the configured model but not in the checkpoint" in msg
     assert "model.language.moe.num_experts (the checkpoint fits 0, the config has 4)" in msg
@@ -571,8 +666,10 @@ def test_model_only_checkpoints_of_another_model_are_refused(tmp_path):
     moe8 = tiny_config_dict(V(0, 1), V(0, 1), **MOE)
     moe8["model"]["language"]["moe"]["num_experts"] = 8
     msg = check(moe8, saved_as(str(tmp_path / "moe4"), tiny_config_dict(V(0, 1), V(0, 1), **MOE)))
-    assert ("model.language.model.layers.0.mlp.gate.weight is [4, 64] in the checkpoint but [8, 64] in the config; "
-            "that is set by model.language.moe.num_experts (the checkpoint fits 4, the config has 8)") in msg
+    assert (
+        "model.language.model.layers.0.mlp.gate.weight is [4, 64] in the checkpoint but [8, 64] in the config; "
+        "that is set by model.language.moe.num_experts (the checkpoint fits 4, the config has 8)"
+    ) in msg
 
 
 # ---------------------------------------------------------------------------------------------- resume config
@@ -590,8 +687,13 @@ def _config_change_worker(rank, world, device, folder):
     log.setLevel(logging.INFO)
 
     def cfg(lr, warmup, where=folder):
-        d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 4}, optimizer={"lr": lr},
-                                        lr_schedule={"warmup_steps": warmup}), where, interval=1)
+        d = _with_ckpt(
+            tiny_config_dict(
+                V(0, 1), V(0, 1), training={"steps": 4}, optimizer={"lr": lr}, lr_schedule={"warmup_steps": warmup}
+            ),
+            where,
+            interval=1,
+        )
         return config_from_dict(d)
 
     train(cfg(1e-3, 2), max_steps=2)  # saves steps 1, 2
@@ -623,26 +725,37 @@ def _config_change_worker(rank, world, device, folder):
     lines.clear()
     c = cfg(3e-3, 0, folder + "_old")
     CheckpointManager(c).load(job, build_loader(c, job.processor))
-    return (changed, changed_lines, same, same_lines, [(g["lr"], g["betas"], g["weight_decay"]) for g in groups],
-            [line for line in lines if "config changes" in line])
+    return (
+        changed,
+        changed_lines,
+        same,
+        same_lines,
+        [(g["lr"], g["betas"], g["weight_decay"]) for g in groups],
+        [line for line in lines if "config changes" in line],
+    )
 
 
 @pytest.mark.multirank
 def test_resume_applies_the_current_optimizer_config_and_says_what_changed(tmp_path):
     from mimo_titan.train.optim import lr_multiplier
 
-    changed, changed_lines, same, same_lines, groups, old_lines = run_ranks(_config_change_worker, 1,
-                                                                           str(tmp_path / "c"), timeout=300)[0]
+    changed, changed_lines, same, same_lines, groups, old_lines = run_ranks(
+        _config_change_worker, 1, str(tmp_path / "c"), timeout=300
+    )[0]
     assert [r["step"] for r in changed] == [3] and [r["step"] for r in same] == [4]
     assert changed[0]["lr"] == 2e-3 * lr_multiplier(2, 4, 0, "cosine", 0.1)  # the new lr, the new schedule
     assert same[0]["lr"] == 2e-3 * lr_multiplier(3, 4, 0, "cosine", 0.1)
     notes = [line for line in changed_lines if "config changes" in line]
-    assert notes == ["checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.002, "
-                     "lr_schedule.warmup_steps 2 -> 0 (the current config applies from step 3)"]
+    assert notes == [
+        "checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.002, "
+        "lr_schedule.warmup_steps 2 -> 0 (the current config applies from step 3)"
+    ]
     assert not [line for line in same_lines if "config changes" in line]
     assert groups and all(g == (3e-3 * lr_multiplier(4, 4, 0, "cosine", 0.1), (0.9, 0.95), 0.1) for g in groups)
-    assert old_lines == ["checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.003 (the current "
-                         "config applies from step 3)"]
+    assert old_lines == [
+        "checkpoint: resuming step 2 with config changes: optimizer.lr 0.001 -> 0.003 (the current "
+        "config applies from step 3)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- refused saves
@@ -689,11 +802,15 @@ def test_a_save_refuses_nan_and_reports_folder_errors_on_every_rank(tmp_path):
     folder = str(tmp_path / "c")
     results = run_ranks(_refused_save_worker, 2, _with_ckpt(tiny_config_dict(V(0, 1), V(1, 1)), folder), timeout=300)
     for out in results:  # rank 0 holds no NaN itself: it names rank 1's key
-        assert re.fullmatch(r"checkpoint: refusing to save step 2: model\.language\.\S+ holds NaN/Inf \(found on rank "
-                            r"1\); the run diverged — lower optimizer.lr \(now 0.001\), raise lr_schedule.warmup_steps"
-                            rf" or lower training.max_grad_norm, and resume from step-1, the newest complete "
-                            rf"checkpoint in {re.escape(folder)}", out["nan"]), out["nan"]
+        assert re.fullmatch(
+            r"checkpoint: refusing to save step 2: model\.language\.\S+ holds NaN/Inf \(found on rank "
+            r"1\); the run diverged — lower optimizer.lr \(now 0.001\), raise lr_schedule.warmup_steps"
+            rf" or lower training.max_grad_norm, and resume from step-1, the newest complete "
+            rf"checkpoint in {re.escape(folder)}",
+            out["nan"],
+        ), out["nan"]
         assert out["after_nan"] == ([1], ["step-1"])  # nothing written
-        assert out["commit"].startswith(f"checkpoint: rank 0 could not commit step-3 to {folder}: [Errno 20] Not a "
-                                        "directory")
+        assert out["commit"].startswith(
+            f"checkpoint: rank 0 could not commit step-3 to {folder}: [Errno 20] Not a directory"
+        )
         assert out["after_commit"] == [1]

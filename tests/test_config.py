@@ -283,18 +283,14 @@ def test_override_equals_form(minimal: Path) -> None:
 
 
 def test_override_two_token_form(minimal: Path) -> None:
-    cfg = load_config(
-        minimal, ["--optimizer.lr", "2e-4", "--job.seed", "-3", "--training.seq_len=32"]
-    )
+    cfg = load_config(minimal, ["--optimizer.lr", "2e-4", "--job.seed", "-3", "--training.seq_len=32"])
     assert cfg.optimizer.lr == 2e-4
     assert cfg.job.seed == -3  # a value that starts with '-' is still a value
     assert cfg.training.seq_len == 32
 
 
 def test_override_nested_parallelism(minimal: Path) -> None:
-    cfg = load_config(
-        minimal, ["--parallelism.language.dp_shard=4", "--parallelism.vision.tp", "2"]
-    )
+    cfg = load_config(minimal, ["--parallelism.language.dp_shard=4", "--parallelism.vision.tp", "2"])
     assert cfg.parallelism.language.dp_shard == 4
     assert cfg.parallelism.vision.tp == 2
     assert cfg.parallelism.language.rank_offset == 1  # untouched
@@ -398,25 +394,19 @@ def test_unknown_key_suggests(tmp_path: Path) -> None:
 
 def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML + "\n[metrics]\nqqqqqq = 1\n")
-    with pytest.raises(
-        ConfigError, match=err(path, "unknown key 'metrics.qqqqqq'", "'metrics.log_freq'")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "unknown key 'metrics.qqqqqq'", "'metrics.log_freq'")):
         load_config(path)
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML + "\n[trainer]\nsteps = 1\n")
-    with pytest.raises(
-        ConfigError, match=err(path, "unknown key 'trainer'", "did you mean 'training'?")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "unknown key 'trainer'", "did you mean 'training'?")):
         load_config(path)
 
 
 def test_wrong_type_string_for_int(tmp_path: Path) -> None:
     path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", 'steps = "ten"'))
-    with pytest.raises(
-        ConfigError, match=err(path, "'training.steps'", "expected int", "'ten'")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "'training.steps'", "expected int", "'ten'")):
         load_config(path)
 
 
@@ -446,22 +436,18 @@ def test_scalar_where_table_expected(tmp_path: Path) -> None:
 
 def test_wrong_list_element_type(tmp_path: Path) -> None:
     path = write(tmp_path, edit(MINIMAL_TOML, "lr = 1e-3", 'lr = 1e-3\nbetas = [0.9, "x"]'))
-    with pytest.raises(
-        ConfigError, match=err(path, "'optimizer.betas'", "expected list of float")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "'optimizer.betas'", "expected list of float")):
         load_config(path)
 
 
 def test_missing_required_key(tmp_path: Path) -> None:
     path = write(tmp_path, edit(MINIMAL_TOML, "vocab_size = 1000\n", ""))
-    with pytest.raises(
-        ConfigError, match=err(path, "missing required key 'model.language.vocab_size'")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "missing required key 'model.language.vocab_size'")):
         load_config(path)
 
 
 def test_missing_required_section(tmp_path: Path) -> None:
-    text = edit(MINIMAL_TOML, "[data]\npath = \"shards/\"\ntokenizer = \"tok/tokenizer.json\"\n", "")
+    text = edit(MINIMAL_TOML, '[data]\npath = "shards/"\ntokenizer = "tok/tokenizer.json"\n', "")
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=err(path, "missing required section 'data'", "[data]")):
         load_config(path)
@@ -500,9 +486,7 @@ def test_value_not_allowed(tmp_path: Path, old: str, new: str, key: str, bad: st
 
 def test_decay_not_allowed(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML + '\n[lr_schedule]\ndecay = "step"\n')
-    with pytest.raises(
-        ConfigError, match=err(path, "'lr_schedule.decay'", "'cosine', 'linear', 'constant'")
-    ):
+    with pytest.raises(ConfigError, match=err(path, "'lr_schedule.decay'", "'cosine', 'linear', 'constant'")):
         load_config(path)
 
 
@@ -556,9 +540,7 @@ def test_override_unknown_key(minimal: Path) -> None:
         ("trainng.steps", "did you mean 'training'?"),
     ],
 )
-def test_override_unknown_key_cross_section_suggestion(
-    minimal: Path, key: str, suggestion: str
-) -> None:
+def test_override_unknown_key_cross_section_suggestion(minimal: Path, key: str, suggestion: str) -> None:
     with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", suggestion)):
         load_config(minimal, [f"--{key}=3"])
 
@@ -862,10 +844,19 @@ NUMERIC_KEYS = [
 
 def test_numeric_key_walk_finds_the_known_keys() -> None:
     keys = {k for k, _ in NUMERIC_KEYS}
-    for known in ("model.vision.patch_size", "model.language.rope_theta", "model.language.head_dim",
-                  "model.language.moe.aux_loss_coeff", "model.vision.moe.top_k", "optimizer.betas",
-                  "optimizer.eps", "lr_schedule.min_lr_ratio", "training.max_grad_norm", "training.samples",
-                  "data.max_images_per_sample"):
+    for known in (
+        "model.vision.patch_size",
+        "model.language.rope_theta",
+        "model.language.head_dim",
+        "model.language.moe.aux_loss_coeff",
+        "model.vision.moe.top_k",
+        "optimizer.betas",
+        "optimizer.eps",
+        "lr_schedule.min_lr_ratio",
+        "training.max_grad_norm",
+        "training.samples",
+        "data.max_images_per_sample",
+    ):
         assert known in keys
     assert len(keys) >= 45
 
@@ -891,8 +882,7 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
         ("--model.vision.num_heads=0", "model.vision.num_heads", "value 0", ">= 1"),
         ("--model.vision.intermediate_size=0", "model.vision.intermediate_size", "value 0", ">= 1"),
         ("--model.vision.norm_eps=0", "model.vision.norm_eps", "value 0.0", "> 0"),
-        ("--model.vision.projector_intermediate_size=0", "model.vision.projector_intermediate_size", "value 0",
-         ">= 1"),
+        ("--model.vision.projector_intermediate_size=0", "model.vision.projector_intermediate_size", "value 0", ">= 1"),
         # [model.language]
         ("--model.language.vocab_size=0", "model.language.vocab_size", "value 0", ">= 1"),
         ("--model.language.hidden_size=-256", "model.language.hidden_size", "value -256", ">= 1"),
@@ -906,16 +896,19 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
         ("--model.language.rms_norm_eps=0", "model.language.rms_norm_eps", "value 0.0", "> 0"),
         # [optimizer]
         ("--optimizer.lr=-1", "optimizer.lr", "value -1.0", "> 0"),
-        ("--optimizer.betas=1.5,0.9", "optimizer.betas", "value 1.5 (element 0 of [1.5, 0.9])",
-         "each element must be >= 0 and < 1"),
+        (
+            "--optimizer.betas=1.5,0.9",
+            "optimizer.betas",
+            "value 1.5 (element 0 of [1.5, 0.9])",
+            "each element must be >= 0 and < 1",
+        ),
         ("--optimizer.betas=0.9,1", "optimizer.betas", "value 1.0 (element 1 of [0.9, 1.0])", "< 1"),
         ("--optimizer.betas=-0.1,0.9", "optimizer.betas", "value -0.1 (element 0 of [-0.1, 0.9])", ">= 0"),
         ("--optimizer.eps=-1", "optimizer.eps", "value -1.0", "> 0"),
         ("--optimizer.eps=0", "optimizer.eps", "value 0.0", "> 0"),
         ("--optimizer.weight_decay=-0.1", "optimizer.weight_decay", "value -0.1", ">= 0"),
         # [training]
-        ("--training.max_grad_norm=-1", "training.max_grad_norm", "value -1.0",
-         ">= 0 (0 disables gradient clipping)"),
+        ("--training.max_grad_norm=-1", "training.max_grad_norm", "value -1.0", ">= 0 (0 disables gradient clipping)"),
         ("--training.samples=0", "training.samples", "value 0", ">= 1"),
         ("--training.max_skipped_steps=0", "training.max_skipped_steps", "value 0", ">= 1"),
         ("--training.collective_timeout_s=0", "training.collective_timeout_s", "value 0.0", "> 0"),
@@ -943,8 +936,9 @@ def test_range_of_a_key_from_the_file(tmp_path: Path) -> None:
     ],
 )
 def test_non_finite_numbers_rejected(minimal: Path, override: str, key: str, shown: str) -> None:
-    with pytest.raises(ConfigError, match=err(minimal, f"non-finite value {shown} for '{key}'", override,
-                                              "give a finite number")):
+    with pytest.raises(
+        ConfigError, match=err(minimal, f"non-finite value {shown} for '{key}'", override, "give a finite number")
+    ):
         load_config(minimal, [override])
 
 
@@ -976,8 +970,9 @@ def test_language_heads_not_dividing_hidden_size(minimal: Path) -> None:
 
 
 def test_language_head_dim_given_avoids_the_split(minimal: Path) -> None:
-    cfg = load_config(minimal, ["--model.language.num_heads=3", "--model.language.num_kv_heads=1",
-                                "--model.language.head_dim=32"])
+    cfg = load_config(
+        minimal, ["--model.language.num_heads=3", "--model.language.num_kv_heads=1", "--model.language.head_dim=32"]
+    )
     assert (cfg.model.language.num_heads, cfg.model.language.head_dim) == (3, 32)
 
 
@@ -985,9 +980,16 @@ def test_language_derived_head_dim_odd(minimal: Path) -> None:
     # 120 / 8 = 15
     with pytest.raises(
         ConfigError,
-        match=err(minimal, "invalid value 120 for 'model.language.hidden_size'", "--model.language.hidden_size=120",
-                  "hidden_size / num_heads = 120 / 8 = 15 is odd", "RoPE", "multiple of 2 * num_heads = 16",
-                  "e.g. 112 or 128", "'model.language.head_dim' to an even number"),
+        match=err(
+            minimal,
+            "invalid value 120 for 'model.language.hidden_size'",
+            "--model.language.hidden_size=120",
+            "hidden_size / num_heads = 120 / 8 = 15 is odd",
+            "RoPE",
+            "multiple of 2 * num_heads = 16",
+            "e.g. 112 or 128",
+            "'model.language.head_dim' to an even number",
+        ),
     ):
         load_config(minimal, ["--model.language.hidden_size=120"])
 
@@ -995,8 +997,14 @@ def test_language_derived_head_dim_odd(minimal: Path) -> None:
 def test_language_head_dim_odd(minimal: Path) -> None:
     with pytest.raises(
         ConfigError,
-        match=err(minimal, "invalid value 15 for 'model.language.head_dim'", "--model.language.head_dim=15",
-                  "head_dim=15 is odd", "RoPE", "even number (e.g. 16)"),
+        match=err(
+            minimal,
+            "invalid value 15 for 'model.language.head_dim'",
+            "--model.language.head_dim=15",
+            "head_dim=15 is odd",
+            "RoPE",
+            "even number (e.g. 16)",
+        ),
     ):
         load_config(minimal, ["--model.language.head_dim=15"])
 
@@ -1005,9 +1013,14 @@ def test_language_head_dim_odd(minimal: Path) -> None:
 def test_language_kv_heads_not_dividing_heads(minimal: Path, kv: int) -> None:
     with pytest.raises(
         ConfigError,
-        match=err(minimal, f"invalid value {kv} for 'model.language.num_kv_heads'",
-                  f"--model.language.num_kv_heads={kv}", f"num_heads=8 is not a multiple of num_kv_heads={kv}",
-                  "grouped-query attention", "a divisor of 8 (1, 2, 4, 8)"),
+        match=err(
+            minimal,
+            f"invalid value {kv} for 'model.language.num_kv_heads'",
+            f"--model.language.num_kv_heads={kv}",
+            f"num_heads=8 is not a multiple of num_kv_heads={kv}",
+            "grouped-query attention",
+            "a divisor of 8 (1, 2, 4, 8)",
+        ),
     ):
         load_config(minimal, [f"--model.language.num_kv_heads={kv}"])
 
@@ -1016,8 +1029,13 @@ def test_vision_heads_not_dividing_hidden_size(tmp_path: Path) -> None:
     path = write(tmp_path, edit(MINIMAL_TOML, "hidden_size = 64", "hidden_size = 66"))
     with pytest.raises(
         ConfigError,
-        match=err(path, "invalid value 66 for 'model.vision.hidden_size'",
-                  "hidden_size=66 is not divisible by num_heads=4", "e.g. 64 or 68", "change 'model.vision.num_heads'"),
+        match=err(
+            path,
+            "invalid value 66 for 'model.vision.hidden_size'",
+            "hidden_size=66 is not divisible by num_heads=4",
+            "e.g. 64 or 68",
+            "change 'model.vision.num_heads'",
+        ),
     ):
         load_config(path)
 
@@ -1032,9 +1050,15 @@ def test_vision_heads_not_dividing_hidden_size(tmp_path: Path) -> None:
 def test_vision_image_size_not_a_multiple_of_patch_size(minimal: Path, size: int, fix: str) -> None:
     with pytest.raises(
         ConfigError,
-        match=err(minimal, f"invalid value {size} for 'model.vision.image_size'",
-                  f"--model.vision.image_size={size}", f"image_size={size} is not a multiple of patch_size=8",
-                  "whole patches", fix, "or change 'model.vision.patch_size'"),
+        match=err(
+            minimal,
+            f"invalid value {size} for 'model.vision.image_size'",
+            f"--model.vision.image_size={size}",
+            f"image_size={size} is not a multiple of patch_size=8",
+            "whole patches",
+            fix,
+            "or change 'model.vision.patch_size'",
+        ),
     ):
         load_config(minimal, [f"--model.vision.image_size={size}"])
 
@@ -1043,10 +1067,14 @@ def test_global_batch_not_divisible_by_microbatches(minimal: Path) -> None:
     # global_batch_size = 4
     with pytest.raises(
         ConfigError,
-        match=err(minimal, "invalid value 4 for 'training.global_batch_size'",
-                  "global_batch_size=4 is not divisible by microbatches=3", "a multiple of 3 (e.g. 3 or 6)",
-                  "'training.microbatches' to a divisor of 4",
-                  "'training.microbatches' was set by override '--training.microbatches=3'"),
+        match=err(
+            minimal,
+            "invalid value 4 for 'training.global_batch_size'",
+            "global_batch_size=4 is not divisible by microbatches=3",
+            "a multiple of 3 (e.g. 3 or 6)",
+            "'training.microbatches' to a divisor of 4",
+            "'training.microbatches' was set by override '--training.microbatches=3'",
+        ),
     ):
         load_config(minimal, ["--training.microbatches=3"])
 
@@ -1055,9 +1083,13 @@ def test_warmup_longer_than_the_run(minimal: Path) -> None:
     # steps = 3
     with pytest.raises(
         ConfigError,
-        match=err(minimal, "invalid value 4 for 'lr_schedule.warmup_steps'", "--lr_schedule.warmup_steps=4",
-                  "longer than the run of 3 optimizer steps (training.steps=3)",
-                  "set 'lr_schedule.warmup_steps' to at most 3"),
+        match=err(
+            minimal,
+            "invalid value 4 for 'lr_schedule.warmup_steps'",
+            "--lr_schedule.warmup_steps=4",
+            "longer than the run of 3 optimizer steps (training.steps=3)",
+            "set 'lr_schedule.warmup_steps' to at most 3",
+        ),
     ):
         load_config(minimal, ["--lr_schedule.warmup_steps=4"])
     assert load_config(minimal, ["--lr_schedule.warmup_steps=3"]).lr_schedule.warmup_steps == 3
@@ -1067,8 +1099,11 @@ def test_warmup_longer_than_a_samples_budget(tmp_path: Path) -> None:
     path = write(tmp_path, edit(MINIMAL_TOML, "steps = 3", "samples = 9") + "\n[lr_schedule]\nwarmup_steps = 4\n")
     with pytest.raises(
         ConfigError,
-        match=err(path, "invalid value 4 for 'lr_schedule.warmup_steps'",
-                  "run of 3 optimizer steps (training.samples=9 / training.global_batch_size=4, rounded up)"),
+        match=err(
+            path,
+            "invalid value 4 for 'lr_schedule.warmup_steps'",
+            "run of 3 optimizer steps (training.samples=9 / training.global_batch_size=4, rounded up)",
+        ),
     ):
         load_config(path)
     assert load_config(path, ["--training.samples=13"]).training.total_steps == 4
@@ -1078,8 +1113,12 @@ def test_cross_check_names_the_override_of_the_other_key() -> None:
     path = ROOT / "train_configs" / "debug_colocated.toml"  # warmup_steps = 3
     with pytest.raises(
         ConfigError,
-        match=err(path, "invalid value 3 for 'lr_schedule.warmup_steps'", "run of 1 optimizer step (",
-                  "'training.steps' was set by override '--training.steps=1'"),
+        match=err(
+            path,
+            "invalid value 3 for 'lr_schedule.warmup_steps'",
+            "run of 1 optimizer step (",
+            "'training.steps' was set by override '--training.steps=1'",
+        ),
     ):
         load_config(path, ["--training.steps=1"])
 
@@ -1103,8 +1142,10 @@ def test_key_ranges_are_reported_before_cross_key_problems(minimal: Path) -> Non
         (["--optimizer.betas=1.5,0.9"], ["'optimizer.betas'", "1.5", "< 1"]),
         (["--optimizer.eps=-1"], ["'optimizer.eps'", "-1.0", "> 0"]),
         (["--model.language.hidden_size=-256"], ["'model.language.hidden_size'", "-256", ">= 1"]),
-        (["--model.language.num_heads=3"],
-         ["'model.language.hidden_size'", "hidden_size=256 is not divisible by num_heads=3", "head_dim"]),
+        (
+            ["--model.language.num_heads=3"],
+            ["'model.language.hidden_size'", "hidden_size=256 is not divisible by num_heads=3", "head_dim"],
+        ),
         (["--lr_schedule.warmup_steps=31"], ["'lr_schedule.warmup_steps'", "31", "run of 30 optimizer steps"]),
     ],
 )

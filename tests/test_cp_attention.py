@@ -52,7 +52,7 @@ def _thd_mask(docs_per_row, device="cpu"):
         start = 0
         for n in docs:
             for i in range(n):
-                mask[b, 0, start + i, start:start + i + 1] = True
+                mask[b, 0, start + i, start : start + i + 1] = True
             start += n
     return mask.to(device)
 
@@ -164,8 +164,9 @@ def test_attention_mask_zigzag_example_and_documents():
     assert m.shape == (4, 8) and m.dtype == torch.bool
     assert m.tolist() == [[kv <= q for kv in kv_pos.tolist()] for q in (0, 1, 6, 7)]
     # documents: same position, other document -> masked
-    m = attention_mask(torch.tensor([1, 1]), torch.tensor([0, 1, 0, 1]),
-                       torch.tensor([0, 1]), torch.tensor([0, 0, 1, 1]))
+    m = attention_mask(
+        torch.tensor([1, 1]), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1]), torch.tensor([0, 0, 1, 1])
+    )
     assert m.tolist() == [[True, True, False, False], [False, False, True, True]]
     # batched: [B, 1, Sq, Skv]; 1-D keys broadcast over the batch
     mb = attention_mask(torch.tensor([[0, 1], [1, 0]]), torch.arange(2))
@@ -174,8 +175,9 @@ def test_attention_mask_zigzag_example_and_documents():
     for bad in [
         lambda: attention_mask(torch.arange(3.0), torch.arange(3)),
         lambda: attention_mask(torch.arange(3), torch.arange(3), torch.zeros(3, dtype=torch.long)),
-        lambda: attention_mask(torch.arange(3), torch.arange(3), torch.zeros(2, dtype=torch.long),
-                               torch.zeros(3, dtype=torch.long)),
+        lambda: attention_mask(
+            torch.arange(3), torch.arange(3), torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+        ),
         lambda: attention_mask(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long)),
     ]:
         with pytest.raises(ValueError):

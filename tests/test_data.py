@@ -127,22 +127,28 @@ def test_iter_webdataset_grouping(tmp_path):
             ("x.txt", b"4"),  # same key again, not consecutive: a new record
         ],
     )
-    assert list(iter_webdataset([shard, shard])) == [
-        ("x", {"seg.png": b"1", "txt": b"2"}),
-        ("y", {"txt": b"3"}),
-        ("x", {"txt": b"4"}),
-    ] * 2
+    assert (
+        list(iter_webdataset([shard, shard]))
+        == [
+            ("x", {"seg.png": b"1", "txt": b"2"}),
+            ("y", {"txt": b"3"}),
+            ("x", {"txt": b"4"}),
+        ]
+        * 2
+    )
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(DataError, match=r"data.path: shard .*bad.tar.* after 0 complete record"):
         list(iter_webdataset([str(bad)]))
     # with a handler: damaged or missing shards are reported and skipped, reading goes on
     calls = []
-    got = list(iter_webdataset([str(bad), shard, str(tmp_path / "gone.tar")],
-                               on_shard_error=lambda *a: calls.append(a)))
+    got = list(
+        iter_webdataset([str(bad), shard, str(tmp_path / "gone.tar")], on_shard_error=lambda *a: calls.append(a))
+    )
     assert [k for k, _ in got] == ["x", "y", "x"]
     assert [(p, n, type(e)) for p, n, e in calls] == [
-        (str(bad), 0, tarfile.ReadError), (str(tmp_path / "gone.tar"), 0, FileNotFoundError)
+        (str(bad), 0, tarfile.ReadError),
+        (str(tmp_path / "gone.tar"), 0, FileNotFoundError),
     ]
 
 
@@ -277,14 +283,22 @@ def test_tokenizer_repair_special_tokens(proc, captions):
 
 
 def test_well_formed_byte_level_tokenizer_loads_untouched(tmp_path, captions):
-    specials = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|pad|>",
-                "<|begin_of_text|>", "<|end_of_text|>"]
+    specials = [
+        "<|image|>",
+        "<|begin_of_image|>",
+        "<|end_of_image|>",
+        "<|pad|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(captions, trainer)
     path = tmp_path / "tokenizer.json"
@@ -308,18 +322,36 @@ def test_well_formed_byte_level_tokenizer_loads_untouched(tmp_path, captions):
 def naive_ranked_export(extra: list[str]) -> dict:
     """A tiny tokenizer.json in the shipped (broken) format: 256 bytes + ``extra`` + specials."""
     keys = [chr(b) for b in range(128)] + [f"\\x{b:02x}" for b in range(128, 256)] + extra
-    specials = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|pad|>",
-                "<|begin_of_text|>", "<|end_of_text|>"]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": True}
+    specials = [
+        "<|image|>",
+        "<|begin_of_image|>",
+        "<|end_of_image|>",
+        "<|pad|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+    ]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": byte_level,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
         "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {k: i for i, k in enumerate(keys + specials)}, "merges": []},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {k: i for i, k in enumerate(keys + specials)},
+            "merges": [],
+        },
     }
 
 
@@ -539,8 +571,15 @@ def test_corrupt_and_empty_records_are_skipped(proc, records, tmp_path, caplog):
         loader = MimoDataLoader(shard, proc, global_batch_size=3, seq_len=64)
     assert caplog.records == []
     assert loader.stats == {
-        "samples": 1, "shards": 1, "corrupt_shards": 0, "missing_field": 2, "non_utf8_caption": 0,
-        "empty_caption": 1, "corrupt_image": 1, "truncated_captions": 0, "truncated_tokens": 0,
+        "samples": 1,
+        "shards": 1,
+        "corrupt_shards": 0,
+        "missing_field": 2,
+        "non_utf8_caption": 0,
+        "empty_caption": 1,
+        "corrupt_image": 1,
+        "truncated_captions": 0,
+        "truncated_tokens": 0,
     }
     assert loader.record_keys == ["a"]
     batch = next(loader)  # the single valid record, repeated over epochs
@@ -654,10 +693,14 @@ def test_non_utf8_captions_are_skipped_and_counted(proc, records, tmp_path, capl
     shard = write_tar(
         tmp_path / "text.tar",
         [
-            ("a.jpg", good["jpg"]), ("a.txt", "café ünïcode".encode()),
-            ("b.jpg", good["jpg"]), ("b.txt", "café latin-1".encode("latin-1")),
-            ("c.jpg", good["jpg"]), ("c.txt", b"\xff\xfe\x00broken"),
-            ("d.jpg", good["jpg"]), ("d.txt", good["txt"]),
+            ("a.jpg", good["jpg"]),
+            ("a.txt", "café ünïcode".encode()),
+            ("b.jpg", good["jpg"]),
+            ("b.txt", "café latin-1".encode("latin-1")),
+            ("c.jpg", good["jpg"]),
+            ("c.txt", b"\xff\xfe\x00broken"),
+            ("d.jpg", good["jpg"]),
+            ("d.txt", good["txt"]),
         ],
     )
     with caplog.at_level(logging.WARNING, logger=LOADER_LOG):
@@ -677,13 +720,21 @@ def test_stats_summary(proc, records, tmp_path):
     good = records[0][1]
     folder = tmp_path / "shards"
     folder.mkdir()
-    write_tar(folder / "a.tar", [
-        ("a.jpg", good["jpg"]), ("a.txt", good["txt"]),
-        ("b.jpg", b"broken"), ("b.txt", b"x"),
-        ("c.jpg", good["jpg"]), ("c.txt", b"\xe9"),
-        ("d.txt", b"no image"), ("e.txt", b"no image either"),
-        ("f.jpg", good["jpg"]), ("f.txt", b" "),
-    ])
+    write_tar(
+        folder / "a.tar",
+        [
+            ("a.jpg", good["jpg"]),
+            ("a.txt", good["txt"]),
+            ("b.jpg", b"broken"),
+            ("b.txt", b"x"),
+            ("c.jpg", good["jpg"]),
+            ("c.txt", b"\xe9"),
+            ("d.txt", b"no image"),
+            ("e.txt", b"no image either"),
+            ("f.jpg", good["jpg"]),
+            ("f.txt", b" "),
+        ],
+    )
     (folder / "b.tar").write_bytes(b"garbage" * 100)
     (folder / "c.tar").write_bytes(b"")
     loader = MimoDataLoader(str(folder), proc, global_batch_size=1, seq_len=10)
@@ -725,13 +776,17 @@ def test_truncated_captions_are_counted(proc, records):
     next(loader)
     longer = [n for n in lengths[:8] if n > 18]
     assert (loader.stats["truncated_captions"], loader.stats["truncated_tokens"]) == (
-        len(longer), sum(n - 18 for n in longer))
+        len(longer),
+        sum(n - 18 for n in longer),
+    )
     assert len(longer) > 0
     for _ in range(4):  # 40 samples: the whole of epoch 0 and 8 of epoch 1
         next(loader)
     n32 = [n for n in lengths if n > 18]
     assert (loader.stats["truncated_captions"], loader.stats["truncated_tokens"]) == (
-        len(n32) + len(longer), sum(n - 18 for n in n32) + sum(n - 18 for n in longer))
+        len(n32) + len(longer),
+        sum(n - 18 for n in n32) + sum(n - 18 for n in longer),
+    )
 
     # two images per sample: a sample counts once, with the tokens cut from both captions
     loader = make_loader(proc, seq_len=30, max_images_per_sample=2, global_batch_size=5, seed=2)
@@ -745,8 +800,7 @@ def test_truncated_captions_are_counted(proc, records):
 @pytest.mark.parametrize("max_images", [1, 2])
 def test_truncated_captions_counted_once_with_packing(proc, records, max_images):
     lengths = caption_lengths(proc, records)
-    loader = make_loader(proc, seq_len=32, max_images_per_sample=max_images, global_batch_size=2,
-                         packing=True, seed=1)
+    loader = make_loader(proc, seq_len=32, max_images_per_sample=max_images, global_batch_size=2, packing=True, seed=1)
     seen: list[int] = []
     for _ in range(12):  # each batch leaves its overflow sample for the next one
         pb = next(loader)
@@ -804,7 +858,12 @@ def test_determinism_and_epochs(proc, records):
     assert keys == [k for k, _ in records]
     # the seed-0 permutation is pinned: resuming across code versions relies on it
     assert [keys[g[0]] for g in a.epoch_plan(0)[:6]] == [
-        "000000018", "000000007", "000000031", "000000026", "000000009", "000000004"
+        "000000018",
+        "000000007",
+        "000000031",
+        "000000026",
+        "000000009",
+        "000000004",
     ]
     batches_a = [next(a) for _ in range(5)]  # 4 batches of 8 per epoch, then epoch 1
     batches_b = [next(b) for _ in range(5)]

@@ -39,7 +39,14 @@ pytestmark = pytest.mark.multirank
 COLOCATED = ["--config", "train_configs/debug_colocated.toml"]  # 2 ranks, both modules on each
 CONSTANT_LR = ["--lr_schedule.decay=constant", "--lr_schedule.warmup_steps=0"]  # the LR does not depend on steps
 # 3 ranks, non-colocated: the encoder on rank 0, the language model's two pipeline stages on ranks 1 and 2
-NONCOLOCATED = [*COLOCATED, "--parallelism.vision.num_ranks=1", "--parallelism.vision.dp_shard=1", "--parallelism.language.rank_offset=1", "--parallelism.language.dp_shard=1", "--parallelism.language.pp=2"]
+NONCOLOCATED = [
+    *COLOCATED,
+    "--parallelism.vision.num_ranks=1",
+    "--parallelism.vision.dp_shard=1",
+    "--parallelism.language.rank_offset=1",
+    "--parallelism.language.dp_shard=1",
+    "--parallelism.language.pp=2",
+]
 
 
 class Job:
@@ -49,10 +56,18 @@ class Job:
         self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - open for the job's lifetime, closed in close()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MIMO_TITAN_TEST_FAULT": fault}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "tests/_fault_train.py", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "tests/_fault_train.py",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.started = time.monotonic()
 
     def output(self) -> str:
@@ -65,7 +80,9 @@ class Job:
             if m:
                 return m
             if self.proc.poll() is not None:
-                raise AssertionError(f"job ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output()[-4000:]}")
+                raise AssertionError(
+                    f"job ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output()[-4000:]}"
+                )
             time.sleep(0.1)
         raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
 
@@ -137,8 +154,13 @@ def test_kill_9_of_a_rank_mid_step_ends_the_job_within_60_s(tmp_path, jobs):
 def test_kill_9_during_a_save_keeps_the_last_checkpoint_and_the_resume_is_bit_exact(tmp_path, jobs):
     ckpt = ["--checkpoint.enable=true", "--checkpoint.interval=2", "--training.steps=6", *CONSTANT_LR]
     folder = tmp_path / "run" / "checkpoint"
-    died = jobs(tmp_path, 2, COLOCATED + ckpt + [f"--job.output_dir={tmp_path / 'run'}"],
-                fault="kill_during_save:4:1", name="died")
+    died = jobs(
+        tmp_path,
+        2,
+        COLOCATED + ckpt + [f"--job.output_dir={tmp_path / 'run'}"],
+        fault="kill_during_save:4:1",
+        name="died",
+    )
     assert died.wait() != 0
     assert sorted(steps(died.output())) == [1, 2, 3, 4]
     assert complete_steps(folder) == [2]
@@ -156,8 +178,9 @@ def test_kill_9_during_a_save_keeps_the_last_checkpoint_and_the_resume_is_bit_ex
 # ------------------------------------------------------------------------------------------------------ signals
 def test_sigterm_finishes_the_step_saves_and_the_resume_is_bit_exact(tmp_path, jobs):
     ckpt = ["--checkpoint.enable=true", "--checkpoint.interval=1000", *CONSTANT_LR]
-    run = jobs(tmp_path, 2, COLOCATED + ckpt + ["--training.steps=1000", f"--job.output_dir={tmp_path / 'run'}"],
-               name="run")
+    run = jobs(
+        tmp_path, 2, COLOCATED + ckpt + ["--training.steps=1000", f"--job.output_dir={tmp_path / 'run'}"], name="run"
+    )
     run.wait_for(r"step +3 \|")
     for pid in run.ranks().values():  # a scheduler's preemption signals every task
         os.kill(pid, signal.SIGTERM)
@@ -170,17 +193,30 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_bit_exact(tmp_path, j
 
     end = [f"--training.steps={stopped + 2}"]
     resumed = jobs(tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'run'}"], name="resumed")
-    straight = jobs(tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"],
-                    name="straight")
+    straight = jobs(
+        tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"], name="straight"
+    )
     assert resumed.wait() == 0 and straight.wait() == 0, resumed.output()[-3000:] + straight.output()[-3000:]
     expect = {s: r for s, r in steps(straight.output()).items() if s > stopped}
     assert steps(resumed.output()) == expect and len(expect) == 2
 
 
 def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
-    run = jobs(tmp_path, 2, [*COLOCATED, "--checkpoint.enable=true", "--checkpoint.interval=1000", "--training.steps=1000", f"--job.output_dir={tmp_path}"])
+    run = jobs(
+        tmp_path,
+        2,
+        [
+            *COLOCATED,
+            "--checkpoint.enable=true",
+            "--checkpoint.interval=1000",
+            "--training.steps=1000",
+            f"--job.output_dir={tmp_path}",
+        ],
+    )
     run.wait_for(r"step +2 \|")
-    os.killpg(run.proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches torchrun and its ranks (torchrun forwards it too)
+    os.killpg(
+        run.proc.pid, signal.SIGINT
+    )  # the terminal's Ctrl-C reaches torchrun and its ranks (torchrun forwards it too)
     signalled = time.monotonic()
     run.wait(timeout=60)
     took = time.monotonic() - signalled
@@ -192,9 +228,14 @@ def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
 
 # ------------------------------------------------------------------------------------------------------ NaN guard
 def test_a_nan_step_is_skipped_on_every_rank_and_never_checkpointed(tmp_path, jobs):
-    run = jobs(tmp_path, 2, COLOCATED + CONSTANT_LR + ["--checkpoint.enable=true", "--checkpoint.interval=1",
-                                                       "--training.steps=5", f"--job.output_dir={tmp_path}"],
-               fault="nan_batch:3")
+    run = jobs(
+        tmp_path,
+        2,
+        COLOCATED
+        + CONSTANT_LR
+        + ["--checkpoint.enable=true", "--checkpoint.interval=1", "--training.steps=5", f"--job.output_dir={tmp_path}"],
+        fault="nan_batch:3",
+    )
     assert run.wait() == 0, run.output()[-3000:]
     out = run.output()
     recs = steps(out)
@@ -211,7 +252,17 @@ def test_a_nan_step_is_skipped_on_every_rank_and_never_checkpointed(tmp_path, jo
 
 
 def test_a_diverging_run_stops_with_one_clean_error_and_no_nonfinite_checkpoint(tmp_path, jobs):
-    run = jobs(tmp_path, 2, [*COLOCATED, "--optimizer.lr=1e6", "--checkpoint.enable=true", "--checkpoint.interval=1", f"--job.output_dir={tmp_path}"])
+    run = jobs(
+        tmp_path,
+        2,
+        [
+            *COLOCATED,
+            "--optimizer.lr=1e6",
+            "--checkpoint.enable=true",
+            "--checkpoint.interval=1",
+            f"--job.output_dir={tmp_path}",
+        ],
+    )
     assert run.wait() == 1
     out = run.output()
     errors = our_error_lines(out)
@@ -222,13 +273,24 @@ def test_a_diverging_run_stops_with_one_clean_error_and_no_nonfinite_checkpoint(
     assert [recs[s]["skipped"] for s in (last - 1, last)] == [True, True] and not recs[last - 2]["skipped"]
     assert f"steps {last - 1}-{last + 1}: the loss or the gradient norm was non-finite" in errors[0]
     saved = complete_steps(tmp_path / "checkpoint")
-    assert saved and all(bool(torch.isfinite(v).all()) for s in saved for v in model_state(tmp_path / "checkpoint", s).values())
+    assert saved and all(
+        bool(torch.isfinite(v).all()) for s in saved for v in model_state(tmp_path / "checkpoint", s).values()
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ watchdog
 def test_a_stopped_rank_ends_the_job_and_is_named(tmp_path, jobs):
     timeout_s = 10
-    job = jobs(tmp_path, 3, [*NONCOLOCATED, "--training.steps=1000", f"--training.collective_timeout_s={timeout_s}", f"--job.output_dir={tmp_path}"])
+    job = jobs(
+        tmp_path,
+        3,
+        [
+            *NONCOLOCATED,
+            "--training.steps=1000",
+            f"--training.collective_timeout_s={timeout_s}",
+            f"--job.output_dir={tmp_path}",
+        ],
+    )
     job.wait_for(r"step +3 \|")
     victim = job.ranks()[2]  # the last language pipeline stage
     os.kill(victim, signal.SIGSTOP)
@@ -265,15 +327,29 @@ def test_a_truncated_shard_is_counted_at_every_log_step_and_the_run_goes_on(tmp_
 
 
 # ------------------------------------------------------------------------------------------------------ one error
-@pytest.mark.parametrize("override,error", [
-    ("--parallelism.language.dp_shard=3", "LayoutError"),
-    ("--data.path=/nonexistent/shards", "DataError"),
-    ("--optimizer.betas=1.5,0.9", "ConfigError"),
-])
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("--parallelism.language.dp_shard=3", "LayoutError"),
+        ("--data.path=/nonexistent/shards", "DataError"),
+        ("--optimizer.betas=1.5,0.9", "ConfigError"),
+    ],
+)
 def test_a_user_error_is_printed_once_without_a_traceback(tmp_path, jobs, override, error):
-    run = jobs(tmp_path, 4, ["--config", "train_configs/debug_colocated.toml", "--parallelism.vision.num_ranks=4",
-                             "--parallelism.vision.dp_shard=4", "--parallelism.language.num_ranks=4",
-                             "--parallelism.language.dp_shard=4", "--training.global_batch_size=16", override])
+    run = jobs(
+        tmp_path,
+        4,
+        [
+            "--config",
+            "train_configs/debug_colocated.toml",
+            "--parallelism.vision.num_ranks=4",
+            "--parallelism.vision.dp_shard=4",
+            "--parallelism.language.num_ranks=4",
+            "--parallelism.language.dp_shard=4",
+            "--training.global_batch_size=16",
+            override,
+        ],
+    )
     assert run.wait() != 0
     out = run.output()
     assert our_error_lines(out) == [line for line in out.splitlines() if line.startswith(f"[rank0] {error}: ")]

@@ -26,21 +26,44 @@ from mimo_titan.models import DecoderLM, MimoModel, VisionEncoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 2048  # the test tokenizer's model.language.vocab_size (train_configs/debug_noncolocated.toml)
-LM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-          num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)
+LM = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-6,
+)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 LM_CASES = {  # id: (config class, model class, extra config kwargs)
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", MOE),
-    "qwen3_moe_dense_first": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                              dict(MOE, mlp_only_layers=[0], norm_topk_prob=True)),
+    "qwen3_moe_dense_first": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(MOE, mlp_only_layers=[0], norm_topk_prob=True),
+    ),
 }
-ARCH = {"llama": "llama", "llama_tied": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
-        "qwen3_moe_dense_first": "qwen3_moe"}
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8, layer_norm_eps=1e-6)
+ARCH = {
+    "llama": "llama",
+    "llama_tied": "llama",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3_moe_dense_first": "qwen3_moe",
+}
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+)
 
 
 @torch.no_grad()
@@ -169,8 +192,17 @@ def test_vision_import_matches_siglip_and_export_round_trips(prefixed, tmp_path)
 
 
 def test_vision_tower_of_a_full_siglip_model():
-    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = dict(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(2)
     full = _randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=VISION)), 2)
     cfg = _vis_cfg(hf.vision_config_from_hf(full.config.to_dict()))
@@ -180,8 +212,9 @@ def test_vision_tower_of_a_full_siglip_model():
     assert not unexpected and all(k.startswith("multi_modal_projector.") for k in missing)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(enc.vision_model(pixels), full.vision_model(pixel_values=pixels).last_hidden_state,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            enc.vision_model(pixels), full.vision_model(pixel_values=pixels).last_hidden_state, atol=1e-4, rtol=0
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -189,24 +222,38 @@ def _llama_json(**kw) -> dict:
     return {"model_type": "llama", **LM, **kw}
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling with rope_type='llama3'"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
-     "rope_parameters with rope_type='yarn'"),
-    (dict(attention_bias=True), "attention_bias=true"),
-    (dict(mlp_bias=True), "mlp_bias=true"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(model_type="mistral"), "model_type='mistral' is not a supported"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling with rope_type='llama3'"),
+        (
+            dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+            "rope_parameters with rope_type='yarn'",
+        ),
+        (dict(attention_bias=True), "attention_bias=true"),
+        (dict(mlp_bias=True), "mlp_bias=true"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(model_type="mistral"), "model_type='mistral' is not a supported"),
+    ],
+)
 def test_unsupported_language_configs_are_rejected(kw, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
         hf.lm_config_from_hf(_llama_json(**kw))
 
 
 def test_rope_scaling_rejected_from_a_saved_llama3_1_style_config(tmp_path):
-    cfg = transformers.LlamaConfig(**LM, max_position_embeddings=16384, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
+    cfg = transformers.LlamaConfig(
+        **LM,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     cfg.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"llama3.*plain rotary embedding"):
         hf.lm_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
@@ -228,14 +275,16 @@ def test_clip_is_rejected(model_type):
 
 
 def test_export_rejects_what_the_arch_lacks():
-    cfg = LanguageModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                              num_kv_heads=2, qk_norm=True)
+    cfg = LanguageModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True
+    )
     with pytest.raises(ValueError, match="qk_norm=True but HF llama has no q/k norms"):
         hf.hf_lm_config(cfg, "llama")
     with pytest.raises(ValueError, match="num_experts=0 does not fit HF qwen3_moe"):
         hf.hf_lm_config(cfg, "qwen3_moe")
-    moe = LanguageModelConfig(**{**cfg.__dict__, "moe": MoEConfig(num_experts=4, intermediate_size=8,
-                                                                  shared_expert_intermediate_size=8)})
+    moe = LanguageModelConfig(
+        **{**cfg.__dict__, "moe": MoEConfig(num_experts=4, intermediate_size=8, shared_expert_intermediate_size=8)}
+    )
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=8"):
         hf.hf_lm_config(moe, "qwen3_moe")
 
@@ -245,10 +294,26 @@ def _model_cfg_dict(**language) -> dict:
     return {
         "job": {"seed": 5},
         "model": {
-            "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                       "intermediate_size": 64, "projector_intermediate_size": 48},
-            "language": {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-                         "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "rope_theta": 500000.0, **language},
+            "vision": {
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "projector_intermediate_size": 48,
+            },
+            "language": {
+                "vocab_size": VOCAB,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "head_dim": 8,
+                "rope_theta": 500000.0,
+                **language,
+            },
         },
         "parallelism": {"vision": {"rank_offset": 0, "num_ranks": 1}, "language": {"rank_offset": 0, "num_ranks": 1}},
         "training": {"steps": 1, "global_batch_size": 2, "seq_len": 64},
@@ -263,8 +328,9 @@ def _mimo_state(cfg, seed=3) -> dict:
 
 
 def test_mimo_export_import_round_trip_with_projector(tmp_path):
-    cfg = config_from_dict(_model_cfg_dict(qk_norm=True, moe={"num_experts": 4, "top_k": 2, "intermediate_size": 16,
-                                                              "first_layer": 1}))
+    cfg = config_from_dict(
+        _model_cfg_dict(qk_norm=True, moe={"num_experts": 4, "top_k": 2, "intermediate_size": 16, "first_layer": 1})
+    )
     state = _mimo_state(cfg)
     hf.export_hf(cfg.model, state, str(tmp_path / "out"), "qwen3_moe")
     assert sorted(os.listdir(tmp_path / "out")) == ["language", hf.PROJECTOR_FILE, "vision"]
@@ -275,8 +341,9 @@ def test_mimo_export_import_round_trip_with_projector(tmp_path):
         assert torch.equal(back[k], v), k
     assert not torch.equal(fresh["language.model.norm.weight"], state["language.model.norm.weight"])  # not mutated
     only_lm = hf.import_hf(cfg.model, fresh, language_dir=str(tmp_path / "out" / "language"))
-    assert torch.equal(only_lm["vision.multi_modal_projector.linear_1.weight"],
-                       fresh["vision.multi_modal_projector.linear_1.weight"])
+    assert torch.equal(
+        only_lm["vision.multi_modal_projector.linear_1.weight"], fresh["vision.multi_modal_projector.linear_1.weight"]
+    )
     assert torch.equal(only_lm["language.lm_head.weight"], state["language.lm_head.weight"])
 
 
@@ -288,9 +355,11 @@ def test_import_lists_every_config_mismatch(tmp_path):
     with pytest.raises(ValueError) as err:
         hf.import_hf(cfg.model, {}, str(tmp_path / "lm"), str(tmp_path / "vis"))
     msg = str(err.value)
-    for part in ("model.language.num_kv_heads=4 vs HF num_key_value_heads=2",
-                 "model.language.rope_theta=10000.0 vs HF rope_theta=500000.0",
-                 "model.vision.patch_size=16 vs HF patch_size=8"):
+    for part in (
+        "model.language.num_kv_heads=4 vs HF num_key_value_heads=2",
+        "model.language.rope_theta=10000.0 vs HF rope_theta=500000.0",
+        "model.vision.patch_size=16 vs HF patch_size=8",
+    ):
         assert part in msg, msg
     qwen = config_from_dict(_model_cfg_dict(qk_norm=True))
     with pytest.raises(ValueError, match=r"model\.language\.qk_norm=True vs HF model_type"):
@@ -319,8 +388,14 @@ def _toml(cfg: dict) -> str:
 
 def _convert(*args) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_hf.py"), *map(str, args)], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_hf.py"), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -331,10 +406,28 @@ def test_convert_script_import_then_export(tmp_path):
     vis.save_pretrained(tmp_path / "hf_vis")
     config = tmp_path / "run.toml"
     config.write_text(_toml(_model_cfg_dict()))
-    _convert("import", "--config", config, "--hf-language", tmp_path / "hf_lm", "--hf-vision", tmp_path / "hf_vis",
-             "--out", tmp_path / "ckpt")
-    _convert("export", "--config", config, "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "out",
-             "--language-arch", "llama")
+    _convert(
+        "import",
+        "--config",
+        config,
+        "--hf-language",
+        tmp_path / "hf_lm",
+        "--hf-vision",
+        tmp_path / "hf_vis",
+        "--out",
+        tmp_path / "ckpt",
+    )
+    _convert(
+        "export",
+        "--config",
+        config,
+        "--checkpoint",
+        tmp_path / "ckpt",
+        "--out",
+        tmp_path / "out",
+        "--language-arch",
+        "llama",
+    )
     _, lm_state = hf.load_hf_dir(tmp_path / "hf_lm")
     _, lm_back = hf.load_hf_dir(tmp_path / "out" / "language")
     assert set(lm_back) == set(lm_state) and all(torch.equal(lm_back[k], v) for k, v in lm_state.items())
@@ -344,13 +437,18 @@ def test_convert_script_import_then_export(tmp_path):
     assert (tmp_path / "out" / "language" / "tokenizer.json").exists()
 
     from mimo_titan.checkpoint import load_full_model_state  # the projector: the seeded init of a fresh model
+
     cfg = config_from_dict(_model_cfg_dict())
     ckpt = load_full_model_state(str(tmp_path / "ckpt"), cfg)
     from safetensors.torch import load_file
+
     proj = load_file(tmp_path / "out" / hf.PROJECTOR_FILE)
     assert set(proj) == {f"multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     assert all(torch.equal(ckpt["vision." + k], v) for k, v in proj.items())
     with torch.no_grad():
         torch.testing.assert_close(
             transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "language")(_ids()).logits,
-            lm(_ids()).logits, atol=1e-4, rtol=0)
+            lm(_ids()).logits,
+            atol=1e-4,
+            rtol=0,
+        )

@@ -57,7 +57,9 @@ def test_a_kernel_refuses_an_unwaited_collective_output():
     x = torch.randn(4, 8)
     pending = AsyncCollectiveTensor(x)  # what funcol returns before anyone waits on it: no storage of its own
     assert pending.data_ptr() == 0
-    with pytest.raises(ValueError, match=r"got a AsyncCollectiveTensor, which has no storage .* wait on the collective"):
+    with pytest.raises(
+        ValueError, match=r"got a AsyncCollectiveTensor, which has no storage .* wait on the collective"
+    ):
         kernels.permute_tokens(pending, torch.zeros(4, 1, dtype=torch.long), 2, backend="triton")
     with pytest.raises(ValueError, match="AsyncCollectiveTensor"):
         kernels.sort_chunks_by_index(pending, [2, 2], [1, 0], backend="triton")
@@ -82,14 +84,17 @@ def test_config_backend_is_checked_before_any_process_group(monkeypatch):
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", kernels.ENV_VAR)}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 def test_forcing_triton_on_cpu_turns_the_interpreter_on_or_fails_clearly():
-    forced = _python("import kernels, os; print(kernels.interpreter_active(), os.environ.get('TRITON_INTERPRET'))",
-                     **{kernels.ENV_VAR: "triton"})
+    forced = _python(
+        "import kernels, os; print(kernels.interpreter_active(), os.environ.get('TRITON_INTERPRET'))",
+        **{kernels.ENV_VAR: "triton"},
+    )
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.split() == ["True", "1"]
     # kernels imported without the interpreter, then the config asks for Triton on CPU: a ConfigError that says how
@@ -98,7 +103,8 @@ def test_forcing_triton_on_cpu_turns_the_interpreter_on_or_fails_clearly():
         "from _tiny import tiny_config_dict\nfrom mimo_titan.config import config_from_dict\n"
         "from mimo_titan.train.trainer import check_kernel_backend\n"
         "V = lambda off, n: dict(rank_offset=off, num_ranks=n)\n"
-        "check_kernel_backend(config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), kernels={'backend': 'triton'})))")
+        "check_kernel_backend(config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), kernels={'backend': 'triton'})))"
+    )
     assert late.returncode != 0
     assert "ConfigError: the Triton kernels were asked for on cpu" in late.stderr
     assert "set TRITON_INTERPRET=1 (or MIMO_TITAN_KERNELS=triton)" in late.stderr
@@ -132,16 +138,16 @@ def test_collective_outputs_are_plain_waited_tensors_with_correct_gradients():
         assert r["plain"] == [True, True, True]
         # all-to-all: rows from rank 0 then rank 1, rank-major
         start = [sum(splits[s][:rank]) for s in range(2)]
-        expect = torch.cat([xs[s][start[s]:start[s] + splits[s][rank]] for s in range(2)])
+        expect = torch.cat([xs[s][start[s] : start[s] + splits[s][rank]] for s in range(2)])
         torch.testing.assert_close(r["values"][0], expect)
         torch.testing.assert_close(r["values"][1], torch.cat(xs))
-        torch.testing.assert_close(r["values"][2], (xs[0] + xs[1])[3 * rank:3 * rank + 3])
+        torch.testing.assert_close(r["values"][2], (xs[0] + xs[1])[3 * rank : 3 * rank + 3])
     # gradients: the all-gather's is the sum over ranks of each rank's weight slice; the reduce-scatter's is the
     # all-gather of every rank's weights
     w_gather = torch.arange(24, dtype=torch.float32).view(12, 2) + 1
     w_scatter = torch.arange(6, dtype=torch.float32).view(3, 2) + 1
     for rank, r in enumerate(res):
-        torch.testing.assert_close(r["grads"][1], 2 * w_gather[6 * rank:6 * rank + 6])
+        torch.testing.assert_close(r["grads"][1], 2 * w_gather[6 * rank : 6 * rank + 6])
         torch.testing.assert_close(r["grads"][2], torch.cat([w_scatter, w_scatter]))
     # the all-to-all's gradient returns each row's weight to the row's sender
     for rank in range(2):
@@ -151,7 +157,7 @@ def test_collective_outputs_are_plain_waited_tensors_with_correct_gradients():
             n = splits[rank][dst]
             src_start = sum(splits[s][dst] for s in range(rank))  # where rank's rows start at dst
             wd = torch.arange(res[dst]["values"][0].numel(), dtype=torch.float32).view(-1, 2) + 1
-            got[first:first + n] = wd[src_start:src_start + n]
+            got[first : first + n] = wd[src_start : src_start + n]
         torch.testing.assert_close(res[rank]["grads"][0], got)
 
 
@@ -159,7 +165,10 @@ def test_functional_collectives_are_used_only_through_parallel_comm():
     """Every collective output is waited on before a kernel reads it: only ``mimo_titan/parallel/comm.py`` may call
     ``torch.distributed._functional_collectives``."""
     imports = re.compile(r"^\s*(from|import)\s+torch\.distributed.*_functional_collectives", re.M)
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "mimo_titan").rglob("*.py")
-                 if imports.search(p.read_text()) and p.name != "comm.py"]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "mimo_titan").rglob("*.py")
+        if imports.search(p.read_text()) and p.name != "comm.py"
+    ]
     assert imports.search((ROOT / "mimo_titan/parallel/comm.py").read_text())  # the pattern finds real imports
     assert offenders == []

@@ -17,8 +17,14 @@ def test_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "tests" / "_compile_kernels.py")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(root / "tests" / "_compile_kernels.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     lines = out.stdout.splitlines()
     compiled = [line for line in lines if line.startswith("ok ")]
@@ -33,8 +39,14 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out_json = tmp_path / "bench.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_kernels.py"), "--smoke", "--out", str(out_json)],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_kernels.py"), "--smoke", "--out", str(out_json)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads(out_json.read_text())["results"]
     kinds = {r["kernel"] for r in rows}
@@ -46,6 +58,12 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path):
 def test_benchmark_script_without_gpu_exits_cleanly():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_kernels.py")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_kernels.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0 and "needs a CUDA GPU" in out.stdout

@@ -26,7 +26,11 @@ def _case(T, H, K, E, dtype, seed, noncontig=False):
     g = torch.Generator().manual_seed(seed)
     # noncontig: a transposed view, stride(0) == 1
     tokens = _dyadic((H, T), dtype=dtype, gen=g).t() if noncontig else _dyadic((T, H), dtype=dtype, gen=g)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else torch.zeros(0, K, dtype=torch.long)
+    )
     probs = _dyadic((T, K), 1, 16, dtype, g)
     return tokens, ids, probs
 
@@ -38,8 +42,14 @@ def _grads(outs, inputs, seed):
 
 
 CASES = [  # T, H, K, E, align
-    (0, 16, 2, 8, 1), (1, 8, 1, 1, 1), (7, 24, 2, 8, 1), (64, 96, 8, 64, 1), (130, 40, 8, 256, 1),
-    (33, 16, 2, 8, 8), (50, 24, 4, 64, 16), (5, 8, 8, 256, 4),
+    (0, 16, 2, 8, 1),
+    (1, 8, 1, 1, 1),
+    (7, 24, 2, 8, 1),
+    (64, 96, 8, 64, 1),
+    (130, 40, 8, 256, 1),
+    (33, 16, 2, 8, 8),
+    (50, 24, 4, 64, 16),
+    (5, 8, 8, 256, 4),
 ]
 
 
@@ -59,8 +69,17 @@ def test_permute_and_unpermute_equal_reference(T, H, K, E, align, dtype):
         out = unpermute_tokens(y, row_map, q, backend=backend)
         g_unperm = _grads([out], (y, q), seed + 2)
         results[backend] = (permuted, pprobs, row_map, per_expert, *g_perm, out, *g_unperm)
-    names = ["permuted", "permuted_probs", "row_map", "tokens_per_expert", "d_tokens", "d_probs", "unpermuted",
-             "d_permuted", "d_probs(unpermute)"]
+    names = [
+        "permuted",
+        "permuted_probs",
+        "row_map",
+        "tokens_per_expert",
+        "d_tokens",
+        "d_probs",
+        "unpermuted",
+        "d_permuted",
+        "d_probs(unpermute)",
+    ]
     rounded_in_kernel = {"unpermuted", "d_tokens", "d_permuted", "d_probs(unpermute)"}
     for name, a, b in zip(names, results["triton"], results["torch"]):
         assert a.dtype == b.dtype and a.shape == b.shape, name

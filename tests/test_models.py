@@ -97,17 +97,25 @@ def test_init_is_deterministic_and_seed_dependent():
     c = MimoModel(_cfg().model, IMG)
     c.init_weights(8)
     assert not torch.equal(a.language.model.embed_tokens.weight, c.language.model.embed_tokens.weight)
-    assert not torch.equal(a.vision.multi_modal_projector.linear_1.weight, c.vision.multi_modal_projector.linear_1.weight)
+    assert not torch.equal(
+        a.vision.multi_modal_projector.linear_1.weight, c.vision.multi_modal_projector.linear_1.weight
+    )
 
 
 def test_hf_parameter_names():
     _, m = _model()
     names = {n for n, _ in m.named_parameters()}
-    for n in ["language.model.embed_tokens.weight", "language.model.layers.0.self_attn.q_proj.weight",
-              "language.model.layers.1.mlp.gate_proj.weight", "language.model.norm.weight", "language.lm_head.weight",
-              "vision.vision_model.embeddings.patch_embedding.weight",
-              "vision.vision_model.encoder.layers.0.self_attn.out_proj.weight", "vision.vision_model.post_layernorm.weight",
-              "vision.multi_modal_projector.linear_2.weight"]:
+    for n in [
+        "language.model.embed_tokens.weight",
+        "language.model.layers.0.self_attn.q_proj.weight",
+        "language.model.layers.1.mlp.gate_proj.weight",
+        "language.model.norm.weight",
+        "language.lm_head.weight",
+        "vision.vision_model.embeddings.patch_embedding.weight",
+        "vision.vision_model.encoder.layers.0.self_attn.out_proj.weight",
+        "vision.vision_model.post_layernorm.weight",
+        "vision.multi_modal_projector.linear_2.weight",
+    ]:
         assert n in names, n
 
 
@@ -118,8 +126,9 @@ def test_packed_rows_compute_every_document_as_if_alone():
     from mimo_titan.data import ImageTextProcessor
 
     one = {"rank_offset": 0, "num_ranks": 1}
-    cfg = config_from_dict(tiny_config_dict(one, one, data={"packing": True, "max_images_per_sample": 2},
-                                            training={"seq_len": 120}))
+    cfg = config_from_dict(
+        tiny_config_dict(one, one, data={"packing": True, "max_images_per_sample": 2}, training={"seq_len": 120})
+    )
     P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, P)
     batch = first_global_batch(cfg, proc)
@@ -133,11 +142,11 @@ def test_packed_rows_compute_every_document_as_if_alone():
             cu, cu_real = batch.cu_seqlens[r].tolist(), batch.cu_seqlens_unpadded[r].tolist()
             for d in range(len(batch.sample_ids[r])):
                 start, n = cu[d], cu_real[d + 1] - cu_real[d]
-                ids = batch.input_ids[r:r + 1, start:start + n]
+                ids = batch.input_ids[r : r + 1, start : start + n]
                 k = int((ids == proc.image_token_id).sum()) // P
-                alone = model(ids, batch.pixel_values[image:image + k])
+                alone = model(ids, batch.pixel_values[image : image + k])
                 image += k
-                torch.testing.assert_close(packed[r:r + 1, start:start + n], alone, atol=2e-5, rtol=0)
+                torch.testing.assert_close(packed[r : r + 1, start : start + n], alone, atol=2e-5, rtol=0)
                 checked += 1
     assert image == batch.pixel_values.shape[0]
     assert checked > len(batch)  # some row holds several documents

@@ -42,10 +42,17 @@ def _loop_reference(m: MoE, x_NH: torch.Tensor):
     return out, aux
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"score_func": "sigmoid"}, {"norm_topk_prob": False, "top_k": 1}, {"shared_expert_intermediate_size": 8},
-    {"load_balance": "aux_free"}, {"top_k": 6},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"score_func": "sigmoid"},
+        {"norm_topk_prob": False, "top_k": 1},
+        {"shared_expert_intermediate_size": 8},
+        {"load_balance": "aux_free"},
+        {"top_k": 6},
+    ],
+)
 def test_moe_matches_per_token_loop(kw):
     m = _moe(**kw)
     x = torch.randn(2, 9, 16, requires_grad=True)

@@ -22,8 +22,12 @@ def _full_moe(load_balance="aux_loss"):
     from mimo_titan.models.moe import MoE
 
     torch.manual_seed(3)
-    m = MoE(H, MoEConfig(num_experts=8, top_k=2, intermediate_size=12, shared_expert_intermediate_size=8,
-                          load_balance=load_balance))
+    m = MoE(
+        H,
+        MoEConfig(
+            num_experts=8, top_k=2, intermediate_size=12, shared_expert_intermediate_size=8, load_balance=load_balance
+        ),
+    )
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return m
@@ -50,8 +54,15 @@ def _ep_worker(rank, world, device, ep, etp, n_per_rank):
     ref_grads = dict(zip(["x", *[n for n, _ in ref.named_parameters()]], ref_grads))
 
     moe = copy.deepcopy(_full_moe())
-    apply_ep(moe, topo.ep_group("language"), ep, coord["ep"], topo.etp_group("language") if etp > 1 else None,
-             etp, coord["etp"])
+    apply_ep(
+        moe,
+        topo.ep_group("language"),
+        ep,
+        coord["ep"],
+        topo.etp_group("language") if etp > 1 else None,
+        etp,
+        coord["etp"],
+    )
     moe.stats_group = dist.group.WORLD
     x = x_all[mine].clone().requires_grad_(True)
     out = moe(x[None])[0]
@@ -60,9 +71,11 @@ def _ep_worker(rank, world, device, ep, etp, n_per_rank):
     torch.testing.assert_close(grads[0], ref_grads["x"][mine], rtol=1e-5, atol=1e-6)
     L, w = 8 // ep, 12 // etp
     e_sl, w_sl = slice(coord["ep"] * L, (coord["ep"] + 1) * L), slice(coord["etp"] * w, (coord["etp"] + 1) * w)
-    expect = {"experts.w_gate": ref_grads["experts.w_gate"][e_sl, :, w_sl],
-              "experts.w_up": ref_grads["experts.w_up"][e_sl, :, w_sl],
-              "experts.w_down": ref_grads["experts.w_down"][e_sl, w_sl, :]}
+    expect = {
+        "experts.w_gate": ref_grads["experts.w_gate"][e_sl, :, w_sl],
+        "experts.w_up": ref_grads["experts.w_up"][e_sl, :, w_sl],
+        "experts.w_down": ref_grads["experts.w_down"][e_sl, w_sl, :],
+    }
     checked = 0
     for (name, _), gr in zip(moe.named_parameters(), grads[1:]):
         if name in expect:  # expert grads: each (ep, etp) slice holds the sum over the edp replicas' tokens
@@ -77,8 +90,13 @@ def _ep_worker(rank, world, device, ep, etp, n_per_rank):
     from mimo_titan.train.rng import module_seeds
 
     seeds = module_seeds(0, 1, {**topo.role.coordinates["language"], **coord})
-    return {"checked": checked, "local_experts": moe.experts.w_gate.shape[0], "width": moe.experts.w_gate.shape[2],
-            "coord": dict(coord), "seeds": seeds}
+    return {
+        "checked": checked,
+        "local_experts": moe.experts.w_gate.shape[0],
+        "width": moe.experts.w_gate.shape[2],
+        "coord": dict(coord),
+        "seeds": seeds,
+    }
 
 
 EP_LAYOUTS = {"ep2": (2, 2, 1), "ep4": (4, 4, 1), "ep2_etp2": (4, 2, 2), "ep2_edp2": (4, 2, 1)}

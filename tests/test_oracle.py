@@ -19,11 +19,27 @@ from _launch import per_layout_backends, run_ranks
 from _tiny import first_global_batch, tiny_config_dict
 
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
-MOE_LM = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
-                                         "shared_expert_intermediate_size": 16, "aux_loss_coeff": 0.05}}}}
-MOE_BOTH = {"model": {"language": MOE_LM["model"]["language"],  # the encoder has 2 experts, the LM 4
-                      "vision": {"moe": {"num_experts": 2, "top_k": 1, "intermediate_size": 32, "first_layer": 1,
-                                         "aux_loss_coeff": 0.5}}}}
+MOE_LM = {
+    "model": {
+        "language": {
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "intermediate_size": 32,
+                "shared_expert_intermediate_size": 16,
+                "aux_loss_coeff": 0.05,
+            }
+        }
+    }
+}
+MOE_BOTH = {
+    "model": {
+        "language": MOE_LM["model"]["language"],  # the encoder has 2 experts, the LM 4
+        "vision": {
+            "moe": {"num_experts": 2, "top_k": 1, "intermediate_size": 32, "first_layer": 1, "aux_loss_coeff": 0.5}
+        },
+    }
+}
 
 PACKED = {"data": {"packing": True}, "training": {"seq_len": 120}}
 
@@ -31,51 +47,131 @@ LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
     "colocated_dp2": (2, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), {}, ()),
     "equal_dp_2to2_hsdp": (4, V(0, 2, dp_shard=2), V(2, 2, dp_replicate=2), {}, ()),
-    "hsdp_2x2": (6, V(0, 2, dp_shard=2), V(2, 4, dp_replicate=2, dp_shard=2), {"training": {"global_batch_size": 8}}, ()),
-    "fan_in_4to2": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
-                    {"training": {"global_batch_size": 8}, "data": {"max_images_per_sample": 2}}, ()),
-    "fan_in_4to2_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
-                                        {"training": {"global_batch_size": 8}, "data": {"max_images_per_sample": 2}},
-                                        (0, 1, 4, 5)),
-    "fan_out_1to3": (4, V(0, 1), V(1, 3, dp_shard=3),
-                     {"training": {"global_batch_size": 6}, "data": {"max_images_per_sample": 2}}, ()),
-    "ratio_2to3": (5, V(0, 2, dp_shard=2), V(2, 3, dp_shard=3),
-                   {"training": {"global_batch_size": 12}, "data": {"max_images_per_sample": 2}}, (0, 1, 2, 7)),
-    "lm_pp2_dp2_gpipe": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2),
-                         {"training": {"global_batch_size": 8, "microbatches": 4},
-                          "parallelism": {"pipeline_schedule": "GPipe"}}, ()),
-    "lm_pp2_1f1b_clip_no_images": (4, V(0, 2, dp_shard=2), V(2, 2, pp=2),
-                                   {"training": {"max_grad_norm": 0.05, "microbatches": 2}}, (0, 1, 2, 3)),
+    "hsdp_2x2": (
+        6,
+        V(0, 2, dp_shard=2),
+        V(2, 4, dp_replicate=2, dp_shard=2),
+        {"training": {"global_batch_size": 8}},
+        (),
+    ),
+    "fan_in_4to2": (
+        6,
+        V(0, 4, dp_shard=4),
+        V(4, 2, dp_shard=2),
+        {"training": {"global_batch_size": 8}, "data": {"max_images_per_sample": 2}},
+        (),
+    ),
+    "fan_in_4to2_rank_without_images": (
+        6,
+        V(0, 4, dp_shard=4),
+        V(4, 2, dp_shard=2),
+        {"training": {"global_batch_size": 8}, "data": {"max_images_per_sample": 2}},
+        (0, 1, 4, 5),
+    ),
+    "fan_out_1to3": (
+        4,
+        V(0, 1),
+        V(1, 3, dp_shard=3),
+        {"training": {"global_batch_size": 6}, "data": {"max_images_per_sample": 2}},
+        (),
+    ),
+    "ratio_2to3": (
+        5,
+        V(0, 2, dp_shard=2),
+        V(2, 3, dp_shard=3),
+        {"training": {"global_batch_size": 12}, "data": {"max_images_per_sample": 2}},
+        (0, 1, 2, 7),
+    ),
+    "lm_pp2_dp2_gpipe": (
+        5,
+        V(0, 1),
+        V(1, 4, pp=2, dp_shard=2),
+        {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"pipeline_schedule": "GPipe"}},
+        (),
+    ),
+    "lm_pp2_1f1b_clip_no_images": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        {"training": {"max_grad_norm": 0.05, "microbatches": 2}},
+        (0, 1, 2, 3),
+    ),
     "moe_colocated_ep2": (2, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2, ep=2), MOE_LM, ()),
     "moe_ep4": (5, V(0, 1), V(1, 4, dp_shard=4, ep=4), {**MOE_LM, "training": {"global_batch_size": 8}}, ()),
-    "moe_ep2_etp2": (5, V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), {**MOE_LM, "training": {"global_batch_size": 8}}, ()),
+    "moe_ep2_etp2": (
+        5,
+        V(0, 1),
+        V(1, 4, dp_shard=4, ep=2, etp=2),
+        {**MOE_LM, "training": {"global_batch_size": 8}},
+        (),
+    ),
     "moe_ep2_edp2_fsdp": (5, V(0, 1), V(1, 4, dp_shard=4, ep=2), {**MOE_LM, "training": {"global_batch_size": 8}}, ()),
     "moe_pp2_ep2_noncolocated": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), MOE_LM, ()),
-    "moe_encoder_ep2_aux_free": (4, V(0, 2, dp_shard=2, ep=2), V(2, 2, dp_shard=2, ep=2),
-                                 {"model": {"language": MOE_BOTH["model"]["language"],
-                                            "vision": {"moe": {**MOE_BOTH["model"]["vision"]["moe"],
-                                                               "load_balance": "aux_free"}}},
-                                  "training": {"microbatches": 1}}, ()),
+    "moe_encoder_ep2_aux_free": (
+        4,
+        V(0, 2, dp_shard=2, ep=2),
+        V(2, 2, dp_shard=2, ep=2),
+        {
+            "model": {
+                "language": MOE_BOTH["model"]["language"],
+                "vision": {"moe": {**MOE_BOTH["model"]["vision"]["moe"], "load_balance": "aux_free"}},
+            },
+            "training": {"microbatches": 1},
+        },
+        (),
+    ),
     "lm_cp2_noncolocated": (3, V(0, 1), V(1, 2, cp=2), {}, ()),
-    "lm_cp2_dp2_fan_in": (6, V(0, 2, dp_shard=2), V(2, 4, dp_shard=2, cp=2),
-                          {"data": {"max_images_per_sample": 2}}, (1,)),
+    "lm_cp2_dp2_fan_in": (
+        6,
+        V(0, 2, dp_shard=2),
+        V(2, 4, dp_shard=2, cp=2),
+        {"data": {"max_images_per_sample": 2}},
+        (1,),
+    ),
     "lm_pp2_cp2_colocated": (4, V(0, 4, dp_shard=4), V(0, 4, pp=2, cp=2), {"training": {"global_batch_size": 8}}, ()),
     "moe_cp2_ep2": (5, V(0, 1), V(1, 4, dp_shard=2, cp=2, ep=2), MOE_LM, ()),
     "lm_cp2_images_on_every_shard": (3, V(0, 1), V(1, 2, cp=2), {"data": {"max_images_per_sample": 2}}, ()),
-    "lm_cp4_colocated_images_on_every_shard": (4, V(0, 4, dp_shard=4), V(0, 4, cp=4),
-                                               {"training": {"global_batch_size": 8}}, ()),
+    "lm_cp4_colocated_images_on_every_shard": (
+        4,
+        V(0, 4, dp_shard=4),
+        V(0, 4, cp=4),
+        {"training": {"global_batch_size": 8}},
+        (),
+    ),
     "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2), {}, ()),
     "lm_tp2_qk_norm": (3, V(0, 1), V(1, 2, tp=2), {"model": {"language": {"qk_norm": True}}}, ()),  # Qwen3 q/k norms
     "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {}, ()),
-    "vision_tp2_fan_out_lm_dp2_tp2": (6, V(0, 2, tp=2), V(2, 4, dp_shard=2, tp=2), {"data": {"max_images_per_sample": 2}}, (1,)),
-    "lm_pp2_tp2_cp2_colocated": (8, V(0, 8, dp_shard=4, tp=2), V(0, 8, pp=2, cp=2, tp=2),
-                                 {"training": {"global_batch_size": 8}}, ()),
+    "vision_tp2_fan_out_lm_dp2_tp2": (
+        6,
+        V(0, 2, tp=2),
+        V(2, 4, dp_shard=2, tp=2),
+        {"data": {"max_images_per_sample": 2}},
+        (1,),
+    ),
+    "lm_pp2_tp2_cp2_colocated": (
+        8,
+        V(0, 8, dp_shard=4, tp=2),
+        V(0, 8, pp=2, cp=2, tp=2),
+        {"training": {"global_batch_size": 8}},
+        (),
+    ),
     # packed THD rows of 120 tokens: 2-3 documents per row, attention never crosses them
-    "packed_lm_cp2": (3, V(0, 1), V(1, 2, cp=2), {**PACKED, "data": {**PACKED["data"], "max_images_per_sample": 2}}, ()),
+    "packed_lm_cp2": (
+        3,
+        V(0, 1),
+        V(1, 2, cp=2),
+        {**PACKED, "data": {**PACKED["data"], "max_images_per_sample": 2}},
+        (),
+    ),
     "packed_vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), PACKED, ()),
     "packed_lm_pp2_dp2_tp2": (9, V(0, 1), V(1, 8, pp=2, dp_shard=2, tp=2), PACKED, ()),
-    "moe_encoder_rank_without_images": (6, V(0, 4, dp_shard=4), V(4, 2, dp_shard=2),
-                                        {**MOE_BOTH, "training": {"global_batch_size": 8}}, (0, 1, 4, 5)),
+    "moe_encoder_rank_without_images": (
+        6,
+        V(0, 4, dp_shard=4),
+        V(4, 2, dp_shard=2),
+        {**MOE_BOTH, "training": {"global_batch_size": 8}},
+        (0, 1, 4, 5),
+    ),
 }
 
 
@@ -123,8 +219,13 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     for name, p in canonical_named_parameters(job):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         params[name] = full.detach().cpu()
-    return {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "params": params, "moe": rec.get("moe"),
-            "kernels": kernels.dispatch_counts()}
+    return {
+        "loss": rec["loss"],
+        "grad_norm": rec["grad_norm"],
+        "params": params,
+        "moe": rec.get("moe"),
+        "kernels": kernels.dispatch_counts(),
+    }
 
 
 def _reference_step(cfg, no_image_samples, roll):
@@ -147,8 +248,13 @@ def test_one_step_matches_single_process(layout, backend):
 
 # the layouts whose training step runs the Triton kernels on a GPU: MoE permutation with the EP all-to-all (ep, ep x
 # etp, an MoE encoder under EP) and zigzag CP sharding (BSHD rows, packed THD rows)
-TRITON_LAYOUTS = ["moe_colocated_ep2", "moe_ep2_etp2", "moe_encoder_ep2_aux_free", "lm_cp2_noncolocated",
-                  "packed_lm_cp2"]
+TRITON_LAYOUTS = [
+    "moe_colocated_ep2",
+    "moe_ep2_etp2",
+    "moe_encoder_ep2_aux_free",
+    "lm_cp2_noncolocated",
+    "packed_lm_cp2",
+]
 
 
 @pytest.mark.multirank
@@ -194,6 +300,7 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
             assert stats["tokens_per_expert"] == counts, f"rank {rank} {key}"
             assert stats["aux_loss"] == pytest.approx(aux, abs=1e-6), f"rank {rank} {key}"
     from mimo_titan.models import MimoModel
+
     init = MimoModel(cfg.model, 1998)
     init.init_weights(cfg.job.seed)
     lang = [(n, p) for n, p in init.named_parameters() if n.startswith("language.")]
@@ -224,10 +331,10 @@ def _check_expert_slices(results, ref_params, layout, seen):
                 e = slice(c["ep"] * L, (c["ep"] + 1) * L)
                 if name.endswith("w_down"):
                     w = p.shape[1]
-                    got[e, c["etp"] * w:(c["etp"] + 1) * w, :] = p
+                    got[e, c["etp"] * w : (c["etp"] + 1) * w, :] = p
                 else:
                     w = p.shape[2]
-                    got[e, :, c["etp"] * w:(c["etp"] + 1) * w] = p
+                    got[e, :, c["etp"] * w : (c["etp"] + 1) * w] = p
             assert not got.isnan().any(), f"{name}: some expert slices never reported"
             torch.testing.assert_close(got, ref, atol=1e-3, rtol=0, msg=name)
             seen.add(name)

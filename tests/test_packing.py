@@ -33,8 +33,15 @@ def proc() -> ImageTextProcessor:
 @pytest.fixture(scope="module")
 def real_samples(proc) -> list[Sample]:
     """16 samples of 1-2 images exactly as the training loader builds them (seq_len 48: <= 49 tokens each)."""
-    loader = MimoDataLoader(str(DATA), proc, global_batch_size=4, seq_len=48, max_images_per_sample=2,
-                            shuffle=False, seed=BASE["job"]["seed"])
+    loader = MimoDataLoader(
+        str(DATA),
+        proc,
+        global_batch_size=4,
+        seq_len=48,
+        max_images_per_sample=2,
+        shuffle=False,
+        seed=BASE["job"]["seed"],
+    )
     samples = [loader._next_sample() for _ in range(16)]
     assert {s.num_images for s in samples} == {1, 2}
     return samples
@@ -203,9 +210,10 @@ def test_block_diagonal_attention_equals_per_document(proc, real_samples):
     assert not (mask & ~real.unsqueeze(1) & real.unsqueeze(2)).any()  # real queries never see padding
     for r, _, start, n, _ in documents(pb):
         sl = slice(start, start + n)
-        alone = F.scaled_dot_product_attention(q[r:r + 1, :, sl], k[r:r + 1, :, sl], v[r:r + 1, :, sl],
-                                               is_causal=True)
-        torch.testing.assert_close(out[r:r + 1, :, sl], alone)
+        alone = F.scaled_dot_product_attention(
+            q[r : r + 1, :, sl], k[r : r + 1, :, sl], v[r : r + 1, :, sl], is_causal=True
+        )
+        torch.testing.assert_close(out[r : r + 1, :, sl], alone)
 
 
 def test_truncation(proc):
@@ -372,8 +380,14 @@ def test_images_per_sample_alias_and_local_batch(proc, real_samples):
 
 # ------------------------------------------------------------------------- the packing loader
 def packed_loader(proc, **kw) -> MimoDataLoader:
-    args = {"global_batch_size": 4, "seq_len": 128, "max_images_per_sample": 2, "shuffle": True,
-            "seed": BASE["job"]["seed"], "packing": True}
+    args = {
+        "global_batch_size": 4,
+        "seq_len": 128,
+        "max_images_per_sample": 2,
+        "shuffle": True,
+        "seed": BASE["job"]["seed"],
+        "packing": True,
+    }
     args.update(kw)
     return MimoDataLoader(str(DATA), proc, **args)
 

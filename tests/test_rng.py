@@ -118,7 +118,12 @@ def test_module_seeds_stable_across_processes():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(cases)],
-        capture_output=True, text=True, env=env, timeout=120, check=True, cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+        cwd=repo,
     )
     assert json.loads(out.stdout) == [module_seeds(b, m, c) for b, m, c in cases]
 

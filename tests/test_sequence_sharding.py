@@ -57,11 +57,13 @@ def _shard_worker(rank, world, device, case):
         apply_tp_language(stage, topo.tp_mesh("language"))
     seen = {}
     stage.language.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.update({k: v for k, v in kwargs.items() if v is not None}), with_kwargs=True)
+        lambda mod, args, kwargs: seen.update({k: v for k, v in kwargs.items() if v is not None}), with_kwargs=True
+    )
     batch = local_batch(first_global_batch(cfg, proc), 1, coord["dp_shard"], lay.dp)
     with torch.no_grad():
-        dense = scatter_image_embeddings(full.vision(batch.pixel_values).flatten(0, 1), batch.input_ids,
-                                         proc.image_token_id)
+        dense = scatter_image_embeddings(
+            full.vision(batch.pixel_values).flatten(0, 1), batch.input_ids, proc.image_token_id
+        )
         kw = {"position_ids": batch.position_ids, "doc_ids": batch.doc_ids} if cfg.data.packing else {}
         stage(batch.input_ids, dense, **kw)
     labels = cp_shard_rows(batch.labels, lay.cp, coord["cp"], batch.doc_ids if cfg.data.packing else None)
@@ -104,14 +106,16 @@ def test_rank_holds_its_shard(case):
         c = res["coord"]
         b = local_batch(gbatch, 1, c["dp_shard"], dp)
         with torch.no_grad():
-            dense = scatter_image_embeddings(full.vision(b.pixel_values).flatten(0, 1), b.input_ids, proc.image_token_id)
+            dense = scatter_image_embeddings(
+                full.vision(b.pixel_values).flatten(0, 1), b.input_ids, proc.image_token_id
+            )
             embeds = merge_image_embeddings(full.language.embed(b.input_ids), b.input_ids, dense, proc.image_token_id)
         S = b.input_ids.shape[1]
         for row in range(len(b)):
             lengths = torch.diff(b.cu_seqlens[row]).tolist() if packed else [S]
             idx = _zigzag_index(lengths, cp, c["cp"]) if cp > 1 else list(range(S))
             n = len(idx) // tp
-            sp_idx = idx[c["tp"] * n:(c["tp"] + 1) * n]
+            sp_idx = idx[c["tp"] * n : (c["tp"] + 1) * n]
             torch.testing.assert_close(res["inputs_embeds"][row], embeds[row, sp_idx], atol=0, rtol=0)
             assert res["labels"][row].tolist() == b.labels[row, idx].tolist()  # CP-sharded, not SP-scattered
             if packed:

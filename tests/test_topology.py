@@ -441,9 +441,7 @@ def test_error_no_language_module():
 
 
 def test_error_two_language_modules():
-    with pytest.raises(
-        LayoutError, match=r"more than one module has is_language=True \(\['vision', 'language'\]\)"
-    ):
+    with pytest.raises(LayoutError, match=r"more than one module has is_language=True \(\['vision', 'language'\]\)"):
         validate_layouts(_with("vision", is_language=True), 8)
 
 
@@ -903,10 +901,7 @@ def test_multirank_gloo_debug_topology(tmp_path):
     # Import torch once in the fork server so that the 8 workers fork from it instead of each
     # importing torch (no effect if this process already started its fork server).
     ctx.set_forkserver_preload(["torch", "torch.distributed", "mimo_titan.topology"])
-    procs = [
-        ctx.Process(target=_multirank_worker, args=(r, _WORLD, master.port, str(tmp_path)))
-        for r in range(_WORLD)
-    ]
+    procs = [ctx.Process(target=_multirank_worker, args=(r, _WORLD, master.port, str(tmp_path))) for r in range(_WORLD)]
     for p in procs:
         p.start()
     for p in procs:

@@ -22,37 +22,102 @@ ROOT = Path(__file__).resolve().parents[1]
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 
 
-@pytest.mark.parametrize("vision,language,extra,world,match", [
-    (V(0, 2, tp=2), V(2, 2, dp_shard=2), {"model": {"vision": {"num_heads": 1, "hidden_size": 32}}}, 4,
-     r"model.vision.num_heads=1 must be divisible by parallelism.vision.tp=2"),
-    (V(0, 1), V(1, 2, tp=2), {"model": {"language": {"vocab_size": 2049}}}, 3,
-     r"model.language.vocab_size=2049 must be divisible by parallelism.language.tp=2"),
-    (V(0, 1), V(1, 4, tp=4), {}, 5, r"model.language.num_kv_heads=2 must be divisible by parallelism.language.tp=4"),
-    (V(0, 4, tp=4), V(4, 1), {"model": {"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}}}, 5,
-     r"model.vision.\(image_size // patch_size\) \*\* 2=9 must be divisible by parallelism.vision.tp=4"),
-    (V(0, 1), V(1, 2, tp=2), {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}}, 3,
-     r"parallelism.language.tp=2 with model.language.moe.num_experts=4: tensor parallelism of MoE layers"),
-    (V(0, 1), V(1, 4, dp_replicate=2, tp=2), {}, 5, r"tp=2 with dp_replicate=2 is not supported"),
-    (V(0, 1), V(1, 2, tp=2), {"model": {"language": {"tie_word_embeddings": True}}}, 3,
-     r"tp=2 with model.language.tie_word_embeddings = true"),
-    (V(0, 2, cp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.cp=2: context parallelism is supported for the "
-                                                 r"language module only"),
-    (V(0, 1), V(1, 4, dp_replicate=2, cp=2), {}, 5, r"cp=2 with dp_replicate=2 is not supported yet"),
-    (V(0, 2, pp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.pp=2: encoder modules run as one stage"),
-    (V(0, 1), V(1, 3, pp=3), {}, 4, r"num_layers=2 is smaller than parallelism.language.pp=3"),
-    (V(0, 2, dp_shard=2), V(2, 3, dp_shard=3), {"training": {"global_batch_size": 4}}, 5, r"training\.global_batch_size"),
-    (V(0, 2, dp_shard=2), V(2, 2, dp_shard=2), {}, 8, r"--nproc_per_node|world"),
-    (V(0, 2, dp_shard=2), V(2, 2, pp=2), {"training": {"microbatches": 1, "global_batch_size": 2}}, 4,
-     r"training.microbatches=1 is smaller than parallelism.language.pp=2"),
-    (V(0, 1), V(1, 2, dp_shard=2, ep=2), {}, 3, r"ep=2, etp=1 but model.language.moe.num_experts = 0"),
-    (V(0, 1), V(1, 4, dp_shard=4, ep=4), {"model": {"language": {"moe": {"num_experts": 6, "intermediate_size": 8}}}},
-     5, r"parallelism.language.ep=4 must divide model.language.moe.num_experts=6"),
-    (V(0, 1), V(1, 4, dp_shard=4, ep=2, etp=2), {"model": {"language": {"moe": {"num_experts": 4,
-                                                                              "intermediate_size": 9}}}},
-     5, r"parallelism.language.etp=2 must divide model.language.moe.intermediate_size=9"),
-    (V(0, 1), V(1, 3, dp_shard=3, ep=2), {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}},
-     4, r"ep"),
-])
+@pytest.mark.parametrize(
+    "vision,language,extra,world,match",
+    [
+        (
+            V(0, 2, tp=2),
+            V(2, 2, dp_shard=2),
+            {"model": {"vision": {"num_heads": 1, "hidden_size": 32}}},
+            4,
+            r"model.vision.num_heads=1 must be divisible by parallelism.vision.tp=2",
+        ),
+        (
+            V(0, 1),
+            V(1, 2, tp=2),
+            {"model": {"language": {"vocab_size": 2049}}},
+            3,
+            r"model.language.vocab_size=2049 must be divisible by parallelism.language.tp=2",
+        ),
+        (
+            V(0, 1),
+            V(1, 4, tp=4),
+            {},
+            5,
+            r"model.language.num_kv_heads=2 must be divisible by parallelism.language.tp=4",
+        ),
+        (
+            V(0, 4, tp=4),
+            V(4, 1),
+            {"model": {"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}}},
+            5,
+            r"model.vision.\(image_size // patch_size\) \*\* 2=9 must be divisible by parallelism.vision.tp=4",
+        ),
+        (
+            V(0, 1),
+            V(1, 2, tp=2),
+            {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}},
+            3,
+            r"parallelism.language.tp=2 with model.language.moe.num_experts=4: tensor parallelism of MoE layers",
+        ),
+        (V(0, 1), V(1, 4, dp_replicate=2, tp=2), {}, 5, r"tp=2 with dp_replicate=2 is not supported"),
+        (
+            V(0, 1),
+            V(1, 2, tp=2),
+            {"model": {"language": {"tie_word_embeddings": True}}},
+            3,
+            r"tp=2 with model.language.tie_word_embeddings = true",
+        ),
+        (
+            V(0, 2, cp=2),
+            V(2, 2, dp_shard=2),
+            {},
+            4,
+            r"parallelism.vision.cp=2: context parallelism is supported for the "
+            r"language module only",
+        ),
+        (V(0, 1), V(1, 4, dp_replicate=2, cp=2), {}, 5, r"cp=2 with dp_replicate=2 is not supported yet"),
+        (V(0, 2, pp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.pp=2: encoder modules run as one stage"),
+        (V(0, 1), V(1, 3, pp=3), {}, 4, r"num_layers=2 is smaller than parallelism.language.pp=3"),
+        (
+            V(0, 2, dp_shard=2),
+            V(2, 3, dp_shard=3),
+            {"training": {"global_batch_size": 4}},
+            5,
+            r"training\.global_batch_size",
+        ),
+        (V(0, 2, dp_shard=2), V(2, 2, dp_shard=2), {}, 8, r"--nproc_per_node|world"),
+        (
+            V(0, 2, dp_shard=2),
+            V(2, 2, pp=2),
+            {"training": {"microbatches": 1, "global_batch_size": 2}},
+            4,
+            r"training.microbatches=1 is smaller than parallelism.language.pp=2",
+        ),
+        (V(0, 1), V(1, 2, dp_shard=2, ep=2), {}, 3, r"ep=2, etp=1 but model.language.moe.num_experts = 0"),
+        (
+            V(0, 1),
+            V(1, 4, dp_shard=4, ep=4),
+            {"model": {"language": {"moe": {"num_experts": 6, "intermediate_size": 8}}}},
+            5,
+            r"parallelism.language.ep=4 must divide model.language.moe.num_experts=6",
+        ),
+        (
+            V(0, 1),
+            V(1, 4, dp_shard=4, ep=2, etp=2),
+            {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 9}}}},
+            5,
+            r"parallelism.language.etp=2 must divide model.language.moe.intermediate_size=9",
+        ),
+        (
+            V(0, 1),
+            V(1, 3, dp_shard=3, ep=2),
+            {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}},
+            4,
+            r"ep",
+        ),
+    ],
+)
 def test_validate_job_errors_name_the_field(vision, language, extra, world, match):
     cfg = config_from_dict(tiny_config_dict(vision, language, **extra))
     with pytest.raises(ValueError, match=match):
@@ -60,15 +125,18 @@ def test_validate_job_errors_name_the_field(vision, language, extra, world, matc
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("seq_len,language,expected", [
-    (46, V(1, 2, cp=2), 48),          # zigzag: 2 * cp chunks
-    (48, V(1, 2, cp=2), 48),
-    (50, V(1, 2, tp=2), 50),          # SP: (S / cp) % tp
-    (51, V(1, 2, tp=2), 52),
-    (50, V(1, 4, cp=2, tp=2), 52),    # lcm(2 cp, cp tp) = 4
-    (50, V(1, 12, cp=6, tp=2), 60),   # lcm(12, 12) = 12
-    (47, V(1, 1), 47),
-])
+@pytest.mark.parametrize(
+    "seq_len,language,expected",
+    [
+        (46, V(1, 2, cp=2), 48),  # zigzag: 2 * cp chunks
+        (48, V(1, 2, cp=2), 48),
+        (50, V(1, 2, tp=2), 50),  # SP: (S / cp) % tp
+        (51, V(1, 2, tp=2), 52),
+        (50, V(1, 4, cp=2, tp=2), 52),  # lcm(2 cp, cp tp) = 4
+        (50, V(1, 12, cp=6, tp=2), 60),  # lcm(12, 12) = 12
+        (47, V(1, 1), 47),
+    ],
+)
 def test_sequence_length_is_padded_for_cp_and_sp_not_rejected(seq_len, language, expected):
     from mimo_titan.train.trainer import build_loader, build_processor, padded_seq_len
 
@@ -109,8 +177,10 @@ def _reference_losses(cfg, steps):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout,backend", per_layout_backends({"colocated": 2, "noncolocated_pp2": 4,
-                                                                 "moe_aux_free_ep2_pp2": 5, "packed_tp2_cp2": 6}))
+@pytest.mark.parametrize(
+    "layout,backend",
+    per_layout_backends({"colocated": 2, "noncolocated_pp2": 4, "moe_aux_free_ep2_pp2": 5, "packed_tp2_cp2": 6}),
+)
 def test_several_steps_match_single_process_training(layout, backend):
     vision, language, world = {
         "colocated": (V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), 2),
@@ -119,11 +189,28 @@ def test_several_steps_match_single_process_training(layout, backend):
         "packed_tp2_cp2": (V(0, 2, tp=2), V(2, 4, tp=2, cp=2), 6),
     }[layout]
     steps = 4
-    moe = {"model": {"language": {"moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32,
-                                          "load_balance": "aux_free", "bias_update_rate": 0.05}}}}
-    cfg_dict = tiny_config_dict(vision, language, training={"steps": 6}, lr_schedule={"warmup_steps": 2},
-                                optimizer={"lr": 3e-3}, **(moe if layout.startswith("moe") else {}),
-                                **({"data": {"packing": True}} if layout.startswith("packed") else {}))
+    moe = {
+        "model": {
+            "language": {
+                "moe": {
+                    "num_experts": 4,
+                    "top_k": 2,
+                    "intermediate_size": 32,
+                    "load_balance": "aux_free",
+                    "bias_update_rate": 0.05,
+                }
+            }
+        }
+    }
+    cfg_dict = tiny_config_dict(
+        vision,
+        language,
+        training={"steps": 6},
+        lr_schedule={"warmup_steps": 2},
+        optimizer={"lr": 3e-3},
+        **(moe if layout.startswith("moe") else {}),
+        **({"data": {"packing": True}} if layout.startswith("packed") else {}),
+    )
     ref = _reference_losses(config_from_dict(cfg_dict), steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
@@ -133,11 +220,21 @@ def test_several_steps_match_single_process_training(layout, backend):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("config,nproc", [("debug_colocated", 2), ("debug_noncolocated", 8), ("debug_moe_ep", 8),
-                                         ("debug_tp_cp", 8)])
+@pytest.mark.parametrize(
+    "config,nproc", [("debug_colocated", 2), ("debug_noncolocated", 8), ("debug_moe_ep", 8), ("debug_tp_cp", 8)]
+)
 def test_readme_train_command_runs(config, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "scripts/train.py", "--config", f"train_configs/{config}.toml", "--training.steps=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "scripts/train.py",
+        "--config",
+        f"train_configs/{config}.toml",
+        "--training.steps=3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -23,16 +23,29 @@ def _store():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=5))
-    return master, lambda: dist.PrefixStore("job/", dist.TCPStore("127.0.0.1", port, is_master=False,
-                                                                    wait_for_workers=False,
-                                                                    timeout=datetime.timedelta(seconds=5)))
+    master = dist.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=5)
+    )
+    return master, lambda: dist.PrefixStore(
+        "job/",
+        dist.TCPStore(
+            "127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=datetime.timedelta(seconds=5)
+        ),
+    )
 
 
 def _rec(beat_age, seq, *, now=1000.0, done=False, step=7, phase="forward-backward", pid=None):
-    return {"beat": 1, "wall": now - beat_age, "pid": pid or 1, "host": socket.gethostname(), "done": done,
-            "phase": phase, "step": step, "seq": seq, "progress_wall": now - 58}
+    return {
+        "beat": 1,
+        "wall": now - beat_age,
+        "pid": pid or 1,
+        "host": socket.gethostname(),
+        "done": done,
+        "phase": phase,
+        "step": step,
+        "seq": seq,
+        "progress_wall": now - 58,
+    }
 
 
 def _watchdog(rank=0, world=4, timeout_s=60.0):
@@ -75,8 +88,12 @@ def test_judge_names_the_rank_the_others_wait_for_or_a_deadlock():
 def test_a_stalled_watchdog_reports_once_through_the_store():
     _master, client = _store()  # the server lives as long as its reference
     verdicts = []
-    wds = [Watchdog(rank=r, world_size=2, timeout_s=2.0, describe=lambda r: f"m{r}", store=client(),
-                    on_verdict=verdicts.append) for r in range(2)]
+    wds = [
+        Watchdog(
+            rank=r, world_size=2, timeout_s=2.0, describe=lambda r: f"m{r}", store=client(), on_verdict=verdicts.append
+        )
+        for r in range(2)
+    ]
     wds[0].start()  # rank 1 never starts: it never sends a heartbeat
     t0 = time.monotonic()
     while not verdicts and time.monotonic() - t0 < 10:

@@ -4,5 +4,4 @@
 from mimo_titan.checkpoint.manager import CheckpointManager, checkpoint_folder, complete_steps
 from mimo_titan.checkpoint.state import load_full_model_state, save_full_model_state
 
-__all__ = ["CheckpointManager", "checkpoint_folder", "complete_steps", "load_full_model_state",
-           "save_full_model_state"]
+__all__ = ["CheckpointManager", "checkpoint_folder", "complete_steps", "load_full_model_state", "save_full_model_state"]

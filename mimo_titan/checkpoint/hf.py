@@ -40,9 +40,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LM_ARCHS",
-    "lm_config_from_hf", "lm_state_from_hf", "lm_state_to_hf", "hf_lm_config",
-    "vision_config_from_hf", "vision_state_from_hf", "vision_state_to_hf", "hf_vision_config",
-    "load_hf_dir", "save_hf_dir", "import_hf", "export_hf",
+    "lm_config_from_hf",
+    "lm_state_from_hf",
+    "lm_state_to_hf",
+    "hf_lm_config",
+    "vision_config_from_hf",
+    "vision_state_from_hf",
+    "vision_state_to_hf",
+    "hf_vision_config",
+    "load_hf_dir",
+    "save_hf_dir",
+    "import_hf",
+    "export_hf",
     "PROJECTOR_FILE",
 ]
 
@@ -57,33 +66,59 @@ PROJECTOR_FILE = "multi_modal_projector.safetensors"
 _SAFETENSORS, _INDEX = "model.safetensors", "model.safetensors.index.json"
 # our LanguageModelConfig / MoEConfig field -> the HF config field it comes from (for error messages)
 _LM_HF_NAMES = {
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim", "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps",
-    "tie_word_embeddings": "tie_word_embeddings", "qk_norm": "model_type (qwen3 / qwen3_moe have q/k norms)",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "qk_norm": "model_type (qwen3 / qwen3_moe have q/k norms)",
 }
 _MOE_HF_NAMES = {
-    "num_experts": "num_experts", "top_k": "num_experts_per_tok", "intermediate_size": "moe_intermediate_size",
-    "layer_freq": "decoder_sparse_step / mlp_only_layers", "first_layer": "decoder_sparse_step / mlp_only_layers",
-    "score_func": "(softmax router)", "norm_topk_prob": "norm_topk_prob",
+    "num_experts": "num_experts",
+    "top_k": "num_experts_per_tok",
+    "intermediate_size": "moe_intermediate_size",
+    "layer_freq": "decoder_sparse_step / mlp_only_layers",
+    "first_layer": "decoder_sparse_step / mlp_only_layers",
+    "score_func": "(softmax router)",
+    "norm_topk_prob": "norm_topk_prob",
     "shared_expert_intermediate_size": "(no shared expert)",
 }
 _VISION_HF_NAMES = {
-    "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
-    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size", "norm_eps": "layer_norm_eps",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "norm_eps": "layer_norm_eps",
 }
 # SiglipVisionConfig's defaults (a config.json written with ``use_diff`` may omit them)
-_SIGLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
-                    "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+_SIGLIP_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+}
 
 
 # ----------------------------------------------------------------------------------------------------- language
 def _require(hf: dict, name: str) -> Any:
     if hf.get(name) is None:
-        raise ValueError(f"HF config.json has no '{name}'; it is needed to build the language model "
-                         f"(model_type={hf.get('model_type')!r}); add it to config.json")
+        raise ValueError(
+            f"HF config.json has no '{name}'; it is needed to build the language model "
+            f"(model_type={hf.get('model_type')!r}); add it to config.json"
+        )
     return hf[name]
 
 
@@ -101,7 +136,8 @@ def _rope_theta(hf: dict) -> float:
                 f"HF config.json has {field} with rope_type={kind!r} ({value}); our decoder implements only the "
                 "plain rotary embedding (rope_type 'default', rope_scaling null), so this model's positions would "
                 "differ. Import a checkpoint without RoPE scaling (e.g. a Llama-3 / Qwen3 base model whose "
-                "config.json has \"rope_scaling\": null)")
+                'config.json has "rope_scaling": null)'
+            )
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     return float(theta)
 
@@ -122,8 +158,10 @@ def _moe_first_and_freq(hf: dict, num_layers: int) -> tuple[int, int]:
     layers = _moe_layers_hf(hf, num_layers)
     step = int(hf.get("decoder_sparse_step") or 1)
     if not layers:
-        raise ValueError(f"HF config.json: mlp_only_layers={hf.get('mlp_only_layers')} and decoder_sparse_step="
-                         f"{step} leave no MoE layer; import this model as a dense one (it has no experts)")
+        raise ValueError(
+            f"HF config.json: mlp_only_layers={hf.get('mlp_only_layers')} and decoder_sparse_step="
+            f"{step} leave no MoE layer; import this model as a dense one (it has no experts)"
+        )
     first = layers[0]
     freq = layers[1] - layers[0] if len(layers) > 1 else max(step, num_layers - first)
     if [i for i in range(num_layers) if i >= first and (i - first) % freq == 0] != layers:
@@ -131,7 +169,8 @@ def _moe_first_and_freq(hf: dict, num_layers: int) -> tuple[int, int]:
             f"HF config.json: mlp_only_layers={hf.get('mlp_only_layers')} with decoder_sparse_step={step} makes "
             f"layers {layers} MoE, which model.language.moe.first_layer / layer_freq (every layer_freq-th layer from "
             "first_layer on) cannot express; only dense layers before the first MoE layer, or a regular stride, "
-            "are supported")
+            "are supported"
+        )
     return first, freq
 
 
@@ -139,19 +178,27 @@ def _check_lm_supported(hf: dict) -> str:
     """Raise on HF features our decoder cannot represent; returns the model_type."""
     model_type = hf.get("model_type")
     if model_type not in LM_ARCHS:
-        raise ValueError(f"HF config.json model_type={model_type!r} is not a supported language model; supported: "
-                         f"{sorted(LM_ARCHS)} (LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)")
+        raise ValueError(
+            f"HF config.json model_type={model_type!r} is not a supported language model; supported: "
+            f"{sorted(LM_ARCHS)} (LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"HF config.json hidden_act={hf['hidden_act']!r}: our MLPs are SwiGLU with silu; only "
-                         "hidden_act 'silu' can be imported")
+        raise ValueError(
+            f"HF config.json hidden_act={hf['hidden_act']!r}: our MLPs are SwiGLU with silu; only "
+            "hidden_act 'silu' can be imported"
+        )
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
-            raise ValueError(f"HF config.json {field}=true: our decoder's projections have no bias; only models "
-                             f"with {field} false can be imported")
+            raise ValueError(
+                f"HF config.json {field}=true: our decoder's projections have no bias; only models "
+                f"with {field} false can be imported"
+            )
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
-        raise ValueError("HF config.json use_sliding_window / layer_types ask for sliding-window attention; our "
-                         "decoder attends over the whole causal context: set use_sliding_window false (only if the "
-                         "model was trained without it)")
+        raise ValueError(
+            "HF config.json use_sliding_window / layer_types ask for sliding-window attention; our "
+            "decoder attends over the whole causal context: set use_sliding_window false (only if the "
+            "model was trained without it)"
+        )
     return model_type
 
 
@@ -201,18 +248,28 @@ def _moe_config_from_hf(hf: dict, num_layers: int) -> dict:
     """``MoEConfig`` fields of a Qwen3-MoE config (softmax router, no shared expert)."""
     experts = hf.get("num_experts", hf.get("num_local_experts"))
     if not experts:
-        raise ValueError("HF config.json of a qwen3_moe model has no num_experts (or num_local_experts) > 0; "
-                         "set it, or import the model as a dense qwen3")
+        raise ValueError(
+            "HF config.json of a qwen3_moe model has no num_experts (or num_local_experts) > 0; "
+            "set it, or import the model as a dense qwen3"
+        )
     top_k = int(_require(hf, "num_experts_per_tok"))
     norm = bool(hf.get("norm_topk_prob", False))
     if top_k == 1 and norm:
-        raise ValueError("HF config.json num_experts_per_tok=1 with norm_topk_prob=true gives every token weight 1, "
-                         "while our router keeps the softmax score for top_k = 1; this model cannot be imported")
+        raise ValueError(
+            "HF config.json num_experts_per_tok=1 with norm_topk_prob=true gives every token weight 1, "
+            "while our router keeps the softmax score for top_k = 1; this model cannot be imported"
+        )
     first, freq = _moe_first_and_freq(hf, num_layers)
-    return {"num_experts": int(experts), "top_k": top_k,
-            "intermediate_size": int(_require(hf, "moe_intermediate_size")), "layer_freq": freq,
-            "first_layer": first, "score_func": "softmax", "norm_topk_prob": norm,
-            "shared_expert_intermediate_size": 0}
+    return {
+        "num_experts": int(experts),
+        "top_k": top_k,
+        "intermediate_size": int(_require(hf, "moe_intermediate_size")),
+        "layer_freq": freq,
+        "first_layer": first,
+        "score_func": "softmax",
+        "norm_topk_prob": norm,
+        "shared_expert_intermediate_size": 0,
+    }
 
 
 def _lm_cfg(lm_cfg: LanguageModelConfig | dict[str, Any]) -> LanguageModelConfig:
@@ -279,19 +336,26 @@ def _experts_from_hf(src: dict, prefix: str, num_experts: int, used: set[str]) -
         w_gate, w_up = gate_up[:, :inter].transpose(1, 2), gate_up[:, inter:].transpose(1, 2)
         w_down = down.transpose(1, 2)
     else:
+
         def stack(name: str) -> torch.Tensor:
             keys = [f"{prefix}experts.{e}.{name}.weight" for e in range(num_experts)]
             missing = [k for k in keys if k not in src]
             if missing:
-                raise ValueError(f"HF MoE weights missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}; the "
-                                 f"checkpoint does not have num_experts={num_experts} experts in this layer")
+                raise ValueError(
+                    f"HF MoE weights missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}; the "
+                    f"checkpoint does not have num_experts={num_experts} experts in this layer"
+                )
             used.update(keys)
             return torch.stack([src[k].transpose(0, 1) for k in keys])
 
         w_gate, w_up, w_down = stack("gate_proj"), stack("up_proj"), stack("down_proj")
     bias = torch.zeros(num_experts, dtype=torch.float32, device=w_gate.device)  # HF routers have no selection bias
-    return {prefix + "experts.w_gate": w_gate.contiguous(), prefix + "experts.w_up": w_up.contiguous(),
-            prefix + "experts.w_down": w_down.contiguous(), prefix + "gate.e_score_correction_bias": bias}
+    return {
+        prefix + "experts.w_gate": w_gate.contiguous(),
+        prefix + "experts.w_up": w_up.contiguous(),
+        prefix + "experts.w_down": w_down.contiguous(),
+        prefix + "gate.e_score_correction_bias": bias,
+    }
 
 
 def _lm_expected_keys(cfg: LanguageModelConfig) -> set[str]:
@@ -306,12 +370,15 @@ def _check_keys(got: dict, expected: set[str], what: str, fix_field: str) -> Non
     """Raise listing the unexpected and the missing keys of a converted state."""
     extra, missing = sorted(set(got) - expected), sorted(expected - set(got))
     if extra or missing:
+
         def show(keys):
             return f"{keys[:6]}{f' ... ({len(keys)} in all)' if len(keys) > 6 else ''}"
 
-        raise ValueError(f"{what} weights do not match the config: unexpected {show(extra)}, missing {show(missing)}; "
-                         f"the checkpoint and its {fix_field} disagree (layers, q/k norms, MoE layers, tied "
-                         "embeddings?)")
+        raise ValueError(
+            f"{what} weights do not match the config: unexpected {show(extra)}, missing {show(missing)}; "
+            f"the checkpoint and its {fix_field} disagree (layers, q/k norms, MoE layers, tied "
+            "embeddings?)"
+        )
 
 
 def lm_state_to_hf(
@@ -344,12 +411,16 @@ def lm_state_to_hf(
                 out[f"{m.group(1)}experts.{e}.{m.group(2)}_proj.weight"] = value[e].transpose(0, 1).contiguous()
         elif key.endswith("mlp.gate.e_score_correction_bias"):
             if torch.count_nonzero(value):
-                raise ValueError(f"{key} is nonzero (aux-loss-free balancing, model.language.moe.load_balance = "
-                                 "'aux_free'): Qwen3-MoE's router has no selection bias, so the export would route "
-                                 "differently; export a model trained with load_balance 'aux_loss' or 'none'")
+                raise ValueError(
+                    f"{key} is nonzero (aux-loss-free balancing, model.language.moe.load_balance = "
+                    "'aux_free'): Qwen3-MoE's router has no selection bias, so the export would route "
+                    "differently; export a model trained with load_balance 'aux_loss' or 'none'"
+                )
         elif ".mlp.shared_expert." in key:
-            raise ValueError("model.language.moe.shared_expert_intermediate_size > 0: Qwen3-MoE has no shared "
-                             "expert; set it to 0 to export")
+            raise ValueError(
+                "model.language.moe.shared_expert_intermediate_size > 0: Qwen3-MoE has no shared "
+                "expert; set it to 0 to export"
+            )
         else:
             out[key] = value
     return out
@@ -361,26 +432,34 @@ def _check_exportable(cfg: LanguageModelConfig, arch: str) -> None:
         raise ValueError(f"language arch {arch!r} is not supported; choose one of {sorted(LM_ARCHS)}")
     want_norm, want_moe = arch != "llama", arch == "qwen3_moe"
     if bool(cfg.qk_norm) != want_norm:
-        raise ValueError(f"model.language.qk_norm={cfg.qk_norm} but HF {arch} {'has' if want_norm else 'has no'} "
-                         f"q/k norms: export as {'qwen3 / qwen3_moe' if cfg.qk_norm else 'llama'}")
+        raise ValueError(
+            f"model.language.qk_norm={cfg.qk_norm} but HF {arch} {'has' if want_norm else 'has no'} "
+            f"q/k norms: export as {'qwen3 / qwen3_moe' if cfg.qk_norm else 'llama'}"
+        )
     if (cfg.moe.num_experts > 0) != want_moe:
-        raise ValueError(f"model.language.moe.num_experts={cfg.moe.num_experts} does not fit HF {arch}: export MoE "
-                         "models as qwen3_moe and dense ones as llama / qwen3")
+        raise ValueError(
+            f"model.language.moe.num_experts={cfg.moe.num_experts} does not fit HF {arch}: export MoE "
+            "models as qwen3_moe and dense ones as llama / qwen3"
+        )
     if want_moe:
         moe = cfg.moe
         problems = []
         if moe.score_func != "softmax":
             problems.append(f"moe.score_func={moe.score_func!r} (Qwen3-MoE routes with softmax)")
         if moe.shared_expert_intermediate_size:
-            problems.append(f"moe.shared_expert_intermediate_size={moe.shared_expert_intermediate_size} "
-                            "(Qwen3-MoE has no shared expert)")
+            problems.append(
+                f"moe.shared_expert_intermediate_size={moe.shared_expert_intermediate_size} "
+                "(Qwen3-MoE has no shared expert)"
+            )
         if moe.top_k == 1 and moe.norm_topk_prob:
             problems.append("moe.top_k=1 with norm_topk_prob=true (HF would give every token weight 1)")
         if problems:
             raise ValueError(f"model.language cannot be exported as qwen3_moe: {'; '.join(problems)}")
 
 
-def hf_lm_config(lm_cfg: LanguageModelConfig | dict[str, Any], arch: str, dtype: str = "float32", max_position_embeddings: int = 4096) -> dict:
+def hf_lm_config(
+    lm_cfg: LanguageModelConfig | dict[str, Any], arch: str, dtype: str = "float32", max_position_embeddings: int = 4096
+) -> dict:
     """An HF ``config.json`` dict for our language model as ``arch`` (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``).
 
     Written for transformers 5 (``rope_parameters``, ``dtype``) and 4 (``rope_theta``, ``rope_scaling``,
@@ -402,15 +481,28 @@ def hf_lm_config(lm_cfg: LanguageModelConfig | dict[str, Any], arch: str, dtype:
     _check_exportable(cfg, arch)
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     out = {
-        "architectures": [LM_ARCHS[arch][0]], "model_type": LM_ARCHS[arch][1],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "architectures": [LM_ARCHS[arch][0]],
+        "model_type": LM_ARCHS[arch][1],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "attention_dropout": 0.0, "max_position_embeddings": max_position_embeddings,
-        "initializer_range": 0.02, "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
     }
     if arch == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
@@ -427,10 +519,16 @@ def _hf_moe_fields(cfg: LanguageModelConfig) -> dict:
     layers = set(moe.moe_layers(cfg.num_layers))
     step = moe.layer_freq if (moe.first_layer + 1) % moe.layer_freq == 0 else 1
     dense = [i for i in range(cfg.num_layers) if (i + 1) % step == 0 and i not in layers]
-    return {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "moe_intermediate_size": moe.intermediate_size, "decoder_sparse_step": step, "mlp_only_layers": dense,
-            "norm_topk_prob": moe.norm_topk_prob, "router_aux_loss_coef": moe.aux_loss_coeff,
-            "output_router_logits": False}
+    return {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.intermediate_size,
+        "decoder_sparse_step": step,
+        "mlp_only_layers": dense,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- vision
@@ -441,12 +539,15 @@ def _siglip_vision_section(hf: dict) -> dict:
         raise ValueError(
             f"HF config.json model_type={model_type!r}: CLIP's vision tower has a class embedding, a pre-layernorm "
             "and quick_gelu, which our ViT (SigLIP layout: patch tokens only, no pre-layernorm, tanh GELU) cannot "
-            "represent; use a SigLIP vision model (model_type 'siglip_vision_model' or 'siglip')")
+            "represent; use a SigLIP vision model (model_type 'siglip_vision_model' or 'siglip')"
+        )
     if model_type == "siglip":
         return {**(hf.get("vision_config") or {}), "model_type": "siglip_vision_model"}
     if model_type != "siglip_vision_model":
-        raise ValueError(f"HF config.json model_type={model_type!r} is not a supported vision encoder; supported: "
-                         "'siglip_vision_model' (SiglipVisionModel) and 'siglip' (the vision tower of SiglipModel)")
+        raise ValueError(
+            f"HF config.json model_type={model_type!r} is not a supported vision encoder; supported: "
+            "'siglip_vision_model' (SiglipVisionModel) and 'siglip' (the vision tower of SiglipModel)"
+        )
     return hf
 
 
@@ -466,19 +567,30 @@ def vision_config_from_hf(hf_config: dict) -> dict:
     """
     hf = {**_SIGLIP_DEFAULTS, **{k: v for k, v in _siglip_vision_section(hf_config).items() if v is not None}}
     if hf["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_new"):
-        raise ValueError(f"HF config.json hidden_act={hf['hidden_act']!r}: our ViT MLP uses the tanh GELU; only "
-                         "'gelu_pytorch_tanh' can be imported")
+        raise ValueError(
+            f"HF config.json hidden_act={hf['hidden_act']!r}: our ViT MLP uses the tanh GELU; only "
+            "'gelu_pytorch_tanh' can be imported"
+        )
     return {ours: (float if ours == "norm_eps" else int)(hf[theirs]) for ours, theirs in _VISION_HF_NAMES.items()}
 
 
 def _vision_expected_keys(num_layers: int) -> set[str]:
     """``ViT`` ``state_dict()`` keys under ``vision_model.`` (dense MLPs)."""
-    keys = {f"vision_model.{n}.{w}" for n in ("embeddings.patch_embedding", "post_layernorm")
-            for w in ("weight", "bias")}
+    keys = {
+        f"vision_model.{n}.{w}" for n in ("embeddings.patch_embedding", "post_layernorm") for w in ("weight", "bias")
+    }
     keys.add("vision_model.embeddings.position_embedding.weight")
     for i in range(num_layers):
-        for n in ("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                  "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+        for n in (
+            "layer_norm1",
+            "layer_norm2",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             keys |= {f"vision_model.encoder.layers.{i}.{n}.{w}" for w in ("weight", "bias")}
     return keys
 
@@ -487,8 +599,10 @@ def _vis_num_layers(vis_cfg: VisionModelConfig | dict[str, Any]) -> int:
     if isinstance(vis_cfg, dict):
         return int(vis_cfg["num_layers"])
     if vis_cfg.moe.num_experts > 0:
-        raise ValueError(f"model.vision.moe.num_experts={vis_cfg.moe.num_experts}: SigLIP has dense MLPs only; "
-                         "HF SigLIP weights need model.vision.moe.num_experts = 0")
+        raise ValueError(
+            f"model.vision.moe.num_experts={vis_cfg.moe.num_experts}: SigLIP has dense MLPs only; "
+            "HF SigLIP weights need model.vision.moe.num_experts = 0"
+        )
     return vis_cfg.num_layers
 
 
@@ -549,9 +663,16 @@ def hf_vision_config(vis_cfg: VisionModelConfig, dtype: str = "float32") -> dict
     """
     _vis_num_layers(vis_cfg)
     out = {theirs: getattr(vis_cfg, ours) for ours, theirs in _VISION_HF_NAMES.items()}
-    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", **out,
-            "hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0, "vision_use_head": False,
-            "dtype": dtype, "torch_dtype": dtype}
+    return {
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        **out,
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_dropout": 0.0,
+        "vision_use_head": False,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- directories
@@ -573,8 +694,10 @@ def load_hf_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if os.path.isfile(single):
         return config, load_file(single)
     if not os.path.isfile(index):
-        raise FileNotFoundError(f"{path} has neither {_SAFETENSORS} nor {_INDEX}; only safetensors weights are read "
-                                "(re-save the model with save_pretrained(dir, safe_serialization=True))")
+        raise FileNotFoundError(
+            f"{path} has neither {_SAFETENSORS} nor {_INDEX}; only safetensors weights are read "
+            "(re-save the model with save_pretrained(dir, safe_serialization=True))"
+        )
     with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     state: dict[str, torch.Tensor] = {}
@@ -622,7 +745,9 @@ def save_hf_dir(path: str, config: dict, state: dict[str, torch.Tensor], max_sha
 
 
 # ---------------------------------------------------------------------------------------------------------- MIMO
-def _mismatches(section: str, ours: LanguageModelConfig | VisionModelConfig | MoEConfig, theirs: dict, hf_names: dict) -> list[str]:
+def _mismatches(
+    section: str, ours: LanguageModelConfig | VisionModelConfig | MoEConfig, theirs: dict, hf_names: dict
+) -> list[str]:
     """``model.<section>.<field>=ours vs HF <name>=theirs`` for every differing field of ``theirs``."""
     out = []
     for field, value in theirs.items():
@@ -643,8 +768,9 @@ def _lm_mismatches(lm: LanguageModelConfig, hf_fields: dict) -> list[str]:
     if lm.moe.num_experts != hf_moe["num_experts"]:
         out.append(f"model.language.moe.num_experts={lm.moe.num_experts} vs HF num_experts={hf_moe['num_experts']}")
     elif hf_moe["num_experts"] > 0:
-        out += _mismatches("language.moe", lm.moe, {k: v for k, v in hf_moe.items() if k != "num_experts"},
-                           _MOE_HF_NAMES)
+        out += _mismatches(
+            "language.moe", lm.moe, {k: v for k, v in hf_moe.items() if k != "num_experts"}, _MOE_HF_NAMES
+        )
     return out
 
 
@@ -674,8 +800,13 @@ def _load_projector(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], language_dir: str | None = None,
-              vision_dir: str | None = None, projector_path: str | None = None) -> dict[str, torch.Tensor]:
+def import_hf(
+    model_cfg: ModelConfig,
+    full_state: dict[str, torch.Tensor],
+    language_dir: str | None = None,
+    vision_dir: str | None = None,
+    projector_path: str | None = None,
+) -> dict[str, torch.Tensor]:
     """Overlay HF weights on a full single-process MIMO state (keys of ``MimoModel.state_dict()``).
 
     Args:
@@ -705,11 +836,15 @@ def import_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], langu
         problems += _lm_mismatches(model_cfg.language, lm_config_from_hf(configs["language"][0]))
     if "vision" in configs:
         _vis_num_layers(model_cfg.vision)
-        problems += _mismatches("vision", model_cfg.vision, vision_config_from_hf(configs["vision"][0]),
-                                _VISION_HF_NAMES)
+        problems += _mismatches(
+            "vision", model_cfg.vision, vision_config_from_hf(configs["vision"][0]), _VISION_HF_NAMES
+        )
     if problems:
-        raise ValueError("the HF checkpoint does not match the model config: " + "; ".join(problems)
-                         + ". Set these fields of the TOML config to the HF values")
+        raise ValueError(
+            "the HF checkpoint does not match the model config: "
+            + "; ".join(problems)
+            + ". Set these fields of the TOML config to the HF values"
+        )
     if "language" in configs:
         _overlay(out, "language", lm_state_from_hf(configs["language"][1], model_cfg.language))
     if "vision" in configs:
@@ -722,8 +857,13 @@ def import_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], langu
     return out
 
 
-def export_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], out_dir: str, language_arch: str,
-              max_shard_bytes: int | None = None) -> None:
+def export_hf(
+    model_cfg: ModelConfig,
+    full_state: dict[str, torch.Tensor],
+    out_dir: str,
+    language_arch: str,
+    max_shard_bytes: int | None = None,
+) -> None:
     """Write a full MIMO state as HF directories: ``out_dir/language/`` (``language_arch``: llama / qwen3 /
     qwen3_moe), ``out_dir/vision/`` (``SiglipVisionModel``) and ``out_dir/multi_modal_projector.safetensors`` (our
     projector, keys ``multi_modal_projector.linear_{1,2}.{weight,bias}``). :func:`import_hf` of these restores
@@ -733,8 +873,9 @@ def export_hf(model_cfg: ModelConfig, full_state: dict[str, torch.Tensor], out_d
         ValueError: the model has features the HF formats lack (see :func:`hf_lm_config`, :func:`lm_state_to_hf`,
             :func:`hf_vision_config`).
     """
+
     def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in full_state.items() if k.startswith(prefix)}
 
     lm, vis = part("language."), part("vision.")
     dtype = str(lm["model.embed_tokens.weight"].dtype).removeprefix("torch.")

@@ -112,21 +112,29 @@ def _hparams(cfg: Config) -> dict:
     """The settings a resumed run takes from its *current* config, under their config keys (saved as
     ``extra.hparams`` to say what changed on resume)."""
     o, s = cfg.optimizer, cfg.lr_schedule
-    return {"optimizer.lr": float(o.lr), "optimizer.betas": [float(b) for b in o.betas], "optimizer.eps": float(o.eps),
-            "optimizer.weight_decay": float(o.weight_decay), "lr_schedule.warmup_steps": s.warmup_steps,
-            "lr_schedule.decay": s.decay, "lr_schedule.min_lr_ratio": float(s.min_lr_ratio),
-            "training.total_steps": cfg.training.total_steps}
+    return {
+        "optimizer.lr": float(o.lr),
+        "optimizer.betas": [float(b) for b in o.betas],
+        "optimizer.eps": float(o.eps),
+        "optimizer.weight_decay": float(o.weight_decay),
+        "lr_schedule.warmup_steps": s.warmup_steps,
+        "lr_schedule.decay": s.decay,
+        "lr_schedule.min_lr_ratio": float(s.min_lr_ratio),
+        "training.total_steps": cfg.training.total_steps,
+    }
 
 
 def _show(value, other) -> str:
     """``value`` for a log line: floats as ``%g`` (``1e+06``), full precision when ``%g`` would not tell it from
     ``other``."""
+
     def fmt(v, exact):
         if isinstance(v, float):
             return repr(v) if exact else f"{v:g}"
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x, exact) for x in v) + "]"
         return str(v)
+
     return fmt(value, fmt(value, False) == fmt(other, False))
 
 
@@ -149,8 +157,11 @@ def _first_nonfinite(state: dict) -> str | None:
 
 
 def _layout_signature(job: Job) -> dict:
-    return {"world_size": job.topology.world_size, "device_type": job.device.type,
-            "layouts": {n: dataclasses.asdict(lay) for n, lay in job.topology.layouts.items()}}
+    return {
+        "world_size": job.topology.world_size,
+        "device_type": job.device.type,
+        "layouts": {n: dataclasses.asdict(lay) for n, lay in job.topology.layouts.items()},
+    }
 
 
 def _rng_key(name: str, kind: str, stream: str) -> str:
@@ -161,8 +172,12 @@ def _rng_key(name: str, kind: str, stream: str) -> str:
 
 def _rng_states(job: Job) -> dict:
     """This rank's RNG stream states (copies) under :func:`_rng_key` keys."""
-    return {_rng_key(name, kind, stream): t for name, tracker in job.rng.items()
-            for kind in ("cpu", "cuda") for stream, t in tracker.state_dict().get(kind, {}).items()}
+    return {
+        _rng_key(name, kind, stream): t
+        for name, tracker in job.rng.items()
+        for kind in ("cpu", "cuda")
+        for stream, t in tracker.state_dict().get(kind, {}).items()
+    }
 
 
 def _etp_mesh(job: Job, name: str):
@@ -176,8 +191,10 @@ def _scheduler_state(scheduler) -> dict:
 
 
 def _param_groups(optimizer) -> list[dict]:
-    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-            for g in optimizer.param_groups]
+    return [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+        for g in optimizer.param_groups
+    ]
 
 
 def _unique(path: str) -> str:
@@ -214,8 +231,9 @@ class CheckpointManager:
             state["optimizer"].update(optimizer_state(name, module, job.optimizers[name], etp))
             state["extra"][f"lr_scheduler.{name}"] = json.dumps(_scheduler_state(job.schedulers[name]))
             state["extra"][f"param_groups.{name}"] = json.dumps(_param_groups(job.optimizers[name]))
-        state["extra"]["train"] = json.dumps({"step": job.step,
-                                              "global_batch_size": self.cfg.training.global_batch_size})
+        state["extra"]["train"] = json.dumps(
+            {"step": job.step, "global_batch_size": self.cfg.training.global_batch_size}
+        )
         state["extra"]["dataloader"] = json.dumps(loader.state_dict())
         state["extra"]["layout"] = json.dumps(_layout_signature(job))
         state["extra"]["hparams"] = json.dumps(_hparams(self.cfg))
@@ -250,9 +268,11 @@ class CheckpointManager:
             cause = next((e for e, _ in exc.failures.values() if isinstance(e, OSError)), None)
             if cause is None:
                 raise
-            raise CheckpointError(f"checkpoint: could not write step {job.step} to {partial}: {cause}; make "
-                                  f"checkpoint.folder ({self.folder}) writable and free space on its file system, or "
-                                  "set --checkpoint.folder to another directory") from None
+            raise CheckpointError(
+                f"checkpoint: could not write step {job.step} to {partial}: {cause}; make "
+                f"checkpoint.folder ({self.folder}) writable and free space on its file system, or "
+                "set --checkpoint.folder to another directory"
+            ) from None
         dist.barrier()  # every rank's files are written; DCP's coordinator wrote .metadata last
 
         def commit():
@@ -316,9 +336,11 @@ class CheckpointManager:
         if error is None:
             return
         if user:
-            raise CheckpointError(f"checkpoint: rank 0 could not {what} {self.folder}: {error}; make checkpoint.folder "
-                                  "writable and free space on its file system, or set --checkpoint.folder to another "
-                                  "directory")
+            raise CheckpointError(
+                f"checkpoint: rank 0 could not {what} {self.folder}: {error}; make checkpoint.folder "
+                "writable and free space on its file system, or set --checkpoint.folder to another "
+                "directory"
+            )
         raise RuntimeError(f"checkpoint: rank 0 failed to {what} {self.folder}: {error}")
 
     def _sweep_partials(self) -> None:
@@ -333,7 +355,7 @@ class CheckpointManager:
         k = self.ckpt.keep_latest_k
         if k <= 0:
             return
-        for step in [s for s in complete_steps(self.folder) if s != keep][:-k + 1 or None]:
+        for step in [s for s in complete_steps(self.folder) if s != keep][: -k + 1 or None]:
             path = os.path.join(self.folder, f"step-{step}")
             os.remove(os.path.join(path, ".metadata"))
             shutil.rmtree(path, ignore_errors=True)
@@ -377,9 +399,11 @@ class CheckpointManager:
         """
         out = self.cfg.job.output_dir
         if os.path.exists(out) and not os.path.isdir(out):
-            raise CheckpointError(f"job.output_dir={out!r} is a file, not a directory, so nothing (checkpoints "
-                                  "included) can be written under it; set --job.output_dir to a directory or move "
-                                  "the file away")
+            raise CheckpointError(
+                f"job.output_dir={out!r} is a file, not a directory, so nothing (checkpoints "
+                "included) can be written under it; set --job.output_dir to a directory or move "
+                "the file away"
+            )
         where = f"checkpoint.folder={self.ckpt.folder!r}"
         if not os.path.isabs(self.ckpt.folder):
             where += f" (under job.output_dir: {self.folder})"
@@ -408,8 +432,10 @@ class CheckpointManager:
     def _check_initial_load_path(self) -> str:
         path = self.ckpt.initial_load_path
         if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise CheckpointError(f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
-                                  ".metadata); write one with scripts/convert_hf.py import, or pass a step-N directory")
+            raise CheckpointError(
+                f"checkpoint.initial_load_path={path!r} is not a checkpoint directory (no "
+                ".metadata); write one with scripts/convert_hf.py import, or pass a step-N directory"
+            )
         return path
 
     def _check_fits(self, path: str, training: bool) -> dict:
@@ -424,8 +450,10 @@ class CheckpointManager:
         try:
             shapes = saved_shapes(path)
         except Exception as exc:  # noqa: BLE001 - an unreadable .metadata: the checkpoint is damaged
-            raise CheckpointError(f"checkpoint {path}: cannot read its .metadata ({type(exc).__name__}: {exc}); "
-                                  "it is damaged: move it away or pick another checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {path}: cannot read its .metadata ({type(exc).__name__}: {exc}); "
+                "it is damaged: move it away or pick another checkpoint"
+            ) from None
         problem = model_mismatch(shapes, self.cfg.model)
         if problem is None and training:
             for key, shape in model_shapes(self.cfg.model, parameters_only=True).items():
@@ -433,18 +461,25 @@ class CheckpointManager:
                 bad = next((m for m, got in moments.items() if got != shape), None)
                 if bad is not None:
                     got = moments[bad]
-                    problem = (f"optimizer.{key}.{bad} is " + ("missing" if got is None else str(list(got)))
-                               + f" but the parameter is {list(shape)} (not a training checkpoint, or damaged)")
+                    problem = (
+                        f"optimizer.{key}.{bad} is "
+                        + ("missing" if got is None else str(list(got)))
+                        + f" but the parameter is {list(shape)} (not a training checkpoint, or damaged)"
+                    )
                     break
         if problem is None:
             return shapes
         if training:
-            raise CheckpointError(f"checkpoint {path} does not fit the configured model: {problem}. Resume with the "
-                                  "model.* settings it was saved with, or start a new run in another "
-                                  f"--checkpoint.folder (this one is {self.folder})")
-        raise CheckpointError(f"checkpoint.initial_load_path={path!r} does not fit the configured model: {problem}. "
-                              "Set the model.* keys it was written with, or point checkpoint.initial_load_path at a "
-                              "checkpoint of this model")
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the configured model: {problem}. Resume with the "
+                "model.* settings it was saved with, or start a new run in another "
+                f"--checkpoint.folder (this one is {self.folder})"
+            )
+        raise CheckpointError(
+            f"checkpoint.initial_load_path={path!r} does not fit the configured model: {problem}. "
+            "Set the model.* keys it was written with, or point checkpoint.initial_load_path at a "
+            "checkpoint of this model"
+        )
 
     def validate(self, loader: MimoDataLoader | None = None) -> None:
         """Every check that needs no process group (each rank runs them at the same time):
@@ -470,9 +505,11 @@ class CheckpointManager:
         path = os.path.join(self.folder, f"step-{step}")
         shapes = self._check_fits(path, training=True)
         if "extra.train" not in shapes or "extra.dataloader" not in shapes:
-            raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no extra.train / extra.dataloader: "
-                                  "a model-only one loads through checkpoint.initial_load_path); move it out of "
-                                  f"{self.folder} or set checkpoint.load_step to another step")
+            raise CheckpointError(
+                f"checkpoint {path} is not a training checkpoint (no extra.train / extra.dataloader: "
+                "a model-only one loads through checkpoint.initial_load_path); move it out of "
+                f"{self.folder} or set checkpoint.load_step to another step"
+            )
         extra = {"train": "", "dataloader": ""}
         with warnings.catch_warnings():  # read in this process alone, before any process group exists
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -489,9 +526,11 @@ class CheckpointManager:
             try:
                 copy.copy(loader).load_state_dict(json.loads(extra["dataloader"]))
             except ValueError as exc:
-                raise CheckpointError(f"{exc} (step-{step} in {self.folder}); resume with the data settings and the "
-                                      "language cp of the saved run (packing pads documents to 2·cp), or start a new "
-                                      "checkpoint.folder") from None
+                raise CheckpointError(
+                    f"{exc} (step-{step} in {self.folder}); resume with the data settings and the "
+                    "language cp of the saved run (packing pads documents to 2·cp), or start a new "
+                    "checkpoint.folder"
+                ) from None
 
     # ------------------------------------------------------------------ load
     def load(self, job: Job, loader: MimoDataLoader) -> bool:
@@ -565,8 +604,12 @@ class CheckpointManager:
             name = next(iter(job.modules))
             group = json.loads(extra[f"param_groups.{name}"])[0]
             base_lrs = json.loads(extra[f"lr_scheduler.{name}"]).get("base_lrs") or [group.get("initial_lr")]
-            saved = {"optimizer.lr": base_lrs[0], "optimizer.betas": list(group["betas"]),
-                     "optimizer.eps": group["eps"], "optimizer.weight_decay": group["weight_decay"]}
+            saved = {
+                "optimizer.lr": base_lrs[0],
+                "optimizer.betas": list(group["betas"]),
+                "optimizer.eps": group["eps"],
+                "optimizer.weight_decay": group["weight_decay"],
+            }
         o = self.cfg.optimizer
         for name in job.modules:
             optimizer, scheduler = job.optimizers[name], job.schedulers[name]
@@ -578,8 +621,15 @@ class CheckpointManager:
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr
             scheduler._last_lr = lrs
-        changes = [f"{k} {_show(saved[k], v)} -> {_show(v, saved[k])}" for k, v in current.items()
-                   if k in saved and saved[k] is not None and saved[k] != v]
+        changes = [
+            f"{k} {_show(saved[k], v)} -> {_show(v, saved[k])}"
+            for k, v in current.items()
+            if k in saved and saved[k] is not None and saved[k] != v
+        ]
         if changes and dist.get_rank() == 0:
-            logger.info("checkpoint: resuming step %d with config changes: %s (the current config applies from "
-                        "step %d)", job.step, ", ".join(changes), job.step + 1)
+            logger.info(
+                "checkpoint: resuming step %d with config changes: %s (the current config applies from step %d)",
+                job.step,
+                ", ".join(changes),
+                job.step + 1,
+            )

@@ -48,9 +48,19 @@ if TYPE_CHECKING:
     from mimo_titan.config import Config, ModelConfig
 
 __all__ = [
-    "EXPERT_WEIGHTS", "expert_key", "split_experts", "stack_experts", "model_state", "optimizer_state",
-    "init_optimizer_state", "save_full_model_state", "load_full_model_state", "meta_model", "model_shapes",
-    "saved_shapes", "model_mismatch",
+    "EXPERT_WEIGHTS",
+    "expert_key",
+    "split_experts",
+    "stack_experts",
+    "model_state",
+    "optimizer_state",
+    "init_optimizer_state",
+    "save_full_model_state",
+    "load_full_model_state",
+    "meta_model",
+    "model_shapes",
+    "saved_shapes",
+    "model_mismatch",
 ]
 
 # stacked routed-expert weights of GroupedExperts and the per-expert dim split by expert TP
@@ -127,8 +137,14 @@ def _expert_entries(key: str, value: torch.Tensor, moe: MoE, etp_mesh) -> dict[s
         if etp_size > 1:
             shape = list(piece.shape)
             shape[split_dim] *= etp_size
-            piece = DTensor.from_local(piece, etp_mesh, [Shard(split_dim)], run_check=False, shape=torch.Size(shape),
-                                       stride=torch.empty(shape, device="meta").stride())
+            piece = DTensor.from_local(
+                piece,
+                etp_mesh,
+                [Shard(split_dim)],
+                run_check=False,
+                shape=torch.Size(shape),
+                stride=torch.empty(shape, device="meta").stride(),
+            )
         out[expert_key(key, first + offset + i)] = piece
     return out
 
@@ -176,8 +192,9 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def optimizer_state(module_name: str, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    etp_mesh=None) -> dict[str, torch.Tensor]:
+def optimizer_state(
+    module_name: str, module: nn.Module, optimizer: torch.optim.Optimizer, etp_mesh=None
+) -> dict[str, torch.Tensor]:
     """AdamW state of ``module``'s parameters as checkpoint entries ``{param key}.{exp_avg|exp_avg_sq|step}``.
 
     Calls :func:`init_optimizer_state` first. Moments are laid out like their parameter (per expert for expert
@@ -212,8 +229,11 @@ def save_full_model_state(state: dict[str, torch.Tensor], path: str) -> None:
     """
     with warnings.catch_warnings():  # DCP warns that it runs in one process, which is the intent here
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save({"model": split_experts({k: v.detach().contiguous() for k, v in state.items()})},
-                 checkpoint_id=path, no_dist=True)
+        dcp.save(
+            {"model": split_experts({k: v.detach().contiguous() for k, v in state.items()})},
+            checkpoint_id=path,
+            no_dist=True,
+        )
 
 
 def load_full_model_state(path: str, cfg: Config) -> dict[str, torch.Tensor]:
@@ -234,8 +254,10 @@ def load_full_model_state(path: str, cfg: Config) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata); pass a step-N directory")
     problem = model_mismatch(saved_shapes(path), cfg.model)
     if problem is not None:
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {problem}. Pass the model.* "
-                              "settings it was saved with")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the configured model: {problem}. Pass the model.* "
+            "settings it was saved with"
+        )
     with torch.device("cpu"):
         template = split_experts(MimoModel(cfg.model, image_token_id=0).state_dict())
     with warnings.catch_warnings():
@@ -376,8 +398,9 @@ def _explaining_settings(model_cfg: ModelConfig, key: str, have: dict, want: dic
             got = shapes.get(key)
             if block is None:
                 assert wanted is not None  # block is None: both sides have key
-                if got is None or not (len(got) != len(wanted) if dims is None else
-                                       any(got[d] != wanted[d] for d in dims)):
+                if got is None or not (
+                    len(got) != len(wanted) if dims is None else any(got[d] != wanted[d] for d in dims)
+                ):
                     continue
             elif (got is None) == (wanted is None) or (block and not _under(shapes, block)):
                 continue
@@ -385,8 +408,15 @@ def _explaining_settings(model_cfg: ModelConfig, key: str, have: dict, want: dic
                 related.append(path)
             if fits(shapes):
                 found = trial
-            elif (dims and got is not None and saved is not None and wanted is not None  # dims: both sides have key
-                  and isinstance(value, int) and not isinstance(value, bool) and len(got) == len(wanted)):
+            elif (
+                dims
+                and got is not None
+                and saved is not None
+                and wanted is not None  # dims: both sides have key
+                and isinstance(value, int)
+                and not isinstance(value, bool)
+                and len(got) == len(wanted)
+            ):
                 d = next(d for d in dims if got[d] != wanted[d])
                 need = value + (saved[d] - wanted[d]) * (trial - value) / (got[d] - wanted[d])
                 if need > 0 and need == int(need) and fits(_shapes_with(model_cfg, path, int(need), cache) or {}):
@@ -434,15 +464,18 @@ def model_mismatch(saved: dict[str, tuple[int, ...] | None], model_cfg: ModelCon
     else:
         what = f"{key} is {list(s)} in the checkpoint but {list(w)} in the config"
     n = len("model.")
-    exact, related = _explaining_settings(model_cfg, key[n:], {k[n:]: v for k, v in have.items()},
-                                          {k[n:]: v for k, v in want.items()})
+    exact, related = _explaining_settings(
+        model_cfg, key[n:], {k[n:]: v for k, v in have.items()}, {k[n:]: v for k, v in want.items()}
+    )
     if exact:
-        why = " or ".join(f"model.{p} (the checkpoint fits {v}, the config has {_config_value(model_cfg, p)})"
-                          for p, v in exact)
+        why = " or ".join(
+            f"model.{p} (the checkpoint fits {v}, the config has {_config_value(model_cfg, p)})" for p, v in exact
+        )
         why = f"; that is set by {why}"
     elif related:
-        why = "; that is set by " + " / ".join(f"model.{p} (= {_config_value(model_cfg, p)} in the config)"
-                                               for p in related)
+        why = "; that is set by " + " / ".join(
+            f"model.{p} (= {_config_value(model_cfg, p)} in the config)" for p in related
+        )
     else:
         why = "; no single model.* setting explains it"
     n = len(diff) - 1

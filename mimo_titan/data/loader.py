@@ -43,7 +43,11 @@ CAPTION_FIELD = "txt"
 
 #: Counters of shards and records skipped while reading, fixed once the loader is built.
 SKIP_COUNTERS: tuple[str, ...] = (
-    "corrupt_shards", "missing_field", "non_utf8_caption", "empty_caption", "corrupt_image",
+    "corrupt_shards",
+    "missing_field",
+    "non_utf8_caption",
+    "empty_caption",
+    "corrupt_image",
 )
 # (record counter, noun, words after the count) for MimoDataLoader.stats_summary
 _SKIP_WORDS: tuple[tuple[str, str, str], ...] = (
@@ -231,12 +235,19 @@ class MimoDataLoader:
             logger.warning(
                 "data.path: shard %r is damaged after %d complete record(s) (%s: %s); keeping "
                 "those records and skipping the rest of the shard (counted in "
-                "stats['corrupt_shards'])", shard, records_read, type(exc).__name__, exc,
+                "stats['corrupt_shards'])",
+                shard,
+                records_read,
+                type(exc).__name__,
+                exc,
             )
         else:
             logger.warning(
                 "data.path: shard %r cannot be read, 0 records read (%s: %s); skipping the "
-                "shard (counted in stats['corrupt_shards'])", shard, type(exc).__name__, exc,
+                "shard (counted in stats['corrupt_shards'])",
+                shard,
+                type(exc).__name__,
+                exc,
             )
 
     def _read_records(self) -> list[_Record]:
@@ -258,7 +269,9 @@ class MimoDataLoader:
                             "data.path: record %r in shard %r has a caption that is not valid "
                             "UTF-8 (%s); skipping it (this and later ones are counted in "
                             "stats['non_utf8_caption'], without further warnings)",
-                            key, shard, exc,
+                            key,
+                            shard,
+                            exc,
                         )
                     continue
                 tokens = self.processor.tokenize(caption) if caption else []
@@ -271,9 +284,7 @@ class MimoDataLoader:
                     self._skipped["corrupt_image"] += 1
                     continue
                 records.append(_Record(key=key, pixel_values=pixels, caption_tokens=tuple(tokens)))
-        logger.debug(
-            "read %d records from %d shard(s); skipped %s", len(records), len(self.shards), self._skipped
-        )
+        logger.debug("read %d records from %d shard(s); skipped %s", len(records), len(self.shards), self._skipped)
         return records
 
     # ------------------------------------------------------------- public
@@ -413,17 +424,16 @@ class MimoDataLoader:
                 used.append(0)
             used[r] += length
             samples.append(sample)
-        return pack(samples, self.seq_len, self.processor.pad_id, self.processor.image_token_id,
-                    multiple=self.pack_multiple)
+        return pack(
+            samples, self.seq_len, self.processor.pad_id, self.processor.image_token_id, multiple=self.pack_multiple
+        )
 
     def _cursor(self) -> tuple[int, ...]:
         """Everything :meth:`_next_sample` advances (position and stream counters)."""
-        return (self._epoch, self._position, self._samples_produced,
-                self._truncated_captions, self._truncated_tokens)
+        return (self._epoch, self._position, self._samples_produced, self._truncated_captions, self._truncated_tokens)
 
     def _restore(self, cursor: tuple[int, ...]) -> None:
-        (self._epoch, self._position, self._samples_produced,
-         self._truncated_captions, self._truncated_tokens) = cursor
+        (self._epoch, self._position, self._samples_produced, self._truncated_captions, self._truncated_tokens) = cursor
 
     def __iter__(self) -> Iterator[Batch | PackedBatch]:
         return self
@@ -496,8 +506,7 @@ class MimoDataLoader:
         ):
             if key in state and state[key] != mine:
                 raise ValueError(
-                    f"cannot resume data loader: checkpoint has {key}={state[key]!r} "
-                    f"but this loader has {key}={mine!r}"
+                    f"cannot resume data loader: checkpoint has {key}={state[key]!r} but this loader has {key}={mine!r}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < len(self.epoch_plan(epoch)):

@@ -86,9 +86,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     ``ByteLevel`` pre-tokenizer/decoder of HF ``tokenizers`` use.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     n = 0
@@ -126,9 +124,7 @@ def _needs_ranked_bpe_repair(spec: dict, special_texts: frozenset[str]) -> bool:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         return False
-    return any(
-        not set(key) <= _BYTE_LEVEL_ALPHABET for key in vocab if key not in special_texts
-    )
+    return any(not set(key) <= _BYTE_LEVEL_ALPHABET for key in vocab if key not in special_texts)
 
 
 def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -> dict:
@@ -168,8 +164,7 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
         )
     if len(new_vocab) != len(vocab):  # a special key equal to a converted key
         raise DataError(
-            f"{_CONFIG_KEY}: cannot repair {source!r}: a special token collides with "
-            f"a byte-level token text"
+            f"{_CONFIG_KEY}: cannot repair {source!r}: a special token collides with a byte-level token text"
         )
 
     # Merges from ranks: a token of rank r is the merge of any split (left, right)
@@ -211,9 +206,7 @@ def _repair_ranked_bpe(spec: dict, special_texts: frozenset[str], source: str) -
     return repaired
 
 
-def _load_tokenizer(
-    tokenizer_file: str, special_texts: frozenset[str]
-) -> tuple[Tokenizer, bool]:
+def _load_tokenizer(tokenizer_file: str, special_texts: frozenset[str]) -> tuple[Tokenizer, bool]:
     """Load ``tokenizer_file``, repairing a naive ranked-BPE export in memory.
 
     Returns:
@@ -228,9 +221,7 @@ def _load_tokenizer(
             text = f.read()
         spec = json.loads(text)
         added = spec.get("added_tokens") or []
-        specials = special_texts | {
-            t["content"] for t in added if isinstance(t, dict) and "content" in t
-        }
+        specials = special_texts | {t["content"] for t in added if isinstance(t, dict) and "content" in t}
         if not _needs_ranked_bpe_repair(spec, specials):
             return Tokenizer.from_str(text), False
         repaired = _repair_ranked_bpe(spec, specials, tokenizer_file)
@@ -239,13 +230,11 @@ def _load_tokenizer(
         raise
     except ValueError as exc:
         raise DataError(
-            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
-            f"tokenizer.json: {exc}"
+            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` tokenizer.json: {exc}"
         ) from exc
     except Exception as exc:  # the Rust side raises a generic Exception; OSError for the file
         raise DataError(
-            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` "
-            f"tokenizer.json: {exc}"
+            f"{_CONFIG_KEY}: cannot load {tokenizer_file!r} as a HF `tokenizers` tokenizer.json: {exc}"
         ) from exc
     logger.info(
         "%s: %s is a ranked byte BPE exported without merges; repaired in memory "
@@ -332,9 +321,7 @@ class ImageTextProcessor:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if int(image_tokens_per_image) <= 0:
-            raise ValueError(
-                f"image_tokens_per_image must be positive, got {image_tokens_per_image}"
-            )
+            raise ValueError(f"image_tokens_per_image must be positive, got {image_tokens_per_image}")
         self.image_size = int(image_size)
         self.image_tokens_per_image = int(image_tokens_per_image)
 
@@ -355,19 +342,13 @@ class ImageTextProcessor:
                     f"{_CONFIG_KEY}: {config_file!r} holds a JSON {type(config).__name__}, "
                     f"not an object; fix or remove that file"
                 )
-        special_texts = {
-            _special_token_text(config, key, default) for _, key, default in _SPECIAL_TOKENS
-        }
+        special_texts = {_special_token_text(config, key, default) for _, key, default in _SPECIAL_TOKENS}
         declared = config.get("added_tokens_decoder")
         if isinstance(declared, dict):
             special_texts.update(
-                t["content"]
-                for t in declared.values()
-                if isinstance(t, dict) and isinstance(t.get("content"), str)
+                t["content"] for t in declared.values() if isinstance(t, dict) and isinstance(t.get("content"), str)
             )
-        self._tokenizer, self.tokenizer_repaired = _load_tokenizer(
-            tokenizer_file, frozenset(special_texts)
-        )
+        self._tokenizer, self.tokenizer_repaired = _load_tokenizer(tokenizer_file, frozenset(special_texts))
 
         self._special_ids: dict[str, int] = {}
         for attr, key, default in _SPECIAL_TOKENS:
@@ -478,9 +459,7 @@ class ImageTextProcessor:
         """
         return 1 + num_images * (self.image_tokens_per_image + 2)
 
-    def build_sequence(
-        self, caption_tokens: Sequence[Sequence[int]], max_tokens: int
-    ) -> list[int]:
+    def build_sequence(self, caption_tokens: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
         """Lay out one sample's tokens, truncating captions to fit ``max_tokens``.
 
         Produces ``[BOS] (<|begin_of_image|> <|image|>*T <|end_of_image|> caption)*k [EOS]``

@@ -45,9 +45,7 @@ def dp_sample_range(num_samples: int, dp_rank: int, dp_size: int) -> tuple[int, 
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if num_samples % dp_size != 0:
-        raise ValueError(
-            f"{num_samples} samples cannot be split evenly across {dp_size} data-parallel ranks"
-        )
+        raise ValueError(f"{num_samples} samples cannot be split evenly across {dp_size} data-parallel ranks")
     per_rank = num_samples // dp_size
     return dp_rank * per_rank, (dp_rank + 1) * per_rank
 
@@ -93,9 +91,7 @@ def local_batch(
     return parts[0] if len(parts) == 1 else concat_batches(parts)
 
 
-def check_batch_divisibility(
-    global_batch_size: int, microbatches: int, dp_sizes: Mapping[str, int]
-) -> None:
+def check_batch_divisibility(global_batch_size: int, microbatches: int, dp_sizes: Mapping[str, int]) -> None:
     """Validate that every module can split every microbatch evenly.
 
     Args:

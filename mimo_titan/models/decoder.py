@@ -59,7 +59,9 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     Returns:
         ``(cos, sin)`` each ``[..., S, hd]`` in ``dtype`` (HF "rotate_half" layout: the two halves share a frequency).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
     freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -103,8 +105,14 @@ class Attention(nn.Module):
         # and their document ids (``[B, S]``, packed sequences) or None.
         self.attn_fn: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, s, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nh, hd] (nh / tp under TP)
         k = self.k_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nkv, hd]
@@ -151,8 +159,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # five positional arguments always: a tensor-parallel plan prepares them by position
         h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions, doc_ids)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -199,7 +213,9 @@ class DecoderLM(nn.Module):
             )
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
         if self.head_dim % 2:
-            raise ValueError(f"the language head dim ({self.head_dim}) must be even for RoPE: set model.language.head_dim")
+            raise ValueError(
+                f"the language head dim ({self.head_dim}) must be even for RoPE: set model.language.head_dim"
+            )
         self.model = _Backbone(cfg)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -211,8 +227,13 @@ class DecoderLM(nn.Module):
         assert self.model.embed_tokens is not None, "only the first pipeline stage embeds tokens"
         return self.model.embed_tokens(input_ids_BS)
 
-    def forward(self, x: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if inputs_embeds is not None:
             h = inputs_embeds
         elif self.model.embed_tokens is not None:

@@ -23,8 +23,14 @@ from mimo_titan.models.vit import VisionEncoder
 if TYPE_CHECKING:
     from mimo_titan.config import ModelConfig
 
-__all__ = ["MimoModel", "LanguageStage", "cp_shard_rows", "scatter_image_embeddings", "merge_image_embeddings",
-           "full_model_key"]
+__all__ = [
+    "MimoModel",
+    "LanguageStage",
+    "cp_shard_rows",
+    "scatter_image_embeddings",
+    "merge_image_embeddings",
+    "full_model_key",
+]
 
 
 def full_model_key(module_name: str, key: str) -> str:
@@ -34,7 +40,9 @@ def full_model_key(module_name: str, key: str) -> str:
     return key if key.startswith(module_name + ".") else f"{module_name}.{key}"
 
 
-def scatter_image_embeddings(image_embeds_NH: torch.Tensor, input_ids_BS: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def scatter_image_embeddings(
+    image_embeds_NH: torch.Tensor, input_ids_BS: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
     """Place image-token embeddings at the placeholder positions of a token batch.
 
     Args:
@@ -123,8 +131,13 @@ class LanguageStage(nn.Module):
         self.sp_size = 1
         self.sp_scatter: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, image_dense_BSH: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        image_dense_BSH: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if position_ids is not None:  # packed rows: this rank's positions and documents, sharded like its tokens
             assert doc_ids is not None, "packed rows pass their doc_ids with their position_ids"
             index = torch.stack([position_ids, doc_ids], dim=-1)  # [B, S, 2]: one shard call for both
@@ -185,8 +198,13 @@ class MimoModel(nn.Module):
             torch.manual_seed(seed + 1)
             self.language.init_weights()
 
-    def forward(self, input_ids_BS: torch.Tensor, pixel_values: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         image_embeds = self.vision(pixel_values).flatten(0, 1)  # [N * P, H]
         dense = scatter_image_embeddings(image_embeds, input_ids_BS, self.image_token_id)
         return LanguageStage(self.language, self.image_token_id)(input_ids_BS, dense, position_ids, doc_ids)

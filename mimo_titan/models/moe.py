@@ -57,10 +57,19 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, 
     """
     counts = counts_E.tolist()
     if impl == "auto":
-        impl = "grouped_mm" if (x_NI.is_cuda and x_NI.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                                and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
-                                and x_NI.shape[1] % 8 == 0 and w_EIO.shape[-1] % 8 == 0  # 16-byte strides
-                                and x_NI.shape[0] > 0) else "loop"
+        impl = (
+            "grouped_mm"
+            if (
+                x_NI.is_cuda
+                and x_NI.dtype == torch.bfloat16
+                and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
+                and x_NI.shape[1] % 8 == 0
+                and w_EIO.shape[-1] % 8 == 0  # 16-byte strides
+                and x_NI.shape[0] > 0
+            )
+            else "loop"
+        )
     if impl == "loop":
         outs = [xe @ w_EIO[e] for e, xe in enumerate(torch.split(x_NI, counts))]
         return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[-1])

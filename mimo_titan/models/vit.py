@@ -98,8 +98,13 @@ class _Encoder(nn.Module):
         super().__init__()
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
         self.layers = nn.ModuleList(
-            ViTBlock(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps,
-                     moe if moe is not None and moe.is_moe_layer(i) else None)
+            ViTBlock(
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.intermediate_size,
+                cfg.norm_eps,
+                moe if moe is not None and moe.is_moe_layer(i) else None,
+            )
             for i in range(cfg.num_layers)
         )
 

@@ -112,8 +112,10 @@ def attention_mask(
 def _check_qkv(q, k, v, q_pos, doc_ids) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, heads, S_local, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, heads, S_local, head_dim], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
     B, nh, S, hd = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -276,8 +278,13 @@ class ContextParallelAttention:
         c = self._cache
         if q_pos.is_inference() or (doc_ids is not None and doc_ids.is_inference()):
             c = None  # inference tensors have no version counter: no caching
-        elif (c is not None and c[0] is q_pos and c[1] == q_pos._version and c[2] is doc_ids
-                and (doc_ids is None or c[3] == doc_ids._version)):
+        elif (
+            c is not None
+            and c[0] is q_pos
+            and c[1] == q_pos._version
+            and c[2] is doc_ids
+            and (doc_ids is None or c[3] == doc_ids._version)
+        ):
             return c[4]
         if doc_ids is None:
             kv_pos, kv_doc = self._gather_index(q_pos.unsqueeze(0))[0], None
@@ -285,8 +292,11 @@ class ContextParallelAttention:
             kv_pos, kv_doc = self._gather_index(torch.stack([q_pos.to(torch.int64), doc_ids.to(torch.int64)]))
         guarded = _guard(attention_mask(q_pos, kv_pos, doc_ids, kv_doc))
         cacheable = self.cache_mask and not q_pos.is_inference() and (doc_ids is None or not doc_ids.is_inference())
-        self._cache = ((q_pos, q_pos._version, doc_ids, None if doc_ids is None else doc_ids._version, guarded)
-                       if cacheable else None)
+        self._cache = (
+            (q_pos, q_pos._version, doc_ids, None if doc_ids is None else doc_ids._version, guarded)
+            if cacheable
+            else None
+        )
         return guarded
 
     # ------------------------------------------------------------------------------------------- call

@@ -97,8 +97,9 @@ def _slice_param(module: nn.Module, name: str, index) -> None:
     setattr(module, name, nn.Parameter(getattr(module, name)[index].clone()))
 
 
-def apply_ep(module: nn.Module, ep_group, ep_size: int, ep_rank: int, etp_group=None, etp_size: int = 1,
-             etp_rank: int = 0) -> list[MoE]:
+def apply_ep(
+    module: nn.Module, ep_group, ep_size: int, ep_rank: int, etp_group=None, etp_size: int = 1, etp_rank: int = 0
+) -> list[MoE]:
     """Keep this rank's experts (and width slice) in every MoE layer of ``module`` and install the EP dispatch.
 
     Must run on the full (unsharded) module, before FSDP. Returns the MoE layers it changed.

@@ -37,9 +37,15 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def apply_fsdp(module: nn.Module, blocks: Iterable[nn.Module], dp_mesh: DeviceMesh, param_dtype: torch.dtype,
-               reduce_dtype: torch.dtype, reshard_after_forward: bool = True,
-               expert_mesh: DeviceMesh | None = None) -> nn.Module:
+def apply_fsdp(
+    module: nn.Module,
+    blocks: Iterable[nn.Module],
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+    expert_mesh: DeviceMesh | None = None,
+) -> nn.Module:
     """Shard ``module`` in place with FSDP2 over ``dp_mesh``: one unit per block, then the root.
 
     Args:
@@ -62,7 +68,9 @@ def apply_fsdp(module: nn.Module, blocks: Iterable[nn.Module], dp_mesh: DeviceMe
         if expert_mesh is not None:
             for sub in block.modules():
                 if isinstance(sub, MoE):
-                    fully_shard(sub.experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+                    fully_shard(
+                        sub.experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward
+                    )
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for m in module.modules():

@@ -75,14 +75,19 @@ def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp
         fields["(image_size // patch_size) ** 2"] = (vis.image_size // vis.patch_size) ** 2
     for field, value in fields.items():
         if value % tp:
-            raise ValueError(f"model.{module}.{field}={value} must be divisible by parallelism.{module}.tp={tp}: "
-                             "tensor parallelism splits it evenly; change one of them")
+            raise ValueError(
+                f"model.{module}.{field}={value} must be divisible by parallelism.{module}.tp={tp}: "
+                "tensor parallelism splits it evenly; change one of them"
+            )
 
 
 def _gather_input(n_args: int) -> PrepareModuleInput:
     """All-gather the first positional input from the SP shard ``Shard(1)`` to ``Replicate()``; pass the rest."""
-    return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
-                              desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1), use_local_output=True)
+    return PrepareModuleInput(
+        input_layouts=(Shard(1),) + (None,) * (n_args - 1),
+        desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
+        use_local_output=True,
+    )
 
 
 def sp_scatter(x_BSH, tp_mesh: DeviceMesh):
@@ -99,8 +104,10 @@ def _qk_norm_plan(prefix: str) -> dict:
     norms act on, so the norms run as ``SequenceParallel`` over dim 2 (the heads, torchtitan's Qwen3 plan): the
     weight ``[hd]`` is a replicated DTensor whose gradient DTensor sums over tp; the output is the local tensor.
     """
-    return {prefix + f"self_attn.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
-            for name in ("q_norm", "k_norm")}
+    return {
+        prefix + f"self_attn.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
+        for name in ("q_norm", "k_norm")
+    }
 
 
 def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStage:
@@ -129,19 +136,21 @@ def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStag
         plan["language.lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1))
     for key in lm.model.layers:
         p = f"language.model.layers.{key}."
-        plan.update({
-            p + "input_layernorm": SequenceParallel(),
-            p + "self_attn": _gather_input(5),  # (x, cos, sin, positions, doc_ids)
-            p + "self_attn.q_proj": ColwiseParallel(),
-            p + "self_attn.k_proj": ColwiseParallel(),
-            p + "self_attn.v_proj": ColwiseParallel(),
-            p + "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            p + "post_attention_layernorm": SequenceParallel(),
-            p + "mlp": _gather_input(1),
-            p + "mlp.gate_proj": ColwiseParallel(),
-            p + "mlp.up_proj": ColwiseParallel(),
-            p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        plan.update(
+            {
+                p + "input_layernorm": SequenceParallel(),
+                p + "self_attn": _gather_input(5),  # (x, cos, sin, positions, doc_ids)
+                p + "self_attn.q_proj": ColwiseParallel(),
+                p + "self_attn.k_proj": ColwiseParallel(),
+                p + "self_attn.v_proj": ColwiseParallel(),
+                p + "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                p + "post_attention_layernorm": SequenceParallel(),
+                p + "mlp": _gather_input(1),
+                p + "mlp.gate_proj": ColwiseParallel(),
+                p + "mlp.up_proj": ColwiseParallel(),
+                p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+            }
+        )
         attn = lm.model.layers[key].self_attn
         assert isinstance(attn, Attention)
         if attn.q_norm is not None:
@@ -188,17 +197,19 @@ def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder
     }
     for i in range(len(vit.encoder.layers)):
         p = f"vision_model.encoder.layers.{i}."
-        plan.update({
-            p + "layer_norm1": SequenceParallel(),
-            p + "self_attn": _gather_input(1),
-            p + "self_attn.q_proj": ColwiseParallel(),
-            p + "self_attn.k_proj": ColwiseParallel(),
-            p + "self_attn.v_proj": ColwiseParallel(),
-            p + "self_attn.out_proj": RowwiseParallel(output_layouts=Shard(1)),
-            p + "layer_norm2": SequenceParallel(),
-            p + "mlp": _gather_input(1),
-            p + "mlp.fc1": ColwiseParallel(),
-            p + "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        plan.update(
+            {
+                p + "layer_norm1": SequenceParallel(),
+                p + "self_attn": _gather_input(1),
+                p + "self_attn.q_proj": ColwiseParallel(),
+                p + "self_attn.k_proj": ColwiseParallel(),
+                p + "self_attn.v_proj": ColwiseParallel(),
+                p + "self_attn.out_proj": RowwiseParallel(output_layouts=Shard(1)),
+                p + "layer_norm2": SequenceParallel(),
+                p + "mlp": _gather_input(1),
+                p + "mlp.fc1": ColwiseParallel(),
+                p + "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
+            }
+        )
     parallelize_module(vision, tp_mesh, plan)
     return vision

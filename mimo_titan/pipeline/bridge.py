@@ -87,8 +87,9 @@ def cp_owner(batch_size: int, seq_len: int, cp_size: int, doc_ids_BS: torch.Tens
     return owner
 
 
-def image_row_cp_ranks(input_ids_BS: torch.Tensor, image_token_id: int, cp_size: int,
-                       doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+def image_row_cp_ranks(
+    input_ids_BS: torch.Tensor, image_token_id: int, cp_size: int, doc_ids_BS: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[n_image_tokens]`` int64 (CPU): the language CP rank whose sequence shard holds each image-token row of a
     microbatch (``input_ids_BS`` ``[B, S]``), in row-major placeholder order (the bridge's row order)."""
     ids = input_ids_BS.cpu()
@@ -121,16 +122,27 @@ class Bridge:
         ValueError: if the encoder has pp > 1 or cp > 1.
     """
 
-    def __init__(self, src_layout, dst_layout, mb_size: int, tokens_per_image: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device, rank: int):
+    def __init__(
+        self,
+        src_layout,
+        dst_layout,
+        mb_size: int,
+        tokens_per_image: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rank: int,
+    ):
         if src_layout.pp != 1:
             raise ValueError(
                 f"parallelism.{src_layout.name}.pp={src_layout.pp}: encoder modules run as a single pipeline stage "
                 "ahead of the language model; set pp = 1 and use dp_shard instead"
             )
         if src_layout.cp != 1:
-            raise ValueError(f"parallelism.{src_layout.name}.cp={src_layout.cp}: the bridge supports context "
-                             "parallelism on the language side only; set cp = 1 for encoders")
+            raise ValueError(
+                f"parallelism.{src_layout.name}.cp={src_layout.cp}: the bridge supports context "
+                "parallelism on the language side only; set cp = 1 for encoders"
+            )
         self.src, self.dst = src_layout, dst_layout
         self.mb_size, self.tokens_per_image, self.hidden_size = mb_size, tokens_per_image, hidden_size
         self.dtype, self.device, self.rank = dtype, device, rank
@@ -142,8 +154,9 @@ class Bridge:
         self.src_sender = [module_rank(src, 0, d) for d in range(src.dp)]
         self.src_receivers = [[module_rank(src, 0, d, 0, t) for t in range(src.tp)] for d in range(src.dp)]
         self.dst_sender = [[module_rank(dst, 0, d, c) for c in range(dst.cp)] for d in range(dst.dp)]
-        self.dst_receivers = [[[module_rank(dst, 0, d, c, t) for t in range(dst.tp)] for c in range(dst.cp)]
-                              for d in range(dst.dp)]
+        self.dst_receivers = [
+            [[module_rank(dst, 0, d, c, t) for t in range(dst.tp)] for c in range(dst.cp)] for d in range(dst.dp)
+        ]
         self._local: dict[tuple, torch.Tensor] = {}
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
@@ -156,8 +169,10 @@ class Bridge:
         """``[n_rows]`` int64: the language CP rank that needs each image-token row of the microbatch."""
         if row_cp is None:
             if self.dst.cp > 1:
-                raise ValueError("bridge: the language module has cp > 1, so row_cp (the CP rank of every "
-                                 "image-token row) is required")
+                raise ValueError(
+                    "bridge: the language module has cp > 1, so row_cp (the CP rank of every "
+                    "image-token row) is required"
+                )
             return torch.zeros(offsets[-1], dtype=torch.int64)
         if row_cp.shape != (offsets[-1],):
             raise ValueError(f"bridge: row_cp has shape {tuple(row_cp.shape)}, expected ({offsets[-1]},)")
@@ -180,8 +195,11 @@ class Bridge:
     def _recv(self, n: int, peer: int, tag: int, key: tuple, works: list[dist.Work]) -> torch.Tensor:
         """Post the receive of ``[n, H]`` rows from ``peer`` (or take the local hand-over)."""
         if n == 0 or peer == self.rank:
-            return (self._local.pop((*key, self.rank)).to(self.dtype) if n else
-                    torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device))
+            return (
+                self._local.pop((*key, self.rank)).to(self.dtype)
+                if n
+                else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+            )
         buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
         work = dist.irecv(buf, src=peer, tag=tag)
         assert work is not None  # None only on a rank outside the group: the bridge uses the default group
@@ -193,8 +211,14 @@ class Bridge:
             raise ValueError(f"bridge: microbatch {mb} has {n} image-token rows on this rank, got {rows.shape[0]}")
 
     # -- public API ------------------------------------------------------------------------------------
-    def send_forward(self, mb: int, src_dp: int, embeds: torch.Tensor, images_per_sample: torch.Tensor,
-                     row_cp: torch.Tensor | None = None) -> None:
+    def send_forward(
+        self,
+        mb: int,
+        src_dp: int,
+        embeds: torch.Tensor,
+        images_per_sample: torch.Tensor,
+        row_cp: torch.Tensor | None = None,
+    ) -> None:
         """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes; each
         language CP rank gets only the rows of its sequence shard (``row_cp``, see :func:`image_row_cp_ranks`)."""
         off = self._row_offsets(images_per_sample)
@@ -206,12 +230,18 @@ class Bridge:
         for r in self.routes:
             if r.src_dp != src_dp:
                 continue
-            piece, own = embeds[off[r.start] - off[lo]: off[r.end] - off[lo]], owners[off[r.start]: off[r.end]]
+            piece, own = embeds[off[r.start] - off[lo] : off[r.end] - off[lo]], owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
                 self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], 2 * mb + _FWD, (_FWD, mb, r, c))
 
-    def recv_forward(self, mb: int, dst_dp: int, images_per_sample: torch.Tensor, cp_rank: int = 0,
-                     row_cp: torch.Tensor | None = None) -> torch.Tensor:
+    def recv_forward(
+        self,
+        mb: int,
+        dst_dp: int,
+        images_per_sample: torch.Tensor,
+        cp_rank: int = 0,
+        row_cp: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Language side: the image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb`` that CP rank
         ``cp_rank`` needs (all of them when ``cp == 1``), in sample order."""
         off = self._row_offsets(images_per_sample)
@@ -220,31 +250,39 @@ class Bridge:
         out: list[torch.Tensor] = []
         for r in self.routes:
             if r.dst_dp == dst_dp:
-                n = int((owners[off[r.start]: off[r.end]] == cp_rank).sum())
+                n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
                 out.append(self._recv(n, self.src_sender[r.src_dp], 2 * mb + _FWD, (_FWD, mb, r, cp_rank), works))
         for w in works:
             w.wait()
         return torch.cat(out) if out else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
 
-    def send_backward(self, mb: int, dst_dp: int, grads: torch.Tensor, images_per_sample: torch.Tensor,
-                      cp_rank: int = 0, row_cp: torch.Tensor | None = None) -> None:
+    def send_backward(
+        self,
+        mb: int,
+        dst_dp: int,
+        grads: torch.Tensor,
+        images_per_sample: torch.Tensor,
+        cp_rank: int = 0,
+        row_cp: torch.Tensor | None = None,
+    ) -> None:
         """Language side: send ``d loss / d rows`` (``[n, H]``, the rows :meth:`recv_forward` gave) back."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
         lo, hi = dp_sample_range(self.mb_size, dst_dp, self.dst.dp)
-        self._check_rows(mb, grads, int((owners[off[lo]: off[hi]] == cp_rank).sum()))
+        self._check_rows(mb, grads, int((owners[off[lo] : off[hi]] == cp_rank).sum()))
         if self.rank != self.dst_sender[dst_dp][cp_rank]:  # a tensor-parallel peer: same gradient, sent once
             return
         start = 0
         for r in self.routes:
             if r.dst_dp != dst_dp:
                 continue
-            n = int((owners[off[r.start]: off[r.end]] == cp_rank).sum())
-            self._send(grads[start:start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, (_BWD, mb, r, cp_rank))
+            n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
+            self._send(grads[start : start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, (_BWD, mb, r, cp_rank))
             start += n
 
-    def recv_backward(self, mb: int, src_dp: int, images_per_sample: torch.Tensor,
-                      row_cp: torch.Tensor | None = None) -> torch.Tensor:
+    def recv_backward(
+        self, mb: int, src_dp: int, images_per_sample: torch.Tensor, row_cp: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb`` (``[n, H]``); each row's
         gradient comes from the CP rank that used it."""
         off = self._row_offsets(images_per_sample)
@@ -256,7 +294,7 @@ class Bridge:
         for r in self.routes:
             if r.src_dp != src_dp:
                 continue
-            own = owners[off[r.start]: off[r.end]]
+            own = owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
                 rows = torch.nonzero(own == c).flatten() + (off[r.start] - off[lo])
                 buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], 2 * mb + _BWD, (_BWD, mb, r, c), works)

@@ -77,9 +77,22 @@ class MimoSchedule:
         ValueError: for an unknown schedule name.
     """
 
-    def __init__(self, topology, vision: nn.Module | None, language: nn.Module | None, bridge: Bridge,
-                 microbatches: int, schedule: str, image_token_id: int, tokens_per_image: int, device: torch.device,
-                 seq_len: int, vocab_size: int, act_dtype: torch.dtype, packed: bool = False):
+    def __init__(
+        self,
+        topology,
+        vision: nn.Module | None,
+        language: nn.Module | None,
+        bridge: Bridge,
+        microbatches: int,
+        schedule: str,
+        image_token_id: int,
+        tokens_per_image: int,
+        device: torch.device,
+        seq_len: int,
+        vocab_size: int,
+        act_dtype: torch.dtype,
+        packed: bool = False,
+    ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
         role = topology.role
@@ -108,17 +121,28 @@ class MimoSchedule:
             self.is_first = stage_idx == 0
             self.is_last = stage_idx == lay.pp - 1
             b, H = bridge.mb_size // lay.dp, bridge.hidden_size
+
             def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
                 return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
 
-            inputs = ((meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
-                      if self.is_first else (meta(b, s_local, H),))
+            inputs = (
+                (meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
+                if self.is_first
+                else (meta(b, s_local, H),)
+            )
             # inputs of later stages and outputs of non-last stages are the SP shard [b, S / (cp tp), H]
             if not self.is_first:
                 inputs = (meta(b, s_local // lay.tp, H),)
-            outputs = ((meta(b, s_local, vocab_size // lay.tp),) if self.is_last else (meta(b, s_local // lay.tp, H),))
-            self.stage = PipelineStage(language, stage_index=stage_idx, num_stages=lay.pp, device=device,
-                                       input_args=inputs, output_args=outputs, group=topology.pp_group(self.lang_name))
+            outputs = (meta(b, s_local, vocab_size // lay.tp),) if self.is_last else (meta(b, s_local // lay.tp, H),)
+            self.stage = PipelineStage(
+                language,
+                stage_index=stage_idx,
+                num_stages=lay.pp,
+                device=device,
+                input_args=inputs,
+                output_args=outputs,
+                group=topology.pp_group(self.lang_name),
+            )
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
                 self.stage, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
             )
@@ -145,7 +169,7 @@ class MimoSchedule:
 
     def _mb_images(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor:
         s = len(global_batch) // self.microbatches
-        return global_batch.images_per_sample[m * s:(m + 1) * s]
+        return global_batch.images_per_sample[m * s : (m + 1) * s]
 
     def _row_cp(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor | None:
         """The language CP rank of every image-token row of global microbatch ``m`` (None without CP)."""
@@ -153,8 +177,8 @@ class MimoSchedule:
         if cp == 1:
             return None
         s = len(global_batch) // self.microbatches
-        docs = cast("PackedBatch", global_batch).doc_ids[m * s:(m + 1) * s] if self.packed else None
-        return image_row_cp_ranks(global_batch.input_ids[m * s:(m + 1) * s], self.image_token_id, cp, docs)
+        docs = cast("PackedBatch", global_batch).doc_ids[m * s : (m + 1) * s] if self.packed else None
+        return image_row_cp_ranks(global_batch.input_ids[m * s : (m + 1) * s], self.image_token_id, cp, docs)
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows
@@ -179,8 +203,10 @@ class MimoSchedule:
             the sum over ranks is the loss of the global batch.
         """
         if self.packed != hasattr(global_batch, "doc_ids"):
-            raise ValueError(f"data.packing={str(self.packed).lower()} but the step got a {type(global_batch).__name__}; "
-                             "build the loader with mimo_titan.train.trainer.build_loader(cfg, ...)")
+            raise ValueError(
+                f"data.packing={str(self.packed).lower()} but the step got a {type(global_batch).__name__}; "
+                "build the loader with mimo_titan.train.trainer.build_loader(cfg, ...)"
+            )
         M = self.microbatches
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
         row_cp = [self._row_cp(global_batch, m) for m in range(M)]
@@ -220,19 +246,22 @@ class MimoSchedule:
                 dense = []
                 for m in range(M):
                     rows = self.bridge.recv_forward(m, l_dp, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
-                    d = torch.zeros(b, input_ids.shape[1], self.bridge.hidden_size, dtype=self.bridge.dtype,
-                                    device=self.device)
-                    d[mine[m * b:(m + 1) * b]] = rows
+                    d = torch.zeros(
+                        b, input_ids.shape[1], self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device
+                    )
+                    d[mine[m * b : (m + 1) * b]] = rows
                     dense.append(d)
                 image_dense = torch.cat(dense).requires_grad_(True)
                 with self._loss_context():
                     self.pp_schedule.step(input_ids, image_dense, return_outputs=False, **kwargs)
                 grad = image_dense.grad
                 if grad is None:
-                    raise RuntimeError("the language pipeline produced no gradient for the image embeddings; the "
-                                       "encoder would silently stop training")
+                    raise RuntimeError(
+                        "the language pipeline produced no gradient for the image embeddings; the "
+                        "encoder would silently stop training"
+                    )
                 for m in range(M):
-                    g = grad[m * b:(m + 1) * b][mine[m * b:(m + 1) * b]]
+                    g = grad[m * b : (m + 1) * b][mine[m * b : (m + 1) * b]]
                     self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
             else:
                 with self._loss_context():

@@ -344,9 +344,7 @@ class ModuleLayout:
         for f in ("rank_offset", "num_ranks", *_DEGREE_FIELDS):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise LayoutError(
-                    f"module '{n}': {f}={v!r} must be an int; set parallelism.{n}.{f} to an integer"
-                )
+                raise LayoutError(f"module '{n}': {f}={v!r} must be an int; set parallelism.{n}.{f} to an integer")
         if self.rank_offset < 0:
             raise LayoutError(
                 f"module '{n}': rank_offset={self.rank_offset} is negative; "
@@ -383,19 +381,14 @@ class ModuleLayout:
                     f"or set num_ranks={product}"
                 )
             else:
-                hint = (
-                    f"change the degrees so that their product is {self.num_ranks}, "
-                    f"or set num_ranks={product}"
-                )
+                hint = f"change the degrees so that their product is {self.num_ranks}, or set num_ranks={product}"
             raise LayoutError(
                 f"module '{n}': degree product {expr} = {vals} = {product} != num_ranks={self.num_ranks}; "
                 f"{hint} in parallelism.{n}"
             )
         # 3. the expert grid (edp, ep, etp) must factor each stage's ranks
         stage = self.stage_size
-        stage_expr = (
-            f"dp_replicate*dp_shard*cp*tp = {self.dp_replicate}*{self.dp_shard}*{self.cp}*{self.tp} = {stage}"
-        )
+        stage_expr = f"dp_replicate*dp_shard*cp*tp = {self.dp_replicate}*{self.dp_shard}*{self.cp}*{self.tp} = {stage}"
         if stage % self.etp != 0:
             raise LayoutError(
                 f"module '{n}': etp={self.etp} does not divide the ranks per pipeline stage, "
@@ -502,8 +495,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
     holes = [r for r in range(covered) if r not in seen]
     if holes:
         spans = ", ".join(
-            f"'{lay.name}' [{lay.rank_offset}, {lay.end})"
-            for lay in sorted(mods, key=lambda m: m.rank_offset)
+            f"'{lay.name}' [{lay.rank_offset}, {lay.end})" for lay in sorted(mods, key=lambda m: m.rank_offset)
         )
         raise LayoutError(
             f"ranks {_fmt_ranks(holes)} are not covered by any module (ranges: {spans}); "
@@ -518,8 +510,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
         )
     if len(lang) > 1:
         raise LayoutError(
-            f"more than one module has is_language=True ({lang}); "
-            f"mark exactly one module as the language model"
+            f"more than one module has is_language=True ({lang}); mark exactly one module as the language model"
         )
     # 8: cover exactly world_size.
     if covered != world_size:
@@ -572,9 +563,7 @@ class RankRole:
 
     def _coord(self, name: str) -> Mapping[str, int]:
         if name not in self.coordinates:
-            raise ValueError(
-                f"rank {self.rank} does not hold module '{name}' (it holds {list(self.modules)})"
-            )
+            raise ValueError(f"rank {self.rank} does not hold module '{name}' (it holds {list(self.modules)})")
         return self.coordinates[name]
 
     def pp_stage(self, name: str) -> int:
@@ -653,9 +642,7 @@ class RankRole:
         return "; ".join(parts)
 
 
-def rank_role(
-    layouts: Mapping[str, ModuleLayout], rank: int, world_size: int | None = None
-) -> RankRole:
+def rank_role(layouts: Mapping[str, ModuleLayout], rank: int, world_size: int | None = None) -> RankRole:
     """Computes the role of one global rank (pure; no process groups).
 
     Args:

@@ -298,9 +298,7 @@ def _flat_dp_rank_lists(lay: ModuleLayout) -> list[list[int]]:
     return out
 
 
-def build_topology(
-    layouts: Mapping[str, ModuleLayout], world_size: int, rank: int, device_type: str
-) -> Topology:
+def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: int, device_type: str) -> Topology:
     """Validates the layouts and builds every module's DeviceMesh.
 
     Collective: every rank of the default group must call this with the same

@@ -49,8 +49,13 @@ def job_store(timeout_s: float) -> dist.Store | None:
     if launch_world_size() <= 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return None
     try:
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        client = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
     except (RuntimeError, ValueError, OSError):  # DistStoreError derives from RuntimeError
         return None
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")

@@ -23,14 +23,20 @@ if TYPE_CHECKING:
     from mimo_titan.config import LRScheduleConfig, OptimizerConfig
 
 __all__ = [
-    "build_optimizer", "lr_multiplier", "build_lr_scheduler", "global_grad_sq_norm", "clip_grad_norm_", "all_reduce_sum",
+    "build_optimizer",
+    "lr_multiplier",
+    "build_lr_scheduler",
+    "global_grad_sq_norm",
+    "clip_grad_norm_",
+    "all_reduce_sum",
 ]
 
 
 def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over ``module``'s parameters from an ``OptimizerConfig`` (lr, betas, eps, weight_decay)."""
-    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        module.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:

@@ -61,8 +61,12 @@ class GracefulStop:
         now = time.monotonic()
         if self._first_at is None:
             self._first_at, self.signal_name = now, sig.name
-            logger.info("received %s: stopping after the current step (a checkpoint is saved when checkpointing "
-                           "is on); send it again after %.0f s to stop at once", sig.name, self.grace_s)
+            logger.info(
+                "received %s: stopping after the current step (a checkpoint is saved when checkpointing "
+                "is on); send it again after %.0f s to stop at once",
+                sig.name,
+                self.grace_s,
+            )
             return
         if now - self._first_at < self.grace_s:
             return  # the same request again (torchrun forwards the terminal's Ctrl-C)

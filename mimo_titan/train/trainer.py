@@ -48,8 +48,19 @@ from mimo_titan.train.rng import RNGTracker, module_seeds
 from mimo_titan.train.stop import GracefulStop
 from mimo_titan.train.watchdog import Watchdog, process_group_timeout
 
-__all__ = ["validate_job", "check_kernel_backend", "planned_device_type", "init_distributed", "Job", "build_processor",
-           "build_loader", "build_job", "canonical_named_parameters", "train_step", "train"]
+__all__ = [
+    "validate_job",
+    "check_kernel_backend",
+    "planned_device_type",
+    "init_distributed",
+    "Job",
+    "build_processor",
+    "build_loader",
+    "build_job",
+    "canonical_named_parameters",
+    "train_step",
+    "train",
+]
 
 # Linear layers on 3-D inputs return views; nothing in this package modifies a module output in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -79,19 +90,27 @@ def validate_job(cfg: Config, world_size: int) -> dict:
             )
         _config_check(check_tp, name, getattr(cfg.model, name), lay.tp)
         if lay.tp > 1 and lay.dp_replicate > 1:
-            raise ConfigError(f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
-                             "use dp_shard instead of dp_replicate")
+            raise ConfigError(
+                f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
+                "use dp_shard instead of dp_replicate"
+            )
         if lay.tp > 1 and lay.is_language and cfg.model.language.tie_word_embeddings:
-            raise ConfigError(f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
-                             "supported (the vocabulary-parallel embedding and head would be sharded separately); "
-                             "untie them or set tp = 1")
+            raise ConfigError(
+                f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
+                "supported (the vocabulary-parallel embedding and head would be sharded separately); "
+                "untie them or set tp = 1"
+            )
         if lay.cp != 1:
             if not lay.is_language:
-                raise ConfigError(f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
-                                 "module only; set cp = 1")
+                raise ConfigError(
+                    f"parallelism.{name}.cp={lay.cp}: context parallelism is supported for the language "
+                    "module only; set cp = 1"
+                )
             if lay.dp_replicate != 1:
-                raise ConfigError(f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
-                                 "supported yet; use dp_shard instead of dp_replicate")
+                raise ConfigError(
+                    f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
+                    "supported yet; use dp_shard instead of dp_replicate"
+                )
         if not lay.is_language and lay.pp != 1:
             raise ConfigError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
         if lay.ep * lay.etp > 1:
@@ -101,8 +120,9 @@ def validate_job(cfg: Config, world_size: int) -> dict:
                     f"parallelism needs an MoE module: set model.{name}.moe.num_experts or ep = etp = 1"
                 )
             if moe.num_experts % lay.ep:
-                raise ConfigError(f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts="
-                                 f"{moe.num_experts}")
+                raise ConfigError(
+                    f"parallelism.{name}.ep={lay.ep} must divide model.{name}.moe.num_experts={moe.num_experts}"
+                )
             if not lay.is_language and lay.etp > 1:
                 raise ConfigError(
                     f"parallelism.{name}.etp={lay.etp}: expert tensor parallelism needs the same number of tokens on "
@@ -110,12 +130,18 @@ def validate_job(cfg: Config, world_size: int) -> dict:
                     f"set parallelism.{name}.etp = 1 (ep is supported)"
                 )
             if moe.intermediate_size % lay.etp:
-                raise ConfigError(f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
-                                 f"{moe.intermediate_size}")
+                raise ConfigError(
+                    f"parallelism.{name}.etp={lay.etp} must divide model.{name}.moe.intermediate_size="
+                    f"{moe.intermediate_size}"
+                )
     lang = next(lay for lay in layouts.values() if lay.is_language)
     _config_check(stage_layer_range, cfg.model.language.num_layers, lang.pp, 0)  # raises if num_layers < pp
-    _config_check(check_batch_divisibility, cfg.training.global_batch_size, cfg.training.microbatches,
-                  {name: lay.dp for name, lay in layouts.items()})
+    _config_check(
+        check_batch_divisibility,
+        cfg.training.global_batch_size,
+        cfg.training.microbatches,
+        {name: lay.dp for name, lay in layouts.items()},
+    )
     if lang.pp > cfg.training.microbatches:
         raise ConfigError(
             f"training.microbatches={cfg.training.microbatches} is smaller than parallelism.language.pp={lang.pp}: "
@@ -213,8 +239,9 @@ def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         extra: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                device_id=device if use_cuda else None, **extra)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", rank=rank, world_size=world, device_id=device if use_cuda else None, **extra
+        )
     return rank, world, device
 
 
@@ -262,8 +289,15 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
     if lay.ep * lay.etp == 1:
         return None
     coord = topology.role.expert_coordinates(name)
-    apply_ep(part, topology.ep_group(name), lay.ep, coord["ep"], topology.etp_group(name) if lay.etp > 1 else None,
-             lay.etp, coord["etp"])
+    apply_ep(
+        part,
+        topology.ep_group(name),
+        lay.ep,
+        coord["ep"],
+        topology.etp_group(name) if lay.etp > 1 else None,
+        lay.etp,
+        coord["etp"],
+    )
     return topology.edp_mesh(name)
 
 
@@ -274,8 +308,11 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
         DataError: a missing or unreadable tokenizer.
         ConfigError: ``model.language.vocab_size`` below the tokenizer's.
     """
-    processor = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size,
-                                   (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2)
+    processor = ImageTextProcessor(
+        cfg.data.tokenizer,
+        cfg.model.vision.image_size,
+        (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2,
+    )
     if processor.vocab_size > cfg.model.language.vocab_size:
         raise ConfigError(
             f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
@@ -288,10 +325,17 @@ def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
     """The global-batch loader of ``cfg`` (identical on every rank): rows of :func:`padded_seq_len` tokens; with
     ``data.packing`` packed THD rows whose documents are padded to a multiple of ``2·cp``."""
     lang = layouts_from_config(cfg.parallelism)["language"]
-    return MimoDataLoader(cfg.data.path, processor, cfg.training.global_batch_size, padded_seq_len(cfg),
-                          max_images_per_sample=cfg.data.max_images_per_sample, shuffle=cfg.data.shuffle,
-                          seed=cfg.job.seed, packing=cfg.data.packing,
-                          pack_multiple=2 * lang.cp if cfg.data.packing and lang.cp > 1 else 1)
+    return MimoDataLoader(
+        cfg.data.path,
+        processor,
+        cfg.training.global_batch_size,
+        padded_seq_len(cfg),
+        max_images_per_sample=cfg.data.max_images_per_sample,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.job.seed,
+        packing=cfg.data.packing,
+        pack_multiple=2 * lang.cp if cfg.data.packing and lang.cp > 1 else 1,
+    )
 
 
 def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
@@ -322,8 +366,14 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         expert_mesh = _prepare_moe(vision, topology, vis_name, cfg.training.microbatches)
         if lay.tp > 1:
             apply_tp_vision(vision, topology.tp_mesh(vis_name))
-        modules[vis_name] = apply_fsdp(vision, vision.vision_model.encoder.layers, topology.dp_mesh(vis_name),
-                                       param_dtype, reduce_dtype, expert_mesh=expert_mesh)
+        modules[vis_name] = apply_fsdp(
+            vision,
+            vision.vision_model.encoder.layers,
+            topology.dp_mesh(vis_name),
+            param_dtype,
+            reduce_dtype,
+            expert_mesh=expert_mesh,
+        )
     if role.holds(lang_name):
         lay = layouts[lang_name]
         part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
@@ -333,20 +383,46 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
         if lay.tp > 1:
             apply_tp_language(stage, topology.tp_mesh(lang_name))
-        modules[lang_name] = apply_fsdp(stage, list(part.model.layers.values()), topology.fsdp_mesh(lang_name),
-                                        param_dtype, reduce_dtype, reshard_after_forward=lay.pp == 1,
-                                        expert_mesh=expert_mesh)
+        modules[lang_name] = apply_fsdp(
+            stage,
+            list(part.model.layers.values()),
+            topology.fsdp_mesh(lang_name),
+            param_dtype,
+            reduce_dtype,
+            reshard_after_forward=lay.pp == 1,
+            expert_mesh=expert_mesh,
+        )
     del full
 
     optimizers = {n: build_optimizer(m, cfg.optimizer) for n, m in modules.items()}
     schedulers = {n: build_lr_scheduler(o, cfg.training.total_steps, cfg.lr_schedule) for n, o in optimizers.items()}
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
     tokens_per_image = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    bridge = Bridge(layouts[vis_name], layouts[lang_name], mb_size, tokens_per_image, cfg.model.language.hidden_size,
-                    param_dtype, device, rank)
-    schedule = MimoSchedule(topology, modules.get(vis_name), modules.get(lang_name), bridge, cfg.training.microbatches,
-                            cfg.parallelism.pipeline_schedule, processor.image_token_id, tokens_per_image, device,
-                            padded_seq_len(cfg), cfg.model.language.vocab_size, param_dtype, packed=cfg.data.packing)
+    bridge = Bridge(
+        layouts[vis_name],
+        layouts[lang_name],
+        mb_size,
+        tokens_per_image,
+        cfg.model.language.hidden_size,
+        param_dtype,
+        device,
+        rank,
+    )
+    schedule = MimoSchedule(
+        topology,
+        modules.get(vis_name),
+        modules.get(lang_name),
+        bridge,
+        cfg.training.microbatches,
+        cfg.parallelism.pipeline_schedule,
+        processor.image_token_id,
+        tokens_per_image,
+        device,
+        padded_seq_len(cfg),
+        cfg.model.language.vocab_size,
+        param_dtype,
+        packed=cfg.data.packing,
+    )
     rng = {}
     for index, name in enumerate(layouts):
         if role.holds(name):
@@ -374,7 +450,7 @@ def _moe_stats(job: Job, moe: dict) -> torch.Tensor:
     for i, key in enumerate(job.moe_keys):
         layer = moe.get(key)
         if layer is not None:
-            out[i, :layer.num_experts] = layer.tokens_per_expert.float()
+            out[i, : layer.num_experts] = layer.tokens_per_expert.float()
             out[i, -1] = layer.aux_loss_sum
     return out
 
@@ -440,7 +516,7 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
             job.optimizers[name].step()
         for i, key in enumerate(job.moe_keys):
             if key in moe:
-                moe[key].update_bias(moe_stats[i, :moe[key].num_experts])
+                moe[key].update_bias(moe_stats[i, : moe[key].num_experts])
         job.skipped_in_a_row = 0
     else:
         grad_norm = stats[1].sqrt()
@@ -454,25 +530,43 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
     ids = global_batch.sample_ids
     sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
-    rec: dict[str, Any] = {"step": job.step, "loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
-           "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gib": _peak_memory_gib(job.device),
-           "sample_ids": sample_ids, "skipped": not finite, "stop": float(stats[2]) > 0}
+    rec: dict[str, Any] = {
+        "step": job.step,
+        "loss": loss_sum,
+        "grad_norm": float(grad_norm),
+        "lr": lr,
+        "tokens": tokens,
+        "step_time_s": dt,
+        "tokens_per_s": tokens / dt,
+        "peak_mem_gib": _peak_memory_gib(job.device),
+        "sample_ids": sample_ids,
+        "skipped": not finite,
+        "stop": float(stats[2]) > 0,
+    }
     if job.moe_keys:
         rec["moe"] = {}
         for i, key in enumerate(job.moe_keys):
-            counts = moe_stats[i, :getattr(job.cfg.model, key.split(".")[0]).moe.num_experts]
-            rec["moe"][key] = {"tokens_per_expert": counts.long().tolist(),
-                               "min_tokens": int(counts.min()), "max_tokens": int(counts.max()),
-                               "imbalance": float(counts.max() / counts.float().mean().clamp(min=1e-9)),
-                               "aux_loss": float(moe_stats[i, -1]) / job.cfg.training.microbatches}
+            counts = moe_stats[i, : getattr(job.cfg.model, key.split(".")[0]).moe.num_experts]
+            rec["moe"][key] = {
+                "tokens_per_expert": counts.long().tolist(),
+                "min_tokens": int(counts.min()),
+                "max_tokens": int(counts.max()),
+                "imbalance": float(counts.max() / counts.float().mean().clamp(min=1e-9)),
+                "aux_loss": float(moe_stats[i, -1]) / job.cfg.training.microbatches,
+            }
         rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
         rec["moe_max_imbalance"] = max(v["imbalance"] for v in rec["moe"].values())
     job.history.append(rec)
     if not finite:
         limit = job.cfg.training.max_skipped_steps
         if dist.get_rank() == 0:  # the same decision on every rank: say it once
-            logger.warning("step %d: non-finite loss/grad_norm (loss %s, grad_norm %s), step skipped (%d in a row)",
-                           job.step, loss_sum, float(grad_norm), job.skipped_in_a_row)
+            logger.warning(
+                "step %d: non-finite loss/grad_norm (loss %s, grad_norm %s), step skipped (%d in a row)",
+                job.step,
+                loss_sum,
+                float(grad_norm),
+                job.skipped_in_a_row,
+            )
         if job.skipped_in_a_row >= limit:
             raise TrainingError(
                 f"steps {job.step - limit + 1}-{job.step}: the loss or the gradient norm was non-finite for {limit} "
@@ -487,24 +581,45 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
 
 
 def _log_step(rec: dict) -> None:
-    moe = (f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
-           if "moe" in rec else "")
-    logger.info("step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | "
-                "peak_mem %.2fGiB%s", rec["step"], rec["loss"], rec["grad_norm"], rec["lr"],
-                rec["tokens_per_s"], rec["step_time_s"], rec["peak_mem_gib"], moe)
+    moe = (
+        f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
+        if "moe" in rec
+        else ""
+    )
+    logger.info(
+        "step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | peak_mem %.2fGiB%s",
+        rec["step"],
+        rec["loss"],
+        rec["grad_norm"],
+        rec["lr"],
+        rec["tokens_per_s"],
+        rec["step_time_s"],
+        rec["peak_mem_gib"],
+        moe,
+    )
     if "moe" in rec:
-        logger.info("  moe tokens/expert (min/max/imbalance, aux): %s", "; ".join(
-            f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
-            f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}" for k, v in rec["moe"].items()))
+        logger.info(
+            "  moe tokens/expert (min/max/imbalance, aux): %s",
+            "; ".join(
+                f"{k.split('.')[0]}.L{k.split('.')[-2]} {v['min_tokens']}/{v['max_tokens']}/"
+                f"{v['imbalance']:.2f}, {v['aux_loss']:.4f}"
+                for k, v in rec["moe"].items()
+            ),
+        )
 
 
 def _describe_layout(job: Job, world: int, backend: str) -> str:
-    return f"layout {job.topology.placement.name} on {world} ranks; device {job.device}; kernels {backend}; " + \
-        "; ".join(f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
-                  f"dp_shard={lay.dp_shard}" + (f" cp={lay.cp}" if lay.cp > 1 else "")
-                  + (f" tp={lay.tp}" if lay.tp > 1 else "")
-                  + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
-                  for n, lay in job.topology.layouts.items())
+    return (
+        f"layout {job.topology.placement.name} on {world} ranks; device {job.device}; kernels {backend}; "
+        + "; ".join(
+            f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
+            f"dp_shard={lay.dp_shard}"
+            + (f" cp={lay.cp}" if lay.cp > 1 else "")
+            + (f" tp={lay.tp}" if lay.tp > 1 else "")
+            + (f" ep={lay.ep} etp={lay.etp} edp={lay.edp}" if lay.ep * lay.etp > 1 else "")
+            for n, lay in job.topology.layouts.items()
+        )
+    )
 
 
 def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
@@ -543,8 +658,15 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
         stopper.uninstall()
 
 
-def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextProcessor, loader: MimoDataLoader,
-         ckpt: CheckpointManager, stopper: GracefulStop) -> list[dict]:
+def _run(
+    cfg: Config,
+    max_steps: int | None,
+    backend: str,
+    processor: ImageTextProcessor,
+    loader: MimoDataLoader,
+    ckpt: CheckpointManager,
+    stopper: GracefulStop,
+) -> list[dict]:
     """The part of :func:`train` after validation: process group, job, loop."""
     total_steps = cfg.training.total_steps
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
@@ -552,16 +674,21 @@ def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextP
     rank, world, device = init_distributed(cfg.training.device, process_group_timeout(timeout_s))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
     layouts = layouts_from_config(cfg.parallelism)
-    watchdog = Watchdog(rank=rank, world_size=world, timeout_s=timeout_s,
-                        describe=lambda r: rank_role(layouts, r, world).describe()).start()
+    watchdog = Watchdog(
+        rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: rank_role(layouts, r, world).describe()
+    ).start()
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
     try:
         watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
         logger.info(_describe_layout(job, world, backend))
         if cfg.training.samples is not None:
-            logger.info("training.samples=%d: %d steps of %d LM samples", cfg.training.samples, total_steps,
-                        cfg.training.global_batch_size)
+            logger.info(
+                "training.samples=%d: %d steps of %d LM samples",
+                cfg.training.samples,
+                total_steps,
+                cfg.training.global_batch_size,
+            )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
         done = 0
@@ -576,9 +703,12 @@ def _run(cfg: Config, max_steps: int | None, backend: str, processor: ImageTextP
                 watchdog.progress("saving a checkpoint", job.step)
                 rec["checkpoint_save_s"] = ckpt.save(job, loader)
             if rec["stop"]:
-                logger.info("stopped after step %d on a signal (%s)%s", job.step,
-                               stopper.signal_name or "received by another rank",
-                               "; checkpoint saved" if ckpt.ckpt.enable else "; checkpointing is off, nothing saved")
+                logger.info(
+                    "stopped after step %d on a signal (%s)%s",
+                    job.step,
+                    stopper.signal_name or "received by another rank",
+                    "; checkpoint saved" if ckpt.ckpt.enable else "; checkpointing is off, nothing saved",
+                )
                 break
         logger.info("%s", loader.stats_summary())
         watchdog.progress("finishing")

@@ -93,8 +93,16 @@ class Watchdog:
     The main thread calls :meth:`progress` at every phase boundary of the training loop.
     """
 
-    def __init__(self, *, rank: int, world_size: int, timeout_s: float, describe: Callable[[int], str],
-                 store=None, on_verdict: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        describe: Callable[[int], str],
+        store=None,
+        on_verdict: Callable[[str], None] | None = None,
+    ):
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
         self.interval_s = heartbeat_interval(self.timeout_s)
         self.describe = describe
@@ -128,8 +136,10 @@ class Watchdog:
         if self.store is None:
             self.store = job_store(timeout_s=max(5.0, min(60.0, self.timeout_s / 2)))
         if self.store is None:
-            logger.warning("watchdog: the job's store cannot be reached; stuck ranks end the job only through the "
-                           "process-group timeout")
+            logger.warning(
+                "watchdog: the job's store cannot be reached; stuck ranks end the job only through the "
+                "process-group timeout"
+            )
             return self
         self._publish()
         self._thread = threading.Thread(target=self._run, name="mimo_titan-watchdog", daemon=True)
@@ -168,14 +178,25 @@ class Watchdog:
                 continue
             gone = now - rec["wall"] > 3 * self.interval_s or (rec["host"] == host and not _alive(rec["pid"]))
             if gone:
-                lost.append(f"rank {r} ({self.describe(r)}, pid {rec['pid']} on {rec['host']}; its last heartbeat, "
-                            f"{now - rec['wall']:.0f} s ago, was at step {rec['step']}, {rec['phase']})")
+                lost.append(
+                    f"rank {r} ({self.describe(r)}, pid {rec['pid']} on {rec['host']}; its last heartbeat, "
+                    f"{now - rec['wall']:.0f} s ago, was at step {rec['step']}, {rec['phase']})"
+                )
         return lost
 
     # ----------------------------------------------------------------------------------- thread
     def _record(self, done: bool = False) -> dict:
-        return {"beat": self._beat, "wall": time.time(), "pid": os.getpid(), "host": rank_host(), "done": done,
-                "phase": self._phase, "step": self._step, "seq": self._seq, "progress_wall": self._progress_wall}
+        return {
+            "beat": self._beat,
+            "wall": time.time(),
+            "pid": os.getpid(),
+            "host": rank_host(),
+            "done": done,
+            "phase": self._phase,
+            "step": self._step,
+            "seq": self._seq,
+            "progress_wall": self._progress_wall,
+        }
 
     def _publish(self, done: bool = False) -> None:
         self._beat += 1
@@ -203,10 +224,13 @@ class Watchdog:
                         return
             except Exception as exc:  # noqa: BLE001 - a store that stopped answering is itself a verdict
                 if time.monotonic() - self._progress_mono >= self.timeout_s:
-                    self._end_job(f"watchdog: rank {self.rank} made no progress for "
-                                  f"{time.monotonic() - self._progress_mono:.0f} s and the job's store stopped "
-                                  f"answering ({type(exc).__name__}: {exc}); the process hosting it (torchrun's "
-                                  "agent, or rank 0 without torchrun) is stopped or gone", [])
+                    self._end_job(
+                        f"watchdog: rank {self.rank} made no progress for "
+                        f"{time.monotonic() - self._progress_mono:.0f} s and the job's store stopped "
+                        f"answering ({type(exc).__name__}: {exc}); the process hosting it (torchrun's "
+                        "agent, or rank 0 without torchrun) is stopped or gone",
+                        [],
+                    )
                     return
 
     def judge(self, records: dict[int, dict | None], *, now: float, stalled_s: float) -> tuple[str | None, list]:
@@ -217,8 +241,11 @@ class Watchdog:
             the culprits' records as ``(rank, record)``; ``(None, [])`` when nobody can be blamed yet.
         """
         stale_after = max(self.timeout_s / 2, 3 * self.interval_s)
-        frozen = [(r, rec) for r, rec in records.items()
-                  if r != self.rank and (rec is None or (not rec["done"] and now - rec["wall"] >= stale_after))]
+        frozen = [
+            (r, rec)
+            for r, rec in records.items()
+            if r != self.rank and (rec is None or (not rec["done"] and now - rec["wall"] >= stale_after))
+        ]
         limit = f"training.collective_timeout_s={self.timeout_s:g}"
         if frozen:
             parts = []
@@ -226,12 +253,17 @@ class Watchdog:
                 if rec is None:
                     parts.append(f"rank {r} ({self.describe(r)}) never sent a heartbeat")
                 else:
-                    parts.append(f"rank {r} ({self.describe(r)}) stopped responding {now - rec['wall']:.0f} s ago "
-                                 f"(no heartbeat; last progress: step {rec['step']}, {rec['phase']}; pid "
-                                 f"{rec['pid']} on {rec['host']})")
+                    parts.append(
+                        f"rank {r} ({self.describe(r)}) stopped responding {now - rec['wall']:.0f} s ago "
+                        f"(no heartbeat; last progress: step {rec['step']}, {rec['phase']}; pid "
+                        f"{rec['pid']} on {rec['host']})"
+                    )
             more = f" and {len(frozen) - 8} more" if len(frozen) > 8 else ""
-            return (f"watchdog: {'; '.join(parts)}{more}. Rank {self.rank} waited {stalled_s:.0f} s for it "
-                    f"({limit}); ending the job", frozen)
+            return (
+                f"watchdog: {'; '.join(parts)}{more}. Rank {self.rank} waited {stalled_s:.0f} s for it "
+                f"({limit}); ending the job",
+                frozen,
+            )
         live = [(r, rec) for r, rec in records.items() if rec is not None and not rec["done"]]
         if not live:
             return None, []
@@ -244,12 +276,17 @@ class Watchdog:
         behind = [(r, rec) for r, rec in live if rec["seq"] < last]
         if not behind:
             _, rec0 = live[0]
-            return (f"watchdog: all {len(live)} ranks made no progress for {now - oldest:.0f} s, all at step "
-                    f"{rec0['step']}, {rec0['phase']}, and every heartbeat is alive: a deadlock or a collective that "
-                    f"never completes ({limit}); ending the job", [])
-        text = "; ".join(f"rank {r} ({self.describe(r)}) made no progress for {now - rec['progress_wall']:.0f} s "
-                         f"(last: step {rec['step']}, {rec['phase']}; pid {rec['pid']} on {rec['host']})"
-                         for r, rec in behind[:8])
+            return (
+                f"watchdog: all {len(live)} ranks made no progress for {now - oldest:.0f} s, all at step "
+                f"{rec0['step']}, {rec0['phase']}, and every heartbeat is alive: a deadlock or a collective that "
+                f"never completes ({limit}); ending the job",
+                [],
+            )
+        text = "; ".join(
+            f"rank {r} ({self.describe(r)}) made no progress for {now - rec['progress_wall']:.0f} s "
+            f"(last: step {rec['step']}, {rec['phase']}; pid {rec['pid']} on {rec['host']})"
+            for r, rec in behind[:8]
+        )
         text += f" and {len(behind) - 8} more" if len(behind) > 8 else ""
         return f"watchdog: {text}; the other ranks wait for it ({limit}); ending the job", behind
 
