@@ -112,6 +112,9 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+            if p.is_alive():  # a rank inside train() takes SIGTERM as a request to stop after its step
+                p.kill()
+                p.join(5)
     if errors:
         raise AssertionError("".join(f"\n--- rank {r} failed:\n{e}" for r, e in sorted(errors.items())))
     return [results[r] for r in range(world_size)]
