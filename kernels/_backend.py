@@ -112,10 +112,15 @@ def check_backend(device_type: str, backend: str | None = None) -> str:
     if name == "auto":
         return "triton" if device_type == "cuda" else "torch"
     if name == "triton" and device_type != "cuda" and not _INTERPRET:
+        explicit = os.environ.get("TRITON_INTERPRET")
+        why = (
+            f"TRITON_INTERPRET={explicit!r} turned it off; unset it or set TRITON_INTERPRET=1"
+            if explicit is not None
+            else f"set TRITON_INTERPRET=1 (or {ENV_VAR}=triton) in the environment before Python starts"
+        )
         raise ValueError(
             f"the Triton kernels were asked for on {device_type} ({ENV_VAR} / kernels.backend = 'triton') but "
-            "Triton's interpreter was off when the kernels were imported; set TRITON_INTERPRET=1 (or "
-            f"{ENV_VAR}=triton) in the environment before Python starts, or use kernels.backend = 'auto'"
+            f"Triton's interpreter was off when the kernels were imported: {why}, or use kernels.backend = 'auto'"
         )
     return name
 

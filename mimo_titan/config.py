@@ -100,8 +100,10 @@ applied to each element of a list) and checked first, for all keys:
   ``head_dim`` (or ``none``), ``training.steps`` / ``samples`` /
   ``global_batch_size`` / ``microbatches`` / ``max_skipped_steps``,
   ``data.max_images_per_sample``; ``training.seq_len`` >= 2;
-* epsilons, ``rope_theta``, ``optimizer.lr`` and
-  ``training.collective_timeout_s`` are > 0; ``optimizer.betas`` in [0, 1);
+* epsilons, ``rope_theta`` and ``optimizer.lr`` are > 0;
+  ``training.collective_timeout_s`` >= 1 (seconds; below that the watchdog
+  would judge healthy ranks); ``job.seed`` in [-2**63, 2**64 - 2] (torch's
+  seed range, less the init's offset); ``optimizer.betas`` in [0, 1);
 * ``optimizer.weight_decay``, ``training.max_grad_norm`` (0 disables
   clipping), ``lr_schedule.warmup_steps`` and the MoE sizes and rates are
   >= 0; ``lr_schedule.min_lr_ratio`` is in [0, 1];
@@ -230,7 +232,8 @@ class JobConfig:
     """``[job]``: run identity and output location."""
 
     name: str = "mimo"
-    seed: int = 0
+    # torch.manual_seed takes [-2**63, 2**64 - 1], and the model's init draws module k from seed + k (k <= 1)
+    seed: int = _opt(0, ge=-(2**63), le=2**64 - 2)
     output_dir: str = "outputs"
 
 
@@ -597,7 +600,7 @@ class TrainingConfig:
     max_grad_norm: float = _opt(1.0, ge=0, hint="0 disables gradient clipping")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     max_skipped_steps: int = _opt(3, ge=1)  # consecutive non-finite steps skipped before the run stops
-    collective_timeout_s: float = _opt(600.0, gt=0)  # a rank without progress this long ends the job
+    collective_timeout_s: float = _opt(600.0, ge=1)  # a rank without progress this long ends the job
 
 
 @dataclass(kw_only=True)

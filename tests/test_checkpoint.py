@@ -814,3 +814,62 @@ def test_a_save_refuses_nan_and_reports_folder_errors_on_every_rank(tmp_path):
             f"checkpoint: rank 0 could not commit step-3 to {folder}: [Errno 20] Not a directory"
         )
         assert out["after_commit"] == [1]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_damaged_tied_or_finished_checkpoints_are_refused_before_any_process_group(tmp_path, caplog):
+    """Checks of ``validate()`` from the ``.metadata`` alone: a data file lost or cut short; embeddings tied
+    differently from the saved run (both directions); a checkpoint past the end of the run."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from mimo_titan.checkpoint import CheckpointManager
+    from mimo_titan.train.trainer import build_loader, build_processor
+
+    def validate(folder, **model):
+        d = _with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), model=model), folder)
+        CheckpointManager(config_from_dict(d)).validate()
+
+    saved = _cfg()
+    stream = build_loader(saved, build_processor(saved)).state_dict()
+    folder = str(tmp_path / "ckpt")
+    _write_training_checkpoint(os.path.join(folder, "step-2"), saved, stream)
+    validate(folder)
+    data = sorted(f for f in os.listdir(os.path.join(folder, "step-2")) if f.endswith(".distcp"))
+    assert data  # DCP's data files, named in .metadata
+
+    # a data file cut short, then one lost
+    cut = str(tmp_path / "cut")
+    shutil.copytree(folder, cut)
+    victim = os.path.join(cut, "step-2", data[0])
+    with open(victim, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match=rf"step-2 is damaged: its data file {data[0]} has 1000 bytes but its "):
+        validate(cut)
+    os.remove(victim)
+    with pytest.raises(CheckpointError, match=rf"step-2 is damaged: its data file {data[0]} is missing .*load_step"):
+        validate(cut)
+
+    # saved untied, configured tied: the lm_head's AdamW state has no parameter left to go to
+    with pytest.raises(
+        CheckpointError,
+        match=r"optimizer.language.lm_head.weight.exp_avg is in the checkpoint .*"
+        r"set model.language.tie_word_embeddings as in the saved run",
+    ):
+        validate(folder, language={"tie_word_embeddings": True})
+    tied = str(tmp_path / "tied")
+    tied_cfg = config_from_dict(tiny_config_dict(V(0, 1), V(0, 1), model={"language": {"tie_word_embeddings": True}}))
+    _write_training_checkpoint(os.path.join(tied, "step-2"), tied_cfg, stream)
+    with pytest.raises(CheckpointError, match=r"lm_head.weight.exp_avg is missing .*tie_word_embeddings as in the"):
+        validate(tied)
+
+    # past the end of the run: an error; exactly at the end: fine (resumed, nothing left to train)
+    with pytest.raises(CheckpointError, match=r"step-2 in .* is past the end of this run \(training.steps=1\)"):
+        CheckpointManager(
+            config_from_dict(_with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 1}), folder))
+        ).validate()
+    CheckpointManager(
+        config_from_dict(_with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 2}), folder))
+    ).validate()
+    assert not dist.is_initialized()

@@ -911,7 +911,10 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
         ("--training.max_grad_norm=-1", "training.max_grad_norm", "value -1.0", ">= 0 (0 disables gradient clipping)"),
         ("--training.samples=0", "training.samples", "value 0", ">= 1"),
         ("--training.max_skipped_steps=0", "training.max_skipped_steps", "value 0", ">= 1"),
-        ("--training.collective_timeout_s=0", "training.collective_timeout_s", "value 0.0", "> 0"),
+        ("--training.collective_timeout_s=0", "training.collective_timeout_s", "value 0.0", ">= 1"),
+        ("--training.collective_timeout_s=0.5", "training.collective_timeout_s", "value 0.5", ">= 1"),
+        ("--job.seed=1180591620717411303424", "job.seed", "value 1180591620717411303424", "<= 18446744073709551614"),
+        ("--job.seed=-9223372036854775809", "job.seed", "value -9223372036854775809", ">= -9223372036854775808"),
     ],
 )
 def test_range_of_each_key(minimal: Path, override: str, key: str, shown: str, rule: str) -> None:

@@ -141,14 +141,19 @@ def model_state(folder: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------------ kill -9
-def test_kill_9_of_a_rank_mid_step_ends_the_job_within_60_s(tmp_path, jobs):
+@pytest.mark.parametrize("victim,where", [(1, "language pp 0"), (0, "vision")])
+def test_kill_9_of_a_rank_mid_step_ends_the_job_within_60_s_and_names_it(tmp_path, jobs, victim, where):
     job = jobs(tmp_path, 3, [*NONCOLOCATED, "--training.steps=1000", f"--job.output_dir={tmp_path}"])
     job.wait_for(r"step +3 \|")
-    os.kill(job.ranks()[1], signal.SIGKILL)  # the first language stage, in the middle of a step
+    os.kill(job.ranks()[victim], signal.SIGKILL)  # in the middle of a step
     killed = time.monotonic()
     rc = job.wait(timeout=60)
     assert rc != 0 and time.monotonic() - killed < 60
-    assert len(our_error_lines(job.output())) <= 1, job.output()[-4000:]  # at most one report, never one per rank
+    out = job.output()
+    reports = our_error_lines(out)
+    assert len(reports) == 1, out[-4000:]  # one traceback for the job, from the lowest surviving rank
+    assert reports[0].startswith(f"[rank{1 if victim == 0 else 0}] Traceback")
+    assert f"this failure follows from a rank that is gone: rank {victim} ({where}, pid " in out
 
 
 def test_kill_9_during_a_save_keeps_the_last_checkpoint_and_the_resume_is_bit_exact(tmp_path, jobs):

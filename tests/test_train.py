@@ -97,6 +97,13 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
         (V(0, 1), V(1, 2, dp_shard=2, ep=2), {}, 3, r"ep=2, etp=1 but model.language.moe.num_experts = 0"),
         (
             V(0, 1),
+            V(1, 1),
+            {"model": {"vision": {"num_channels": 1}}},
+            2,
+            r"num_channels=1: .* decodes every image as RGB",
+        ),
+        (
+            V(0, 1),
             V(1, 4, dp_shard=4, ep=4),
             {"model": {"language": {"moe": {"num_experts": 6, "intermediate_size": 8}}}},
             5,
@@ -240,3 +247,96 @@ def test_readme_train_command_runs(config, nproc):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", out.stdout + out.stderr)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_a_model_too_big_for_host_memory_is_refused_before_any_process_group(monkeypatch):
+    from mimo_titan.errors import ConfigError
+    from mimo_titan.train import trainer
+
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), model={"language": {"vocab_size": 10**9}}))
+    monkeypatch.setattr(trainer, "_mem_available_bytes", lambda: 64 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        ConfigError,
+        match=r"the largest is language.model.embed_tokens.weight \[1000000000, 64\]\); "
+        r"every rank builds the whole model .* the 2 rank\(s\) on this machine need 1024 GB but 68.7 GB",
+    ):
+        trainer.check_host_memory(cfg)
+    trainer.check_host_memory(config_from_dict(tiny_config_dict(V(0, 1), V(1, 1))))  # the tiny model fits
+    assert not dist.is_initialized()
+
+
+def _stop_worker(rank, world, device, cfg_dict, mode):
+    import os
+    import signal
+
+    from mimo_titan.checkpoint import CheckpointManager
+    from mimo_titan.train.trainer import build_job, build_loader, train, train_step
+
+    cfg = config_from_dict(cfg_dict)
+    if mode == "flag_read_at_the_all_reduce":
+        job = build_job(cfg, device)
+        loader = build_loader(cfg, job.processor)
+        phases: list[str] = []
+        # rank 1 "receives" the signal during its forward-backward: the flag is read afterwards, in this very step
+        rec = train_step(
+            job, next(loader), stop_requested=lambda: rank == 1 and "forward-backward" in phases, progress=phases.append
+        )
+        return rec["stop"], rec["step"]
+    save = CheckpointManager.save
+
+    def save_and_get_signalled(self, job, loader):
+        out = save(self, job, loader)
+        if rank == 1 and job.step == 2:  # a SIGTERM that arrives during the save of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    CheckpointManager.save = save_and_get_signalled
+    hist = train(cfg)
+    return [r["step"] for r in hist]
+
+
+@pytest.mark.multirank
+def test_a_stop_request_counts_in_the_step_or_the_save_it_arrives_in(tmp_path):
+    d = tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, dp_shard=2))
+    assert run_ranks(_stop_worker, 2, d, "flag_read_at_the_all_reduce") == [(True, 1), (True, 1)]
+    d["checkpoint"] = {"enable": True, "interval": 1}
+    d["job"]["output_dir"] = str(tmp_path)
+    # the signal reaches rank 1 during the save of step 2: both ranks stop right after that save, not a step later
+    assert run_ranks(_stop_worker, 2, d, "save") == [[1, 2], [1, 2]]
+    from mimo_titan.checkpoint import complete_steps
+
+    assert complete_steps(str(tmp_path / "checkpoint")) == [1, 2]
+
+
+def _data_worker(rank, world, device, paths):
+    from mimo_titan.errors import DataError
+    from mimo_titan.train.trainer import build_loader, build_processor, check_same_data
+
+    d = tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), data={"path": paths[rank]})
+    cfg = config_from_dict(d)
+    loader = build_loader(cfg, build_processor(cfg))
+    try:
+        check_same_data(loader, device)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.multirank
+def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
+    import shutil
+
+    from _tiny import SHARED
+
+    shard = SHARED / "cc12m" / "cc12m-train-0000.tar"
+    same = str(SHARED / "cc12m")
+    assert run_ranks(_data_worker, 2, [same, same]) == [None, None]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(shard, cut / "a.tar")
+    blob = shard.read_bytes()
+    (cut / "a.tar").write_bytes(blob[: len(blob) // 2])  # this "machine" sees a shard cut short
+    errors = run_ranks(_data_worker, 2, [same, str(cut)])
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert "the ranks read different records from data.path (1 shard(s); rank 0: 32 records, rank 1: 1" in errors[0]

@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor
 
 from mimo_titan.checkpoint.state import (
     meta_model,
+    missing_data,
     model_mismatch,
     model_shapes,
     model_state,
@@ -102,6 +103,13 @@ def checkpoint_size_bytes(cfg: Config) -> int:
     return 3 * sum(p.numel() * p.element_size() for p in meta_model(cfg.model).parameters())
 
 
+# hint for a checkpoint whose language head and embedding were tied differently
+_TIED = (
+    "the checkpoint's language head and embedding were tied differently: set model.language.tie_word_embeddings "
+    "as in the saved run"
+)
+
+
 def _gb(n: float) -> str:
     """Bytes as decimal GB with 3 significant digits (``1.2 GB``, ``0.00462 GB``, ``312 GB``)."""
     g = n / 1e9
@@ -121,6 +129,8 @@ def _hparams(cfg: Config) -> dict:
         "lr_schedule.decay": s.decay,
         "lr_schedule.min_lr_ratio": float(s.min_lr_ratio),
         "training.total_steps": cfg.training.total_steps,
+        "training.max_grad_norm": float(cfg.training.max_grad_norm),
+        "training.global_batch_size": cfg.training.global_batch_size,
     }
 
 
@@ -454,9 +464,16 @@ class CheckpointManager:
                 f"checkpoint {path}: cannot read its .metadata ({type(exc).__name__}: {exc}); "
                 "it is damaged: move it away or pick another checkpoint"
             ) from None
+        damage = missing_data(path)
+        if damage is not None:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {damage} (a copy cut short, or a file lost); move it away (an older "
+                "complete checkpoint is then used) or set checkpoint.load_step to another step"
+            )
         problem = model_mismatch(shapes, self.cfg.model)
         if problem is None and training:
-            for key, shape in model_shapes(self.cfg.model, parameters_only=True).items():
+            params = model_shapes(self.cfg.model, parameters_only=True)
+            for key, shape in params.items():
                 moments = {m: shapes.get(f"optimizer.{key}.{m}") for m in ("exp_avg", "exp_avg_sq")}
                 bad = next((m for m, got in moments.items() if got != shape), None)
                 if bad is not None:
@@ -464,9 +481,20 @@ class CheckpointManager:
                     problem = (
                         f"optimizer.{key}.{bad} is "
                         + ("missing" if got is None else str(list(got)))
-                        + f" but the parameter is {list(shape)} (not a training checkpoint, or damaged)"
+                        + f" but the parameter is {list(shape)} ("
+                        + (_TIED if "lm_head" in key else "not a training checkpoint, or damaged")
+                        + ")"
                     )
                     break
+            if problem is None:  # AdamW state of a parameter this model does not have (a tied weight now shared)
+                saved_params = [k[len("optimizer.") : -len(".exp_avg")] for k in shapes if k.endswith(".exp_avg")]
+                extra = next((k for k in saved_params if k not in params), None)
+                if extra is not None:
+                    why = _TIED if "lm_head" in extra else "another model"
+                    problem = (
+                        f"optimizer.{extra}.exp_avg is in the checkpoint but the configured model has no parameter "
+                        f"{extra} ({why})"
+                    )
         if problem is None:
             return shapes
         if training:
@@ -514,6 +542,19 @@ class CheckpointManager:
         with warnings.catch_warnings():  # read in this process alone, before any process group exists
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
             dcp.load({"extra": extra}, checkpoint_id=path, no_dist=True)
+        saved_step = json.loads(extra["train"]).get("step", step)
+        total = self.cfg.training.total_steps
+        if saved_step > total:
+            length = (
+                f"training.samples={self.cfg.training.samples} gives {total} steps"
+                if self.cfg.training.samples is not None
+                else f"training.steps={total}"
+            )
+            raise CheckpointError(
+                f"step-{step} in {self.folder} is past the end of this run ({length}): there is nothing to train; "
+                f"raise the run's length above {saved_step} steps, set checkpoint.load_step to an earlier step, or "
+                "start a new run in another checkpoint.folder"
+            )
         saved_gbs = json.loads(extra["train"]).get("global_batch_size")
         gbs = self.cfg.training.global_batch_size
         if self.cfg.training.samples is not None and saved_gbs not in (None, gbs):
@@ -555,18 +596,18 @@ class CheckpointManager:
             weights: dict[str, dict[str, torch.Tensor]] = {"model": {}}
             for name, module in job.modules.items():
                 weights["model"].update(model_state(name, module, _etp_mesh(job, name)))
-            dcp.load(weights, checkpoint_id=path)
+            self._read(weights, path)
             self.last_load_s = time.perf_counter() - t0
             logger.info("checkpoint: model initialised from %s in %.2f s", path, self.last_load_s)
             return False
         path = os.path.join(self.folder, f"step-{step}")
         self._on_rank0(lambda: self._set_aside_newer(step), f"set aside the checkpoints newer than step-{step} in")
         probe = {"extra": {"layout": "", "hparams": ""}}  # hparams: absent from older checkpoints
-        dcp.load(probe, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        self._read(probe, path, planner=DefaultLoadPlanner(allow_partial_load=True))
         same_layout = json.loads(probe["extra"]["layout"]) == json.loads(json.dumps(_layout_signature(job)))
         state = self._state(job, loader, rng=same_layout)
         del state["extra"]["hparams"]
-        dcp.load(state, checkpoint_id=path)
+        self._read(state, path)
         extra = state["extra"]
         for name in job.modules:
             for group, saved in zip(job.optimizers[name].param_groups, json.loads(extra[f"param_groups.{name}"])):
@@ -586,7 +627,31 @@ class CheckpointManager:
             logger.info("checkpoint: saved under another layout; RNG streams start fresh from job.seed")
         self.last_load_s = time.perf_counter() - t0
         logger.info("checkpoint: resumed step %d from %s in %.2f s", job.step, path, self.last_load_s)
+        if job.step >= self.cfg.training.total_steps:
+            logger.info(
+                "checkpoint: step %d is the last step of this run (%d steps): nothing left to train",
+                job.step,
+                self.cfg.training.total_steps,
+            )
         return True
+
+    def _read(self, state: dict, path: str, **kwargs) -> None:
+        """``dcp.load(state)`` from ``path``; a read that fails on any rank (DCP raises on every rank then) becomes
+        a :class:`CheckpointError` saying the checkpoint is damaged (the checks before the process group catch
+        missing and short files; this catches bytes that do not decode).
+
+        Raises:
+            CheckpointError: naming the path, the first failure and the fix.
+        """
+        try:
+            dcp.load(state, checkpoint_id=path, **kwargs)
+        except CheckpointException as exc:
+            first = next(iter(exc.failures.values()), None)
+            cause = f"{type(first[0]).__name__}: {str(first[0]).splitlines()[0]}" if first else str(exc)
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({cause}): it is damaged; move it away (an older complete "
+                "checkpoint is then used) or set checkpoint.load_step to another step"
+            ) from None
 
     def _apply_current_hparams(self, job: Job, saved_json: str, extra: dict) -> None:
         """After a restore: set every optimizer's ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and every LR

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ __all__ = [
     "meta_model",
     "model_shapes",
     "saved_shapes",
+    "missing_data",
     "model_mismatch",
 ]
 
@@ -298,6 +300,29 @@ def saved_shapes(path: str) -> dict[str, tuple[int, ...] | None]:
 
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     return {k: tuple(v.size) if isinstance(v, TensorStorageMetadata) else None for k, v in meta.items()}
+
+
+def missing_data(path: str) -> str | None:
+    """What is missing from the data files of the DCP checkpoint directory ``path``, from its ``.metadata`` alone:
+    the first file that does not exist or is shorter than the entries stored in it need (a copy cut short, a
+    rank's file lost); None when every file is there and long enough.
+
+    Raises:
+        OSError: ``path`` has no readable ``.metadata``.
+    """
+    storage = dcp.FileSystemReader(path).read_metadata().storage_data or {}
+    need: dict[str, int] = {}
+    for info in storage.values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"its data file {rel} is missing"
+        if os.path.getsize(file) < size:
+            return f"its data file {rel} has {os.path.getsize(file)} bytes but its entries need {size}"
+    return None
 
 
 def _shape_fields(model_cfg: Any, prefix: str = "") -> list[tuple[str, object]]:

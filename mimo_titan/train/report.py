@@ -23,7 +23,9 @@ the launcher.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -31,10 +33,20 @@ from collections.abc import Callable
 from mimo_titan.errors import UserError
 from mimo_titan.train.coordination import job_store, launch_rank, launch_world_size
 
-__all__ = ["run_main", "report_failure", "format_failure", "claim_job_report", "EXIT_FAILURE", "DEFER_S"]
+__all__ = [
+    "run_main",
+    "report_failure",
+    "format_failure",
+    "claim_job_report",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "DEFER_S",
+]
 
 #: exit status of a rank that failed (user error or unexpected exception)
 EXIT_FAILURE = 1
+#: exit status after a repeated Ctrl-C stopped the run at once (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
 #: seconds a failing rank other than 0 waits for a lower rank to fail as well before it prints its own error
 DEFER_S = 5.0
 
@@ -103,14 +115,24 @@ def report_failure(exc: BaseException, *, rank: int | None = None, world_size: i
 def run_main(main: Callable[[], object]) -> int:
     """Run ``main()`` and turn any exception into one report (module docstring) and exit status 1.
 
+    While the report is agreed on and printed, SIGTERM and SIGINT are ignored: when one rank fails, torchrun
+    sends SIGTERM to the others at once, and the rank that must print the job's error may be one of them. (torchrun
+    still kills a rank that has not exited 30 s later.)
+
     Returns:
-        0 when ``main`` returned, :data:`EXIT_FAILURE` after an exception. ``SystemExit`` passes through.
+        0 when ``main`` returned, :data:`EXIT_FAILURE` after an exception, :data:`EXIT_INTERRUPTED` after a
+        ``KeyboardInterrupt`` (a repeated Ctrl-C: stopped at once, nothing to report). ``SystemExit`` passes through.
     """
     try:
         main()
         return 0
     except SystemExit:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported once, KeyboardInterrupt included
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported once
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         report_failure(exc)
         return EXIT_FAILURE

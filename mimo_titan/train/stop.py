@@ -70,7 +70,7 @@ class GracefulStop:
             return
         if now - self._first_at < self.grace_s:
             return  # the same request again (torchrun forwards the terminal's Ctrl-C)
-        logger.warning("received %s again: stopping now, without a checkpoint", sig.name)
+        logger.info("received %s again: stopping now, without a checkpoint", sig.name)
         self.uninstall()
         os.kill(os.getpid(), signum)
 

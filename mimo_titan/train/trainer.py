@@ -9,12 +9,14 @@ the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the brid
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import os
 import resource
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ import kernels
 from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.config import Config
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
-from mimo_titan.errors import ConfigError, TrainingError, UserError
+from mimo_titan.errors import ConfigError, DataError, TrainingError, UserError
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.cp import apply_cp
@@ -49,6 +51,7 @@ from mimo_titan.train.stop import GracefulStop
 from mimo_titan.train.watchdog import Watchdog, process_group_timeout
 
 __all__ = [
+    "check_host_memory",
     "validate_job",
     "check_kernel_backend",
     "planned_device_type",
@@ -80,6 +83,11 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     """
     layouts = layouts_from_config(cfg.parallelism)
     validate_layouts(layouts, world_size)
+    if cfg.model.vision.num_channels != 3:
+        raise ConfigError(
+            f"model.vision.num_channels={cfg.model.vision.num_channels}: the data pipeline decodes every image as RGB "
+            "(3 channels, normalised with CLIP's mean and std); set model.vision.num_channels = 3"
+        )
     for name, lay in layouts.items():
         moe = getattr(cfg.model, name).moe
         if lay.tp > 1 and moe.num_experts > 0:
@@ -149,6 +157,51 @@ def validate_job(cfg: Config, world_size: int) -> dict:
         )
     check_kernel_backend(cfg)
     return layouts
+
+
+def _mem_available_bytes() -> int | None:
+    """The host's available memory (``MemAvailable`` of ``/proc/meminfo``), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(cfg: Config) -> None:
+    """Fail before any process group when the model cannot even be built: every rank builds the whole model in
+    fp32 host memory from ``job.seed`` before it keeps its part (so that the initial weights do not depend on the
+    layout), and the ``LOCAL_WORLD_SIZE`` ranks of this machine do so at the same time. The parameter count comes
+    from a meta-device model (no memory). A lower bound: activations and optimizer state come on top.
+
+    Raises:
+        ConfigError: naming the parameter count, the largest tensor and the ``model.*`` keys that size it.
+    """
+    from mimo_titan.checkpoint.state import meta_model
+
+    available = _mem_available_bytes()
+    if available is None:
+        return
+    params = list(meta_model(cfg.model).named_parameters())
+    need = sum(p.numel() for _, p in params) * 4
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if need * local <= available:
+        return
+    name, biggest = max(params, key=lambda kv: kv[1].numel())
+
+    def gb(n: float) -> str:
+        return f"{n / 1e9:.0f} GB" if n >= 1e11 else f"{n / 1e9:.3g} GB"
+
+    raise ConfigError(
+        f"model.* describes {sum(p.numel() for _, p in params):,} parameters ({gb(need)} in fp32; the largest is "
+        f"{name} {list(biggest.shape)}); every rank builds the whole model in host memory before it keeps its part, "
+        f"so the {local} rank(s) on this machine need {gb(need * local)} but {gb(available)} are available; lower "
+        "the model's sizes (model.language.vocab_size / hidden_size / num_layers, ...) or launch fewer ranks per "
+        "machine"
+    )
 
 
 def _config_check(check, *args) -> None:
@@ -461,7 +514,13 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress=None) -> dict:
+def train_step(
+    job: Job,
+    global_batch,
+    *,
+    stop_requested: bool | Callable[[], bool] = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """One optimizer step on ``global_batch`` (identical on every rank). Every rank must call it.
 
     **Non-finite guard.** The step's loss and squared gradient norm are summed over all ranks in one all-reduce,
@@ -475,8 +534,10 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
     Args:
         job: the rank's :class:`Job`.
         global_batch: the step's global batch (``Batch`` or ``PackedBatch``).
-        stop_requested: this rank received a stop signal (:class:`~mimo_titan.train.stop.GracefulStop`); it is
-            summed over the ranks in the same all-reduce, so every rank learns whether any rank wants to stop.
+        stop_requested: whether this rank received a stop signal (:class:`~mimo_titan.train.stop.GracefulStop`), or
+            a function that says so, called right before the step's all-reduce (so a signal that arrives during the
+            forward-backward still counts for this step). It is summed over the ranks in that all-reduce, so every
+            rank learns whether any rank wants to stop.
         progress: ``progress(phase)`` marks the step's phases for the watchdog (None: no marks).
 
     Returns:
@@ -502,7 +563,8 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
     mark("loss and gradient-norm all-reduce")
     mods = list(job.modules.values())
     moe_stats = _moe_stats(job, moe)  # [layers, E + 1]: routed copies per expert, aux-loss sum
-    flags = torch.tensor([float(stop_requested)], device=job.device)
+    stop = stop_requested() if callable(stop_requested) else stop_requested
+    flags = torch.tensor([float(stop)], device=job.device)
     stats = torch.cat([torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]), flags, moe_stats.flatten()])
     all_reduce_sum(stats)
     moe_stats = stats[3:].view_as(moe_stats)
@@ -568,16 +630,61 @@ def train_step(job: Job, global_batch, *, stop_requested: bool = False, progress
                 job.skipped_in_a_row,
             )
         if job.skipped_in_a_row >= limit:
+            first, t = job.step - limit + 1, job.cfg.training
+            steps = f"step {job.step}" if limit == 1 else f"steps {first}-{job.step}"
+            times = "once" if limit == 1 else f"for {limit} consecutive steps"
+            clip = (
+                "set training.max_grad_norm > 0 (clipping is off)"
+                if t.max_grad_norm == 0
+                else f"lower training.max_grad_norm (now {t.max_grad_norm:g})"
+            )
             raise TrainingError(
-                f"steps {job.step - limit + 1}-{job.step}: the loss or the gradient norm was non-finite for {limit} "
-                f"consecutive steps (training.max_skipped_steps={limit}), so the run diverged and stops; the weights "
-                f"are those after step {job.step - limit} and no checkpoint holds non-finite values. Lower "
-                f"optimizer.lr (now {job.cfg.optimizer.lr:g}), raise lr_schedule.warmup_steps (now "
-                f"{job.cfg.lr_schedule.warmup_steps}) or lower training.max_grad_norm (now "
-                f"{job.cfg.training.max_grad_norm:g}), then resume from a checkpoint saved before the loss rose "
-                "(checkpoint.load_step) or start a new run"
+                f"{steps}: the loss or the gradient norm was non-finite {times} (training.max_skipped_steps={limit}), "
+                f"so the run diverged and stops; the weights are those after step {first - 1} and no checkpoint holds "
+                f"non-finite values. Lower optimizer.lr (now {job.cfg.optimizer.lr:g}), raise "
+                f"lr_schedule.warmup_steps (now {job.cfg.lr_schedule.warmup_steps}) or {clip}, then resume from a "
+                "checkpoint saved before the loss rose (checkpoint.load_step) or start a new run"
             )
     return rec
+
+
+def _setup_logging(rank: int) -> None:
+    """One log line format for every rank (``[rankN] message``): rank 0 logs from INFO, the others only warnings;
+    the data pipeline's warnings (a damaged shard, a non-UTF-8 caption) come from rank 0 alone, since every rank
+    reads the same shards (:func:`check_same_data` makes sure they saw the same records)."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
+    if rank != 0:
+        logging.getLogger("mimo_titan.data").setLevel(logging.ERROR)
+
+
+def check_same_data(loader: MimoDataLoader, device: torch.device) -> None:
+    """Every rank reads the shards itself; make sure they all kept the same records (a shard that one machine
+    cannot read, or a file that changed between the ranks' reads, would silently give that rank another stream).
+
+    Raises:
+        DataError: on every rank, naming the ranks whose records differ from rank 0's and their counts.
+    """
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    digest = hashlib.sha256("\n".join(loader.record_keys).encode()).digest()[:8]
+    mine = torch.tensor([loader.num_records, int.from_bytes(digest, "little", signed=True)], device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    if differ:
+        counts = ", ".join(f"rank {r}: {int(gathered[r][0])} records" for r in [0, *differ[:8]])
+        raise DataError(
+            f"the ranks read different records from data.path ({len(loader.shards)} shard(s); {counts}): every rank "
+            "must see the same shards; check that data.path is the same, complete and readable on every machine"
+        )
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce; every rank must call it)."""
+    t = torch.tensor([float(flag)], device=device)
+    all_reduce_sum(t)
+    return bool(t.item() > 0)
 
 
 def _log_step(rec: dict) -> None:
@@ -646,9 +753,11 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     stopper = GracefulStop().install()
+    _setup_logging(int(os.environ.get("RANK", 0)))
     try:
         validate_job(cfg, world)
         backend = check_kernel_backend(cfg)
+        check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor)
         ckpt = CheckpointManager(cfg)
@@ -672,13 +781,14 @@ def _run(
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     timeout_s = cfg.training.collective_timeout_s
     rank, world, device = init_distributed(cfg.training.device, process_group_timeout(timeout_s))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(message)s")
     layouts = layouts_from_config(cfg.parallelism)
     watchdog = Watchdog(
         rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: rank_role(layouts, r, world).describe()
     ).start()
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
     try:
+        watchdog.progress("checking the data")
+        check_same_data(loader, device)
         watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
         logger.info(_describe_layout(job, world, backend))
@@ -691,18 +801,24 @@ def _run(
             )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
-        done = 0
+        done, logged = 0, 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
             watchdog.progress("loading the batch", job.step + 1)
-            rec = train_step(job, next(loader), stop_requested=stopper.requested, progress=watchdog.progress)
+            # the flag is read at the step's all-reduce, so a signal that arrives during the step stops after it
+            rec = train_step(job, next(loader), stop_requested=lambda: stopper.requested, progress=watchdog.progress)
             done += 1
-            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or rec["stop"]:
+            stop = rec["stop"]
+            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop:
                 _log_step(rec)
                 logger.info("  %s", loader.stats_summary())
-            if ckpt.should_save(job.step) or (rec["stop"] and ckpt.ckpt.enable):
+                logged = rec["step"]
+            if ckpt.should_save(job.step) or (stop and ckpt.ckpt.enable):
                 watchdog.progress("saving a checkpoint", job.step)
                 rec["checkpoint_save_s"] = ckpt.save(job, loader)
-            if rec["stop"]:
+                # a signal that arrived during the save: this step is saved, so stop now rather than after another
+                # step and another save (every rank takes this branch, so the all-reduce is collective)
+                stop = stop or _any_rank(stopper.requested, job.device)
+            if stop:
                 logger.info(
                     "stopped after step %d on a signal (%s)%s",
                     job.step,
@@ -710,7 +826,8 @@ def _run(
                     "; checkpoint saved" if ckpt.ckpt.enable else "; checkpointing is off, nothing saved",
                 )
                 break
-        logger.info("%s", loader.stats_summary())
+        if logged != job.step:
+            logger.info("%s", loader.stats_summary())
         watchdog.progress("finishing")
         ok = True
         return job.history

@@ -114,6 +114,8 @@ class Watchdog:
         self._progress_wall = time.time()
         self._progress_mono = time.monotonic()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by progress(): publish the new mark soon
+        self._min_gap = min(self.interval_s, 2.0)
         self._thread: threading.Thread | None = None
         self.verdict: str | None = None
 
@@ -121,13 +123,14 @@ class Watchdog:
     def progress(self, phase: str, step: int | None = None) -> None:
         """Mark progress: the loop entered ``phase`` (at ``step``). Every rank must pass the same marks in the same
         order (they count: a rank with fewer marks than the others is the one they wait for). Cheap: a few
-        attribute writes and two clock reads."""
+        attribute writes and two clock reads; the thread publishes the new mark within ``min(interval_s, 2 s)``."""
         self._seq += 1
         self._phase = phase
         if step is not None:
             self._step = step
         self._progress_wall = time.time()
         self._progress_mono = time.monotonic()
+        self._wake.set()
 
     def start(self) -> Watchdog:
         """Publish the first heartbeat and start the thread (no-op for a single rank or without a store)."""
@@ -149,6 +152,7 @@ class Watchdog:
     def stop(self) -> None:
         """Stop the thread and mark this rank done (a finished rank is never judged stuck)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 5)
             self._thread = None
@@ -213,9 +217,16 @@ class Watchdog:
         return out
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        last_answer = time.monotonic()
+        store_lost_after = max(3 * self.interval_s, min(60.0, self.timeout_s / 2))
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)  # a heartbeat every interval, or soon after a progress mark
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._publish()
+                last_answer = time.monotonic()
                 stalled = time.monotonic() - self._progress_mono
                 if stalled >= self.timeout_s - 2 * self.interval_s:
                     message, culprits = self.judge(self._records(), now=time.time(), stalled_s=stalled)
@@ -223,15 +234,17 @@ class Watchdog:
                         self._end_job(message, culprits)
                         return
             except Exception as exc:  # noqa: BLE001 - a store that stopped answering is itself a verdict
-                if time.monotonic() - self._progress_mono >= self.timeout_s:
+                silent = time.monotonic() - last_answer
+                if silent >= store_lost_after:
                     self._end_job(
-                        f"watchdog: rank {self.rank} made no progress for "
-                        f"{time.monotonic() - self._progress_mono:.0f} s and the job's store stopped "
-                        f"answering ({type(exc).__name__}: {exc}); the process hosting it (torchrun's "
-                        "agent, or rank 0 without torchrun) is stopped or gone",
+                        f"watchdog: the job's store has not answered rank {self.rank} for {silent:.0f} s "
+                        f"({type(exc).__name__}: {exc}): the process hosting it (torchrun's agent, or rank 0 without "
+                        "torchrun) is stopped or gone, so nobody can stop or restart this job any more; ending it",
                         [],
                     )
                     return
+                self._stop.wait(self.interval_s)  # back off: one try per interval while it is away
+            self._stop.wait(self._min_gap)  # at most one heartbeat per min_gap, however often progress is marked
 
     def judge(self, records: dict[int, dict | None], *, now: float, stalled_s: float) -> tuple[str | None, list]:
         """The verdict for this rank, stalled for ``stalled_s`` seconds, given every rank's heartbeat.
@@ -279,7 +292,7 @@ class Watchdog:
             return (
                 f"watchdog: all {len(live)} ranks made no progress for {now - oldest:.0f} s, all at step "
                 f"{rec0['step']}, {rec0['phase']}, and every heartbeat is alive: a deadlock or a collective that "
-                f"never completes ({limit}); ending the job",
+                f"never completes ({limit}; if this phase legitimately takes longer, raise it); ending the job",
                 [],
             )
         text = "; ".join(
@@ -288,7 +301,11 @@ class Watchdog:
             for r, rec in behind[:8]
         )
         text += f" and {len(behind) - 8} more" if len(behind) > 8 else ""
-        return f"watchdog: {text}; the other ranks wait for it ({limit}); ending the job", behind
+        return (
+            f"watchdog: {text}; the other ranks wait for it ({limit}; if that phase legitimately takes longer, raise "
+            "it); ending the job",
+            behind,
+        )
 
     def _end_job(self, message: str, culprits: list) -> None:
         self.verdict = message
