@@ -131,8 +131,12 @@ def run_main(main: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure is reported once
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
-        report_failure(exc)
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            report_failure(exc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return EXIT_FAILURE
