@@ -140,7 +140,8 @@ def use_triton(backend: str | None, x: torch.Tensor, *others: torch.Tensor | Non
         _dispatched["torch"] += 1
         return False
     for t in (x, *others):
-        if t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        # exact types: an FSDP-sharded nn.Parameter is a DTensor subclass, and isinstance(Parameter) accepts it too
+        if t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
             raise ValueError(
                 f"a Triton kernel got a {type(t).__name__}, which has no storage of its own (data_ptr() = "
                 f"{t.data_ptr()}); wait on the collective that produced it (funcol.wait_tensor) before the kernel"

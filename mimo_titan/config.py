@@ -101,8 +101,8 @@ applied to each element of a list) and checked first, for all keys:
   ``global_batch_size`` / ``microbatches`` / ``max_skipped_steps``,
   ``data.max_images_per_sample``; ``training.seq_len`` >= 2;
 * epsilons, ``rope_theta`` and ``optimizer.lr`` are > 0;
-  ``training.collective_timeout_s`` >= 1 (seconds; below that the watchdog
-  would judge healthy ranks); ``job.seed`` in [-2**63, 2**64 - 2] (torch's
+  ``training.collective_timeout_s`` >= 5 (seconds; below that the watchdog
+  would judge healthy ranks in their first steps); ``job.seed`` in [-2**63, 2**64 - 2] (torch's
   seed range, less the init's offset); ``optimizer.betas`` in [0, 1);
 * ``optimizer.weight_decay``, ``training.max_grad_norm`` (0 disables
   clipping), ``lr_schedule.warmup_steps`` and the MoE sizes and rates are
@@ -600,7 +600,7 @@ class TrainingConfig:
     max_grad_norm: float = _opt(1.0, ge=0, hint="0 disables gradient clipping")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     max_skipped_steps: int = _opt(3, ge=1)  # consecutive non-finite steps skipped before the run stops
-    collective_timeout_s: float = _opt(600.0, ge=1)  # a rank without progress this long ends the job
+    collective_timeout_s: float = _opt(600.0, ge=5)  # a rank without progress this long ends the job
 
 
 @dataclass(kw_only=True)

@@ -873,3 +873,32 @@ def test_damaged_tied_or_finished_checkpoints_are_refused_before_any_process_gro
         config_from_dict(_with_ckpt(tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 2}), folder))
     ).validate()
     assert not dist.is_initialized()
+
+
+def _tied_load_worker(rank, world, device, cfg_dict):
+    try:
+        return _initial_load_worker(rank, world, device, cfg_dict, None)
+    except CheckpointError as exc:
+        return str(exc)
+
+
+@pytest.mark.multirank
+def test_untied_weights_are_never_loaded_silently_into_a_tied_model(tmp_path):
+    """Same keys and shapes either way, so only the values tell: a checkpoint whose head differs from its embedding
+    is refused under ``tie_word_embeddings = true`` (on every rank); one whose two matrices are equal loads."""
+    from mimo_titan.checkpoint import save_full_model_state
+    from mimo_titan.models.mimo import MimoModel
+
+    d = tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), model={"language": {"tie_word_embeddings": True}})
+    untied = MimoModel(config_from_dict(tiny_config_dict(V(0, 1), V(0, 1))).model, image_token_id=0).state_dict()
+    save_full_model_state(untied, str(tmp_path / "untied"))
+    d["checkpoint"] = {"initial_load_path": str(tmp_path / "untied")}
+    errors = run_ranks(_tied_load_worker, 2, d)
+    assert errors[0] == errors[1] and "differs from language.model.embed_tokens.weight" in errors[0]
+    assert "set model.language.tie_word_embeddings = false" in errors[0]
+    tied = dict(untied)
+    tied["language.lm_head.weight"] = tied["language.model.embed_tokens.weight"]
+    save_full_model_state(tied, str(tmp_path / "tied"))
+    d["checkpoint"] = {"initial_load_path": str(tmp_path / "tied")}
+    loaded = run_ranks(_tied_load_worker, 2, d)[0]
+    torch.testing.assert_close(loaded["language.model.embed_tokens.weight"], tied["language.lm_head.weight"])

@@ -968,3 +968,42 @@ def test_check_batch_divisibility():
         check_batch_divisibility(4, 1, {"vision": 1, "llm": 3})
     with pytest.raises(ValueError, match=r"training\.microbatches"):
         check_batch_divisibility(4, 0, {"llm": 1})
+
+
+def _read_shard(path):
+    from mimo_titan.data.webdataset import iter_webdataset
+
+    errors = []
+    n = sum(1 for _ in iter_webdataset([str(path)], on_shard_error=lambda p, k, e: errors.append((k, repr(e)))))
+    return n, errors
+
+
+def test_a_shard_whose_tail_is_zeros_is_a_damaged_shard(tmp_path):
+    """A copy onto preallocated (zero-filled) space that stopped half-way reads as an end-of-archive marker in the
+    middle of the file: the records before it are kept, the rest counts as damage, not as the end."""
+    import tarfile
+
+    data = bytearray(SHARD.read_bytes())
+    with tarfile.open(SHARD) as tar:
+        members = tar.getmembers()
+    middle = len(members) // 2
+    data[members[middle].offset :] = bytes(len(data) - members[middle].offset)
+    (tmp_path / "zero-tail.tar").write_bytes(data)
+    n, errors = _read_shard(tmp_path / "zero-tail.tar")
+    complete_before = len({m.name.split(".")[0] for m in members[:middle]})
+    assert len(errors) == 1 and "follow the end-of-archive marker" in errors[0][1]
+    assert n == errors[0][0] and complete_before - 1 <= n <= complete_before
+    assert _read_shard(SHARD) == (32, [])  # an intact shard's own padding is no damage
+
+
+def test_a_gzip_shard_with_damaged_bytes_is_dropped_and_counted(tmp_path):
+    import gzip
+
+    blob = bytearray(gzip.compress(SHARD.read_bytes()))
+    (tmp_path / "good.tar").write_bytes(blob)
+    assert _read_shard(tmp_path / "good.tar") == (32, [])
+    i = int(len(blob) * 0.3)
+    blob[i : i + 64] = bytes(64)  # inside a stored (incompressible JPEG) block: still "decodes", CRC-32 differs
+    (tmp_path / "damaged.tar").write_bytes(blob)
+    n, errors = _read_shard(tmp_path / "damaged.tar")
+    assert n == 0 and len(errors) == 1

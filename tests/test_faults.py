@@ -313,6 +313,35 @@ def test_a_stopped_rank_ends_the_job_and_is_named(tmp_path, jobs):
     assert "training.collective_timeout_s=10" in lines[0]
 
 
+def test_a_rank_hung_inside_its_step_shows_where_it_hangs(tmp_path, jobs):
+    """A hung rank whose heartbeat goes on (a hung kernel, a livelock) is in the same phase as the ranks waiting for
+    it, so the heartbeats cannot name it: the verdict says so once, and each stalled rank prints where its main
+    thread is, which shows the hung one."""
+    timeout_s = 10
+    job = jobs(
+        tmp_path,
+        3,
+        [
+            *NONCOLOCATED,
+            "--training.steps=1000",
+            f"--training.collective_timeout_s={timeout_s}",
+            f"--job.output_dir={tmp_path}",
+        ],
+        fault="hang_in_step:3:2",
+    )
+    job.wait_for(r"step +2 \|")
+    started = time.monotonic()
+    rc = job.wait(timeout=4 * timeout_s)
+    assert rc != 0 and time.monotonic() - started < 2 * timeout_s + 5
+    out = job.output()
+    verdicts = [
+        line for line in out.splitlines() if re.match(r"\[rank\d\] watchdog: all 3 ranks made no progress", line)
+    ]
+    assert len(verdicts) == 1, out[-4000:]
+    stack = out.split("watchdog: main thread of rank 2 at the verdict:", 1)
+    assert len(stack) == 2 and "time.sleep(0.1)" in stack[1].split("[rank", 1)[0], out[-4000:]  # the hung frame
+
+
 # ------------------------------------------------------------------------------------------------------ bad data
 def test_a_truncated_shard_is_counted_at_every_log_step_and_the_run_goes_on(tmp_path, jobs):
     data = tmp_path / "data"

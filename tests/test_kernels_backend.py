@@ -172,3 +172,23 @@ def test_functional_collectives_are_used_only_through_parallel_comm():
     ]
     assert imports.search((ROOT / "mimo_titan/parallel/comm.py").read_text())  # the pattern finds real imports
     assert offenders == []
+
+
+def _dtensor_worker(rank, world, device):
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    from kernels import _backend
+
+    d = DTensor.from_local(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Replicate()])
+    refused = []
+    for t in (d, torch.nn.Parameter(d)):  # an FSDP2-sharded parameter is a Parameter of a DTensor
+        try:
+            _backend.use_triton("triton", t)
+        except ValueError as exc:
+            refused.append("no storage of its own" in str(exc))
+    return refused
+
+
+@pytest.mark.multirank
+def test_a_parameter_wrapping_a_dtensor_is_refused_like_a_dtensor():
+    assert run_ranks(_dtensor_worker, 1) == [[True, True]]

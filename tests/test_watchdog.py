@@ -157,3 +157,114 @@ def test_a_late_repeat_ends_the_process_at_once():
         time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)  # insists: the default handler raises KeyboardInterrupt
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- a stopped store host
+@pytest.fixture
+def stopped_store_host():
+    """A TCPStore server in a child process (rank 0 of a plain env:// launch); the test stops it with SIGSTOP. The
+    kernel still accepts connections, nothing answers: the store client's own timeout does not end such calls."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import datetime, time, torch.distributed as dist\n"
+        f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False, "
+        "timeout=datetime.timedelta(seconds=5))\nprint('up', flush=True)\ntime.sleep(600)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().strip() == b"up"
+        yield port, server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _client(port):
+    return dist.PrefixStore(
+        "job/",
+        dist.TCPStore(
+            "127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=datetime.timedelta(seconds=3)
+        ),
+    )
+
+
+def test_a_stopped_store_host_ends_the_job_and_nothing_blocks_on_it(stopped_store_host, monkeypatch, capsys):
+    port, server = stopped_store_host
+    verdicts: list[str] = []
+    wd = Watchdog(rank=1, world_size=2, timeout_s=5.0, describe=str, store=_client(port), on_verdict=verdicts.append)
+    wd.start()
+    server.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    assert wd.lost_ranks() == [] and time.monotonic() - t0 < 5  # bounded: the store cannot say, so no one is named
+    while not verdicts and time.monotonic() - t0 < 30:
+        time.sleep(0.1)
+    wd.stop(done=False)
+    assert verdicts and "the job's store has not answered rank 1" in verdicts[0]
+    assert time.monotonic() - t0 < 15
+    # the error report does not hang on it either: it prints locally
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    t0 = time.monotonic()
+    assert report.report_failure(ConfigError("bad key"), rank=1, world_size=2)
+    assert time.monotonic() - t0 < 20 and "[rank1] ConfigError: bad key" in capsys.readouterr().err
+
+
+_SUBGROUP_WORKER = r"""
+import os, sys, time
+import torch, torch.distributed as dist
+from mimo_titan.train.trainer import init_distributed, set_group_timeouts
+rank, world, device = init_distributed("cpu", timeout_s=60)
+sub = dist.new_group([0, 1])  # what DeviceMesh does for every module mesh: torch's default timeout (30 min, gloo)
+set_group_timeouts(2.0)
+dist.barrier()
+if rank == 0:
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=sub)  # rank 1 never joins: a stuck peer
+        print("returned", flush=True)
+    except Exception:
+        print(f"TIMEOUT after {time.monotonic() - t0:.0f} s", flush=True)
+else:
+    time.sleep(40)
+os._exit(0)
+"""
+
+
+def test_every_module_group_gets_the_collective_timeout(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "w.py"
+    script.write_text(_SUBGROUP_WORKER)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        out, _ = procs[0].communicate(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert out.startswith("TIMEOUT after") and int(out.split()[2]) < 10, out

@@ -103,6 +103,8 @@ def checkpoint_size_bytes(cfg: Config) -> int:
     return 3 * sum(p.numel() * p.element_size() for p in meta_model(cfg.model).parameters())
 
 
+_HEAD_KEY = "language.lm_head.weight"
+
 # hint for a checkpoint whose language head and embedding were tied differently
 _TIED = (
     "the checkpoint's language head and embedding were tied differently: set model.language.tie_word_embeddings "
@@ -523,6 +525,11 @@ class CheckpointManager:
         Raises:
             CheckpointError: naming the key, the path and the fix.
         """
+        if not self.ckpt.enable and self.ckpt.load_step >= 0:
+            raise CheckpointError(
+                f"checkpoint.load_step={self.ckpt.load_step} but checkpoint.enable = false, so nothing would be "
+                "resumed and the run would start from scratch; set --checkpoint.enable=true (or drop load_step)"
+            )
         if self.ckpt.enable:
             self.preflight()
         step = self.resume_step() if self.ckpt.enable else None
@@ -596,7 +603,7 @@ class CheckpointManager:
             weights: dict[str, dict[str, torch.Tensor]] = {"model": {}}
             for name, module in job.modules.items():
                 weights["model"].update(model_state(name, module, _etp_mesh(job, name)))
-            self._read(weights, path)
+            self._read(weights, path, job=job)
             self.last_load_s = time.perf_counter() - t0
             logger.info("checkpoint: model initialised from %s in %.2f s", path, self.last_load_s)
             return False
@@ -607,7 +614,7 @@ class CheckpointManager:
         same_layout = json.loads(probe["extra"]["layout"]) == json.loads(json.dumps(_layout_signature(job)))
         state = self._state(job, loader, rng=same_layout)
         del state["extra"]["hparams"]
-        self._read(state, path)
+        self._read(state, path, job=job)
         extra = state["extra"]
         for name in job.modules:
             for group, saved in zip(job.optimizers[name].param_groups, json.loads(extra[f"param_groups.{name}"])):
@@ -635,14 +642,23 @@ class CheckpointManager:
             )
         return True
 
-    def _read(self, state: dict, path: str, **kwargs) -> None:
+    def _read(self, state: dict, path: str, job: Job | None = None, **kwargs) -> None:
         """``dcp.load(state)`` from ``path``; a read that fails on any rank (DCP raises on every rank then) becomes
         a :class:`CheckpointError` saying the checkpoint is damaged (the checks before the process group catch
         missing and short files; this catches bytes that do not decode).
 
+        With ``job`` and ``model.language.tie_word_embeddings``, the head is read into a separate buffer and compared
+        with the embedding it shares its weight with (the two keys of one tensor would otherwise both be written
+        into it, the later silently winning): a checkpoint whose two matrices differ, trained or imported untied,
+        is refused (one all-reduce, every rank calls it).
+
         Raises:
-            CheckpointError: naming the path, the first failure and the fix.
+            CheckpointError: naming the path, the first failure and the fix; tied weights that differ.
         """
+        tied = job is not None and self.cfg.model.language.tie_word_embeddings
+        head = state.get("model", {}).pop(_HEAD_KEY, None) if tied else None
+        if head is not None:
+            state["model"][_HEAD_KEY] = torch.empty_like(head)
         try:
             dcp.load(state, checkpoint_id=path, **kwargs)
         except CheckpointException as exc:
@@ -652,6 +668,22 @@ class CheckpointManager:
                 f"checkpoint {path} could not be read ({cause}): it is damaged; move it away (an older complete "
                 "checkpoint is then used) or set checkpoint.load_step to another step"
             ) from None
+        if tied and job is not None:
+            differ = 0.0
+            if head is not None:
+                saved_head = state["model"].pop(_HEAD_KEY)
+                local = [t.to_local() if isinstance(t, DTensor) else t for t in (saved_head, head)]
+                differ = float(not torch.equal(local[0], local[1]))
+                state["model"][_HEAD_KEY] = head
+            flag = torch.tensor([differ], device=job.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0:
+                raise CheckpointError(
+                    f"checkpoint {path}: its {_HEAD_KEY} differs from language.model.embed_tokens.weight, but "
+                    "model.language.tie_word_embeddings = true makes them one tensor (loading both would silently "
+                    "keep only one); set model.language.tie_word_embeddings = false as the checkpoint was trained or "
+                    "imported"
+                )
 
     def _apply_current_hparams(self, job: Job, saved_json: str, extra: dict) -> None:
         """After a restore: set every optimizer's ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and every LR

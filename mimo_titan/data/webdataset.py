@@ -18,8 +18,10 @@ members may be missing, even when the cut falls exactly between two members.
 
 from __future__ import annotations
 
+import gzip
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -129,10 +131,45 @@ def _missing_end_marker(tar: tarfile.TarFile) -> tarfile.ReadError | None:
     return tarfile.ReadError(f"{exc} at byte {tar.offset}")
 
 
+#: bytes a tar may carry after its end-of-archive marker: the padding to its record size (10 KiB by default, a few
+#: times that with a larger blocking factor); anything longer is a damaged shard
+MAX_TAIL_BYTES = 64 * 1024
+
+
+def _overlong_tail(tar: tarfile.TarFile) -> tarfile.ReadError | None:
+    """``None`` unless more than :data:`MAX_TAIL_BYTES` follow the end-of-archive marker: an all-zero header there
+    is how a shard copied onto preallocated (zero-filled) space reads where the copy stopped, so it is damage, not
+    an end. (Reads at most that many bytes.)"""
+    fileobj = tar.fileobj
+    if fileobj is None:
+        return None
+    tail = len(fileobj.read(MAX_TAIL_BYTES + 1))
+    if tail <= MAX_TAIL_BYTES:
+        return None
+    return tarfile.ReadError(
+        f"more than {MAX_TAIL_BYTES} bytes follow the end-of-archive marker at byte {tar.offset} (the copy of the "
+        "shard stopped part-way and the rest is zeros or other data)"
+    )
+
+
+def _gzip_damage(path: str) -> None:
+    """Raise if ``path`` is a gzip-compressed shard whose CRC-32 or length does not match its data. The tar reader
+    stops at the end-of-archive marker and never reaches gzip's trailer, so damaged bytes inside a stored (not
+    compressed further, e.g. JPEG) deflate block would pass unnoticed; this decompresses the file once more, to its
+    end, and lets :mod:`gzip` check the trailer. Since the damage cannot be located, the whole shard is dropped."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path, "rb") as g:
+        while g.read(1 << 20):
+            pass
+
+
 def _iter_shard(path: str, on_error: ShardErrorHandler | None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The records of one shard; see :func:`iter_webdataset`."""
     records_read = 0
     try:
+        _gzip_damage(path)
         with tarfile.open(path, mode="r|*", tarinfo=_MarkerTarInfo) as tar:
             current_key: str | None = None
             fields: dict[str, bytes] = {}
@@ -150,13 +187,13 @@ def _iter_shard(path: str, on_error: ShardErrorHandler | None) -> Iterator[tuple
                     current_key, fields = key, {}
                 handle = tar.extractfile(member)
                 fields[ext] = handle.read() if handle is not None else b""
-            damage = _missing_end_marker(tar)
+            damage = _missing_end_marker(tar) or _overlong_tail(tar)
             if damage is not None:
                 raise damage  # the record in ``fields`` may lack members: dropped
             if current_key is not None and fields:
                 records_read += 1
                 yield current_key, fields
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if on_error is None:
             raise DataError(
                 f"{_CONFIG_KEY}: shard {path!r} is not a readable tar archive (damaged after "

@@ -14,10 +14,48 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["job_store", "launch_rank", "launch_world_size", "rank_host"]
+T = TypeVar("T")
+
+__all__ = ["job_store", "launch_rank", "launch_world_size", "rank_host", "within", "StoreTimeout"]
+
+
+class StoreTimeout(TimeoutError):
+    """A store call did not return in time: the process hosting the store is stopped or unreachable."""
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()`` with a deadline: run in a daemon thread and waited for at most ``seconds``.
+
+    A TCPStore client's own timeout does not cover every case: against a host that is stopped (``kill -STOP``) or
+    gone without closing its sockets, reads and even new connections never return. A call that misses the deadline
+    is left behind in its daemon thread (it ends with the process).
+
+    Raises:
+        StoreTimeout: ``fn`` did not return within ``seconds``.
+        Exception: whatever ``fn`` raised.
+    """
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="mimo_titan-store-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StoreTimeout(f"the job's store did not answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]  # an exception instance
+    return box["value"]  # type: ignore[return-value]
 
 
 def launch_rank() -> int:
@@ -49,14 +87,17 @@ def job_store(timeout_s: float) -> dist.Store | None:
     if launch_world_size() <= 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return None
     try:
-        client = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            wait_for_workers=False,
+        client = within(
+            timeout_s + 2.0,
+            lambda: dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                wait_for_workers=False,
+            ),
         )
-    except (RuntimeError, ValueError, OSError):  # DistStoreError derives from RuntimeError
+    except (RuntimeError, ValueError, OSError):  # DistStoreError derives from RuntimeError; StoreTimeout from OSError
         return None
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

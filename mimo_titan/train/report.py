@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 
 from mimo_titan.errors import UserError
-from mimo_titan.train.coordination import job_store, launch_rank, launch_world_size
+from mimo_titan.train.coordination import StoreTimeout, job_store, launch_rank, launch_world_size, within
 
 __all__ = [
     "run_main",
@@ -106,8 +106,13 @@ def report_failure(exc: BaseException, *, rank: int | None = None, world_size: i
     """
     rank = launch_rank() if rank is None else rank
     world_size = launch_world_size() if world_size is None else world_size
-    if world_size > 1 and not _claim_report(rank):
-        return False
+    if world_size > 1:
+        try:  # bounded: a stopped store host never answers, and the error must still be printed
+            claimed = within(DEFER_S + 10.0, lambda: _claim_report(rank))
+        except StoreTimeout:
+            claimed = True
+        if not claimed:
+            return False
     print(format_failure(exc, rank), file=sys.stderr, flush=True)
     return True
 

@@ -52,6 +52,7 @@ from mimo_titan.train.watchdog import Watchdog, process_group_timeout
 
 __all__ = [
     "check_host_memory",
+    "set_group_timeouts",
     "validate_job",
     "check_kernel_backend",
     "planned_device_type",
@@ -528,8 +529,9 @@ def train_step(
     step (and the MoE routing-bias update) is skipped on every rank, the weights stay as they were, a warning
     ``step N: non-finite loss/grad_norm, step skipped (k in a row)`` is logged, and the step still counts (the
     batch is consumed and the LR schedule advances). After ``training.max_skipped_steps`` consecutive skips the
-    run stops with a :class:`~mimo_titan.errors.TrainingError` (Megatron-LM skips such iterations the same way
-    with its loss scaler and stops on NaN with ``--check-for-nan-in-loss-and-grad``).
+    run stops with a :class:`~mimo_titan.errors.TrainingError`. (Megatron-LM skips such iterations with its loss
+    scaler, there without advancing the LR schedule, and stops on NaN with ``--check-for-nan-in-loss-and-grad``;
+    here the schedule stays a function of the step number, so a skipped step costs its batch and its LR.)
 
     Args:
         job: the rank's :class:`Job`.
@@ -680,6 +682,21 @@ def check_same_data(loader: MimoDataLoader, device: torch.device) -> None:
         )
 
 
+def set_group_timeouts(timeout_s: float) -> None:
+    """Give every process group this rank belongs to the collective timeout ``timeout_s``: ``init_process_group``
+    sets it for the default group only, while the module meshes' groups (``DeviceMesh`` sub-groups, pipeline and
+    expert groups) would keep torch's defaults (30 min on gloo, 10 min on NCCL)."""
+    c10d = dist.distributed_c10d
+    set_timeout = getattr(c10d, "_set_pg_timeout", None)
+    if set_timeout is None:  # pragma: no cover - torch without it: the module groups keep torch's default
+        logger.warning("this torch cannot set a process group's timeout; module meshes keep torch's default")
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            set_timeout(timeout, group)
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank (one all-reduce; every rank must call it)."""
     t = torch.tensor([float(flag)], device=device)
@@ -791,6 +808,7 @@ def _run(
         check_same_data(loader, device)
         watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
+        set_group_timeouts(process_group_timeout(timeout_s))
         logger.info(_describe_layout(job, world, backend))
         if cfg.training.samples is not None:
             logger.info(
@@ -837,7 +855,7 @@ def _run(
             exc.add_note(f"[rank{rank}] this failure follows from a rank that is gone: {'; '.join(lost)}")
         raise
     finally:
-        watchdog.stop()
+        watchdog.stop(done=ok)  # a failed rank is not "done": its peers may still name it
         if ok:
             dist.barrier()
         if owns_group:

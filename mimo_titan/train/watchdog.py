@@ -14,7 +14,9 @@ Mechanism (one daemon thread per rank, beside the training loop):
 - **Judgement.** Only a rank whose own progress has stalled looks at the others (so a healthy job reads nothing).
   After ``timeout_s - 2 · interval_s`` without progress it names the culprit: the ranks whose heartbeat is older
   than ``max(timeout_s / 2, 3 · interval_s)`` (stopped or dead), else the ranks that passed fewer progress marks
-  than the others (stuck in their own code while the others wait for them), else all ranks (a deadlock).
+  than the others (stuck in their own code while the others wait for them), else all ranks (a deadlock, or a rank
+  hung inside the same phase as the others wait in: then every stalled rank prints where its main thread is, which
+  shows the hung one).
 - **Verdict.** The first rank to claim the job's report in the store prints it (one message for the whole job, and
   the errors that follow on other ranks stay silent, :mod:`~mimo_titan.train.report`); every
   stalled rank kills the culprits that run on its own host (``SIGKILL``; a stopped process never handles anything
@@ -38,9 +40,10 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
-from mimo_titan.train.coordination import job_store, rank_host
+from mimo_titan.train.coordination import job_store, rank_host, within
 from mimo_titan.train.report import claim_job_report
 
 __all__ = ["Watchdog", "EXIT_STUCK", "process_group_timeout", "heartbeat_interval"]
@@ -116,6 +119,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by progress(): publish the new mark soon
         self._min_gap = min(self.interval_s, 2.0)
+        # deadline of one store call (a stopped store host never answers, whatever the client's timeout)
+        self._call_s = max(2.0, min(30.0, self.timeout_s / 4))
         self._thread: threading.Thread | None = None
         self.verdict: str | None = None
 
@@ -144,27 +149,28 @@ class Watchdog:
                 "process-group timeout"
             )
             return self
-        self._publish()
+        within(self._call_s, self._publish)
         self._thread = threading.Thread(target=self._run, name="mimo_titan-watchdog", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop the thread and mark this rank done (a finished rank is never judged stuck)."""
+    def stop(self, *, done: bool = True) -> None:
+        """Stop the thread; with ``done`` (a rank that finished its run) mark it done, so it is never judged stuck.
+        A rank that stops because it failed passes ``done=False``: it is not finished, and its peers may name it."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 5)
             self._thread = None
-        if self.store is not None and self.world_size > 1:
+        if done and self.store is not None and self.world_size > 1:
             with contextlib.suppress(Exception):  # the store may already be gone at exit
-                self._publish(done=True)
+                within(self._call_s, lambda: self._publish(done=True))
 
     def __enter__(self) -> Watchdog:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.stop(done=exc_type is None)
 
     def lost_ranks(self) -> list[str]:
         """The other ranks that are gone, for a failure message: a rank on this host whose process no longer exists
@@ -173,7 +179,7 @@ class Watchdog:
         if self.store is None:
             return []
         try:
-            records = self._records()
+            records = within(self._call_s, self._records)
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
             return []
         now, host, lost = time.time(), rank_host(), []
@@ -209,7 +215,10 @@ class Watchdog:
     def _records(self) -> dict[int, dict | None]:
         """Every rank's last heartbeat (None: it never published one)."""
         keys = [f"hb/{r}" for r in range(self.world_size)]
-        present = [r for r in range(self.world_size) if self.store.check([keys[r]])]
+        if self.store.check(keys):  # the usual case: one round trip for the existence check
+            present = list(range(self.world_size))
+        else:
+            present = [r for r in range(self.world_size) if self.store.check([keys[r]])]
         values = self.store.multi_get([keys[r] for r in present]) if present else []
         out: dict[int, dict | None] = dict.fromkeys(range(self.world_size))
         for r, v in zip(present, values):
@@ -225,11 +234,12 @@ class Watchdog:
             if self._stop.is_set():
                 return
             try:
-                self._publish()
+                within(self._call_s, self._publish)
                 last_answer = time.monotonic()
                 stalled = time.monotonic() - self._progress_mono
                 if stalled >= self.timeout_s - 2 * self.interval_s:
-                    message, culprits = self.judge(self._records(), now=time.time(), stalled_s=stalled)
+                    records = within(self._call_s, self._records)
+                    message, culprits = self.judge(records, now=time.time(), stalled_s=stalled)
                     if message is not None:
                         self._end_job(message, culprits)
                         return
@@ -307,14 +317,31 @@ class Watchdog:
             behind,
         )
 
+    def _print_main_stack(self) -> None:
+        frame = sys._current_frames().get(threading.main_thread().ident or -1)
+        if frame is None:
+            return
+        stack = "".join(traceback.format_stack(frame)).rstrip()
+        print(
+            f"[rank{self.rank}] watchdog: main thread of rank {self.rank} at the verdict:\n{stack}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _end_job(self, message: str, culprits: list) -> None:
         self.verdict = message
         try:
-            claimed = claim_job_report(self.store, self.rank)  # the one report of the job: later errors stay silent
+            # the one report of the job: later errors stay silent
+            claimed = within(self._call_s, lambda: claim_job_report(self.store, self.rank))
         except Exception:  # noqa: BLE001 - without the store, report it here
             claimed = True
         if claimed:
             print(f"[rank{self.rank}] {message}", file=sys.stderr, flush=True)
+        unnamed = not culprits
+        if unnamed or any(r == self.rank for r, _ in culprits):
+            # nobody could be named from the heartbeats (all ranks in the same phase), or this rank is the one
+            # behind: where its main thread is tells which rank hangs and in what
+            self._print_main_stack()
         host = rank_host()
         for r, rec in culprits:
             if rec is not None and r != self.rank and rec.get("host") == host:
@@ -323,4 +350,6 @@ class Watchdog:
         if self.on_verdict is not None:
             self.on_verdict(message)
             return
+        if unnamed:  # give the other stalled ranks (the hung one among them) time to print their stacks too
+            time.sleep(2 * self.interval_s + 1.0)
         os._exit(EXIT_STUCK)
