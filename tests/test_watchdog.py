@@ -36,7 +36,6 @@ def _store():
 
 def _rec(beat_age, seq, *, now=1000.0, done=False, step=7, phase="forward-backward", pid=None):
     return {
-        "beat": 1,
         "wall": now - beat_age,
         "pid": pid or 1,
         "host": socket.gethostname(),

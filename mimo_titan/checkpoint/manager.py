@@ -460,13 +460,14 @@ class CheckpointManager:
             CheckpointError: the first differing key, both shapes, the ``model.*`` setting behind it, the path.
         """
         try:
-            shapes = saved_shapes(path)
+            metadata = dcp.FileSystemReader(path).read_metadata()  # read once for both checks
+            shapes = saved_shapes(path, metadata)
         except Exception as exc:  # noqa: BLE001 - an unreadable .metadata: the checkpoint is damaged
             raise CheckpointError(
                 f"checkpoint {path}: cannot read its .metadata ({type(exc).__name__}: {exc}); "
                 "it is damaged: move it away or pick another checkpoint"
             ) from None
-        damage = missing_data(path)
+        damage = missing_data(path, metadata)
         if damage is not None:
             raise CheckpointError(
                 f"checkpoint {path} is damaged: {damage} (a copy cut short, or a file lost); move it away (an older "

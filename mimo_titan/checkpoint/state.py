@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -288,29 +289,27 @@ def model_shapes(model_cfg: ModelConfig, parameters_only: bool = False) -> dict[
     return {k: tuple(v.shape) for k, v in split_experts(state).items()}
 
 
-def saved_shapes(path: str) -> dict[str, tuple[int, ...] | None]:
+def saved_shapes(path: str, metadata: Metadata | None = None) -> dict[str, tuple[int, ...] | None]:
     """``{key: shape}`` of every entry of the DCP checkpoint directory ``path`` (``model.*``, ``optimizer.*``,
-    ``rng.*``; None for the non-tensor ``extra.*`` entries), read from its ``.metadata`` alone, in this process
-    (no process group, no tensor data).
+    ``rng.*``; None for the non-tensor ``extra.*`` entries), read from its ``.metadata`` alone (or ``metadata``,
+    already read), in this process (no process group, no tensor data).
 
     Raises:
         OSError: ``path`` has no readable ``.metadata``.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = (metadata or dcp.FileSystemReader(path).read_metadata()).state_dict_metadata
     return {k: tuple(v.size) if isinstance(v, TensorStorageMetadata) else None for k, v in meta.items()}
 
 
-def missing_data(path: str) -> str | None:
-    """What is missing from the data files of the DCP checkpoint directory ``path``, from its ``.metadata`` alone:
-    the first file that does not exist or is shorter than the entries stored in it need (a copy cut short, a
-    rank's file lost); None when every file is there and long enough.
+def missing_data(path: str, metadata: Metadata | None = None) -> str | None:
+    """What is missing from the data files of the DCP checkpoint directory ``path``, from its ``.metadata`` alone
+    (or ``metadata``, already read): the first file that does not exist or is shorter than the entries stored in
+    it need (a copy cut short, a rank's file lost); None when every file is there and long enough.
 
     Raises:
         OSError: ``path`` has no readable ``.metadata``.
     """
-    storage = dcp.FileSystemReader(path).read_metadata().storage_data or {}
+    storage = (metadata or dcp.FileSystemReader(path).read_metadata()).storage_data or {}
     need: dict[str, int] = {}
     for info in storage.values():
         rel = getattr(info, "relative_path", None)

@@ -582,10 +582,8 @@ def train_step(
             if key in moe:
                 moe[key].update_bias(moe_stats[i, : moe[key].num_experts])
         job.skipped_in_a_row = 0
-    else:
+    else:  # the gradients are dropped by the next step's zero_grad
         grad_norm = stats[1].sqrt()
-        for opt in job.optimizers.values():
-            opt.zero_grad(set_to_none=True)
         job.skipped_in_a_row += 1
     for name in job.modules:
         job.schedulers[name].step()
@@ -732,7 +730,8 @@ def _log_step(rec: dict) -> None:
         )
 
 
-def _describe_layout(job: Job, world: int, backend: str) -> str:
+def _describe_layout(job: Job, world: int) -> str:
+    backend = kernels.check_backend(job.device.type)  # what the kernel ops on this device run
     return (
         f"layout {job.topology.placement.name} on {world} ranks; device {job.device}; kernels {backend}; "
         + "; ".join(
@@ -772,14 +771,13 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     stopper = GracefulStop().install()
     _setup_logging(int(os.environ.get("RANK", 0)))
     try:
-        validate_job(cfg, world)
-        backend = check_kernel_backend(cfg)
+        validate_job(cfg, world)  # also sets the process-wide kernel backend
         check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor)
         ckpt = CheckpointManager(cfg)
         ckpt.validate(loader)
-        return _run(cfg, max_steps, backend, processor, loader, ckpt, stopper)
+        return _run(cfg, max_steps, processor, loader, ckpt, stopper)
     finally:
         stopper.uninstall()
 
@@ -787,7 +785,6 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
 def _run(
     cfg: Config,
     max_steps: int | None,
-    backend: str,
     processor: ImageTextProcessor,
     loader: MimoDataLoader,
     ckpt: CheckpointManager,
@@ -809,7 +806,7 @@ def _run(
         watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
         set_group_timeouts(process_group_timeout(timeout_s))
-        logger.info(_describe_layout(job, world, backend))
+        logger.info(_describe_layout(job, world))
         if cfg.training.samples is not None:
             logger.info(
                 "training.samples=%d: %d steps of %d LM samples",

@@ -7,7 +7,7 @@ timeout that does not say which rank was at fault.
 Mechanism (one daemon thread per rank, beside the training loop):
 
 - **Heartbeat.** Every ``interval_s`` (``timeout_s / 20``, within 0.2-10 s) the thread writes this rank's record to
-  the job's store (:mod:`~mimo_titan.train.coordination`): a beat counter, the wall time, the pid and host, and
+  the job's store (:mod:`~mimo_titan.train.coordination`): the wall time, the pid and host, and
   the last *progress mark* the training loop set with :meth:`Watchdog.progress` (step and phase, e.g. ``step 12:
   forward-backward``) with its time. The thread beats even while the main thread waits in a collective, so a
   stale heartbeat means the whole process stopped.
@@ -111,7 +111,6 @@ class Watchdog:
         self.describe = describe
         self.store = store
         self.on_verdict = on_verdict
-        self._beat = 0
         self._seq = 0
         self._phase, self._step = "starting", 0
         self._progress_wall = time.time()
@@ -122,7 +121,6 @@ class Watchdog:
         # deadline of one store call (a stopped store host never answers, whatever the client's timeout)
         self._call_s = max(2.0, min(30.0, self.timeout_s / 4))
         self._thread: threading.Thread | None = None
-        self.verdict: str | None = None
 
     # ----------------------------------------------------------------------------------- main thread
     def progress(self, phase: str, step: int | None = None) -> None:
@@ -166,12 +164,6 @@ class Watchdog:
             with contextlib.suppress(Exception):  # the store may already be gone at exit
                 within(self._call_s, lambda: self._publish(done=True))
 
-    def __enter__(self) -> Watchdog:
-        return self.start()
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.stop(done=exc_type is None)
-
     def lost_ranks(self) -> list[str]:
         """The other ranks that are gone, for a failure message: a rank on this host whose process no longer exists
         (killed, crashed), or any rank whose heartbeat is older than three intervals. Each as ``"rank r (<where>,
@@ -197,7 +189,6 @@ class Watchdog:
     # ----------------------------------------------------------------------------------- thread
     def _record(self, done: bool = False) -> dict:
         return {
-            "beat": self._beat,
             "wall": time.time(),
             "pid": os.getpid(),
             "host": rank_host(),
@@ -209,7 +200,6 @@ class Watchdog:
         }
 
     def _publish(self, done: bool = False) -> None:
-        self._beat += 1
         self.store.set(f"hb/{self.rank}", json.dumps(self._record(done)))
 
     def _records(self) -> dict[int, dict | None]:
@@ -329,7 +319,6 @@ class Watchdog:
         )
 
     def _end_job(self, message: str, culprits: list) -> None:
-        self.verdict = message
         try:
             # the one report of the job: later errors stay silent
             claimed = within(self._call_s, lambda: claim_job_report(self.store, self.rank))
