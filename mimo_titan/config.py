@@ -35,7 +35,9 @@ this module (:class:`Config` is the root)::
     load_balance = "aux_free"          # aux_loss | aux_free | none
 
     [parallelism]              # ParallelismConfig scalar keys
-    pipeline_schedule = "1F1B"         # "1F1B" | "GPipe"
+    pipeline_schedule = "1F1B"         # "1F1B" | "GPipe": the language pipeline's schedule
+    module_schedule = "1F1B"           # "1F1B": encoders lead the LM stages microbatch by microbatch | "GPipe"
+    colocated_encoders = "batch"       # "batch" | "inline" (per microbatch; needs language pp = 1)
     mixed_precision_param = "auto"     # auto | float32 | bfloat16 (no float16: there is no gradient scaler)
     mixed_precision_reduce = "float32" # float32 | bfloat16
 
@@ -536,6 +538,8 @@ class ParallelismConfig:
     vision: ModuleParallelism
     language: ModuleParallelism
     pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
+    module_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
+    colocated_encoders: str = _opt("batch", choices=("batch", "inline"))
     mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16"))  # no fp16: no grad scaler
     mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"))
 

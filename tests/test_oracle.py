@@ -172,6 +172,56 @@ LAYOUTS = {
         {**MOE_BOTH, "training": {"global_batch_size": 8}},
         (0, 1, 4, 5),
     ),
+    # the cross-module schedule: the encoder leads the LM stages microbatch by microbatch (1F1B, warm-up pp + 1)
+    "streamed_lm_pp2_m6_steady_state": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        {"training": {"global_batch_size": 12, "microbatches": 6}, "data": {"max_images_per_sample": 2}},
+        (3, 7),
+    ),
+    "streamed_lm_pp3_fan_out_1to2": (
+        7,
+        V(0, 1),
+        V(1, 6, pp=3, dp_shard=2),
+        {"model": {"language": {"num_layers": 3}}, "training": {"global_batch_size": 8, "microbatches": 4}},
+        (),
+    ),
+    "streamed_lm_pp4": (
+        5,
+        V(0, 1),
+        V(1, 4, pp=4),
+        {"model": {"language": {"num_layers": 4}}, "training": {"global_batch_size": 8, "microbatches": 8}},
+        (5,),
+    ),
+    "streamed_lm_pp2_gpipe_encoder_warmup_all": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"pipeline_schedule": "GPipe"}},
+        (),
+    ),
+    "module_gpipe_lm_pp2_dp2": (
+        5,
+        V(0, 1),
+        V(1, 4, pp=2, dp_shard=2),
+        {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"module_schedule": "GPipe"}},
+        (),
+    ),
+    "colocated_inline_dp2": (
+        2,
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2),
+        {"parallelism": {"colocated_encoders": "inline"}, "training": {"microbatches": 2}},
+        (2,),
+    ),
+    "colocated_inline_fan_in_cp2": (
+        4,
+        V(0, 4, dp_shard=4),
+        V(0, 4, dp_shard=2, cp=2),
+        {"parallelism": {"colocated_encoders": "inline"}, "training": {"global_batch_size": 8}},
+        (),
+    ),
 }
 
 

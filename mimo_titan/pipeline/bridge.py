@@ -13,8 +13,11 @@ placeholders fall in its zigzag shard (both sides compute the owner of every row
 :func:`image_row_cp_ranks`), and each row's gradient comes back from that CP rank. With tensor parallelism, one
 tp rank sends what all its tp peers hold identically, and every tp rank of the receiving side receives it.
 
-Ordering: every pair of ranks posts its sends and receives in the same order on both sides (microbatch
-ascending, then route start, all forwards before any backward), so NCCL, which ignores tags, pairs them too.
+Posting: each transfer is first a list of ``dist.P2POp`` (sends) or a :class:`Pending` receive, which
+:meth:`Bridge.post` posts one by one or in one ``batch_isend_irecv`` (colocated ranks, which send to each other).
+Every pair of ranks posts its operations in the same order on both sides (microbatches ascending, routes by
+start; the schedule decides how forwards and backwards interleave, :mod:`mimo_titan.pipeline.schedule`), so
+NCCL, which ignores tags, pairs them too.
 
 Example (mb_size 6, encoder dp 2 → language dp 3): encoder ranges [0,3) [3,6), language ranges [0,2) [2,4)
 [4,6); routes (e0→l0, [0,2)), (e0→l1, [2,3)), (e1→l1, [3,4)), (e1→l2, [4,6)).
@@ -36,7 +39,7 @@ import torch.distributed as dist
 from mimo_titan.data.sharding import dp_sample_range
 from mimo_titan.models.mimo import cp_shard_rows
 
-__all__ = ["Route", "plan_routes", "module_rank", "cp_owner", "image_row_cp_ranks", "Bridge"]
+__all__ = ["Bridge", "Pending", "Route", "cp_owner", "image_row_cp_ranks", "module_rank", "plan_routes"]
 
 _FWD, _BWD = 0, 1
 
@@ -178,8 +181,8 @@ class Bridge:
             raise ValueError(f"bridge: row_cp has shape {tuple(row_cp.shape)}, expected ({offsets[-1]},)")
         return row_cp.cpu()
 
-    def _send(self, rows: torch.Tensor, peers: list[int], tag: int, key) -> None:
-        """Send ``rows`` to every rank in ``peers``."""
+    def _send(self, rows: torch.Tensor, peers: list[int], tag: int, key, ops: list[dist.P2POp]) -> None:
+        """Add the sends of ``rows`` to every rank in ``peers`` to ``ops`` (this very rank gets a hand-over)."""
         if rows.shape[0] == 0:
             return
         buf = rows.detach().to(self.dtype).contiguous()
@@ -188,12 +191,10 @@ class Bridge:
                 slot = (*key, peer)
                 self._local[slot] = buf
             else:
-                work = dist.isend(buf, dst=peer, tag=tag)
-                assert work is not None  # None only on a rank outside the group: the bridge uses the default group
-                self._sends.append((work, buf))
+                ops.append(dist.P2POp(dist.isend, buf, peer, tag=tag))
 
-    def _recv(self, n: int, peer: int, tag: int, key: tuple, works: list[dist.Work]) -> torch.Tensor:
-        """Post the receive of ``[n, H]`` rows from ``peer`` (or take the local hand-over)."""
+    def _recv(self, n: int, peer: int, tag: int, key: tuple, ops: list[dist.P2POp]) -> torch.Tensor:
+        """The buffer for ``[n, H]`` rows from ``peer``, its receive added to ``ops`` (or the local hand-over)."""
         if n == 0 or peer == self.rank:
             return (
                 self._local.pop((*key, self.rank)).to(self.dtype)
@@ -201,62 +202,96 @@ class Bridge:
                 else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
             )
         buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
-        work = dist.irecv(buf, src=peer, tag=tag)
-        assert work is not None  # None only on a rank outside the group: the bridge uses the default group
-        works.append(work)
+        ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
         return buf
 
     def _check_rows(self, mb: int, rows: torch.Tensor, n: int) -> None:
         if rows.shape[0] != n:
             raise ValueError(f"bridge: microbatch {mb} has {n} image-token rows on this rank, got {rows.shape[0]}")
 
-    # -- public API ------------------------------------------------------------------------------------
-    def send_forward(
+    # -- posting ---------------------------------------------------------------------------------------
+    def post(self, *items: list[dist.P2POp] | Pending, batch: bool = False) -> None:
+        """Post sends (lists of ops from the ``*_sends`` methods) and receives (:class:`Pending`).
+
+        With ``batch`` every op goes into one ``dist.batch_isend_irecv`` (an NCCL group), which colocated ranks
+        need: two ranks that both send to and receive from each other would otherwise deadlock on NCCL, where a
+        send may wait for its receive. Otherwise each op is posted on its own, in order.
+        """
+        ops: list[dist.P2POp] = []
+        owners: list[Pending | None] = []
+        for item in items:
+            if isinstance(item, Pending):
+                if item.works is not None:
+                    continue  # already posted
+                item.works = []
+                ops += item.ops
+                owners += [item] * len(item.ops)
+            else:
+                ops += item
+                owners += [None] * len(item)
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops) if batch else [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+        for op, work, owner in zip(ops, works, owners):
+            assert work is not None  # None only on a rank outside the group: the bridge uses the default group
+            if owner is None:
+                self._sends.append((work, op.tensor))
+            else:
+                owner.works.append(work)  # type: ignore[union-attr]
+
+    # -- transfers ---------------------------------------------------------------------------------------
+    def forward_sends(
         self,
         mb: int,
         src_dp: int,
         embeds: torch.Tensor,
         images_per_sample: torch.Tensor,
         row_cp: torch.Tensor | None = None,
-    ) -> None:
-        """Encoder side: send this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes; each
-        language CP rank gets only the rows of its sequence shard (``row_cp``, see :func:`image_row_cp_ranks`)."""
+    ) -> list[dist.P2POp]:
+        """Encoder side: the sends of this rank's image-token rows of microbatch ``mb`` (``[n, H]``) along its routes
+        (to :meth:`post`); each language CP rank gets only the rows of its sequence shard (``row_cp``, see
+        :func:`image_row_cp_ranks`). Rows for this very rank are handed over at once."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
         lo, hi = dp_sample_range(self.mb_size, src_dp, self.src.dp)
         self._check_rows(mb, embeds, off[hi] - off[lo])
+        ops: list[dist.P2POp] = []
         if self.rank != self.src_sender[src_dp]:  # a tensor-parallel peer of the sender: same rows, sent once
-            return
+            return ops
         for r in self.routes:
             if r.src_dp != src_dp:
                 continue
             piece, own = embeds[off[r.start] - off[lo] : off[r.end] - off[lo]], owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
-                self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], 2 * mb + _FWD, (_FWD, mb, r, c))
+                self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], 2 * mb + _FWD, (_FWD, mb, r, c), ops)
+        return ops
 
-    def recv_forward(
+    def forward_recvs(
         self,
         mb: int,
         dst_dp: int,
         images_per_sample: torch.Tensor,
         cp_rank: int = 0,
         row_cp: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Language side: the image-token rows ``[n, H]`` of this DP rank's samples of microbatch ``mb`` that CP rank
-        ``cp_rank`` needs (all of them when ``cp == 1``), in sample order."""
+    ) -> Pending:
+        """Language side: the receive of the image-token rows ``[n, H]`` of this DP rank's samples of microbatch
+        ``mb`` that CP rank ``cp_rank`` needs (all of them when ``cp == 1``), in sample order; :meth:`post` it,
+        then :meth:`Pending.result`."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
-        works: list[dist.Work] = []
+        ops: list[dist.P2POp] = []
         out: list[torch.Tensor] = []
         for r in self.routes:
             if r.dst_dp == dst_dp:
                 n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
-                out.append(self._recv(n, self.src_sender[r.src_dp], 2 * mb + _FWD, (_FWD, mb, r, cp_rank), works))
-        for w in works:
-            w.wait()
-        return torch.cat(out) if out else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+                out.append(self._recv(n, self.src_sender[r.src_dp], 2 * mb + _FWD, (_FWD, mb, r, cp_rank), ops))
 
-    def send_backward(
+        def assemble() -> torch.Tensor:
+            return torch.cat(out) if out else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+
+        return Pending(ops, assemble)
+
+    def backward_sends(
         self,
         mb: int,
         dst_dp: int,
@@ -264,32 +299,34 @@ class Bridge:
         images_per_sample: torch.Tensor,
         cp_rank: int = 0,
         row_cp: torch.Tensor | None = None,
-    ) -> None:
-        """Language side: send ``d loss / d rows`` (``[n, H]``, the rows :meth:`recv_forward` gave) back."""
+    ) -> list[dist.P2POp]:
+        """Language side: the sends of ``d loss / d rows`` (``[n, H]``, the rows :meth:`forward_recvs` gave) back."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
         lo, hi = dp_sample_range(self.mb_size, dst_dp, self.dst.dp)
         self._check_rows(mb, grads, int((owners[off[lo] : off[hi]] == cp_rank).sum()))
+        ops: list[dist.P2POp] = []
         if self.rank != self.dst_sender[dst_dp][cp_rank]:  # a tensor-parallel peer: same gradient, sent once
-            return
+            return ops
         start = 0
         for r in self.routes:
             if r.dst_dp != dst_dp:
                 continue
             n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
-            self._send(grads[start : start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, (_BWD, mb, r, cp_rank))
+            key = (_BWD, mb, r, cp_rank)
+            self._send(grads[start : start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, key, ops)
             start += n
+        return ops
 
-    def recv_backward(
+    def backward_recvs(
         self, mb: int, src_dp: int, images_per_sample: torch.Tensor, row_cp: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Encoder side: ``d loss / d rows`` for the rows this rank sent for microbatch ``mb`` (``[n, H]``); each row's
-        gradient comes from the CP rank that used it."""
+    ) -> Pending:
+        """Encoder side: the receive of ``d loss / d rows`` for the rows this rank sent for microbatch ``mb``
+        (``[n, H]``); each row's gradient comes from the CP rank that used it."""
         off = self._row_offsets(images_per_sample)
         owners = self._owners(row_cp, off)
         lo, hi = dp_sample_range(self.mb_size, src_dp, self.src.dp)
-        out = torch.zeros(off[hi] - off[lo], self.hidden_size, dtype=self.dtype, device=self.device)
-        works: list[dist.Work] = []
+        ops: list[dist.P2POp] = []
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for r in self.routes:
             if r.src_dp != src_dp:
@@ -297,13 +334,37 @@ class Bridge:
             own = owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
                 rows = torch.nonzero(own == c).flatten() + (off[r.start] - off[lo])
-                buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], 2 * mb + _BWD, (_BWD, mb, r, c), works)
+                buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], 2 * mb + _BWD, (_BWD, mb, r, c), ops)
                 parts.append((rows.to(self.device), buf))
-        for w in works:
-            w.wait()
-        for rows, buf in parts:
-            out[rows] = buf
-        return out
+
+        def assemble() -> torch.Tensor:
+            out = torch.zeros(off[hi] - off[lo], self.hidden_size, dtype=self.dtype, device=self.device)
+            for rows, buf in parts:
+                out[rows] = buf
+            return out
+
+        return Pending(ops, assemble)
+
+    # -- one-call forms (each op posted on its own) ---------------------------------------------------
+    def send_forward(self, mb, src_dp, embeds, images_per_sample, row_cp=None) -> None:
+        """:meth:`forward_sends`, posted."""
+        self.post(self.forward_sends(mb, src_dp, embeds, images_per_sample, row_cp))
+
+    def recv_forward(self, mb, dst_dp, images_per_sample, cp_rank=0, row_cp=None) -> torch.Tensor:
+        """:meth:`forward_recvs`, posted and waited for."""
+        pending = self.forward_recvs(mb, dst_dp, images_per_sample, cp_rank, row_cp)
+        self.post(pending)
+        return pending.result()
+
+    def send_backward(self, mb, dst_dp, grads, images_per_sample, cp_rank=0, row_cp=None) -> None:
+        """:meth:`backward_sends`, posted."""
+        self.post(self.backward_sends(mb, dst_dp, grads, images_per_sample, cp_rank, row_cp))
+
+    def recv_backward(self, mb, src_dp, images_per_sample, row_cp=None) -> torch.Tensor:
+        """:meth:`backward_recvs`, posted and waited for."""
+        pending = self.backward_recvs(mb, src_dp, images_per_sample, row_cp)
+        self.post(pending)
+        return pending.result()
 
     def wait(self) -> None:
         """Wait for every outstanding send; raise if a colocated hand-over was never collected."""
@@ -314,3 +375,25 @@ class Bridge:
             leftover = sorted((k[0], k[1]) for k in self._local)
             self._local.clear()
             raise RuntimeError(f"bridge: local hand-overs never received (direction, microbatch): {leftover}")
+
+
+class Pending:
+    """The receives of one bridge transfer: ``ops`` to :meth:`Bridge.post`, then :meth:`result` waits for them and
+    assembles the rows (``[n, H]``, dtype and device of the bridge)."""
+
+    def __init__(self, ops: list[dist.P2POp], assemble):
+        self.ops = ops
+        self.works: list[dist.Work] | None = None if ops else []
+        self._assemble = assemble
+
+    def result(self) -> torch.Tensor:
+        """Wait for the receives and return the rows.
+
+        Raises:
+            RuntimeError: the receives were never posted.
+        """
+        if self.works is None:
+            raise RuntimeError("bridge: a receive was waited for before Bridge.post posted it")
+        for w in self.works:
+            w.wait()
+        return self._assemble()

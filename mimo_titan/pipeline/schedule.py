@@ -1,24 +1,34 @@
-"""Drive one training step of a MIMO model across module meshes (non-colocated or colocated, one code path).
+"""Drive one training step of a MIMO model across module meshes: one pipeline whose leading stage is the encoder.
 
-Order on each rank (a rank may hold both modules, colocated):
+The encoder (its DP ranks, non-colocated or colocated with the language model) and the language model's pipeline
+stages (``torch.distributed.pipelining``: ``PipelineStage`` + ``Schedule1F1B`` / ``ScheduleGPipe``) run one
+microbatch-level schedule. Three ways to run it (:attr:`MimoSchedule.mode`):
 
-1. encoder ranks: for each microbatch ``m``: encode this DP rank's images of ``m``, send the image-token rows
-   over the :class:`~mimo_titan.pipeline.bridge.Bridge` (asynchronously);
-2. language ranks: the first stage receives microbatch ``m``'s rows, places them at the placeholder positions
-   (dense ``[b, S, H]``, a leaf that requires grad); then ``torch.distributed.pipelining`` (``PipelineStage`` +
-   ``Schedule1F1B`` / ``ScheduleGPipe``) runs all microbatches through the language stages, with the loss
-   ``sum of per-token cross-entropy / global count of loss tokens``; the first stage sends ``d loss / d rows``
-   back;
-3. encoder ranks: receive each microbatch's gradient and run its backward (FSDP reduces after the last).
+``"streamed"`` (non-colocated, ``parallelism.module_schedule = "1F1B"``, the default)
+    The encoder is stage 0 of a ``1 + pp`` stage 1F1B pipeline (:mod:`mimo_titan.pipeline.order`): it encodes
+    microbatch ``m`` and sends its image-token rows over the :class:`~mimo_titan.pipeline.bridge.Bridge` at once;
+    the language model's first stage receives microbatch ``m`` right before its forward of ``m`` (and only
+    ``m``); the gradient of ``m``'s rows goes back the moment that stage's backward of ``m`` reaches them, and
+    the encoder runs its backward of ``m`` while the language model works on later microbatches.
+``"inline"`` (colocated, ``parallelism.colocated_encoders = "inline"``, language ``pp = 1``)
+    Each rank encodes microbatch ``m`` right before the language model's forward of ``m`` and runs the
+    encoder's backward of ``m`` right after the language model's backward of ``m``.
+``"whole_batch"`` (colocated, ``colocated_encoders = "batch"``, the default; or ``module_schedule = "GPipe"``)
+    The encoder runs every microbatch's forward, the rows cross in one exchange, the language model runs its
+    schedule, the gradients cross back in one exchange and the encoder runs every backward: GPipe at the module
+    level, fewer and larger encoder kernels.
+
+Colocated exchanges go through one ``batch_isend_irecv`` (an NCCL group: two ranks that send to each other
+would otherwise deadlock on NCCL). Streamed pairs of ranks post their point-to-point operations in the same
+order on both sides (the language side posts the receive of every forward the encoder sends before a
+gradient's receive ahead of sending that gradient), as NCCL, which ignores tags, needs.
 
 Gradients are *sums* over microbatches and DP ranks (the loss is already normalised globally), so the
 pipelining schedule runs with ``scale_grads=False`` and FSDP reduces with a sum (see ``parallel.fsdp``).
 
-The encoder runs all microbatches' forwards before the language pipeline starts (GPipe at the module level);
-within the language module the chosen schedule interleaves microbatches.
-
-Reference semantics: Megatron-LM ``examples/mimo/training`` (encoder grid feeding the LM grid through the
-bridge communicator), with torch.distributed.pipelining in place of Megatron's schedules.
+Reference semantics: Megatron-LM's multi-module pipeline (``pipeline_parallel/schedules.py``: encoder stages lead
+the language model's stages in one 1F1B schedule; ``bridge_communicator.py`` between the module grids;
+``examples/mimo/training``), with torch.distributed.pipelining for the language stages.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
@@ -38,16 +49,52 @@ from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
 from mimo_titan.parallel import comm
-from mimo_titan.pipeline.bridge import Bridge, cp_owner, image_row_cp_ranks
+from mimo_titan.pipeline.bridge import Bridge, Pending, cp_owner, image_row_cp_ranks
+from mimo_titan.pipeline.order import encoder_warmup, one_f_one_b_order
 
 if TYPE_CHECKING:
-    from torch.distributed.fsdp import FSDPModule
+    from collections.abc import Callable
 
     from mimo_titan.data.packing import PackedBatch
 
-__all__ = ["MimoSchedule", "PIPELINE_SCHEDULES"]
+__all__ = ["MODULE_SCHEDULES", "PIPELINE_SCHEDULES", "MimoSchedule", "schedule_mode"]
 
 PIPELINE_SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
+MODULE_SCHEDULES = ("1F1B", "GPipe")
+
+
+def schedule_mode(*, colocated: bool, module_schedule: str, colocated_encoders: str) -> str:
+    """``"streamed"``, ``"inline"`` or ``"whole_batch"`` (see the module docstring) for a layout and its keys."""
+    if module_schedule == "GPipe":
+        return "whole_batch"
+    if colocated:
+        return "inline" if colocated_encoders == "inline" else "whole_batch"
+    return "streamed"
+
+
+class _FirstStage(PipelineStage):
+    """The language model's first ``PipelineStage``: takes microbatch ``m``'s image embeddings from the bridge right
+    before its forward of ``m`` (as the keyword input ``image_dense_BSH``) and reports the end of its backward of
+    ``m`` (colocated encoders run theirs then)."""
+
+    def __init__(
+        self,
+        *args,
+        before_forward: Callable[[int], dict[str, torch.Tensor]],
+        after_backward: Callable[[int], None],
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self._before_forward, self._after_backward = before_forward, after_backward
+
+    def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, *rest, **kw):
+        extra = self._before_forward(fwd_chunk_id)
+        return super().forward_one_chunk(fwd_chunk_id, args, {**(kwargs or {}), **extra}, *rest, **kw)
+
+    def backward_one_chunk(self, bwd_chunk_id, *rest, **kw):
+        out = super().backward_one_chunk(bwd_chunk_id, *rest, **kw)
+        self._after_backward(bwd_chunk_id)
+        return out
 
 
 class MimoSchedule:
@@ -55,13 +102,15 @@ class MimoSchedule:
 
     Args:
         topology: the ``Topology`` of this run.
-        vision: this rank's encoder module (FSDP-wrapped) or ``None`` if the rank holds no encoder.
+        encoder: this rank's encoder module (FSDP-wrapped, or any module in benchmarks) or ``None``.
         language: this rank's :class:`~mimo_titan.models.mimo.LanguageStage` (FSDP-wrapped) or ``None``.
         bridge: the encoder → language :class:`Bridge`.
         microbatches: microbatches per step (M).
-        schedule: ``"1F1B"`` or ``"GPipe"`` for the language pipeline.
+        schedule: ``"1F1B"`` or ``"GPipe"``: the language pipeline's schedule (``parallelism.pipeline_schedule``).
+        module_schedule: ``"1F1B"`` (the encoder leads the language stages in one schedule) or ``"GPipe"`` (the
+            encoder's whole batch first, its backwards after the language model's step).
+        colocated_encoders: ``"batch"`` or ``"inline"``, how a colocated encoder runs (module docstring).
         image_token_id: id of ``<|image|>``.
-        tokens_per_image: image tokens per image (P).
         device: device the step runs on.
         seq_len: S, tokens per sample (or per packed row).
         vocab_size: V (logits width of the last stage; ``V / tp`` per rank under tensor parallelism).
@@ -74,43 +123,60 @@ class MimoSchedule:
     on uninitialised tensors (MoE routing and expert all-to-alls included) before the first step.
 
     Raises:
-        ValueError: for an unknown schedule name.
+        ValueError: an unknown schedule name, or ``"inline"`` with a language ``pp > 1``.
     """
 
     def __init__(
         self,
         topology,
-        vision: nn.Module | None,
+        encoder: nn.Module | None,
         language: nn.Module | None,
         bridge: Bridge,
+        *,
         microbatches: int,
         schedule: str,
         image_token_id: int,
-        tokens_per_image: int,
         device: torch.device,
         seq_len: int,
         vocab_size: int,
         act_dtype: torch.dtype,
         packed: bool = False,
+        module_schedule: str = "1F1B",
+        colocated_encoders: str = "batch",
     ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
+        if module_schedule not in MODULE_SCHEDULES:
+            raise ValueError(f"parallelism.module_schedule={module_schedule!r}; choose one of {list(MODULE_SCHEDULES)}")
         role = topology.role
         self.topology, self.role, self.bridge = topology, role, bridge
-        self.vision, self.language = vision, language
-        self.microbatches, self.image_token_id, self.tokens_per_image = microbatches, image_token_id, tokens_per_image
+        self.encoder, self.language = encoder, language
+        self.microbatches, self.image_token_id = microbatches, image_token_id
         self.device = device
         self.lang_name = role.language
         enc = [n for n in topology.layouts if n != self.lang_name]
         if len(enc) != 1:
             raise ValueError(f"exactly one encoder module is supported for now, got {enc}")
-        self.vision_name = enc[0]
+        self.enc_name = enc[0]
+        enc_lay, lang_lay = topology.layouts[self.enc_name], topology.layouts[self.lang_name]
+        self.colocated = enc_lay.rank_offset == lang_lay.rank_offset
+        self.mode = schedule_mode(
+            colocated=self.colocated, module_schedule=module_schedule, colocated_encoders=colocated_encoders
+        )
+        if self.mode == "inline" and lang_lay.pp > 1:
+            raise ValueError(
+                f"parallelism.colocated_encoders='inline' needs parallelism.{self.lang_name}.pp = 1 (got "
+                f"{lang_lay.pp}): every rank must run the language model's first stage; use 'batch'"
+            )
+        #: forwards the encoder runs ahead of its first backward (streamed mode)
+        self.encoder_warmup = encoder_warmup(schedule, lang_lay.pp, microbatches)
         self._num_loss_tokens = 1
         self.pp_schedule = None
         self.packed = packed
         self.cp_size, self.cp_rank, self.tp_mesh = 1, 0, None
+        self.is_first = False
         if language is not None:
-            lay = topology.layouts[self.lang_name]
+            lay = lang_lay
             self.cp_size, self.cp_rank = lay.cp, role.coordinates[self.lang_name]["cp"]
             if lay.tp > 1:
                 self.tp_mesh = topology.tp_mesh(self.lang_name)
@@ -125,17 +191,15 @@ class MimoSchedule:
             def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
                 return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
 
+            # the first stage's image embeddings come from the bridge (a keyword input); later stages' inputs and
+            # non-last stages' outputs are the SP shard [b, S / (cp tp), H]
             inputs = (
-                (meta(b, seq_len, dtype=torch.int64, grad=False), meta(b, seq_len, H, dtype=bridge.dtype))
+                (meta(b, seq_len, dtype=torch.int64, grad=False),)
                 if self.is_first
-                else (meta(b, s_local, H),)
+                else (meta(b, s_local // lay.tp, H),)
             )
-            # inputs of later stages and outputs of non-last stages are the SP shard [b, S / (cp tp), H]
-            if not self.is_first:
-                inputs = (meta(b, s_local // lay.tp, H),)
             outputs = (meta(b, s_local, vocab_size // lay.tp),) if self.is_last else (meta(b, s_local // lay.tp, H),)
-            self.stage = PipelineStage(
-                language,
+            common = dict(
                 stage_index=stage_idx,
                 num_stages=lay.pp,
                 device=device,
@@ -143,10 +207,17 @@ class MimoSchedule:
                 output_args=outputs,
                 group=topology.pp_group(self.lang_name),
             )
+            if self.is_first:
+                self.stage: PipelineStage = _FirstStage(
+                    language, before_forward=self._before_lm_forward, after_backward=self._after_lm_backward, **common
+                )
+            else:
+                self.stage = PipelineStage(language, **common)
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
                 self.stage, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
             )
 
+    # -- loss --------------------------------------------------------------------------------------------
     def _loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Sum of per-token cross-entropy (fp32) over the microbatch / global number of loss tokens of the step.
 
@@ -167,9 +238,10 @@ class MimoSchedule:
         """``loss_parallel()`` under tensor parallelism (forward and backward of the loss run inside), else a no-op."""
         return loss_parallel() if self.tp_mesh is not None else contextlib.nullcontext()
 
-    def _mb_images(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor:
-        s = len(global_batch) // self.microbatches
-        return global_batch.images_per_sample[m * s : (m + 1) * s]
+    # -- per-step geometry --------------------------------------------------------------------------------
+    def _mb_images(self, m: int) -> torch.Tensor:
+        s = len(self._batch) // self.microbatches
+        return self._batch.images_per_sample[m * s : (m + 1) * s]
 
     def _row_cp(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor | None:
         """The language CP rank of every image-token row of global microbatch ``m`` (None without CP)."""
@@ -180,27 +252,114 @@ class MimoSchedule:
         docs = cast("PackedBatch", global_batch).doc_ids[m * s : (m + 1) * s] if self.packed else None
         return image_row_cp_ranks(global_batch.input_ids[m * s : (m + 1) * s], self.image_token_id, cp, docs)
 
+    # -- encoder side -------------------------------------------------------------------------------------
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows
         are dropped)."""
-        assert self.vision is not None, "only a rank holding the encoder encodes"
+        assert self.encoder is not None, "only a rank holding the encoder encodes"
         n = pixel_values.shape[0]
         if n == 0:
             dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
-            with excluded_from_stats(self.vision):  # MoE routing of the dummy counts for nothing
-                out = self.vision(dummy)
+            with excluded_from_stats(self.encoder):  # MoE routing of the dummy counts for nothing
+                out = self.encoder(dummy)
         else:
-            out = self.vision(pixel_values)
+            out = self.encoder(pixel_values)
         # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
         # sends it), not at process exit
         return comm.wait(out)[:n]
 
+    def _encoder_forward(self, m: int):
+        """Encode this DP rank's images of microbatch ``m``; return the bridge sends of its rows (to post)."""
+        b = len(self._enc_local) // self.microbatches
+        mb = self._enc_local.slice(m * b, (m + 1) * b)
+        out = self._encode(mb.pixel_values.to(self.device))
+        self._enc_out[m] = out
+        return self.bridge.forward_sends(m, self._enc_dp, out.flatten(0, 1), self._mb_images(m), self._row_cp_mb[m])
+
+    def _encoder_grad_recv(self, m: int) -> Pending:
+        return self.bridge.backward_recvs(m, self._enc_dp, self._mb_images(m), self._row_cp_mb[m])
+
+    def _encoder_backward(self, m: int, grad_rows: torch.Tensor) -> None:
+        """Backward of microbatch ``m``'s encoder output with ``d loss / d rows``; FSDP reduces after the last."""
+        out = self._enc_out.pop(m)
+        self._enc_backwards += 1
+        last = self._enc_backwards == self.microbatches
+        if isinstance(self.encoder, FSDPModule):  # one reduce after the last microbatch, as pipelining does
+            self.encoder.set_requires_gradient_sync(last)
+            self.encoder.set_is_last_backward(last)
+            self.encoder.set_reshard_after_backward(last)
+        torch.autograd.backward(out, grad_rows.to(out.dtype).view_as(out))
+
+    def _run_encoder_streamed(self) -> None:
+        """The encoder as the leading stage of the 1F1B pipeline (non-colocated)."""
+        M = self.microbatches
+        for kind, m in one_f_one_b_order(M, self.encoder_warmup):
+            if kind == "F":
+                self.bridge.post(self._encoder_forward(m))
+            else:
+                pending = self._encoder_grad_recv(m)
+                self.bridge.post(pending)
+                self._encoder_backward(m, pending.result())
+
+    # -- language side (first stage) ------------------------------------------------------------------------
+    def _post_forward_recvs(self, upto: int) -> None:
+        """Post the bridge receives of microbatches ``<= upto`` not posted yet (streamed mode), in order."""
+        while self._posted < min(upto + 1, self.microbatches):
+            self.bridge.post(self._fwd_recv[self._posted])
+            self._posted += 1
+
+    def _before_lm_forward(self, m: int) -> dict[str, torch.Tensor]:
+        """Microbatch ``m``'s image embeddings ``{"image_dense_BSH": [b, S, H]}`` (a leaf whose gradient goes back
+        over the bridge)."""
+        if self.mode == "inline":
+            self.bridge.post(self._encoder_forward(m), self._fwd_recv[m], batch=True)
+        elif self.mode == "streamed":
+            self._post_forward_recvs(m)
+        rows = self._fwd_recv[m].result()
+        b = self._lm_ids.shape[0] // self.microbatches
+        mine = self._mine[m * b : (m + 1) * b]
+        dense = torch.zeros(*mine.shape, self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device)
+        dense[mine] = rows
+        dense.requires_grad_(True)
+        dense.register_hook(lambda g, m=m: self._on_image_grad(m, g))
+        return {"image_dense_BSH": dense}
+
+    def _on_image_grad(self, m: int, grad_BSH: torch.Tensor) -> None:
+        """The gradient of microbatch ``m``'s image embeddings has been computed: send its rows back (streamed)
+        or keep them for the exchange after the backward (inline) or the step (whole batch)."""
+        b = self._lm_ids.shape[0] // self.microbatches
+        rows = grad_BSH[self._mine[m * b : (m + 1) * b]]
+        self._grads_seen.add(m)
+        if self.mode == "streamed":
+            # the encoder sends every forward up to m + warmup - 1 before it receives this gradient: post those
+            # receives first, so both ranks of the pair order their operations alike
+            self._post_forward_recvs(m + self.encoder_warmup - 1)
+            self.bridge.post(self._grad_sends(m, rows))
+        else:
+            self._grad_rows[m] = rows
+
+    def _grad_sends(self, m: int, rows: torch.Tensor):
+        return self.bridge.backward_sends(m, self._lm_dp, rows, self._mb_images(m), self.cp_rank, self._row_cp_mb[m])
+
+    def _after_lm_backward(self, m: int) -> None:
+        if self.mode != "inline":
+            return
+        sends = self._grad_sends(m, self._grad_rows.pop(m))  # first: a rank's own rows are handed over in memory
+        pending = self._encoder_grad_recv(m)
+        self.bridge.post(sends, pending, batch=True)
+        self._encoder_backward(m, pending.result())
+
+    # -- the step -------------------------------------------------------------------------------------------
     def step(self, global_batch: Batch | PackedBatch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.
 
         Returns:
             0-dim fp32 tensor: this rank's share of the step loss (non-zero on the last language stage only);
             the sum over ranks is the loss of the global batch.
+
+        Raises:
+            ValueError: a batch that does not match ``data.packing``.
+            RuntimeError: the language model produced no gradient for some microbatch's image embeddings.
         """
         if self.packed != hasattr(global_batch, "doc_ids"):
             raise ValueError(
@@ -208,23 +367,31 @@ class MimoSchedule:
                 "build the loader with mimo_titan.train.trainer.build_loader(cfg, ...)"
             )
         M = self.microbatches
+        self._batch = global_batch
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
-        row_cp = [self._row_cp(global_batch, m) for m in range(M)]
-        enc_outputs = []
-        if self.vision is not None:
-            v_dp = self.role.dp_rank(self.vision_name)
-            v_local = local_batch(global_batch, M, v_dp, self.topology.layouts[self.vision_name].dp)
-            b = len(v_local) // M
-            for m in range(M):
-                mb = v_local.slice(m * b, (m + 1) * b)
-                out = self._encode(mb.pixel_values.to(self.device))
-                enc_outputs.append(out)
-                self.bridge.send_forward(m, v_dp, out.flatten(0, 1), self._mb_images(global_batch, m), row_cp[m])
+        self._row_cp_mb = [self._row_cp(global_batch, m) for m in range(M)]
+        self._enc_out: dict[int, torch.Tensor] = {}
+        self._enc_backwards = 0
+        self._grad_rows: dict[int, torch.Tensor] = {}
+        self._grads_seen: set[int] = set()
+        self._posted = 0
+        batch_post = self.colocated  # colocated ranks send to and receive from each other
+        if self.encoder is not None:
+            self._enc_dp = self.role.dp_rank(self.enc_name)
+            self._enc_local = local_batch(global_batch, M, self._enc_dp, self.topology.layouts[self.enc_name].dp)
 
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.encoder is not None and self.mode == "streamed":
+            self._run_encoder_streamed()
+        sends = []
+        if self.encoder is not None and self.mode == "whole_batch":
+            sends = [op for m in range(M) for op in self._encoder_forward(m)]
+            if not (self.pp_schedule is not None and self.is_first):  # nothing to receive: post the rows now
+                self.bridge.post(sends, batch=batch_post)
+                sends = []
         if self.pp_schedule is not None:
-            l_dp = self.role.dp_rank(self.lang_name)
-            l_local = local_batch(global_batch, M, l_dp, self.topology.layouts[self.lang_name].dp)
+            self._lm_dp = self.role.dp_rank(self.lang_name)
+            l_local = local_batch(global_batch, M, self._lm_dp, self.topology.layouts[self.lang_name].dp)
             input_ids = l_local.input_ids.to(self.device)
             kwargs: dict[str, Any] = {}
             doc_ids = None
@@ -237,51 +404,54 @@ class MimoSchedule:
                 labels = cp_shard_rows(l_local.labels.to(self.device), self.cp_size, self.cp_rank, doc_ids)
                 kwargs.update(target=labels, losses=losses)
             if self.is_first:
-                b = len(l_local) // M
+                self._lm_ids = input_ids
                 # the image-token positions this CP rank keeps (its rows are exactly those, in order)
                 rows_b, rows_s = l_local.input_ids.shape
                 docs = cast("PackedBatch", l_local).doc_ids if self.packed else None
                 mine = cp_owner(rows_b, rows_s, self.cp_size, docs)
-                mine = (mine == self.cp_rank).to(self.device) & (input_ids == self.image_token_id)
-                dense = []
-                for m in range(M):
-                    rows = self.bridge.recv_forward(m, l_dp, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
-                    d = torch.zeros(
-                        b, input_ids.shape[1], self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device
-                    )
-                    d[mine[m * b : (m + 1) * b]] = rows
-                    dense.append(d)
-                image_dense = torch.cat(dense).requires_grad_(True)
+                self._mine = (mine == self.cp_rank).to(self.device) & (input_ids == self.image_token_id)
+                # each microbatch's receive is built on first use: after its rows are sent (a rank's own rows are
+                # handed over in memory)
+                self._fwd_recv = _LazyRecvs(self)
+                if self.mode == "whole_batch":
+                    self.bridge.post(sends, *(self._fwd_recv[m] for m in range(M)), batch=batch_post)
+                    sends = []
                 with self._loss_context():
-                    self.pp_schedule.step(input_ids, image_dense, return_outputs=False, **kwargs)
-                grad = image_dense.grad
-                if grad is None:
+                    self.pp_schedule.step(input_ids, return_outputs=False, **kwargs)
+                if len(self._grads_seen) != M:
+                    missing = sorted(set(range(M)) - self._grads_seen)
                     raise RuntimeError(
-                        "the language pipeline produced no gradient for the image embeddings; the "
-                        "encoder would silently stop training"
+                        f"the language pipeline produced no gradient for the image embeddings of microbatches "
+                        f"{missing}; the encoder would silently stop training"
                     )
-                for m in range(M):
-                    g = grad[m * b : (m + 1) * b][mine[m * b : (m + 1) * b]]
-                    self.bridge.send_backward(m, l_dp, g, self._mb_images(global_batch, m), self.cp_rank, row_cp[m])
             else:
                 with self._loss_context():
                     self.pp_schedule.step(return_outputs=False, **kwargs)
             if losses and self.reports_loss:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
-        if self.vision is not None:
-            vision = cast("FSDPModule", self.vision)  # fully_shard made the encoder an FSDPModule
-            v_dp = self.role.dp_rank(self.vision_name)
-            grads = []
-            for m, out in enumerate(enc_outputs):
-                g = self.bridge.recv_backward(m, v_dp, self._mb_images(global_batch, m), row_cp[m])
-                grads.append(g.to(out.dtype).view_as(out))
-            for m, (out, g) in enumerate(zip(enc_outputs, grads)):
-                # one backward per microbatch, reducing gradients after the last (as pipelining does for the LM)
-                last = m == len(enc_outputs) - 1
-                vision.set_requires_gradient_sync(last)
-                vision.set_is_last_backward(last)
-                vision.set_reshard_after_backward(last)
-                torch.autograd.backward(out, g)
+        if self.mode == "whole_batch":
+            grad_sends = [op for m in sorted(self._grad_rows) for op in self._grad_sends(m, self._grad_rows[m])]
+            self._grad_rows.clear()
+            pending = [self._encoder_grad_recv(m) for m in range(M)] if self.encoder is not None else []
+            self.bridge.post(grad_sends, *pending, batch=batch_post)
+            for m, p in enumerate(pending):
+                self._encoder_backward(m, p.result())
         self.bridge.wait()
+        self._batch = None  # type: ignore[assignment]
         return loss
+
+
+class _LazyRecvs:
+    """The bridge receive of each microbatch ``m``, built on first use (after the rows of ``m`` are sent: a
+    colocated rank's own rows are handed over in memory)."""
+
+    def __init__(self, schedule: MimoSchedule):
+        self._schedule = schedule
+        self._made: dict[int, Pending] = {}
+
+    def __getitem__(self, m: int) -> Pending:
+        if m not in self._made:
+            s = self._schedule
+            self._made[m] = s.bridge.forward_recvs(m, s._lm_dp, s._mb_images(m), s.cp_rank, s._row_cp_mb[m])
+        return self._made[m]

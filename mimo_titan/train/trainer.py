@@ -156,8 +156,41 @@ def validate_job(cfg: Config, world_size: int) -> dict:
             f"training.microbatches={cfg.training.microbatches} is smaller than parallelism.language.pp={lang.pp}: "
             f"the pipeline needs at least one microbatch per stage; set training.microbatches >= {lang.pp}"
         )
+    _check_schedule(cfg, layouts)
     check_kernel_backend(cfg)
     return layouts
+
+
+def _check_schedule(cfg: Config, layouts: dict) -> None:
+    """``parallelism.module_schedule`` / ``colocated_encoders`` against the layout (before any process group).
+
+    Raises:
+        ConfigError: ``colocated_encoders = "inline"`` with non-colocated modules, with a language ``pp > 1`` or
+            with ``module_schedule = "GPipe"``.
+    """
+    par = cfg.parallelism
+    if par.colocated_encoders != "inline":
+        return
+    lang = next(lay for lay in layouts.values() if lay.is_language)
+    encoders = [lay for lay in layouts.values() if not lay.is_language]
+    apart = [e.name for e in encoders if e.rank_offset != lang.rank_offset]
+    if apart:
+        raise ConfigError(
+            f"parallelism.colocated_encoders='inline' applies to encoders on the language model's ranks, but "
+            f"{apart} have ranges of their own (they stream microbatch by microbatch already); remove the key or set "
+            "it to 'batch'"
+        )
+    if par.module_schedule == "GPipe":
+        raise ConfigError(
+            "parallelism.colocated_encoders='inline' with parallelism.module_schedule='GPipe': GPipe runs the "
+            "encoder's whole batch first; choose module_schedule = '1F1B' or colocated_encoders = 'batch'"
+        )
+    if lang.pp > 1:
+        raise ConfigError(
+            f"parallelism.colocated_encoders='inline' needs parallelism.{lang.name}.pp = 1 (got {lang.pp}): each "
+            "rank encodes microbatch m right before its language forward of m, which only the first stage runs; "
+            "set colocated_encoders = 'batch' or pp = 1"
+        )
 
 
 def _mem_available_bytes() -> int | None:
@@ -467,14 +500,15 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         modules.get(vis_name),
         modules.get(lang_name),
         bridge,
-        cfg.training.microbatches,
-        cfg.parallelism.pipeline_schedule,
-        processor.image_token_id,
-        tokens_per_image,
-        device,
-        padded_seq_len(cfg),
-        cfg.model.language.vocab_size,
-        param_dtype,
+        microbatches=cfg.training.microbatches,
+        schedule=cfg.parallelism.pipeline_schedule,
+        module_schedule=cfg.parallelism.module_schedule,
+        colocated_encoders=cfg.parallelism.colocated_encoders,
+        image_token_id=processor.image_token_id,
+        device=device,
+        seq_len=padded_seq_len(cfg),
+        vocab_size=cfg.model.language.vocab_size,
+        act_dtype=param_dtype,
         packed=cfg.data.packing,
     )
     rng = {}

@@ -1,0 +1,284 @@
+"""The order of forward and backward microbatches on every stage of the cross-module pipeline, and its
+analytical step time.
+
+A MIMO step is one pipeline: the encoder stages lead, the language model's stages follow. With ``T`` stages in
+all and ``M`` microbatches, stage ``s`` runs, under **1F1B**, ``min(M, T - s)`` warm-up forwards and then
+alternates one backward and one forward (``B0 F_w B1 F_{w+1} ...``) until its backwards drain; under **GPipe** it
+runs every forward, then every backward. The language stages' orders are exactly those of
+``torch.distributed.pipelining.Schedule1F1B`` / ``ScheduleGPipe`` (stage ``i`` of ``pp`` warms up with
+``pp - i`` forwards); the encoder in front of them warms up with one more than the language model's first
+stage, so the language model never waits for a microbatch it could already run, and holds at most
+``T - s`` microbatches of activations (Megatron-LM's rule for the encoder stages that lead its 1F1B pipeline,
+``schedules.forward_backward_pipelining_without_interleaving``).
+
+**Module-level GPipe** (``parallelism.module_schedule = "GPipe"``, the older order): the encoder runs all
+forwards, the language model receives all of them before it starts its own schedule, and the encoder's
+backwards start once the language model's first stage has finished its whole step.
+
+:func:`simulate` plays the orders with fixed forward / backward times and no communication cost, the
+analytical time that ``scripts/bench_schedule.py`` sets beside a measured one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Action",
+    "Stage",
+    "Timeline",
+    "encoder_warmup",
+    "gpipe_order",
+    "one_f_one_b_order",
+    "simulate",
+    "stage_order",
+]
+
+#: ``("F" | "B", microbatch)``
+Action = tuple[str, int]
+
+
+def one_f_one_b_order(microbatches: int, warmup: int) -> list[Action]:
+    """``warmup`` forwards, then one backward and one forward alternately, then the remaining backwards.
+
+    Example: ``one_f_one_b_order(4, 2)`` → F0 F1 B0 F2 B1 F3 B2 B3.
+    """
+    w = max(1, min(microbatches, warmup))
+    out: list[Action] = [("F", m) for m in range(w)]
+    nxt = w
+    for b in range(microbatches):
+        out.append(("B", b))
+        if nxt < microbatches:
+            out.append(("F", nxt))
+            nxt += 1
+    return out
+
+
+def gpipe_order(microbatches: int) -> list[Action]:
+    """Every forward, then every backward: F0 .. F(M-1) B0 .. B(M-1)."""
+    return [("F", m) for m in range(microbatches)] + [("B", m) for m in range(microbatches)]
+
+
+def stage_order(schedule: str, microbatches: int, num_stages: int, stage: int) -> list[Action]:
+    """The order of stage ``stage`` of a ``num_stages``-stage pipeline under ``schedule`` (``"1F1B"``/``"GPipe"``).
+
+    Raises:
+        ValueError: an unknown schedule or a stage outside ``[0, num_stages)``.
+    """
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} is outside [0, {num_stages})")
+    if schedule == "1F1B":
+        return one_f_one_b_order(microbatches, num_stages - stage)
+    if schedule == "GPipe":
+        return gpipe_order(microbatches)
+    raise ValueError(f"no order for schedule {schedule!r}; choose 1F1B or GPipe")
+
+
+def encoder_warmup(lm_schedule: str, lm_pp: int, microbatches: int) -> int:
+    """Warm-up forwards of a single-stage encoder that leads the language pipeline: ``lm_pp + 1`` under 1F1B
+    (the encoder is stage 0 of ``1 + lm_pp``), every microbatch under GPipe (the language model's first stage runs
+    every forward before its first backward, so the encoder must not wait for a gradient earlier)."""
+    if lm_schedule == "GPipe":
+        return microbatches
+    return min(microbatches, lm_pp + 1)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage in :func:`simulate`.
+
+    Attributes:
+        name: unique name (e.g. ``"vision"``, ``"language.0"``).
+        order: its actions in the order it runs them.
+        forward_s / backward_s: seconds of one microbatch's forward / backward.
+        inputs: the stages whose forward of microbatch ``m`` this stage's forward of ``m`` needs (their
+            backward of ``m`` needs this stage's backward of ``m``).
+        after_all_forwards_of: the stages whose every forward must end before this stage's first forward
+            (module-level GPipe: the language model waits for the encoder's whole batch).
+        backward_after_step_of: the stages whose whole order must end before this stage's first backward
+            (module-level GPipe: gradients cross back after the language model's step).
+        worker: the rank group that runs it; stages sharing a worker run one after another in list order
+            of their actions (colocated modules), default: the stage's own name.
+    """
+
+    name: str
+    order: Sequence[Action]
+    forward_s: float
+    backward_s: float
+    inputs: Sequence[str] = ()
+    after_all_forwards_of: Sequence[str] = ()
+    backward_after_step_of: Sequence[str] = ()
+    worker: str | None = None
+
+
+@dataclass
+class Timeline:
+    """What :func:`simulate` returns: ``step_s`` (seconds), per-stage ``busy_s`` and the end of every action."""
+
+    step_s: float
+    busy_s: dict[str, float]
+    end: dict[tuple[str, str, int], float] = field(repr=False)
+
+    def busy_fraction(self, stage: str) -> float:
+        """Fraction of the step stage ``stage`` computes."""
+        return self.busy_s[stage] / self.step_s if self.step_s else 0.0
+
+
+def simulate(
+    stages: Sequence[Stage], worker_orders: Mapping[str, Sequence[tuple[str, Action]]] | None = None
+) -> Timeline:
+    """Play the stages' orders with fixed compute times and instant communication.
+
+    Every action starts when its worker is free and its dependencies have ended: ``F`` of microbatch ``m`` needs
+    ``F m`` of every input stage; ``B m`` needs ``F m`` of the same stage and ``B m`` of every stage fed by it.
+
+    Args:
+        stages: the stages; consumers are derived from ``inputs``.
+        worker_orders: for workers that run several stages (colocated modules), the interleaved order
+            ``[(stage name, action), ...]``; a worker not given runs its one stage's ``order``.
+
+    Returns:
+        the :class:`Timeline`.
+
+    Raises:
+        ValueError: a deadlock (some action can never start) or an unknown stage name.
+    """
+    by_name = {s.name: s for s in stages}
+    consumers: dict[str, list[str]] = {s.name: [] for s in stages}
+    for s in stages:
+        for i in s.inputs:
+            if i not in by_name:
+                raise ValueError(f"stage {s.name!r} takes input from unknown stage {i!r}")
+            consumers[i].append(s.name)
+    queues: dict[str, list[tuple[str, Action]]] = {}
+    for s in stages:
+        w = s.worker or s.name
+        if worker_orders and w in worker_orders:
+            queues[w] = list(worker_orders[w])
+        else:
+            queues.setdefault(w, []).extend((s.name, a) for a in s.order)
+    end: dict[tuple[str, str, int], float] = {}
+    free = dict.fromkeys(queues, 0.0)
+    busy = dict.fromkeys(by_name, 0.0)
+    pos = dict.fromkeys(queues, 0)
+    last_forward = {s.name: max((m for k, m in s.order if k == "F"), default=-1) for s in stages}
+
+    def ready(name: str, action: Action) -> float | None:
+        kind, m = action
+        st = by_name[name]
+        deps: list[tuple[str, str, int]] = []
+        if kind == "F":
+            deps += [(i, "F", m) for i in st.inputs]
+            deps += [(g, "F", last_forward[g]) for g in st.after_all_forwards_of]
+        else:
+            deps += [(name, "F", m)] + [(c, "B", m) for c in consumers[name]]
+            for g in st.backward_after_step_of:
+                k, mm = by_name[g].order[-1]
+                deps.append((g, k, mm))
+        times = [end.get(d) for d in deps]
+        return None if any(t is None for t in times) else max([0.0, *times])  # type: ignore[type-var]
+
+    remaining = sum(len(q) for q in queues.values())
+    while remaining:
+        progressed = False
+        for w, q in queues.items():
+            while pos[w] < len(q):
+                name, action = q[pos[w]]
+                t = ready(name, action)
+                if t is None:
+                    break
+                st = by_name[name]
+                dur = st.forward_s if action[0] == "F" else st.backward_s
+                start = max(t, free[w])
+                free[w] = start + dur
+                done = (name, *action)
+                end[done] = start + dur
+                busy[name] += dur
+                pos[w] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {w: q[pos[w]] for w, q in queues.items() if pos[w] < len(q)}
+            raise ValueError(f"the schedule deadlocks: each worker waits on an action that never runs: {stuck}")
+    return Timeline(max(end.values(), default=0.0), busy, end)
+
+
+def mimo_timeline(
+    *,
+    mode: str,
+    lm_schedule: str,
+    lm_pp: int,
+    microbatches: int,
+    encoder_forward_s: float,
+    lm_forward_s: float,
+    backward_factor: float = 2.0,
+    colocated: bool = False,
+) -> Timeline:
+    """The analytical step of one encoder (one stage) and a ``lm_pp``-stage language model, as
+    :class:`~mimo_titan.pipeline.schedule.MimoSchedule` runs it in ``mode`` (``"streamed"``, ``"inline"`` or
+    ``"whole_batch"``).
+
+    Stage names: ``"encoder"`` and ``"language.{i}"``; colocated, every language stage's ranks also run their share
+    of the encoder, ``"encoder@{i}"`` (its forward of ``m`` takes ``encoder_forward_s``, as on its own ranks).
+
+    Raises:
+        ValueError: ``"inline"`` with ``lm_pp > 1`` or not colocated, ``"streamed"`` colocated.
+    """
+    M, bf = microbatches, backward_factor
+    gpipe = mode == "whole_batch"
+    if mode == "inline" and (lm_pp != 1 or not colocated):
+        raise ValueError("inline mode runs a colocated encoder in front of a single language stage")
+    if mode == "streamed" and colocated:
+        raise ValueError("streamed mode is for an encoder on ranks of its own")
+    lm = [
+        Stage(
+            f"language.{i}",
+            stage_order(lm_schedule, M, lm_pp, i),
+            lm_forward_s,
+            bf * lm_forward_s,
+            inputs=(f"language.{i - 1}",) if i else (),
+        )
+        for i in range(lm_pp)
+    ]
+    if not colocated:
+        order = gpipe_order(M) if gpipe else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M))
+        enc = Stage(
+            "encoder",
+            order,
+            encoder_forward_s,
+            bf * encoder_forward_s,
+            backward_after_step_of=("language.0",) if gpipe else (),
+        )
+        lm[0].inputs = ("encoder",)
+        if gpipe:
+            lm[0].after_all_forwards_of = ("encoder",)
+        return simulate([enc, *lm])
+    encs = [
+        Stage(
+            f"encoder@{i}",
+            gpipe_order(M),
+            encoder_forward_s,
+            bf * encoder_forward_s,
+            backward_after_step_of=("language.0",) if gpipe else (),
+            worker=f"language.{i}",
+        )
+        for i in range(lm_pp)
+    ]
+    lm[0].inputs = tuple(e.name for e in encs)
+    if gpipe:
+        lm[0].after_all_forwards_of = lm[0].inputs
+    orders: dict[str, list[tuple[str, Action]]] = {}
+    for i, st in enumerate(lm):
+        st.worker = st.name
+        e = f"encoder@{i}"
+        if gpipe:
+            orders[st.name] = (
+                [(e, ("F", m)) for m in range(M)] + [(st.name, a) for a in st.order] + [(e, ("B", m)) for m in range(M)]
+            )
+        else:  # inline: encode m right before the language forward of m, its backward right after the language's
+            seq: list[tuple[str, Action]] = []
+            for a in st.order:
+                seq += [(e, a), (st.name, a)] if a[0] == "F" else [(st.name, a), (e, a)]
+            orders[st.name] = seq
+    return simulate([*encs, *lm], orders)

@@ -1,0 +1,308 @@
+"""Benchmark the cross-module pipeline schedule: the real schedule, stages and bridge, compute replaced by sleeps.
+
+    python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml \\
+        --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe] [--steps 5] [--json OUT]
+
+Every rank of the config's layout runs as a process on CPU/gloo (spawned here; no torchrun). Each encoder rank's
+forward of a microbatch sleeps ``--encoder-ms``, each language stage's forward ``--lm-ms``, every backward twice
+its forward; everything else is the training code path: :class:`~mimo_titan.pipeline.schedule.MimoSchedule`,
+``torch.distributed.pipelining`` stages and schedules, the bridge's point-to-point transfers, the loss.
+
+Printed (and with ``--json`` written as ``{"measured_s", "analytical_s", "encoder_first_s",
+"encoder_first_analytical_s", "speedup", "busy_fraction_per_rank", ...}``):
+
+- ``measured_s``: the median step time (slowest rank) of ``parallelism.module_schedule = "1F1B"``, the encoder
+  leading the language stages microbatch by microbatch (colocated encoders: as ``colocated_encoders`` says);
+- ``analytical_s``: the same schedule played with the same times and free communication
+  (:func:`mimo_titan.pipeline.order.mimo_timeline`);
+- ``encoder_first_s``: the measured step of ``module_schedule = "GPipe"`` (the encoder's whole batch first, its
+  backwards after the language model's step);
+- ``busy_fraction_per_rank``: each rank's sleeping (computing) time over the step, in the streamed schedule.
+
+The global batch is synthetic (one image per sample; ``global_batch_size`` raised to the smallest multiple of
+``microbatches × lcm(DP sizes)`` when the config's does not split); the last stage's loss (real compute, outside
+the sleeps) runs over a 16-token vocabulary so that it costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+BENCH_VOCAB = 16
+_BUSY = [0.0]  # seconds this process slept "computing" (reset per step)
+
+
+def _sleep(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    time.sleep(max(0.0, seconds - 2e-4))
+    while time.perf_counter() < end:  # the last fraction of a millisecond, precisely
+        pass
+    _BUSY[0] += seconds
+
+
+class _Sleep(torch.autograd.Function):
+    """Forward: sleep ``seconds`` and return zeros of ``shape``; backward: sleep twice as long, zero gradients."""
+
+    @staticmethod
+    def forward(ctx, seconds: float, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.seconds = seconds
+        ctx.specs = [(t.shape, t.dtype) for t in inputs]
+        _sleep(seconds)
+        return torch.zeros(shape, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        _sleep(2 * ctx.seconds)
+        return (None, None, *(torch.zeros(s, dtype=d) for s, d in ctx.specs))
+
+
+class SleepEncoder(nn.Module):
+    """Stands in for an encoder: ``[n, C, H, W]`` images → ``[n, P, hidden]`` zeros after a sleep."""
+
+    def __init__(self, seconds: float, tokens_per_image: int, hidden: int):
+        super().__init__()
+        self.seconds, self.tokens_per_image, self.hidden = seconds, tokens_per_image, hidden
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _Sleep.apply(self.seconds, (pixel_values.shape[0], self.tokens_per_image, self.hidden), self.w)
+
+
+class SleepLanguageStage(nn.Module):
+    """Stands in for a :class:`~mimo_titan.models.mimo.LanguageStage`: the same inputs and output shapes."""
+
+    def __init__(self, seconds: float, *, is_first: bool, is_last: bool, vocab: int, hidden: int, cp: int, tp: int):
+        super().__init__()
+        self.seconds, self.is_first, self.is_last = seconds, is_first, is_last
+        self.vocab, self.hidden, self.cp, self.tp = vocab, hidden, cp, tp
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, image_dense_BSH=None, position_ids=None, doc_ids=None):
+        b = x.shape[0]
+        s_cp = x.shape[1] // self.cp if self.is_first else x.shape[1] * self.tp  # this CP rank's tokens
+        # the last stage's logits [b, S / cp, V / tp]; other stages' SP shard [b, S / (cp tp), H]
+        shape = (b, s_cp, self.vocab // self.tp) if self.is_last else (b, s_cp // self.tp, self.hidden)
+        inputs = [image_dense_BSH] if self.is_first else [x]
+        return _Sleep.apply(self.seconds, shape, *[t for t in inputs if t is not None], self.w)
+
+
+def synthetic_batch(cfg, image_token_id: int):
+    """A global batch of ``cfg``'s geometry: one image per sample, its placeholders after the first token."""
+    from mimo_titan.data.collate import IGNORE_INDEX, Batch
+
+    g = torch.Generator().manual_seed(0)
+    B, S = cfg.training.global_batch_size, cfg.training.seq_len
+    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    ids = torch.randint(0, image_token_id, (B, S), generator=g)
+    ids[:, 1 : 1 + P] = image_token_id
+    labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE_INDEX)], 1)
+    labels[labels == image_token_id] = IGNORE_INDEX
+    size = cfg.model.vision.image_size
+    return Batch(ids, labels, torch.zeros(B, 3, size, size), torch.ones(B, dtype=torch.int64), torch.arange(B))
+
+
+def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -> None:
+    import torch.distributed as dist
+
+    from mimo_titan.config import load_config
+    from mimo_titan.pipeline.bridge import Bridge
+    from mimo_titan.pipeline.schedule import MimoSchedule
+    from mimo_titan.topology.mesh import build_topology
+    from mimo_titan.train.trainer import validate_job
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=__import__("datetime").timedelta(seconds=300))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    cfg = load_config(args.config, overrides)
+    layouts = validate_job(cfg, world)
+    topology = build_topology(layouts, world, rank, "cpu")
+    role = topology.role
+    lang = role.language
+    enc = next(n for n in layouts if n != lang)
+    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    # a 16-token vocabulary keeps the (real) loss of the last stage out of the measurement
+    H, V = cfg.model.language.hidden_size, BENCH_VOCAB
+    image_token_id = V - 1
+    encoder = SleepEncoder(args.encoder_ms / 1e3, P, H) if role.holds(enc) else None
+    language = None
+    if role.holds(lang):
+        lay, stage = layouts[lang], role.pp_stage(lang)
+        language = SleepLanguageStage(
+            args.lm_ms / 1e3,
+            is_first=stage == 0,
+            is_last=stage == lay.pp - 1,
+            vocab=V,
+            hidden=H,
+            cp=lay.cp,
+            tp=lay.tp,
+        )
+    mb_size = cfg.training.global_batch_size // cfg.training.microbatches
+    bridge = Bridge(layouts[enc], layouts[lang], mb_size, P, H, torch.float32, torch.device("cpu"), rank)
+    batch = synthetic_batch(cfg, image_token_id)
+    results = {}
+    for variant, module_schedule in (("streamed", "1F1B"), ("encoder_first", "GPipe")):
+        schedule = MimoSchedule(
+            topology,
+            encoder,
+            language,
+            bridge,
+            microbatches=cfg.training.microbatches,
+            schedule=cfg.parallelism.pipeline_schedule,
+            module_schedule=module_schedule,
+            colocated_encoders=cfg.parallelism.colocated_encoders,
+            image_token_id=image_token_id,
+            device=torch.device("cpu"),
+            seq_len=cfg.training.seq_len,
+            vocab_size=V,
+            act_dtype=torch.float32,
+        )
+        times, busy = [], []
+        for i in range(args.warmup + args.steps):
+            dist.barrier()
+            _BUSY[0] = 0.0
+            t0 = time.perf_counter()
+            schedule.step(batch)
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when its slowest rank ends
+            if i >= args.warmup:
+                times.append(float(dt))
+                busy.append(_BUSY[0])
+        results[variant] = (statistics.median(times), statistics.median(busy), schedule.mode)
+    out.put((rank, results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--encoder-ms", type=float, required=True, help="encoder forward per microbatch per rank (ms)")
+    p.add_argument("--lm-ms", type=float, required=True, help="forward per microbatch per language stage (ms)")
+    p.add_argument("--microbatches", type=int, required=True)
+    p.add_argument("--schedule", default=None, help="the language pipeline's schedule (default: the config's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    from mimo_titan.config import load_config
+    from mimo_titan.pipeline.order import mimo_timeline
+    from mimo_titan.topology.mesh import layouts_from_config
+
+    cfg = load_config(args.config)
+    layouts = layouts_from_config(cfg.parallelism)
+    M = args.microbatches
+    unit = M * math.lcm(*(lay.dp for lay in layouts.values()))
+    gbs = cfg.training.global_batch_size
+    gbs = gbs if gbs % unit == 0 else unit * max(1, round(gbs / unit))
+    overrides = [f"--training.microbatches={M}", f"--training.global_batch_size={gbs}"]
+    if args.schedule:
+        overrides.append(f"--parallelism.pipeline_schedule={args.schedule}")
+    cfg = load_config(args.config, overrides)
+    world = max(lay.end for lay in layouts.values())
+
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, overrides, out)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    got: dict[int, dict] = {}
+    deadline = time.time() + 600
+    while len(got) < world and time.time() < deadline:
+        if not out.empty():
+            r, res = out.get()
+            got[r] = res
+        elif any(proc.exitcode not in (None, 0) for proc in procs):
+            break
+        else:
+            time.sleep(0.05)
+    for proc in procs:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if len(got) < world:
+        raise SystemExit(f"bench_schedule: only {len(got)} of {world} ranks reported (see their errors above)")
+
+    lang = next(n for n, lay in layouts.items() if lay.is_language)
+    enc = next(n for n in layouts if n != lang)
+    lay_l, lay_e = layouts[lang], layouts[enc]
+    colocated = lay_e.rank_offset == lay_l.rank_offset
+    mode = got[0]["streamed"][2]
+
+    def analytical(m: str):
+        return mimo_timeline(
+            mode=m,
+            lm_schedule=cfg.parallelism.pipeline_schedule,
+            lm_pp=lay_l.pp,
+            microbatches=M,
+            encoder_forward_s=args.encoder_ms / 1e3,
+            lm_forward_s=args.lm_ms / 1e3,
+            colocated=colocated,
+        )
+
+    ana, ana_first = analytical(mode), analytical("whole_batch")
+    measured = got[0]["streamed"][0]
+    first = got[0]["encoder_first"][0]
+    busy = {r: round(got[r]["streamed"][1] / measured, 3) for r in sorted(got)}
+    busy_first = {r: round(got[r]["encoder_first"][1] / first, 3) for r in sorted(got)}
+
+    def stage_of(r: int) -> str:
+        if r in lay_l.ranks:
+            st = f"{lang}.{(r - lay_l.rank_offset) // lay_l.stage_size}"
+            return f"{enc}+{st}" if colocated else st
+        return enc
+
+    result = {
+        "config": args.config,
+        "world_size": world,
+        "microbatches": M,
+        "global_batch_size": gbs,
+        "encoder_ms": args.encoder_ms,
+        "lm_ms": args.lm_ms,
+        "pipeline_schedule": cfg.parallelism.pipeline_schedule,
+        "mode": mode,
+        "measured_s": round(measured, 4),
+        "analytical_s": round(ana.step_s, 4),
+        "encoder_first_s": round(first, 4),
+        "encoder_first_analytical_s": round(ana_first.step_s, 4),
+        "speedup": round(first / measured, 3),
+        "measured_vs_analytical": round(measured / ana.step_s, 3),
+        "busy_fraction_per_rank": busy,
+        "encoder_first_busy_fraction_per_rank": busy_first,
+        "stage_of_rank": {r: stage_of(r) for r in sorted(got)},
+    }
+    print(f"{args.config}: {world} ranks, M={M}, global batch {gbs}, encoder {args.encoder_ms} ms, LM {args.lm_ms} ms")
+    print(f"{'schedule':32s} {'measured s':>10s} {'analytical s':>12s}")
+    print(f"{'module 1F1B (' + mode + ')':32s} {measured:10.4f} {ana.step_s:12.4f}")
+    print(f"{'module GPipe (encoder first)':32s} {first:10.4f} {ana_first.step_s:12.4f}")
+    print(f"speedup over encoder-first: {first / measured:.3f}x; measured / analytical: {measured / ana.step_s:.3f}")
+    print("busy fraction per rank (streamed | encoder first):")
+    for r in sorted(got):
+        print(f"  rank {r} {stage_of(r):22s} {busy[r]:.2f} | {busy_first[r]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(0 if main() else 1)
