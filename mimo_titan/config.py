@@ -413,6 +413,8 @@ class VisionModelConfig:
     norm_eps: float = _opt(1e-6, gt=0, hint="the LayerNorm epsilon, e.g. 1e-6")
     projector_intermediate_size: int = _opt(ge=1)  # MLP projector hidden width (to LM hidden size)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    frozen: bool = False  # no gradients, no optimizer state; forward under no_grad (the projector included)
+    prefetch_microbatches: int = _opt(2, ge=1)  # a frozen encoder on its own ranks runs this far ahead of the LM
 
     def _config_problems(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -462,6 +464,7 @@ class LanguageModelConfig:
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    frozen: bool = False  # no gradients, no optimizer state (gradients still flow through to the encoder)
 
     def _config_problems(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -605,6 +608,9 @@ class TrainingConfig:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     max_skipped_steps: int = _opt(3, ge=1)  # consecutive non-finite steps skipped before the run stops
     collective_timeout_s: float = _opt(600.0, ge=5)  # a rank without progress this long ends the job
+    # when set, only parameters whose full name matches one of these globs train (anywhere in the name:
+    # "projector" trains vision.projector.*); the rest are frozen, like model.<module>.frozen
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

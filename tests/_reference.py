@@ -7,6 +7,7 @@ defined per microbatch. The LR multiplier is written out here, not taken from ``
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -34,9 +35,19 @@ class ReferenceTrainer:
         self.moe = dict(moe_modules(self.model))
         for m in self.moe.values():
             m.aux_loss_scale = 1.0 / cfg.training.microbatches
+        # frozen modules and training.trainable globs: only the rest trains (checked by name, independently of the
+        # trainer's own filter)
+        pats = cfg.training.trainable
+        for name, p in self.model.named_parameters():
+            module_frozen = getattr(cfg.model, name.split(".")[0]).frozen
+            p.requires_grad_(not module_frozen and (not pats or any(fnmatch.fnmatchcase(name, f"*{x}*") for x in pats)))
         o = cfg.optimizer
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
         )
         self.steps = 0
 

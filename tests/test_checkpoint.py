@@ -76,10 +76,12 @@ def _resume_worker(rank, world, device, cfg_dict, folder_a, folder_b):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", ["noncolocated_pp2", "moe_aux_free_ep2_pp2"])
+@pytest.mark.parametrize("layout", ["noncolocated_pp2", "moe_aux_free_ep2_pp2", "frozen_vision_pp2"])
 def test_resume_continues_bit_for_bit(layout, tmp_path):
     vision, language, world, extra = {
         "noncolocated_pp2": (V(0, 2, dp_shard=2), V(2, 2, pp=2), 4, {}),
+        # a frozen module's checkpoint holds its weights and no optimizer state
+        "frozen_vision_pp2": (V(0, 2, dp_shard=2), V(2, 2, pp=2), 4, {"model": {"vision": {"frozen": True}}}),
         "moe_aux_free_ep2_pp2": (V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), 5, MOE),
     }[layout]
     cfg_dict = tiny_config_dict(

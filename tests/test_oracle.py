@@ -222,6 +222,30 @@ LAYOUTS = {
         {"parallelism": {"colocated_encoders": "inline"}, "training": {"global_batch_size": 8}},
         (),
     ),
+    # frozen modules: no gradient, no optimizer state, bit-identical weights; the bridge sends no gradient back
+    "frozen_vision_streamed_prefetch2": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        {"model": {"vision": {"frozen": True}}, "training": {"global_batch_size": 8, "microbatches": 4}},
+        (5,),
+    ),
+    "frozen_vision_colocated_batch": (
+        2,
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2),
+        {"model": {"vision": {"frozen": True}}},
+        (),
+    ),
+    "frozen_vision_colocated_inline": (
+        2,
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2),
+        {"model": {"vision": {"frozen": True}}, "parallelism": {"colocated_encoders": "inline"}},
+        (),
+    ),
+    "projector_only_llava_stage1": (3, V(0, 1), V(1, 2, dp_shard=2), {"training": {"trainable": ["projector"]}}, ()),
+    "frozen_language_pp2": (4, V(0, 2, dp_shard=2), V(2, 2, pp=2), {"model": {"language": {"frozen": True}}}, ()),
 }
 
 
@@ -275,6 +299,10 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
         "params": params,
         "moe": rec.get("moe"),
         "kernels": kernels.dispatch_counts(),
+        # parameters with optimizer state on this rank (frozen ones must have none)
+        "optimized": sorted(
+            name for name, p in canonical_named_parameters(job) if any(p in o.state for o in job.optimizers.values())
+        ),
     }
 
 
@@ -287,7 +315,8 @@ def _reference_step(cfg, no_image_samples, roll):
     batch = _batch(cfg, proc, no_image_samples, roll)
     ref = ReferenceTrainer(cfg, proc.image_token_id)
     loss, norm = ref.step(batch)
-    return loss, norm, ref.params(), batch, ref.moe_stats()
+    trainable = {n for n, p in ref.model.named_parameters() if p.requires_grad}
+    return loss, norm, ref.params(), batch, ref.moe_stats(), trainable
 
 
 @pytest.mark.multirank
@@ -325,7 +354,7 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
     cfg_dict = tiny_config_dict(vision, language, **extra, kernels={"backend": kernels_backend})
     cfg = config_from_dict(cfg_dict)
     roll = ROLL.get(layout, 0)
-    ref_loss, ref_norm, ref_params, batch, ref_moe = _reference_step(cfg, no_images, roll)
+    ref_loss, ref_norm, ref_params, batch, ref_moe, trainable = _reference_step(cfg, no_images, roll)
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
     if cfg.data.packing:  # rows really hold several documents
@@ -353,9 +382,18 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
 
     init = MimoModel(cfg.model, 1998)
     init.init_weights(cfg.job.seed)
-    lang = [(n, p) for n, p in init.named_parameters() if n.startswith("language.")]
-    moved = sum(float((p.detach() - ref_params[n]).abs().max()) > 1e-5 for n, p in lang)
+    initial = dict(init.named_parameters())
+    lang = [n for n in initial if n.startswith("language.") and n in trainable] or sorted(trainable)
+    moved = sum(float((initial[n].detach() - ref_params[n]).abs().max()) > 1e-5 for n in lang)
     assert moved > len(lang) // 2  # the step really changed the weights
+    for rank, res in enumerate(results):  # frozen: bit-identical, no optimizer state; the rest has optimizer state
+        for name, p in res["params"].items():
+            if name not in trainable:
+                assert torch.equal(p, initial[name].detach()), f"rank {rank}: frozen {name} changed"
+        assert not set(res["optimized"]) - trainable, f"rank {rank} keeps optimizer state of frozen parameters"
+        assert {n for n in res["params"] if n in trainable} <= set(res["optimized"]) | {
+            n for n in res["params"] if "experts.w_" in n
+        }, f"rank {rank}"
     return results
 
 

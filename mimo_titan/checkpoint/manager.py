@@ -63,6 +63,7 @@ from mimo_titan.checkpoint.state import (
     saved_shapes,
 )
 from mimo_titan.errors import CheckpointError
+from mimo_titan.train.freeze import is_trainable
 
 if TYPE_CHECKING:
     from mimo_titan.config import Config
@@ -106,6 +107,14 @@ def checkpoint_size_bytes(cfg: Config) -> int:
 _HEAD_KEY = "language.lm_head.weight"
 
 # hint for a checkpoint whose language head and embedding were tied differently
+_FROZEN_THEN = (
+    "its module was frozen when the checkpoint was saved; to train more of the model than it did, start a new run "
+    "from its weights with checkpoint.initial_load_path"
+)
+_FROZEN_NOW = (
+    "model.<module>.frozen or training.trainable freezes it now; resume with the settings it was saved with, or "
+    "start a new run from its weights with checkpoint.initial_load_path"
+)
 _TIED = (
     "the checkpoint's language head and embedding were tied differently: set model.language.tie_word_embeddings "
     "as in the saved run"
@@ -240,6 +249,8 @@ class CheckpointManager:
         for name, module in job.modules.items():
             etp = _etp_mesh(job, name)
             state["model"].update(model_state(name, module, etp))
+            if name not in job.optimizers:  # a frozen module: its weights only
+                continue
             state["optimizer"].update(optimizer_state(name, module, job.optimizers[name], etp))
             state["extra"][f"lr_scheduler.{name}"] = json.dumps(_scheduler_state(job.schedulers[name]))
             state["extra"][f"param_groups.{name}"] = json.dumps(_param_groups(job.optimizers[name]))
@@ -476,27 +487,32 @@ class CheckpointManager:
         problem = model_mismatch(shapes, self.cfg.model)
         if problem is None and training:
             params = model_shapes(self.cfg.model, parameters_only=True)
+            trains = {key: is_trainable(self.cfg, key) for key in params}  # frozen parameters have no AdamW state
+            saved_params = {k[len("optimizer.") : -len(".exp_avg")] for k in shapes if k.endswith(".exp_avg")}
             for key, shape in params.items():
+                if not trains[key]:
+                    continue
                 moments = {m: shapes.get(f"optimizer.{key}.{m}") for m in ("exp_avg", "exp_avg_sq")}
                 bad = next((m for m, got in moments.items() if got != shape), None)
                 if bad is not None:
                     got = moments[bad]
+                    if got is None and not any(k.startswith(key.split(".")[0] + ".") for k in saved_params):
+                        why = _FROZEN_THEN
+                    else:
+                        why = _TIED if "lm_head" in key else "not a training checkpoint, or damaged"
                     problem = (
                         f"optimizer.{key}.{bad} is "
                         + ("missing" if got is None else str(list(got)))
-                        + f" but the parameter is {list(shape)} ("
-                        + (_TIED if "lm_head" in key else "not a training checkpoint, or damaged")
-                        + ")"
+                        + f" but the parameter is {list(shape)} ({why})"
                     )
                     break
-            if problem is None:  # AdamW state of a parameter this model does not have (a tied weight now shared)
-                saved_params = [k[len("optimizer.") : -len(".exp_avg")] for k in shapes if k.endswith(".exp_avg")]
-                extra = next((k for k in saved_params if k not in params), None)
+            if problem is None:  # AdamW state of a parameter this model does not have or freezes
+                extra = next((k for k in sorted(saved_params) if not trains.get(k, False)), None)
                 if extra is not None:
-                    why = _TIED if "lm_head" in extra else "another model"
+                    why = _FROZEN_NOW if extra in params else (_TIED if "lm_head" in extra else "another model")
                     problem = (
-                        f"optimizer.{extra}.exp_avg is in the checkpoint but the configured model has no parameter "
-                        f"{extra} ({why})"
+                        f"optimizer.{extra}.exp_avg is in the checkpoint but the configured model has no trainable "
+                        f"parameter {extra} ({why})"
                     )
         if problem is None:
             return shapes
@@ -617,7 +633,7 @@ class CheckpointManager:
         del state["extra"]["hparams"]
         self._read(state, path, job=job)
         extra = state["extra"]
-        for name in job.modules:
+        for name in job.optimizers:
             for group, saved in zip(job.optimizers[name].param_groups, json.loads(extra[f"param_groups.{name}"])):
                 group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
             job.schedulers[name].load_state_dict(json.loads(extra[f"lr_scheduler.{name}"]))
@@ -698,8 +714,10 @@ class CheckpointManager:
         current = _hparams(self.cfg)
         if saved_json:
             saved = json.loads(saved_json)
+        elif not job.optimizers:  # an older checkpoint, and this rank holds only frozen modules: nothing to apply
+            return
         else:
-            name = next(iter(job.modules))
+            name = next(iter(job.optimizers))
             group = json.loads(extra[f"param_groups.{name}"])[0]
             base_lrs = json.loads(extra[f"lr_scheduler.{name}"]).get("base_lrs") or [group.get("initial_lr")]
             saved = {
@@ -709,7 +727,7 @@ class CheckpointManager:
                 "optimizer.weight_decay": group["weight_decay"],
             }
         o = self.cfg.optimizer
-        for name in job.modules:
+        for name in job.optimizers:
             optimizer, scheduler = job.optimizers[name], job.schedulers[name]
             for group in optimizer.param_groups:
                 group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, initial_lr=o.lr)

@@ -210,12 +210,15 @@ class Bridge:
             raise ValueError(f"bridge: microbatch {mb} has {n} image-token rows on this rank, got {rows.shape[0]}")
 
     # -- posting ---------------------------------------------------------------------------------------
-    def post(self, *items: list[dist.P2POp] | Pending, batch: bool = False) -> None:
+    def post(self, *items: list[dist.P2POp] | Pending, batch: bool = False) -> list[dist.Work]:
         """Post sends (lists of ops from the ``*_sends`` methods) and receives (:class:`Pending`).
 
         With ``batch`` every op goes into one ``dist.batch_isend_irecv`` (an NCCL group), which colocated ranks
         need: two ranks that both send to and receive from each other would otherwise deadlock on NCCL, where a
         send may wait for its receive. Otherwise each op is posted on its own, in order.
+
+        Returns:
+            the works of the sends posted (the bridge also waits for them in :meth:`wait`).
         """
         ops: list[dist.P2POp] = []
         owners: list[Pending | None] = []
@@ -230,14 +233,17 @@ class Bridge:
                 ops += item
                 owners += [None] * len(item)
         if not ops:
-            return
+            return []
         works = dist.batch_isend_irecv(ops) if batch else [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+        sent = []
         for op, work, owner in zip(ops, works, owners):
             assert work is not None  # None only on a rank outside the group: the bridge uses the default group
             if owner is None:
                 self._sends.append((work, op.tensor))
+                sent.append(work)
             else:
                 owner.works.append(work)  # type: ignore[union-attr]
+        return sent
 
     # -- transfers ---------------------------------------------------------------------------------------
     def forward_sends(
@@ -365,6 +371,14 @@ class Bridge:
         pending = self.backward_recvs(mb, src_dp, images_per_sample, row_cp)
         self.post(pending)
         return pending.result()
+
+    def wait_sends(self, works: list[dist.Work]) -> None:
+        """Wait for these sends (from :meth:`post`) now; :meth:`wait` will not wait for them again (a gloo send
+        waited for twice never returns)."""
+        for work in works:
+            work.wait()
+        done = {id(w) for w in works}
+        self._sends = [(w, buf) for w, buf in self._sends if id(w) not in done]
 
     def wait(self) -> None:
         """Wait for every outstanding send; raise if a colocated hand-over was never collected."""

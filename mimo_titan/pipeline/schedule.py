@@ -110,6 +110,10 @@ class MimoSchedule:
         module_schedule: ``"1F1B"`` (the encoder leads the language stages in one schedule) or ``"GPipe"`` (the
             encoder's whole batch first, its backwards after the language model's step).
         colocated_encoders: ``"batch"`` or ``"inline"``, how a colocated encoder runs (module docstring).
+        encoder_trainable: False for a frozen encoder (every rank must agree): it encodes under ``no_grad``, no
+            gradient crosses the bridge and it runs no backward.
+        prefetch_microbatches: how many microbatches a frozen encoder on its own ranks may have sent that the
+            language model has not yet received (a bounded queue; it waits for the oldest send beyond that).
         image_token_id: id of ``<|image|>``.
         device: device the step runs on.
         seq_len: S, tokens per sample (or per packed row).
@@ -143,6 +147,8 @@ class MimoSchedule:
         packed: bool = False,
         module_schedule: str = "1F1B",
         colocated_encoders: str = "batch",
+        encoder_trainable: bool = True,
+        prefetch_microbatches: int = 2,
     ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
@@ -151,6 +157,7 @@ class MimoSchedule:
         role = topology.role
         self.topology, self.role, self.bridge = topology, role, bridge
         self.encoder, self.language = encoder, language
+        self.encoder_trainable, self.prefetch = encoder_trainable, prefetch_microbatches
         self.microbatches, self.image_token_id = microbatches, image_token_id
         self.device = device
         self.lang_name = role.language
@@ -258,12 +265,14 @@ class MimoSchedule:
         are dropped)."""
         assert self.encoder is not None, "only a rank holding the encoder encodes"
         n = pixel_values.shape[0]
+        grad = contextlib.nullcontext() if self.encoder_trainable else torch.no_grad()
         if n == 0:
             dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
-            with excluded_from_stats(self.encoder):  # MoE routing of the dummy counts for nothing
+            with excluded_from_stats(self.encoder), grad:  # MoE routing of the dummy counts for nothing
                 out = self.encoder(dummy)
         else:
-            out = self.encoder(pixel_values)
+            with grad:
+                out = self.encoder(pixel_values)
         # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
         # sends it), not at process exit
         return comm.wait(out)[:n]
@@ -273,7 +282,8 @@ class MimoSchedule:
         b = len(self._enc_local) // self.microbatches
         mb = self._enc_local.slice(m * b, (m + 1) * b)
         out = self._encode(mb.pixel_values.to(self.device))
-        self._enc_out[m] = out
+        if self.encoder_trainable:
+            self._enc_out[m] = out
         return self.bridge.forward_sends(m, self._enc_dp, out.flatten(0, 1), self._mb_images(m), self._row_cp_mb[m])
 
     def _encoder_grad_recv(self, m: int) -> Pending:
@@ -293,6 +303,13 @@ class MimoSchedule:
     def _run_encoder_streamed(self) -> None:
         """The encoder as the leading stage of the 1F1B pipeline (non-colocated)."""
         M = self.microbatches
+        if not self.encoder_trainable:  # forwards only, at most `prefetch` microbatches ahead of the receiver
+            sent: list[list] = []
+            for m in range(M):
+                if m >= self.prefetch:
+                    self.bridge.wait_sends(sent[m - self.prefetch])
+                sent.append(self.bridge.post(self._encoder_forward(m)))
+            return
         for kind, m in one_f_one_b_order(M, self.encoder_warmup):
             if kind == "F":
                 self.bridge.post(self._encoder_forward(m))
@@ -320,8 +337,9 @@ class MimoSchedule:
         mine = self._mine[m * b : (m + 1) * b]
         dense = torch.zeros(*mine.shape, self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device)
         dense[mine] = rows
-        dense.requires_grad_(True)
-        dense.register_hook(lambda g, m=m: self._on_image_grad(m, g))
+        if self.encoder_trainable:
+            dense.requires_grad_(True)
+            dense.register_hook(lambda g, m=m: self._on_image_grad(m, g))
         return {"image_dense_BSH": dense}
 
     def _on_image_grad(self, m: int, grad_BSH: torch.Tensor) -> None:
@@ -342,7 +360,7 @@ class MimoSchedule:
         return self.bridge.backward_sends(m, self._lm_dp, rows, self._mb_images(m), self.cp_rank, self._row_cp_mb[m])
 
     def _after_lm_backward(self, m: int) -> None:
-        if self.mode != "inline":
+        if self.mode != "inline" or not self.encoder_trainable:
             return
         sends = self._grad_sends(m, self._grad_rows.pop(m))  # first: a rank's own rows are handed over in memory
         pending = self._encoder_grad_recv(m)
@@ -418,7 +436,7 @@ class MimoSchedule:
                     sends = []
                 with self._loss_context():
                     self.pp_schedule.step(input_ids, return_outputs=False, **kwargs)
-                if len(self._grads_seen) != M:
+                if self.encoder_trainable and len(self._grads_seen) != M:
                     missing = sorted(set(range(M)) - self._grads_seen)
                     raise RuntimeError(
                         f"the language pipeline produced no gradient for the image embeddings of microbatches "
@@ -430,7 +448,7 @@ class MimoSchedule:
             if losses and self.reports_loss:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
-        if self.mode == "whole_batch":
+        if self.mode == "whole_batch" and self.encoder_trainable:
             grad_sends = [op for m in sorted(self._grad_rows) for op in self._grad_sends(m, self._grad_rows[m])]
             self._grad_rows.clear()
             pending = [self._encoder_grad_recv(m) for m in range(M)] if self.encoder is not None else []

@@ -32,10 +32,14 @@ __all__ = [
 ]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over ``module``'s parameters from an ``OptimizerConfig`` (lr, betas, eps, weight_decay)."""
+def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW | None:
+    """AdamW over ``module``'s trainable parameters (``requires_grad``) from an ``OptimizerConfig`` (lr, betas, eps,
+    weight_decay); ``None`` when every parameter is frozen (no optimizer state at all)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return None
     return torch.optim.AdamW(
-        module.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
 
 

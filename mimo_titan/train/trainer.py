@@ -39,6 +39,7 @@ from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
+from mimo_titan.train.freeze import check_trainable, is_trainable, module_trainable
 from mimo_titan.train.optim import (
     all_reduce_sum,
     build_lr_scheduler,
@@ -157,6 +158,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
             f"the pipeline needs at least one microbatch per stage; set training.microbatches >= {lang.pp}"
         )
     _check_schedule(cfg, layouts)
+    check_trainable(cfg)
     check_kernel_backend(cfg)
     return layouts
 
@@ -441,6 +443,8 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     processor = processor or build_processor(cfg)
     full = MimoModel(cfg.model, processor.image_token_id)
     full.init_weights(cfg.job.seed)
+    for key, p in full.named_parameters():  # frozen parameters: no gradient, no optimizer state, no reduce
+        p.requires_grad_(is_trainable(cfg, key))
     moe_keys = [full_model_key(vis_name, q) for q, _ in moe_modules(full.vision)]
     moe_keys += [full_model_key(lang_name, q) for q, _ in moe_modules(full.language)]
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
@@ -481,7 +485,7 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         )
     del full
 
-    optimizers = {n: build_optimizer(m, cfg.optimizer) for n, m in modules.items()}
+    optimizers = {n: o for n, m in modules.items() if (o := build_optimizer(m, cfg.optimizer)) is not None}
     schedulers = {n: build_lr_scheduler(o, cfg.training.total_steps, cfg.lr_schedule) for n, o in optimizers.items()}
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
     tokens_per_image = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
@@ -504,6 +508,8 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         schedule=cfg.parallelism.pipeline_schedule,
         module_schedule=cfg.parallelism.module_schedule,
         colocated_encoders=cfg.parallelism.colocated_encoders,
+        encoder_trainable=module_trainable(cfg, vis_name),
+        prefetch_microbatches=getattr(cfg.model, vis_name).prefetch_microbatches,
         image_token_id=processor.image_token_id,
         device=device,
         seq_len=padded_seq_len(cfg),
@@ -610,8 +616,8 @@ def train_step(
     mark("optimizer step")
     if finite:
         grad_norm = clip_grad_norm_(mods, job.cfg.training.max_grad_norm, stats[1])
-        for name in job.modules:
-            job.optimizers[name].step()
+        for opt in job.optimizers.values():
+            opt.step()
         for i, key in enumerate(job.moe_keys):
             if key in moe:
                 moe[key].update_bias(moe_stats[i, : moe[key].num_experts])
@@ -619,8 +625,8 @@ def train_step(
     else:  # the gradients are dropped by the next step's zero_grad
         grad_norm = stats[1].sqrt()
         job.skipped_in_a_row += 1
-    for name in job.modules:
-        job.schedulers[name].step()
+    for scheduler in job.schedulers.values():
+        scheduler.step()
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
