@@ -3,7 +3,8 @@
 For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-dividing DP ratio, LM pp=2, HSDP,
 samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
 pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with
-Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the
+Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp; word
+embeddings tied across LM pipeline stages, whose two copies must stay bit-identical): the
 loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly invariant
 to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
 those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in this process
