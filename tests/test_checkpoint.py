@@ -142,6 +142,54 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
     assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2  # the load matters: the model has moved
 
 
+TIED = {"model": {"language": {"tie_word_embeddings": True}}}
+
+
+@pytest.mark.multirank
+def test_tied_embeddings_checkpoint_moves_between_pp2_and_pp1(tmp_path):
+    """Tied embeddings under language pp=2 (stage 0's embedding and stage 1's head, kept equal) save the keys of the
+    pp=1 model (one tensor under both model keys, AdamW state under the embedding's key), which HF export writes as
+    one tensor; a pp=2 checkpoint resumes at pp=1 and that run's checkpoint resumes at pp=2 again: steps 3-6 equal
+    those of an uninterrupted pp=2 run."""
+    from mimo_titan.checkpoint import load_full_model_state
+    from mimo_titan.checkpoint.hf import export_hf, load_hf_dir
+    from mimo_titan.checkpoint.state import model_shapes, saved_shapes
+
+    common = dict(training={"steps": 6, "global_batch_size": 4, "microbatches": 2}, optimizer={"lr": 3e-3}, **TIED)
+    pp2 = tiny_config_dict(V(0, 1), V(1, 4, pp=2, dp_shard=2), **common)
+    pp1 = tiny_config_dict(V(0, 1), V(1, 2, dp_shard=2), **common)
+    folder = str(tmp_path / "ckpt")
+    straight = run_ranks(_reshard_worker, 5, pp2, str(tmp_path / "straight"), None, timeout=300)[0]
+    saved = run_ranks(_reshard_worker, 5, pp2, folder, 2, timeout=300)[0]
+    assert [r["step"] for r in saved] == [1, 2]
+
+    cfg = config_from_dict(pp2)
+    step2 = os.path.join(folder, "step-2")
+    keys = {k for k in saved_shapes(step2) if k.startswith(("model.", "optimizer."))}
+    params = model_shapes(cfg.model, parameters_only=True)
+    assert "language.lm_head.weight" in model_shapes(cfg.model) and "language.lm_head.weight" not in params
+    assert keys == {f"model.{k}" for k in model_shapes(cfg.model)} | {
+        f"optimizer.{k}.{m}" for k in params for m in ("step", "exp_avg", "exp_avg_sq")
+    }
+    full = load_full_model_state(step2, cfg)
+    embed, head = full["language.model.embed_tokens.weight"], full["language.lm_head.weight"]
+    assert torch.equal(embed, head)
+    export_hf(cfg.model, full, str(tmp_path / "hf"), "llama")
+    _, hf_state = load_hf_dir(str(tmp_path / "hf" / "language"))
+    assert "lm_head.weight" not in hf_state and torch.equal(hf_state["model.embed_tokens.weight"], embed)
+
+    at_pp1 = run_ranks(_reshard_worker, 3, pp1, folder, 2, timeout=300)[0]  # resumes step 2, saves step 4
+    at_pp2 = run_ranks(_reshard_worker, 5, pp2, folder, None, timeout=300)[0]  # resumes step 4
+    resumed = at_pp1 + at_pp2
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    for got, want in zip(resumed, straight[2:]):
+        assert got["sample_ids"] == want["sample_ids"]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["lr"] == want["lr"]
+    assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2  # the load matters: the model has moved
+
+
 def _initial_load_worker(rank, world, device, cfg_dict, path):
     from mimo_titan.checkpoint import CheckpointManager
     from mimo_titan.train.trainer import build_job, build_loader

@@ -3,7 +3,8 @@
 For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-dividing DP ratio, LM pp=2, HSDP,
 samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
 pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with
-Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp): the
+Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp; word
+embeddings tied across LM pipeline stages, whose two copies must stay bit-identical): the
 loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly invariant
 to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
 those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in this process
@@ -42,6 +43,8 @@ MOE_BOTH = {
 }
 
 PACKED = {"data": {"packing": True}, "training": {"seq_len": 120}}
+TIED = {"model": {"language": {"tie_word_embeddings": True}}}
+EMBED, HEAD = "language.model.embed_tokens.weight", "language.lm_head.weight"
 
 LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
@@ -208,6 +211,19 @@ LAYOUTS = {
         {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"module_schedule": "GPipe"}},
         (),
     ),
+    # tied word embeddings across LM stages: stage 0's embedding and the last stage's head sum their gradients
+    "tied_lm_pp2": (3, V(0, 1), V(1, 2, pp=2), {**TIED, "training": {"microbatches": 2}}, ()),
+    "tied_lm_pp2_dp2": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2), {**TIED, "training": {"microbatches": 2}}, ()),
+    "tied_lm_pp3_hsdp_clip": (  # a middle stage without a copy; clipping active (the norm counts the tie once)
+        7,
+        V(0, 1),
+        V(1, 6, pp=3, dp_replicate=2),
+        {
+            "model": {"language": {"tie_word_embeddings": True, "num_layers": 3}},
+            "training": {"global_batch_size": 8, "microbatches": 4, "max_grad_norm": 0.05},
+        },
+        (),
+    ),
     "colocated_inline_dp2": (
         2,
         V(0, 2, dp_shard=2),
@@ -361,15 +377,19 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
         assert max(len(ids) for ids in batch.sample_ids) >= 2
     results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll), backend=backend)
 
+    tied = cfg.model.language.tie_word_embeddings
     seen = set()
     for rank, res in enumerate(results):
         assert res["loss"] == pytest.approx(ref_loss, abs=1e-4), f"rank {rank}"
         assert res["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), f"rank {rank}"
         for name, p in res["params"].items():
-            if "experts.w_" in name and p.shape != ref_params[name].shape:
+            ref_name = EMBED if tied and name == HEAD else name  # a last stage's copy of the one tied tensor
+            if "experts.w_" in name and p.shape != ref_params[ref_name].shape:
                 continue  # an expert-parallel slice; checked through the full tensors gathered below
-            torch.testing.assert_close(p, ref_params[name], atol=1e-3, rtol=0, msg=f"rank {rank} {name}")
-            seen.add(name)
+            torch.testing.assert_close(p, ref_params[ref_name], atol=1e-3, rtol=0, msg=f"rank {rank} {name}")
+            seen.add(ref_name)
+    if tied:
+        _check_tied_copies(results, cfg)
     _check_expert_slices(results, ref_params, LAYOUTS[layout], seen)
     assert seen == set(ref_params), f"parameters never checked: {sorted(set(ref_params) - seen)}"
     assert set(results[0]["moe"] or {}) == set(ref_moe)
@@ -395,6 +415,22 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
             n for n in res["params"] if "experts.w_" in n
         }, f"rank {rank}"
     return results
+
+
+def _check_tied_copies(results, cfg):
+    """Tied embeddings: after the step every rank's embedding and head (the first and the last LM stage's copies
+    under pp > 1, one tensor under pp = 1) are bit-identical; with pp > 1 both kinds of copy were reported."""
+    copies = {
+        (r, name): res["params"][name]
+        for r, res in enumerate(results)
+        for name in (EMBED, HEAD)
+        if name in res["params"]
+    }
+    (first_key, first), *others = copies.items()
+    for key, value in others:
+        assert torch.equal(value, first), f"rank {key[0]} {key[1]} differs from rank {first_key[0]} {first_key[1]}"
+    if cfg.parallelism.language.pp > 1:
+        assert {name for _, name in copies} == {EMBED, HEAD}
 
 
 def _check_expert_slices(results, ref_params, layout, seen):

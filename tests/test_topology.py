@@ -1005,3 +1005,39 @@ def test_without_context_parallelism_fsdp_mesh_is_the_dp_mesh(fake_pg):
     assert topo.fsdp_mesh("language").mesh.tolist() == topo.dp_mesh("language").mesh.tolist() == [[2, 3, 4]]
     assert _pg_ranks(topo.token_group("language")) == [2, 3, 4]
     assert _pg_ranks(topo.cp_group("language")) == [3]
+
+
+def test_build_embedding_groups_pair_first_and_last_stage(fake_pg):
+    """Tied embeddings: one 2-rank group per first-stage rank, paired with the last-stage rank of the same
+    (dp_replicate, dp_shard, cp, tp) coordinate; every rank creates the same number of groups (members or not)."""
+    lays = _layouts(
+        ModuleLayout("vision", 0, 2, dp_shard=2),
+        ModuleLayout("language", 2, 12, pp=3, dp_replicate=2, dp_shard=2, is_language=True),
+    )
+    groups_made = set()
+    for rank in (0, 3, 7, 13):
+        fake_pg(rank, 14)
+        topo = build_topology(lays, 14, rank, "cpu", tied_embeddings=["language"])
+        groups_made.add(dist.distributed_c10d._world.group_count)  # the global counter group names come from
+        group = topo.embedding_group("language")
+        if rank in (3, 13):  # stage 0 rank 3 pairs with rank 11, stage 2 rank 13 with rank 5
+            partner = {3: 11, 13: 5}[rank]
+            assert _pg_ranks(group) == sorted([rank, partner])
+            lm = topo.mesh("language")
+            here = lm.get_coordinate()
+            there = next(c.tolist() for c in torch.nonzero(lm.mesh == partner))
+            assert here[1:] == tuple(there[1:]) and {here[0], there[0]} == {0, 2}
+        else:  # a middle stage, a vision rank
+            assert group is None
+        with pytest.raises(KeyError, match="module 'vision' has no embedding group"):
+            topo.embedding_group("vision")
+        dist.destroy_process_group()
+    assert len(groups_made) == 1
+
+    fake_pg(3, 14)
+    with pytest.raises(KeyError, match=r"tied_embeddings=\['language'\] or its pp is 1"):
+        build_topology(lays, 14, 3, "cpu").embedding_group("language")
+    dist.destroy_process_group()
+    fake_pg(3, 14)
+    with pytest.raises(LayoutError, match="tied_embeddings names unknown modules"):
+        build_topology(lays, 14, 3, "cpu", tied_embeddings=["audio"])

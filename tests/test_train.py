@@ -68,6 +68,13 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
             3,
             r"tp=2 with model.language.tie_word_embeddings = true",
         ),
+        (  # tied embeddings across pipeline stages are supported, but not with tp
+            V(0, 1),
+            V(1, 4, pp=2, tp=2),
+            {"model": {"language": {"tie_word_embeddings": True}}},
+            5,
+            r"parallelism.language.tp=2 with model.language.tie_word_embeddings = true is not supported",
+        ),
         (
             V(0, 2, cp=2),
             V(2, 2, dp_shard=2),
@@ -129,6 +136,14 @@ def test_validate_job_errors_name_the_field(vision, language, extra, world, matc
     cfg = config_from_dict(tiny_config_dict(vision, language, **extra))
     with pytest.raises(ValueError, match=match):
         validate_job(cfg, world)
+    assert not dist.is_initialized()
+
+
+def test_validate_job_accepts_tied_embeddings_across_pipeline_stages():
+    for language, world in ((V(1, 2, pp=2), 3), (V(1, 12, pp=3, dp_replicate=2, dp_shard=2), 13)):
+        d = tiny_config_dict(V(0, 1), language, model={"language": {"tie_word_embeddings": True, "num_layers": 3}})
+        d["training"].update(global_batch_size=16, microbatches=4)
+        assert validate_job(config_from_dict(d), world)["language"].pp == language["pp"]
     assert not dist.is_initialized()
 
 

@@ -14,6 +14,14 @@ describes where this rank's piece sits inside that full tensor:
   ``ep_rank·L + (edp offset) + i``. Under expert TP each expert is a ``DTensor`` over the etp ranks
   (``Shard`` of the width I). So ep / etp / edp may all change between save and load.
 
+Tied word embeddings are one tensor under two keys, ``language.model.embed_tokens.weight`` and
+``language.lm_head.weight``, as in the single-process state dict, and their AdamW state is keyed by the embedding
+alone (the parameter's name in ``MimoModel.named_parameters()``). With language ``pp > 1`` the first stage's
+``embed_tokens.weight`` and the last stage's ``lm_head.weight`` are equal copies (:mod:`mimo_titan.pipeline.tied`)
+and each stage writes its copy under both keys and its AdamW state under the embedding's key: the same entries as
+``pp = 1`` (DCP keeps one of the equal duplicates), so a checkpoint loads into either layout and both copies read the
+same values.
+
 The optimizer state (AdamW ``exp_avg`` / ``exp_avg_sq`` / ``step``) is keyed ``{param key}.{state name}`` and
 laid out like its parameter. ``model_state`` / ``optimizer_state`` return *views* of the live tensors: DCP's
 load writes into them in place.
@@ -42,6 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from mimo_titan.errors import CheckpointError
+from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.mimo import MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.parallel.ep import ExpertParallelDispatch, moe_modules
@@ -161,6 +170,21 @@ def _expert_owners(module_name: str, module: nn.Module) -> dict[str, MoE]:
     return owners
 
 
+def _tied_copy_keys(module_name: str, module: nn.Module) -> tuple[str, str] | None:
+    """``(key of this part's copy, key of the other copy)`` when ``module`` is a pipeline stage holding exactly one
+    of the two tied word-embedding matrices (``embed_tokens`` on the first stage or ``lm_head`` on the last, with
+    ``tie_word_embeddings``); None otherwise (untied, a middle stage, or the whole language model)."""
+    for qual, sub in module.named_modules():
+        if isinstance(sub, DecoderLM) and sub.cfg.tie_word_embeddings:
+            pre = f"{qual}." if qual else ""
+            embed = full_model_key(module_name, f"{pre}model.embed_tokens.weight")
+            head = full_model_key(module_name, f"{pre}lm_head.weight")
+            if (sub.model.embed_tokens is None) == (sub.lm_head is None):
+                return None
+            return (embed, head) if sub.model.embed_tokens is not None else (head, embed)
+    return None
+
+
 def model_state(module_name: str, module: nn.Module, etp_mesh=None) -> dict[str, torch.Tensor]:
     """This rank's part of module ``module_name`` as checkpoint entries (views of the live tensors).
 
@@ -170,7 +194,8 @@ def model_state(module_name: str, module: nn.Module, etp_mesh=None) -> dict[str,
         etp_mesh: the 1-D expert-TP mesh when the module's ``etp > 1``.
 
     Returns:
-        ``{key: tensor}`` with full-model keys; expert weights per expert (module docstring).
+        ``{key: tensor}`` with full-model keys; expert weights per expert; a pipeline stage's copy of tied word
+        embeddings under both of their keys (module docstring).
     """
     owners = _expert_owners(module_name, module)
     out: dict[str, torch.Tensor] = {}
@@ -180,6 +205,10 @@ def model_state(module_name: str, module: nn.Module, etp_mesh=None) -> dict[str,
             out.update(_expert_entries(key, value, owners[key], etp_mesh))
         else:
             out[key] = value
+    tied = _tied_copy_keys(module_name, module)
+    if tied is not None:  # the single-process state dict has both keys of the one tensor
+        own, other = tied
+        out[other] = out[own]
     return out
 
 
@@ -201,7 +230,9 @@ def optimizer_state(
     """AdamW state of ``module``'s parameters as checkpoint entries ``{param key}.{exp_avg|exp_avg_sq|step}``.
 
     Calls :func:`init_optimizer_state` first. Moments are laid out like their parameter (per expert for expert
-    weights); ``step`` is a 0-dim fp32 tensor keyed by the (stacked) parameter key.
+    weights); ``step`` is a 0-dim fp32 tensor keyed by the (stacked) parameter key. The last pipeline stage's copy
+    of tied word embeddings (``lm_head.weight``) is keyed by ``...embed_tokens.weight``, as the one tied parameter of
+    the single-process model.
 
     Raises:
         KeyError: a parameter of the optimizer is not a parameter of ``module``.
@@ -209,6 +240,9 @@ def optimizer_state(
     init_optimizer_state(optimizer)
     owners = _expert_owners(module_name, module)
     names = {p: full_model_key(module_name, n) for n, p in module.named_parameters()}
+    tied = _tied_copy_keys(module_name, module)
+    if tied is not None and tied[0].endswith("lm_head.weight"):
+        names = {p: tied[1] if key == tied[0] else key for p, key in names.items()}
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -199,7 +199,7 @@ class DecoderLM(nn.Module):
         Rows are right-padded; attention is causal.
 
     Raises:
-        ValueError: on an inconsistent config (heads not dividing, tied embeddings with pipeline splitting).
+        ValueError: on an inconsistent config (heads not dividing, an odd head dim).
     """
 
     def __init__(self, cfg: LanguageModelConfig):

@@ -34,14 +34,14 @@ def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
     """The part of ``lm`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``lm`` is untouched).
 
     Stage 0 keeps ``embed_tokens``; the last stage keeps ``norm`` and ``lm_head``; parameter names are the
-    full model's names, so a stage's state dict is a subset of the full one.
+    full model's names, so a stage's state dict is a subset of the full one. With tied embeddings and ``pp > 1``
+    stage 0's ``embed_tokens.weight`` and the last stage's ``lm_head.weight`` are two copies ``[V, H]`` of the one
+    tied tensor (equal values); :mod:`mimo_titan.pipeline.tied` keeps them equal during training.
 
     Raises:
-        ValueError: on ``num_layers < pp``, or tied embeddings with ``pp > 1`` (the tie would span two stages).
+        ValueError: on ``num_layers < pp``.
     """
     keep = stage_layer_range(len(lm.model.layers), pp, stage)
-    if pp > 1 and lm.cfg.tie_word_embeddings:
-        raise ValueError("model.language.tie_word_embeddings=true is not supported with parallelism.language.pp > 1")
     part = copy.deepcopy(lm)
     for name in list(part.model.layers.keys()):
         if int(name) not in keep:

@@ -15,13 +15,14 @@ for a dense module its groups are simply never used.
 
 Process groups are created collectively: every rank builds every module's mesh
 (members or not), plus any flattened data-parallel groups, then the module's
-expert mesh, module by module in layout order. The resulting :class:`Topology`
-holds all groups; there is no module-level state.
+expert mesh, module by module in layout order, and last the 2-rank embedding
+groups of weights tied across a module's pipeline (:meth:`Topology.embedding_group`).
+The resulting :class:`Topology` holds all groups; there is no module-level state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,8 @@ class Topology:
     dp_groups: dict[str, ProcessGroup | None] = field(default_factory=dict, repr=False)
     expert_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
     dp_cp_meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)  # modules with cp > 1
+    # modules with tied first / last stage weights -> this rank's 2-rank embedding group (None: holds no copy)
+    embedding_groups: dict[str, ProcessGroup | None] = field(default_factory=dict, repr=False)
 
     @property
     def rank(self) -> int:
@@ -228,6 +231,28 @@ class Topology:
         self._check_member(name, "group")
         return self.meshes[name].get_group(dim)
 
+    def embedding_group(self, name: str) -> ProcessGroup | None:
+        """This rank's *embedding group* in module ``name`` (Megatron-LM's term): the 2 ranks, one on the first
+        and one on the last pipeline stage with the same ``(dp_replicate, dp_shard, cp, tp)`` coordinate, that
+        hold the two copies of a weight tied across the pipeline (the language model's input embedding and
+        output head). Their FSDP / TP shards of it correspond, so summing their local gradient shards over this
+        group gives each the gradient of the single tied tensor.
+
+        Returns:
+            The group, or None on a rank that holds no copy (a middle stage, or a rank outside the module).
+
+        Raises:
+            KeyError: unknown module name, or the topology was built without tied weights for ``name``
+                (``build_topology(..., tied_embeddings=[name])``, which needs ``pp > 1``).
+        """
+        self._check_module(name)
+        if name not in self.embedding_groups:
+            raise KeyError(
+                f"module '{name}' has no embedding group: build_topology was not given tied_embeddings=['{name}'] "
+                f"or its pp is 1 (pp={self.layouts[name].pp})"
+            )
+        return self.embedding_groups[name]
+
     # ---- expert (MoE) grid ---------------------------------------------------------
 
     def expert_mesh(self, name: str) -> DeviceMesh:
@@ -298,7 +323,22 @@ def _flat_dp_rank_lists(lay: ModuleLayout) -> list[list[int]]:
     return out
 
 
-def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: int, device_type: str) -> Topology:
+def _embedding_rank_pairs(lay: ModuleLayout) -> list[list[int]]:
+    """``[first-stage rank, last-stage rank]`` with the same ``(dp_replicate, dp_shard, cp, tp)`` coordinate, for
+    every rank of the first stage in rank order (the mesh's ranks are ``arange`` in ``MESH_DIMS`` order, ``pp``
+    slowest, so the partner is ``pp - 1`` stage sizes further)."""
+    stage = lay.num_ranks // lay.pp
+    last = (lay.pp - 1) * stage
+    return [[r, r + last] for r in range(lay.rank_offset, lay.rank_offset + stage)]
+
+
+def build_topology(
+    layouts: Mapping[str, ModuleLayout],
+    world_size: int,
+    rank: int,
+    device_type: str,
+    tied_embeddings: Collection[str] = (),
+) -> Topology:
     """Validates the layouts and builds every module's DeviceMesh.
 
     Collective: every rank of the default group must call this with the same
@@ -316,19 +356,27 @@ def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: i
     arange(rank_offset, rank_offset + num_ranks).view(pp, edp, ep, etp),
     mesh_dim_names=EXPERT_MESH_DIMS)`` is built, for every module (dense ones
     included, with ``ep = etp = 1``): no new ranks, four more mesh dims' worth
-    of groups per module.
+    of groups per module. Last, for each module of ``tied_embeddings`` with
+    ``pp > 1`` (in layout order), one 2-rank *embedding group* per rank of its
+    first stage, paired with the last-stage rank of the same ``(dp_replicate,
+    dp_shard, cp, tp)`` coordinate (:meth:`Topology.embedding_group`), again
+    with ``new_group`` on every rank.
 
     Args:
         layouts: module name -> layout, in build order.
         world_size: expected global world size.
         rank: this process's global rank.
         device_type: DeviceMesh device type ("cpu", "cuda", ...).
+        tied_embeddings: modules whose first and last pipeline stage hold copies of one
+            weight (the language model with ``model.language.tie_word_embeddings``); a
+            module with ``pp = 1`` gets no group (its one stage holds the one tensor).
 
     Returns:
         The :class:`Topology` for this rank.
 
     Raises:
-        LayoutError: the layouts are invalid (raised before any group is created).
+        LayoutError: the layouts are invalid, or ``tied_embeddings`` names an unknown
+            module (raised before any group is created).
         RuntimeError: the default process group is not initialised, or its world
             size / rank differ from ``world_size`` / ``rank``.
     """
@@ -348,6 +396,9 @@ def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: i
             f"rank mismatch: the default process group says rank {dist.get_rank()} "
             f"but build_topology was given rank={rank}"
         )
+    unknown = [n for n in tied_embeddings if n not in layouts]
+    if unknown:
+        raise LayoutError(f"tied_embeddings names unknown modules {unknown}; modules: {list(layouts)}")
     role = rank_role(layouts, rank, world_size)
 
     meshes: dict[str, DeviceMesh] = {}
@@ -376,6 +427,15 @@ def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: i
         if lay.cp > 1:  # dp x cp flattened (adjacent dims, same rank order): FSDP and token-statistics group
             dp_cp_ranks = torch.arange(lay.rank_offset, lay.end, dtype=torch.int).view(lay.pp, lay.dp * lay.cp, lay.tp)
             dp_cp_meshes[name] = DeviceMesh(device_type, dp_cp_ranks, mesh_dim_names=DP_CP_MESH_DIMS)
+    embedding_groups: dict[str, ProcessGroup | None] = {}
+    for name, lay in layouts.items():  # after every mesh, so the group sequence is the same on every rank
+        if name not in tied_embeddings or lay.pp == 1:
+            continue
+        embedding_groups[name] = None
+        for pair in _embedding_rank_pairs(lay):
+            pg = dist.new_group(ranks=pair, group_desc=f"{name}_embedding")
+            if rank in pair:
+                embedding_groups[name] = pg
 
     return Topology(
         layouts=dict(layouts),
@@ -386,6 +446,7 @@ def build_topology(layouts: Mapping[str, ModuleLayout], world_size: int, rank: i
         dp_groups=dp_groups,
         expert_meshes=expert_meshes,
         dp_cp_meshes=dp_cp_meshes,
+        embedding_groups=embedding_groups,
     )
 
 

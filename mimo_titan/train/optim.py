@@ -84,12 +84,22 @@ def _owned_local(grad: torch.Tensor) -> torch.Tensor | None:
     return grad.to_local()
 
 
-def global_grad_sq_norm(modules: Iterable[nn.Module], device: torch.device) -> torch.Tensor:
-    """This rank's contribution (fp32, 0-dim) to the squared L2 norm of all gradients of all modules."""
+def global_grad_sq_norm(
+    modules: Iterable[nn.Module], device: torch.device, exclude: Iterable[torch.Tensor] = ()
+) -> torch.Tensor:
+    """This rank's contribution (fp32, 0-dim) to the squared L2 norm of all gradients of all modules.
+
+    Args:
+        modules: this rank's modules.
+        device: where the result lives.
+        exclude: parameters not counted: copies of a tensor that another rank counts (the last pipeline stage's
+            copy of tied word embeddings, :attr:`~mimo_titan.pipeline.tied.TiedEmbedding.norm_duplicates`).
+    """
+    skip = {id(p) for p in exclude}
     total = torch.zeros((), dtype=torch.float32, device=device)
     for module in modules:
         for p in module.parameters():
-            if p.grad is None:
+            if p.grad is None or id(p) in skip:
                 continue
             g = _owned_local(p.grad)
             if g is not None and g.numel():

@@ -38,6 +38,7 @@ from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
 from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable, module_trainable
 from mimo_titan.train.optim import (
@@ -104,6 +105,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
                 f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
                 "use dp_shard instead of dp_replicate"
             )
+        # tied embeddings with pp > 1: the first and last stage hold copies kept equal (mimo_titan.pipeline.tied)
         if lay.tp > 1 and lay.is_language and cfg.model.language.tie_word_embeddings:
             raise ConfigError(
                 f"parallelism.{name}.tp={lay.tp} with model.language.tie_word_embeddings = true is not "
@@ -351,6 +353,7 @@ class Job:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
+    tied_embedding: TiedEmbedding | None = None  # this rank's copy of word embeddings tied across LM stages
 
     def moe_layers(self) -> dict[str, MoE]:
         """This rank's MoE layers by global key (``vision.<layer>`` / ``language.<layer>``)."""
@@ -435,7 +438,8 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     layouts = validate_job(cfg, world)
-    topology = build_topology(layouts, world, rank, device.type)
+    tied = [n for n, lay in layouts.items() if lay.is_language and cfg.model.language.tie_word_embeddings]
+    topology = build_topology(layouts, world, rank, device.type, tied_embeddings=tied)
     role = topology.role
     lang_name = role.language
     vis_name = next(n for n in layouts if n != lang_name)
@@ -483,6 +487,9 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
             reshard_after_forward=lay.pp == 1,
             expert_mesh=expert_mesh,
         )
+    tied_copy = None
+    if role.holds(lang_name) and lang_name in tied and layouts[lang_name].pp > 1:
+        tied_copy = tied_embedding(modules[lang_name], topology.embedding_group(lang_name))
     del full
 
     optimizers = {n: o for n, m in modules.items() if (o := build_optimizer(m, cfg.optimizer)) is not None}
@@ -522,7 +529,9 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         if role.holds(name):
             coords = {**role.coordinates[name], **role.expert_coordinates(name)}
             rng[name] = RNGTracker(module_seeds(cfg.job.seed, index, coords), cuda=device.type == "cuda")
-    return Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
+    job = Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
+    job.tied_embedding = tied_copy
+    return job
 
 
 def canonical_named_parameters(job: Job):
@@ -602,12 +611,17 @@ def train_step(
         layer.reset_stats()
     mark("forward-backward")
     loss_part = job.schedule.step(global_batch)
+    tied = job.tied_embedding
+    if tied is not None:  # the first and the last LM stage's copies get the tied tensor's gradient
+        mark("tied-embedding gradient all-reduce")
+        tied.all_reduce_grad()
     mark("loss and gradient-norm all-reduce")
     mods = list(job.modules.values())
     moe_stats = _moe_stats(job, moe)  # [layers, E + 1]: routed copies per expert, aux-loss sum
     stop = stop_requested() if callable(stop_requested) else stop_requested
     flags = torch.tensor([float(stop)], device=job.device)
-    stats = torch.cat([torch.stack([loss_part, global_grad_sq_norm(mods, job.device)]), flags, moe_stats.flatten()])
+    sq_norm_part = global_grad_sq_norm(mods, job.device, exclude=tied.norm_duplicates if tied else ())
+    stats = torch.cat([torch.stack([loss_part, sq_norm_part]), flags, moe_stats.flatten()])
     all_reduce_sum(stats)
     moe_stats = stats[3:].view_as(moe_stats)
     loss_sum, sq_norm = float(stats[0]), float(stats[1])
