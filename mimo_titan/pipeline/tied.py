@@ -68,7 +68,8 @@ class TiedEmbedding:
 
 
 def tied_embedding(stage: nn.Module, group: ProcessGroup | None) -> TiedEmbedding | None:
-    """The :class:`TiedEmbedding` of a language pipeline stage, or None where the stage holds no copy.
+    """The :class:`TiedEmbedding` of a language pipeline stage, or None where the stage holds no copy or the tied
+    weight is frozen.
 
     Args:
         stage: this rank's language stage (a :class:`~mimo_titan.models.mimo.LanguageStage`, FSDP-wrapped or not,
@@ -92,4 +93,6 @@ def tied_embedding(stage: nn.Module, group: ProcessGroup | None) -> TiedEmbeddin
         raise ValueError("a pipeline stage holding one copy of the tied embedding needs its embedding group")
     param = embed.weight if embed is not None else head.weight  # type: ignore[union-attr]
     assert isinstance(param, nn.Parameter)
+    if not param.requires_grad:  # frozen (both copies alike: split from one tensor): no gradient to sum
+        return None
     return TiedEmbedding(param=param, group=group, first=embed is not None)
