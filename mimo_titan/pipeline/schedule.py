@@ -362,6 +362,11 @@ class MimoSchedule:
     def _after_lm_backward(self, m: int) -> None:
         if self.mode != "inline" or not self.encoder_trainable:
             return
+        if m not in self._grad_rows:
+            raise RuntimeError(
+                f"the language pipeline produced no gradient for the image embeddings of microbatches [{m}]; the "
+                "encoder would silently stop training"
+            )
         sends = self._grad_sends(m, self._grad_rows.pop(m))  # first: a rank's own rows are handed over in memory
         pending = self._encoder_grad_recv(m)
         self.bridge.post(sends, pending, batch=True)
