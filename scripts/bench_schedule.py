@@ -4,9 +4,10 @@
         --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe] [--steps 5] [--json OUT]
 
 Every rank of the config's layout runs as a process on CPU/gloo (spawned here; no torchrun). Each encoder rank's
-forward of a microbatch sleeps ``--encoder-ms``, each language stage's forward ``--lm-ms``, every backward twice
-its forward; everything else is the training code path: :class:`~mimo_titan.pipeline.schedule.MimoSchedule`,
-``torch.distributed.pipelining`` stages and schedules, the bridge's point-to-point transfers, the loss.
+forward of a microbatch sleeps ``--encoder-ms`` (per encoder pipeline stage), each language stage's forward
+``--lm-ms``, every backward twice its forward; everything else is the training code path:
+:class:`~mimo_titan.pipeline.schedule.MimoSchedule`, ``torch.distributed.pipelining`` stages and schedules, the
+bridge's point-to-point transfers, the loss.
 
 Printed (and with ``--json`` written as ``{"measured_s", "analytical_s", "encoder_first_s",
 "encoder_first_analytical_s", "speedup", "busy_fraction_per_rank", ...}``):
@@ -34,6 +35,7 @@ import socket
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
@@ -68,15 +70,18 @@ class _Sleep(torch.autograd.Function):
 
 
 class SleepEncoder(nn.Module):
-    """Stands in for an encoder: ``[n, C, H, W]`` images → ``[n, P, hidden]`` zeros after a sleep."""
+    """Stands in for an encoder (or one of its pipeline stages): images ``[n, C, H, W]`` (first stage) or the previous
+    stage's ``[n, P, D]`` → ``[n, P, width]`` zeros after a sleep (``width`` = D between stages, the LM's H last)."""
 
-    def __init__(self, seconds: float, tokens_per_image: int, hidden: int):
+    def __init__(self, seconds: float, tokens_per_image: int, width: int, *, hidden_size: int, first: bool = True):
         super().__init__()
-        self.seconds, self.tokens_per_image, self.hidden = seconds, tokens_per_image, hidden
+        self.seconds, self.tokens_per_image, self.width, self.first = seconds, tokens_per_image, width, first
+        self.cfg = SimpleNamespace(hidden_size=hidden_size)  # D, what travels between encoder stages
         self.w = nn.Parameter(torch.zeros(()))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(self.seconds, (pixel_values.shape[0], self.tokens_per_image, self.hidden), self.w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = (self.w,) if self.first else (x, self.w)
+        return _Sleep.apply(self.seconds, (x.shape[0], self.tokens_per_image, self.width), *inputs)
 
 
 class SleepLanguageStage(nn.Module):
@@ -134,7 +139,12 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
     # a 16-token vocabulary keeps the (real) loss of the last stage out of the measurement
     H, V = cfg.model.language.hidden_size, BENCH_VOCAB
     image_token_id = V - 1
-    encoder = SleepEncoder(args.encoder_ms / 1e3, P, H) if role.holds(enc) else None
+    encoder = None
+    if role.holds(enc):
+        e_lay, e_stage = layouts[enc], role.pp_stage(enc)
+        D = cfg.model.vision.hidden_size
+        last = e_stage == e_lay.pp - 1
+        encoder = SleepEncoder(args.encoder_ms / 1e3, P, H if last else D, hidden_size=D, first=e_stage == 0)
     language = None
     if role.holds(lang):
         lay, stage = layouts[lang], role.pp_stage(lang)
@@ -256,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
             encoder_forward_s=args.encoder_ms / 1e3,
             lm_forward_s=args.lm_ms / 1e3,
             colocated=colocated,
+            encoder_pp=lay_e.pp,
         )
 
     ana, ana_first = analytical(mode), analytical("whole_batch")
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r in lay_l.ranks:
             st = f"{lang}.{(r - lay_l.rank_offset) // lay_l.stage_size}"
             return f"{enc}+{st}" if colocated else st
-        return enc
+        return enc if lay_e.pp == 1 else f"{enc}.{(r - lay_e.rank_offset) // lay_e.stage_size}"
 
     result = {
         "config": args.config,

@@ -238,6 +238,45 @@ LAYOUTS = {
         {"parallelism": {"colocated_encoders": "inline"}, "training": {"global_batch_size": 8}},
         (),
     ),
+    # encoder pipeline stages: the encoder's stages lead the LM's in one 1F1B (warm-ups 4, 3 | 2, 1)
+    "encoder_pp2_lm_pp2": (
+        4,
+        V(0, 2, pp=2),
+        V(2, 2, pp=2),
+        {"training": {"global_batch_size": 8, "microbatches": 4}, "data": {"max_images_per_sample": 2}},
+        (1, 6),
+    ),
+    "encoder_pp2_dp2_fan_out_lm_dp3": (
+        7,
+        V(0, 4, pp=2, dp_shard=2),
+        V(4, 3, dp_shard=3),
+        {"training": {"global_batch_size": 12, "microbatches": 2}},
+        (),
+    ),
+    "encoder_pp2_frozen_lm_pp2": (
+        4,
+        V(0, 2, pp=2),
+        V(2, 2, pp=2),
+        {"model": {"vision": {"frozen": True}}, "training": {"global_batch_size": 8, "microbatches": 4}},
+        (),
+    ),
+    "encoder_pp2_module_gpipe": (
+        4,
+        V(0, 2, pp=2),
+        V(2, 2, pp=2),
+        {"parallelism": {"module_schedule": "GPipe"}, "training": {"global_batch_size": 8, "microbatches": 4}},
+        (2,),
+    ),
+    "encoder_pp2_moe_ep2_colocated_batch": (
+        4,
+        V(0, 4, pp=2, dp_shard=2, ep=2),
+        V(0, 4, pp=2, dp_shard=2),
+        {
+            "model": {"vision": MOE_BOTH["model"]["vision"]},
+            "training": {"global_batch_size": 8, "microbatches": 2},
+        },
+        (0, 1),
+    ),
     # frozen modules: no gradient, no optimizer state, bit-identical weights; the bridge sends no gradient back
     "frozen_vision_streamed_prefetch2": (
         4,

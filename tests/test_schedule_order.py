@@ -67,6 +67,22 @@ def test_streamed_encoder_hides_behind_the_language_model(pp, M):
     assert streamed.busy_fraction("encoder") > first.busy_fraction("encoder")
 
 
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe"])
+def test_encoder_stages_are_leading_stages_of_one_pipeline(schedule):
+    """Two encoder stages and two language stages, all as fast: the uniform 4-stage pipeline's (M + 3) (f + b)."""
+    t = mimo_timeline(
+        mode="streamed",
+        lm_schedule=schedule,
+        lm_pp=2,
+        microbatches=8,
+        encoder_forward_s=1.0,
+        lm_forward_s=1.0,
+        encoder_pp=2,
+    )
+    assert t.step_s == pytest.approx((8 + 3) * 3.0)
+    assert encoder_warmup("1F1B", 2, 8, encoder_stages_left=2) == 4
+
+
 def test_colocated_inline_and_batch_serialise_the_modules():
     kw = dict(lm_schedule="1F1B", lm_pp=1, microbatches=4, encoder_forward_s=1.0, lm_forward_s=3.0, colocated=True)
     for mode in ("inline", "whole_batch"):
@@ -106,6 +122,7 @@ def test_schedule_mode():
             {"colocated_encoders": "inline", "module_schedule": "GPipe"},
             "GPipe",
         ),
+        (V(0, 2, pp=2), V(0, 2, dp_shard=2), {"colocated_encoders": "inline"}, "vision.pp > 1"),
     ],
 )
 def test_inline_encoders_need_a_colocated_single_stage_layout(vision, language, par, match):
@@ -155,3 +172,16 @@ def _to_toml(d: dict, prefix: str = "") -> str:
     for k, v in tables.items():
         lines.append(_to_toml(v, f"{prefix}.{k}" if prefix else k))
     return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "vision,match",
+    [
+        (V(0, 4, pp=4), "model.vision.num_layers=2 is smaller than parallelism.vision.pp=4"),
+        (V(0, 4, pp=2, tp=2), "pp=2 with tp=2 is not supported for an encoder"),
+    ],
+)
+def test_bad_encoder_stages_fail_before_any_process_group(vision, match):
+    cfg = config_from_dict(tiny_config_dict(vision, V(4, 1)))
+    with pytest.raises(ConfigError, match=match):
+        validate_job(cfg, 5)

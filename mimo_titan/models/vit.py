@@ -97,19 +97,22 @@ class _Encoder(nn.Module):
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
-        self.layers = nn.ModuleList(
-            ViTBlock(
-                cfg.hidden_size,
-                cfg.num_heads,
-                cfg.intermediate_size,
-                cfg.norm_eps,
-                moe if moe is not None and moe.is_moe_layer(i) else None,
-            )
-            for i in range(cfg.num_layers)
+        # keyed by the global layer index (a pipeline stage keeps a contiguous range under the same names)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): ViTBlock(
+                    cfg.hidden_size,
+                    cfg.num_heads,
+                    cfg.intermediate_size,
+                    cfg.norm_eps,
+                    moe if moe is not None and moe.is_moe_layer(i) else None,
+                )
+                for i in range(cfg.num_layers)
+            }
         )
 
     def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+        for layer in self.layers.values():
             x_NPD = layer(x_NPD)
         return x_NPD
 
@@ -124,12 +127,16 @@ class ViT(nn.Module):
                 f"model.vision.image_size={cfg.image_size} must be a multiple of "
                 f"model.vision.patch_size={cfg.patch_size}"
             )
-        self.embeddings = _Embeddings(cfg)
+        self.embeddings: _Embeddings | None = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_layernorm: nn.LayerNorm | None = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
-    def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
-        return self.post_layernorm(self.encoder(self.embeddings(pixel_values_NCHW)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[N, C, H_img, W_img]`` → ``[N, P, D]``; a pipeline stage without ``embeddings`` takes the previous
+        stage's ``[N, P, D]``, one without ``post_layernorm`` returns its last block's output."""
+        x_NPD = self.embeddings(x) if self.embeddings is not None else x
+        x_NPD = self.encoder(x_NPD)
+        return self.post_layernorm(x_NPD) if self.post_layernorm is not None else x_NPD
 
 
 class Projector(nn.Module):
@@ -160,13 +167,28 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionModelConfig, out_dim: int):
         super().__init__()
         self.vision_model = ViT(cfg)
-        self.multi_modal_projector = Projector(cfg.hidden_size, cfg.projector_intermediate_size, out_dim)
-        self.tokens_per_image = self.vision_model.embeddings.num_patches
+        self.multi_modal_projector: Projector | None = Projector(
+            cfg.hidden_size, cfg.projector_intermediate_size, out_dim
+        )
+        self.tokens_per_image = (cfg.image_size // cfg.patch_size) ** 2
         self.out_dim = out_dim
         self.cfg = cfg
 
-    def forward(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
-        return self.multi_modal_projector(self.vision_model(pixel_values_NCHW))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels → ``[N, P, H]``; a pipeline stage (:func:`~mimo_titan.pipeline.stages.split_vision_encoder`) maps
+        pixels or the previous stage's ``[N, P, D]`` to ``[N, P, D]``, the last stage to ``[N, P, H]``."""
+        out = self.vision_model(x)
+        return self.multi_modal_projector(out) if self.multi_modal_projector is not None else out
+
+    @property
+    def is_first_stage(self) -> bool:
+        """Whether this (part of the) encoder takes pixels."""
+        return self.vision_model.embeddings is not None
+
+    @property
+    def is_last_stage(self) -> bool:
+        """Whether this (part of the) encoder ends with the projector (its output crosses the bridge)."""
+        return self.multi_modal_projector is not None
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

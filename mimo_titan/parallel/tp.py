@@ -188,6 +188,7 @@ def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder
     tp = tp_mesh.size()
     vit = vision.vision_model
     check_tp("vision", vision.cfg, tp)
+    assert vit.embeddings is not None, "an encoder with tp > 1 runs as one pipeline stage (validate_job)"
     _replicate_then_scatter(vit.embeddings, tp_mesh)
     plan = {
         "vision_model.post_layernorm": SequenceParallel(),
@@ -195,7 +196,7 @@ def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder
         "multi_modal_projector.linear_1": ColwiseParallel(),
         "multi_modal_projector.linear_2": RowwiseParallel(output_layouts=Replicate()),
     }
-    for i in range(len(vit.encoder.layers)):
+    for i in vit.encoder.layers:
         p = f"vision_model.encoder.layers.{i}."
         plan.update(
             {

@@ -104,7 +104,7 @@ class Bridge:
     """Point-to-point transfer of image-token embeddings between two modules' meshes.
 
     Args:
-        src_layout: the encoder module's ``ModuleLayout`` (pp must be 1).
+        src_layout: the encoder module's ``ModuleLayout``; its last pipeline stage sends.
         dst_layout: the language module's ``ModuleLayout``; its first pipeline stage receives.
         mb_size: samples per global microbatch.
         tokens_per_image: image tokens each image contributes (P).
@@ -122,7 +122,7 @@ class Bridge:
     of each CP rank sends that rank's rows' gradients back to every encoder tp rank, which puts them in place.
 
     Raises:
-        ValueError: if the encoder has pp > 1 or cp > 1.
+        ValueError: if the encoder has cp > 1.
     """
 
     def __init__(
@@ -136,11 +136,6 @@ class Bridge:
         device: torch.device,
         rank: int,
     ):
-        if src_layout.pp != 1:
-            raise ValueError(
-                f"parallelism.{src_layout.name}.pp={src_layout.pp}: encoder modules run as a single pipeline stage "
-                "ahead of the language model; set pp = 1 and use dp_shard instead"
-            )
         if src_layout.cp != 1:
             raise ValueError(
                 f"parallelism.{src_layout.name}.cp={src_layout.cp}: the bridge supports context "
@@ -154,8 +149,9 @@ class Bridge:
         # forward: encoder tp rank 0 sends (its tp peers hold the same rows) to every tp rank of the CP rank that
         # owns the row. Backward: language tp rank 0 of every CP rank sends (its tp peers hold the same gradient)
         # to every encoder tp rank (each runs the same backward).
-        self.src_sender = [module_rank(src, 0, d) for d in range(src.dp)]
-        self.src_receivers = [[module_rank(src, 0, d, 0, t) for t in range(src.tp)] for d in range(src.dp)]
+        last = src.pp - 1  # the encoder's last pipeline stage sends
+        self.src_sender = [module_rank(src, last, d) for d in range(src.dp)]
+        self.src_receivers = [[module_rank(src, last, d, 0, t) for t in range(src.tp)] for d in range(src.dp)]
         self.dst_sender = [[module_rank(dst, 0, d, c) for c in range(dst.cp)] for d in range(dst.dp)]
         self.dst_receivers = [
             [[module_rank(dst, 0, d, c, t) for t in range(dst.tp)] for c in range(dst.cp)] for d in range(dst.dp)

@@ -75,13 +75,14 @@ def stage_order(schedule: str, microbatches: int, num_stages: int, stage: int) -
     raise ValueError(f"no order for schedule {schedule!r}; choose 1F1B or GPipe")
 
 
-def encoder_warmup(lm_schedule: str, lm_pp: int, microbatches: int) -> int:
-    """Warm-up forwards of a single-stage encoder that leads the language pipeline: ``lm_pp + 1`` under 1F1B
-    (the encoder is stage 0 of ``1 + lm_pp``), every microbatch under GPipe (the language model's first stage runs
-    every forward before its first backward, so the encoder must not wait for a gradient earlier)."""
+def encoder_warmup(lm_schedule: str, lm_pp: int, microbatches: int, encoder_stages_left: int = 1) -> int:
+    """Warm-up forwards of an encoder stage that leads the language pipeline, with ``encoder_stages_left`` encoder
+    stages from it to the bridge (itself included): ``lm_pp + encoder_stages_left`` under 1F1B (the stage is
+    stage ``T - lm_pp - encoder_stages_left`` of ``T``), every microbatch under GPipe (the language model's first
+    stage runs every forward before its first backward, so no encoder stage may wait for a gradient earlier)."""
     if lm_schedule == "GPipe":
         return microbatches
-    return min(microbatches, lm_pp + 1)
+    return min(microbatches, lm_pp + encoder_stages_left)
 
 
 @dataclass
@@ -214,13 +215,16 @@ def mimo_timeline(
     lm_forward_s: float,
     backward_factor: float = 2.0,
     colocated: bool = False,
+    encoder_pp: int = 1,
 ) -> Timeline:
     """The analytical step of one encoder (one stage) and a ``lm_pp``-stage language model, as
     :class:`~mimo_titan.pipeline.schedule.MimoSchedule` runs it in ``mode`` (``"streamed"``, ``"inline"`` or
     ``"whole_batch"``).
 
-    Stage names: ``"encoder"`` and ``"language.{i}"``; colocated, every language stage's ranks also run their share
-    of the encoder, ``"encoder@{i}"`` (its forward of ``m`` takes ``encoder_forward_s``, as on its own ranks).
+    Stage names: ``"encoder"`` (``"encoder.{j}"`` for ``encoder_pp > 1``, each stage's forward taking
+    ``encoder_forward_s``) and ``"language.{i}"``; colocated, every language stage's ranks also run their share of
+    the encoder, ``"encoder@{i}"`` (its forward of ``m`` takes ``encoder_forward_s``, as on its own ranks; one
+    encoder stage).
 
     Raises:
         ValueError: ``"inline"`` with ``lm_pp > 1`` or not colocated, ``"streamed"`` colocated.
@@ -242,18 +246,26 @@ def mimo_timeline(
         for i in range(lm_pp)
     ]
     if not colocated:
-        order = gpipe_order(M) if gpipe else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M))
-        enc = Stage(
-            "encoder",
-            order,
-            encoder_forward_s,
-            bf * encoder_forward_s,
-            backward_after_step_of=("language.0",) if gpipe else (),
-        )
-        lm[0].inputs = ("encoder",)
+        names = ["encoder"] if encoder_pp == 1 else [f"encoder.{j}" for j in range(encoder_pp)]
+        encs = [
+            Stage(
+                name,
+                gpipe_order(M)
+                if gpipe
+                else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M, encoder_pp - j)),
+                encoder_forward_s,
+                bf * encoder_forward_s,
+                inputs=(names[j - 1],) if j else (),
+                backward_after_step_of=("language.0",) if gpipe and j == encoder_pp - 1 else (),
+            )
+            for j, name in enumerate(names)
+        ]
+        lm[0].inputs = (names[-1],)
         if gpipe:
-            lm[0].after_all_forwards_of = ("encoder",)
-        return simulate([enc, *lm])
+            lm[0].after_all_forwards_of = (names[-1],)
+        return simulate([*encs, *lm])
+    if encoder_pp != 1:
+        raise ValueError("the colocated timeline models a single-stage encoder")
     encs = [
         Stage(
             f"encoder@{i}",

@@ -37,6 +37,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -49,7 +50,7 @@ from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
 from mimo_titan.parallel import comm
-from mimo_titan.pipeline.bridge import Bridge, Pending, cp_owner, image_row_cp_ranks
+from mimo_titan.pipeline.bridge import Bridge, Pending, cp_owner, image_row_cp_ranks, module_rank
 from mimo_titan.pipeline.order import encoder_warmup, one_f_one_b_order
 
 if TYPE_CHECKING:
@@ -175,8 +176,29 @@ class MimoSchedule:
                 f"parallelism.colocated_encoders='inline' needs parallelism.{self.lang_name}.pp = 1 (got "
                 f"{lang_lay.pp}): every rank must run the language model's first stage; use 'batch'"
             )
-        #: forwards the encoder runs ahead of its first backward (streamed mode)
-        self.encoder_warmup = encoder_warmup(schedule, lang_lay.pp, microbatches)
+        if self.mode == "inline" and enc_lay.pp > 1:
+            raise ValueError(
+                f"parallelism.colocated_encoders='inline' needs parallelism.{self.enc_name}.pp = 1 (got {enc_lay.pp})"
+            )
+
+        def warmup(enc_stage: int) -> int:  # encoder stage enc_stage leads enc_pp - enc_stage + lm pp stages
+            return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_lay.pp - enc_stage)
+
+        self.enc_first = self.enc_last = True
+        self.encoder_warmup = warmup(0)
+        self._bridge_warmup = warmup(enc_lay.pp - 1)  # of the stage that sends over the bridge
+        self.act_dtype, self.tokens_per_image = act_dtype, bridge.tokens_per_image
+        if encoder is not None:
+            stage = role.pp_stage(self.enc_name)
+            #: forwards this encoder stage runs ahead of its first backward (streamed mode)
+            self.encoder_warmup = warmup(stage)
+            self.enc_first, self.enc_last = stage == 0, stage == enc_lay.pp - 1
+            self._prev_warmup = warmup(stage - 1) if stage else 0
+            self.enc_width = getattr(getattr(encoder, "cfg", None), "hidden_size", 0)  # D, between encoder stages
+            c = role.coordinates[self.enc_name]
+            dp = role.dp_rank(self.enc_name)
+            self._enc_prev = module_rank(enc_lay, stage - 1, dp, c["cp"], c["tp"]) if stage else -1
+            self._enc_next = module_rank(enc_lay, stage + 1, dp, c["cp"], c["tp"]) if not self.enc_last else -1
         self._num_loss_tokens = 1
         self.pp_schedule = None
         self.packed = packed
@@ -260,37 +282,70 @@ class MimoSchedule:
         return image_row_cp_ranks(global_batch.input_ids[m * s : (m + 1) * s], self.image_token_id, cp, docs)
 
     # -- encoder side -------------------------------------------------------------------------------------
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[n, P, H]`` encoder output; with no image, a dummy image keeps FSDP's collectives in step (its rows
-        are dropped)."""
+    # An encoder with pp > 1 is a chain of stages (split_vision_encoder): stage s receives [n, P, D] from stage s - 1
+    # (the same DP and tp coordinates), the last stage sends its rows over the bridge. A DP rank without image in a
+    # microbatch runs one dummy image through every stage (FSDP's collectives stay in step; its rows never cross).
+    def _enc_images(self, m: int) -> int:
+        """Images of this encoder DP rank in microbatch ``m``."""
+        b = len(self._enc_local) // self.microbatches
+        return int(self._enc_local.images_per_sample[m * b : (m + 1) * b].sum())
+
+    def _between_stages(self, m: int) -> torch.Tensor:
+        """An empty ``[max(n, 1), P, D]`` buffer for what travels between encoder stages in microbatch ``m``."""
+        return torch.empty(
+            max(self._enc_images(m), 1), self.tokens_per_image, self.enc_width, dtype=self.act_dtype, device=self.device
+        )
+
+    def _post_stage_recvs(self, upto: int) -> None:
+        """Post the receives of the previous encoder stage's outputs for microbatches ``<= upto`` not posted yet."""
+        while self._stage_posted < min(upto + 1, self.microbatches):
+            m = self._stage_posted
+            buf = self._between_stages(m)
+            self._stage_recv[m] = Pending([dist.P2POp(dist.irecv, buf, self._enc_prev, tag=2 * m)], lambda b=buf: b)
+            self.bridge.post(self._stage_recv[m])
+            self._stage_posted += 1
+
+    def _encoder_forward(self, m: int) -> list[dist.P2POp]:
+        """Run this encoder stage on microbatch ``m``; return the sends of its output (to post): the rows over the
+        bridge from the last stage, ``[max(n, 1), P, D]`` to the next stage otherwise."""
         assert self.encoder is not None, "only a rank holding the encoder encodes"
-        n = pixel_values.shape[0]
-        grad = contextlib.nullcontext() if self.encoder_trainable else torch.no_grad()
-        if n == 0:
-            dummy = torch.zeros((1, *pixel_values.shape[1:]), dtype=pixel_values.dtype, device=self.device)
-            with excluded_from_stats(self.encoder), grad:  # MoE routing of the dummy counts for nothing
-                out = self.encoder(dummy)
+        n = self._enc_images(m)
+        if self.enc_first:
+            b = len(self._enc_local) // self.microbatches
+            x = self._enc_local.slice(m * b, (m + 1) * b).pixel_values.to(self.device)
+            if n == 0:
+                x = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=self.device)
         else:
-            with grad:
-                out = self.encoder(pixel_values)
+            self._post_stage_recvs(m)
+            x = self._stage_recv.pop(m).result()
+            if self.encoder_trainable:
+                x.requires_grad_(True)
+                self._enc_in[m] = x
+        grad = contextlib.nullcontext() if self.encoder_trainable else torch.no_grad()
+        stats = excluded_from_stats(self.encoder) if n == 0 else contextlib.nullcontext()
+        with stats, grad:  # MoE routing of a dummy image counts for nothing
+            out = self.encoder(x)
         # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
         # sends it), not at process exit
-        return comm.wait(out)[:n]
-
-    def _encoder_forward(self, m: int):
-        """Encode this DP rank's images of microbatch ``m``; return the bridge sends of its rows (to post)."""
-        b = len(self._enc_local) // self.microbatches
-        mb = self._enc_local.slice(m * b, (m + 1) * b)
-        out = self._encode(mb.pixel_values.to(self.device))
+        out = comm.wait(out)
         if self.encoder_trainable:
             self._enc_out[m] = out
-        return self.bridge.forward_sends(m, self._enc_dp, out.flatten(0, 1), self._mb_images(m), self._row_cp_mb[m])
+        if self.enc_last:
+            rows = out[:n].flatten(0, 1)
+            return self.bridge.forward_sends(m, self._enc_dp, rows, self._mb_images(m), self._row_cp_mb[m])
+        return [dist.P2POp(dist.isend, out.detach().contiguous(), self._enc_next, tag=2 * m)]
 
     def _encoder_grad_recv(self, m: int) -> Pending:
-        return self.bridge.backward_recvs(m, self._enc_dp, self._mb_images(m), self._row_cp_mb[m])
+        """The receive of ``d loss / d output`` of microbatch ``m``: rows ``[n P, H]`` over the bridge (last stage) or
+        ``[max(n, 1), P, D]`` from the next stage."""
+        if self.enc_last:
+            return self.bridge.backward_recvs(m, self._enc_dp, self._mb_images(m), self._row_cp_mb[m])
+        buf = self._between_stages(m)
+        return Pending([dist.P2POp(dist.irecv, buf, self._enc_next, tag=2 * m + 1)], lambda: buf)
 
-    def _encoder_backward(self, m: int, grad_rows: torch.Tensor) -> None:
-        """Backward of microbatch ``m``'s encoder output with ``d loss / d rows``; FSDP reduces after the last."""
+    def _encoder_backward(self, m: int, grad: torch.Tensor) -> None:
+        """Backward of microbatch ``m`` through this encoder stage; send its input's gradient to the previous stage.
+        FSDP reduces after the stage's last backward."""
         out = self._enc_out.pop(m)
         self._enc_backwards += 1
         last = self._enc_backwards == self.microbatches
@@ -298,10 +353,21 @@ class MimoSchedule:
             self.encoder.set_requires_gradient_sync(last)
             self.encoder.set_is_last_backward(last)
             self.encoder.set_reshard_after_backward(last)
-        torch.autograd.backward(out, grad_rows.to(out.dtype).view_as(out))
+        if self.enc_last:  # rows of the real images; a dummy image's output gets a zero gradient
+            n = self._enc_images(m)
+            g = torch.zeros_like(out)
+            g[:n] = grad.to(out.dtype).view(n, *out.shape[1:])
+            grad = g
+        torch.autograd.backward(out, grad.to(out.dtype))
+        if not self.enc_first:
+            x = self._enc_in.pop(m)
+            assert x.grad is not None, "an encoder stage's input takes part in its output"
+            # the previous stage sends every forward up to m + its warm-up - 1 before it receives this gradient
+            self._post_stage_recvs(m + self._prev_warmup - 1)
+            self.bridge.post([dist.P2POp(dist.isend, x.grad.contiguous(), self._enc_prev, tag=2 * m + 1)])
 
     def _run_encoder_streamed(self) -> None:
-        """The encoder as the leading stage of the 1F1B pipeline (non-colocated)."""
+        """This encoder stage as a leading stage of the 1F1B pipeline (non-colocated)."""
         M = self.microbatches
         if not self.encoder_trainable:  # forwards only, at most `prefetch` microbatches ahead of the receiver
             sent: list[list] = []
@@ -351,7 +417,7 @@ class MimoSchedule:
         if self.mode == "streamed":
             # the encoder sends every forward up to m + warmup - 1 before it receives this gradient: post those
             # receives first, so both ranks of the pair order their operations alike
-            self._post_forward_recvs(m + self.encoder_warmup - 1)
+            self._post_forward_recvs(m + self._bridge_warmup - 1)
             self.bridge.post(self._grad_sends(m, rows))
         else:
             self._grad_rows[m] = rows
@@ -394,6 +460,9 @@ class MimoSchedule:
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
         self._row_cp_mb = [self._row_cp(global_batch, m) for m in range(M)]
         self._enc_out: dict[int, torch.Tensor] = {}
+        self._enc_in: dict[int, torch.Tensor] = {}
+        self._stage_recv: dict[int, Pending] = {}
+        self._stage_posted = 0
         self._enc_backwards = 0
         self._grad_rows: dict[int, torch.Tensor] = {}
         self._grads_seen: set[int] = set()
@@ -408,7 +477,12 @@ class MimoSchedule:
             self._run_encoder_streamed()
         sends = []
         if self.encoder is not None and self.mode == "whole_batch":
-            sends = [op for m in range(M) for op in self._encoder_forward(m)]
+            for m in range(M):
+                ops = self._encoder_forward(m)
+                if self.enc_last:
+                    sends += ops
+                else:  # to the next encoder stage, which waits for it
+                    self.bridge.post(ops)
             if not (self.pp_schedule is not None and self.is_first):  # nothing to receive: post the rows now
                 self.bridge.post(sends, batch=batch_post)
                 sends = []
@@ -456,10 +530,18 @@ class MimoSchedule:
         if self.mode == "whole_batch" and self.encoder_trainable:
             grad_sends = [op for m in sorted(self._grad_rows) for op in self._grad_sends(m, self._grad_rows[m])]
             self._grad_rows.clear()
-            pending = [self._encoder_grad_recv(m) for m in range(M)] if self.encoder is not None else []
+            bridged = self.encoder is not None and self.enc_last  # the rows' gradients come over the bridge
+            pending = [self._encoder_grad_recv(m) for m in range(M)] if bridged else []
             self.bridge.post(grad_sends, *pending, batch=batch_post)
-            for m, p in enumerate(pending):
-                self._encoder_backward(m, p.result())
+            if self.encoder is not None:
+                for m in range(M):
+                    if bridged:
+                        grad = pending[m].result()
+                    else:  # from the next encoder stage
+                        p = self._encoder_grad_recv(m)
+                        self.bridge.post(p)
+                        grad = p.result()
+                    self._encoder_backward(m, grad)
         self.bridge.wait()
         self._batch = None  # type: ignore[assignment]
         return loss

@@ -8,11 +8,12 @@ from __future__ import annotations
 import copy
 
 from mimo_titan.models.decoder import DecoderLM
+from mimo_titan.models.vit import VisionEncoder
 
-__all__ = ["stage_layer_range", "split_language_model"]
+__all__ = ["split_language_model", "split_vision_encoder", "stage_layer_range"]
 
 
-def stage_layer_range(num_layers: int, pp: int, stage: int) -> range:
+def stage_layer_range(num_layers: int, pp: int, stage: int, module: str = "language") -> range:
     """Layers ``[start, end)`` owned by pipeline ``stage`` of ``pp``: an even split, earlier stages take the remainder.
 
     Example: 5 layers, pp=2 → stage 0 owns 0..2, stage 1 owns 3..4.
@@ -22,7 +23,7 @@ def stage_layer_range(num_layers: int, pp: int, stage: int) -> range:
     """
     if num_layers < pp:
         raise ValueError(
-            f"model.language.num_layers={num_layers} is smaller than parallelism.language.pp={pp}: every pipeline "
+            f"model.{module}.num_layers={num_layers} is smaller than parallelism.{module}.pp={pp}: every pipeline "
             "stage needs at least one layer; lower pp or add layers"
         )
     base, extra = divmod(num_layers, pp)
@@ -51,4 +52,28 @@ def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
     if stage != pp - 1:
         part.model.norm = None
         part.lm_head = None
+    return part
+
+
+def split_vision_encoder(encoder: VisionEncoder, pp: int, stage: int, module: str = "vision") -> VisionEncoder:
+    """The part of a vision ``encoder`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``encoder`` is untouched).
+
+    Stage 0 keeps the patch embeddings; the last stage keeps ``post_layernorm`` and the projector; each stage keeps
+    its contiguous range of blocks (:func:`stage_layer_range`) under their global names. Between stages travels
+    ``[N, P, D]`` (D the ViT width); the last stage returns ``[N, P, H]``.
+
+    Raises:
+        ValueError: ``num_layers < pp``.
+    """
+    keep = stage_layer_range(len(encoder.vision_model.encoder.layers), pp, stage, module)
+    part = copy.deepcopy(encoder)
+    layers = part.vision_model.encoder.layers
+    for name in list(layers.keys()):
+        if int(name) not in keep:
+            del layers[name]
+    if stage != 0:
+        part.vision_model.embeddings = None
+    if stage != pp - 1:
+        part.vision_model.post_layernorm = None
+        part.multi_modal_projector = None
     return part

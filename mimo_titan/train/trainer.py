@@ -37,7 +37,7 @@ from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
-from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+from mimo_titan.pipeline.stages import split_language_model, split_vision_encoder, stage_layer_range
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable, module_trainable
@@ -123,8 +123,13 @@ def validate_job(cfg: Config, world_size: int) -> dict:
                     f"parallelism.{name}: cp={lay.cp} with dp_replicate={lay.dp_replicate} is not "
                     "supported yet; use dp_shard instead of dp_replicate"
                 )
-        if not lay.is_language and lay.pp != 1:
-            raise ConfigError(f"parallelism.{name}.pp={lay.pp}: encoder modules run as one stage; set pp = 1")
+        if not lay.is_language and lay.pp > 1:
+            _config_check(stage_layer_range, getattr(cfg.model, name).num_layers, lay.pp, 0, name)
+            if lay.tp > 1:
+                raise ConfigError(
+                    f"parallelism.{name}: pp={lay.pp} with tp={lay.tp} is not supported for an encoder yet (its "
+                    "stages would pass sequence-parallel shards); set tp = 1 or pp = 1"
+                )
         if lay.ep * lay.etp > 1:
             if moe.num_experts == 0:
                 raise ConfigError(
@@ -194,6 +199,13 @@ def _check_schedule(cfg: Config, layouts: dict) -> None:
             f"parallelism.colocated_encoders='inline' needs parallelism.{lang.name}.pp = 1 (got {lang.pp}): each "
             "rank encodes microbatch m right before its language forward of m, which only the first stage runs; "
             "set colocated_encoders = 'batch' or pp = 1"
+        )
+    staged = [e.name for e in encoders if e.pp > 1]
+    if staged:
+        raise ConfigError(
+            f"parallelism.colocated_encoders='inline' with parallelism.{staged[0]}.pp > 1: an inline encoder runs "
+            "whole inside the language model's forward of each microbatch; set its pp = 1 or colocated_encoders = "
+            "'batch'"
         )
 
 
@@ -457,13 +469,14 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     modules: dict[str, nn.Module] = {}
     if role.holds(vis_name):
         lay = layouts[vis_name]
-        vision = full.vision.to(device)
+        vision = full.vision if lay.pp == 1 else split_vision_encoder(full.vision, lay.pp, role.pp_stage(vis_name))
+        vision = vision.to(device)
         expert_mesh = _prepare_moe(vision, topology, vis_name, cfg.training.microbatches)
         if lay.tp > 1:
             apply_tp_vision(vision, topology.tp_mesh(vis_name))
         modules[vis_name] = apply_fsdp(
             vision,
-            vision.vision_model.encoder.layers,
+            list(vision.vision_model.encoder.layers.values()),
             topology.dp_mesh(vis_name),
             param_dtype,
             reduce_dtype,
