@@ -53,6 +53,19 @@ CASES = {
         V(0, 4, pp=2, dp_shard=2),
         {"training": {"global_batch_size": 8}},
     ),
+    # encoder stages pass activations and gradients between themselves (also through Bridge.post)
+    "streamed_encoder_pp2_dp2_lm_pp2_m4": (
+        6,
+        V(0, 4, pp=2, dp_shard=2),
+        V(4, 2, pp=2),
+        {"training": {"global_batch_size": 8, "microbatches": 4}},
+    ),
+    "colocated_batch_encoder_pp2_lm_pp2": (
+        4,
+        V(0, 4, pp=2, dp_shard=2),
+        V(0, 4, pp=2, dp_shard=2),
+        {"training": {"global_batch_size": 8, "microbatches": 2}},
+    ),
 }
 
 
