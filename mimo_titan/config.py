@@ -440,6 +440,52 @@ class VisionModelConfig:
 
 
 @dataclass(kw_only=True)
+class AudioModelConfig:
+    """``[model.<name>]`` of type ``"audio"``: a Whisper encoder plus the MLP projector into the LM.
+
+    The encoder (:class:`mimo_titan.models.audio.AudioEncoder`) reads ``num_mel_bins`` log-mel bins every 10 ms,
+    halves the frame rate with its stride-2 convolution (one encoder frame per 20 ms), averages ``pool``
+    consecutive encoder frames into one LM token and projects it to the LM's hidden size: a clip of ``F`` mel
+    frames gives ``ceil(ceil(F / 2) / pool)`` tokens. ``max_source_positions`` is the number of encoder frames
+    (sinusoidal positions) it holds: 1500 = 30 s of audio, Whisper's window; a longer clip is rejected.
+
+    Every size is >= 1, ``layer_norm_eps`` > 0. Cross-key rules: ``hidden_size`` is a multiple of ``num_heads``
+    (attention heads of width ``hidden_size / num_heads``) and even (the sinusoidal positions pair a sine and a
+    cosine per frequency).
+    """
+
+    num_mel_bins: int = _opt(80, ge=1, hint="log-mel bins per frame: 80 (Whisper), 128 (Whisper large-v3)")
+    hidden_size: int = _opt(ge=1)
+    num_layers: int = _opt(ge=1)
+    num_heads: int = _opt(ge=1)
+    intermediate_size: int = _opt(ge=1)
+    max_source_positions: int = _opt(
+        1500, ge=1, hint="encoder frames of 20 ms after the stride-2 convolution; 1500 = 30 s (Whisper)"
+    )
+    layer_norm_eps: float = _opt(1e-5, gt=0, hint="the LayerNorm epsilon, 1e-5 in Whisper")
+    pool: int = _opt(1, ge=1, hint="encoder frames (20 ms each) averaged into one LM token, e.g. 1, 2 or 4")
+    projector_intermediate_size: int = _opt(ge=1)  # MLP projector hidden width (to LM hidden size)
+    frozen: bool = False  # no gradients, no optimizer state; forward under no_grad (the projector included)
+    prefetch_microbatches: int = _opt(2, ge=1)  # a frozen encoder on its own ranks runs this far ahead of the LM
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        heads = _heads_problem(self.hidden_size, self.num_heads, rope=False)
+        if heads is not None:
+            out.append(heads)
+        elif self.hidden_size % 2:
+            out.append(
+                (
+                    "hidden_size",
+                    f"hidden_size={self.hidden_size} is odd, but the sinusoidal positions of the audio encoder "
+                    "pair a sine and a cosine per frequency; set '{p}.hidden_size' to an even multiple of "
+                    f"num_heads (e.g. {_near_multiples(self.hidden_size, 2 * self.num_heads)})",
+                )
+            )
+        return out
+
+
+@dataclass(kw_only=True)
 class LanguageModelConfig:
     """``[model.language]``: decoder-only language model.
 
