@@ -8,7 +8,8 @@ this module (:class:`Config` is the root)::
     seed = 0
     output_dir = "outputs"
 
-    [model.vision]             # VisionModelConfig
+    [model.vision]             # one table per module, named freely; type "vit" | "audio" | "decoder"
+    type = "vit"               # VisionModelConfig (the default of a table named vision)
     image_size = 224
     patch_size = 16
     hidden_size = 768
@@ -17,7 +18,7 @@ this module (:class:`Config` is the root)::
     intermediate_size = 3072
     projector_intermediate_size = 2048
 
-    [model.language]           # LanguageModelConfig
+    [model.language]           # LanguageModelConfig: type "decoder" (the default of a table named language)
     vocab_size = 32000
     hidden_size = 2048
     intermediate_size = 5632
@@ -41,7 +42,7 @@ this module (:class:`Config` is the root)::
     mixed_precision_param = "auto"     # auto | float32 | bfloat16 (no float16: there is no gradient scaler)
     mixed_precision_reduce = "float32" # float32 | bfloat16
 
-    [parallelism.vision]       # ModuleParallelism of the vision encoder
+    [parallelism.vision]       # ModuleParallelism: one per [model.<name>] table, same name
     rank_offset = 0
     num_ranks = 2
     dp_shard = 2
@@ -164,7 +165,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import tomli
 
@@ -403,6 +404,7 @@ class VisionModelConfig:
     Mixture-of-Experts; dense by default.
     """
 
+    type: str = _opt("vit", choices=("vit",))
     image_size: int = _opt(ge=1)
     patch_size: int = _opt(ge=1)
     num_channels: int = _opt(3, ge=1)
@@ -454,6 +456,7 @@ class AudioModelConfig:
     cosine per frequency).
     """
 
+    type: str = _opt("audio", choices=("audio",))
     num_mel_bins: int = _opt(80, ge=1, hint="log-mel bins per frame: 80 (Whisper), 128 (Whisper large-v3)")
     hidden_size: int = _opt(ge=1)
     num_layers: int = _opt(ge=1)
@@ -498,6 +501,7 @@ class LanguageModelConfig:
     Mixture-of-Experts; dense by default.
     """
 
+    type: str = _opt("decoder", choices=("decoder",))
     vocab_size: int = _opt(ge=1)
     hidden_size: int = _opt(ge=1)
     intermediate_size: int = _opt(ge=1)
@@ -549,12 +553,80 @@ class LanguageModelConfig:
         return out + _moe_layer_problems(self.num_layers, self.moe)
 
 
-@dataclass(kw_only=True)
-class ModelConfig:
-    """``[model]``: the two sub-models (``[model.vision]``, ``[model.language]``)."""
+#: ``type`` of a ``[model.<name>]`` table → its dataclass (the model types a module can be)
+MODEL_TYPES: dict[str, type] = {"vit": VisionModelConfig, "audio": AudioModelConfig, "decoder": LanguageModelConfig}
+#: the type of a table without ``type``, by its name (the two modules of older configs)
+_DEFAULT_TYPES = {"vision": "vit", "language": "decoder"}
 
-    vision: VisionModelConfig
-    language: LanguageModelConfig
+
+class _OpenSections:
+    """Mixin of a table whose sub-tables have names of the user's choosing (``[model.<name>]``,
+    ``[parallelism.<name>]``): they are collected in the dict field named by ``_open`` (in TOML order) and read back
+    as attributes (``cfg.model.vision``)."""
+
+    _open: ClassVar[str] = "modules"
+
+    @classmethod
+    def _section_class(cls, name: str, data: Mapping[str, Any], key: str, source: str) -> type:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get(self._open)
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no section or key {name!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_OpenSections):
+    """``[model.<name>]``: one table per module, its ``type`` one of :data:`MODEL_TYPES`: ``"vit"`` (a ViT encoder,
+    :class:`VisionModelConfig`), ``"audio"`` (a Whisper encoder, :class:`AudioModelConfig`) or ``"decoder"`` (the
+    language model, :class:`LanguageModelConfig`). A table named ``vision`` defaults to ``"vit"``, one named
+    ``language`` to ``"decoder"``. Exactly one module is a decoder; every other module is an encoder.
+
+    ``cfg.model.<name>`` reads a module's table; :attr:`language` is the decoder's whatever its name, and
+    :attr:`encoders` the others, in the file's order.
+    """
+
+    modules: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def _section_class(cls, name: str, data: Mapping[str, Any], key: str, source: str) -> type:
+        kind = data.get("type", _DEFAULT_TYPES.get(name))
+        if kind is None:
+            raise ConfigError(
+                f"'{key}' in {source} has no type; set '{key}.type' to one of {sorted(MODEL_TYPES)} (only the tables "
+                "named 'vision' and 'language' have a default type)"
+            )
+        if kind not in MODEL_TYPES:
+            raise ConfigError(
+                f"invalid value {kind!r} for '{key}.type' in {source}; choose one of {sorted(MODEL_TYPES)}"
+            )
+        return MODEL_TYPES[kind]
+
+    @property
+    def language_name(self) -> str:
+        """The name of the decoder module (``"language"`` in the shipped configs)."""
+        return next(n for n, m in self.modules.items() if isinstance(m, LanguageModelConfig))
+
+    @property
+    def language(self) -> LanguageModelConfig:
+        """The decoder's table."""
+        return self.modules[self.language_name]
+
+    @property
+    def encoders(self) -> dict[str, Any]:
+        """``{name: table}`` of every encoder module, in the file's order."""
+        return {n: m for n, m in self.modules.items() if not isinstance(m, LanguageModelConfig)}
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        decoders = [n for n, m in self.modules.items() if isinstance(m, LanguageModelConfig)]
+        if len(decoders) != 1:
+            what = "none" if not decoders else ", ".join(f"[{{p}}.{n}]" for n in decoders)
+            return [("modules", f"exactly one module must be the language model (type 'decoder'), found {what}")]
+        if not self.encoders:
+            return [("modules", "no encoder module; add one, e.g. a [{p}.vision] table (type 'vit')")]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -577,20 +649,23 @@ class ModuleParallelism:
 
 
 @dataclass(kw_only=True)
-class ParallelismConfig:
+class ParallelismConfig(_OpenSections):
     """``[parallelism]``: per-module layouts plus shared settings.
 
     ``mixed_precision_param = "auto"`` means bfloat16 on CUDA and float32 on
     CPU; it is resolved by the training code, not here.
     """
 
-    vision: ModuleParallelism
-    language: ModuleParallelism
+    modules: dict[str, ModuleParallelism] = field(default_factory=dict)  # [parallelism.<name>] tables
     pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
     module_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
     colocated_encoders: str = _opt("batch", choices=("batch", "inline"))
     mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16"))  # no fp16: no grad scaler
     mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"))
+
+    @classmethod
+    def _section_class(cls, name: str, data: Mapping[str, Any], key: str, source: str) -> type:
+        return ModuleParallelism
 
 
 @dataclass(kw_only=True)
@@ -759,6 +834,25 @@ class Config:
 
     def _config_problems(self) -> list[tuple[str, str]]:
         """Checks that relate two sections (and need no parallel layout); keys are full dotted keys."""
+        models, layouts = list(self.model.modules), list(self.parallelism.modules)
+        if set(models) != set(layouts):
+            no_layout = [n for n in models if n not in layouts]
+            if no_layout:
+                return [
+                    (
+                        "parallelism.modules",
+                        f"module '{no_layout[0]}' ([model.{no_layout[0]}]) has no layout; add a "
+                        f"[parallelism.{no_layout[0]}] table with rank_offset and num_ranks",
+                    )
+                ]
+            extra = next(n for n in layouts if n not in models)
+            return [
+                (
+                    "parallelism.modules",
+                    f"[parallelism.{extra}] lays out a module that no [model.{extra}] table defines; add the model "
+                    "table or remove the layout",
+                )
+            ]
         t, warmup = self.training, self.lr_schedule.warmup_steps
         total = t.total_steps
         if warmup > total:
@@ -783,7 +877,10 @@ class Config:
         Returns:
             A deep copy made of dicts, lists and scalars only.
         """
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for section in ("model", "parallelism"):  # [model.<name>] tables sit under their section, as in the TOML
+            out[section] = {**out[section].pop("modules"), **out[section]}
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -969,6 +1066,8 @@ def _all_paths(cls: type, prefix: str = "") -> list[str]:
     out: list[str] = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name == getattr(cls, "_open", None):  # tables named by the user: no fixed paths
+            continue
         path = _join(prefix, f.name)
         out.append(path)
         if _is_dataclass_type(hints[f.name]):
@@ -1008,12 +1107,24 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
         raise _type_error(cls, data, prefix, ctx)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    open_field = getattr(cls, "_open", None)  # sub-tables with names of the user's choosing (_OpenSections)
+    sections: dict[str, Any] = {}
     for name in data:
+        key = _join(prefix, name)
+        if open_field is not None and (name not in fields or name == open_field) and isinstance(data[name], dict):
+            if name == open_field:
+                raise ConfigError(f"'{key}' in {ctx.source} is a reserved name; give the table another name")
+            section_cls = cast("type[_OpenSections]", cls)._section_class(name, data[name], key, ctx.source)
+            sections[name] = _build(section_cls, data[name], key, ctx)
+            continue
         if name not in fields:
-            key = _join(prefix, name)
             raise ConfigError(f"unknown key '{key}' in {ctx.source}; {_suggest(cls, prefix, name)}")
     kwargs: dict[str, Any] = {}
+    if open_field is not None:
+        kwargs[open_field] = sections
     for name, f in fields.items():
+        if name == open_field:
+            continue
         key = _join(prefix, name)
         tp = hints[name]
         if name in data:
@@ -1141,6 +1252,7 @@ def _apply_override(raw: dict, key: str, text: str, shown: str, ctx: _Ctx) -> No
     parts = key.split(".")
     cls: type = Config
     tp: Any = Config
+    node: Any = raw  # the raw table at the current depth (open sections take their type from it)
     for depth, part in enumerate(parts):
         prefix = ".".join(parts[:depth])
         if not _is_dataclass_type(tp):
@@ -1150,11 +1262,18 @@ def _apply_override(raw: dict, key: str, text: str, shown: str, ctx: _Ctx) -> No
             )
         cls = tp
         names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
+        child = node.get(part) if isinstance(node, dict) else None
+        open_field = getattr(cls, "_open", None)
+        if open_field is not None and part not in names and isinstance(child, dict):
+            tp = cast("type[_OpenSections]", cls)._section_class(part, child, _join(prefix, part), ctx.source)
+            node = child
+            continue
+        if part not in names or part == open_field:
             raise ConfigError(
                 f"unknown key '{key}' in override '{shown}' for {ctx.source}; {_suggest(cls, prefix, part)}"
             )
         tp = _hints(cls)[part]
+        node = child
     if _is_dataclass_type(tp):
         raise ConfigError(
             f"override '{shown}' for {ctx.source} targets section '{key}', not a key; "

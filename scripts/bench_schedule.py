@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mimo_titan.topology.mesh import layouts_from_config
 
     cfg = load_config(args.config)
-    layouts = layouts_from_config(cfg.parallelism)
+    layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
     M = args.microbatches
     unit = M * math.lcm(*(lay.dp for lay in layouts.values()))
     gbs = cfg.training.global_batch_size

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mimo_titan.config import (
+    MODEL_TYPES,
     Config,
     ConfigError,
     DataConfig,
@@ -118,12 +119,24 @@ num_layers = 4
 num_heads = 8
 num_kv_heads = 2
 
+[model.speech]
+type = "audio"
+hidden_size = 32
+num_layers = 1
+num_heads = 2
+intermediate_size = 64
+projector_intermediate_size = 64
+
 [parallelism.vision]
 rank_offset = 0
 num_ranks = 1
 
 [parallelism.language]
 rank_offset = 1
+num_ranks = 1
+
+[parallelism.speech]
+rank_offset = 2
 num_ranks = 1
 
 [training]
@@ -835,11 +848,20 @@ def _numeric_keys(cls: type, prefix: str) -> list[tuple[str, object]]:
     return out
 
 
+# the model tables of MINIMAL_TOML, one of each model type
+MODEL_SECTIONS = {"vision": MODEL_TYPES["vit"], "language": MODEL_TYPES["decoder"], "speech": MODEL_TYPES["audio"]}
 NUMERIC_KEYS = [
-    kv
-    for section in ("model", "optimizer", "lr_schedule", "training", "data")
-    for kv in _numeric_keys(typing.get_type_hints(Config)[section], section)
+    *(kv for name, cls in MODEL_SECTIONS.items() for kv in _numeric_keys(cls, f"model.{name}")),
+    *(
+        kv
+        for section in ("optimizer", "lr_schedule", "training", "data")
+        for kv in _numeric_keys(typing.get_type_hints(Config)[section], section)
+    ),
 ]
+
+
+def test_every_model_type_is_walked() -> None:
+    assert set(MODEL_SECTIONS.values()) == set(MODEL_TYPES.values())
 
 
 def test_numeric_key_walk_finds_the_known_keys() -> None:
@@ -1157,3 +1179,48 @@ def test_probe_findings_on_a_shipped_config(override: list[str], fragments: list
     path = ROOT / "train_configs" / "debug_colocated.toml"
     with pytest.raises(ConfigError, match=err(path, *fragments, override[0])):
         load_config(path, override)
+
+
+# --------------------------------------------------------------------------
+# Modules are a registry: [model.<name>] with a type, [parallelism.<name>]
+# --------------------------------------------------------------------------
+
+
+def test_model_tables_are_named_by_the_user_and_typed(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--model.speech.hidden_size=48", "--parallelism.speech.rank_offset=2"])
+    assert list(cfg.model.modules) == ["vision", "language", "speech"]
+    assert list(cfg.model.encoders) == ["vision", "speech"] and cfg.model.language_name == "language"
+    assert isinstance(cfg.model.speech, MODEL_TYPES["audio"]) and cfg.model.speech.hidden_size == 48
+    assert cfg.model.vision.type == "vit" and cfg.model.language.type == "decoder"  # defaults by name
+    assert list(cfg.parallelism.modules) == ["vision", "language", "speech"]
+    d = cfg.to_dict()
+    assert d["model"]["speech"]["type"] == "audio" and d["parallelism"]["speech"]["rank_offset"] == 2
+    with pytest.raises(AttributeError, match="no section or key 'audio'"):
+        _ = cfg.model.audio
+
+
+@pytest.mark.parametrize(
+    "edit_from,edit_to,fragments",
+    [
+        ('type = "audio"', 'type = "sound"', ("model.speech.type", "'sound'", "['audio', 'decoder', 'vit']")),
+        ('type = "audio"', "", ("'model.speech' in", "has no type", "model.speech.type")),
+        (
+            "[parallelism.vision]",
+            '[model.lm]\ntype = "decoder"\nvocab_size = 10\nhidden_size = 8\nintermediate_size = 8\nnum_layers = 1\n'
+            "num_heads = 1\nnum_kv_heads = 1\n\n[parallelism.lm]\nrank_offset = 3\nnum_ranks = 1\n\n"
+            "[parallelism.vision]",
+            ("exactly one module must be the language model", "[model.language], [model.lm]"),
+        ),
+        ("[parallelism.speech]", "[parallelism.speach]", ("module 'speech' ([model.speech]) has no layout",)),
+    ],
+)
+def test_bad_module_tables_name_the_table(tmp_path: Path, edit_from: str, edit_to: str, fragments) -> None:
+    path = write(tmp_path, MINIMAL_TOML.replace(edit_from, edit_to, 1))
+    with pytest.raises(ConfigError, match=err(path, *fragments)):
+        load_config(path)
+
+
+def test_a_layout_without_a_model_table_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML + "\n[parallelism.extra]\nrank_offset = 3\nnum_ranks = 1\n")
+    with pytest.raises(ConfigError, match=err(path, "[parallelism.extra] lays out a module")):
+        load_config(path)

@@ -592,14 +592,19 @@ def test_layouts_from_config_real_config_classes():
     config = pytest.importorskip("mimo_titan.config")
     if not hasattr(config, "ModuleParallelism") or not hasattr(config, "ParallelismConfig"):
         pytest.skip("mimo_titan.config has no ModuleParallelism/ParallelismConfig yet")
-    cfg = config.ParallelismConfig(
-        vision=config.ModuleParallelism(rank_offset=0, num_ranks=2, dp_shard=2),
-        language=config.ModuleParallelism(rank_offset=2, num_ranks=6, pp=2, dp_shard=3),
+    cfg = config.ParallelismConfig(  # the language table first: the language module still comes last
+        modules={
+            "language": config.ModuleParallelism(rank_offset=2, num_ranks=6, pp=2, dp_shard=3),
+            "vision": config.ModuleParallelism(rank_offset=0, num_ranks=2, dp_shard=2),
+        }
     )
     assert layouts_from_config(cfg) == debug_layout()
+    assert list(layouts_from_config(cfg)) == ["vision", "language"]
     cfg = config.ParallelismConfig(
-        vision=config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=2, tp=2, ep=2, etp=2),
-        language=config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=4, ep=2),
+        modules={
+            "vision": config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=2, tp=2, ep=2, etp=2),
+            "language": config.ModuleParallelism(rank_offset=0, num_ranks=8, pp=2, dp_shard=4, ep=2),
+        }
     )
     assert layouts_from_config(cfg) == moe_colocated_layout()
 

@@ -84,7 +84,13 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
             r"language module only",
         ),
         (V(0, 1), V(1, 4, dp_replicate=2, cp=2), {}, 5, r"cp=2 with dp_replicate=2 is not supported yet"),
-        (V(0, 2, pp=2), V(2, 2, dp_shard=2), {}, 4, r"parallelism.vision.pp=2: encoder modules run as one stage"),
+        (
+            V(0, 3, pp=3),
+            V(3, 1),
+            {},
+            4,
+            r"model.vision.num_layers=2 is smaller than parallelism.vision.pp=3",
+        ),
         (V(0, 1), V(1, 3, pp=3), {}, 4, r"num_layers=2 is smaller than parallelism.language.pp=3"),
         (
             V(0, 2, dp_shard=2),
@@ -355,3 +361,19 @@ def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
     errors = run_ranks(_data_worker, 2, [same, str(cut)])
     assert errors[0] == errors[1] and errors[0] is not None
     assert "the ranks read different records from data.path (1 shard(s); rank 0: 32 records, rank 1: 1" in errors[0]
+
+
+def test_modules_not_trained_yet_are_refused_before_any_process_group():
+    """An audio encoder (its model, features and HF import exist) or a second encoder is configurable but not yet
+    trained: validate_job says so, naming the table."""
+    from mimo_titan.errors import ConfigError
+
+    audio = {"type": "audio", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    audio["projector_intermediate_size"] = 64
+    two = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": audio}, parallelism={"speech": V(2, 1)})
+    with pytest.raises(ConfigError, match=re.escape("2 encoder modules (vision, speech)")):
+        validate_job(config_from_dict(two), 3)
+    only_audio = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": audio}, parallelism={"speech": V(0, 1)})
+    del only_audio["model"]["vision"], only_audio["parallelism"]["vision"]
+    with pytest.raises(ConfigError, match=re.escape("model.speech: training runs a 'vit' encoder")):
+        validate_job(config_from_dict(only_audio), 2)

@@ -450,30 +450,37 @@ def build_topology(
     )
 
 
-def layouts_from_config(parallelism_cfg: Any) -> dict[str, ModuleLayout]:
+def layouts_from_config(parallelism_cfg: Any, language: str = "language") -> dict[str, ModuleLayout]:
     """Builds the module layouts from a parallelism config.
 
     Args:
-        parallelism_cfg: an object (e.g. ``mimo_titan.config.ParallelismConfig``)
-            with attributes ``vision`` and ``language``, each having
-            ``rank_offset, num_ranks, pp, dp_replicate, dp_shard, cp, tp, ep,
-            etp`` (duck-typed, e.g. ``ModuleParallelism``).
+        parallelism_cfg: an object (e.g. ``mimo_titan.config.ParallelismConfig``) with a ``modules`` mapping of
+            module name to its layout table, or (duck-typed) attributes ``vision`` and ``language``; each table has
+            ``rank_offset, num_ranks, pp, dp_replicate, dp_shard, cp, tp, ep, etp`` (e.g. ``ModuleParallelism``).
+        language: the name of the language module (``cfg.model.language_name``).
 
     Returns:
-        ``{"vision": ..., "language": ...}`` in that order; ``language`` has
-        ``is_language=True``. Not validated: call :func:`validate_layouts`.
+        ``{name: ModuleLayout}``: the encoders in the config's order, then the language module (with
+        ``is_language=True``); every rank builds the meshes in this order. Not validated: call
+        :func:`validate_layouts`.
 
     Raises:
         LayoutError: a module section or field is missing.
     """
+    sections = getattr(parallelism_cfg, "modules", None)
+    if sections is None:
+        sections = {n: getattr(parallelism_cfg, n, None) for n in ("vision", "language")}
+    if sections.get(language) is None:
+        raise LayoutError(f"parallelism config has no '{language}' section; add [parallelism.{language}]")
+    names = [n for n in sections if n != language] + [language]
     out: dict[str, ModuleLayout] = {}
-    for name in ("vision", "language"):
-        sec = getattr(parallelism_cfg, name, None)
+    for name in names:
+        sec = sections[name]
         if sec is None:
             raise LayoutError(f"parallelism config has no '{name}' section; add [parallelism.{name}]")
         missing = [f for f in _CONFIG_FIELDS[:2] if not hasattr(sec, f)]
         if missing:
             raise LayoutError(f"module '{name}': missing {missing}; set parallelism.{name}.{missing[0]}")
         kwargs = {f: getattr(sec, f) for f in _CONFIG_FIELDS if hasattr(sec, f)}
-        out[name] = ModuleLayout(name=name, is_language=(name == "language"), **kwargs)
+        out[name] = ModuleLayout(name=name, is_language=(name == language), **kwargs)
     return out

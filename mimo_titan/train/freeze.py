@@ -60,7 +60,7 @@ def check_trainable(cfg: Config) -> None:
                 f"parameter's full name such as {example!r} (e.g. 'projector', 'language.model.layers.*.mlp')"
             )
     if not any(is_trainable(cfg, k) for k in names):
-        frozen = [m for m in ("vision", "language") if getattr(cfg.model, m).frozen]
+        frozen = [m for m, section in cfg.model.modules.items() if section.frozen]
         why = f"model.{' and model.'.join(frozen)}.frozen = true" if frozen else ""
         if cfg.training.trainable:
             why = f"{why}{' with ' if why else ''}training.trainable={cfg.training.trainable}"

@@ -84,8 +84,9 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     Raises:
         LayoutError / ConfigError: naming the config field and the fix.
     """
-    layouts = layouts_from_config(cfg.parallelism)
+    layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
     validate_layouts(layouts, world_size)
+    _check_modules(cfg)
     if cfg.model.vision.num_channels != 3:
         raise ConfigError(
             f"model.vision.num_channels={cfg.model.vision.num_channels}: the data pipeline decodes every image as RGB "
@@ -168,6 +169,28 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     check_trainable(cfg)
     check_kernel_backend(cfg)
     return layouts
+
+
+def _check_modules(cfg: Config) -> None:
+    """The modules training can build today: one encoder of type ``"vit"`` and the language model named
+    ``language`` (the audio encoder and several encoders are configurable but not trained yet).
+
+    Raises:
+        ConfigError: naming the table and what to change.
+    """
+    encoders = cfg.model.encoders
+    if len(encoders) != 1:
+        raise ConfigError(
+            f"model: {len(encoders)} encoder modules ({', '.join(encoders)}); training runs exactly one encoder so far "
+            "(several encoders are on the way); keep one [model.<name>] encoder table"
+        )
+    name, enc = next(iter(encoders.items()))
+    if enc.type != "vit" or name != "vision" or cfg.model.language_name != "language":
+        raise ConfigError(
+            f"model.{name}: training runs a 'vit' encoder named 'vision' and a decoder named 'language' so far (the "
+            f"audio encoder's model, features and HF import exist but are not wired into training yet); got "
+            f"[model.{name}] type '{enc.type}' and decoder [model.{cfg.model.language_name}]"
+        )
 
 
 def _check_schedule(cfg: Config, layouts: dict) -> None:
@@ -302,7 +325,7 @@ def check_kernel_backend(cfg: Config) -> str:
 def sequence_multiple(cfg: Config) -> int:
     """Every sequence (packed row) length must be a multiple of this: ``2·cp`` for zigzag context parallelism
     (``2·cp`` chunks per sequence) and ``cp·tp`` so that sequence parallelism splits each CP shard over tp."""
-    lang = layouts_from_config(cfg.parallelism)["language"]
+    lang = layouts_from_config(cfg.parallelism, cfg.model.language_name)[cfg.model.language_name]
     return math.lcm(2 * lang.cp if lang.cp > 1 else 1, lang.cp * lang.tp)
 
 
@@ -428,7 +451,7 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
 def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
     """The global-batch loader of ``cfg`` (identical on every rank): rows of :func:`padded_seq_len` tokens; with
     ``data.packing`` packed THD rows whose documents are padded to a multiple of ``2·cp``."""
-    lang = layouts_from_config(cfg.parallelism)["language"]
+    lang = layouts_from_config(cfg.parallelism, cfg.model.language_name)[cfg.model.language_name]
     return MimoDataLoader(
         cfg.data.path,
         processor,
@@ -862,7 +885,7 @@ def _run(
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     timeout_s = cfg.training.collective_timeout_s
     rank, world, device = init_distributed(cfg.training.device, process_group_timeout(timeout_s))
-    layouts = layouts_from_config(cfg.parallelism)
+    layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
     watchdog = Watchdog(
         rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: rank_role(layouts, r, world).describe()
     ).start()
