@@ -1,7 +1,8 @@
 """Benchmark the cross-module pipeline schedule: the real schedule, stages and bridge, compute replaced by sleeps.
 
     python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml \\
-        --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe] [--steps 5] [--json OUT]
+        --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe] [--steps 5] [--json OUT] \\
+        [--section.key=value ...]   # config overrides, e.g. --parallelism.vision.pp=2
 
 Every rank of the config's layout runs as a process on CPU/gloo (spawned here; no torchrun). Each encoder rank's
 forward of a microbatch sleeps ``--encoder-ms`` (per encoder pipeline stage), each language stage's forward
@@ -210,19 +211,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    bad = [t for t in extra if not t.startswith("--")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
 
     from mimo_titan.config import load_config
     from mimo_titan.pipeline.order import mimo_timeline
     from mimo_titan.topology.mesh import layouts_from_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, extra)  # any other --section.key=value is a config override
     layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
     M = args.microbatches
     unit = M * math.lcm(*(lay.dp for lay in layouts.values()))
     gbs = cfg.training.global_batch_size
     gbs = gbs if gbs % unit == 0 else unit * max(1, round(gbs / unit))
-    overrides = [f"--training.microbatches={M}", f"--training.global_batch_size={gbs}"]
+    overrides = [*extra, f"--training.microbatches={M}", f"--training.global_batch_size={gbs}"]
     if args.schedule:
         overrides.append(f"--parallelism.pipeline_schedule={args.schedule}")
     cfg = load_config(args.config, overrides)

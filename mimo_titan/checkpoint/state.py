@@ -364,7 +364,10 @@ def _shape_fields(model_cfg: Any, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for f in dataclasses.fields(model_cfg):
         value = getattr(model_cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if f.name == getattr(model_cfg, "_open", None):  # [model.<name>] tables: paths by module name
+            for name, section in value.items():
+                out += _shape_fields(section, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(value):
             out += _shape_fields(value, f"{prefix}{f.name}.")
         elif isinstance(value, int) or (value is None and "int" in str(f.type)):
             out.append((prefix + f.name, value))

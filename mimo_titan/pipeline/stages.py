@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 
+from torch import nn
+
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
 
@@ -31,6 +33,13 @@ def stage_layer_range(num_layers: int, pp: int, stage: int, module: str = "langu
     return range(start, start + base + (1 if stage < extra else 0))
 
 
+def _keep_layers(layers: nn.ModuleDict, keep: range) -> None:
+    """Drop, in place, the layers (keyed by global index) outside ``keep``."""
+    for name in list(layers.keys()):
+        if int(name) not in keep:
+            del layers[name]
+
+
 def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
     """The part of ``lm`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``lm`` is untouched).
 
@@ -44,9 +53,7 @@ def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
     """
     keep = stage_layer_range(len(lm.model.layers), pp, stage)
     part = copy.deepcopy(lm)
-    for name in list(part.model.layers.keys()):
-        if int(name) not in keep:
-            del part.model.layers[name]
+    _keep_layers(part.model.layers, keep)
     if stage != 0:
         part.model.embed_tokens = None
     if stage != pp - 1:
@@ -67,10 +74,7 @@ def split_vision_encoder(encoder: VisionEncoder, pp: int, stage: int, module: st
     """
     keep = stage_layer_range(len(encoder.vision_model.encoder.layers), pp, stage, module)
     part = copy.deepcopy(encoder)
-    layers = part.vision_model.encoder.layers
-    for name in list(layers.keys()):
-        if int(name) not in keep:
-            del layers[name]
+    _keep_layers(part.vision_model.encoder.layers, keep)
     if stage != 0:
         part.vision_model.embeddings = None
     if stage != pp - 1:
