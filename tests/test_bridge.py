@@ -152,3 +152,75 @@ def test_each_sample_sees_its_own_images(layout, backend):
     assert all(sum(r["received"] for r in res if r["cp_rank"] == c) > 0 for c in cps)  # each CP rank got its rows
     assert len(set(res[0]["images"])) > 1  # variable number of images per sample
     assert all(r["ids"] == res[0]["ids"] for r in res)  # every rank drew the same global batch
+
+
+def _variable_rows_worker(rank, world, device, layouts, mb_size, microbatches, seed):
+    """Every sample carries a variable number of rows (0 to 5, as audio clips of any length give), tagged with
+    (sample, row index); each row belongs to a random language CP rank. Language ranks must receive exactly the
+    rows of their samples that their CP rank owns, in order; gradients must come back to their rows."""
+    from mimo_titan.pipeline.bridge import Bridge
+    from mimo_titan.topology import build_topology
+
+    topo = build_topology(layouts, world, rank, device.type)
+    role = topo.role
+    g = torch.Generator().manual_seed(seed)
+    cp = layouts["language"].cp
+    counts = [torch.randint(0, 6, (mb_size,), generator=g) for _ in range(microbatches)]
+    owners = [torch.randint(0, cp, (int(c.sum()),), generator=g) for c in counts]
+    bridge = Bridge(layouts["vision"], layouts["language"], mb_size, 1, 3, torch.float64, device, rank)
+
+    def tagged(m: int, lo: int, hi: int) -> torch.Tensor:
+        rows = [[m, s, i] for s in range(lo, hi) for i in range(int(counts[m][s]))]
+        return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+    def offsets(m: int) -> list[int]:
+        return [0, *torch.cumsum(counts[m], 0).tolist()]
+
+    row_cp = owners if cp > 1 else [None] * microbatches
+    sent: dict[int, torch.Tensor] = {}
+    got = 0
+    if role.holds("vision"):
+        dp, n = role.dp_rank("vision"), layouts["vision"].dp
+        for m in range(microbatches):
+            lo, hi = dp * mb_size // n, (dp + 1) * mb_size // n
+            sent[m] = tagged(m, lo, hi).to(device)
+            bridge.send_forward(m, dp, sent[m], counts[m], row_cp[m])
+    if role.holds("language") and role.is_first_stage("language"):
+        dp, n, c = role.dp_rank("language"), layouts["language"].dp, role.coordinates["language"]["cp"]
+        for m in range(microbatches):
+            lo, hi = dp * mb_size // n, (dp + 1) * mb_size // n
+            rows = bridge.recv_forward(m, dp, counts[m], c, row_cp[m]).cpu()
+            off = offsets(m)
+            keep = owners[m][off[lo] : off[hi]] == c if cp > 1 else slice(None)
+            torch.testing.assert_close(rows, tagged(m, lo, hi)[keep], rtol=0, atol=0)
+            got += rows.shape[0] if role.coordinates["language"]["tp"] == 0 else 0
+            bridge.send_backward(m, dp, (rows * 3 - 1).to(device), counts[m], c, row_cp[m])
+    if role.holds("vision"):
+        dp = role.dp_rank("vision")
+        for m in range(microbatches):
+            back = bridge.recv_backward(m, dp, counts[m], row_cp[m])
+            torch.testing.assert_close(back, sent[m] * 3 - 1, rtol=0, atol=0)
+    bridge.wait()
+    return got, sum(int(c.sum()) for c in counts), sum(int((c == 0).sum()) for c in counts)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "vision,language,world",
+    [
+        (dict(num_ranks=4, dp_shard=4), dict(rank_offset=4, num_ranks=2, dp_shard=2), 6),  # fan-in
+        (dict(num_ranks=2, dp_shard=2), dict(rank_offset=2, num_ranks=6, dp_shard=3, cp=2), 8),  # 2 -> 3 with cp
+    ],
+    ids=["fan_in_4to2", "ratio_2to3_cp2"],
+)
+def test_variable_token_counts_per_sample_cross_the_bridge(vision, language, world):
+    """Any number of rows per sample, zero included (the audio encoder's variable-length clips), routes to the
+    language DP and CP ranks that hold them and back."""
+    layouts = {
+        "vision": ModuleLayout("vision", rank_offset=0, **vision),
+        "language": ModuleLayout("language", is_language=True, **language),
+    }
+    results = run_ranks(_variable_rows_worker, world, layouts, 12, 2, 7)
+    total, empty = results[0][1], results[0][2]
+    assert total > 0 and empty > 0  # rows to move, and samples with none
+    assert sum(r[0] for r in results) == total  # every row arrived once (tp rank 0 counted)

@@ -114,7 +114,9 @@ class Bridge:
         rank: this process's global rank.
 
     All tensors are ``[n_tokens, H]`` in sample order; ``images_per_sample`` is the ``[mb_size]`` int64 count
-    of images of every sample of the *global* microbatch. Sends are asynchronous; call :meth:`wait` once the
+    of items (images) of every sample of the *global* microbatch, each giving ``tokens_per_image`` rows. For items
+    of variable length (audio clips) pass ``tokens_per_image = 1`` and each sample's row count (zero included):
+    the routing only needs every sample's number of rows. Sends are asynchronous; call :meth:`wait` once the
     step no longer needs them.
 
     With context parallelism the methods take ``row_cp`` (``[n]`` int64, :func:`image_row_cp_ranks` of the global
