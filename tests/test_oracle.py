@@ -301,6 +301,14 @@ LAYOUTS = {
     ),
     "projector_only_llava_stage1": (3, V(0, 1), V(1, 2, dp_shard=2), {"training": {"trainable": ["projector"]}}, ()),
     "frozen_language_pp2": (4, V(0, 2, dp_shard=2), V(2, 2, pp=2), {"model": {"language": {"frozen": True}}}, ()),
+    # nothing on the first LM stage or in the encoder trains (the first stage's output carries no gradient)
+    "only_the_last_lm_stage_trains_pp2": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        {"training": {"trainable": ["language.model.layers.1"]}},
+        (),
+    ),
     "tied_lm_pp2_trains_only_the_tied_weight": (
         3,
         V(0, 1),
