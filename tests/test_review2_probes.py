@@ -1,7 +1,7 @@
 """Review probes (review2) of frozen modules / trainable globs, encoder pipeline stages and tied embeddings.
 
 Passing: one-step oracle layouts the suite did not cover (a glob that freezes part of an FSDP unit, encoder pp=2 with
-HSDP / LM cp / LM tp / one microbatch / packing / an MoE encoder under EP in streamed mode / samples without images /
+HSDP / LM cp / one microbatch / packing / an MoE encoder under EP in streamed mode / samples without images /
 colocated + frozen / a frozen encoder prefetching 5 of 6 microbatches, a frozen LM with tied embeddings across pp=2,
 LM pp=2 whose first stage has nothing to train).
 
@@ -38,16 +38,8 @@ NEW = {
         {"training": {"trainable": ["norm"]}},
         (),
     ),
-    "trainable_experts_ep2": (
-        3,
-        V(0, 1),
-        V(1, 2, dp_shard=2, ep=2),
-        {**MOE_LM, "training": {"trainable": ["experts"]}},
-        (),
-    ),
     "enc_pp2_hsdp": (6, V(0, 4, pp=2, dp_replicate=2), V(4, 2, dp_shard=2), {"training": {"microbatches": 2}}, ()),
     "enc_pp2_lm_cp2": (4, V(0, 2, pp=2), V(2, 2, cp=2), {"training": {"microbatches": 2}}, ()),
-    "enc_pp2_lm_tp2": (4, V(0, 2, pp=2), V(2, 2, tp=2), {"training": {"microbatches": 2}}, ()),
     "enc_pp2_mb1": (3, V(0, 2, pp=2), V(2, 1), {"training": {"microbatches": 1}}, ()),
     "enc_pp2_packing": (
         3,
