@@ -1133,10 +1133,11 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
         elif not _has_default(f):
             if _is_dataclass_type(tp):
                 required = [g.name for g in dataclasses.fields(tp) if not _has_default(g)]
-                raise ConfigError(
-                    f"missing required section '{key}' in {ctx.source}; add the [{key}] table"
-                    f" with at least: {', '.join(required)}"
-                )
+                if getattr(tp, "_open", None) is not None:  # tables named by the user
+                    what = f"one [{key}.<name>] table per module, e.g. [{key}.vision] and [{key}.language]"
+                else:
+                    what = f"the [{key}] table with at least: {', '.join(required)}"
+                raise ConfigError(f"missing required section '{key}' in {ctx.source}; add {what}")
             section = f"[{prefix}]" if prefix else "the top level"
             raise ConfigError(
                 f"missing required key '{key}' in {ctx.source}; add '{name} = <{_describe_type(tp)}>' under {section}"
@@ -1217,6 +1218,9 @@ def _parse_text(text: str, tp: Any) -> Any:
             s = s[1:-1].strip()
         if not s:
             return []
+        if elem is str:  # each item trimmed, one pair of matching quotes dropped (["a", 'b'] as TOML writes it)
+            items = [part.strip() for part in s.split(",")]
+            return [p[1:-1] if len(p) >= 2 and p[0] == p[-1] and p[0] in "'\"" else p for p in items]
         return [_parse_text(part, elem) for part in s.split(",")]
     raise ValueError(f"cannot parse values of type {tp!r}")  # pragma: no cover
 

@@ -74,7 +74,8 @@ class ReferenceTrainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
         self.opt.step()
         for m in self.moe.values():  # aux-loss-free balancing: bias step from the step's routing counts
-            m.update_bias(m.tokens_per_expert)
+            if any(p.requires_grad for p in m.parameters()):  # a frozen layer keeps its bias
+                m.update_bias(m.tokens_per_expert)
         self.steps += 1
         return loss, norm.item()
 

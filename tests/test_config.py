@@ -1224,3 +1224,14 @@ def test_a_layout_without_a_model_table_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML + "\n[parallelism.extra]\nrank_offset = 3\nnum_ranks = 1\n")
     with pytest.raises(ConfigError, match=err(path, "[parallelism.extra] lays out a module")):
         load_config(path)
+
+
+def test_list_of_strings_override_takes_toml_quoting(minimal: Path) -> None:
+    for text in ('["projector", "norm"]', "['projector', 'norm']", "projector, norm", "projector,norm"):
+        assert load_config(minimal, [f"--training.trainable={text}"]).training.trainable == ["projector", "norm"]
+
+
+def test_missing_model_section_says_what_to_add(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TOML.split("[model.vision]")[0] + "[training]\nsteps = 1\n")
+    with pytest.raises(ConfigError, match=err(path, "one [model.<name>] table per module")):
+        load_config(path)

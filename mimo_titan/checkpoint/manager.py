@@ -177,6 +177,15 @@ def _first_nonfinite(state: dict) -> str | None:
     return keys[min(bad)] if bad else None
 
 
+def _stacked(key: str) -> str:
+    """A per-expert checkpoint key (``a.experts.3.w_gate``) → the model's stacked parameter name
+    (``a.experts.w_gate``), which ``training.trainable`` globs are matched against."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+        return ".".join([*parts[:-2], parts[-1]])
+    return key
+
+
 def _layout_signature(job: Job) -> dict:
     return {
         "world_size": job.topology.world_size,
@@ -487,7 +496,8 @@ class CheckpointManager:
         problem = model_mismatch(shapes, self.cfg.model)
         if problem is None and training:
             params = model_shapes(self.cfg.model, parameters_only=True)
-            trains = {key: is_trainable(self.cfg, key) for key in params}  # frozen parameters have no AdamW state
+            # frozen parameters have no AdamW state; a per-expert key is judged by the model's stacked name
+            trains = {key: is_trainable(self.cfg, _stacked(key)) for key in params}
             saved_params = {k[len("optimizer.") : -len(".exp_avg")] for k in shapes if k.endswith(".exp_avg")}
             for key, shape in params.items():
                 if not trains[key]:

@@ -94,7 +94,8 @@ class ExpertParallelDispatch:
 
 @torch.no_grad()
 def _slice_param(module: nn.Module, name: str, index) -> None:
-    setattr(module, name, nn.Parameter(getattr(module, name)[index].clone()))
+    old = getattr(module, name)  # a frozen expert weight stays frozen
+    setattr(module, name, nn.Parameter(old[index].clone(), requires_grad=old.requires_grad))
 
 
 def apply_ep(

@@ -115,6 +115,9 @@ class MimoSchedule:
             gradient crosses the bridge and it runs no backward.
         prefetch_microbatches: how many microbatches a frozen encoder on its own ranks may have sent that the
             language model has not yet received (a bounded queue; it waits for the oldest send beyond that).
+        encoder_stage_trains: for an encoder with pipeline stages, whether each stage has a trainable parameter
+            (every rank alike); a stage runs backwards only if it or an earlier stage trains. Default: every stage
+            as ``encoder_trainable``.
         image_token_id: id of ``<|image|>``.
         device: device the step runs on.
         seq_len: S, tokens per sample (or per packed row).
@@ -150,6 +153,7 @@ class MimoSchedule:
         colocated_encoders: str = "batch",
         encoder_trainable: bool = True,
         prefetch_microbatches: int = 2,
+        encoder_stage_trains: list[bool] | None = None,
     ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
@@ -158,7 +162,7 @@ class MimoSchedule:
         role = topology.role
         self.topology, self.role, self.bridge = topology, role, bridge
         self.encoder, self.language = encoder, language
-        self.encoder_trainable, self.prefetch = encoder_trainable, prefetch_microbatches
+        self.prefetch = prefetch_microbatches
         self.microbatches, self.image_token_id = microbatches, image_token_id
         self.device = device
         self.lang_name = role.language
@@ -184,6 +188,12 @@ class MimoSchedule:
         def warmup(enc_stage: int) -> int:  # encoder stage enc_stage leads enc_pp - enc_stage + lm pp stages
             return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_lay.pp - enc_stage)
 
+        stage_trains = encoder_stage_trains if encoder_stage_trains is not None else [encoder_trainable] * enc_lay.pp
+        # stage j needs its backward iff a stage up to j trains: the gradient has somewhere to go
+        needs_grad = [any(stage_trains[: j + 1]) for j in range(enc_lay.pp)]
+        #: whether any gradient crosses the bridge back to the encoder (False: a frozen encoder)
+        self.encoder_trainable = needs_grad[-1]
+        self._bwd, self._prev_bwd = self.encoder_trainable, False
         self.enc_first = self.enc_last = True
         self.encoder_warmup = warmup(0)
         self._bridge_warmup = warmup(enc_lay.pp - 1)  # of the stage that sends over the bridge
@@ -193,6 +203,7 @@ class MimoSchedule:
             #: forwards this encoder stage runs ahead of its first backward (streamed mode)
             self.encoder_warmup = warmup(stage)
             self.enc_first, self.enc_last = stage == 0, stage == enc_lay.pp - 1
+            self._bwd, self._prev_bwd = needs_grad[stage], stage > 0 and needs_grad[stage - 1]
             self._prev_warmup = warmup(stage - 1) if stage else 0
             self.enc_width = getattr(getattr(encoder, "cfg", None), "hidden_size", 0)  # D, between encoder stages
             c = role.coordinates[self.enc_name]
@@ -318,17 +329,17 @@ class MimoSchedule:
         else:
             self._post_stage_recvs(m)
             x = self._stage_recv.pop(m).result()
-            if self.encoder_trainable:
+            if self._prev_bwd:  # the previous stage wants its output's gradient
                 x.requires_grad_(True)
                 self._enc_in[m] = x
-        grad = contextlib.nullcontext() if self.encoder_trainable else torch.no_grad()
+        grad = contextlib.nullcontext() if self._bwd else torch.no_grad()
         stats = excluded_from_stats(self.encoder) if n == 0 else contextlib.nullcontext()
         with stats, grad:  # MoE routing of a dummy image counts for nothing
             out = self.encoder(x)
         # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
         # sends it), not at process exit
         out = comm.wait(out)
-        if self.encoder_trainable:
+        if self._bwd:
             self._enc_out[m] = out
         if self.enc_last:
             rows = out[:n].flatten(0, 1)
@@ -359,7 +370,7 @@ class MimoSchedule:
             g[:n] = grad.to(out.dtype).view(n, *out.shape[1:])
             grad = g
         torch.autograd.backward(out, grad.to(out.dtype))
-        if not self.enc_first:
+        if self._prev_bwd:
             x = self._enc_in.pop(m)
             assert x.grad is not None, "an encoder stage's input takes part in its output"
             # the previous stage sends every forward up to m + its warm-up - 1 before it receives this gradient
@@ -369,7 +380,7 @@ class MimoSchedule:
     def _run_encoder_streamed(self) -> None:
         """This encoder stage as a leading stage of the 1F1B pipeline (non-colocated)."""
         M = self.microbatches
-        if not self.encoder_trainable:  # forwards only, at most `prefetch` microbatches ahead of the receiver
+        if not self._bwd:  # forwards only, at most `prefetch` microbatches ahead of the receiver
             sent: list[list] = []
             for m in range(M):
                 if m >= self.prefetch:
@@ -533,7 +544,7 @@ class MimoSchedule:
             bridged = self.encoder is not None and self.enc_last  # the rows' gradients come over the bridge
             pending = [self._encoder_grad_recv(m) for m in range(M)] if bridged else []
             self.bridge.post(grad_sends, *pending, batch=batch_post)
-            if self.encoder is not None:
+            if self.encoder is not None and self._bwd:  # a stage before every trainable one runs no backward
                 for m in range(M):
                     if bridged:
                         grad = pending[m].result()

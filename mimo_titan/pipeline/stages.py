@@ -12,7 +12,7 @@ from torch import nn
 from mimo_titan.models.decoder import DecoderLM
 from mimo_titan.models.vit import VisionEncoder
 
-__all__ = ["split_language_model", "split_vision_encoder", "stage_layer_range"]
+__all__ = ["split_language_model", "split_vision_encoder", "stage_layer_range", "vision_stage_of"]
 
 
 def stage_layer_range(num_layers: int, pp: int, stage: int, module: str = "language") -> range:
@@ -81,3 +81,15 @@ def split_vision_encoder(encoder: VisionEncoder, pp: int, stage: int, module: st
         part.vision_model.post_layernorm = None
         part.multi_modal_projector = None
     return part
+
+
+def vision_stage_of(name: str, num_layers: int, pp: int) -> int:
+    """The pipeline stage (of ``pp``) of a vision encoder that holds parameter ``name`` (relative to the encoder,
+    as :func:`split_vision_encoder` splits it): the patch embeddings on stage 0, block ``i`` on its
+    :func:`stage_layer_range`, ``post_layernorm`` and the projector on the last stage."""
+    if name.startswith("vision_model.embeddings."):
+        return 0
+    if name.startswith("vision_model.encoder.layers."):
+        layer = int(name.split(".")[3])
+        return next(s for s in range(pp) if layer in stage_layer_range(num_layers, pp, s))
+    return pp - 1

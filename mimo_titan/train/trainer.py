@@ -37,7 +37,12 @@ from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
 from mimo_titan.pipeline.bridge import Bridge
 from mimo_titan.pipeline.schedule import MimoSchedule
-from mimo_titan.pipeline.stages import split_language_model, split_vision_encoder, stage_layer_range
+from mimo_titan.pipeline.stages import (
+    split_language_model,
+    split_vision_encoder,
+    stage_layer_range,
+    vision_stage_of,
+)
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable, module_trainable
@@ -484,6 +489,7 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     full.init_weights(cfg.job.seed)
     for key, p in full.named_parameters():  # frozen parameters: no gradient, no optimizer state, no reduce
         p.requires_grad_(is_trainable(cfg, key))
+    full_vision_names = [n for n, p in full.vision.named_parameters() if p.requires_grad]
     moe_keys = [full_model_key(vis_name, q) for q, _ in moe_modules(full.vision)]
     moe_keys += [full_model_key(lang_name, q) for q, _ in moe_modules(full.language)]
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
@@ -552,6 +558,7 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         module_schedule=cfg.parallelism.module_schedule,
         colocated_encoders=cfg.parallelism.colocated_encoders,
         encoder_trainable=module_trainable(cfg, vis_name),
+        encoder_stage_trains=_stage_trains(full_vision_names, cfg.model.vision.num_layers, layouts[vis_name].pp),
         prefetch_microbatches=getattr(cfg.model, vis_name).prefetch_microbatches,
         image_token_id=processor.image_token_id,
         device=device,
@@ -568,6 +575,14 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     job = Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
     job.tied_embedding = tied_copy
     return job
+
+
+def _stage_trains(trainable_names: list[str], num_layers: int, pp: int) -> list[bool]:
+    """Whether each of the encoder's ``pp`` pipeline stages holds a trainable parameter (names relative to it)."""
+    out = [False] * pp
+    for name in trainable_names:
+        out[vision_stage_of(name, num_layers, pp)] = True
+    return out
 
 
 def canonical_named_parameters(job: Job):
@@ -669,7 +684,8 @@ def train_step(
         for opt in job.optimizers.values():
             opt.step()
         for i, key in enumerate(job.moe_keys):
-            if key in moe:
+            # a frozen MoE layer keeps its routing bias too (aux-free balancing is a training update)
+            if key in moe and any(p.requires_grad for p in moe[key].parameters()):
                 moe[key].update_bias(moe_stats[i, : moe[key].num_experts])
         job.skipped_in_a_row = 0
     else:  # the gradients are dropped by the next step's zero_grad

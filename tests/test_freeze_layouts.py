@@ -1,18 +1,15 @@
-"""Review probes (review2) of frozen modules / trainable globs, encoder pipeline stages and tied embeddings.
+"""More layouts of frozen modules / trainable globs, encoder pipeline stages and tied embeddings.
 
-Passing: one-step oracle layouts the suite did not cover (a glob that freezes part of an FSDP unit, encoder pp=2 with
-HSDP / LM cp / one microbatch / packing / an MoE encoder under EP in streamed mode / samples without images /
-colocated + frozen / a frozen encoder prefetching 5 of 6 microbatches, a frozen LM with tied embeddings across pp=2,
-LM pp=2 whose first stage has nothing to train).
+One-step oracle layouts: a glob that freezes part of an FSDP unit, encoder pp=2 with HSDP / LM cp / one
+microbatch / packing / an MoE encoder under EP in streamed mode / samples without images / colocated + frozen /
+a frozen encoder prefetching 5 of 6 microbatches, a frozen LM with tied embeddings across pp=2, LM pp=2 whose
+first stage has nothing to train. Then the cases that were wrong:
 
-Strict xfails (bugs):
-- ``parallel.ep._slice_param`` makes new ``nn.Parameter``s with ``requires_grad=True``: experts under ep > 1 train
-  although ``model.<module>.frozen`` / ``training.trainable`` freeze them.
-- encoder pp > 1 with a stage that has no trainable parameter but a later one does (LLaVA stage 1,
-  ``trainable = ["projector"]``): stage 0 runs a backward of an output without ``grad_fn`` and crashes.
-- ``CheckpointManager._check_fits`` matches the ``training.trainable`` globs against checkpoint keys, which name one
-  expert per key (``experts.0.w_gate``): a glob such as ``experts.w_gate`` (valid for the model's names) makes
-  the run's own checkpoint "not fit".
+- experts under ep > 1 stay frozen (``parallel.ep`` slices keep ``requires_grad``);
+- encoder pp > 1 where an early stage has nothing to train but a later one does (LLaVA stage 1,
+  ``trainable = ["projector"]``): the stages before the first trainable one run no backward;
+- a ``training.trainable`` glob such as ``experts.w_gate`` fits the run's own checkpoint (whose keys name one
+  expert each).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from test_oracle import MOE_BOTH, MOE_LM, PACKED, V
 
 from _launch import run_ranks
 from _tiny import first_global_batch, tiny_config_dict
-from mimo_titan.errors import CheckpointError
 
 NEW = {
     # a glob that freezes part of every FSDP unit: only the norms train (FSDP2 reduce-scatters a partial group)
@@ -122,12 +118,6 @@ def test_one_step_matches_single_process(layout):
 
 
 @pytest.mark.multirank
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="encoder pp > 1: a stage without trainable parameters before a trainable one runs a backward of an "
-    "output without grad_fn (RuntimeError: element 0 of tensors does not require grad)",
-)
 @pytest.mark.parametrize("layout", list(XFAIL))
 def test_encoder_stage_without_trainable_parameters(layout):
     O._check_one_step(layout, "gloo")
@@ -150,11 +140,6 @@ def _expert_worker(rank, world, device, cfg_dict):
 
 
 @pytest.mark.multirank
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="parallel.ep._slice_param builds nn.Parameter(...) with requires_grad=True: frozen experts train under ep>1",
-)
 def test_frozen_experts_under_ep_stay_frozen():
     d = tiny_config_dict(
         V(0, 1),
@@ -167,12 +152,6 @@ def test_frozen_experts_under_ep_stay_frozen():
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.xfail(
-    strict=True,
-    raises=CheckpointError,
-    reason="_check_fits applies training.trainable globs to per-expert checkpoint keys (experts.0.w_gate), so "
-    "'experts.w_gate' matches the model but not the checkpoint: the run's own checkpoint is refused",
-)
 def test_checkpoint_of_expert_glob_run_fits(tmp_path):
     import torch.distributed.checkpoint as dcp
 
