@@ -100,6 +100,17 @@ def test_resume_continues_bit_for_bit(layout, tmp_path):
     assert straight[-1]["loss"] < straight[0]["loss"]
 
 
+def _continues(resumed: list[dict], straight: list[dict]) -> None:
+    """The steps after a load equal an uninterrupted run's steps 3.. (same samples, loss, norm, LR), and the load
+    mattered (the model moved in the first two steps)."""
+    for got, want in zip(resumed, straight[2:]):
+        assert got["sample_ids"] == want["sample_ids"]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["lr"] == want["lr"]
+    assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2
+
+
 def _reshard_worker(rank, world, device, cfg_dict, folder, max_steps):
     from mimo_titan.train.trainer import train
 
@@ -134,12 +145,7 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
     assert [r["step"] for r in saved] == [1, 2]
     resumed = run_ranks(_reshard_worker, w_load, loader, folder, None, timeout=300)[0]
     assert [r["step"] for r in resumed] == [3, 4]
-    for got, want in zip(resumed, straight[2:]):
-        assert got["sample_ids"] == want["sample_ids"]
-        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
-        assert got["lr"] == want["lr"]
-    assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2  # the load matters: the model has moved
+    _continues(resumed, straight)
 
 
 TIED = {"model": {"language": {"tie_word_embeddings": True}}}
@@ -182,12 +188,7 @@ def test_tied_embeddings_checkpoint_moves_between_pp2_and_pp1(tmp_path):
     at_pp2 = run_ranks(_reshard_worker, 5, pp2, folder, None, timeout=300)[0]  # resumes step 4
     resumed = at_pp1 + at_pp2
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
-    for got, want in zip(resumed, straight[2:]):
-        assert got["sample_ids"] == want["sample_ids"]
-        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
-        assert got["lr"] == want["lr"]
-    assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2  # the load matters: the model has moved
+    _continues(resumed, straight)
 
 
 def _initial_load_worker(rank, world, device, cfg_dict, path):

@@ -14,7 +14,8 @@ from _launch import run_ranks
 from _tiny import tiny_config_dict
 from mimo_titan.config import config_from_dict
 from mimo_titan.errors import ConfigError
-from mimo_titan.train.trainer import is_trainable, module_trainable, validate_job
+from mimo_titan.train.freeze import is_trainable, module_trainable
+from mimo_titan.train.trainer import validate_job
 
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 

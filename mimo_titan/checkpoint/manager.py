@@ -61,6 +61,7 @@ from mimo_titan.checkpoint.state import (
     model_state,
     optimizer_state,
     saved_shapes,
+    stacked_key,
 )
 from mimo_titan.errors import CheckpointError
 from mimo_titan.train.freeze import is_trainable
@@ -175,15 +176,6 @@ def _first_nonfinite(state: dict) -> str | None:
         finite = torch.stack([f for _, f in pairs]).cpu().tolist()
         bad += [i for (i, _), ok in zip(pairs, finite) if not ok]
     return keys[min(bad)] if bad else None
-
-
-def _stacked(key: str) -> str:
-    """A per-expert checkpoint key (``a.experts.3.w_gate``) → the model's stacked parameter name
-    (``a.experts.w_gate``), which ``training.trainable`` globs are matched against."""
-    parts = key.split(".")
-    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
-        return ".".join([*parts[:-2], parts[-1]])
-    return key
 
 
 def _layout_signature(job: Job) -> dict:
@@ -497,7 +489,7 @@ class CheckpointManager:
         if problem is None and training:
             params = model_shapes(self.cfg.model, parameters_only=True)
             # frozen parameters have no AdamW state; a per-expert key is judged by the model's stacked name
-            trains = {key: is_trainable(self.cfg, _stacked(key)) for key in params}
+            trains = {key: is_trainable(self.cfg, stacked_key(key)) for key in params}
             saved_params = {k[len("optimizer.") : -len(".exp_avg")] for k in shapes if k.endswith(".exp_avg")}
             for key, shape in params.items():
                 if not trains[key]:

@@ -69,6 +69,7 @@ __all__ = [
     "save_full_model_state",
     "load_full_model_state",
     "meta_model",
+    "stacked_key",
     "model_shapes",
     "saved_shapes",
     "missing_data",
@@ -83,6 +84,15 @@ def expert_key(stacked_key: str, e: int) -> str:
     """``a.mlp.experts.w_gate`` → ``a.mlp.experts.{e}.w_gate`` (the checkpoint key of expert ``e``)."""
     prefix, name = stacked_key.rsplit(".", 1)
     return f"{prefix}.{e}.{name}"
+
+
+def stacked_key(key: str) -> str:
+    """``a.mlp.experts.{e}.w_gate`` → ``a.mlp.experts.w_gate`` (the inverse of :func:`expert_key`); other keys
+    unchanged."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[-3] == "experts" and parts[-1] in EXPERT_WEIGHTS and parts[-2].isdigit():
+        return ".".join([*parts[:-2], parts[-1]])
+    return key
 
 
 def _is_expert_weight(key: str) -> bool:
@@ -111,13 +121,12 @@ def stack_experts(ckpt_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in ckpt_state.items():
-        parts = key.split(".")
-        if len(parts) >= 3 and parts[-3] == "experts" and parts[-1] in EXPERT_WEIGHTS and parts[-2].isdigit():
-            stacked = ".".join([*parts[:-2], parts[-1]])
+        stacked = stacked_key(key)
+        if stacked != key:
             if stacked not in groups:
                 groups[stacked] = {}
                 out[stacked] = None  # type: ignore[assignment]  # keeps the key order; the stack replaces it below
-            groups[stacked][int(parts[-2])] = value
+            groups[stacked][int(key.split(".")[-2])] = value
         else:
             out[key] = value
     for stacked, experts in groups.items():

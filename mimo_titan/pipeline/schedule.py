@@ -367,7 +367,7 @@ class MimoSchedule:
         if self.enc_last:  # rows of the real images; a dummy image's output gets a zero gradient
             n = self._enc_images(m)
             g = torch.zeros_like(out)
-            g[:n] = grad.to(out.dtype).view(n, *out.shape[1:])
+            g[:n] = grad.view(n, *out.shape[1:])  # cast to out's dtype by the assignment
             grad = g
         torch.autograd.backward(out, grad.to(out.dtype))
         if self._prev_bwd:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING
 
-import torch
-
 from mimo_titan.errors import ConfigError
-from mimo_titan.models.mimo import MimoModel
 
 if TYPE_CHECKING:
     from mimo_titan.config import Config
@@ -41,8 +38,9 @@ def module_trainable(cfg: Config, module_name: str) -> bool:
 
 def parameter_names(cfg: Config) -> list[str]:
     """Every parameter name of ``cfg``'s single-process model (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return [n for n, _ in MimoModel(cfg.model, 0).named_parameters()]
+    from mimo_titan.checkpoint.state import meta_model  # here: the checkpoint package imports this module
+
+    return [n for n, _ in meta_model(cfg.model).named_parameters()]
 
 
 def check_trainable(cfg: Config) -> None:

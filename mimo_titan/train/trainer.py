@@ -45,7 +45,7 @@ from mimo_titan.pipeline.stages import (
 )
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
-from mimo_titan.train.freeze import check_trainable, is_trainable, module_trainable
+from mimo_titan.train.freeze import check_trainable, is_trainable
 from mimo_titan.train.optim import (
     all_reduce_sum,
     build_lr_scheduler,
@@ -557,7 +557,6 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         schedule=cfg.parallelism.pipeline_schedule,
         module_schedule=cfg.parallelism.module_schedule,
         colocated_encoders=cfg.parallelism.colocated_encoders,
-        encoder_trainable=module_trainable(cfg, vis_name),
         encoder_stage_trains=_stage_trains(full_vision_names, cfg.model.vision.num_layers, layouts[vis_name].pp),
         prefetch_microbatches=getattr(cfg.model, vis_name).prefetch_microbatches,
         image_token_id=processor.image_token_id,
