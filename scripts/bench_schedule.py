@@ -122,8 +122,9 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
     import torch.distributed as dist
 
     from mimo_titan.config import load_config
+    from mimo_titan.models.specs import encoder_spec
     from mimo_titan.pipeline.bridge import Bridge
-    from mimo_titan.pipeline.schedule import MimoSchedule
+    from mimo_titan.pipeline.schedule import EncoderLane, MimoSchedule
     from mimo_titan.topology.mesh import build_topology
     from mimo_titan.train.trainer import validate_job
 
@@ -159,20 +160,28 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
             tp=lay.tp,
         )
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
-    bridge = Bridge(layouts[enc], layouts[lang], mb_size, P, H, torch.float32, torch.device("cpu"), rank)
+    bridge = Bridge(layouts[enc], layouts[lang], mb_size, 1, H, torch.float32, torch.device("cpu"), rank)
+    vit = encoder_spec("vit")
     batch = synthetic_batch(cfg, image_token_id)
     results = {}
     for variant, module_schedule in (("streamed", "1F1B"), ("encoder_first", "GPipe")):
+        lane = EncoderLane(
+            enc,
+            encoder,
+            bridge,
+            placeholder_id=image_token_id,
+            inputs=vit.inputs,
+            dummy_inputs=vit.dummy_inputs(cfg.model.vision),
+            tokens_per_item=P,
+        )
         schedule = MimoSchedule(
             topology,
-            encoder,
+            [lane],
             language,
-            bridge,
             microbatches=cfg.training.microbatches,
             schedule=cfg.parallelism.pipeline_schedule,
             module_schedule=module_schedule,
             colocated_encoders=cfg.parallelism.colocated_encoders,
-            image_token_id=image_token_id,
             device=torch.device("cpu"),
             seq_len=cfg.training.seq_len,
             vocab_size=V,

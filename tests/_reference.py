@@ -25,12 +25,12 @@ def lr_multiplier(step: int, cfg) -> float:
 class ReferenceTrainer:
     """``step(batch)`` → ``(loss, grad_norm)``; ``model``, ``moe_stats()`` after a step."""
 
-    def __init__(self, cfg, image_token_id: int):
+    def __init__(self, cfg, image_token_id: int, audio_token_id: int | None = None):
         from mimo_titan.models import MimoModel
         from mimo_titan.parallel.ep import moe_modules
 
         self.cfg = cfg
-        self.model = MimoModel(cfg.model, image_token_id)
+        self.model = MimoModel(cfg.model, image_token_id, audio_token_id=audio_token_id)
         self.model.init_weights(cfg.job.seed)
         self.moe = dict(moe_modules(self.model))
         for m in self.moe.values():
@@ -52,6 +52,8 @@ class ReferenceTrainer:
         self.steps = 0
 
     def step(self, batch) -> tuple[float, float]:
+        from mimo_titan.models.mimo import encoder_inputs
+
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.optimizer.lr * lr_multiplier(self.steps, self.cfg)
         self.opt.zero_grad()
@@ -63,7 +65,10 @@ class ReferenceTrainer:
             part = batch.slice(i * mb, (i + 1) * mb)
             packed = getattr(part, "doc_ids", None) is not None  # THD rows: per-document positions and masks
             logits = self.model(
-                part.input_ids, part.pixel_values, *((part.position_ids, part.doc_ids) if packed else ())
+                part.input_ids,
+                None,
+                *((part.position_ids, part.doc_ids) if packed else ()),
+                encoder_inputs=encoder_inputs(self.cfg.model, part),
             )
             ce = (
                 F.cross_entropy(logits.flatten(0, 1), part.labels.flatten(), ignore_index=-100, reduction="sum")

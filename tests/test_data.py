@@ -578,6 +578,7 @@ def test_corrupt_and_empty_records_are_skipped(proc, records, tmp_path, caplog):
         "non_utf8_caption": 0,
         "empty_caption": 1,
         "corrupt_image": 1,
+        "corrupt_audio": 0,
         "truncated_captions": 0,
         "truncated_tokens": 0,
     }

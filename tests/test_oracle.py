@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _launch import per_layout_backends, run_ranks
-from _tiny import first_global_batch, tiny_config_dict
+from _tiny import SHARED, first_global_batch, tiny_config_dict
 
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 MOE_LM = {
@@ -43,6 +43,31 @@ MOE_BOTH = {
 }
 
 PACKED = {"data": {"packing": True}, "training": {"seq_len": 120}}
+AUDIO = {  # a Whisper-style encoder on the spoken captions: 2-5 s clips -> 5-17 LM tokens (pool 16)
+    "type": "audio",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "projector_intermediate_size": 64,
+    "pool": 16,
+    "max_source_positions": 300,
+}
+
+
+def with_audio(audio_layout: dict, **sections) -> dict:
+    """Config sections adding the audio encoder on ``audio_layout`` and the speech shard (image + wav + caption)."""
+    out = {
+        "model": {"audio": AUDIO},
+        "parallelism": {"audio": audio_layout},
+        "data": {"path": str(SHARED / "speech" / "cc12m-speech-0000.tar")},
+        "training": {"seq_len": 64},
+    }
+    for key, value in sections.items():
+        out[key] = {**out.get(key, {}), **value}
+    return out
+
+
 TIED = {"model": {"language": {"tie_word_embeddings": True}}}
 EMBED, HEAD = "language.model.embed_tokens.weight", "language.lm_head.weight"
 
@@ -309,6 +334,22 @@ LAYOUTS = {
         {"training": {"trainable": ["language.model.layers.1"]}},
         (),
     ),
+    # two encoders (vision + audio), each with its own bridge; a variable number of audio tokens per sample
+    "vision_audio_noncolocated_dp1_dp2_lm_dp2": (5, V(0, 1), V(3, 2, dp_shard=2), with_audio(V(1, 2, dp_shard=2)), ()),
+    "vision_audio_colocated_lm_apart_microbatch_without_audio": (
+        4,
+        V(0, 2, dp_shard=2),
+        V(2, 2, pp=2),
+        with_audio(V(0, 2, dp_shard=2), training={"seq_len": 64, "global_batch_size": 4, "microbatches": 2}),
+        (),
+    ),
+    "vision_audio_lm_all_colocated_inline": (
+        2,
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2),
+        with_audio(V(0, 2, dp_shard=2), parallelism={"audio": V(0, 2, dp_shard=2), "colocated_encoders": "inline"}),
+        (3,),
+    ),
     "tied_lm_pp2_trains_only_the_tied_weight": (
         3,
         V(0, 1),
@@ -322,19 +363,43 @@ LAYOUTS = {
 }
 
 
+# layouts whose given samples lose their audio clips (a microbatch without any audio)
+NO_AUDIO = {"vision_audio_colocated_lm_apart_microbatch_without_audio": (0, 1)}
+
 # layouts whose batches are rotated so image tokens reach every CP rank (the bridge sums their gradients)
 ROLL = {"lm_cp2_images_on_every_shard": 14, "lm_cp4_colocated_images_on_every_shard": 9}
 
 
-def _batch(cfg, processor, no_image_samples, roll=0):
-    """The first global batch; the given samples lose their images (placeholders become text tokens); with
-    ``roll`` every row (ids and labels together) is rotated by that many positions, which moves the image tokens
-    onto other context-parallel shards and across shard boundaries."""
-    from mimo_titan.data.collate import Batch
+def _drop_audio(b, processor, samples):
+    """``b`` whose given samples lose their audio clips (placeholders become text tokens, their labels ignored)."""
+    from dataclasses import replace
+
+    from mimo_titan.data.collate import pad_clips
+
+    ids, labels, clips = b.input_ids.clone(), b.labels.clone(), b.clips_per_sample.clone()
+    first = [0, *torch.cumsum(b.clips_per_sample, 0).tolist()]
+    keep = []
+    for s in range(len(b)):
+        if s in samples:
+            ids[s][ids[s] == processor.audio_token_id] = 100
+            clips[s] = 0
+        else:
+            keep.extend(range(first[s], first[s + 1]))
+    feats, frames = pad_clips([b.audio_features[i, :, : b.audio_frames[i]] for i in keep])
+    return replace(b, input_ids=ids, labels=labels, audio_features=feats, audio_frames=frames, clips_per_sample=clips)
+
+
+def _batch(cfg, processor, no_image_samples, roll=0, no_audio_samples=()):
+    """The first global batch; the given samples lose their images (placeholders become text tokens) or their
+    audio clips; with ``roll`` every row (ids and labels together) is rotated by that many positions, which moves
+    the image tokens onto other context-parallel shards and across shard boundaries."""
+    from dataclasses import replace
 
     b = first_global_batch(cfg, processor)
+    if no_audio_samples:
+        b = _drop_audio(b, processor, no_audio_samples)
     if roll:
-        b = Batch(b.input_ids.roll(roll, 1), b.labels.roll(roll, 1), b.pixel_values, b.images_per_sample, b.sample_ids)
+        b = replace(b, input_ids=b.input_ids.roll(roll, 1), labels=b.labels.roll(roll, 1))
     if not no_image_samples:
         return b
     ids, ims = b.input_ids.clone(), b.images_per_sample.clone()
@@ -346,7 +411,7 @@ def _batch(cfg, processor, no_image_samples, roll=0):
             ims[s] = 0
         else:
             keep.extend(range(first[s], first[s + 1]))
-    return Batch(ids, b.labels.clone(), b.pixel_values[keep], ims, b.sample_ids.clone())
+    return replace(b, input_ids=ids, labels=b.labels.clone(), pixel_values=b.pixel_values[keep], images_per_sample=ims)
 
 
 def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
@@ -358,8 +423,8 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
-    no_image_samples, roll = no_image_samples
-    batch = _batch(cfg, job.processor, no_image_samples, roll)
+    no_image_samples, roll, no_audio = no_image_samples
+    batch = _batch(cfg, job.processor, no_image_samples, roll, no_audio)
     kernels.reset_dispatch_counts()
     rec = train_step(job, batch)
     params = {}
@@ -379,14 +444,14 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     }
 
 
-def _reference_step(cfg, no_image_samples, roll):
+def _reference_step(cfg, no_image_samples, roll, no_audio=()):
     from _reference import ReferenceTrainer
-    from mimo_titan.data import ImageTextProcessor
+    from mimo_titan.train.trainer import build_processor
 
-    tpi = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    proc = ImageTextProcessor(cfg.data.tokenizer, cfg.model.vision.image_size, tpi)
-    batch = _batch(cfg, proc, no_image_samples, roll)
-    ref = ReferenceTrainer(cfg, proc.image_token_id)
+    proc = build_processor(cfg)
+    batch = _batch(cfg, proc, no_image_samples, roll, no_audio)
+    audio_id = proc.audio_token_id if proc.audio_tokens is not None else None
+    ref = ReferenceTrainer(cfg, proc.image_token_id, audio_id)
     loss, norm = ref.step(batch)
     trainable = {n for n, p in ref.model.named_parameters() if p.requires_grad}
     return loss, norm, ref.params(), batch, ref.moe_stats(), trainable
@@ -426,13 +491,16 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
     world, vision, language, extra, no_images = LAYOUTS[layout]
     cfg_dict = tiny_config_dict(vision, language, **extra, kernels={"backend": kernels_backend})
     cfg = config_from_dict(cfg_dict)
-    roll = ROLL.get(layout, 0)
-    ref_loss, ref_norm, ref_params, batch, ref_moe, trainable = _reference_step(cfg, no_images, roll)
+    roll, no_audio = ROLL.get(layout, 0), NO_AUDIO.get(layout, ())
+    ref_loss, ref_norm, ref_params, batch, ref_moe, trainable = _reference_step(cfg, no_images, roll, no_audio)
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
     if cfg.data.packing:  # rows really hold several documents
         assert max(len(ids) for ids in batch.sample_ids) >= 2
-    results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll), backend=backend)
+    if no_audio:  # the layout really has a microbatch without any audio clip
+        per_mb = batch.clips_per_sample.view(cfg.training.microbatches, -1).sum(1)
+        assert 0 in per_mb.tolist() and per_mb.sum() > 0
+    results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll, no_audio), backend=backend)
 
     tied = cfg.model.language.tie_word_embeddings
     seen = set()
@@ -457,12 +525,15 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
             assert stats["aux_loss"] == pytest.approx(aux, abs=1e-6), f"rank {rank} {key}"
     from mimo_titan.models import MimoModel
 
-    init = MimoModel(cfg.model, 1998)
+    init = MimoModel(cfg.model, 1998, audio_token_id=2020)
     init.init_weights(cfg.job.seed)
     initial = dict(init.named_parameters())
     lang = [n for n in initial if n.startswith("language.") and n in trainable] or sorted(trainable)
     moved = sum(float((initial[n].detach() - ref_params[n]).abs().max()) > 1e-5 for n in lang)
     assert moved > len(lang) // 2  # the step really changed the weights
+    for module in {n.split(".")[0] for n in trainable}:  # every trainable module (each encoder) moved
+        names = [n for n in trainable if n.startswith(module + ".")]
+        assert any(float((initial[n].detach() - ref_params[n]).abs().max()) > 1e-6 for n in names), module
     # a last LM stage's copy of tied embeddings is the reference's one tensor
     tie = (
         {"language.lm_head.weight": "language.model.embed_tokens.weight"}

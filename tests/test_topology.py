@@ -461,14 +461,16 @@ def test_error_world_size_mismatch():
         validate_layouts(lays, 8)
 
 
-def test_error_mixed_placement():
+def test_mixed_placement():
+    """Two encoders share ranks 0-1, the language model has its own: a mixed placement."""
+    from mimo_titan.topology.layout import Placement
+
     lays = _layouts(
         ModuleLayout("vision", 0, 2, dp_shard=2),
         ModuleLayout("audio", 0, 2, dp_shard=2),
         ModuleLayout("language", 2, 2, dp_shard=2, is_language=True),
     )
-    with pytest.raises(LayoutError, match=r"mixed layouts .* are not supported yet"):
-        validate_layouts(lays, 4)
+    assert validate_layouts(lays, 4) is Placement.MIXED
 
 
 def test_error_order_first_failure_wins():

@@ -249,7 +249,14 @@ def test_several_steps_match_single_process_training(layout, backend):
 
 @pytest.mark.multirank
 @pytest.mark.parametrize(
-    "config,nproc", [("debug_colocated", 2), ("debug_noncolocated", 8), ("debug_moe_ep", 8), ("debug_tp_cp", 8)]
+    "config,nproc",
+    [
+        ("debug_colocated", 2),
+        ("debug_noncolocated", 8),
+        ("debug_moe_ep", 8),
+        ("debug_tp_cp", 8),
+        ("debug_vision_audio", 8),
+    ],
 )
 def test_readme_train_command_runs(config, nproc):
     cmd = [
@@ -363,17 +370,77 @@ def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
     assert "the ranks read different records from data.path (1 shard(s); rank 0: 32 records, rank 1: 1" in errors[0]
 
 
-def test_modules_not_trained_yet_are_refused_before_any_process_group():
-    """An audio encoder (its model, features and HF import exist) or a second encoder is configurable but not yet
-    trained: validate_job says so, naming the table."""
+AUDIO = {
+    "type": "audio",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "projector_intermediate_size": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "extra,world,match",
+    [
+        # two encoders of one medium would share the <|image|> placeholder
+        (
+            dict(
+                model={"second": {**tiny_config_dict(V(0, 1), V(1, 1))["model"]["vision"], "type": "vit"}},
+                parallelism={"second": V(2, 1)},
+            ),
+            3,
+            r"model\.(vision|second) and model\.(second|vision) both read image",
+        ),
+        (
+            dict(model={"audio": AUDIO}, parallelism={"audio": V(2, 2, tp=2)}),
+            4,
+            "parallelism.audio.tp=2: tensor parallelism of a 'audio'",
+        ),
+        (
+            dict(model={"audio": AUDIO}, parallelism={"audio": V(2, 2, pp=2)}),
+            4,
+            "parallelism.audio.pp=2: a 'audio' encoder cannot be split",
+        ),
+        (
+            dict(
+                model={"audio": AUDIO},
+                parallelism={"audio": V(2, 1)},
+                data={"packing": True},
+                training={"seq_len": 120},
+            ),
+            3,
+            "data.packing = true with an audio encoder",
+        ),
+        # encoders sharing ranks run as one leading stage: same pp
+        (
+            dict(
+                model={"audio": AUDIO},
+                parallelism={"vision": V(0, 2, pp=2), "audio": V(0, 2, dp_shard=2), "language": V(2, 1)},
+            ),
+            3,
+            r"encoders \['vision', 'audio'\] share ranks, so they run as one leading pipeline stage",
+        ),
+    ],
+)
+def test_encoder_registry_errors_before_any_process_group(extra, world, match):
     from mimo_titan.errors import ConfigError
 
-    audio = {"type": "audio", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-    audio["projector_intermediate_size"] = 64
-    two = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": audio}, parallelism={"speech": V(2, 1)})
-    with pytest.raises(ConfigError, match=re.escape("2 encoder modules (vision, speech)")):
-        validate_job(config_from_dict(two), 3)
-    only_audio = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": audio}, parallelism={"speech": V(0, 1)})
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), **extra))
+    with pytest.raises(ConfigError, match=match):
+        validate_job(cfg, world)
+
+
+def test_audio_without_audio_data_and_without_a_vit_are_refused():
+    """An audio encoder whose data carries no clip (the plain CC12M shard has no .wav): a DataError naming
+    data.path; an encoder set without a 'vit' (every sample carries an image): a ConfigError."""
+    from mimo_titan.errors import ConfigError, DataError
+    from mimo_titan.train.trainer import build_loader, build_processor
+
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), model={"audio": AUDIO}, parallelism={"audio": V(2, 1)}))
+    with pytest.raises(DataError, match=r"data.path=.*the model has an audio encoder but none of the 32 records"):
+        build_loader(cfg, build_processor(cfg))
+    only_audio = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": AUDIO}, parallelism={"speech": V(0, 1)})
     del only_audio["model"]["vision"], only_audio["parallelism"]["vision"]
-    with pytest.raises(ConfigError, match=re.escape("model.speech: training runs a 'vit' encoder")):
-        validate_job(config_from_dict(only_audio), 2)
+    with pytest.raises(ConfigError, match=r"include no 'vit' encoder"):
+        build_processor(config_from_dict(only_audio))

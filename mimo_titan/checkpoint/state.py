@@ -305,7 +305,7 @@ def load_full_model_state(path: str, cfg: Config) -> dict[str, torch.Tensor]:
             "settings it was saved with"
         )
     with torch.device("cpu"):
-        template = split_experts(MimoModel(cfg.model, image_token_id=0).state_dict())
+        template = split_experts(MimoModel(cfg.model, image_token_id=0, audio_token_id=1).state_dict())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.load({"model": template}, checkpoint_id=path, no_dist=True)
@@ -316,7 +316,7 @@ def load_full_model_state(path: str, cfg: Config) -> dict[str, torch.Tensor]:
 def meta_model(model_cfg: ModelConfig) -> MimoModel:
     """The single-process :class:`MimoModel` of ``model_cfg`` on the meta device: shapes and dtypes, no memory."""
     with torch.device("meta"):
-        return MimoModel(model_cfg, image_token_id=0)
+        return MimoModel(model_cfg, image_token_id=0, audio_token_id=1)
 
 
 def model_shapes(model_cfg: ModelConfig, parameters_only: bool = False) -> dict[str, tuple[int, ...]]:

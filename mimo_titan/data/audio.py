@@ -30,7 +30,16 @@ import torch
 
 from mimo_titan.errors import DataError
 
-__all__ = ["SAMPLE_RATE", "HOP_LENGTH", "N_FFT", "decode_audio", "resample", "log_mel", "num_mel_frames"]
+__all__ = [
+    "MissingAudioPackage",
+    "SAMPLE_RATE",
+    "HOP_LENGTH",
+    "N_FFT",
+    "decode_audio",
+    "resample",
+    "log_mel",
+    "num_mel_frames",
+]
 
 #: samples per second of every waveform this module returns
 SAMPLE_RATE = 16000
@@ -38,6 +47,11 @@ SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 #: samples of one analysis window (25 ms)
 N_FFT = 400
+
+
+class MissingAudioPackage(DataError):
+    """A file needs an optional package that is not installed (``soundfile`` for flac, ``scipy`` to resample): an
+    environment problem, not a damaged sample."""
 
 
 def _optional(module: str) -> Any | None:
@@ -91,7 +105,7 @@ def _decode_wav(data: bytes, where: str) -> tuple[np.ndarray, int]:
 def _decode_flac(data: bytes, where: str) -> tuple[np.ndarray, int]:
     sf = _optional("soundfile")
     if sf is None:
-        raise DataError(f"{where} is flac, which needs the soundfile package: `pip install soundfile`")
+        raise MissingAudioPackage(f"{where} is flac, which needs the soundfile package: `pip install soundfile`")
     try:
         x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, TypeError) as e:  # soundfile's LibsndfileError is a RuntimeError
@@ -113,7 +127,7 @@ def resample(waveform: torch.Tensor, rate: int, source: str | None = None) -> to
         return waveform
     signal = _optional("scipy.signal")
     if signal is None:
-        raise DataError(
+        raise MissingAudioPackage(
             f"{_where(source)} is sampled at {rate} Hz; resampling to {SAMPLE_RATE} Hz needs scipy: "
             f"`pip install scipy`, or convert the data set to 16 kHz first (e.g. `ffmpeg -i in -ar 16000 out.wav`)"
         )

@@ -1,4 +1,4 @@
-"""Batching of multimodal samples: padding, shifted labels and image bookkeeping."""
+"""Batching of multimodal samples: padding, shifted labels and image / audio-clip bookkeeping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "Batch", "Sample", "collate", "concat_batches"]
+__all__ = ["IGNORE_INDEX", "Batch", "Sample", "collate", "concat_batches", "pad_clips"]
 
 #: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
 IGNORE_INDEX = -100
@@ -26,6 +26,9 @@ class Sample:
         sample_id: Stable id of the sample in the stream.
         image_token_id: Id of the ``<|image|>`` placeholder (needed for the labels).
         image_tokens_per_image: Placeholders per image (needed for the invariant check).
+        audio_features: The sample's audio clips in order, each ``[M, F_i]`` float32 log-mel
+            frames (empty without audio).
+        audio_token_id: Id of the ``<|audio|>`` placeholder (None without audio encoder).
     """
 
     tokens: Sequence[int]
@@ -33,6 +36,8 @@ class Sample:
     sample_id: int
     image_token_id: int
     image_tokens_per_image: int
+    audio_features: tuple[Tensor, ...] = ()
+    audio_token_id: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -57,6 +62,11 @@ class Batch:
             sample order (``N_img = images_per_sample.sum()``).
         images_per_sample: ``[B]`` int64.
         sample_ids: ``[B]`` int64, stable id of each sample in the stream.
+        audio_features: ``[N_clip, M, T]`` float32 log-mel frames of every audio clip in sample
+            order, zero-padded to the batch's longest clip (None: no audio in this run). Sample
+            ``b`` owns the clips of ``clips_per_sample`` as it owns its images.
+        audio_frames: ``[N_clip]`` int64, each clip's valid frames (``<= T``).
+        clips_per_sample: ``[B]`` int64 (zeros for samples without audio).
     """
 
     input_ids: Tensor
@@ -64,6 +74,9 @@ class Batch:
     pixel_values: Tensor
     images_per_sample: Tensor
     sample_ids: Tensor
+    audio_features: Tensor | None = None
+    audio_frames: Tensor | None = None
+    clips_per_sample: Tensor | None = None
 
     def __len__(self) -> int:
         """Number of samples ``B``."""
@@ -88,12 +101,22 @@ class Batch:
         if not 0 <= start <= end <= len(self):
             raise ValueError(f"invalid sample range [{start}, {end}) for a batch of {len(self)}")
         offsets = self._image_offsets()
+        audio = {}
+        if self.clips_per_sample is not None:
+            assert self.audio_features is not None and self.audio_frames is not None
+            c = [0, *torch.cumsum(self.clips_per_sample, 0).tolist()]
+            audio = dict(
+                audio_features=self.audio_features[c[start] : c[end]],
+                audio_frames=self.audio_frames[c[start] : c[end]],
+                clips_per_sample=self.clips_per_sample[start:end],
+            )
         return Batch(
             input_ids=self.input_ids[start:end],
             labels=self.labels[start:end],
             pixel_values=self.pixel_values[offsets[start] : offsets[end]],
             images_per_sample=self.images_per_sample[start:end],
             sample_ids=self.sample_ids[start:end],
+            **audio,
         )
 
     def num_loss_tokens(self) -> int:
@@ -110,12 +133,19 @@ class Batch:
         Returns:
             A new :class:`Batch` on ``device``.
         """
+
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             pixel_values=self.pixel_values.to(device, non_blocking=non_blocking),
             images_per_sample=self.images_per_sample.to(device, non_blocking=non_blocking),
             sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+            audio_features=mv(self.audio_features),
+            audio_frames=mv(self.audio_frames),
+            clips_per_sample=mv(self.clips_per_sample),
         )
 
 
@@ -125,7 +155,8 @@ def collate(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Batch:
     For a sample with tokens ``seq`` (``len(seq) <= seq_len + 1``):
     ``input_ids = seq[:seq_len]`` right-padded with ``pad_id`` and
     ``labels = seq[1:seq_len + 1]`` right-padded with ``IGNORE_INDEX``, with every
-    ``<|image|>`` target also set to ``IGNORE_INDEX``.
+    ``<|image|>`` (and ``<|audio|>``) target also set to ``IGNORE_INDEX``. Samples that carry
+    an ``audio_token_id`` give the batch its audio fields (:func:`pad_clips`).
 
     Args:
         samples: The samples, in batch order (at least one).
@@ -161,6 +192,8 @@ def collate(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Batch:
         inputs = seq[:seq_len]
         targets = seq[1 : seq_len + 1].clone()
         targets[targets == image_token_id] = IGNORE_INDEX
+        if sample.audio_token_id is not None:
+            targets[targets == sample.audio_token_id] = IGNORE_INDEX
         input_ids[b, : inputs.numel()] = inputs
         labels[b, : targets.numel()] = targets
         expected = sample.num_images * per_image
@@ -174,13 +207,44 @@ def collate(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Batch:
     if len(shapes) != 1:
         raise ValueError(f"all images in a batch must have the same shape, got {sorted(shapes)}")
     pixel_values = torch.cat([s.pixel_values.to(torch.float32) for s in samples], dim=0)
+    audio = {}
+    if samples[0].audio_token_id is not None:
+        clips = [c for s in samples for c in s.audio_features]
+        features, frames = pad_clips(clips, mel_bins=_mel_bins(samples))
+        audio = dict(
+            audio_features=features,
+            audio_frames=frames,
+            clips_per_sample=torch.tensor([len(s.audio_features) for s in samples], dtype=torch.int64),
+        )
     return Batch(
         input_ids=input_ids,
         labels=labels,
         pixel_values=pixel_values,
         images_per_sample=torch.tensor([s.num_images for s in samples], dtype=torch.int64),
         sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+        **audio,
     )
+
+
+def _mel_bins(samples: Sequence[Sample]) -> int:
+    bins = {int(c.shape[0]) for s in samples for c in s.audio_features}
+    if len(bins) > 1:
+        raise ValueError(f"audio clips of one batch must have the same number of mel bins, got {sorted(bins)}")
+    return bins.pop() if bins else 80
+
+
+def pad_clips(clips: Sequence[Tensor], mel_bins: int = 80) -> tuple[Tensor, Tensor]:
+    """Stack audio clips ``[M, F_i]`` into ``[N, M, max F_i]`` float32 (zero-padded) and their lengths ``[N]`` int64.
+
+    With no clip: ``[0, mel_bins, 1]`` and ``[0]``.
+    """
+    if not clips:
+        return torch.zeros(0, mel_bins, 1), torch.zeros(0, dtype=torch.int64)
+    longest = max(int(c.shape[1]) for c in clips)
+    out = torch.zeros(len(clips), clips[0].shape[0], longest)
+    for i, c in enumerate(clips):
+        out[i, :, : c.shape[1]] = c
+    return out, torch.tensor([int(c.shape[1]) for c in clips], dtype=torch.int64)
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -203,10 +267,24 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     image_shapes = {tuple(b.pixel_values.shape[1:]) for b in batches}
     if len(image_shapes) != 1:
         raise ValueError(f"cannot concatenate batches with different image shapes {sorted(image_shapes)}")
+    audio = {}
+    if batches[0].clips_per_sample is not None:
+        clips = [
+            b.audio_features[i, :, :n]  # type: ignore[index]
+            for b in batches
+            for i, n in enumerate(b.audio_frames.tolist())  # type: ignore[union-attr]
+        ]
+        features, frames = pad_clips(clips, mel_bins=int(batches[0].audio_features.shape[1]))  # type: ignore[union-attr]
+        audio = dict(
+            audio_features=features,
+            audio_frames=frames,
+            clips_per_sample=torch.cat([b.clips_per_sample for b in batches], dim=0),  # type: ignore[misc]
+        )
     return Batch(
         input_ids=torch.cat([b.input_ids for b in batches], dim=0),
         labels=torch.cat([b.labels for b in batches], dim=0),
         pixel_values=torch.cat([b.pixel_values for b in batches], dim=0),
         images_per_sample=torch.cat([b.images_per_sample for b in batches], dim=0),
         sample_ids=torch.cat([b.sample_ids for b in batches], dim=0),
+        **audio,
     )

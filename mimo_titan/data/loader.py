@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 #: Record field holding the caption (UTF-8 text).
 CAPTION_FIELD = "txt"
+#: Record fields accepted as the audio clip (read only for a model with an audio encoder), in order of preference.
+AUDIO_FIELDS: tuple[str, ...] = ("wav", "flac")
 
 #: Counters of shards and records skipped while reading, fixed once the loader is built.
 SKIP_COUNTERS: tuple[str, ...] = (
@@ -48,6 +50,7 @@ SKIP_COUNTERS: tuple[str, ...] = (
     "non_utf8_caption",
     "empty_caption",
     "corrupt_image",
+    "corrupt_audio",
 )
 # (record counter, noun, words after the count) for MimoDataLoader.stats_summary
 _SKIP_WORDS: tuple[tuple[str, str, str], ...] = (
@@ -55,6 +58,7 @@ _SKIP_WORDS: tuple[tuple[str, str, str], ...] = (
     ("non_utf8_caption", "non-UTF-8 caption", ""),
     ("empty_caption", "empty caption", ""),
     ("corrupt_image", "corrupt image", ""),
+    ("corrupt_audio", "corrupt audio clip", ""),
 )
 
 
@@ -63,6 +67,7 @@ class _Record:
     key: str
     pixel_values: Tensor  # [3, H, W] float32
     caption_tokens: tuple[int, ...]
+    audio_features: Tensor | None = None  # [M, F] float32 log-mel frames (a model with an audio encoder only)
 
 
 def _counted(n: int, noun: str) -> str:
@@ -220,6 +225,14 @@ class MimoDataLoader:
                 f"warnings above for damaged shards)"
             )
 
+        if processor.audio_tokens is not None and not any(r.audio_features is not None for r in self._records):
+            raise DataError(
+                f"data.path={self.path!r}: the model has an audio encoder but none of the {len(self._records)} "
+                f"records carries an audio clip ({' / '.join(AUDIO_FIELDS)} member beside the image and caption); "
+                "point data.path at shards with <key>.wav members (e.g. ../shared/data/speech/cc12m-speech-0000.tar) "
+                "or remove the audio encoder's [model.<name>] and [parallelism.<name>] tables"
+            )
+
         self._epoch = 0
         self._position = 0  # index of the next sample within the epoch's plan
         self._samples_produced = 0
@@ -283,7 +296,16 @@ class MimoDataLoader:
                 except CorruptSampleError:
                     self._skipped["corrupt_image"] += 1
                     continue
-                records.append(_Record(key=key, pixel_values=pixels, caption_tokens=tuple(tokens)))
+                features = None
+                audio_field = next((f for f in AUDIO_FIELDS if f in fields), None)
+                if self.processor.audio_tokens is not None and audio_field is not None:
+                    try:
+                        features = self.processor.load_audio(fields[audio_field], audio_field, f"{shard}:{key}")
+                    except CorruptSampleError as exc:
+                        self._skipped["corrupt_audio"] += 1
+                        logger.warning("data.path: skipping record %r: %s", key, exc)
+                        continue
+                records.append(_Record(key, pixels, tuple(tokens), features))
         logger.debug("read %d records from %d shard(s); skipped %s", len(records), len(self.shards), self._skipped)
         return records
 
@@ -300,7 +322,8 @@ class MimoDataLoader:
         - ``corrupt_shards``: shards that could not be opened or were cut short or
           damaged (the rest of each was skipped; see the class docstring);
         - ``missing_field``, ``non_utf8_caption``, ``empty_caption``,
-          ``corrupt_image``: records skipped for that reason (each record counts
+          ``corrupt_image``, ``corrupt_audio`` (an audio clip that does not decode, with an
+          audio encoder only): records skipped for that reason (each record counts
           once, under the first reason found, in this order).
 
         Growing with the stream (restored by :meth:`load_state_dict`):
@@ -390,8 +413,14 @@ class MimoDataLoader:
         group = plan[self._position]
         records = [self._records[i] for i in group]
         captions = [r.caption_tokens for r in records]
-        tokens = self.processor.build_sequence(captions, self.seq_len + 1)
-        cut = self.processor.caption_tokens_cut([len(c) for c in captions], self.seq_len + 1)
+        audio_fn = self.processor.audio_tokens
+        clips = [r.audio_features for r in records if r.audio_features is not None]
+        audio_tokens = None
+        if audio_fn is not None:
+            audio_tokens = [None if r.audio_features is None else audio_fn(r.audio_features.shape[1]) for r in records]
+        tokens = self.processor.build_sequence(captions, self.seq_len + 1, audio_tokens)
+        audio_fixed = sum(n + 2 for n in audio_tokens or [] if n is not None)
+        cut = self.processor.caption_tokens_cut([len(c) for c in captions], self.seq_len + 1, audio_fixed)
         if cut:
             self._truncated_captions += 1
             self._truncated_tokens += cut
@@ -401,6 +430,8 @@ class MimoDataLoader:
             sample_id=self._samples_produced,
             image_token_id=self.processor.image_token_id,
             image_tokens_per_image=self.processor.image_tokens_per_image,
+            audio_features=tuple(clips),
+            audio_token_id=self.processor.audio_token_id if audio_fn is not None else None,
         )
         self._samples_produced += 1
         self._position += 1

@@ -2,12 +2,13 @@
 
 A sample with ``k`` image-caption pairs is laid out as::
 
-    [BOS] ( <|begin_of_image|> <|image|> * image_tokens_per_image <|end_of_image|> caption ) * k [EOS]
+    [BOS] ( <|begin_of_image|> <|image|> * image_tokens_per_image <|end_of_image|> [audio] caption ) * k [EOS]
 
-The ``<|image|>`` placeholders are where the model scatters the vision encoder's
-output embeddings, so their count per sample must always be exactly
-``k * image_tokens_per_image``; truncation therefore only ever removes caption tokens
-(and the EOS), never placeholders.
+where ``[audio]`` is ``<|begin_of_audio|> <|audio|> * R <|end_of_audio|>`` for a record that carries a clip
+(only when the model has an audio encoder; ``R`` is the number of LM tokens the audio encoder makes of the clip).
+The ``<|image|>`` / ``<|audio|>`` placeholders are where the model scatters the encoders' output embeddings, so
+their count per sample must always be exactly what the encoders produce; truncation therefore only ever removes
+caption tokens (and the EOS), never placeholders.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -53,8 +54,16 @@ _SPECIAL_TOKENS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: Audio special tokens (attribute, token text), added to the tokenizer at load when it lacks them.
+_AUDIO_TOKENS: tuple[tuple[str, str], ...] = (
+    ("audio_token_id", "<|audio|>"),
+    ("begin_audio_id", "<|begin_of_audio|>"),
+    ("end_audio_id", "<|end_of_audio|>"),
+)
+
+
 class CorruptSampleError(ValueError):
-    """Raised when a sample's bytes cannot be decoded (e.g. a broken JPEG)."""
+    """Raised when a sample's bytes cannot be decoded (e.g. a broken JPEG or wav)."""
 
 
 def _resolve_tokenizer_file(tokenizer_path: str | os.PathLike[str]) -> str:
@@ -304,6 +313,13 @@ class ImageTextProcessor:
         image_size: Side length in pixels of the square images produced.
         image_tokens_per_image: Number of ``<|image|>`` placeholder tokens per image,
             i.e. the number of embeddings the vision encoder emits per image.
+        audio_tokens: For a model with an audio encoder: the number of LM tokens the
+            encoder makes of a clip of ``F`` log-mel frames (``F -> int``,
+            :func:`mimo_titan.models.audio.audio_tokens`); ``None`` (no audio) ignores
+            audio fields. With it, ``<|audio|>``, ``<|begin_of_audio|>`` and
+            ``<|end_of_audio|>`` are added to the tokenizer as special tokens when it
+            lacks them (after its last id, so existing ids do not move).
+        num_mel_bins: Log-mel bins of the audio features (80 for Whisper).
 
     Raises:
         DataError: No tokenizer file at ``tokenizer_path``; the tokenizer file or its
@@ -317,6 +333,9 @@ class ImageTextProcessor:
         tokenizer_path: str | os.PathLike[str],
         image_size: int,
         image_tokens_per_image: int,
+        *,
+        audio_tokens: Callable[[int], int] | None = None,
+        num_mel_bins: int = 80,
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -360,6 +379,17 @@ class ImageTextProcessor:
                     f"(needed as {attr}); use a tokenizer whose vocabulary contains it"
                 )
             self._special_ids[attr] = int(token_id)
+        self.audio_tokens = audio_tokens
+        self.num_mel_bins = int(num_mel_bins)
+        self.added_tokens: list[str] = []  # special tokens this processor added to the tokenizer
+        if audio_tokens is not None:
+            missing = [text for _, text in _AUDIO_TOKENS if self._tokenizer.token_to_id(text) is None]
+            if missing:
+                self._tokenizer.add_special_tokens(missing)
+                self.added_tokens = missing
+                logger.info("%s: added the special tokens %s to the tokenizer", _CONFIG_KEY, missing)
+            for attr, text in _AUDIO_TOKENS:
+                self._special_ids[attr] = int(self._tokenizer.token_to_id(text))
         self._reserved_ids = frozenset(self._special_ids.values())
         self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
@@ -379,6 +409,21 @@ class ImageTextProcessor:
     def end_image_id(self) -> int:
         """Id of ``<|end_of_image|>``."""
         return self._special_ids["end_image_id"]
+
+    @property
+    def audio_token_id(self) -> int:
+        """Id of the ``<|audio|>`` placeholder (a processor built with ``audio_tokens`` only).
+
+        Raises:
+            AttributeError: this processor reads no audio.
+        """
+        if "audio_token_id" not in self._special_ids:
+            raise AttributeError("this processor has no audio tokens; build it with audio_tokens=...")
+        return self._special_ids["audio_token_id"]
+
+    def placeholder_id(self, media: str) -> int:
+        """Id of the placeholder token of ``media`` (``"image"`` or ``"audio"``)."""
+        return self.image_token_id if media == "image" else self.audio_token_id
 
     @property
     def pad_id(self) -> int:
@@ -430,6 +475,35 @@ class ImageTextProcessor:
         pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1)
         return (pixels.to(torch.float32) / 255.0 - self._mean) / self._std
 
+    # ---------------------------------------------------------------- audio
+    def load_audio(self, data: bytes, ext: str, source: str | None = None) -> torch.Tensor:
+        """Decode one clip and compute its Whisper log-mel features.
+
+        Args:
+            data: The bytes of a ``.wav`` (or ``.flac``, with ``soundfile`` installed) file.
+            ext: ``"wav"`` or ``"flac"``.
+            source: Where the bytes come from, for messages.
+
+        Returns:
+            ``[num_mel_bins, F]`` float32, one frame per 10 ms (:func:`mimo_titan.data.audio.log_mel`).
+
+        Raises:
+            CorruptSampleError: the bytes do not decode, or the clip is empty.
+            MissingAudioPackage: (a ``DataError``) flac without ``soundfile``, or another rate than 16 kHz
+                without ``scipy``.
+        """
+        from mimo_titan.data.audio import MissingAudioPackage, decode_audio, log_mel
+
+        try:
+            wave = decode_audio(data, ext, source)
+        except MissingAudioPackage:
+            raise  # the environment lacks a decoder: every such file would be dropped, so say so
+        except DataError as exc:
+            raise CorruptSampleError(str(exc)) from exc
+        if wave.numel() < 160:
+            raise CorruptSampleError(f"{source or 'an audio clip'} is shorter than one 10-ms frame")
+        return log_mel(wave, self.num_mel_bins)
+
     # ---------------------------------------------------------------- text
     def tokenize(self, caption: str) -> list[int]:
         """Tokenise a caption without adding any special tokens.
@@ -459,12 +533,18 @@ class ImageTextProcessor:
         """
         return 1 + num_images * (self.image_tokens_per_image + 2)
 
-    def build_sequence(self, caption_tokens: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
+    def build_sequence(
+        self,
+        caption_tokens: Sequence[Sequence[int]],
+        max_tokens: int,
+        audio_tokens: Sequence[int | None] | None = None,
+    ) -> list[int]:
         """Lay out one sample's tokens, truncating captions to fit ``max_tokens``.
 
-        Produces ``[BOS] (<|begin_of_image|> <|image|>*T <|end_of_image|> caption)*k [EOS]``
-        with ``k = len(caption_tokens)``. If this is longer than ``max_tokens``, the EOS
-        is dropped (the text is cut, so it does not end) and caption tokens are
+        Produces ``[BOS] (<|begin_of_image|> <|image|>*T <|end_of_image|> [audio] caption)*k [EOS]``
+        with ``k = len(caption_tokens)``; ``[audio]`` is ``<|begin_of_audio|> <|audio|>*R
+        <|end_of_audio|>`` for pair ``i`` when ``audio_tokens[i] = R`` is not None. If this is
+        longer than ``max_tokens``, the EOS is dropped (the text is cut, so it does not end) and caption tokens are
         removed from the end: the last pair's caption first, then the previous one.
         Image blocks are never shortened.
 
@@ -485,12 +565,17 @@ class ImageTextProcessor:
         k = len(caption_tokens)
         if k == 0:
             raise ValueError("a sample needs at least one image-caption pair")
-        fixed = self.min_sequence_tokens(k)
+        audio = list(audio_tokens) if audio_tokens is not None else [None] * k
+        if len(audio) != k:
+            raise ValueError(f"{len(audio)} audio token counts for {k} image-caption pairs")
+        audio_fixed = sum(r + 2 for r in audio if r is not None)
+        fixed = self.min_sequence_tokens(k) + audio_fixed
         if fixed > max_tokens:
+            clips = f" and audio clips of {[r for r in audio if r is not None]} tokens" if audio_fixed else ""
             raise ConfigError(
                 f"training.seq_len is too small: {k} image(s) with "
-                f"{self.image_tokens_per_image} tokens each need {fixed} tokens "
-                f"(BOS + begin/end-of-image markers) but only {max_tokens} "
+                f"{self.image_tokens_per_image} tokens each{clips} need {fixed} tokens "
+                f"(BOS + begin/end markers) but only {max_tokens} "
                 f"(seq_len + 1) fit; set training.seq_len >= {fixed - 1}"
             )
         total = fixed + sum(len(c) for c in caption_tokens) + 1
@@ -498,9 +583,12 @@ class ImageTextProcessor:
         budget = max_tokens - fixed  # caption tokens we may keep when truncating
         block = [self.begin_image_id] + [self.image_token_id] * self.image_tokens_per_image
         out = [self.bos_id]
-        for caption in caption_tokens:
+        for caption, clip in zip(caption_tokens, audio):
             out.extend(block)
             out.append(self.end_image_id)
+            if clip is not None:
+                ids = self._special_ids
+                out.extend([ids["begin_audio_id"], *[ids["audio_token_id"]] * clip, ids["end_audio_id"]])
             if add_eos:
                 out.extend(caption)
             else:
@@ -511,7 +599,7 @@ class ImageTextProcessor:
             out.append(self.eos_id)
         return out
 
-    def caption_tokens_cut(self, caption_lengths: Sequence[int], max_tokens: int) -> int:
+    def caption_tokens_cut(self, caption_lengths: Sequence[int], max_tokens: int, audio_fixed: int = 0) -> int:
         """Caption tokens that :meth:`build_sequence` removes to fit ``max_tokens``.
 
         Only caption tokens count: a sample whose captions all fit but whose EOS does
@@ -520,10 +608,11 @@ class ImageTextProcessor:
         Args:
             caption_lengths: Caption length in tokens of each image-caption pair.
             max_tokens: As for :meth:`build_sequence` (``seq_len + 1`` in training).
+            audio_fixed: Tokens of the sample's audio blocks (``R + 2`` per clip).
 
         Returns:
             ``max(0, sum(caption_lengths) - (max_tokens - min_sequence_tokens(k)))``,
             the tokens dropped from the end of the captions (``0`` if nothing is cut).
         """
-        budget = max_tokens - self.min_sequence_tokens(len(caption_lengths))
+        budget = max_tokens - self.min_sequence_tokens(len(caption_lengths)) - audio_fixed
         return max(0, sum(caption_lengths) - max(budget, 0))

@@ -1,7 +1,9 @@
-"""The MIMO vision-language model: image embeddings replace the text embeddings at ``<|image|>`` placeholders.
+"""The MIMO model: each encoder's embeddings replace the text embeddings at its placeholders (``<|image|>``,
+``<|audio|>``, ...).
 
-The image embeddings travel in a *dense* form ``[B, S, H]`` that holds each image token's embedding at the
-position of its placeholder (zeros elsewhere). That form has the text's shape, so it splits into microbatches
+The encoder embeddings travel in a *dense* form ``[B, S, H]`` that holds each encoder token's embedding at the
+position of its placeholder (zeros elsewhere; the encoders' placeholders are disjoint, so their dense forms add).
+That form has the text's shape, so it splits into microbatches
 and (later) context-parallel shards exactly like the token embeddings, and the merge is a ``where``.
 
 Reference semantics: Megatron-LM ``megatron/core/models/mimo`` (MimoModel: encoder outputs are aligned with
@@ -10,7 +12,7 @@ special-token positions in the language model's input embeddings), LLaVA's merge
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from kernels import zigzag_position_ids, zigzag_shard, zigzag_shard_thd
 from mimo_titan.models.decoder import DecoderLM
-from mimo_titan.models.vit import VisionEncoder
+from mimo_titan.models.specs import encoder_spec, rows_of
 
 if TYPE_CHECKING:
     from mimo_titan.config import ModelConfig
@@ -30,6 +32,7 @@ __all__ = [
     "scatter_image_embeddings",
     "merge_image_embeddings",
     "full_model_key",
+    "encoder_inputs",
 ]
 
 
@@ -62,8 +65,9 @@ def scatter_image_embeddings(
     n_placeholders = int(mask.sum())
     if n_placeholders != image_embeds_NH.shape[0]:
         raise ValueError(
-            f"the batch has {n_placeholders} <|image|> placeholder tokens but {image_embeds_NH.shape[0]} image-token "
-            "embeddings were given; each image must have exactly tokens_per_image placeholders in its sample"
+            f"the batch has {n_placeholders} placeholder tokens (id {image_token_id}) but {image_embeds_NH.shape[0]} "
+            "encoder rows were given; each image (clip) must have exactly as many placeholders in its sample as "
+            "the encoder makes rows of it"
         )
     b, s = input_ids_BS.shape
     dense = image_embeds_NH.new_zeros(b, s, image_embeds_NH.shape[-1])
@@ -71,11 +75,22 @@ def scatter_image_embeddings(
 
 
 def merge_image_embeddings(
-    text_embeds_BSH: torch.Tensor, input_ids_BS: torch.Tensor, image_dense_BSH: torch.Tensor, image_token_id: int
+    text_embeds_BSH: torch.Tensor,
+    input_ids_BS: torch.Tensor,
+    image_dense_BSH: torch.Tensor,
+    image_token_id: int | Sequence[int],
 ) -> torch.Tensor:
-    """``[B, S, H]``: ``image_dense`` at placeholder positions, ``text_embeds`` elsewhere (dtype of text_embeds)."""
-    mask = (input_ids_BS == image_token_id).unsqueeze(-1)
+    """``[B, S, H]``: ``image_dense`` at placeholder positions (any of the ids ``image_token_id``), ``text_embeds``
+    elsewhere (dtype of text_embeds)."""
+    mask = _placeholder_mask(input_ids_BS, image_token_id).unsqueeze(-1)
     return torch.where(mask, image_dense_BSH.to(text_embeds_BSH.dtype), text_embeds_BSH)
+
+
+def _placeholder_mask(input_ids_BS: torch.Tensor, ids: int | Sequence[int]) -> torch.Tensor:
+    """``[B, S]`` bool: positions holding any of the placeholder ``ids``."""
+    if isinstance(ids, int):
+        return input_ids_BS == ids
+    return torch.isin(input_ids_BS, torch.tensor(list(ids), device=input_ids_BS.device))
 
 
 def cp_shard_rows(x: torch.Tensor, cp_size: int, cp_rank: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +118,10 @@ def cp_shard_rows(x: torch.Tensor, cp_size: int, cp_rank: int, doc_ids_BS: torch
 
 
 class LanguageStage(nn.Module):
-    """A pipeline stage of the language module (or the whole of it), with the image merge on the first stage.
+    """A pipeline stage of the language module (or the whole of it), with the encoders' merge on the first stage.
+
+    ``image_token_id`` is the placeholder id of every encoder (an int, or a sequence of ints for several encoders:
+    the dense input holds every encoder's rows, at their own placeholders).
 
     The merge lives here, not in :class:`DecoderLM`, so the language model stays a plain LM; FSDP wraps this
     module as the stage root so the embedding lookup runs inside a sharded module's forward.
@@ -121,10 +139,10 @@ class LanguageStage(nn.Module):
         scattered, positions stay those of the whole CP shard (attention all-gathers the sequence).
     """
 
-    def __init__(self, language: DecoderLM, image_token_id: int):
+    def __init__(self, language: DecoderLM, image_token_id: int | Sequence[int]):
         super().__init__()
         self.language = language
-        self.image_token_id = image_token_id
+        self.image_token_id = image_token_id if isinstance(image_token_id, int) else tuple(image_token_id)
         self.is_first = language.model.embed_tokens is not None
         self.cp_size, self.cp_rank = 1, 0  # set by the context-parallel plan (mimo_titan.parallel.cp)
         # set by the tensor-parallel plan (mimo_titan.parallel.tp): ``[B, S, H]`` -> this rank's ``[B, S / sp, H]``
@@ -164,47 +182,106 @@ class LanguageStage(nn.Module):
 
 
 class MimoModel(nn.Module):
-    """Single-process vision-language model: ``vision`` (ViT + projector) feeding ``language`` (decoder LM).
+    """Single-process MIMO model: the encoders of ``model_cfg.encoders`` (ViT, audio, ...; each with its projector)
+    feeding the decoder LM.
 
     This is the unsharded reference; training splits it into per-module parts (see ``mimo_titan.pipeline``).
-    Parameter names are ``vision.*`` and ``language.*``.
+    Each module is an attribute named as its ``[model.<name>]`` table, so parameter names are ``vision.*``,
+    ``audio.*``, ``language.*`` (whatever the tables are called).
 
     Args:
-        model_cfg: ``ModelConfig`` with ``vision`` and ``language`` sections.
+        model_cfg: ``ModelConfig`` (one decoder, any number of encoders).
         image_token_id: id of ``<|image|>`` in the tokenizer.
+        audio_token_id: id of ``<|audio|>`` (needed when an encoder reads audio).
 
     Forward:
-        input_ids ``[B, S]`` int64, pixel_values ``[N, C, H_img, W_img]`` float (images in sample order), and for
-        packed (THD) rows ``position_ids`` / ``doc_ids`` ``[B, S]`` int64 → logits ``[B, S, V]``.
+        input_ids ``[B, S]`` int64; pixel_values ``[N, C, H_img, W_img]`` float (images in sample order, for the
+        encoders of media ``image``) or ``encoder_inputs`` (encoder name → its forward arguments, see
+        :func:`encoder_inputs`); for packed (THD) rows ``position_ids`` / ``doc_ids`` ``[B, S]`` int64 → logits
+        ``[B, S, V]``. An encoder without inputs (none in the batch) encodes one dummy item whose rows are dropped,
+        so its parameters still get (zero) gradients, as on a distributed rank with nothing to encode.
 
     Raises:
-        ValueError: if the number of placeholders differs from ``N * tokens_per_image``.
+        ValueError: an encoder whose rows differ in number from its placeholders; an audio encoder without
+            ``audio_token_id``.
     """
 
-    def __init__(self, model_cfg: ModelConfig, image_token_id: int):
+    def __init__(self, model_cfg: ModelConfig, image_token_id: int, *, audio_token_id: int | None = None):
         super().__init__()
-        self.vision = VisionEncoder(model_cfg.vision, model_cfg.language.hidden_size)
-        self.language = DecoderLM(model_cfg.language)
+        self.encoder_names = list(model_cfg.encoders)
+        self.language_name = model_cfg.language_name
+        lm_cfg = model_cfg.language
+        self.placeholder_ids: dict[str, int] = {}
+        self._sections = {}
+        for name, section in model_cfg.encoders.items():
+            spec = encoder_spec(section.type)
+            self.add_module(name, spec.build(section, lm_cfg.hidden_size))
+            token = image_token_id if spec.media == "image" else audio_token_id
+            if token is None:
+                raise ValueError(
+                    f"model.{name} reads {spec.media}; MimoModel needs its placeholder id ({spec.media}_token_id)"
+                )
+            self.placeholder_ids[name] = token
+            self._sections[name] = section
+        self.add_module(self.language_name, DecoderLM(lm_cfg))
         self.image_token_id = image_token_id
 
+    @property
+    def lm(self) -> DecoderLM:
+        """The decoder LM."""
+        return getattr(self, self.language_name)
+
+    def encoder(self, name: str) -> nn.Module:
+        """The encoder module of ``[model.<name>]``."""
+        return getattr(self, name)
+
     def init_weights(self, seed: int) -> None:
-        """Deterministic init, independent of any parallel layout: module k is drawn from ``seed + k``.
+        """Deterministic init, independent of any parallel layout: the encoders in config order, then the LM; the
+        module at position k is drawn from ``seed + k``.
 
         The CPU RNG state is restored afterwards (initialisation runs on CPU).
         """
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.vision.init_weights()
-            torch.manual_seed(seed + 1)
-            self.language.init_weights()
+            for k, name in enumerate(self.encoder_names):
+                torch.manual_seed(seed + k)
+                self.encoder(name).init_weights()
+            torch.manual_seed(seed + len(self.encoder_names))
+            self.lm.init_weights()
 
     def forward(
         self,
         input_ids_BS: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        *,
+        encoder_inputs: Mapping[str, tuple[torch.Tensor, ...] | None] | None = None,
     ) -> torch.Tensor:
-        image_embeds = self.vision(pixel_values).flatten(0, 1)  # [N * P, H]
-        dense = scatter_image_embeddings(image_embeds, input_ids_BS, self.image_token_id)
-        return LanguageStage(self.language, self.image_token_id)(input_ids_BS, dense, position_ids, doc_ids)
+        given = dict(encoder_inputs or {})
+        dense = None
+        for name in self.encoder_names:
+            section = self._sections[name]
+            spec = encoder_spec(section.type)
+            if name in given:
+                args = given[name]
+            elif spec.media == "image" and pixel_values is not None and pixel_values.shape[0]:
+                args = (pixel_values,)
+            else:
+                args = None
+            n_rows = None if args is not None else 0
+            if args is None:
+                first = next(self.encoder(name).parameters())
+                args = tuple(t.to(first.device) for t in spec.dummy_inputs(section))
+            rows = rows_of(self.encoder(name)(*args))
+            if n_rows == 0:
+                rows = rows[:0]
+            part = scatter_image_embeddings(rows, input_ids_BS, self.placeholder_ids[name])
+            dense = part if dense is None else dense + part
+        ids = tuple(self.placeholder_ids.values())
+        stage = LanguageStage(self.lm, ids[0] if len(ids) == 1 else ids)
+        return stage(input_ids_BS, dense, position_ids, doc_ids)
+
+
+def encoder_inputs(model_cfg: ModelConfig, batch) -> dict[str, tuple[torch.Tensor, ...] | None]:
+    """Every encoder's forward arguments from ``batch`` (a ``Batch``), None for an encoder without items in it."""
+    return {name: encoder_spec(sec.type).inputs(batch) for name, sec in model_cfg.encoders.items()}

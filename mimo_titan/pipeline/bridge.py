@@ -112,6 +112,9 @@ class Bridge:
         dtype: dtype of what crosses (the encoder's compute dtype).
         device: device of the buffers (cuda for NCCL, cpu for gloo).
         rank: this process's global rank.
+        lane: index of this encoder among the ``lanes`` encoders feeding the language model: each bridge tags its
+            messages ``2 (mb · lanes + lane) + direction``, so two encoders on the same ranks never share a tag.
+        lanes: number of encoders (bridges) of the model.
 
     All tensors are ``[n_tokens, H]`` in sample order; ``images_per_sample`` is the ``[mb_size]`` int64 count
     of items (images) of every sample of the *global* microbatch, each giving ``tokens_per_image`` rows. For items
@@ -137,6 +140,9 @@ class Bridge:
         dtype: torch.dtype,
         device: torch.device,
         rank: int,
+        *,
+        lane: int = 0,
+        lanes: int = 1,
     ):
         if src_layout.cp != 1:
             raise ValueError(
@@ -146,6 +152,7 @@ class Bridge:
         self.src, self.dst = src_layout, dst_layout
         self.mb_size, self.tokens_per_image, self.hidden_size = mb_size, tokens_per_image, hidden_size
         self.dtype, self.device, self.rank = dtype, device, rank
+        self.lane, self.lanes = lane, lanes
         self.routes = plan_routes(mb_size, src_layout.dp, dst_layout.dp)
         src, dst = src_layout, dst_layout
         # forward: encoder tp rank 0 sends (its tp peers hold the same rows) to every tp rank of the CP rank that
@@ -162,6 +169,10 @@ class Bridge:
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def tag(self, mb: int, direction: int) -> int:
+        """The point-to-point tag of microbatch ``mb`` in ``direction`` (0 forward, 1 backward)."""
+        return 2 * (mb * self.lanes + self.lane) + direction
+
     def _row_offsets(self, images_per_sample: torch.Tensor) -> list[int]:
         """Global row offset of every sample boundary of the microbatch (``mb_size + 1`` entries)."""
         return [0, *torch.cumsum(images_per_sample * self.tokens_per_image, 0).tolist()]
@@ -267,7 +278,7 @@ class Bridge:
                 continue
             piece, own = embeds[off[r.start] - off[lo] : off[r.end] - off[lo]], owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
-                self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], 2 * mb + _FWD, (_FWD, mb, r, c), ops)
+                self._send(piece[own == c], self.dst_receivers[r.dst_dp][c], self.tag(mb, _FWD), (_FWD, mb, r, c), ops)
         return ops
 
     def forward_recvs(
@@ -288,7 +299,7 @@ class Bridge:
         for r in self.routes:
             if r.dst_dp == dst_dp:
                 n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
-                out.append(self._recv(n, self.src_sender[r.src_dp], 2 * mb + _FWD, (_FWD, mb, r, cp_rank), ops))
+                out.append(self._recv(n, self.src_sender[r.src_dp], self.tag(mb, _FWD), (_FWD, mb, r, cp_rank), ops))
 
         def assemble() -> torch.Tensor:
             return torch.cat(out) if out else torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -318,7 +329,7 @@ class Bridge:
                 continue
             n = int((owners[off[r.start] : off[r.end]] == cp_rank).sum())
             key = (_BWD, mb, r, cp_rank)
-            self._send(grads[start : start + n], self.src_receivers[r.src_dp], 2 * mb + _BWD, key, ops)
+            self._send(grads[start : start + n], self.src_receivers[r.src_dp], self.tag(mb, _BWD), key, ops)
             start += n
         return ops
 
@@ -338,7 +349,7 @@ class Bridge:
             own = owners[off[r.start] : off[r.end]]
             for c in range(self.dst.cp):
                 rows = torch.nonzero(own == c).flatten() + (off[r.start] - off[lo])
-                buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], 2 * mb + _BWD, (_BWD, mb, r, c), ops)
+                buf = self._recv(len(rows), self.dst_sender[r.dst_dp][c], self.tag(mb, _BWD), (_BWD, mb, r, c), ops)
                 parts.append((rows.to(self.device), buf))
 
         def assemble() -> torch.Tensor:

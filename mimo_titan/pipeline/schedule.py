@@ -49,6 +49,7 @@ from mimo_titan.data.collate import IGNORE_INDEX, Batch
 from mimo_titan.data.sharding import local_batch
 from mimo_titan.models.mimo import cp_shard_rows
 from mimo_titan.models.moe import excluded_from_stats
+from mimo_titan.models.specs import rows_of
 from mimo_titan.parallel import comm
 from mimo_titan.pipeline.bridge import Bridge, Pending, cp_owner, image_row_cp_ranks, module_rank
 from mimo_titan.pipeline.order import encoder_warmup, one_f_one_b_order
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
     from mimo_titan.data.packing import PackedBatch
 
-__all__ = ["MODULE_SCHEDULES", "PIPELINE_SCHEDULES", "MimoSchedule", "schedule_mode"]
+__all__ = ["MODULE_SCHEDULES", "PIPELINE_SCHEDULES", "EncoderLane", "MimoSchedule", "schedule_mode"]
 
 PIPELINE_SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
 MODULE_SCHEDULES = ("1F1B", "GPipe")
@@ -98,27 +99,66 @@ class _FirstStage(PipelineStage):
         return out
 
 
+class EncoderLane:
+    """One encoder feeding the language model through its own :class:`Bridge` (every rank builds every lane, in
+    the same order; only the ranks that hold the encoder pass its module).
+
+    Args:
+        name: the encoder's module name (``[model.<name>]``).
+        module: this rank's part of the encoder (FSDP-wrapped, or any module in benchmarks), or ``None``.
+        bridge: the encoder → language :class:`Bridge`, built with ``tokens_per_image = 1`` (rows are counted per
+            sample from the placeholders) and ``lane`` = this lane's index.
+        placeholder_id: id of the encoder's placeholder token (``<|image|>``, ``<|audio|>``).
+        inputs: ``batch -> tuple`` of the encoder's forward arguments for the items of a ``Batch`` slice (CPU), or
+            ``None`` when it holds none (:attr:`mimo_titan.models.specs.EncoderSpec.inputs`).
+        dummy_inputs: one minimal item, encoded by a DP rank with nothing to encode in a microbatch (its FSDP
+            collectives stay in step; its rows never cross).
+        trainable: False for a frozen encoder (every rank must agree): it encodes under ``no_grad``, no gradient
+            crosses its bridge and it runs no backward.
+        stage_trains: for an encoder with pipeline stages, whether each stage has a trainable parameter (every rank
+            alike); a stage runs backwards only if it or an earlier stage trains. Default: every stage as
+            ``trainable``.
+        prefetch_microbatches: how many microbatches a frozen encoder on its own ranks may have sent that the
+            language model has not yet received (a bounded queue).
+        tokens_per_item: rows per item (``P`` patches per image) of an encoder split into pipeline stages: what
+            travels between its stages is ``[max(n, 1), P, D]``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module | None,
+        bridge: Bridge,
+        *,
+        placeholder_id: int,
+        inputs: Callable[[Batch], tuple[torch.Tensor, ...] | None],
+        dummy_inputs: tuple[torch.Tensor, ...],
+        trainable: bool = True,
+        stage_trains: list[bool] | None = None,
+        prefetch_microbatches: int = 2,
+        tokens_per_item: int | None = None,
+    ):
+        self.name, self.module, self.bridge = name, module, bridge
+        self.placeholder_id = placeholder_id
+        self.inputs, self.dummy_inputs = inputs, dummy_inputs
+        self.trainable, self.stage_trains = trainable, stage_trains
+        self.prefetch = prefetch_microbatches
+        self.tokens_per_item = tokens_per_item
+
+
 class MimoSchedule:
     """One forward + backward of the MIMO model over a global batch, split into microbatches.
 
     Args:
         topology: the ``Topology`` of this run.
-        encoder: this rank's encoder module (FSDP-wrapped, or any module in benchmarks) or ``None``.
+        lanes: one :class:`EncoderLane` per encoder, in the same order on every rank (or, for one encoder, its
+            module as ``encoder`` and its ``bridge``: the old single-encoder form, see below).
         language: this rank's :class:`~mimo_titan.models.mimo.LanguageStage` (FSDP-wrapped) or ``None``.
-        bridge: the encoder → language :class:`Bridge`.
         microbatches: microbatches per step (M).
         schedule: ``"1F1B"`` or ``"GPipe"``: the language pipeline's schedule (``parallelism.pipeline_schedule``).
-        module_schedule: ``"1F1B"`` (the encoder leads the language stages in one schedule) or ``"GPipe"`` (the
-            encoder's whole batch first, its backwards after the language model's step).
-        colocated_encoders: ``"batch"`` or ``"inline"``, how a colocated encoder runs (module docstring).
-        encoder_trainable: False for a frozen encoder (every rank must agree): it encodes under ``no_grad``, no
-            gradient crosses the bridge and it runs no backward.
-        prefetch_microbatches: how many microbatches a frozen encoder on its own ranks may have sent that the
-            language model has not yet received (a bounded queue; it waits for the oldest send beyond that).
-        encoder_stage_trains: for an encoder with pipeline stages, whether each stage has a trainable parameter
-            (every rank alike); a stage runs backwards only if it or an earlier stage trains. Default: every stage
-            as ``encoder_trainable``.
-        image_token_id: id of ``<|image|>``.
+        module_schedule: ``"1F1B"`` (the encoders lead the language stages in one schedule) or ``"GPipe"`` (the
+            encoders' whole batch first, their backwards after the language model's step).
+        colocated_encoders: ``"batch"`` or ``"inline"``, how an encoder on the language model's ranks runs.
         device: device the step runs on.
         seq_len: S, tokens per sample (or per packed row).
         vocab_size: V (logits width of the last stage; ``V / tp`` per rank under tensor parallelism).
@@ -126,24 +166,29 @@ class MimoSchedule:
         packed: global batches are packed THD rows (``PackedBatch``): every stage gets the rows' ``position_ids``
             and ``doc_ids`` as keyword inputs.
 
+    Each lane runs in its own mode (:func:`schedule_mode`, from whether its encoder shares the language model's
+    ranks); the language model's first stage waits, before its forward of microbatch ``m``, for microbatch ``m``
+    of every encoder, and sends each trainable encoder its rows' gradients of ``m`` once its backward of ``m`` has
+    them. Encoders that share ranks (colocated with each other, apart from the language model) run as one leading
+    stage: forward of ``m`` of each in lane order, then later the backward of ``m`` of each.
+
     Each language ``PipelineStage`` gets static input / output metadata (meta tensors of the microbatch
     shapes), so torch.distributed.pipelining runs no metadata-inference pass: such a pass would run the stage
     on uninitialised tensors (MoE routing and expert all-to-alls included) before the first step.
 
     Raises:
-        ValueError: an unknown schedule name, or ``"inline"`` with a language ``pp > 1``.
+        ValueError: an unknown schedule name, ``"inline"`` with a language ``pp > 1`` or an encoder ``pp > 1``, or
+            encoders sharing ranks with different ``pp``.
     """
 
     def __init__(
         self,
         topology,
-        encoder: nn.Module | None,
+        lanes: list[EncoderLane],
         language: nn.Module | None,
-        bridge: Bridge,
         *,
         microbatches: int,
         schedule: str,
-        image_token_id: int,
         device: torch.device,
         seq_len: int,
         vocab_size: int,
@@ -151,65 +196,74 @@ class MimoSchedule:
         packed: bool = False,
         module_schedule: str = "1F1B",
         colocated_encoders: str = "batch",
-        encoder_trainable: bool = True,
-        prefetch_microbatches: int = 2,
-        encoder_stage_trains: list[bool] | None = None,
     ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
         if module_schedule not in MODULE_SCHEDULES:
             raise ValueError(f"parallelism.module_schedule={module_schedule!r}; choose one of {list(MODULE_SCHEDULES)}")
         role = topology.role
-        self.topology, self.role, self.bridge = topology, role, bridge
-        self.encoder, self.language = encoder, language
-        self.prefetch = prefetch_microbatches
-        self.microbatches, self.image_token_id = microbatches, image_token_id
+        self.topology, self.role = topology, role
+        self.language = language
+        self.microbatches = microbatches
         self.device = device
         self.lang_name = role.language
-        enc = [n for n in topology.layouts if n != self.lang_name]
-        if len(enc) != 1:
-            raise ValueError(f"exactly one encoder module is supported for now, got {enc}")
-        self.enc_name = enc[0]
-        enc_lay, lang_lay = topology.layouts[self.enc_name], topology.layouts[self.lang_name]
-        self.colocated = enc_lay.rank_offset == lang_lay.rank_offset
-        self.mode = schedule_mode(
-            colocated=self.colocated, module_schedule=module_schedule, colocated_encoders=colocated_encoders
-        )
-        if self.mode == "inline" and lang_lay.pp > 1:
-            raise ValueError(
-                f"parallelism.colocated_encoders='inline' needs parallelism.{self.lang_name}.pp = 1 (got "
-                f"{lang_lay.pp}): every rank must run the language model's first stage; use 'batch'"
-            )
-        if self.mode == "inline" and enc_lay.pp > 1:
-            raise ValueError(
-                f"parallelism.colocated_encoders='inline' needs parallelism.{self.enc_name}.pp = 1 (got {enc_lay.pp})"
-            )
+        names = [n for n in topology.layouts if n != self.lang_name]
+        if sorted(lane.name for lane in lanes) != sorted(names):
+            raise ValueError(f"one EncoderLane per encoder module {names} is needed, got {[x.name for x in lanes]}")
+        self.lanes = lanes
+        lang_lay = topology.layouts[self.lang_name]
+        self.act_dtype = act_dtype
 
-        def warmup(enc_stage: int) -> int:  # encoder stage enc_stage leads enc_pp - enc_stage + lm pp stages
-            return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_lay.pp - enc_stage)
+        def warmup(enc_pp: int, enc_stage: int) -> int:  # encoder stage enc_stage leads enc_pp - enc_stage + lm pp
+            return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_pp - enc_stage)
 
-        stage_trains = encoder_stage_trains if encoder_stage_trains is not None else [encoder_trainable] * enc_lay.pp
-        # stage j needs its backward iff a stage up to j trains: the gradient has somewhere to go
-        needs_grad = [any(stage_trains[: j + 1]) for j in range(enc_lay.pp)]
-        #: whether any gradient crosses the bridge back to the encoder (False: a frozen encoder)
-        self.encoder_trainable = needs_grad[-1]
-        self._bwd, self._prev_bwd = self.encoder_trainable, False
-        self.enc_first = self.enc_last = True
-        self.encoder_warmup = warmup(0)
-        self._bridge_warmup = warmup(enc_lay.pp - 1)  # of the stage that sends over the bridge
-        self.act_dtype, self.tokens_per_image = act_dtype, bridge.tokens_per_image
-        if encoder is not None:
-            stage = role.pp_stage(self.enc_name)
-            #: forwards this encoder stage runs ahead of its first backward (streamed mode)
-            self.encoder_warmup = warmup(stage)
-            self.enc_first, self.enc_last = stage == 0, stage == enc_lay.pp - 1
-            self._bwd, self._prev_bwd = needs_grad[stage], stage > 0 and needs_grad[stage - 1]
-            self._prev_warmup = warmup(stage - 1) if stage else 0
-            self.enc_width = getattr(getattr(encoder, "cfg", None), "hidden_size", 0)  # D, between encoder stages
-            c = role.coordinates[self.enc_name]
-            dp = role.dp_rank(self.enc_name)
-            self._enc_prev = module_rank(enc_lay, stage - 1, dp, c["cp"], c["tp"]) if stage else -1
-            self._enc_next = module_rank(enc_lay, stage + 1, dp, c["cp"], c["tp"]) if not self.enc_last else -1
+        for lane in lanes:
+            lay = topology.layouts[lane.name]
+            lane.layout = lay
+            lane.colocated = lay.rank_offset == lang_lay.rank_offset
+            lane.mode = schedule_mode(
+                colocated=lane.colocated, module_schedule=module_schedule, colocated_encoders=colocated_encoders
+            )
+            if lane.mode == "inline" and (lang_lay.pp > 1 or lay.pp > 1):
+                raise ValueError(
+                    f"parallelism.colocated_encoders='inline' needs parallelism.{self.lang_name}.pp = 1 and "
+                    f"parallelism.{lane.name}.pp = 1 (got {lang_lay.pp}, {lay.pp}): every rank must run the language "
+                    "model's first stage and the whole encoder; use 'batch'"
+                )
+            stage_trains = lane.stage_trains if lane.stage_trains is not None else [lane.trainable] * lay.pp
+            # stage j needs its backward iff a stage up to j trains: the gradient has somewhere to go
+            needs_grad = [any(stage_trains[: j + 1]) for j in range(lay.pp)]
+            #: whether any gradient crosses this lane's bridge back to the encoder (False: a frozen encoder)
+            lane.grads_cross = needs_grad[-1]
+            lane.bridge_warmup = warmup(lay.pp, lay.pp - 1)  # of the stage that sends over the bridge
+            lane.bwd = False
+            if lane.module is not None:
+                stage = role.pp_stage(lane.name)
+                #: forwards this encoder stage runs ahead of its first backward (streamed mode)
+                lane.warmup = warmup(lay.pp, stage)
+                lane.first, lane.last = stage == 0, stage == lay.pp - 1
+                lane.bwd, lane.prev_bwd = needs_grad[stage], stage > 0 and needs_grad[stage - 1]
+                lane.prev_warmup = warmup(lay.pp, stage - 1) if stage else 0
+                lane.width = getattr(getattr(lane.module, "cfg", None), "hidden_size", 0)  # D, between stages
+                c = role.coordinates[lane.name]
+                lane.dp = role.dp_rank(lane.name)
+                lane.prev_rank = module_rank(lay, stage - 1, lane.dp, c["cp"], c["tp"]) if stage else -1
+                lane.next_rank = module_rank(lay, stage + 1, lane.dp, c["cp"], c["tp"]) if not lane.last else -1
+        held = [lane for lane in lanes if lane.module is not None and lane.mode == "streamed"]
+        if len({(lane.layout.pp, lane.warmup) for lane in held}) > 1:
+            raise ValueError(
+                f"encoders {[x.name for x in held]} share ranks but not their pipeline depth "
+                f"({[x.layout.pp for x in held]}); give them the same parallelism.<name>.pp"
+            )
+        modes = sorted({lane.mode for lane in lanes})
+        #: how the encoders run (:func:`schedule_mode`); ``"a+b"`` when lanes differ
+        self.mode = "+".join(modes)
+        #: whether any encoder receives gradients over its bridge
+        self.encoder_trainable = any(lane.grads_cross for lane in lanes)
+        self.encoder_warmup = next((lane.warmup for lane in lanes if lane.module is not None), 0)
+        self._bridge_warmup = max(lane.bridge_warmup for lane in lanes)
+        mb_size, hidden_size = lanes[0].bridge.mb_size, lanes[0].bridge.hidden_size
+        self._hidden, self._dense_dtype = hidden_size, lanes[0].bridge.dtype
         self._num_loss_tokens = 1
         self.pp_schedule = None
         self.packed = packed
@@ -226,7 +280,7 @@ class MimoSchedule:
             stage_idx = role.pp_stage(self.lang_name)
             self.is_first = stage_idx == 0
             self.is_last = stage_idx == lay.pp - 1
-            b, H = bridge.mb_size // lay.dp, bridge.hidden_size
+            b, H = mb_size // lay.dp, hidden_size
 
             def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
                 return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
@@ -279,175 +333,204 @@ class MimoSchedule:
         return loss_parallel() if self.tp_mesh is not None else contextlib.nullcontext()
 
     # -- per-step geometry --------------------------------------------------------------------------------
-    def _mb_images(self, m: int) -> torch.Tensor:
+    def _rows_per_sample(self, lane: EncoderLane, m: int) -> torch.Tensor:
+        """``[mb_size]`` int64: the placeholders of ``lane`` in every sample of global microbatch ``m`` (its rows)."""
         s = len(self._batch) // self.microbatches
-        return self._batch.images_per_sample[m * s : (m + 1) * s]
+        return (self._batch.input_ids[m * s : (m + 1) * s] == lane.placeholder_id).sum(1)
 
-    def _row_cp(self, global_batch: Batch | PackedBatch, m: int) -> torch.Tensor | None:
-        """The language CP rank of every image-token row of global microbatch ``m`` (None without CP)."""
+    def _row_cp(self, lane: EncoderLane, m: int) -> torch.Tensor | None:
+        """The language CP rank of every row of ``lane`` in global microbatch ``m`` (None without CP)."""
         cp = self.topology.layouts[self.lang_name].cp
         if cp == 1:
             return None
-        s = len(global_batch) // self.microbatches
-        docs = cast("PackedBatch", global_batch).doc_ids[m * s : (m + 1) * s] if self.packed else None
-        return image_row_cp_ranks(global_batch.input_ids[m * s : (m + 1) * s], self.image_token_id, cp, docs)
+        s = len(self._batch) // self.microbatches
+        docs = cast("PackedBatch", self._batch).doc_ids[m * s : (m + 1) * s] if self.packed else None
+        return image_row_cp_ranks(self._batch.input_ids[m * s : (m + 1) * s], lane.placeholder_id, cp, docs)
 
     # -- encoder side -------------------------------------------------------------------------------------
     # An encoder with pp > 1 is a chain of stages (split_vision_encoder): stage s receives [n, P, D] from stage s - 1
-    # (the same DP and tp coordinates), the last stage sends its rows over the bridge. A DP rank without image in a
-    # microbatch runs one dummy image through every stage (FSDP's collectives stay in step; its rows never cross).
-    def _enc_images(self, m: int) -> int:
-        """Images of this encoder DP rank in microbatch ``m``."""
-        b = len(self._enc_local) // self.microbatches
-        return int(self._enc_local.images_per_sample[m * b : (m + 1) * b].sum())
+    # (the same DP and tp coordinates), the last stage sends its rows over the bridge. A DP rank without items in a
+    # microbatch runs one dummy item through every stage (FSDP's collectives stay in step; its rows never cross).
+    def _enc_slice(self, lane: EncoderLane, m: int) -> Batch:
+        b = len(lane.local) // self.microbatches
+        return lane.local.slice(m * b, (m + 1) * b)
 
-    def _between_stages(self, m: int) -> torch.Tensor:
+    def _enc_items(self, lane: EncoderLane, m: int) -> int:
+        """Items (images, clips) of this encoder DP rank in microbatch ``m``."""
+        args = lane.inputs(self._enc_slice(lane, m))
+        return 0 if args is None else int(args[0].shape[0])
+
+    def _stage_tag(self, lane: EncoderLane, m: int, direction: int) -> int:
+        return 2 * (m * len(self.lanes) + self.lanes.index(lane)) + direction
+
+    def _between_stages(self, lane: EncoderLane, m: int) -> torch.Tensor:
         """An empty ``[max(n, 1), P, D]`` buffer for what travels between encoder stages in microbatch ``m``."""
-        return torch.empty(
-            max(self._enc_images(m), 1), self.tokens_per_image, self.enc_width, dtype=self.act_dtype, device=self.device
-        )
+        assert lane.tokens_per_item is not None, f"encoder {lane.name} has pipeline stages but no tokens_per_item"
+        n = max(self._enc_items(lane, m), 1)
+        return torch.empty(n, lane.tokens_per_item, lane.width, dtype=self.act_dtype, device=self.device)
 
-    def _post_stage_recvs(self, upto: int) -> None:
+    def _post_stage_recvs(self, lane: EncoderLane, upto: int) -> None:
         """Post the receives of the previous encoder stage's outputs for microbatches ``<= upto`` not posted yet."""
-        while self._stage_posted < min(upto + 1, self.microbatches):
-            m = self._stage_posted
-            buf = self._between_stages(m)
-            self._stage_recv[m] = Pending([dist.P2POp(dist.irecv, buf, self._enc_prev, tag=2 * m)], lambda b=buf: b)
-            self.bridge.post(self._stage_recv[m])
-            self._stage_posted += 1
+        while lane.stage_posted < min(upto + 1, self.microbatches):
+            m = lane.stage_posted
+            buf = self._between_stages(lane, m)
+            op = dist.P2POp(dist.irecv, buf, lane.prev_rank, tag=self._stage_tag(lane, m, 0))
+            lane.stage_recv[m] = Pending([op], lambda b=buf: b)
+            lane.bridge.post(lane.stage_recv[m])
+            lane.stage_posted += 1
 
-    def _encoder_forward(self, m: int) -> list[dist.P2POp]:
+    def _encoder_forward(self, lane: EncoderLane, m: int) -> list[dist.P2POp]:
         """Run this encoder stage on microbatch ``m``; return the sends of its output (to post): the rows over the
         bridge from the last stage, ``[max(n, 1), P, D]`` to the next stage otherwise."""
-        assert self.encoder is not None, "only a rank holding the encoder encodes"
-        n = self._enc_images(m)
-        if self.enc_first:
-            b = len(self._enc_local) // self.microbatches
-            x = self._enc_local.slice(m * b, (m + 1) * b).pixel_values.to(self.device)
-            if n == 0:
-                x = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=self.device)
+        assert lane.module is not None, "only a rank holding the encoder encodes"
+        part = self._enc_slice(lane, m)
+        n_rows = int((part.input_ids == lane.placeholder_id).sum())
+        if lane.first:
+            args = lane.inputs(part)
+            empty = args is None
+            args = tuple(t.to(self.device) for t in (lane.dummy_inputs if args is None else args))
         else:
-            self._post_stage_recvs(m)
-            x = self._stage_recv.pop(m).result()
-            if self._prev_bwd:  # the previous stage wants its output's gradient
+            self._post_stage_recvs(lane, m)
+            x = lane.stage_recv.pop(m).result()
+            empty = self._enc_items(lane, m) == 0
+            if lane.prev_bwd:  # the previous stage wants its output's gradient
                 x.requires_grad_(True)
-                self._enc_in[m] = x
-        grad = contextlib.nullcontext() if self._bwd else torch.no_grad()
-        stats = excluded_from_stats(self.encoder) if n == 0 else contextlib.nullcontext()
-        with stats, grad:  # MoE routing of a dummy image counts for nothing
-            out = self.encoder(x)
+                lane.enc_in[m] = x
+            args = (x,)
+        grad = contextlib.nullcontext() if lane.bwd else torch.no_grad()
+        stats = excluded_from_stats(lane.module) if empty else contextlib.nullcontext()
+        with stats, grad:  # MoE routing of a dummy item counts for nothing
+            out = lane.module(*args)
         # a tensor-parallel all-reduce: wait for it now, also on tp ranks that never read the output (only tp rank 0
         # sends it), not at process exit
         out = comm.wait(out)
-        if self._bwd:
-            self._enc_out[m] = out
-        if self.enc_last:
-            rows = out[:n].flatten(0, 1)
-            return self.bridge.forward_sends(m, self._enc_dp, rows, self._mb_images(m), self._row_cp_mb[m])
-        return [dist.P2POp(dist.isend, out.detach().contiguous(), self._enc_next, tag=2 * m)]
+        if lane.bwd:
+            lane.enc_out[m] = out
+        if lane.last:
+            rows = rows_of(out)[:n_rows]
+            return lane.bridge.forward_sends(m, lane.dp, rows, lane.rows_ps[m], lane.row_cp[m])
+        tag = self._stage_tag(lane, m, 0)
+        return [dist.P2POp(dist.isend, out.detach().contiguous(), lane.next_rank, tag=tag)]
 
-    def _encoder_grad_recv(self, m: int) -> Pending:
-        """The receive of ``d loss / d output`` of microbatch ``m``: rows ``[n P, H]`` over the bridge (last stage) or
+    def _encoder_grad_recv(self, lane: EncoderLane, m: int) -> Pending:
+        """The receive of ``d loss / d output`` of microbatch ``m``: rows ``[R, H]`` over the bridge (last stage) or
         ``[max(n, 1), P, D]`` from the next stage."""
-        if self.enc_last:
-            return self.bridge.backward_recvs(m, self._enc_dp, self._mb_images(m), self._row_cp_mb[m])
-        buf = self._between_stages(m)
-        return Pending([dist.P2POp(dist.irecv, buf, self._enc_next, tag=2 * m + 1)], lambda: buf)
+        if lane.last:
+            return lane.bridge.backward_recvs(m, lane.dp, lane.rows_ps[m], lane.row_cp[m])
+        buf = self._between_stages(lane, m)
+        return Pending([dist.P2POp(dist.irecv, buf, lane.next_rank, tag=self._stage_tag(lane, m, 1))], lambda: buf)
 
-    def _encoder_backward(self, m: int, grad: torch.Tensor) -> None:
+    def _encoder_backward(self, lane: EncoderLane, m: int, grad: torch.Tensor) -> None:
         """Backward of microbatch ``m`` through this encoder stage; send its input's gradient to the previous stage.
         FSDP reduces after the stage's last backward."""
-        out = self._enc_out.pop(m)
-        self._enc_backwards += 1
-        last = self._enc_backwards == self.microbatches
-        if isinstance(self.encoder, FSDPModule):  # one reduce after the last microbatch, as pipelining does
-            self.encoder.set_requires_gradient_sync(last)
-            self.encoder.set_is_last_backward(last)
-            self.encoder.set_reshard_after_backward(last)
-        if self.enc_last:  # rows of the real images; a dummy image's output gets a zero gradient
-            n = self._enc_images(m)
+        assert lane.module is not None
+        out = lane.enc_out.pop(m)
+        lane.backwards += 1
+        last = lane.backwards == self.microbatches
+        if isinstance(lane.module, FSDPModule):  # one reduce after the last microbatch, as pipelining does
+            lane.module.set_requires_gradient_sync(last)
+            lane.module.set_is_last_backward(last)
+            lane.module.set_reshard_after_backward(last)
+        if lane.last:  # the real rows; a dummy item's output gets a zero gradient
             g = torch.zeros_like(out)
-            g[:n] = grad.view(n, *out.shape[1:])  # cast to out's dtype by the assignment
+            rows_of(g)[: grad.shape[0]] = grad  # cast to out's dtype by the assignment
             grad = g
         torch.autograd.backward(out, grad.to(out.dtype))
-        if self._prev_bwd:
-            x = self._enc_in.pop(m)
+        if lane.prev_bwd:
+            x = lane.enc_in.pop(m)
             assert x.grad is not None, "an encoder stage's input takes part in its output"
             # the previous stage sends every forward up to m + its warm-up - 1 before it receives this gradient
-            self._post_stage_recvs(m + self._prev_warmup - 1)
-            self.bridge.post([dist.P2POp(dist.isend, x.grad.contiguous(), self._enc_prev, tag=2 * m + 1)])
+            self._post_stage_recvs(lane, m + lane.prev_warmup - 1)
+            tag = self._stage_tag(lane, m, 1)
+            lane.bridge.post([dist.P2POp(dist.isend, x.grad.contiguous(), lane.prev_rank, tag=tag)])
 
-    def _run_encoder_streamed(self) -> None:
-        """This encoder stage as a leading stage of the 1F1B pipeline (non-colocated)."""
+    def _run_encoders_streamed(self, held: list[EncoderLane]) -> None:
+        """This rank's encoder stage(s) as one leading stage of the 1F1B pipeline (non-colocated with the language
+        model): forward of ``m`` of each held encoder in lane order, later the backward of ``m`` of each."""
         M = self.microbatches
-        if not self._bwd:  # forwards only, at most `prefetch` microbatches ahead of the receiver
+        training = [lane for lane in held if lane.bwd]
+        if not training:  # forwards only, at most `prefetch` microbatches ahead of the receiver
+            prefetch = min(lane.prefetch for lane in held)
             sent: list[list] = []
             for m in range(M):
-                if m >= self.prefetch:
-                    self.bridge.wait_sends(sent[m - self.prefetch])
-                sent.append(self.bridge.post(self._encoder_forward(m)))
+                if m >= prefetch:
+                    held[0].bridge.wait_sends(sent[m - prefetch])
+                sent.append([w for lane in held for w in lane.bridge.post(self._encoder_forward(lane, m))])
             return
-        for kind, m in one_f_one_b_order(M, self.encoder_warmup):
+        for kind, m in one_f_one_b_order(M, held[0].warmup):
             if kind == "F":
-                self.bridge.post(self._encoder_forward(m))
+                for lane in held:
+                    lane.bridge.post(self._encoder_forward(lane, m))
             else:
-                pending = self._encoder_grad_recv(m)
-                self.bridge.post(pending)
-                self._encoder_backward(m, pending.result())
+                pending = [self._encoder_grad_recv(lane, m) for lane in training]
+                for lane, p in zip(training, pending):
+                    lane.bridge.post(p)
+                for lane, p in zip(training, pending):
+                    self._encoder_backward(lane, m, p.result())
 
     # -- language side (first stage) ------------------------------------------------------------------------
     def _post_forward_recvs(self, upto: int) -> None:
-        """Post the bridge receives of microbatches ``<= upto`` not posted yet (streamed mode), in order."""
+        """Post the bridge receives of the streamed encoders' microbatches ``<= upto`` not posted yet: microbatch by
+        microbatch, each in lane order (the order the encoders' ranks send in)."""
         while self._posted < min(upto + 1, self.microbatches):
-            self.bridge.post(self._fwd_recv[self._posted])
+            for lane in self.lanes:
+                if lane.mode == "streamed":
+                    lane.bridge.post(lane.fwd_recv[self._posted])
             self._posted += 1
 
     def _before_lm_forward(self, m: int) -> dict[str, torch.Tensor]:
-        """Microbatch ``m``'s image embeddings ``{"image_dense_BSH": [b, S, H]}`` (a leaf whose gradient goes back
-        over the bridge)."""
-        if self.mode == "inline":
-            self.bridge.post(self._encoder_forward(m), self._fwd_recv[m], batch=True)
-        elif self.mode == "streamed":
-            self._post_forward_recvs(m)
-        rows = self._fwd_recv[m].result()
+        """Microbatch ``m``'s encoder embeddings ``{"image_dense_BSH": [b, S, H]}``: every encoder's rows at its
+        placeholders (one leaf per trainable encoder, whose gradient goes back over its bridge)."""
+        for lane in self.lanes:
+            if lane.mode == "inline":
+                lane.bridge.post(self._encoder_forward(lane, m), lane.fwd_recv[m], batch=True)
+        self._post_forward_recvs(m)
         b = self._lm_ids.shape[0] // self.microbatches
-        mine = self._mine[m * b : (m + 1) * b]
-        dense = torch.zeros(*mine.shape, self.bridge.hidden_size, dtype=self.bridge.dtype, device=self.device)
-        dense[mine] = rows
-        if self.encoder_trainable:
-            dense.requires_grad_(True)
-            dense.register_hook(lambda g, m=m: self._on_image_grad(m, g))
+        dense = None
+        for lane in self.lanes:
+            rows = lane.fwd_recv[m].result()
+            mine = lane.mine[m * b : (m + 1) * b]
+            part = torch.zeros(*mine.shape, self._hidden, dtype=self._dense_dtype, device=self.device)
+            part[mine] = rows
+            if lane.grads_cross:
+                part.requires_grad_(True)
+                part.register_hook(lambda g, m=m, lane=lane: self._on_rows_grad(lane, m, g))
+            dense = part if dense is None else dense + part
+        assert dense is not None
         return {"image_dense_BSH": dense}
 
-    def _on_image_grad(self, m: int, grad_BSH: torch.Tensor) -> None:
-        """The gradient of microbatch ``m``'s image embeddings has been computed: send its rows back (streamed)
-        or keep them for the exchange after the backward (inline) or the step (whole batch)."""
+    def _on_rows_grad(self, lane: EncoderLane, m: int, grad_BSH: torch.Tensor) -> None:
+        """The gradient of ``lane``'s embeddings of microbatch ``m`` has been computed: keep its rows; once every
+        trainable encoder's are in, send them back (streamed) or leave them for the exchange after the backward
+        (inline) or the step (whole batch)."""
         b = self._lm_ids.shape[0] // self.microbatches
-        rows = grad_BSH[self._mine[m * b : (m + 1) * b]]
-        self._grads_seen.add(m)
-        if self.mode == "streamed":
-            # the encoder sends every forward up to m + warmup - 1 before it receives this gradient: post those
-            # receives first, so both ranks of the pair order their operations alike
-            self._post_forward_recvs(m + self._bridge_warmup - 1)
-            self.bridge.post(self._grad_sends(m, rows))
-        else:
-            self._grad_rows[m] = rows
+        lane.grad_rows[m] = grad_BSH[lane.mine[m * b : (m + 1) * b]]
+        lane.grads_seen.add(m)
+        streamed = [x for x in self.lanes if x.mode == "streamed" and x.grads_cross]
+        if lane not in streamed or any(m not in x.grad_rows for x in streamed):
+            return
+        # the encoders send every forward up to m + warmup - 1 before they receive this gradient: post those
+        # receives first, so both ranks of a pair order their operations alike
+        self._post_forward_recvs(m + self._bridge_warmup - 1)
+        for x in streamed:
+            x.bridge.post(self._grad_sends(x, m, x.grad_rows.pop(m)))
 
-    def _grad_sends(self, m: int, rows: torch.Tensor):
-        return self.bridge.backward_sends(m, self._lm_dp, rows, self._mb_images(m), self.cp_rank, self._row_cp_mb[m])
+    def _grad_sends(self, lane: EncoderLane, m: int, rows: torch.Tensor):
+        return lane.bridge.backward_sends(m, self._lm_dp, rows, lane.rows_ps[m], self.cp_rank, lane.row_cp[m])
 
     def _after_lm_backward(self, m: int) -> None:
-        if self.mode != "inline" or not self.encoder_trainable:
-            return
-        if m not in self._grad_rows:
-            raise RuntimeError(
-                f"the language pipeline produced no gradient for the image embeddings of microbatches [{m}]; the "
-                "encoder would silently stop training"
-            )
-        sends = self._grad_sends(m, self._grad_rows.pop(m))  # first: a rank's own rows are handed over in memory
-        pending = self._encoder_grad_recv(m)
-        self.bridge.post(sends, pending, batch=True)
-        self._encoder_backward(m, pending.result())
+        for lane in self.lanes:
+            if lane.mode != "inline" or not lane.grads_cross:
+                continue
+            if m not in lane.grad_rows:
+                raise RuntimeError(
+                    f"the language pipeline produced no gradient for the {lane.name} embeddings of microbatches [{m}]; "
+                    "the encoder would silently stop training"
+                )
+            sends = self._grad_sends(lane, m, lane.grad_rows.pop(m))  # first: own rows are handed over in memory
+            pending = self._encoder_grad_recv(lane, m)
+            lane.bridge.post(sends, pending, batch=True)
+            self._encoder_backward(lane, m, pending.result())
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self, global_batch: Batch | PackedBatch) -> torch.Tensor:
@@ -459,7 +542,7 @@ class MimoSchedule:
 
         Raises:
             ValueError: a batch that does not match ``data.packing``.
-            RuntimeError: the language model produced no gradient for some microbatch's image embeddings.
+            RuntimeError: the language model produced no gradient for some microbatch's encoder embeddings.
         """
         if self.packed != hasattr(global_batch, "doc_ids"):
             raise ValueError(
@@ -469,34 +552,33 @@ class MimoSchedule:
         M = self.microbatches
         self._batch = global_batch
         self._num_loss_tokens = max(global_batch.num_loss_tokens(), 1)
-        self._row_cp_mb = [self._row_cp(global_batch, m) for m in range(M)]
-        self._enc_out: dict[int, torch.Tensor] = {}
-        self._enc_in: dict[int, torch.Tensor] = {}
-        self._stage_recv: dict[int, Pending] = {}
-        self._stage_posted = 0
-        self._enc_backwards = 0
-        self._grad_rows: dict[int, torch.Tensor] = {}
-        self._grads_seen: set[int] = set()
         self._posted = 0
-        batch_post = self.colocated  # colocated ranks send to and receive from each other
-        if self.encoder is not None:
-            self._enc_dp = self.role.dp_rank(self.enc_name)
-            self._enc_local = local_batch(global_batch, M, self._enc_dp, self.topology.layouts[self.enc_name].dp)
+        for lane in self.lanes:
+            lane.rows_ps = [self._rows_per_sample(lane, m) for m in range(M)]
+            lane.row_cp = [self._row_cp(lane, m) for m in range(M)]
+            lane.enc_out, lane.enc_in, lane.stage_recv = {}, {}, {}
+            lane.stage_posted = lane.backwards = 0
+            lane.grad_rows, lane.grads_seen = {}, set()
+            if lane.module is not None:
+                lane.local = local_batch(global_batch, M, lane.dp, lane.layout.dp)
+        held = [lane for lane in self.lanes if lane.module is not None]
+        batch_post = any(lane.colocated for lane in self.lanes)  # colocated ranks send to and receive from each other
 
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        if self.encoder is not None and self.mode == "streamed":
-            self._run_encoder_streamed()
-        sends = []
-        if self.encoder is not None and self.mode == "whole_batch":
+        streamed = [lane for lane in held if lane.mode == "streamed"]
+        if streamed:
+            self._run_encoders_streamed(streamed)
+        sends: list = []
+        for lane in (x for x in held if x.mode == "whole_batch"):
             for m in range(M):
-                ops = self._encoder_forward(m)
-                if self.enc_last:
+                ops = self._encoder_forward(lane, m)
+                if lane.last:
                     sends += ops
                 else:  # to the next encoder stage, which waits for it
-                    self.bridge.post(ops)
-            if not (self.pp_schedule is not None and self.is_first):  # nothing to receive: post the rows now
-                self.bridge.post(sends, batch=batch_post)
-                sends = []
+                    lane.bridge.post(ops)
+        if sends and not (self.pp_schedule is not None and self.is_first):  # nothing to receive: post the rows now
+            self.lanes[0].bridge.post(sends, batch=batch_post)
+            sends = []
         if self.pp_schedule is not None:
             self._lm_dp = self.role.dp_rank(self.lang_name)
             l_local = local_batch(global_batch, M, self._lm_dp, self.topology.layouts[self.lang_name].dp)
@@ -513,61 +595,81 @@ class MimoSchedule:
                 kwargs.update(target=labels, losses=losses)
             if self.is_first:
                 self._lm_ids = input_ids
-                # the image-token positions this CP rank keeps (its rows are exactly those, in order)
+                # the placeholder positions this CP rank keeps (its rows are exactly those, in order)
                 rows_b, rows_s = l_local.input_ids.shape
                 docs = cast("PackedBatch", l_local).doc_ids if self.packed else None
-                mine = cp_owner(rows_b, rows_s, self.cp_size, docs)
-                self._mine = (mine == self.cp_rank).to(self.device) & (input_ids == self.image_token_id)
-                # each microbatch's receive is built on first use: after its rows are sent (a rank's own rows are
-                # handed over in memory)
-                self._fwd_recv = _LazyRecvs(self)
-                if self.mode == "whole_batch":
-                    self.bridge.post(sends, *(self._fwd_recv[m] for m in range(M)), batch=batch_post)
+                keep = (cp_owner(rows_b, rows_s, self.cp_size, docs) == self.cp_rank).to(self.device)
+                for lane in self.lanes:
+                    lane.mine = keep & (input_ids == lane.placeholder_id)
+                    # each microbatch's receive is built on first use: after its rows are sent (a rank's own rows
+                    # are handed over in memory)
+                    lane.fwd_recv = _LazyRecvs(self, lane)
+                whole = [lane for lane in self.lanes if lane.mode == "whole_batch"]
+                if whole:
+                    recvs = [lane.fwd_recv[m] for lane in whole for m in range(M)]
+                    whole[0].bridge.post(sends, *recvs, batch=batch_post)
                     sends = []
                 with self._loss_context():
                     self.pp_schedule.step(input_ids, return_outputs=False, **kwargs)
-                if self.encoder_trainable and len(self._grads_seen) != M:
-                    missing = sorted(set(range(M)) - self._grads_seen)
-                    raise RuntimeError(
-                        f"the language pipeline produced no gradient for the image embeddings of microbatches "
-                        f"{missing}; the encoder would silently stop training"
-                    )
+                for lane in self.lanes:
+                    if lane.grads_cross and len(lane.grads_seen) != M:
+                        missing = sorted(set(range(M)) - lane.grads_seen)
+                        raise RuntimeError(
+                            f"the language pipeline produced no gradient for the {lane.name} embeddings of "
+                            f"microbatches {missing}; the encoder would silently stop training"
+                        )
             else:
                 with self._loss_context():
                     self.pp_schedule.step(return_outputs=False, **kwargs)
             if losses and self.reports_loss:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 
-        if self.mode == "whole_batch" and self.encoder_trainable:
-            grad_sends = [op for m in sorted(self._grad_rows) for op in self._grad_sends(m, self._grad_rows[m])]
-            self._grad_rows.clear()
-            bridged = self.encoder is not None and self.enc_last  # the rows' gradients come over the bridge
-            pending = [self._encoder_grad_recv(m) for m in range(M)] if bridged else []
-            self.bridge.post(grad_sends, *pending, batch=batch_post)
-            if self.encoder is not None and self._bwd:  # a stage before every trainable one runs no backward
+        whole = [lane for lane in self.lanes if lane.mode == "whole_batch" and lane.grads_cross]
+        if whole:
+            grad_sends = [
+                op
+                for lane in whole
+                for m in sorted(lane.grad_rows)
+                for op in self._grad_sends(lane, m, lane.grad_rows[m])
+            ]
+            for lane in whole:
+                lane.grad_rows.clear()
+            # the rows' gradients come over the bridge to the encoders' last stages
+            pending = {
+                lane.name: [self._encoder_grad_recv(lane, m) for m in range(M)]
+                for lane in whole
+                if lane.module is not None and lane.last
+            }
+            whole[0].bridge.post(grad_sends, *(p for ps in pending.values() for p in ps), batch=batch_post)
+            for lane in whole:
+                if lane.module is None or not lane.bwd:  # a stage before every trainable one runs no backward
+                    continue
                 for m in range(M):
-                    if bridged:
-                        grad = pending[m].result()
+                    if lane.name in pending:
+                        grad = pending[lane.name][m].result()
                     else:  # from the next encoder stage
-                        p = self._encoder_grad_recv(m)
-                        self.bridge.post(p)
+                        p = self._encoder_grad_recv(lane, m)
+                        lane.bridge.post(p)
                         grad = p.result()
-                    self._encoder_backward(m, grad)
-        self.bridge.wait()
+                    self._encoder_backward(lane, m, grad)
+        for lane in self.lanes:
+            lane.bridge.wait()
         self._batch = None  # type: ignore[assignment]
+        for lane in self.lanes:
+            lane.local = None
         return loss
 
 
 class _LazyRecvs:
-    """The bridge receive of each microbatch ``m``, built on first use (after the rows of ``m`` are sent: a
-    colocated rank's own rows are handed over in memory)."""
+    """The bridge receive of each microbatch ``m`` of one encoder lane, built on first use (after the rows of ``m``
+    are sent: a colocated rank's own rows are handed over in memory)."""
 
-    def __init__(self, schedule: MimoSchedule):
-        self._schedule = schedule
+    def __init__(self, schedule: MimoSchedule, lane: EncoderLane):
+        self._schedule, self._lane = schedule, lane
         self._made: dict[int, Pending] = {}
 
     def __getitem__(self, m: int) -> Pending:
         if m not in self._made:
-            s = self._schedule
-            self._made[m] = s.bridge.forward_recvs(m, s._lm_dp, s._mb_images(m), s.cp_rank, s._row_cp_mb[m])
+            s, lane = self._schedule, self._lane
+            self._made[m] = lane.bridge.forward_recvs(m, s._lm_dp, lane.rows_ps[m], s.cp_rank, lane.row_cp[m])
         return self._made[m]

@@ -67,10 +67,13 @@ class Placement(enum.Enum):
             modules, one after the other). A single-module layout is COLOCATED.
         NON_COLOCATED: the modules' rank ranges are pairwise disjoint and
             together tile ``[0, world_size)``.
+        MIXED: some modules share a range, others have their own (e.g. two
+            encoders on the same ranks, the language model apart).
     """
 
     COLOCATED = "colocated"
     NON_COLOCATED = "non_colocated"
+    MIXED = "mixed"
 
 
 def _fmt_ranks(ranks: list[int]) -> str:
@@ -436,7 +439,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
     6. the ranges leave no gap below the highest covered rank;
     7. exactly one module has ``is_language=True``;
     8. the ranges cover exactly ``world_size`` ranks;
-    9. the placement is not a mix of colocated and non-colocated modules.
+    9. the placement: colocated, non-colocated, or mixed (some ranges shared).
 
     Args:
         layouts: module name -> layout, in the order the modules are built.
@@ -445,7 +448,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
     Returns:
         :attr:`Placement.COLOCATED` if all modules share one rank range (also for
         a single module), :attr:`Placement.NON_COLOCATED` if all ranges are
-        pairwise disjoint.
+        pairwise disjoint, :attr:`Placement.MIXED` otherwise.
 
     Raises:
         LayoutError: the first failed check, naming the module, field and fix.
@@ -525,14 +528,7 @@ def validate_layouts(layouts: Mapping[str, ModuleLayout], world_size: int) -> Pl
         return Placement.COLOCATED
     if len(ranges) == len(mods):
         return Placement.NON_COLOCATED
-    groups: dict[tuple[int, int], list[str]] = {}
-    for lay in mods:
-        groups.setdefault((lay.rank_offset, lay.num_ranks), []).append(lay.name)
-    desc = "; ".join(f"[{o}, {o + n}): {names}" for (o, n), names in sorted(groups.items()))
-    raise LayoutError(
-        f"mixed layouts (some modules colocated, others not: {desc}) are not supported yet; "
-        f"put all modules on the same ranks or give each module its own ranks"
-    )
+    return Placement.MIXED
 
 
 @dataclass(frozen=True)

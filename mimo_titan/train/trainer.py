@@ -9,6 +9,7 @@ the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the brid
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import logging
 import math
@@ -26,23 +27,21 @@ from torch import nn
 
 import kernels
 from mimo_titan.checkpoint import CheckpointManager
-from mimo_titan.config import Config
+from mimo_titan.config import Config, MoEConfig
 from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
 from mimo_titan.errors import ConfigError, DataError, TrainingError, UserError
+from mimo_titan.models.audio import audio_tokens
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
+from mimo_titan.models.specs import encoder_spec
 from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
 from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
-from mimo_titan.parallel.tp import apply_tp_language, apply_tp_vision, check_tp
+from mimo_titan.parallel.plans import encoder_plans
+from mimo_titan.parallel.tp import apply_tp_language, check_tp
 from mimo_titan.pipeline.bridge import Bridge
-from mimo_titan.pipeline.schedule import MimoSchedule
-from mimo_titan.pipeline.stages import (
-    split_language_model,
-    split_vision_encoder,
-    stage_layer_range,
-    vision_stage_of,
-)
+from mimo_titan.pipeline.schedule import EncoderLane, MimoSchedule
+from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable
@@ -91,21 +90,29 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     """
     layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
     validate_layouts(layouts, world_size)
-    _check_modules(cfg)
-    if cfg.model.vision.num_channels != 3:
-        raise ConfigError(
-            f"model.vision.num_channels={cfg.model.vision.num_channels}: the data pipeline decodes every image as RGB "
-            "(3 channels, normalised with CLIP's mean and std); set model.vision.num_channels = 3"
-        )
+    _check_modules(cfg, layouts)
     for name, lay in layouts.items():
-        moe = getattr(cfg.model, name).moe
+        section = getattr(cfg.model, name)
+        moe = getattr(section, "moe", None) or MoEConfig()
+        plans = encoder_plans(section.type) if not lay.is_language else None
+        if plans is not None and lay.tp > 1 and plans.apply_tp is None:
+            raise ConfigError(
+                f"parallelism.{name}.tp={lay.tp}: tensor parallelism of a '{section.type}' encoder is not supported "
+                "yet (it has no tensor-parallel plan); set tp = 1 and use dp_shard for its ranks"
+            )
+        if plans is not None and lay.pp > 1 and plans.split is None:
+            raise ConfigError(
+                f"parallelism.{name}.pp={lay.pp}: a '{section.type}' encoder cannot be split into pipeline stages "
+                "yet; set pp = 1 (its ranks can use dp_shard instead)"
+            )
         if lay.tp > 1 and moe.num_experts > 0:
             raise ConfigError(
                 f"parallelism.{name}.tp={lay.tp} with model.{name}.moe.num_experts={moe.num_experts}: tensor "
                 f"parallelism of MoE layers is not supported; split the experts with parallelism.{name}.ep / etp "
                 "and set tp = 1"
             )
-        _config_check(check_tp, name, getattr(cfg.model, name), lay.tp)
+        if plans is None or plans.apply_tp is not None:
+            _config_check(check_tp, name, section, lay.tp)
         if lay.tp > 1 and lay.dp_replicate > 1:
             raise ConfigError(
                 f"parallelism.{name}: tp={lay.tp} with dp_replicate={lay.dp_replicate} is not supported; "
@@ -130,7 +137,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
                     "supported yet; use dp_shard instead of dp_replicate"
                 )
         if not lay.is_language and lay.pp > 1:
-            _config_check(stage_layer_range, getattr(cfg.model, name).num_layers, lay.pp, 0, name)
+            _config_check(stage_layer_range, section.num_layers, lay.pp, 0, name)
             if lay.tp > 1:
                 raise ConfigError(
                     f"parallelism.{name}: pp={lay.pp} with tp={lay.tp} is not supported for an encoder yet (its "
@@ -176,25 +183,44 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     return layouts
 
 
-def _check_modules(cfg: Config) -> None:
-    """The modules training can build today: one encoder of type ``"vit"`` and the language model named
-    ``language`` (the audio encoder and several encoders are configurable but not trained yet).
+def _check_modules(cfg: Config, layouts: dict) -> None:
+    """The encoders against each other and the data (before any process group).
 
     Raises:
-        ConfigError: naming the table and what to change.
+        ConfigError: a ViT without 3 input channels; two encoders of one medium (they would share a placeholder
+            token); encoders on the same ranks (apart from the language model) with different ``pp``; packed
+            rows with an audio encoder.
     """
-    encoders = cfg.model.encoders
-    if len(encoders) != 1:
+    media: dict[str, str] = {}
+    for name, section in cfg.model.encoders.items():
+        spec = encoder_spec(section.type)
+        if spec.media in media:
+            raise ConfigError(
+                f"model.{name} and model.{media[spec.media]} both read {spec.media}, but each medium has one "
+                f"placeholder token (<|{spec.media}|>); keep one '{section.type}' encoder"
+            )
+        media[spec.media] = name
+        if section.type == "vit" and section.num_channels != 3:
+            raise ConfigError(
+                f"model.{name}.num_channels={section.num_channels}: the data pipeline decodes every image as RGB "
+                f"(3 channels, normalised with CLIP's mean and std); set model.{name}.num_channels = 3"
+            )
+    lang = next(lay for lay in layouts.values() if lay.is_language)
+    shared: dict[int, list] = {}
+    for lay in layouts.values():
+        if not lay.is_language and lay.rank_offset != lang.rank_offset:
+            shared.setdefault(lay.rank_offset, []).append(lay)
+    for group in shared.values():
+        if len({lay.pp for lay in group}) > 1:
+            desc = ", ".join(f"parallelism.{lay.name}.pp={lay.pp}" for lay in group)
+            raise ConfigError(
+                f"encoders {[lay.name for lay in group]} share ranks, so they run as one leading pipeline stage and "
+                f"need the same pp ({desc}); set them equal"
+            )
+    if cfg.data.packing and media.get("audio"):
         raise ConfigError(
-            f"model: {len(encoders)} encoder modules ({', '.join(encoders)}); training runs exactly one encoder so far "
-            "(several encoders are on the way); keep one [model.<name>] encoder table"
-        )
-    name, enc = next(iter(encoders.items()))
-    if enc.type != "vit" or name != "vision" or cfg.model.language_name != "language":
-        raise ConfigError(
-            f"model.{name}: training runs a 'vit' encoder named 'vision' and a decoder named 'language' so far (the "
-            f"audio encoder's model, features and HF import exist but are not wired into training yet); got "
-            f"[model.{name}] type '{enc.type}' and decoder [model.{cfg.model.language_name}]"
+            f"data.packing = true with an audio encoder (model.{media['audio']}): packed rows do not carry audio clips "
+            "yet; set data.packing = false"
         )
 
 
@@ -434,23 +460,42 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
 
 
 def build_processor(cfg: Config) -> ImageTextProcessor:
-    """The image + text processor of ``cfg`` (tokenizer from ``data.tokenizer``).
+    """The processor of ``cfg`` (tokenizer from ``data.tokenizer``): images for the ``vit`` encoder, audio clips
+    for an ``audio`` encoder (whose placeholder tokens are added to the tokenizer when it lacks them).
 
     Raises:
         DataError: a missing or unreadable tokenizer.
-        ConfigError: ``model.language.vocab_size`` below the tokenizer's.
+        ConfigError: no ``vit`` encoder (images are the one medium every sample carries), or
+            ``model.<language>.vocab_size`` below the tokenizer's (added tokens included).
     """
+    by_type = {section.type: (name, section) for name, section in cfg.model.encoders.items()}
+    if "vit" not in by_type:
+        raise ConfigError(
+            f"model: the encoders {list(cfg.model.encoders)} include no 'vit' encoder; every sample carries an image, "
+            "so add a [model.vision] table (type 'vit')"
+        )
+    _, vit = by_type["vit"]
+    audio = by_type.get("audio")
     processor = ImageTextProcessor(
         cfg.data.tokenizer,
-        cfg.model.vision.image_size,
-        (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2,
+        vit.image_size,
+        (vit.image_size // vit.patch_size) ** 2,
+        audio_tokens=None if audio is None else functools.partial(_clip_tokens, cfg=audio[1]),
+        num_mel_bins=80 if audio is None else audio[1].num_mel_bins,
     )
+    lm = cfg.model.language_name
     if processor.vocab_size > cfg.model.language.vocab_size:
+        added = f" (with the {len(processor.added_tokens)} audio tokens it adds)" if processor.added_tokens else ""
         raise ConfigError(
-            f"model.language.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
-            f"{processor.vocab_size} tokens ({cfg.data.tokenizer}); raise vocab_size"
+            f"model.{lm}.vocab_size={cfg.model.language.vocab_size} is smaller than the tokenizer's "
+            f"{processor.vocab_size} tokens{added} ({cfg.data.tokenizer}); raise vocab_size"
         )
     return processor
+
+
+def _clip_tokens(num_frames: int, cfg) -> int:
+    """LM tokens of an audio clip of ``num_frames`` log-mel frames (:func:`mimo_titan.models.audio.audio_tokens`)."""
+    return audio_tokens(num_frames, cfg)
 
 
 def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
@@ -482,39 +527,39 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     topology = build_topology(layouts, world, rank, device.type, tied_embeddings=tied)
     role = topology.role
     lang_name = role.language
-    vis_name = next(n for n in layouts if n != lang_name)
+    encoders = cfg.model.encoders
 
     processor = processor or build_processor(cfg)
-    full = MimoModel(cfg.model, processor.image_token_id)
+    audio_id = processor.audio_token_id if any(e.type == "audio" for e in encoders.values()) else None
+    full = MimoModel(cfg.model, processor.image_token_id, audio_token_id=audio_id)
     full.init_weights(cfg.job.seed)
     for key, p in full.named_parameters():  # frozen parameters: no gradient, no optimizer state, no reduce
         p.requires_grad_(is_trainable(cfg, key))
-    full_vision_names = [n for n, p in full.vision.named_parameters() if p.requires_grad]
-    moe_keys = [full_model_key(vis_name, q) for q, _ in moe_modules(full.vision)]
-    moe_keys += [full_model_key(lang_name, q) for q, _ in moe_modules(full.language)]
+    moe_keys = [full_model_key(n, q) for n in [*encoders, lang_name] for q, _ in moe_modules(getattr(full, n))]
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
     reduce_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device.type)
 
     modules: dict[str, nn.Module] = {}
-    if role.holds(vis_name):
-        lay = layouts[vis_name]
-        vision = full.vision if lay.pp == 1 else split_vision_encoder(full.vision, lay.pp, role.pp_stage(vis_name))
-        vision = vision.to(device)
-        expert_mesh = _prepare_moe(vision, topology, vis_name, cfg.training.microbatches)
+    for name, section in encoders.items():
+        if not role.holds(name):
+            continue
+        lay, plans, spec = layouts[name], encoder_plans(section.type), encoder_spec(section.type)
+        enc = full.encoder(name)
+        if lay.pp > 1:
+            assert plans.split is not None, "validate_job refuses pp > 1 for an encoder without a pipeline split"
+            enc = plans.split(enc, lay.pp, role.pp_stage(name), name)
+        enc = enc.to(device)
+        expert_mesh = _prepare_moe(enc, topology, name, cfg.training.microbatches)
         if lay.tp > 1:
-            apply_tp_vision(vision, topology.tp_mesh(vis_name))
-        modules[vis_name] = apply_fsdp(
-            vision,
-            list(vision.vision_model.encoder.layers.values()),
-            topology.dp_mesh(vis_name),
-            param_dtype,
-            reduce_dtype,
-            expert_mesh=expert_mesh,
+            assert plans.apply_tp is not None, "validate_job refuses tp > 1 for an encoder without a TP plan"
+            plans.apply_tp(enc, topology.tp_mesh(name))
+        modules[name] = apply_fsdp(
+            enc, spec.fsdp_blocks(enc), topology.dp_mesh(name), param_dtype, reduce_dtype, expert_mesh=expert_mesh
         )
     if role.holds(lang_name):
         lay = layouts[lang_name]
-        part = split_language_model(full.language, lay.pp, role.pp_stage(lang_name))
-        stage = LanguageStage(part, processor.image_token_id).to(device)
+        part = split_language_model(full.lm, lay.pp, role.pp_stage(lang_name))
+        stage = LanguageStage(part, list(full.placeholder_ids.values())).to(device)
         if lay.cp > 1:
             apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
@@ -532,34 +577,50 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     tied_copy = None
     if role.holds(lang_name) and lang_name in tied and layouts[lang_name].pp > 1:
         tied_copy = tied_embedding(modules[lang_name], topology.embedding_group(lang_name))
-    del full
 
     optimizers = {n: o for n, m in modules.items() if (o := build_optimizer(m, cfg.optimizer)) is not None}
     schedulers = {n: build_lr_scheduler(o, cfg.training.total_steps, cfg.lr_schedule) for n, o in optimizers.items()}
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
-    tokens_per_image = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    bridge = Bridge(
-        layouts[vis_name],
-        layouts[lang_name],
-        mb_size,
-        tokens_per_image,
-        cfg.model.language.hidden_size,
-        param_dtype,
-        device,
-        rank,
-    )
+    lanes = []
+    for index, (name, section) in enumerate(encoders.items()):
+        spec, plans, lay = encoder_spec(section.type), encoder_plans(section.type), layouts[name]
+        # rows are counted per sample from the placeholders, so the bridge moves one row per "item"
+        bridge = Bridge(
+            lay,
+            layouts[lang_name],
+            mb_size,
+            1,
+            cfg.model.language.hidden_size,
+            param_dtype,
+            device,
+            rank,
+            lane=index,
+            lanes=len(encoders),
+        )
+        trainable = [n for n, p in full.encoder(name).named_parameters() if p.requires_grad]
+        lanes.append(
+            EncoderLane(
+                name,
+                modules.get(name),
+                bridge,
+                placeholder_id=full.placeholder_ids[name],
+                inputs=spec.inputs,
+                dummy_inputs=spec.dummy_inputs(section),
+                trainable=bool(trainable),
+                stage_trains=_stage_trains(trainable, plans, section.num_layers, lay.pp),
+                prefetch_microbatches=section.prefetch_microbatches,
+                tokens_per_item=plans.tokens_per_item(section) if plans.tokens_per_item else None,
+            )
+        )
+    del full
     schedule = MimoSchedule(
         topology,
-        modules.get(vis_name),
+        lanes,
         modules.get(lang_name),
-        bridge,
         microbatches=cfg.training.microbatches,
         schedule=cfg.parallelism.pipeline_schedule,
         module_schedule=cfg.parallelism.module_schedule,
         colocated_encoders=cfg.parallelism.colocated_encoders,
-        encoder_stage_trains=_stage_trains(full_vision_names, cfg.model.vision.num_layers, layouts[vis_name].pp),
-        prefetch_microbatches=getattr(cfg.model, vis_name).prefetch_microbatches,
-        image_token_id=processor.image_token_id,
         device=device,
         seq_len=padded_seq_len(cfg),
         vocab_size=cfg.model.language.vocab_size,
@@ -576,11 +637,13 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     return job
 
 
-def _stage_trains(trainable_names: list[str], num_layers: int, pp: int) -> list[bool]:
+def _stage_trains(trainable_names: list[str], plans, num_layers: int, pp: int) -> list[bool]:
     """Whether each of the encoder's ``pp`` pipeline stages holds a trainable parameter (names relative to it)."""
+    if pp == 1:
+        return [bool(trainable_names)]
     out = [False] * pp
     for name in trainable_names:
-        out[vision_stage_of(name, num_layers, pp)] = True
+        out[plans.stage_of(name, num_layers, pp)] = True
     return out
 
 
