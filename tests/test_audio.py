@@ -7,7 +7,9 @@ import importlib.util
 import io
 import math
 import tarfile
+import tempfile
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,3 +334,78 @@ def test_resample_8khz() -> None:
     want = 0.5 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000)
     assert np.abs(x.numpy() - want)[200:-200].max() < 1e-2  # the 300-Hz tone survives, away from the edges
     assert math.isclose(float(x.square().mean()), 0.125, rel_tol=0.05)
+
+
+# -- audio in the data pipeline ---------------------------------------------------------------------------------------
+CC12M_SPEECH = SHARED / "speech" / "cc12m-speech-0000.tar"
+
+
+def _audio_processor(pool: int = 8):
+    from mimo_titan.data import ImageTextProcessor
+
+    cfg = _cfg(pool=pool)
+    return ImageTextProcessor(SHARED / "tokenizer", 32, 4, audio_tokens=lambda f: audio_tokens(f, cfg)), cfg
+
+
+def test_processor_adds_audio_tokens_and_lays_out_clips() -> None:
+    """The shared tokenizer has no audio tokens: they are added after its last id; a record's clip becomes
+    <|begin_of_audio|> <|audio|>*R <|end_of_audio|> after its image block, never truncated."""
+    from mimo_titan.data import ImageTextProcessor
+
+    plain = ImageTextProcessor(SHARED / "tokenizer", 32, 4)
+    proc, _ = _audio_processor()
+    assert proc.added_tokens == ["<|audio|>", "<|begin_of_audio|>", "<|end_of_audio|>"]
+    assert proc.vocab_size == plain.vocab_size + 3 and proc.audio_token_id >= plain.vocab_size
+    assert proc.audio_token_id not in proc.tokenize("a cat <|audio|> sat")  # caption text cannot inject one
+    seq = proc.build_sequence([[7, 8, 9]], max_tokens=100, audio_tokens=[5])
+    img = [proc.begin_image_id, *[proc.image_token_id] * 4, proc.end_image_id]
+    aud = [proc._special_ids["begin_audio_id"], *[proc.audio_token_id] * 5, proc._special_ids["end_audio_id"]]
+    assert seq == [proc.bos_id, *img, *aud, 7, 8, 9, proc.eos_id]
+    cut = proc.build_sequence([[7, 8, 9]], max_tokens=15, audio_tokens=[5])  # captions go first, never the clip
+    assert cut.count(proc.audio_token_id) == 5 and len(cut) == 15
+    with pytest.raises(ConfigError, match=r"training.seq_len is too small: .*audio clips of \[30\] tokens"):
+        proc.build_sequence([[7]], max_tokens=20, audio_tokens=[30])
+
+
+def test_loader_batches_carry_clips_and_matching_placeholders() -> None:
+    """Every sample of a batch from the speech shard holds exactly audio_tokens(F) <|audio|> placeholders for its
+    clip of F frames, ignored by the loss; slicing and concatenating keep clips with their samples."""
+    from mimo_titan.data import MimoDataLoader
+    from mimo_titan.data.collate import concat_batches
+
+    proc, cfg = _audio_processor()
+    loader = MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=6, seq_len=96, shuffle=False)
+    b = next(loader)
+    assert b.audio_features is not None and b.audio_features.shape[:2] == (6, 80)
+    assert b.clips_per_sample.tolist() == [1] * 6
+    expected = [audio_tokens(int(f), cfg) for f in b.audio_frames]
+    assert (b.input_ids == proc.audio_token_id).sum(1).tolist() == expected
+    assert not (b.labels == proc.audio_token_id).any()
+    assert len(set(b.audio_frames.tolist())) > 1  # clips of different lengths share the batch
+    parts = [b.slice(0, 2), b.slice(2, 6)]
+    again = concat_batches(parts)
+    assert torch.equal(again.audio_frames, b.audio_frames)
+    for i, f in enumerate(b.audio_frames.tolist()):
+        assert torch.equal(again.audio_features[i, :, :f], b.audio_features[i, :, :f])
+    assert parts[1].audio_frames.tolist() == b.audio_frames[2:].tolist()
+
+
+def test_a_corrupt_clip_skips_its_record() -> None:
+    from mimo_titan.data import MimoDataLoader
+
+    with tarfile.open(CC12M_SPEECH) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.name.startswith("00000000")}
+    keys = sorted({n.split(".")[0] for n in members})[:3]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for k in keys:
+            for ext in ("jpg", "txt", "wav"):
+                data = members[f"{k}.{ext}"] if not (k == keys[1] and ext == "wav") else b"RIFF-not-a-wav"
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+    path = Path(tempfile.mkdtemp()) / "s.tar"
+    path.write_bytes(buf.getvalue())
+    proc, _ = _audio_processor()
+    loader = MimoDataLoader(path, proc, global_batch_size=2, seq_len=96)
+    assert loader.stats["corrupt_audio"] == 1 and loader.num_records == 2

@@ -41,7 +41,7 @@ def test_scatter_and_merge_place_image_rows_at_placeholders():
 
 def test_scatter_raises_when_counts_differ():
     ids = torch.tensor([[5, IMG, IMG, 6]])
-    with pytest.raises(ValueError, match=r"2 <\|image\|> placeholder tokens but 3"):
+    with pytest.raises(ValueError, match=r"2 placeholder tokens \(id \d+\) but 3 encoder rows"):
         scatter_image_embeddings(torch.zeros(3, 8), ids, IMG)
 
 

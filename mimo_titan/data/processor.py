@@ -389,7 +389,9 @@ class ImageTextProcessor:
                 self.added_tokens = missing
                 logger.info("%s: added the special tokens %s to the tokenizer", _CONFIG_KEY, missing)
             for attr, text in _AUDIO_TOKENS:
-                self._special_ids[attr] = int(self._tokenizer.token_to_id(text))
+                token_id = self._tokenizer.token_to_id(text)
+                assert token_id is not None, f"{text} was just added to the tokenizer"
+                self._special_ids[attr] = int(token_id)
         self._reserved_ids = frozenset(self._special_ids.values())
         self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)

@@ -244,7 +244,7 @@ class MimoModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             for k, name in enumerate(self.encoder_names):
                 torch.manual_seed(seed + k)
-                self.encoder(name).init_weights()
+                self.encoder(name).init_weights()  # type: ignore[operator]
             torch.manual_seed(seed + len(self.encoder_names))
             self.lm.init_weights()
 

@@ -89,7 +89,9 @@ def _audio_inputs(batch: Batch) -> tuple[torch.Tensor, ...] | None:
     frames = getattr(batch, "audio_frames", None)  # packed rows carry no audio (refused before training)
     if frames is None or frames.numel() == 0:
         return None
-    return batch.audio_features, frames
+    features = batch.audio_features
+    assert features is not None, "a batch with audio_frames has audio_features"
+    return features, frames
 
 
 def _audio_dummy(cfg) -> tuple[torch.Tensor, ...]:

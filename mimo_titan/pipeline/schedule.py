@@ -144,6 +144,31 @@ class EncoderLane:
         self.trainable, self.stage_trains = trainable, stage_trains
         self.prefetch = prefetch_microbatches
         self.tokens_per_item = tokens_per_item
+        # -- set by MimoSchedule: the layout and how this lane runs (every rank) --
+        self.layout: Any = None
+        self.colocated = False  # on the language model's ranks
+        self.mode = "streamed"  # schedule_mode(...)
+        self.grads_cross = trainable  # a gradient crosses the bridge back to the encoder
+        self.bridge_warmup = 1
+        # -- on a rank that holds the encoder: its stage --
+        self.warmup = self.prev_warmup = 0
+        self.first = self.last = True
+        self.bwd = self.prev_bwd = False
+        self.width = 0  # D, what travels between stages
+        self.dp = 0
+        self.prev_rank = self.next_rank = -1
+        # -- per step --
+        self.local: Any = None  # this encoder DP rank's part of the global batch
+        self.rows_ps: list[torch.Tensor] = []  # per microbatch: rows of every sample of the global microbatch
+        self.row_cp: list[torch.Tensor | None] = []  # per microbatch: the language CP rank of every row
+        self.enc_out: dict[int, torch.Tensor] = {}
+        self.enc_in: dict[int, torch.Tensor] = {}
+        self.stage_recv: dict[int, Pending] = {}
+        self.stage_posted = self.backwards = 0
+        self.grad_rows: dict[int, torch.Tensor] = {}
+        self.grads_seen: set[int] = set()
+        self.mine: torch.Tensor = torch.empty(0, dtype=torch.bool)  # [b_local, S] this CP rank's placeholders
+        self.fwd_recv: Any = None  # _LazyRecvs
 
 
 class MimoSchedule:
