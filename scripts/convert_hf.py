@@ -3,12 +3,14 @@
 Import (HF → a model-only checkpoint to start training from)::
 
     python scripts/convert_hf.py import --config train_configs/X.toml --hf-language LLAMA_OR_QWEN3_DIR \\
-        [--hf-vision SIGLIP_DIR] [--projector multi_modal_projector.safetensors] --out CKPT_DIR
+        [--hf-vision SIGLIP_DIR] [--projector multi_modal_projector.safetensors] \\
+        [--hf-audio WHISPER_DIR] [--audio-projector audio_projector.safetensors] --out CKPT_DIR
     torchrun ... scripts/train.py --config train_configs/X.toml --checkpoint.initial_load_path=CKPT_DIR
 
 The model is built from ``[model]`` of the config and initialised as training would (``job.seed``); the HF weights
-replace the language model and / or the ViT (the configs must match exactly); the projector keeps its fresh
-initialisation unless ``--projector`` (or a ``multi_modal_projector.safetensors`` beside ``--hf-vision``) is given.
+replace the language model, the ViT and / or the audio encoder (the configs must match exactly); a projector keeps
+its fresh initialisation unless ``--projector`` / ``--audio-projector`` (or the file an export writes beside
+``--hf-vision`` / ``--hf-audio``) is given.
 
 Export (a training checkpoint → HF directories)::
 
@@ -16,7 +18,8 @@ Export (a training checkpoint → HF directories)::
         --out DIR --language-arch {llama,qwen3,qwen3_moe}
 
 writes ``DIR/language/`` (``from_pretrained``-loadable causal LM, with the run's tokenizer files copied in),
-``DIR/vision/`` (``SiglipVisionModel``) and ``DIR/multi_modal_projector.safetensors``.
+``DIR/vision/`` (``SiglipVisionModel``) and ``DIR/multi_modal_projector.safetensors``, and for an audio encoder
+``DIR/audio/`` (``WhisperEncoder``) and ``DIR/audio_projector.safetensors`` (directories named as the modules).
 
 Both commands accept config overrides after the options (``--section.key=value``).
 """
@@ -42,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf-language", help="HF causal-LM directory (Llama-3, Qwen3, Qwen3-MoE)")
     imp.add_argument("--hf-vision", help="HF SigLIP vision directory")
     imp.add_argument("--projector", help="projector safetensors (multi_modal_projector.* keys)")
+    imp.add_argument("--hf-audio", help="HF Whisper directory (its encoder is imported)")
+    imp.add_argument("--audio-projector", help="the audio encoder's projector safetensors (projector.* keys)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
     exp = sub.add_parser("export", help="mimo_titan checkpoint -> HF directories")
     exp.add_argument("--config", required=True, help="the training TOML of the run")
@@ -51,17 +56,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_import(cfg: Config, hf_language: str | None, hf_vision: str | None, projector: str | None, out: str) -> None:
+def run_import(
+    cfg: Config,
+    hf_language: str | None,
+    hf_vision: str | None,
+    projector: str | None,
+    out: str,
+    hf_audio: str | None = None,
+    audio_projector: str | None = None,
+) -> None:
     """Fresh model (``init_weights(job.seed)``) + HF weights → model-only checkpoint ``out``."""
     from mimo_titan.checkpoint import save_full_model_state
     from mimo_titan.models import MimoModel
     from mimo_titan.train.trainer import build_processor
 
-    if not (hf_language or hf_vision or projector):
-        raise SystemExit("import: give at least one of --hf-language, --hf-vision, --projector")
-    model = MimoModel(cfg.model, build_processor(cfg).image_token_id)
+    if not (hf_language or hf_vision or projector or hf_audio or audio_projector):
+        raise SystemExit("import: give at least one of --hf-language, --hf-vision, --projector, --hf-audio")
+    proc = build_processor(cfg)
+    model = MimoModel(cfg.model, proc.image_token_id, audio_token_id=proc.audio_token_id if proc.audio_tokens else None)
     model.init_weights(cfg.job.seed)
-    state = import_hf(cfg.model, model.state_dict(), hf_language, hf_vision, projector)
+    state = import_hf(
+        cfg.model,
+        model.state_dict(),
+        hf_language,
+        hf_vision,
+        projector,
+        audio_dir=hf_audio,
+        audio_projector_path=audio_projector,
+    )
     model.load_state_dict(state, strict=True)  # the overlaid state fits the model
     save_full_model_state(model.state_dict(), out)
     print(f"wrote {out}; train from it with --checkpoint.initial_load_path={out}")
@@ -77,8 +99,8 @@ def run_export(cfg: Config, checkpoint: str, out: str, language_arch: str) -> No
     if os.path.isdir(tok):  # make the LM directory usable with AutoTokenizer too
         for name in os.listdir(tok):
             if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
-                shutil.copy(os.path.join(tok, name), os.path.join(out, "language", name))
-    print(f"wrote {out}/language ({language_arch}), {out}/vision (siglip), {out}/multi_modal_projector.safetensors")
+                shutil.copy(os.path.join(tok, name), os.path.join(out, cfg.model.language_name, name))
+    print(f"wrote {', '.join(sorted(os.listdir(out)))} under {out} ({cfg.model.language_name}: {language_arch})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, overrides)
     with torch.no_grad():
         if args.command == "import":
-            run_import(cfg, args.hf_language, args.hf_vision, args.projector, args.out)
+            run_import(
+                cfg, args.hf_language, args.hf_vision, args.projector, args.out, args.hf_audio, args.audio_projector
+            )
         else:
             run_export(cfg, args.checkpoint, args.out, args.language_arch)
 

@@ -347,6 +347,41 @@ def test_mimo_export_import_round_trip_with_projector(tmp_path):
     assert torch.equal(only_lm["language.lm_head.weight"], state["language.lm_head.weight"])
 
 
+def test_mimo_export_import_round_trip_with_an_audio_encoder(tmp_path):
+    """An audio encoder exports as a Whisper encoder directory named as its module plus its projector file, and
+    comes back exactly; a Whisper config that differs is listed by field."""
+    d = _model_cfg_dict()
+    d["model"]["speech"] = {
+        "type": "audio",
+        "hidden_size": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "intermediate_size": 32,
+        "projector_intermediate_size": 32,
+        "max_source_positions": 50,
+    }
+    d["parallelism"]["speech"] = {"rank_offset": 0, "num_ranks": 1}
+    cfg = config_from_dict(d)
+    torch.manual_seed(0)
+    state = _randomize(MimoModel(cfg.model, 1998, audio_token_id=2020), 0).state_dict()
+    hf.export_hf(cfg.model, state, str(tmp_path / "out"), "llama")
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "language",
+        hf.PROJECTOR_FILE,
+        "speech",
+        "speech_projector.safetensors",
+        "vision",
+    ]
+    fresh = _randomize(MimoModel(cfg.model, 1998, audio_token_id=2020), 1).state_dict()
+    out = tmp_path / "out"
+    back = hf.import_hf(cfg.model, fresh, str(out / "language"), str(out / "vision"), audio_dir=str(out / "speech"))
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+    d["model"]["speech"]["intermediate_size"] = 48
+    with pytest.raises(ValueError, match=r"model.speech.intermediate_size=48 vs HF encoder_ffn_dim=32"):
+        hf.import_hf(config_from_dict(d).model, fresh, audio_dir=str(out / "speech"))
+
+
 def test_import_lists_every_config_mismatch(tmp_path):
     _hf_lm("llama").save_pretrained(tmp_path / "lm")
     _hf_siglip().save_pretrained(tmp_path / "vis")

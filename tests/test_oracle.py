@@ -350,6 +350,24 @@ LAYOUTS = {
         with_audio(V(0, 2, dp_shard=2), parallelism={"audio": V(0, 2, dp_shard=2), "colocated_encoders": "inline"}),
         (3,),
     ),
+    # vision in 2 pipeline stages, audio on its own rank, LM pp=2 x cp=2: audio rows reach both CP shards
+    "vision_pp2_audio_apart_lm_pp2_cp2": (
+        7,
+        V(0, 2, pp=2),
+        V(3, 4, pp=2, cp=2),
+        with_audio(V(2, 1), training={"seq_len": 64, "global_batch_size": 8, "microbatches": 4}),
+        (),
+    ),
+    # a frozen audio encoder prefetching beside a trainable vision encoder; LM tp=2
+    "frozen_audio_vision_trains_lm_tp2": (
+        4,
+        V(0, 1),
+        V(2, 2, tp=2),
+        with_audio(V(1, 1), model={"audio": {**AUDIO, "frozen": True}}),
+        (),
+    ),
+    # vision on the LM's ranks (whole batch), audio on a rank of its own (streamed): each encoder in its own mode
+    "vision_with_lm_audio_apart_mixed_modes": (3, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), with_audio(V(2, 1)), ()),
     "tied_lm_pp2_trains_only_the_tied_weight": (
         3,
         V(0, 1),

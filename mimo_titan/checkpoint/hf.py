@@ -800,45 +800,86 @@ def _load_projector(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _audio_projector_file(name: str) -> str:
+    """File name of an audio encoder's projector in an export (``<name>_projector.safetensors``)."""
+    return f"{name}_projector.safetensors"
+
+
+def _load_audio_projector(path: str) -> dict[str, torch.Tensor]:
+    """An audio encoder's projector weights (keys ``projector.*``)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    bad = [k for k in state if not k.startswith("projector.")]
+    if bad:
+        raise ValueError(f"{path}: unexpected keys {bad[:6]}; an audio projector file holds projector.* only")
+    return state
+
+
+def _encoder_of_type(model_cfg: ModelConfig, type_: str) -> tuple[str, Any] | None:
+    return next(((n, sec) for n, sec in model_cfg.encoders.items() if sec.type == type_), None)
+
+
 def import_hf(
     model_cfg: ModelConfig,
     full_state: dict[str, torch.Tensor],
     language_dir: str | None = None,
     vision_dir: str | None = None,
     projector_path: str | None = None,
+    *,
+    audio_dir: str | None = None,
+    audio_projector_path: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Overlay HF weights on a full single-process MIMO state (keys of ``MimoModel.state_dict()``).
 
     Args:
         model_cfg: our ``ModelConfig``; the HF configs must describe exactly the same modules.
-        full_state: ``vision.*`` / ``language.*`` tensors (e.g. a freshly initialised model); not mutated.
-        language_dir: an HF causal-LM directory (Llama-3 / Qwen3 / Qwen3-MoE); None keeps ``language.*``.
-        vision_dir: a SigLIP directory; None keeps ``vision.vision_model.*``.
-        projector_path: a projector file (``multi_modal_projector.*`` keys, as :func:`export_hf` writes); when None,
-            ``<vision_dir>/../multi_modal_projector.safetensors`` is used if it exists (the layout of an export),
-            else the projector keeps its values from ``full_state``.
+        full_state: ``<module>.*`` tensors (e.g. a freshly initialised model); not mutated.
+        language_dir: an HF causal-LM directory (Llama-3 / Qwen3 / Qwen3-MoE); None keeps the decoder's weights.
+        vision_dir: a SigLIP directory for the ``vit`` encoder; None keeps its ``vision_model.*``.
+        projector_path: the ViT's projector file (``multi_modal_projector.*`` keys, as :func:`export_hf` writes);
+            when None, ``<vision_dir>/../multi_modal_projector.safetensors`` is used if it exists (the layout of an
+            export), else the projector keeps its values from ``full_state``.
+        audio_dir: a Whisper directory for the ``audio`` encoder (its encoder half); None keeps its weights.
+        audio_projector_path: the audio encoder's projector file (``projector.*`` keys); when None,
+            ``<audio_dir>/../<name>_projector.safetensors`` if it exists.
 
     Returns:
         A new dict with the same keys, shapes and dtypes as ``full_state``.
 
     Raises:
         ValueError: HF configs differing from ``model_cfg`` (every mismatch listed as
-            ``model.language.<field>=ours vs HF <name>=theirs``), unsupported HF features, or weights not fitting.
+            ``model.<module>.<field>=ours vs HF <name>=theirs``), unsupported HF features, weights not fitting, or
+            a directory given for an encoder type the model lacks.
     """
+    from mimo_titan.checkpoint import hf_whisper
+
     out = dict(full_state)
+    lm_name = model_cfg.language_name
+    vit = _encoder_of_type(model_cfg, "vit")
+    audio = _encoder_of_type(model_cfg, "audio")
+    for given, enc, what in ((vision_dir, vit, "vit"), (audio_dir, audio, "audio")):
+        if given is not None and enc is None:
+            raise ValueError(f"an HF directory for a '{what}' encoder was given, but the model has none")
     configs = {}
     if language_dir is not None:
         configs["language"] = load_hf_dir(language_dir)
     if vision_dir is not None:
         configs["vision"] = load_hf_dir(vision_dir)
+    if audio_dir is not None:
+        configs["audio"] = load_hf_dir(audio_dir)
     problems = []
     if "language" in configs:
         problems += _lm_mismatches(model_cfg.language, lm_config_from_hf(configs["language"][0]))
     if "vision" in configs:
-        _vis_num_layers(model_cfg.vision)
-        problems += _mismatches(
-            "vision", model_cfg.vision, vision_config_from_hf(configs["vision"][0]), _VISION_HF_NAMES
-        )
+        assert vit is not None
+        _vis_num_layers(vit[1])
+        problems += _mismatches(vit[0], vit[1], vision_config_from_hf(configs["vision"][0]), _VISION_HF_NAMES)
+    if "audio" in configs:
+        assert audio is not None
+        theirs = hf_whisper.audio_config_from_hf(configs["audio"][0])
+        names = {**hf_whisper._AUDIO_HF_NAMES, "layer_norm_eps": "(Whisper's fixed LayerNorm eps)"}
+        problems += _mismatches(audio[0], audio[1], theirs, names)
     if problems:
         raise ValueError(
             "the HF checkpoint does not match the model config: "
@@ -846,14 +887,23 @@ def import_hf(
             + ". Set these fields of the TOML config to the HF values"
         )
     if "language" in configs:
-        _overlay(out, "language", lm_state_from_hf(configs["language"][1], model_cfg.language))
-    if "vision" in configs:
-        _overlay(out, "vision", vision_state_from_hf(configs["vision"][1], model_cfg.vision))
-    if projector_path is None and vision_dir is not None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(vision_dir)), PROJECTOR_FILE)
-        projector_path = beside if os.path.isfile(beside) else None
-    if projector_path is not None:
-        _overlay(out, "vision", _load_projector(projector_path))
+        _overlay(out, lm_name, lm_state_from_hf(configs["language"][1], model_cfg.language))
+    if vit is not None:
+        if "vision" in configs:
+            _overlay(out, vit[0], vision_state_from_hf(configs["vision"][1], vit[1]))
+        if projector_path is None and vision_dir is not None:
+            beside = os.path.join(os.path.dirname(os.path.abspath(vision_dir)), PROJECTOR_FILE)
+            projector_path = beside if os.path.isfile(beside) else None
+        if projector_path is not None:
+            _overlay(out, vit[0], _load_projector(projector_path))
+    if audio is not None:
+        if "audio" in configs:
+            _overlay(out, audio[0], hf_whisper.audio_state_from_hf(configs["audio"][1], audio[1]))
+        if audio_projector_path is None and audio_dir is not None:
+            beside = os.path.join(os.path.dirname(os.path.abspath(audio_dir)), _audio_projector_file(audio[0]))
+            audio_projector_path = beside if os.path.isfile(beside) else None
+        if audio_projector_path is not None:
+            _overlay(out, audio[0], _load_audio_projector(audio_projector_path))
     return out
 
 
@@ -864,27 +914,46 @@ def export_hf(
     language_arch: str,
     max_shard_bytes: int | None = None,
 ) -> None:
-    """Write a full MIMO state as HF directories: ``out_dir/language/`` (``language_arch``: llama / qwen3 /
-    qwen3_moe), ``out_dir/vision/`` (``SiglipVisionModel``) and ``out_dir/multi_modal_projector.safetensors`` (our
-    projector, keys ``multi_modal_projector.linear_{1,2}.{weight,bias}``). :func:`import_hf` of these restores
-    ``full_state`` exactly.
+    """Write a full MIMO state as HF directories, one per module, named as the module: the decoder as
+    ``out_dir/<language>/`` (``language_arch``: llama / qwen3 / qwen3_moe); the ``vit`` encoder as
+    ``out_dir/<vision>/`` (``SiglipVisionModel``) with its projector in ``out_dir/multi_modal_projector.safetensors``
+    (keys ``multi_modal_projector.linear_{1,2}.{weight,bias}``); an ``audio`` encoder as ``out_dir/<audio>/`` (a
+    ``WhisperEncoder``) with its projector in ``out_dir/<audio>_projector.safetensors`` (keys ``projector.*``).
+    Frozen modules are written like the others. :func:`import_hf` of these restores ``full_state`` exactly.
 
     Raises:
         ValueError: the model has features the HF formats lack (see :func:`hf_lm_config`, :func:`lm_state_to_hf`,
-            :func:`hf_vision_config`).
+            :func:`hf_vision_config`, :func:`mimo_titan.checkpoint.hf_whisper.hf_audio_config`); nothing is
+            written then.
     """
+    from safetensors.torch import save_file
+
+    from mimo_titan.checkpoint import hf_whisper
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in full_state.items() if k.startswith(prefix)}
 
-    lm, vis = part("language."), part("vision.")
+    lm_name = model_cfg.language_name
+    lm = part(lm_name + ".")
     dtype = str(lm["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    lm_config = hf_lm_config(model_cfg.language, language_arch, dtype=dtype)  # validates before writing anything
-    vis_config = hf_vision_config(model_cfg.vision, dtype=dtype)
-    lm_hf, vis_hf = lm_state_to_hf(lm, model_cfg.language), vision_state_to_hf(vis, model_cfg.vision)
-    save_hf_dir(os.path.join(out_dir, "language"), lm_config, lm_hf, max_shard_bytes)
-    save_hf_dir(os.path.join(out_dir, "vision"), vis_config, vis_hf, max_shard_bytes)
-    from safetensors.torch import save_file
-
-    projector = {k: v.detach().cpu().contiguous() for k, v in vis.items() if k.startswith("multi_modal_projector.")}
-    save_file(projector, os.path.join(out_dir, PROJECTOR_FILE), metadata={"format": "pt"})
+    # every config and state first: a model HF cannot represent writes nothing
+    dirs = [
+        (lm_name, hf_lm_config(model_cfg.language, language_arch, dtype=dtype), lm_state_to_hf(lm, model_cfg.language))
+    ]
+    files: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for name, section in model_cfg.encoders.items():
+        enc = part(name + ".")
+        if section.type == "vit":
+            dirs.append((name, hf_vision_config(section, dtype=dtype), vision_state_to_hf(enc, section)))
+            files.append((PROJECTOR_FILE, {k: v for k, v in enc.items() if k.startswith("multi_modal_projector.")}))
+        elif section.type == "audio":
+            config = hf_whisper.hf_audio_config(section, dtype=dtype)
+            dirs.append((name, config, hf_whisper.audio_state_to_hf(enc, section)))
+            files.append((_audio_projector_file(name), {k: v for k, v in enc.items() if k.startswith("projector.")}))
+        else:
+            raise ValueError(f"model.{name}: no HF format for encoder type '{section.type}'")
+    for name, config, state in dirs:
+        save_hf_dir(os.path.join(out_dir, name), config, state, max_shard_bytes)
+    for file, state in files:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})

@@ -54,7 +54,8 @@ __all__ = ["apply_tp_language", "apply_tp_vision", "check_tp", "sp_scatter"]
 
 
 def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp: int) -> None:
-    """Raise if module ``module`` (``"language"`` or an encoder) cannot be split ``tp`` ways; no process group needed.
+    """Raise if module ``module`` (the decoder or a ViT, told apart by ``model_cfg.type``) cannot be split ``tp`` ways;
+    no process group needed.
 
     Args:
         module: the module's name (its config section ``model.<module>``).
@@ -67,11 +68,11 @@ def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp
     """
     if tp == 1:
         return
-    if module == "language":
+    if model_cfg.type == "decoder":
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")}
     else:
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "intermediate_size", "projector_intermediate_size")}
-        vis = cast("VisionModelConfig", model_cfg)  # module != "language": an encoder's config
+        vis = cast("VisionModelConfig", model_cfg)  # a ViT's config
         fields["(image_size // patch_size) ** 2"] = (vis.image_size // vis.patch_size) ** 2
     for field, value in fields.items():
         if value % tp:
