@@ -289,10 +289,12 @@ def test_module_schedule_key_is_checked():
         config_from_dict(d)
 
 
-def test_bench_schedule_runs_the_real_schedule(tmp_path):
-    """3 ranks (encoder | LM pp=2), 4 microbatches: the JSON has every figure, no measured step beats its
-    analytical time (sleeps cannot be shortened), and every rank's busy fraction is a fraction."""
-    cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2))
+@pytest.mark.parametrize("schedule,v", [("1F1B", 1), ("Interleaved1F1B", 2)])
+def test_bench_schedule_runs_the_real_schedule(tmp_path, schedule, v):
+    """3 ranks (encoder | LM pp=2, or 2 chunks per rank under Interleaved1F1B), 4 microbatches: the JSON has every
+    figure, no measured step beats its analytical time (sleeps cannot be shortened), and every rank's busy fraction
+    is a fraction."""
+    cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2), model={"language": {"num_layers": 4}})
     toml = tmp_path / "bench.toml"
     toml.write_text(_to_toml(cfg))
     out = tmp_path / "bench.json"
@@ -302,7 +304,7 @@ def test_bench_schedule_runs_the_real_schedule(tmp_path):
 
         res = bench_schedule.main(
             ["--config", str(toml), "--encoder-ms", "5", "--lm-ms", "15", "--microbatches", "4", "--steps", "2",
-             "--warmup", "1", "--json", str(out)]
+             "--warmup", "1", "--json", str(out), "--schedule", schedule, f"--parallelism.virtual_stages={v}"]
         )  # fmt: skip
     finally:
         sys.path.remove(str(ROOT / "scripts"))
@@ -310,7 +312,9 @@ def test_bench_schedule_runs_the_real_schedule(tmp_path):
     assert res["mode"] == "streamed"
     assert res["measured_s"] >= 0.98 * res["analytical_s"]
     assert res["encoder_first_s"] >= 0.98 * res["encoder_first_analytical_s"]
-    assert res["analytical_s"] == pytest.approx(3 * 0.005 + 3 * 0.015 * (4 + 2 - 1), abs=1e-4)
+    # the bubble: (pp - 1) / v microbatch-times of a language rank
+    assert res["analytical_s"] == pytest.approx(3 * 0.005 + 3 * 0.015 * (4 + (2 - 1) / v), abs=1e-4)
+    assert res["stage_of_rank"][1] == ("language.0+2" if v == 2 else "language.0")
     assert set(res["busy_fraction_per_rank"]) == {0, 1, 2}
     assert all(0 < f <= 1.0 for f in res["busy_fraction_per_rank"].values())
 
