@@ -36,7 +36,8 @@ this module (:class:`Config` is the root)::
     load_balance = "aux_free"          # aux_loss | aux_free | none
 
     [parallelism]              # ParallelismConfig scalar keys
-    pipeline_schedule = "1F1B"         # "1F1B" | "GPipe": the language pipeline's schedule
+    pipeline_schedule = "1F1B"         # "1F1B" | "GPipe" | "Interleaved1F1B": the language pipeline's schedule
+    virtual_stages = 1                 # model chunks per language pp rank (Interleaved1F1B: >= 2)
     module_schedule = "1F1B"           # "1F1B": encoders lead the LM stages microbatch by microbatch | "GPipe"
     colocated_encoders = "batch"       # "batch" | "inline" (per microbatch; needs language pp = 1)
     mixed_precision_param = "auto"     # auto | float32 | bfloat16 (no float16: there is no gradient scaler)
@@ -657,7 +658,10 @@ class ParallelismConfig(_OpenSections):
     """
 
     modules: dict[str, ModuleParallelism] = field(default_factory=dict)  # [parallelism.<name>] tables
-    pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
+    pipeline_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe", "Interleaved1F1B"))
+    # Interleaved1F1B: model chunks (virtual pipeline stages) per language pp rank, Megatron-LM's
+    # virtual_pipeline_model_parallel_size; 1 with the other schedules
+    virtual_stages: int = _opt(1, ge=1)
     module_schedule: str = _opt("1F1B", choices=("1F1B", "GPipe"))
     colocated_encoders: str = _opt("batch", choices=("batch", "inline"))
     mixed_precision_param: str = _opt("auto", choices=("auto", "float32", "bfloat16"))  # no fp16: no grad scaler

@@ -1,12 +1,17 @@
 """Benchmark the cross-module pipeline schedule: the real schedule, stages and bridge, compute replaced by sleeps.
 
     python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml \\
-        --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe] [--steps 5] [--json OUT] \\
-        [--section.key=value ...]   # config overrides, e.g. --parallelism.vision.pp=2
+        --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe|Interleaved1F1B] [--steps 5] \\
+        [--json OUT] [--section.key=value ...]   # config overrides, e.g. --parallelism.vision.pp=2
+
+    # virtual pipeline stages: each language rank runs 2 chunks of lm-ms / 2 each
+    python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml --encoder-ms 10 --lm-ms 30 \\
+        --microbatches 8 --schedule Interleaved1F1B --parallelism.virtual_stages=2
 
 Every rank of the config's layout runs as a process on CPU/gloo (spawned here; no torchrun). Each encoder rank's
 forward of a microbatch sleeps ``--encoder-ms`` (per encoder pipeline stage), each language stage's forward
-``--lm-ms``, every backward twice its forward; everything else is the training code path:
+``--lm-ms`` (with ``parallelism.virtual_stages = v``, Interleaved1F1B, each of a rank's v chunks ``--lm-ms / v``: the
+same work per rank), every backward twice its forward; everything else is the training code path:
 :class:`~mimo_titan.pipeline.schedule.MimoSchedule`, ``torch.distributed.pipelining`` stages and schedules, the
 bridge's point-to-point transfers, the loss.
 
@@ -141,24 +146,31 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
     # a 16-token vocabulary keeps the (real) loss of the last stage out of the measurement
     H, V = cfg.model.language.hidden_size, BENCH_VOCAB
     image_token_id = V - 1
+    from mimo_titan.pipeline.stages import LanguageChunks, virtual_stage_indices
+
     encoder = None
     if role.holds(enc):
         e_lay, e_stage = layouts[enc], role.pp_stage(enc)
         D = cfg.model.vision.hidden_size
         last = e_stage == e_lay.pp - 1
         encoder = SleepEncoder(args.encoder_ms / 1e3, P, H if last else D, hidden_size=D, first=e_stage == 0)
-    language = None
+    language: nn.Module | None = None
     if role.holds(lang):
-        lay, stage = layouts[lang], role.pp_stage(lang)
-        language = SleepLanguageStage(
-            args.lm_ms / 1e3,
-            is_first=stage == 0,
-            is_last=stage == lay.pp - 1,
-            vocab=V,
-            hidden=H,
-            cp=lay.cp,
-            tp=lay.tp,
-        )
+        lay, v = layouts[lang], cfg.parallelism.virtual_stages
+        stages = virtual_stage_indices(lay.pp, v, role.pp_stage(lang))  # [pp stage] unless interleaved
+        chunks = [
+            SleepLanguageStage(
+                args.lm_ms / 1e3 / v,
+                is_first=k == 0,
+                is_last=k == lay.pp * v - 1,
+                vocab=V,
+                hidden=H,
+                cp=lay.cp,
+                tp=lay.tp,
+            )
+            for k in stages
+        ]
+        language = chunks[0] if v == 1 else LanguageChunks(chunks, stages, lay.pp * v)
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
     bridge = Bridge(layouts[enc], layouts[lang], mb_size, 1, H, torch.float32, torch.device("cpu"), rank)
     vit = encoder_spec("vit")
@@ -180,6 +192,7 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
             language,
             microbatches=cfg.training.microbatches,
             schedule=cfg.parallelism.pipeline_schedule,
+            virtual_stages=cfg.parallelism.virtual_stages,
             module_schedule=module_schedule,
             colocated_encoders=cfg.parallelism.colocated_encoders,
             device=torch.device("cpu"),
@@ -214,9 +227,18 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--encoder-ms", type=float, required=True, help="encoder forward per microbatch per rank (ms)")
-    p.add_argument("--lm-ms", type=float, required=True, help="forward per microbatch per language stage (ms)")
+    p.add_argument(
+        "--lm-ms",
+        type=float,
+        required=True,
+        help="forward per microbatch per language pp rank (ms; split over its chunks)",
+    )
     p.add_argument("--microbatches", type=int, required=True)
-    p.add_argument("--schedule", default=None, help="the language pipeline's schedule (default: the config's)")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="the language pipeline's schedule: 1F1B, GPipe or Interleaved1F1B (default: the config's)",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--json", default=None, help="write the results here")
@@ -226,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
 
     from mimo_titan.config import load_config
+    from mimo_titan.errors import ConfigError
     from mimo_titan.pipeline.order import mimo_timeline
     from mimo_titan.topology.mesh import layouts_from_config
+    from mimo_titan.train.trainer import validate_job
 
     cfg = load_config(args.config, extra)  # any other --section.key=value is a config override
     layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
@@ -240,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.append(f"--parallelism.pipeline_schedule={args.schedule}")
     cfg = load_config(args.config, overrides)
     world = max(lay.end for lay in layouts.values())
+    try:  # what every rank checks first: say it once, here
+        validate_job(cfg, world)
+    except ConfigError as exc:
+        raise SystemExit(f"bench_schedule: {exc}") from None
 
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
@@ -280,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             lm_forward_s=args.lm_ms / 1e3,
             colocated=colocated,
             encoder_pp=lay_e.pp,
+            virtual_stages=cfg.parallelism.virtual_stages,
         )
 
     try:
@@ -291,9 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
     busy = {r: round(got[r]["streamed"][1] / measured, 3) for r in sorted(got)}
     busy_first = {r: round(got[r]["encoder_first"][1] / first, 3) for r in sorted(got)}
 
+    v = cfg.parallelism.virtual_stages
+
     def stage_of(r: int) -> str:
         if r in lay_l.ranks:
-            st = f"{lang}.{(r - lay_l.rank_offset) // lay_l.stage_size}"
+            pp_rank = (r - lay_l.rank_offset) // lay_l.stage_size
+            st = f"{lang}.{'+'.join(str(pp_rank + j * lay_l.pp) for j in range(v))}"  # its (virtual) stages
             return f"{enc}+{st}" if colocated else st
         return enc if lay_e.pp == 1 else f"{enc}.{(r - lay_e.rank_offset) // lay_e.stage_size}"
 
@@ -305,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         "encoder_ms": args.encoder_ms,
         "lm_ms": args.lm_ms,
         "pipeline_schedule": cfg.parallelism.pipeline_schedule,
+        "virtual_stages": v,
         "mode": mode,
         "measured_s": round(measured, 4),
         "analytical_s": round(ana.step_s, 4),
@@ -316,7 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
         "encoder_first_busy_fraction_per_rank": busy_first,
         "stage_of_rank": {r: stage_of(r) for r in sorted(got)},
     }
-    print(f"{args.config}: {world} ranks, M={M}, global batch {gbs}, encoder {args.encoder_ms} ms, LM {args.lm_ms} ms")
+    print(
+        f"{args.config}: {world} ranks, M={M}, global batch {gbs}, encoder {args.encoder_ms} ms, LM {args.lm_ms} ms; "
+        f"language schedule {cfg.parallelism.pipeline_schedule}" + (f", {v} virtual stages per rank" if v > 1 else "")
+    )
     print(f"{'schedule':32s} {'measured s':>10s} {'analytical s':>12s}")
     print(f"{'module 1F1B (' + mode + ')':32s} {measured:10.4f} {ana.step_s:12.4f}")
     print(f"{'module GPipe (encoder first)':32s} {first:10.4f} {ana_first.step_s:12.4f}")

@@ -191,6 +191,31 @@ def test_tied_embeddings_checkpoint_moves_between_pp2_and_pp1(tmp_path):
     _continues(resumed, straight)
 
 
+@pytest.mark.multirank
+def test_interleaved_chunks_checkpoint_moves_to_1f1b_and_back(tmp_path):
+    """Language pp=2 with 2 virtual stages per rank (Interleaved1F1B: rank 0 holds layers 0 and 2, rank 1 layers 1 and
+    3) saves the single stage's keys: its step-2 checkpoint resumes under 1F1B (rank 0 layers 0-1) and that run's
+    step-4 checkpoint under Interleaved1F1B again: steps 3-6 equal an uninterrupted interleaved run's."""
+    common = dict(
+        model={"language": {"num_layers": 4}},
+        training={"steps": 6, "global_batch_size": 4, "microbatches": 2},
+        optimizer={"lr": 3e-3},
+    )
+    inter = tiny_config_dict(
+        V(0, 1), V(1, 2, pp=2), parallelism={"pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2}, **common
+    )
+    plain = tiny_config_dict(V(0, 1), V(1, 2, pp=2), **common)
+    folder = str(tmp_path / "ckpt")
+    straight = run_ranks(_reshard_worker, 3, inter, str(tmp_path / "straight"), None, timeout=300)[0]
+    saved = run_ranks(_reshard_worker, 3, inter, folder, 2, timeout=300)[0]
+    assert [r["step"] for r in saved] == [1, 2]
+    at_1f1b = run_ranks(_reshard_worker, 3, plain, folder, 2, timeout=300)[0]  # resumes step 2, saves step 4
+    at_inter = run_ranks(_reshard_worker, 3, inter, folder, None, timeout=300)[0]  # resumes step 4
+    resumed = at_1f1b + at_inter
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    _continues(resumed, straight)
+
+
 def _initial_load_worker(rank, world, device, cfg_dict, path):
     from mimo_titan.checkpoint import CheckpointManager
     from mimo_titan.train.trainer import build_job, build_loader

@@ -8,7 +8,12 @@ import torch
 from _tiny import BASE
 from mimo_titan.config import config_from_dict
 from mimo_titan.models import LanguageStage, MimoModel, merge_image_embeddings, scatter_image_embeddings
-from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+from mimo_titan.pipeline.stages import (
+    LanguageChunks,
+    split_language_model,
+    stage_layer_range,
+    virtual_stage_indices,
+)
 
 IMG = 1998
 
@@ -80,6 +85,40 @@ def test_pipeline_stages_compose_to_the_full_model(pp):
         x = part(ids, dense) if s == 0 else part(x)
     torch.testing.assert_close(x, full)
     assert sorted(names) == sorted(n for n, _ in LanguageStage(m.language, IMG).named_parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_virtual_stages_run_the_model_and_keep_one_stages_names(tied):
+    """pp = 2 ranks of 2 chunks each (4 of 8 layers per rank): the chunks in global order compute the full model, and
+    each rank's LanguageChunks shows its tensors (shared, not copied) under one stage's names, each once."""
+    cfg, m = _model(num_layers=8, tie_word_embeddings=tied)
+    ids = torch.randint(0, 1000, (2, 6))
+    dense = torch.zeros(2, 6, cfg.model.language.hidden_size)
+    full = LanguageStage(m.language, IMG)(ids, dense)
+    pp, v = 2, 2
+    chunks = {k: LanguageStage(split_language_model(m.language, pp * v, k), IMG) for k in range(pp * v)}
+    x = None
+    for k in range(pp * v):
+        x = chunks[k](ids, dense) if k == 0 else chunks[k](x)
+    torch.testing.assert_close(x, full)
+    names = []
+    for rank in range(pp):
+        stages = virtual_stage_indices(pp, v, rank)
+        held = LanguageChunks([chunks[k] for k in stages], stages, pp * v)
+        params = dict(held.named_parameters())
+        names += list(params)
+        layers = sorted({int(n.split(".")[3]) for n in params if ".layers." in n})
+        assert layers == [0, 1, 4, 5] if rank == 0 else [2, 3, 6, 7]
+        owned = {id(p) for k in stages for p in chunks[k].parameters()}
+        assert {id(p) for p in params.values()} == owned  # the chunks' own tensors, each once
+        assert set(held.state_dict()) == {n for c in stages for n in chunks[c].state_dict()}
+        assert ("language.model.embed_tokens.weight" in params) == (rank == 0)
+        assert ("language.lm_head.weight" in params) == (rank == pp - 1)
+    # the single stage's names; with tied embeddings the last rank's head is the second copy of the one tensor
+    single = [n for n, _ in LanguageStage(m.language, IMG).named_parameters()]
+    assert sorted(names) == sorted(single + (["language.lm_head.weight"] if tied else []))
+    with pytest.raises(RuntimeError, match="not run as a whole"):
+        held(ids)
 
 
 def test_stage_layer_range():

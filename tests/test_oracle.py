@@ -236,6 +236,42 @@ LAYOUTS = {
         {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"module_schedule": "GPipe"}},
         (),
     ),
+    # virtual pipeline stages (Interleaved1F1B): LM pp rank r holds chunks r and r + pp of a pp·2-way layer split
+    "interleaved_lm_pp2_v2": (
+        3,
+        V(0, 1),
+        V(1, 2, pp=2),
+        {
+            "model": {"language": {"num_layers": 4}},
+            "parallelism": {"pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2},
+            "training": {"global_batch_size": 8, "microbatches": 8},  # the encoder warms up with 4 of 8
+            "data": {"max_images_per_sample": 2},
+        },
+        (2,),
+    ),
+    # tied embeddings: chunk 0 (rank 0) and chunk 3 (rank 1) hold the copies; MoE layers in both chunks of a rank
+    "interleaved_lm_pp2_v2_tied_moe_dp2": (
+        5,
+        V(0, 1),
+        V(1, 4, pp=2, dp_shard=2),
+        {
+            "model": {"language": {**MOE_LM["model"]["language"], "num_layers": 4, "tie_word_embeddings": True}},
+            "parallelism": {"pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2},
+            "training": {"global_batch_size": 8, "microbatches": 4},
+        },
+        (),
+    ),
+    "interleaved_lm_pp4_v2": (
+        5,
+        V(0, 1),
+        V(1, 4, pp=4),
+        {
+            "model": {"language": {"num_layers": 8}},
+            "parallelism": {"pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2},
+            "training": {"global_batch_size": 8, "microbatches": 8},
+        },
+        (),
+    ),
     # tied word embeddings across LM stages: stage 0's embedding and the last stage's head sum their gradients
     "tied_lm_pp2": (3, V(0, 1), V(1, 2, pp=2), {**TIED, "training": {"microbatches": 2}}, ()),
     "tied_lm_pp2_dp2": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2), {**TIED, "training": {"microbatches": 2}}, ()),
@@ -455,6 +491,7 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
         "params": params,
         "moe": rec.get("moe"),
         "kernels": kernels.dispatch_counts(),
+        "lm_schedule": type(job.schedule.pp_schedule).__name__ if job.schedule.pp_schedule is not None else None,
         # parameters with optimizer state on this rank (frozen ones must have none)
         "optimized": sorted(
             name for name, p in canonical_named_parameters(job) if any(p in o.state for o in job.optimizers.values())
@@ -520,6 +557,8 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
         assert 0 in per_mb.tolist() and per_mb.sum() > 0
     results = run_ranks(_oracle_worker, world, cfg_dict, (no_images, roll, no_audio), backend=backend)
 
+    if cfg.parallelism.pipeline_schedule == "Interleaved1F1B":  # every LM rank ran torch's interleaved schedule
+        assert {r["lm_schedule"] for r in results} - {None} == {"ScheduleInterleaved1F1B"}
     tied = cfg.model.language.tie_word_embeddings
     seen = set()
     for rank, res in enumerate(results):

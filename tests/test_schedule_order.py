@@ -17,6 +17,8 @@ from mimo_titan.pipeline.order import (
     Stage,
     encoder_warmup,
     gpipe_order,
+    interleaved_order,
+    interleaved_rounds,
     mimo_timeline,
     one_f_one_b_order,
     simulate,
@@ -104,6 +106,111 @@ def test_encoder_warmup_below_the_language_models_deadlocks():
     assert math.isfinite(simulate([enc, *lm]).step_s)
 
 
+# (pp, virtual_stages, microbatches) torch's ScheduleInterleaved1F1B accepts, M a multiple of pp or not
+INTERLEAVED = [(2, 2, 2), (2, 2, 4), (2, 2, 6), (2, 2, 8), (2, 3, 6), (3, 2, 3), (3, 2, 6), (3, 2, 9), (4, 2, 4),
+               (4, 2, 6), (4, 2, 8), (4, 2, 12), (4, 3, 8)]  # fmt: skip
+
+
+def _torch_interleaved_order(M: int, pp: int, v: int, rank: int):
+    """Rank ``rank``'s compute actions as torch 2.13's ScheduleInterleaved1F1B plans them (no process group)."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+
+    s = object.__new__(ScheduleInterleaved1F1B)  # only the attributes the planning reads
+    s.pp_group_size, s.n_local_stages, s._n_microbatches = pp, v, M
+    s.number_of_rounds = max(1, M // pp)
+    s.microbatches_per_round = M // s.number_of_rounds
+    kind = {"FORWARD": "F", "FULL_BACKWARD": "B"}
+    return [
+        (a.stage_index, (kind[a.computation_type.name], a.microbatch_index))
+        for a in s._calculate_single_rank_operations(rank)
+        if a is not None
+    ]
+
+
+@pytest.mark.parametrize("pp,v,M", INTERLEAVED)
+def test_interleaved_order_is_torchs(pp, v, M):
+    for rank in range(pp):
+        assert interleaved_order(M, pp, v, rank) == _torch_interleaved_order(M, pp, v, rank), f"rank {rank}"
+    # every chunk runs each microbatch's forward and backward once, in microbatch order
+    for k in range(pp * v):
+        order = stage_order("Interleaved1F1B", M, pp * v, k, v)
+        assert [a for a in order if a[0] == "F"] == [("F", m) for m in range(M)]
+        assert [a for a in order if a[0] == "B"] == [("B", m) for m in range(M)]
+
+
+def test_interleaved_order_example_and_errors():
+    fmt = " ".join(f"{k}{s}.{m}" for s, (k, m) in interleaved_order(4, 2, 2, 0))
+    assert fmt == "F0.0 F0.1 F2.0 F2.1 F0.2 B2.0 F0.3 B2.1 F2.2 B0.0 F2.3 B0.1 B2.2 B2.3 B0.2 B0.3"
+    with pytest.raises(ValueError, match=r"microbatches=5 .* max\(1, microbatches // pp\) = 2.*e.g. 4 or 6"):
+        interleaved_rounds(5, 2)
+    assert interleaved_rounds(6, 4) == 1  # torch's flexible rounds: 6 microbatches in one round of pp = 4
+    with pytest.raises(ValueError, match="needs the Interleaved1F1B schedule"):
+        stage_order("1F1B", 4, 4, 0, virtual_stages=2)
+
+
+def _interleaved_pipeline(pp, v, M, warmups, e=1.0, lm=2.0):
+    """Encoder stages (one per warm-up, the last one feeding the bridge) leading pp language ranks of v chunks each,
+    every rank playing torch's interleaved order."""
+    names = [f"enc.{j}" for j in range(len(warmups))]
+    encs = [
+        Stage(n, one_f_one_b_order(M, w), e, 2 * e, inputs=(names[j - 1],) if j else ())
+        for j, (n, w) in enumerate(zip(names, warmups))
+    ]
+    chunks = [
+        Stage(f"lm.{k}", stage_order("Interleaved1F1B", M, pp * v, k, v), lm / v, 2 * lm / v,
+              inputs=(f"lm.{k - 1}",) if k else (names[-1],), worker=f"rank{k % pp}")
+        for k in range(pp * v)
+    ]  # fmt: skip
+    orders = {f"rank{r}": [(f"lm.{k}", a) for k, a in interleaved_order(M, pp, v, r)] for r in range(pp)}
+    return simulate([*encs, *chunks], orders)
+
+
+@pytest.mark.parametrize("pp,v,M", INTERLEAVED)
+def test_interleaved_encoder_warmup_never_deadlocks(pp, v, M):
+    """The warm-up is the forwards of chunk 0 that rank 0 runs before its first backward of chunk 0; with it the
+    encoder (one stage, or two) never waits for a gradient while the language model waits for a forward, and with
+    one forward less it does (unless the warm-up is the whole batch: nothing left to wait for)."""
+    w = encoder_warmup("Interleaved1F1B", pp, M, 1, v)
+    chunk0 = [a for s, a in interleaved_order(M, pp, v, 0) if s == 0]
+    assert w == chunk0.index(("B", 0))
+    assert math.isfinite(_interleaved_pipeline(pp, v, M, [w]).step_s)
+    w2 = encoder_warmup("Interleaved1F1B", pp, M, 2, v)
+    assert w2 == min(M, w + 1)
+    assert math.isfinite(_interleaved_pipeline(pp, v, M, [w2, w]).step_s)
+    if w < M:
+        with pytest.raises(ValueError, match="deadlocks"):
+            _interleaved_pipeline(pp, v, M, [w - 1])
+    t = mimo_timeline(
+        mode="streamed",
+        lm_schedule="Interleaved1F1B",
+        lm_pp=pp,
+        microbatches=M,
+        encoder_forward_s=1.0,
+        lm_forward_s=2.0,
+        virtual_stages=v,
+        encoder_pp=2,
+    )
+    assert math.isfinite(t.step_s)
+
+
+@pytest.mark.parametrize("pp,v,M", [(2, 2, 8), (4, 2, 8), (3, 3, 9), (4, 2, 6)])
+def test_interleaved_bubble_shrinks_by_the_virtual_stages(pp, v, M):
+    """A streamed encoder faster than a language rank: 3·e + 3·l·M + 3·l·(pp − 1) / v (Narayanan et al. 2021: the
+    bubble of 1F1B divided by v), against 3·e + 3·l·(M + pp − 1) for 1F1B; module GPipe and colocated batch mode
+    also take the interleaved language step."""
+    e, lm = 0.010, 0.030
+    kw = dict(lm_pp=pp, microbatches=M, encoder_forward_s=e, lm_forward_s=lm)
+    inter = mimo_timeline(mode="streamed", lm_schedule="Interleaved1F1B", virtual_stages=v, **kw)
+    plain = mimo_timeline(mode="streamed", lm_schedule="1F1B", **kw)
+    assert inter.step_s == pytest.approx(3 * e + 3 * lm * M + 3 * lm * (pp - 1) / v)
+    assert plain.step_s == pytest.approx(3 * e + 3 * lm * (M + pp - 1))
+    for colocated in (False, True):
+        first = mimo_timeline(
+            mode="whole_batch", lm_schedule="Interleaved1F1B", virtual_stages=v, colocated=colocated, **kw
+        )
+        assert first.step_s == pytest.approx(3 * M * e + 3 * lm * M + 3 * lm * (pp - 1) / v)
+
+
 def test_schedule_mode():
     assert schedule_mode(colocated=False, module_schedule="1F1B", colocated_encoders="batch") == "streamed"
     assert schedule_mode(colocated=False, module_schedule="GPipe", colocated_encoders="batch") == "whole_batch"
@@ -132,16 +239,62 @@ def test_inline_encoders_need_a_colocated_single_stage_layout(vision, language, 
         validate_job(cfg, world)
 
 
+INTERLEAVED_PAR = {"pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2}
+
+
+@pytest.mark.parametrize(
+    "language,sections,match",
+    [
+        (
+            V(1, 2, pp=2),
+            {"parallelism": {"virtual_stages": 2}},
+            r"virtual_stages=2 needs parallelism.pipeline_schedule",
+        ),
+        (V(1, 1), {"parallelism": INTERLEAVED_PAR}, r"needs parallelism.language.pp >= 2 \(got 1\)"),
+        (
+            V(1, 2, pp=2),
+            {"parallelism": {"pipeline_schedule": "Interleaved1F1B"}},
+            r"needs parallelism.virtual_stages >= 2 .*got 1",
+        ),
+        (V(1, 2, pp=2), {"parallelism": INTERLEAVED_PAR}, r"num_layers=2 is smaller than .* 2 × 2 = 4"),
+        (
+            V(1, 2, pp=2),
+            {
+                "parallelism": INTERLEAVED_PAR,
+                "model": {"language": {"num_layers": 4}},
+                "training": {"global_batch_size": 10, "microbatches": 5},
+            },
+            r"training.microbatches=5 .*Interleaved1F1B.*e.g. 4 or 6",
+        ),
+    ],
+)
+def test_interleaved_needs_pp_chunks_layers_and_microbatches(language, sections, match):
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), language, **sections))
+    with pytest.raises(ConfigError, match=match):
+        validate_job(cfg, 1 + language["num_ranks"])
+
+
+def test_interleaved_refuses_inline_encoders_and_accepts_a_good_layout():
+    ok = dict(parallelism=INTERLEAVED_PAR, model={"language": {"num_layers": 4}}, training={"microbatches": 2})
+    validate_job(config_from_dict(tiny_config_dict(V(0, 1), V(1, 2, pp=2), **ok)), 3)
+    inline = {**ok, "parallelism": {**INTERLEAVED_PAR, "colocated_encoders": "inline"}}
+    cfg = config_from_dict(tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, pp=2), **inline))
+    with pytest.raises(ConfigError, match="colocated_encoders='inline' with pipeline_schedule='Interleaved1F1B'"):
+        validate_job(cfg, 2)
+
+
 def test_module_schedule_key_is_checked():
     d = tiny_config_dict(V(0, 1), V(1, 1), parallelism={"module_schedule": "ZeroBubble"})
     with pytest.raises(ConfigError, match="module_schedule"):
         config_from_dict(d)
 
 
-def test_bench_schedule_runs_the_real_schedule(tmp_path):
-    """3 ranks (encoder | LM pp=2), 4 microbatches: the JSON has every figure, no measured step beats its
-    analytical time (sleeps cannot be shortened), and every rank's busy fraction is a fraction."""
-    cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2))
+@pytest.mark.parametrize("schedule,v", [("1F1B", 1), ("Interleaved1F1B", 2)])
+def test_bench_schedule_runs_the_real_schedule(tmp_path, schedule, v):
+    """3 ranks (encoder | LM pp=2, or 2 chunks per rank under Interleaved1F1B), 4 microbatches: the JSON has every
+    figure, no measured step beats its analytical time (sleeps cannot be shortened), and every rank's busy fraction
+    is a fraction."""
+    cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2), model={"language": {"num_layers": 4}})
     toml = tmp_path / "bench.toml"
     toml.write_text(_to_toml(cfg))
     out = tmp_path / "bench.json"
@@ -151,7 +304,7 @@ def test_bench_schedule_runs_the_real_schedule(tmp_path):
 
         res = bench_schedule.main(
             ["--config", str(toml), "--encoder-ms", "5", "--lm-ms", "15", "--microbatches", "4", "--steps", "2",
-             "--warmup", "1", "--json", str(out)]
+             "--warmup", "1", "--json", str(out), "--schedule", schedule, f"--parallelism.virtual_stages={v}"]
         )  # fmt: skip
     finally:
         sys.path.remove(str(ROOT / "scripts"))
@@ -159,7 +312,9 @@ def test_bench_schedule_runs_the_real_schedule(tmp_path):
     assert res["mode"] == "streamed"
     assert res["measured_s"] >= 0.98 * res["analytical_s"]
     assert res["encoder_first_s"] >= 0.98 * res["encoder_first_analytical_s"]
-    assert res["analytical_s"] == pytest.approx(3 * 0.005 + 3 * 0.015 * (4 + 2 - 1), abs=1e-4)
+    # the bubble: (pp - 1) / v microbatch-times of a language rank
+    assert res["analytical_s"] == pytest.approx(3 * 0.005 + 3 * 0.015 * (4 + (2 - 1) / v), abs=1e-4)
+    assert res["stage_of_rank"][1] == ("language.0+2" if v == 2 else "language.0")
     assert set(res["busy_fraction_per_rank"]) == {0, 1, 2}
     assert all(0 < f <= 1.0 for f in res["busy_fraction_per_rank"].values())
 

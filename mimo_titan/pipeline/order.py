@@ -11,6 +11,14 @@ stage, so the language model never waits for a microbatch it could already run, 
 ``T - s`` microbatches of activations (Megatron-LM's rule for the encoder stages that lead its 1F1B pipeline,
 ``schedules.forward_backward_pipelining_without_interleaving``).
 
+**Interleaved 1F1B** (``parallelism.pipeline_schedule = "Interleaved1F1B"``, ``parallelism.virtual_stages = v``):
+each of the language model's ``pp`` ranks holds ``v`` model chunks, rank ``r`` the global stages ``r, r + pp, ...,
+r + (v - 1) pp`` of a ``pp · v``-stage pipeline; :func:`interleaved_order` is the order of one rank, exactly that of
+``torch.distributed.pipelining.ScheduleInterleaved1F1B`` (Narayanan et al. 2021, "Efficient Large-Scale Language
+Model Training on GPU Clusters Using Megatron-LM", section 2.2; Megatron-LM's ``virtual_pipeline_model_parallel_size``).
+The encoder in front of it warms up with as many forwards as the language model's rank 0 runs of its first chunk
+before that chunk's first backward (:func:`encoder_warmup`).
+
 **Module-level GPipe** (``parallelism.module_schedule = "GPipe"``, the older order): the encoder runs all
 forwards, the language model receives all of them before it starts its own schedule, and the encoder's
 backwards start once the language model's first stage has finished its whole step.
@@ -30,6 +38,8 @@ __all__ = [
     "Timeline",
     "encoder_warmup",
     "gpipe_order",
+    "interleaved_order",
+    "interleaved_rounds",
     "one_f_one_b_order",
     "simulate",
     "stage_order",
@@ -60,28 +70,129 @@ def gpipe_order(microbatches: int) -> list[Action]:
     return [("F", m) for m in range(microbatches)] + [("B", m) for m in range(microbatches)]
 
 
-def stage_order(schedule: str, microbatches: int, num_stages: int, stage: int) -> list[Action]:
-    """The order of stage ``stage`` of a ``num_stages``-stage pipeline under ``schedule`` (``"1F1B"``/``"GPipe"``).
+def interleaved_rounds(microbatches: int, pp: int) -> int:
+    """Rounds of ``ScheduleInterleaved1F1B``: ``max(1, M // pp)``; each round runs ``M / rounds`` microbatches through
+    one chunk before the rank moves on to its next chunk.
 
     Raises:
-        ValueError: an unknown schedule or a stage outside ``[0, num_stages)``.
+        ValueError: ``M`` is not a multiple of the rounds (torch's requirement, e.g. ``M = 5`` with ``pp = 2``:
+            2 rounds): the message names ``training.microbatches``.
+    """
+    rounds = max(1, microbatches // pp)
+    if microbatches % rounds:
+        near = [m for m in range(max(pp, microbatches - pp), microbatches + pp + 1) if m % pp == 0]
+        raise ValueError(
+            f"training.microbatches={microbatches} does not split into the rounds of the Interleaved1F1B schedule "
+            f"with language pp={pp}: torch.distributed.pipelining.ScheduleInterleaved1F1B needs microbatches to be "
+            f"a multiple of max(1, microbatches // pp) = {rounds}; set training.microbatches to a multiple of pp, "
+            f"e.g. {' or '.join(map(str, near))}"
+        )
+    return rounds
+
+
+def interleaved_order(microbatches: int, pp: int, virtual_stages: int, rank: int) -> list[tuple[int, Action]]:
+    """The compute order of pipeline rank ``rank`` of ``pp`` under Interleaved 1F1B with ``virtual_stages`` (v)
+    chunks per rank: ``[(global stage, ("F" | "B", microbatch)), ...]``, rank ``r`` holding the global stages
+    ``r + j·pp`` (``j < v``) of ``pp · v``.
+
+    This is ``torch.distributed.pipelining.ScheduleInterleaved1F1B._calculate_single_rank_operations`` without its
+    idle slots (torch 2.13): with ``R = max(1, M // pp)`` rounds of ``n = M / R`` microbatches, rank ``r`` warms up
+    with ``min((v - 1)·n + 2·(pp - 1 - r), M·v)`` forwards (chunk ``(k // n) mod v`` for its ``k``-th forward, so
+    ``n`` microbatches of one chunk, then ``n`` of the next), then runs one forward and one backward alternately
+    (the backwards from the last chunk down, ``n`` at a time), then the remaining backwards. Method: Narayanan et al.
+    2021 (Megatron-LM's interleaved schedule, depth-first).
+
+    Example: ``interleaved_order(4, 2, 2, 0)`` → F0.0 F0.1 F2.0 F2.1 | F0.2 B2.0 F0.3 B2.1 F2.2 B0.0 F2.3 B0.1 |
+    B2.2 B2.3 B0.2 B0.3 (``F<stage>.<microbatch>``).
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, pp)``, ``virtual_stages < 1`` or microbatches torch refuses
+            (:func:`interleaved_rounds`).
+    """
+    if not 0 <= rank < pp:
+        raise ValueError(f"rank {rank} is outside [0, {pp})")
+    if virtual_stages < 1:
+        raise ValueError(f"virtual_stages={virtual_stages}; it must be >= 1")
+    M, v = microbatches, virtual_stages
+    per_round = M // interleaved_rounds(M, pp)
+    total = M * v
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), total)
+
+    def fwd_stage(op: int) -> int:
+        return ((op // per_round) % v) * pp + rank
+
+    def bwd_stage(op: int) -> int:
+        return (v - 1 - ((op - warmup) // per_round) % v) * pp + rank
+
+    fwd_next: dict[int, int] = {}
+    bwd_next: dict[int, int] = {}
+    out: list[tuple[int, Action]] = []
+
+    def run(kind: str, stage: int, counter: dict[int, int]) -> None:
+        m = counter.get(stage, 0)
+        counter[stage] = m + 1
+        out.append((stage, (kind, m)))
+
+    for op in range(warmup + total):  # warm-up forwards, steady 1F1B, cool-down backwards
+        if op < total:
+            run("F", fwd_stage(op), fwd_next)
+        if op >= warmup:
+            run("B", bwd_stage(op), bwd_next)
+    return out
+
+
+def stage_order(schedule: str, microbatches: int, num_stages: int, stage: int, virtual_stages: int = 1) -> list[Action]:
+    """The order of stage ``stage`` of a ``num_stages``-stage pipeline under ``schedule`` (``"1F1B"``, ``"GPipe"``
+    or ``"Interleaved1F1B"``; for the latter ``num_stages = pp · virtual_stages`` and the order is that of the chunk
+    inside its rank's :func:`interleaved_order`).
+
+    Raises:
+        ValueError: an unknown schedule, a stage outside ``[0, num_stages)``, ``virtual_stages > 1`` with a schedule
+            other than Interleaved1F1B, or ``num_stages`` not a multiple of ``virtual_stages``.
     """
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} is outside [0, {num_stages})")
+    if schedule == "Interleaved1F1B":
+        if num_stages % virtual_stages:
+            raise ValueError(f"{num_stages} stages do not split into {virtual_stages} chunks per rank")
+        pp = num_stages // virtual_stages
+        return [a for s, a in interleaved_order(microbatches, pp, virtual_stages, stage % pp) if s == stage]
+    if virtual_stages != 1:
+        raise ValueError(f"virtual_stages={virtual_stages} needs the Interleaved1F1B schedule, not {schedule!r}")
     if schedule == "1F1B":
         return one_f_one_b_order(microbatches, num_stages - stage)
     if schedule == "GPipe":
         return gpipe_order(microbatches)
-    raise ValueError(f"no order for schedule {schedule!r}; choose 1F1B or GPipe")
+    raise ValueError(f"no order for schedule {schedule!r}; choose 1F1B, GPipe or Interleaved1F1B")
 
 
-def encoder_warmup(lm_schedule: str, lm_pp: int, microbatches: int, encoder_stages_left: int = 1) -> int:
+def encoder_warmup(
+    lm_schedule: str, lm_pp: int, microbatches: int, encoder_stages_left: int = 1, virtual_stages: int = 1
+) -> int:
     """Warm-up forwards of an encoder stage that leads the language pipeline, with ``encoder_stages_left`` encoder
-    stages from it to the bridge (itself included): ``lm_pp + encoder_stages_left`` under 1F1B (the stage is
-    stage ``T - lm_pp - encoder_stages_left`` of ``T``), every microbatch under GPipe (the language model's first
-    stage runs every forward before its first backward, so no encoder stage may wait for a gradient earlier)."""
+    stages from it to the bridge (itself included).
+
+    - 1F1B: ``lm_pp + encoder_stages_left`` (the stage is stage ``T - lm_pp - encoder_stages_left`` of ``T``);
+    - GPipe: every microbatch (the language model's first stage runs every forward before its first backward, so no
+      encoder stage may wait for a gradient earlier);
+    - Interleaved1F1B: ``w + encoder_stages_left - 1``, ``w`` the forwards of chunk 0 that the language model's rank 0
+      runs before its first backward of chunk 0 (:func:`interleaved_order`; e.g. ``pp = 2, v = 2``: 4 with
+      ``M = 4`` or ``M = 8``). ``w`` is the largest ``#forwards of chunk 0 before its backward of m  - m`` over
+      ``m``: the encoder runs its backward of ``m`` after ``m + w`` forwards and must not wait for a gradient
+      while the language model waits for a forward; for torch's order this maximum is at ``m = 0``.
+    """
     if lm_schedule == "GPipe":
         return microbatches
+    if lm_schedule == "Interleaved1F1B":
+        forwards, ahead = 0, 0
+        for stage, (kind, m) in interleaved_order(microbatches, lm_pp, virtual_stages, 0):
+            if stage != 0:
+                continue
+            if kind == "F":
+                forwards += 1
+            else:
+                ahead = max(ahead, forwards - m)
+        return min(microbatches, ahead + encoder_stages_left - 1)
     return min(microbatches, lm_pp + encoder_stages_left)
 
 
@@ -216,35 +327,50 @@ def mimo_timeline(
     backward_factor: float = 2.0,
     colocated: bool = False,
     encoder_pp: int = 1,
+    virtual_stages: int = 1,
 ) -> Timeline:
     """The analytical step of one encoder (one stage) and a ``lm_pp``-stage language model, as
     :class:`~mimo_titan.pipeline.schedule.MimoSchedule` runs it in ``mode`` (``"streamed"``, ``"inline"`` or
     ``"whole_batch"``).
 
     Stage names: ``"encoder"`` (``"encoder.{j}"`` for ``encoder_pp > 1``, each stage's forward taking
-    ``encoder_forward_s``) and ``"language.{i}"``; colocated, every language stage's ranks also run their share of
-    the encoder, ``"encoder@{i}"`` (its forward of ``m`` takes ``encoder_forward_s``, as on its own ranks; one
-    encoder stage).
+    ``encoder_forward_s``) and ``"language.{k}"`` for the ``lm_pp · virtual_stages`` language stages (with
+    Interleaved1F1B, stage ``k`` runs on language rank ``k mod lm_pp`` and its forward takes ``lm_forward_s /
+    virtual_stages``: a rank's ``lm_forward_s`` of work per microbatch split over its chunks); colocated, every
+    language rank ``i`` also runs its share of the encoder, ``"encoder@{i}"`` (its forward of ``m`` takes
+    ``encoder_forward_s``, as on its own ranks; one encoder stage).
 
     Raises:
-        ValueError: ``"inline"`` with ``lm_pp > 1`` or not colocated, ``"streamed"`` colocated.
+        ValueError: ``"inline"`` with ``lm_pp > 1`` or not colocated, ``"streamed"`` colocated, ``virtual_stages > 1``
+            with another schedule than Interleaved1F1B.
     """
-    M, bf = microbatches, backward_factor
+    M, bf, v = microbatches, backward_factor, virtual_stages
     gpipe = mode == "whole_batch"
     if mode == "inline" and (lm_pp != 1 or not colocated):
         raise ValueError("inline mode runs a colocated encoder in front of a single language stage")
     if mode == "streamed" and colocated:
         raise ValueError("streamed mode is for an encoder on ranks of its own")
+    n_lm = lm_pp * v
     lm = [
         Stage(
-            f"language.{i}",
-            stage_order(lm_schedule, M, lm_pp, i),
-            lm_forward_s,
-            bf * lm_forward_s,
-            inputs=(f"language.{i - 1}",) if i else (),
+            f"language.{k}",
+            stage_order(lm_schedule, M, n_lm, k, v),
+            lm_forward_s / v,
+            bf * lm_forward_s / v,
+            inputs=(f"language.{k - 1}",) if k else (),
+            worker=f"language.{k % lm_pp}",
         )
-        for i in range(lm_pp)
+        for k in range(n_lm)
     ]
+    # every language rank's order across its chunks (one stage per rank unless interleaved)
+    rank_orders: dict[str, list[tuple[str, Action]]] = {
+        f"language.{r}": (
+            [(f"language.{k}", a) for k, a in interleaved_order(M, lm_pp, v, r)]
+            if lm_schedule == "Interleaved1F1B"
+            else [(f"language.{r}", a) for a in lm[r].order]
+        )
+        for r in range(lm_pp)
+    }
     if not colocated:
         names = ["encoder"] if encoder_pp == 1 else [f"encoder.{j}" for j in range(encoder_pp)]
         encs = [
@@ -252,7 +378,7 @@ def mimo_timeline(
                 name,
                 gpipe_order(M)
                 if gpipe
-                else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M, encoder_pp - j)),
+                else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M, encoder_pp - j, v)),
                 encoder_forward_s,
                 bf * encoder_forward_s,
                 inputs=(names[j - 1],) if j else (),
@@ -263,7 +389,7 @@ def mimo_timeline(
         lm[0].inputs = (names[-1],)
         if gpipe:
             lm[0].after_all_forwards_of = (names[-1],)
-        return simulate([*encs, *lm])
+        return simulate([*encs, *lm], rank_orders)
     if encoder_pp != 1:
         raise ValueError("the colocated timeline models a single-stage encoder")
     encs = [
@@ -281,16 +407,13 @@ def mimo_timeline(
     if gpipe:
         lm[0].after_all_forwards_of = lm[0].inputs
     orders: dict[str, list[tuple[str, Action]]] = {}
-    for i, st in enumerate(lm):
-        st.worker = st.name
-        e = f"encoder@{i}"
+    for i in range(lm_pp):
+        w, e = f"language.{i}", f"encoder@{i}"
         if gpipe:
-            orders[st.name] = (
-                [(e, ("F", m)) for m in range(M)] + [(st.name, a) for a in st.order] + [(e, ("B", m)) for m in range(M)]
-            )
+            orders[w] = [(e, ("F", m)) for m in range(M)] + rank_orders[w] + [(e, ("B", m)) for m in range(M)]
         else:  # inline: encode m right before the language forward of m, its backward right after the language's
             seq: list[tuple[str, Action]] = []
-            for a in st.order:
-                seq += [(e, a), (st.name, a)] if a[0] == "F" else [(st.name, a), (e, a)]
-            orders[st.name] = seq
+            for name, a in rank_orders[w]:
+                seq += [(e, a), (name, a)] if a[0] == "F" else [(name, a), (e, a)]
+            orders[w] = seq
     return simulate([*encs, *lm], orders)

@@ -1,15 +1,18 @@
 """Drive one training step of a MIMO model across module meshes: one pipeline whose leading stage is the encoder.
 
 The encoder (its DP ranks, non-colocated or colocated with the language model) and the language model's pipeline
-stages (``torch.distributed.pipelining``: ``PipelineStage`` + ``Schedule1F1B`` / ``ScheduleGPipe``) run one
-microbatch-level schedule. Three ways to run it (:attr:`MimoSchedule.mode`):
+stages (``torch.distributed.pipelining``: ``PipelineStage`` + ``Schedule1F1B`` / ``ScheduleGPipe``, or one
+``PipelineStage`` per model chunk + ``ScheduleInterleaved1F1B`` with virtual stages) run one microbatch-level
+schedule. Three ways to run it (:attr:`MimoSchedule.mode`):
 
 ``"streamed"`` (non-colocated, ``parallelism.module_schedule = "1F1B"``, the default)
     The encoder is stage 0 of a ``1 + pp`` stage 1F1B pipeline (:mod:`mimo_titan.pipeline.order`): it encodes
     microbatch ``m`` and sends its image-token rows over the :class:`~mimo_titan.pipeline.bridge.Bridge` at once;
     the language model's first stage receives microbatch ``m`` right before its forward of ``m`` (and only
     ``m``); the gradient of ``m``'s rows goes back the moment that stage's backward of ``m`` reaches them, and
-    the encoder runs its backward of ``m`` while the language model works on later microbatches.
+    the encoder runs its backward of ``m`` while the language model works on later microbatches. With
+    ``Interleaved1F1B`` the encoder warms up with the forwards the language model's first chunk runs before its first
+    backward (:func:`~mimo_titan.pipeline.order.encoder_warmup`).
 ``"inline"`` (colocated, ``parallelism.colocated_encoders = "inline"``, language ``pp = 1``)
     Each rank encodes microbatch ``m`` right before the language model's forward of ``m`` and runs the
     encoder's backward of ``m`` right after the language model's backward of ``m``.
@@ -41,7 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -53,6 +57,7 @@ from mimo_titan.models.specs import rows_of
 from mimo_titan.parallel import comm
 from mimo_titan.pipeline.bridge import Bridge, Pending, cp_owner, image_row_cp_ranks, module_rank
 from mimo_titan.pipeline.order import encoder_warmup, one_f_one_b_order
+from mimo_titan.pipeline.stages import LanguageChunks
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,7 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MODULE_SCHEDULES", "PIPELINE_SCHEDULES", "EncoderLane", "MimoSchedule", "schedule_mode"]
 
-PIPELINE_SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
+PIPELINE_SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
 MODULE_SCHEDULES = ("1F1B", "GPipe")
 
 
@@ -176,11 +181,14 @@ class MimoSchedule:
 
     Args:
         topology: the ``Topology`` of this run.
-        lanes: one :class:`EncoderLane` per encoder, in the same order on every rank (or, for one encoder, its
-            module as ``encoder`` and its ``bridge``: the old single-encoder form, see below).
-        language: this rank's :class:`~mimo_titan.models.mimo.LanguageStage` (FSDP-wrapped) or ``None``.
+        lanes: one :class:`EncoderLane` per encoder, in the same order on every rank.
+        language: this rank's :class:`~mimo_titan.models.mimo.LanguageStage` (FSDP-wrapped), with
+            ``virtual_stages > 1`` its :class:`~mimo_titan.pipeline.stages.LanguageChunks`, or ``None``.
         microbatches: microbatches per step (M).
-        schedule: ``"1F1B"`` or ``"GPipe"``: the language pipeline's schedule (``parallelism.pipeline_schedule``).
+        schedule: ``"1F1B"``, ``"GPipe"`` or ``"Interleaved1F1B"``: the language pipeline's schedule
+            (``parallelism.pipeline_schedule``).
+        virtual_stages: language chunks per pp rank (``parallelism.virtual_stages``; >= 2 with Interleaved1F1B,
+            1 otherwise); every rank passes it (an encoder stage's warm-up depends on it).
         module_schedule: ``"1F1B"`` (the encoders lead the language stages in one schedule) or ``"GPipe"`` (the
             encoders' whole batch first, their backwards after the language model's step).
         colocated_encoders: ``"batch"`` or ``"inline"``, how an encoder on the language model's ranks runs.
@@ -202,8 +210,9 @@ class MimoSchedule:
     on uninitialised tensors (MoE routing and expert all-to-alls included) before the first step.
 
     Raises:
-        ValueError: an unknown schedule name, ``"inline"`` with a language ``pp > 1`` or an encoder ``pp > 1``, or
-            encoders sharing ranks with different ``pp``.
+        ValueError: an unknown schedule name, ``"inline"`` with a language ``pp > 1`` or an encoder ``pp > 1``,
+            encoders sharing ranks with different ``pp``, Interleaved1F1B with a language ``pp < 2`` or
+            ``virtual_stages < 2``, ``virtual_stages > 1`` with another schedule.
     """
 
     def __init__(
@@ -221,9 +230,17 @@ class MimoSchedule:
         packed: bool = False,
         module_schedule: str = "1F1B",
         colocated_encoders: str = "batch",
+        virtual_stages: int = 1,
     ):
         if schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"parallelism.pipeline_schedule={schedule!r}; choose one of {sorted(PIPELINE_SCHEDULES)}")
+        lang_pp = topology.layouts[topology.role.language].pp
+        if (schedule == "Interleaved1F1B") != (virtual_stages > 1) or (virtual_stages > 1 and lang_pp < 2):
+            raise ValueError(
+                f"parallelism.pipeline_schedule={schedule!r} with virtual_stages={virtual_stages} and language "
+                f"pp={lang_pp}: Interleaved1F1B needs virtual_stages >= 2 and pp >= 2, the other schedules "
+                "virtual_stages = 1 (mimo_titan.train.trainer.validate_job says which key to change)"
+            )
         if module_schedule not in MODULE_SCHEDULES:
             raise ValueError(f"parallelism.module_schedule={module_schedule!r}; choose one of {list(MODULE_SCHEDULES)}")
         role = topology.role
@@ -240,7 +257,7 @@ class MimoSchedule:
         self.act_dtype = act_dtype
 
         def warmup(enc_pp: int, enc_stage: int) -> int:  # encoder stage enc_stage leads enc_pp - enc_stage + lm pp
-            return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_pp - enc_stage)
+            return encoder_warmup(schedule, lang_lay.pp, microbatches, enc_pp - enc_stage, virtual_stages)
 
         for lane in lanes:
             lay = topology.layouts[lane.name]
@@ -287,51 +304,106 @@ class MimoSchedule:
         self.encoder_trainable = any(lane.grads_cross for lane in lanes)
         self.encoder_warmup = next((lane.warmup for lane in lanes if lane.module is not None), 0)
         self._bridge_warmup = max(lane.bridge_warmup for lane in lanes)
-        mb_size, hidden_size = lanes[0].bridge.mb_size, lanes[0].bridge.hidden_size
-        self._hidden, self._dense_dtype = hidden_size, lanes[0].bridge.dtype
+        self._mb_size, self._hidden = lanes[0].bridge.mb_size, lanes[0].bridge.hidden_size
+        self._dense_dtype = lanes[0].bridge.dtype
         self._num_loss_tokens = 1
-        self.pp_schedule = None
+        self.pp_schedule: _PipelineSchedule | None = None
         self.packed = packed
         self.cp_size, self.cp_rank, self.tp_mesh = 1, 0, None
         self.is_first = False
         if language is not None:
-            lay = lang_lay
-            self.cp_size, self.cp_rank = lay.cp, role.coordinates[self.lang_name]["cp"]
-            if lay.tp > 1:
-                self.tp_mesh = topology.tp_mesh(self.lang_name)
-            # the loss is replicated over tp: one tp rank reports it
-            self.reports_loss = role.coordinates[self.lang_name]["tp"] == 0
-            s_local = seq_len // self.cp_size
-            stage_idx = role.pp_stage(self.lang_name)
-            self.is_first = stage_idx == 0
-            self.is_last = stage_idx == lay.pp - 1
-            b, H = mb_size // lay.dp, hidden_size
+            self._build_lm_stages(
+                language,
+                schedule=schedule,
+                virtual_stages=virtual_stages,
+                microbatches=microbatches,
+                device=device,
+                seq_len=seq_len,
+                vocab_size=vocab_size,
+                act_dtype=act_dtype,
+            )
 
-            def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
-                return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
+    # -- language stages ----------------------------------------------------------------------------------
+    def _build_lm_stages(
+        self,
+        language: nn.Module,
+        *,
+        schedule: str,
+        virtual_stages: int,
+        microbatches: int,
+        device: torch.device,
+        seq_len: int,
+        vocab_size: int,
+        act_dtype: torch.dtype,
+    ) -> None:
+        """This rank's language ``PipelineStage`` s and their ``torch.distributed.pipelining`` schedule.
 
+        One stage per rank (``1F1B`` / ``GPipe``: pp stage ``r``), or with ``Interleaved1F1B`` one per chunk of a
+        :class:`~mimo_titan.pipeline.stages.LanguageChunks` (global stages ``r + j·pp`` of ``pp · v``, driven by
+        ``ScheduleInterleaved1F1B``). The global first stage is a :class:`_FirstStage` (it takes the image rows from
+        the bridge); the rank holding it is :attr:`is_first`, the rank holding the global last stage :attr:`is_last`.
+
+        Static metadata (meta tensors, no shape-inference pass): the first stage takes token ids ``[b, S]`` int64,
+        every other stage the SP shard ``[b, S / (cp·tp), H]`` of ``act_dtype``; the last stage returns logits
+        ``[b, S / cp, V / tp]``, every other stage ``[b, S / (cp·tp), H]`` (``b`` the microbatch rows of this DP
+        rank).
+
+        Raises:
+            ValueError: ``language`` holds a number of chunks other than ``virtual_stages``.
+        """
+        role, topology = self.role, self.topology
+        lay = topology.layouts[self.lang_name]
+        self.cp_size, self.cp_rank = lay.cp, role.coordinates[self.lang_name]["cp"]
+        if lay.tp > 1:
+            self.tp_mesh = topology.tp_mesh(self.lang_name)
+        # the loss is replicated over tp: one tp rank reports it
+        self.reports_loss = role.coordinates[self.lang_name]["tp"] == 0
+        s_local = seq_len // self.cp_size
+        if isinstance(language, LanguageChunks):
+            chunks, stage_indices, num_stages = list(language.chunks), list(language.stage_indices), language.num_stages
+        else:
+            chunks, stage_indices, num_stages = [language], [role.pp_stage(self.lang_name)], lay.pp
+        if len(chunks) != virtual_stages or num_stages != lay.pp * virtual_stages:
+            raise ValueError(
+                f"the language part holds {len(chunks)} of {num_stages} stages, but parallelism.virtual_stages="
+                f"{virtual_stages} with pp={lay.pp}; build it with mimo_titan.train.trainer.build_job"
+            )
+        self.is_first = stage_indices[0] == 0
+        self.is_last = stage_indices[-1] == num_stages - 1
+        b, H = self._mb_size // lay.dp, self._hidden
+
+        def meta(*shape, dtype=act_dtype, grad=True):  # activations carry gradients, token ids do not
+            return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
+
+        #: this rank's language ``PipelineStage`` s, in global stage order
+        self.stages: list[PipelineStage] = []
+        for chunk, stage_idx in zip(chunks, stage_indices):
+            first, last = stage_idx == 0, stage_idx == num_stages - 1
             # the first stage's image embeddings come from the bridge (a keyword input); later stages' inputs and
             # non-last stages' outputs are the SP shard [b, S / (cp tp), H]
-            inputs = (
-                (meta(b, seq_len, dtype=torch.int64, grad=False),)
-                if self.is_first
-                else (meta(b, s_local // lay.tp, H),)
-            )
-            outputs = (meta(b, s_local, vocab_size // lay.tp),) if self.is_last else (meta(b, s_local // lay.tp, H),)
+            inputs = (meta(b, seq_len, dtype=torch.int64, grad=False),) if first else (meta(b, s_local // lay.tp, H),)
+            outputs = (meta(b, s_local, vocab_size // lay.tp),) if last else (meta(b, s_local // lay.tp, H),)
             common = dict(
                 stage_index=stage_idx,
-                num_stages=lay.pp,
+                num_stages=num_stages,
                 device=device,
                 input_args=inputs,
                 output_args=outputs,
                 group=topology.pp_group(self.lang_name),
             )
-            if self.is_first:
-                self.stage: PipelineStage = _FirstStage(
-                    language, before_forward=self._before_lm_forward, after_backward=self._after_lm_backward, **common
+            if first:
+                stage: PipelineStage = _FirstStage(
+                    chunk, before_forward=self._before_lm_forward, after_backward=self._after_lm_backward, **common
                 )
             else:
-                self.stage = PipelineStage(language, **common)
+                stage = PipelineStage(chunk, **common)
+            self.stages.append(stage)
+        self.stage = self.stages[0]
+        if schedule == "Interleaved1F1B":
+            self.pp_schedule = ScheduleInterleaved1F1B(
+                cast("list[Any]", self.stages), n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
+            )
+        else:
             self.pp_schedule = PIPELINE_SCHEDULES[schedule](
                 self.stage, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False
             )

@@ -72,8 +72,10 @@ def tied_embedding(stage: nn.Module, group: ProcessGroup | None) -> TiedEmbeddin
     weight is frozen.
 
     Args:
-        stage: this rank's language stage (a :class:`~mimo_titan.models.mimo.LanguageStage`, FSDP-wrapped or not,
-            or a :class:`DecoderLM` part from :func:`~mimo_titan.pipeline.stages.split_language_model`).
+        stage: this rank's language stage (a :class:`~mimo_titan.models.mimo.LanguageStage`, FSDP-wrapped or not;
+            under Interleaved1F1B its :class:`~mimo_titan.pipeline.stages.LanguageChunks`, whose chunk 0 / last
+            chunk hold the copies; or a :class:`DecoderLM` part from
+            :func:`~mimo_titan.pipeline.stages.split_language_model`).
         group: this rank's embedding group (:meth:`~mimo_titan.topology.Topology.embedding_group`); None on a
             rank that holds no copy.
 

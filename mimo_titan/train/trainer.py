@@ -40,8 +40,9 @@ from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
 from mimo_titan.parallel.plans import encoder_plans
 from mimo_titan.parallel.tp import apply_tp_language, check_tp
 from mimo_titan.pipeline.bridge import Bridge
+from mimo_titan.pipeline.order import interleaved_rounds
 from mimo_titan.pipeline.schedule import EncoderLane, MimoSchedule
-from mimo_titan.pipeline.stages import split_language_model, stage_layer_range
+from mimo_titan.pipeline.stages import LanguageChunks, split_language_model, stage_layer_range, virtual_stage_indices
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable
@@ -229,12 +230,13 @@ def _check_schedule(cfg: Config, layouts: dict) -> None:
 
     Raises:
         ConfigError: ``colocated_encoders = "inline"`` with non-colocated modules, with a language ``pp > 1`` or
-            with ``module_schedule = "GPipe"``.
+            with ``module_schedule = "GPipe"``; a bad Interleaved1F1B setup (:func:`_check_virtual_stages`).
     """
     par = cfg.parallelism
+    lang = next(lay for lay in layouts.values() if lay.is_language)
+    _check_virtual_stages(cfg, lang)
     if par.colocated_encoders != "inline":
         return
-    lang = next(lay for lay in layouts.values() if lay.is_language)
     encoders = [lay for lay in layouts.values() if not lay.is_language]
     apart = [e.name for e in encoders if e.rank_offset != lang.rank_offset]
     if apart:
@@ -260,6 +262,56 @@ def _check_schedule(cfg: Config, layouts: dict) -> None:
             f"parallelism.colocated_encoders='inline' with parallelism.{staged[0]}.pp > 1: an inline encoder runs "
             "whole inside the language model's forward of each microbatch; set its pp = 1 or colocated_encoders = "
             "'batch'"
+        )
+
+
+def _check_virtual_stages(cfg: Config, lang) -> None:
+    """``parallelism.pipeline_schedule = "Interleaved1F1B"`` and ``parallelism.virtual_stages`` against the language
+    layout (before any process group).
+
+    Interleaved1F1B (``torch.distributed.pipelining.ScheduleInterleaved1F1B``) needs a language ``pp >= 2``,
+    ``virtual_stages >= 2`` (with one chunk per rank it is 1F1B), at least one layer per chunk (``num_layers >=
+    pp · virtual_stages``), microbatches that torch splits into rounds (:func:`~mimo_titan.pipeline.order.
+    interleaved_rounds`: a multiple of ``max(1, microbatches // pp)``, e.g. any multiple of pp) and the encoders not
+    ``inline`` (that mode needs ``pp = 1``). ``virtual_stages > 1`` needs Interleaved1F1B.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    par = cfg.parallelism
+    v, pp, name = par.virtual_stages, lang.pp, lang.name
+    if par.pipeline_schedule != "Interleaved1F1B":
+        if v != 1:
+            raise ConfigError(
+                f"parallelism.virtual_stages={v} needs parallelism.pipeline_schedule = 'Interleaved1F1B' (got "
+                f"'{par.pipeline_schedule}', which runs one stage per rank); choose Interleaved1F1B or set "
+                "virtual_stages = 1"
+            )
+        return
+    if pp < 2:
+        raise ConfigError(
+            f"parallelism.pipeline_schedule='Interleaved1F1B' needs parallelism.{name}.pp >= 2 (got {pp}): it "
+            "interleaves the model chunks of several pipeline ranks; raise pp or choose pipeline_schedule = '1F1B'"
+        )
+    if v < 2:
+        raise ConfigError(
+            f"parallelism.pipeline_schedule='Interleaved1F1B' needs parallelism.virtual_stages >= 2 model chunks per "
+            f"pipeline rank (got {v}; with one chunk it is 1F1B); set virtual_stages = 2 or choose "
+            "pipeline_schedule = '1F1B'"
+        )
+    layers = getattr(cfg.model, name).num_layers
+    if layers < pp * v:
+        raise ConfigError(
+            f"model.{name}.num_layers={layers} is smaller than parallelism.{name}.pp × parallelism.virtual_stages = "
+            f"{pp} × {v} = {pp * v}: every virtual pipeline stage needs at least one layer; lower virtual_stages "
+            f"(at most {max(1, layers // pp)}) or add layers"
+        )
+    _config_check(interleaved_rounds, cfg.training.microbatches, pp)
+    if par.colocated_encoders == "inline":
+        raise ConfigError(
+            "parallelism.colocated_encoders='inline' with pipeline_schedule='Interleaved1F1B': inline encoders run "
+            "inside a single language stage (pp = 1) and Interleaved1F1B needs pp >= 2; set colocated_encoders = "
+            "'batch' or choose pipeline_schedule = '1F1B'"
         )
 
 
@@ -557,22 +609,8 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
             enc, spec.fsdp_blocks(enc), topology.dp_mesh(name), param_dtype, reduce_dtype, expert_mesh=expert_mesh
         )
     if role.holds(lang_name):
-        lay = layouts[lang_name]
-        part = split_language_model(full.lm, lay.pp, role.pp_stage(lang_name))
-        stage = LanguageStage(part, list(full.placeholder_ids.values())).to(device)
-        if lay.cp > 1:
-            apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
-        expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
-        if lay.tp > 1:
-            apply_tp_language(stage, topology.tp_mesh(lang_name))
-        modules[lang_name] = apply_fsdp(
-            stage,
-            list(part.model.layers.values()),
-            topology.fsdp_mesh(lang_name),
-            param_dtype,
-            reduce_dtype,
-            reshard_after_forward=lay.pp == 1,
-            expert_mesh=expert_mesh,
+        modules[lang_name] = _build_language(
+            cfg, full, topology, lang_name, list(full.placeholder_ids.values()), device, param_dtype, reduce_dtype
         )
     tied_copy = None
     if role.holds(lang_name) and lang_name in tied and layouts[lang_name].pp > 1:
@@ -619,6 +657,7 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         modules.get(lang_name),
         microbatches=cfg.training.microbatches,
         schedule=cfg.parallelism.pipeline_schedule,
+        virtual_stages=cfg.parallelism.virtual_stages,
         module_schedule=cfg.parallelism.module_schedule,
         colocated_encoders=cfg.parallelism.colocated_encoders,
         device=device,
@@ -635,6 +674,46 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
     job = Job(cfg, topology, device, modules, optimizers, schedulers, schedule, processor, moe_keys, rng)
     job.tied_embedding = tied_copy
     return job
+
+
+def _build_language(
+    cfg: Config,
+    full: MimoModel,
+    topology: Topology,
+    lang_name: str,
+    placeholder_ids: list[int],
+    device: torch.device,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+) -> nn.Module:
+    """This rank's part of the language model: one :class:`LanguageStage` (its pipeline stage), or with
+    ``parallelism.virtual_stages = v > 1`` (Interleaved1F1B) a :class:`LanguageChunks` of ``v`` stages (global stages
+    ``r + j·pp`` of ``pp · v``), each with its own CP / EP / TP plan and FSDP root, seen under one stage's names.
+    """
+    lay, role = topology.layouts[lang_name], topology.role
+    v = cfg.parallelism.virtual_stages
+    stages = virtual_stage_indices(lay.pp, v, role.pp_stage(lang_name))
+    chunks = []
+    for stage_idx in stages:
+        part = split_language_model(full.lm, lay.pp * v, stage_idx)
+        stage = LanguageStage(part, placeholder_ids).to(device)
+        if lay.cp > 1:
+            apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
+        expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
+        if lay.tp > 1:
+            apply_tp_language(stage, topology.tp_mesh(lang_name))
+        chunks.append(
+            apply_fsdp(
+                stage,
+                list(part.model.layers.values()),
+                topology.fsdp_mesh(lang_name),
+                param_dtype,
+                reduce_dtype,
+                reshard_after_forward=lay.pp == 1,
+                expert_mesh=expert_mesh,
+            )
+        )
+    return chunks[0] if v == 1 else LanguageChunks(chunks, stages, lay.pp * v)
 
 
 def _stage_trains(trainable_names: list[str], plans, num_layers: int, pp: int) -> list[bool]:
@@ -900,10 +979,13 @@ def _log_step(rec: dict) -> None:
 
 def _describe_layout(job: Job, world: int) -> str:
     backend = kernels.check_backend(job.device.type)  # what the kernel ops on this device run
+    v = job.cfg.parallelism.virtual_stages
     return (
         f"layout {job.topology.placement.name} on {world} ranks; device {job.device}; kernels {backend}; "
         + "; ".join(
-            f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} dp_replicate={lay.dp_replicate} "
+            f"{n}: ranks {lay.rank_offset}-{lay.end - 1} pp={lay.pp} "
+            + (f"virtual_stages={v} " if lay.is_language and v > 1 else "")
+            + f"dp_replicate={lay.dp_replicate} "
             f"dp_shard={lay.dp_shard}"
             + (f" cp={lay.cp}" if lay.cp > 1 else "")
             + (f" tp={lay.tp}" if lay.tp > 1 else "")
