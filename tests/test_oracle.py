@@ -404,6 +404,19 @@ LAYOUTS = {
     ),
     # vision on the LM's ranks (whole batch), audio on a rank of its own (streamed): each encoder in its own mode
     "vision_with_lm_audio_apart_mixed_modes": (3, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), with_audio(V(2, 1)), ()),
+    # both encoders lead an interleaved language pipeline (warm-up 4 of 8 for pp = 2, v = 2)
+    "vision_audio_interleaved_lm_pp2_v2": (
+        4,
+        V(0, 1),
+        V(2, 2, pp=2),
+        with_audio(
+            V(1, 1),
+            model={"audio": AUDIO, "language": {"num_layers": 4}},
+            parallelism={"audio": V(1, 1), "pipeline_schedule": "Interleaved1F1B", "virtual_stages": 2},
+            training={"seq_len": 64, "global_batch_size": 8, "microbatches": 8},
+        ),
+        (),
+    ),
     "tied_lm_pp2_trains_only_the_tied_weight": (
         3,
         V(0, 1),
