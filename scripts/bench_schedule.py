@@ -48,6 +48,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 BENCH_VOCAB = 16
+AUDIO_TOKENS = 16  # rows per sample of a non-ViT encoder (an audio clip) in the synthetic batch
 _BUSY = [0.0]  # seconds this process slept "computing" (reset per step)
 
 
@@ -108,19 +109,27 @@ class SleepLanguageStage(nn.Module):
         return _Sleep.apply(self.seconds, shape, *[t for t in inputs if t is not None], self.w)
 
 
-def synthetic_batch(cfg, image_token_id: int):
-    """A global batch of ``cfg``'s geometry: one image per sample, its placeholders after the first token."""
+def synthetic_batch(cfg, placeholders: dict[int, int]):
+    """A global batch of ``cfg``'s geometry: one item per sample and encoder, placeholder id ``t`` repeated
+    ``placeholders[t]`` times after the first token (encoder after encoder)."""
     from mimo_titan.data.collate import IGNORE_INDEX, Batch
 
     g = torch.Generator().manual_seed(0)
     B, S = cfg.training.global_batch_size, cfg.training.seq_len
-    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    ids = torch.randint(0, image_token_id, (B, S), generator=g)
-    ids[:, 1 : 1 + P] = image_token_id
+    ids = torch.randint(0, min(placeholders), (B, S), generator=g)
+    at = 1
+    for token, count in placeholders.items():
+        ids[:, at : at + count] = token
+        at += count
     labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE_INDEX)], 1)
-    labels[labels == image_token_id] = IGNORE_INDEX
+    labels[torch.isin(labels, torch.tensor(list(placeholders)))] = IGNORE_INDEX
     size = cfg.model.vision.image_size
     return Batch(ids, labels, torch.zeros(B, 3, size, size), torch.ones(B, dtype=torch.int64), torch.arange(B))
+
+
+def _tokens_per_item(section) -> int:
+    """Rows one item of an encoder gives in the benchmark: a ViT's patches, 16 for any other encoder."""
+    return (section.image_size // section.patch_size) ** 2 if section.type == "vit" else AUDIO_TOKENS
 
 
 def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -> None:
@@ -141,19 +150,25 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
     topology = build_topology(layouts, world, rank, "cpu")
     role = topology.role
     lang = role.language
-    enc = next(n for n in layouts if n != lang)
-    P = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    # a 16-token vocabulary keeps the (real) loss of the last stage out of the measurement
+    encoders = [n for n in layouts if n != lang]
+    # a 16-token vocabulary keeps the (real) loss of the last stage out of the measurement; the last ids are the
+    # encoders' placeholders
     H, V = cfg.model.language.hidden_size, BENCH_VOCAB
-    image_token_id = V - 1
+    token = {name: V - 1 - k for k, name in enumerate(encoders)}
     from mimo_titan.pipeline.stages import LanguageChunks, virtual_stage_indices
 
-    encoder = None
-    if role.holds(enc):
-        e_lay, e_stage = layouts[enc], role.pp_stage(enc)
-        D = cfg.model.vision.hidden_size
-        last = e_stage == e_lay.pp - 1
-        encoder = SleepEncoder(args.encoder_ms / 1e3, P, H if last else D, hidden_size=D, first=e_stage == 0)
+    sleepers: dict[str, nn.Module | None] = {}
+    for name in encoders:
+        sleepers[name] = None
+        if role.holds(name):
+            e_lay, e_stage = layouts[name], role.pp_stage(name)
+            section = getattr(cfg.model, name)
+            D = section.hidden_size
+            last = e_stage == e_lay.pp - 1
+            rows = _tokens_per_item(section)
+            sleepers[name] = SleepEncoder(
+                args.encoder_ms / 1e3, rows, H if last else D, hidden_size=D, first=e_stage == 0
+            )
     language: nn.Module | None = None
     if role.holds(lang):
         lay, v = layouts[lang], cfg.parallelism.virtual_stages
@@ -172,23 +187,36 @@ def _worker(rank: int, world: int, port: int, args, overrides: list[str], out) -
         ]
         language = chunks[0] if v == 1 else LanguageChunks(chunks, stages, lay.pp * v)
     mb_size = cfg.training.global_batch_size // cfg.training.microbatches
-    bridge = Bridge(layouts[enc], layouts[lang], mb_size, 1, H, torch.float32, torch.device("cpu"), rank)
     vit = encoder_spec("vit")
-    batch = synthetic_batch(cfg, image_token_id)
+    batch = synthetic_batch(cfg, {token[n]: _tokens_per_item(getattr(cfg.model, n)) for n in encoders})
     results = {}
     for variant, module_schedule in (("streamed", "1F1B"), ("encoder_first", "GPipe")):
-        lane = EncoderLane(
-            enc,
-            encoder,
-            bridge,
-            placeholder_id=image_token_id,
-            inputs=vit.inputs,
-            dummy_inputs=vit.dummy_inputs(cfg.model.vision),
-            tokens_per_item=P,
-        )
+        lanes = [
+            EncoderLane(
+                name,
+                sleepers[name],
+                Bridge(
+                    layouts[name],
+                    layouts[lang],
+                    mb_size,
+                    1,
+                    H,
+                    torch.float32,
+                    torch.device("cpu"),
+                    rank,
+                    lane=k,
+                    lanes=len(encoders),
+                ),
+                placeholder_id=token[name],
+                inputs=vit.inputs,  # one stand-in "image" per sample for every encoder
+                dummy_inputs=vit.dummy_inputs(cfg.model.vision),
+                tokens_per_item=_tokens_per_item(getattr(cfg.model, name)),
+            )
+            for k, name in enumerate(encoders)
+        ]
         schedule = MimoSchedule(
             topology,
-            [lane],
+            lanes,
             language,
             microbatches=cfg.training.microbatches,
             schedule=cfg.parallelism.pipeline_schedule,
@@ -293,9 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench_schedule: only {len(got)} of {world} ranks reported (see their errors above)")
 
     lang = next(n for n, lay in layouts.items() if lay.is_language)
-    enc = next(n for n in layouts if n != lang)
-    lay_l, lay_e = layouts[lang], layouts[enc]
-    colocated = lay_e.rank_offset == lay_l.rank_offset
+    encoders = [n for n in layouts if n != lang]
+    lay_l = layouts[lang]
+    colocated = any(layouts[n].rank_offset == lay_l.rank_offset for n in encoders)
+    # encoders on the same ranks run one after the other: the busiest rank range sets the encoder stage's time
+    sharing = max(sum(layouts[n].rank_offset == layouts[e].rank_offset for n in encoders) for e in encoders)
+    enc_pp = max(layouts[n].pp for n in encoders)
     mode = got[0]["streamed"][2]
 
     def analytical(m: str):
@@ -304,10 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
             lm_schedule=cfg.parallelism.pipeline_schedule,
             lm_pp=lay_l.pp,
             microbatches=M,
-            encoder_forward_s=args.encoder_ms / 1e3,
+            encoder_forward_s=sharing * args.encoder_ms / 1e3,
             lm_forward_s=args.lm_ms / 1e3,
             colocated=colocated,
-            encoder_pp=lay_e.pp,
+            encoder_pp=enc_pp,
             virtual_stages=cfg.parallelism.virtual_stages,
         )
 
@@ -323,11 +354,15 @@ def main(argv: list[str] | None = None) -> dict:
     v = cfg.parallelism.virtual_stages
 
     def stage_of(r: int) -> str:
+        names = []
+        for n in encoders:
+            lay = layouts[n]
+            if r in lay.ranks:
+                names.append(n if lay.pp == 1 else f"{n}.{(r - lay.rank_offset) // lay.stage_size}")
         if r in lay_l.ranks:
             pp_rank = (r - lay_l.rank_offset) // lay_l.stage_size
-            st = f"{lang}.{'+'.join(str(pp_rank + j * lay_l.pp) for j in range(v))}"  # its (virtual) stages
-            return f"{enc}+{st}" if colocated else st
-        return enc if lay_e.pp == 1 else f"{enc}.{(r - lay_e.rank_offset) // lay_e.stage_size}"
+            names.append(f"{lang}.{'+'.join(str(pp_rank + j * lay_l.pp) for j in range(v))}")  # its (virtual) stages
+        return "+".join(names)
 
     result = {
         "config": args.config,
