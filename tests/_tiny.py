@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -55,8 +56,32 @@ def tiny_config_dict(vision: dict, language: dict, **sections) -> dict:
     return d
 
 
+# conftest.py sets this to a folder of its own for each pytest session (removed at the end of the session)
+BATCH_CACHE = "MIMO_TITAN_TEST_BATCH_CACHE"
+
+
 def first_global_batch(cfg, processor):
-    """The first global batch the training loader yields for ``cfg`` (padded rows; packed with ``data.packing``)."""
+    """The first global batch the training loader yields for ``cfg`` (padded rows; packed with ``data.packing``).
+
+    Within a pytest session the batch is computed once per (whole config, processor) and read back from a file by
+    every later caller: the test process's reference and each rank of the run it launches (building the loader
+    decodes every image of the shard, the largest part of a tiny rank's set-up)."""
+    import hashlib
+
+    import torch
+
     from mimo_titan.train.trainer import build_loader
 
-    return next(iter(build_loader(cfg, processor)))
+    folder = os.environ.get(BATCH_CACHE)
+    if not folder or not os.path.isdir(folder):
+        return next(iter(build_loader(cfg, processor)))
+    proc = (processor.image_size, processor.image_tokens_per_image, processor.image_token_id, processor.vocab_size)
+    key = hashlib.sha256(repr((cfg, proc)).encode()).hexdigest()
+    path = os.path.join(folder, f"{key}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    batch = next(iter(build_loader(cfg, processor)))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(batch, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    return batch

@@ -417,7 +417,8 @@ def test_training_samples_budget_runs_that_many_lm_samples():
 
 @pytest.mark.multirank
 def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
-    """The README's train command with ``--checkpoint.*`` overrides: save every step, then resume from step 1."""
+    """The README's train command with ``--checkpoint.*`` overrides: save every step (the loss falls over the 3
+    steps: the README command of train_configs/debug_colocated.toml runs), then resume from step 1."""
     base = [
         sys.executable,
         "-m",
@@ -452,8 +453,10 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     def losses(text):  # {step: the logged loss} (4 decimals)
         return {int(m[0]): m[1] for m in re.findall(r"step +(\d+) \| loss (\S+)", text)}
 
+    first_losses = losses(first.stdout + first.stderr)
+    assert sorted(first_losses) == [1, 2, 3] and float(first_losses[3]) < float(first_losses[1])
     # new processes, same losses as the first run's steps 2-3
-    assert losses(log) == {k: v for k, v in losses(first.stdout + first.stderr).items() if k > 1}
+    assert losses(log) == {k: v for k, v in first_losses.items() if k > 1}
     assert sorted(os.listdir(tmp_path / "checkpoint")) == [
         "step-1",
         "step-2",

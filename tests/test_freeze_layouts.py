@@ -1,9 +1,8 @@
 """More layouts of frozen modules / trainable globs, encoder pipeline stages and tied embeddings.
 
 One-step oracle layouts: a glob that freezes part of an FSDP unit, encoder pp=2 with HSDP / LM cp / one
-microbatch / packing / an MoE encoder under EP in streamed mode / samples without images / colocated + frozen /
-a frozen encoder prefetching 5 of 6 microbatches, a frozen LM with tied embeddings across pp=2, LM pp=2 whose
-first stage has nothing to train. Then the cases that were wrong:
+microbatch / packing / samples without images / colocated + frozen / a frozen encoder prefetching 5 of 6
+microbatches, a frozen LM with tied embeddings across pp=2. Then the cases that were wrong:
 
 - experts under ep > 1 stay frozen (``parallel.ep`` slices keep ``requires_grad``);
 - encoder pp > 1 where an early stage has nothing to train but a later one does (LLaVA stage 1,
@@ -20,7 +19,7 @@ import os
 import pytest
 import test_oracle as O
 import torch
-from test_oracle import MOE_BOTH, MOE_LM, PACKED, V
+from test_oracle import MOE_LM, PACKED, V
 
 from _launch import run_ranks
 from _tiny import first_global_batch, tiny_config_dict
@@ -44,13 +43,7 @@ NEW = {
         {**PACKED, "training": {**PACKED["training"], "microbatches": 2}},
         (),
     ),
-    "enc_pp2_moe_ep2_streamed": (
-        6,
-        V(0, 4, pp=2, dp_shard=2, ep=2),
-        V(4, 2, dp_shard=2),
-        {"model": {"vision": MOE_BOTH["model"]["vision"]}, "training": {"microbatches": 2}},
-        (),
-    ),
+    # dropped enc_pp2_moe_ep2_streamed: test_oracle encoder_pp2_moe_ep2_colocated_batch + moe_encoder_ep2_aux_free
     "enc_pp2_dp2_microbatch_without_images": (
         6,
         V(0, 4, pp=2, dp_shard=2),
@@ -82,13 +75,7 @@ NEW = {
         {"model": {"language": {"tie_word_embeddings": True, "frozen": True}}, "training": {"microbatches": 2}},
         (),
     ),
-    "lm_pp2_only_head_trains": (
-        3,
-        V(0, 1),
-        V(1, 2, pp=2),
-        {"training": {"trainable": ["lm_head"], "microbatches": 2}},
-        (),
-    ),
+    # dropped lm_pp2_only_head_trains (first LM stage trains nothing): test_oracle only_the_last_lm_stage_trains_pp2
     "enc_pp2_only_first_stage_trains": (
         3,
         V(0, 2, pp=2),

@@ -10,14 +10,7 @@ from test_oracle import PACKED, V
 from _launch import per_layout_backends
 
 PROBES = {
-    # LM pp=2 with microbatches == pp: no 1F1B steady state
-    "probe_streamed_pp2_m2_fan_out": (
-        5,
-        V(0, 1),
-        V(1, 4, pp=2, dp_shard=2),
-        {"training": {"global_batch_size": 4, "microbatches": 2}},
-        (),
-    ),
+    # dropped probe_streamed_pp2_m2_fan_out (streamed, pp2, M == pp, fan-out): test_oracle tied_lm_pp2_dp2 (same)
     # one microbatch, pp = 1
     "probe_streamed_pp1_m1": (2, V(0, 1), V(1, 1), {"training": {"global_batch_size": 4, "microbatches": 1}}, ()),
     # encoder ranks whose samples have no image in some microbatches only (dummy encodes interleave with backwards)
@@ -28,14 +21,7 @@ PROBES = {
         {"training": {"global_batch_size": 16, "microbatches": 4}},
         (0, 5, 10, 11, 15),
     ),
-    # LM cp=2 x tp=2 under pp = 2, streamed
-    "probe_streamed_pp2_cp2_tp2": (
-        9,
-        V(0, 1),
-        V(1, 8, pp=2, cp=2, tp=2),
-        {"training": {"global_batch_size": 4, "microbatches": 4}},
-        (),
-    ),
+    # dropped probe_streamed_pp2_cp2_tp2: probe_streamed_packed_pp2_cp2 + test_oracle lm_pp2_tp2_cp2_colocated
     # packed rows, pp = 2, cp = 2, streamed, steady state
     "probe_streamed_packed_pp2_cp2": (
         5,
@@ -88,14 +74,7 @@ PROBES = {
         {"parallelism": {"colocated_encoders": "inline"}, "training": {"microbatches": 1}},
         (),
     ),
-    # MoE LM with ep inside pp = 2, steady state (expert all-to-alls while the bridge hook posts)
-    "probe_streamed_moe_lm_pp2_ep2_m4": (
-        5,
-        V(0, 1),
-        V(1, 4, pp=2, dp_shard=2, ep=2),
-        {**test_oracle.MOE_LM, "training": {"global_batch_size": 8, "microbatches": 4}},
-        (),
-    ),
+    # dropped probe_streamed_moe_lm_pp2_ep2_m4: test_oracle moe_pp2_ep2_noncolocated (same layout, M = 2)
 }
 test_oracle.LAYOUTS.update(PROBES)
 
@@ -107,34 +86,21 @@ def test_probe_one_step(layout, backend):
 
 
 MULTI = {
-    "streamed_fan_in_pp2_m4": (
-        8,
-        V(0, 4, dp_shard=4),
-        V(4, 4, pp=2, dp_shard=2),
-        {"training": {"global_batch_size": 16, "microbatches": 4, "steps": 6}},
-    ),
-    "streamed_pp2_gpipe_m4": (
-        4,
-        V(0, 2, dp_shard=2),
-        V(2, 2, pp=2),
-        {
-            "training": {"global_batch_size": 8, "microbatches": 4, "steps": 6},
-            "parallelism": {"pipeline_schedule": "GPipe"},
-        },
-    ),
+    # dropped streamed_fan_in_pp2_m4: probe_streamed_fan_in_4to2_pp2_partial_images + test_train noncolocated_pp2
     "inline_cp2_m2": (
         2,
         V(0, 2, dp_shard=2),
         V(0, 2, cp=2),
         {"training": {"steps": 6}, "parallelism": {"colocated_encoders": "inline"}},
     ),
-    "module_gpipe_pp2": (
+    # module GPipe over an LM GPipe pipeline: merges module_gpipe_pp2 and streamed_pp2_gpipe_m4 (same layout)
+    "module_gpipe_pp2_gpipe": (
         4,
         V(0, 2, dp_shard=2),
         V(2, 2, pp=2),
         {
             "training": {"global_batch_size": 8, "microbatches": 4, "steps": 6},
-            "parallelism": {"module_schedule": "GPipe"},
+            "parallelism": {"module_schedule": "GPipe", "pipeline_schedule": "GPipe"},
         },
     ),
 }
