@@ -35,6 +35,7 @@ import torch
 
 from mimo_titan.checkpoint.hf import LM_ARCHS, export_hf, import_hf
 from mimo_titan.config import Config, load_config
+from mimo_titan.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,18 +93,30 @@ def run_import(
 def run_export(cfg: Config, checkpoint: str, out: str, language_arch: str) -> None:
     """Checkpoint ``checkpoint`` → ``out/language``, ``out/vision``, ``out/multi_modal_projector.safetensors``."""
     from mimo_titan.checkpoint import load_full_model_state
+    from mimo_titan.train.trainer import build_processor
 
     state = load_full_model_state(checkpoint, cfg)
     export_hf(cfg.model, state, out, language_arch)
-    tok = cfg.data.tokenizer
+    tok, lm_dir = cfg.data.tokenizer, os.path.join(out, cfg.model.language_name)
     if os.path.isdir(tok):  # make the LM directory usable with AutoTokenizer too
         for name in os.listdir(tok):
-            if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
-                shutil.copy(os.path.join(tok, name), os.path.join(out, cfg.model.language_name, name))
+            if name.startswith("tokenizer_config") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(tok, name), os.path.join(lm_dir, name))
+    # the tokenizer as the run used it: merges repaired in memory, the audio placeholders it added
+    build_processor(cfg).save_tokenizer(os.path.join(lm_dir, "tokenizer.json"))
     print(f"wrote {', '.join(sorted(os.listdir(out)))} under {out} ({cfg.model.language_name}: {language_arch})")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run it; a user's mistake (a config, checkpoint or HF directory that does not fit)
+    ends the program with one line (``convert_hf: ...``), not a traceback."""
+    try:
+        _main(argv)
+    except (UserError, ValueError) as exc:
+        raise SystemExit(f"convert_hf: {type(exc).__name__}: {exc}") from None
+
+
+def _main(argv: list[str] | None) -> None:
     args, overrides = _parser().parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     with torch.no_grad():

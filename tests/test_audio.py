@@ -409,3 +409,19 @@ def test_a_corrupt_clip_skips_its_record() -> None:
     proc, _ = _audio_processor()
     loader = MimoDataLoader(path, proc, global_batch_size=2, seq_len=96)
     assert loader.stats["corrupt_audio"] == 1 and loader.num_records == 2
+
+
+def test_a_clip_longer_than_the_encoder_takes_is_refused_before_training() -> None:
+    from mimo_titan.data import ImageTextProcessor, MimoDataLoader
+
+    cfg = _cfg(pool=8)
+    proc = ImageTextProcessor(
+        SHARED / "tokenizer",
+        32,
+        4,
+        audio_tokens=lambda f: audio_tokens(f, cfg),
+        audio_max_frames=200,
+        audio_key="model.speech",
+    )
+    with pytest.raises(ConfigError, match=r"model.speech.max_source_positions=100 holds 2 s of audio, but \d+ clip"):
+        MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=2, seq_len=128)

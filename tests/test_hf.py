@@ -362,8 +362,13 @@ def test_mimo_export_import_round_trip_with_an_audio_encoder(tmp_path):
     }
     d["parallelism"]["speech"] = {"rank_offset": 0, "num_ranks": 1}
     cfg = config_from_dict(d)
-    torch.manual_seed(0)
-    state = _randomize(MimoModel(cfg.model, 1998, audio_token_id=2020), 0).state_dict()
+
+    def model(seed):  # parameters random; the audio encoder's sinusoidal positions (a buffer) as initialised
+        m = MimoModel(cfg.model, 1998, audio_token_id=2020)
+        m.init_weights(seed)
+        return _randomize(m, seed).state_dict()
+
+    state = model(0)
     hf.export_hf(cfg.model, state, str(tmp_path / "out"), "llama")
     assert sorted(os.listdir(tmp_path / "out")) == [
         "language",
@@ -372,7 +377,7 @@ def test_mimo_export_import_round_trip_with_an_audio_encoder(tmp_path):
         "speech_projector.safetensors",
         "vision",
     ]
-    fresh = _randomize(MimoModel(cfg.model, 1998, audio_token_id=2020), 1).state_dict()
+    fresh = model(1)
     out = tmp_path / "out"
     back = hf.import_hf(cfg.model, fresh, str(out / "language"), str(out / "vision"), audio_dir=str(out / "speech"))
     for k, v in state.items():
@@ -469,7 +474,23 @@ def test_convert_script_import_then_export(tmp_path):
     _, vis_back = hf.load_hf_dir(tmp_path / "out" / "vision")
     vis_state = {k: v for k, v in vis.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(vis_back["vision_model." + k], v) for k, v in vis_state.items())
-    assert (tmp_path / "out" / "language" / "tokenizer.json").exists()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "language" / "tokenizer.json"))  # as the run used it
+    assert tok.decode(tok.encode("Red Square").ids) == "Red Square"  # merges repaired, spaces kept
+    # a model HF cannot represent: one line naming the field, no traceback, nothing written
+    bad = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bad"), "--language-arch", "qwen3"]
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_hf.py"), "export", "--config", str(config), *bad],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("convert_hf: ValueError: model.language.qk_norm=False")
+    assert not (tmp_path / "bad").exists()
 
     from mimo_titan.checkpoint import load_full_model_state  # the projector: the seeded init of a fresh model
 

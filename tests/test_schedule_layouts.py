@@ -155,5 +155,5 @@ def test_no_image_gradient_is_reported_in_every_colocated_mode(colocated_encoder
     cfg = tiny_config_dict(
         V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), parallelism={"colocated_encoders": colocated_encoders}
     )
-    with pytest.raises(AssertionError, match="produced no gradient for the image embeddings"):
+    with pytest.raises(AssertionError, match="produced no gradient for the vision embeddings"):
         run_ranks(_no_image_grad_worker, 2, cfg, timeout=120)

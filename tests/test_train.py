@@ -390,12 +390,12 @@ AUDIO = {
         (
             dict(model={"audio": AUDIO}, parallelism={"audio": V(2, 2, tp=2)}),
             4,
-            "parallelism.audio.tp=2: tensor parallelism of a 'audio'",
+            "parallelism.audio.tp=2: tensor parallelism of an encoder of type 'audio'",
         ),
         (
             dict(model={"audio": AUDIO}, parallelism={"audio": V(2, 2, pp=2)}),
             4,
-            "parallelism.audio.pp=2: a 'audio' encoder cannot be split",
+            "parallelism.audio.pp=2: an encoder of type 'audio' cannot be split",
         ),
         (
             dict(

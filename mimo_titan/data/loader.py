@@ -225,6 +225,17 @@ class MimoDataLoader:
                 f"warnings above for damaged shards)"
             )
 
+        limit = processor.audio_max_frames
+        clips = [(r.audio_features.shape[1], r.key) for r in self._records if r.audio_features is not None]
+        if limit is not None and clips and max(clips)[0] > limit:
+            frames, key = max(clips)
+            too_long = sum(f > limit for f, _ in clips)
+            raise ConfigError(
+                f"{processor.audio_key}.max_source_positions={limit // 2} holds {limit * 10 / 1000:g} s of audio, "
+                f"but {too_long} clip(s) of data.path={self.path!r} are longer (the longest, record {key!r}, "
+                f"{frames * 10 / 1000:g} s); set {processor.audio_key}.max_source_positions >= {-(-frames // 2)} "
+                "(encoder frames of 20 ms) or trim the clips"
+            )
         if processor.audio_tokens is not None and not any(r.audio_features is not None for r in self._records):
             raise DataError(
                 f"data.path={self.path!r}: the model has an audio encoder but none of the {len(self._records)} "

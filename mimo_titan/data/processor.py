@@ -320,6 +320,9 @@ class ImageTextProcessor:
             ``<|end_of_audio|>`` are added to the tokenizer as special tokens when it
             lacks them (after its last id, so existing ids do not move).
         num_mel_bins: Log-mel bins of the audio features (80 for Whisper).
+        audio_max_frames: The longest clip the audio encoder takes, in log-mel frames (``2 ·
+            max_source_positions``); the loader refuses a data set with a longer clip before training.
+        audio_key: The audio encoder's config table, for messages (``"model.audio"``).
 
     Raises:
         DataError: No tokenizer file at ``tokenizer_path``; the tokenizer file or its
@@ -336,6 +339,8 @@ class ImageTextProcessor:
         *,
         audio_tokens: Callable[[int], int] | None = None,
         num_mel_bins: int = 80,
+        audio_max_frames: int | None = None,
+        audio_key: str = "model.audio",
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -381,6 +386,7 @@ class ImageTextProcessor:
             self._special_ids[attr] = int(token_id)
         self.audio_tokens = audio_tokens
         self.num_mel_bins = int(num_mel_bins)
+        self.audio_max_frames, self.audio_key = audio_max_frames, audio_key
         self.added_tokens: list[str] = []  # special tokens this processor added to the tokenizer
         if audio_tokens is not None:
             missing = [text for _, text in _AUDIO_TOKENS if self._tokenizer.token_to_id(text) is None]
@@ -507,6 +513,11 @@ class ImageTextProcessor:
         return log_mel(wave, self.num_mel_bins)
 
     # ---------------------------------------------------------------- text
+    def save_tokenizer(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer as this processor uses it (repaired merges, added audio tokens) to ``path``
+        (a ``tokenizer.json``)."""
+        self._tokenizer.save(os.fspath(path))
+
     def tokenize(self, caption: str) -> list[int]:
         """Tokenise a caption without adding any special tokens.
 

@@ -10,11 +10,14 @@ cause under the other ranks' follow-on errors.
   message, ``[rank0] ConfigError: <what, where, how to fix>``, without a traceback;
 - any other exception keeps its traceback, printed once;
 - the ranks agree on who prints through the job's store (:mod:`~mimo_titan.train.coordination`): every failing
-  rank records itself in ``lowest_failed`` (an atomic minimum), rank 0 prints at once, and any other rank waits up
-  to :data:`DEFER_S` seconds for a lower rank to fail too (ranks start at slightly different times, so the same
-  config error reaches them at different moments) before it prints. So the lowest rank that raised prints, and
-  the others print nothing. Without a reachable store (a single process, or a plain ``env://`` launch that failed
-  before rank 0 started its store) every failing rank prints;
+  rank records its priority in ``lowest_failed`` (an atomic minimum): its rank for a user error, ``world_size +
+  rank`` for any other exception (a follow-on error, such as a peer's closed connection, must not hide the user
+  error that caused it); rank 0 with a user error prints at once, and any other failing rank waits up to
+  :data:`DEFER_S` seconds for a lower priority to appear (ranks start at slightly different times, so the same
+  config error reaches them at different moments) before it prints. So the lowest rank that raised a user error
+  prints, or, without one, the lowest rank that raised, and the others print nothing. Without a reachable store
+  (a single process, or a plain ``env://`` launch that failed before rank 0 started its store) every failing rank
+  prints;
 - every failing rank exits with status 1; torchrun then ends the ranks that did not fail.
 
 torchrun adds its own summary of the failed ranks after the message (``ChildFailedError``); that part belongs to
@@ -59,7 +62,8 @@ def format_failure(exc: BaseException, rank: int) -> str:
 
 
 def _record_failure(store, rank: int) -> None:
-    """Lower the store's ``lowest_failed`` to ``rank`` (an atomic minimum built on compare-and-set)."""
+    """Lower the store's ``lowest_failed`` to ``rank`` (a report priority; an atomic minimum built on
+    compare-and-set)."""
     while True:
         current = store.get("lowest_failed") if store.check(["lowest_failed"]) else b""
         if current and int(current) <= rank:
@@ -76,22 +80,22 @@ def claim_job_report(store, rank: int) -> bool:
     return store.compare_set("error_reporter", "", str(rank)) == str(rank).encode()
 
 
-def _claim_report(rank: int) -> bool:
-    """Whether this rank prints the job's error (module docstring): the lowest failing rank does, unless the job's
-    report was claimed already; True as well when there is no store to agree through."""
+def _claim_report(rank: int, priority: int) -> bool:
+    """Whether this rank prints the job's error (module docstring): the failing rank of the lowest ``priority`` does,
+    unless the job's report was claimed already; True as well when there is no store to agree through."""
     store = job_store(timeout_s=3.0)
     if store is None:
         return True
     try:
         if store.check(["error_reporter"]):
             return False
-        _record_failure(store, rank)
+        _record_failure(store, priority)
         deadline = time.monotonic() + DEFER_S
-        while rank > 0 and time.monotonic() < deadline:
-            if int(store.get("lowest_failed")) < rank:
+        while priority > 0 and time.monotonic() < deadline:
+            if int(store.get("lowest_failed")) < priority:
                 return False
             time.sleep(0.1)
-        if int(store.get("lowest_failed")) < rank:
+        if int(store.get("lowest_failed")) < priority:
             return False
         return store.compare_set("error_reporter", "", str(rank)) == str(rank).encode()
     except Exception:  # noqa: BLE001 - a store that fails now cannot arbitrate: report here
@@ -108,7 +112,8 @@ def report_failure(exc: BaseException, *, rank: int | None = None, world_size: i
     world_size = launch_world_size() if world_size is None else world_size
     if world_size > 1:
         try:  # bounded: a stopped store host never answers, and the error must still be printed
-            claimed = within(DEFER_S + 10.0, lambda: _claim_report(rank))
+            priority = rank if isinstance(exc, UserError) else world_size + rank
+            claimed = within(DEFER_S + 10.0, lambda: _claim_report(rank, priority))
         except StoreTimeout:
             claimed = True
         if not claimed:

@@ -98,13 +98,13 @@ def validate_job(cfg: Config, world_size: int) -> dict:
         plans = encoder_plans(section.type) if not lay.is_language else None
         if plans is not None and lay.tp > 1 and plans.apply_tp is None:
             raise ConfigError(
-                f"parallelism.{name}.tp={lay.tp}: tensor parallelism of a '{section.type}' encoder is not supported "
-                "yet (it has no tensor-parallel plan); set tp = 1 and use dp_shard for its ranks"
+                f"parallelism.{name}.tp={lay.tp}: tensor parallelism of an encoder of type '{section.type}' is not "
+                "supported yet (it has no tensor-parallel plan); set tp = 1 and use dp_shard for its ranks"
             )
         if plans is not None and lay.pp > 1 and plans.split is None:
             raise ConfigError(
-                f"parallelism.{name}.pp={lay.pp}: a '{section.type}' encoder cannot be split into pipeline stages "
-                "yet; set pp = 1 (its ranks can use dp_shard instead)"
+                f"parallelism.{name}.pp={lay.pp}: an encoder of type '{section.type}' cannot be split into pipeline "
+                "stages yet; set pp = 1 (its ranks can use dp_shard instead)"
             )
         if lay.tp > 1 and moe.num_experts > 0:
             raise ConfigError(
@@ -534,6 +534,8 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
         (vit.image_size // vit.patch_size) ** 2,
         audio_tokens=None if audio is None else functools.partial(_clip_tokens, cfg=audio[1]),
         num_mel_bins=80 if audio is None else audio[1].num_mel_bins,
+        audio_max_frames=None if audio is None else 2 * audio[1].max_source_positions,
+        audio_key="model.audio" if audio is None else f"model.{audio[0]}",
     )
     lm = cfg.model.language_name
     if processor.vocab_size > cfg.model.language.vocab_size:
@@ -995,6 +997,28 @@ def _describe_layout(job: Job, world: int) -> str:
     )
 
 
+def _describe_training(cfg: Config) -> str:
+    """One log line: the schedules, and what trains in each module (parameter counts; frozen modules named)."""
+    from mimo_titan.checkpoint.state import meta_model
+
+    total: dict[str, int] = {}
+    trained: dict[str, int] = {}
+    for key, p in meta_model(cfg.model).named_parameters():
+        module = key.split(".")[0]
+        total[module] = total.get(module, 0) + p.numel()
+        trained[module] = trained.get(module, 0) + (p.numel() if is_trainable(cfg, key) else 0)
+    par = cfg.parallelism
+    parts = [
+        f"{m}: frozen ({total[m]:,} parameters)" if not trained[m] else f"{m}: {trained[m]:,} of {total[m]:,} train"
+        for m in total
+    ]
+    return (
+        f"schedule: module {par.module_schedule}, language {par.pipeline_schedule}"
+        + (f" x {par.virtual_stages} virtual stages" if par.virtual_stages > 1 else "")
+        + f"; parameters: {'; '.join(parts)}"
+    )
+
+
 def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log one line
     per ``metrics.log_freq`` steps on rank 0. Returns this process's history.
@@ -1057,6 +1081,7 @@ def _run(
         job = build_job(cfg, device, processor)
         set_group_timeouts(process_group_timeout(timeout_s))
         logger.info(_describe_layout(job, world))
+        logger.info(_describe_training(cfg))
         if cfg.training.samples is not None:
             logger.info(
                 "training.samples=%d: %d steps of %d LM samples",
