@@ -1086,6 +1086,11 @@ def _suggest(cls: type, prefix: str, name: str) -> str:
     ``optimizer.lr``), a close name in this section, a close name anywhere.
     """
     names = [f.name for f in dataclasses.fields(cls)]
+    if names == ["modules"]:  # [model] / [parallelism] hold one table per module, named by the config
+        return (
+            f"a module needs its own TOML tables ([model.{name}] with a type, and [parallelism.{name}]); overrides "
+            "only change the modules a config already has"
+        )
     wanted = _join(prefix, name)
     everywhere = [p for p in _all_paths(Config) if p != wanted]
     same_name = [p for p in everywhere if p.rsplit(".", 1)[-1] == name]
@@ -1177,6 +1182,8 @@ def _check_cross_keys(obj: Any, prefix: str, ctx: _Ctx) -> None:
             if other != key and _names_key(text, other, prefix)
         ]
         note = f" (note: {'; '.join(notes)})" if notes else ""
+        if isinstance(value, dict):  # a table of modules: its repr says nothing the text does not
+            raise ConfigError(f"{ctx.where(prefix) if prefix else ctx.source}: {text}{note}")
         raise ConfigError(f"invalid value {value!r} for {ctx.where(key)}: {text}{note}")
 
 
