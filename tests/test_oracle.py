@@ -402,6 +402,19 @@ LAYOUTS = {
         with_audio(V(1, 1), model={"audio": {**AUDIO, "frozen": True}}),
         (),
     ),
+    # two frozen encoders on one rank (one leading stage, forwards only, 2 microbatches ahead of the LM): each lane
+    # waits for its own sends (a send waited for by another lane's bridge was waited for twice: a hang on gloo)
+    "two_frozen_encoders_share_a_rank_prefetch": (
+        3,
+        V(0, 1),
+        V(1, 2, dp_shard=2),
+        with_audio(
+            V(0, 1),
+            model={"audio": {**AUDIO, "frozen": True}, "vision": {"frozen": True}},
+            training={"seq_len": 64, "global_batch_size": 8, "microbatches": 4},
+        ),
+        (),
+    ),
     # vision on the LM's ranks (whole batch), audio on a rank of its own (streamed): each encoder in its own mode
     "vision_with_lm_audio_apart_mixed_modes": (3, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), with_audio(V(2, 1)), ()),
     # both encoders lead an interleaved language pipeline (warm-up 4 of 8 for pp = 2, v = 2)

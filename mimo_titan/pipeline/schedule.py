@@ -548,11 +548,14 @@ class MimoSchedule:
         training = [lane for lane in held if lane.bwd]
         if not training:  # forwards only, at most `prefetch` microbatches ahead of the receiver
             prefetch = min(lane.prefetch for lane in held)
-            sent: list[list] = []
+            # per microbatch, each lane's send works: a lane's own bridge waits for them (it tracks them and waits
+            # again at the end of the step otherwise, and a gloo send waited for twice never returns)
+            sent: list[list[tuple[EncoderLane, list]]] = []
             for m in range(M):
                 if m >= prefetch:
-                    held[0].bridge.wait_sends(sent[m - prefetch])
-                sent.append([w for lane in held for w in lane.bridge.post(self._encoder_forward(lane, m))])
+                    for lane, works in sent[m - prefetch]:
+                        lane.bridge.wait_sends(works)
+                sent.append([(lane, lane.bridge.post(self._encoder_forward(lane, m))) for lane in held])
             return
         for kind, m in one_f_one_b_order(M, held[0].warmup):
             if kind == "F":
