@@ -425,3 +425,13 @@ def test_a_clip_longer_than_the_encoder_takes_is_refused_before_training() -> No
     )
     with pytest.raises(ConfigError, match=r"model.speech.max_source_positions=100 holds 2 s of audio, but \d+ clip"):
         MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=2, seq_len=128)
+
+
+def test_a_seq_len_too_short_for_the_longest_clip_is_refused_before_training() -> None:
+    from mimo_titan.data import MimoDataLoader
+
+    proc, _ = _audio_processor(pool=8)  # 2-5 s clips -> 17-34 tokens
+    with pytest.raises(
+        ConfigError, match=r"training.seq_len=32 is too small for the data: .* set training.seq_len >= 4"
+    ):
+        MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=2, seq_len=32)

@@ -236,6 +236,18 @@ class MimoDataLoader:
                 f"{frames * 10 / 1000:g} s); set {processor.audio_key}.max_source_positions >= {-(-frames // 2)} "
                 "(encoder frames of 20 ms) or trim the clips"
             )
+        if processor.audio_tokens is not None and clips:
+            # the worst sample: max_images_per_sample records with the longest clips; placeholders are never cut
+            k = self.max_images_per_sample
+            longest = sorted((processor.audio_tokens(f) for f, _ in clips), reverse=True)[:k]
+            need = processor.min_sequence_tokens(k) + sum(n + 2 for n in longest)
+            if need > self.seq_len + 1:
+                raise ConfigError(
+                    f"training.seq_len={self.seq_len} is too small for the data: a sample of {k} image(s) of "
+                    f"{processor.image_tokens_per_image} tokens with the longest audio clips of data.path ({longest} "
+                    f"tokens) needs {need} tokens for its placeholders and markers alone; set training.seq_len >= "
+                    f"{need - 1}, or raise {processor.audio_key}.pool (fewer tokens per clip)"
+                )
         if processor.audio_tokens is not None and not any(r.audio_features is not None for r in self._records):
             raise DataError(
                 f"data.path={self.path!r}: the model has an audio encoder but none of the {len(self._records)} "
