@@ -37,6 +37,7 @@ the language model's stages in one 1F1B schedule; ``bridge_communicator.py`` bet
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -63,6 +64,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mimo_titan.data.packing import PackedBatch
+
+# torch.distributed.pipelining reads ``.grad`` of every stage input that requires a gradient, to pass it to the
+# previous stage; the first stage's encoder embeddings (a sum of the encoders' leaves) have none to pass (each
+# encoder's leaf sends its own over its bridge), and torch warns about that read on every step
+warnings.filterwarnings(
+    "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+)
 
 __all__ = ["MODULE_SCHEDULES", "PIPELINE_SCHEDULES", "EncoderLane", "MimoSchedule", "schedule_mode"]
 
