@@ -450,23 +450,19 @@ NO_AUDIO = {"vision_audio_colocated_lm_apart_microbatch_without_audio": (0, 1)}
 ROLL = {"lm_cp2_images_on_every_shard": 14, "lm_cp4_colocated_images_on_every_shard": 9}
 
 
-def _drop_audio(b, processor, samples):
-    """``b`` whose given samples lose their audio clips (placeholders become text tokens, their labels ignored)."""
-    from dataclasses import replace
-
-    from mimo_titan.data.collate import pad_clips
-
-    ids, labels, clips = b.input_ids.clone(), b.labels.clone(), b.clips_per_sample.clone()
-    first = [0, *torch.cumsum(b.clips_per_sample, 0).tolist()]
+def _drop_items(ids, per_sample, token, samples):
+    """The given samples lose their items (images or clips) of placeholder ``token``: their placeholders become a
+    text token. Returns the new ids, the new per-sample counts and the indices of the items kept."""
+    ids, counts = ids.clone(), per_sample.clone()
+    first = [0, *torch.cumsum(per_sample, 0).tolist()]
     keep = []
-    for s in range(len(b)):
+    for s in range(len(ids)):
         if s in samples:
-            ids[s][ids[s] == processor.audio_token_id] = 100
-            clips[s] = 0
+            ids[s][ids[s] == token] = 100
+            counts[s] = 0
         else:
             keep.extend(range(first[s], first[s + 1]))
-    feats, frames = pad_clips([b.audio_features[i, :, : b.audio_frames[i]] for i in keep])
-    return replace(b, input_ids=ids, labels=labels, audio_features=feats, audio_frames=frames, clips_per_sample=clips)
+    return ids, counts, keep
 
 
 def _batch(cfg, processor, no_image_samples, roll=0, no_audio_samples=()):
@@ -475,23 +471,19 @@ def _batch(cfg, processor, no_image_samples, roll=0, no_audio_samples=()):
     the image tokens onto other context-parallel shards and across shard boundaries."""
     from dataclasses import replace
 
+    from mimo_titan.data.collate import pad_clips
+
     b = first_global_batch(cfg, processor)
     if no_audio_samples:
-        b = _drop_audio(b, processor, no_audio_samples)
+        ids, clips, keep = _drop_items(b.input_ids, b.clips_per_sample, processor.audio_token_id, no_audio_samples)
+        feats, frames = pad_clips([b.audio_features[i, :, : b.audio_frames[i]] for i in keep])
+        b = replace(b, input_ids=ids, audio_features=feats, audio_frames=frames, clips_per_sample=clips)
     if roll:
         b = replace(b, input_ids=b.input_ids.roll(roll, 1), labels=b.labels.roll(roll, 1))
     if not no_image_samples:
         return b
-    ids, ims = b.input_ids.clone(), b.images_per_sample.clone()
-    first = [0, *torch.cumsum(b.images_per_sample, 0).tolist()]
-    keep = []
-    for s in range(len(b)):
-        if s in no_image_samples:
-            ids[s][ids[s] == processor.image_token_id] = 100
-            ims[s] = 0
-        else:
-            keep.extend(range(first[s], first[s + 1]))
-    return replace(b, input_ids=ids, labels=b.labels.clone(), pixel_values=b.pixel_values[keep], images_per_sample=ims)
+    ids, ims, keep = _drop_items(b.input_ids, b.images_per_sample, processor.image_token_id, no_image_samples)
+    return replace(b, input_ids=ids, pixel_values=b.pixel_values[keep], images_per_sample=ims)
 
 
 def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from test_oracle import AUDIO
 
 from _launch import per_layout_backends, run_ranks
 from _tiny import tiny_config_dict
@@ -378,16 +379,6 @@ def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
     errors = run_ranks(_data_worker, 2, [same, str(cut)])
     assert errors[0] == errors[1] and errors[0] is not None
     assert "the ranks read different records from data.path (1 shard(s); rank 0: 32 records, rank 1: 1" in errors[0]
-
-
-AUDIO = {
-    "type": "audio",
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "projector_intermediate_size": 64,
-}
 
 
 @pytest.mark.parametrize(

@@ -248,7 +248,7 @@ class MimoDataLoader:
                     f"tokens) needs {need} tokens for its placeholders and markers alone; set training.seq_len >= "
                     f"{need - 1}, or raise {processor.audio_key}.pool (fewer tokens per clip)"
                 )
-        if processor.audio_tokens is not None and not any(r.audio_features is not None for r in self._records):
+        if processor.audio_tokens is not None and not clips:
             raise DataError(
                 f"data.path={self.path!r}: the model has an audio encoder but none of the {len(self._records)} "
                 f"records carries an audio clip ({' / '.join(AUDIO_FIELDS)} member beside the image and caption); "

@@ -429,10 +429,6 @@ class ImageTextProcessor:
             raise AttributeError("this processor has no audio tokens; build it with audio_tokens=...")
         return self._special_ids["audio_token_id"]
 
-    def placeholder_id(self, media: str) -> int:
-        """Id of the placeholder token of ``media`` (``"image"`` or ``"audio"``)."""
-        return self.image_token_id if media == "image" else self.audio_token_id
-
     @property
     def pad_id(self) -> int:
         """Id of ``<|pad|>``, used to right-pad ``input_ids``."""

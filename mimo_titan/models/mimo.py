@@ -142,7 +142,9 @@ class LanguageStage(nn.Module):
     def __init__(self, language: DecoderLM, image_token_id: int | Sequence[int]):
         super().__init__()
         self.language = language
-        self.image_token_id = image_token_id if isinstance(image_token_id, int) else tuple(image_token_id)
+        ids = (image_token_id,) if isinstance(image_token_id, int) else tuple(image_token_id)
+        # one encoder: a plain comparison in the merge; several: torch.isin
+        self.image_token_id: int | tuple[int, ...] = ids[0] if len(ids) == 1 else ids
         self.is_first = language.model.embed_tokens is not None
         self.cp_size, self.cp_rank = 1, 0  # set by the context-parallel plan (mimo_titan.parallel.cp)
         # set by the tensor-parallel plan (mimo_titan.parallel.tp): ``[B, S, H]`` -> this rank's ``[B, S / sp, H]``
@@ -277,8 +279,7 @@ class MimoModel(nn.Module):
                 rows = rows[:0]
             part = scatter_image_embeddings(rows, input_ids_BS, self.placeholder_ids[name])
             dense = part if dense is None else dense + part
-        ids = tuple(self.placeholder_ids.values())
-        stage = LanguageStage(self.lm, ids[0] if len(ids) == 1 else ids)
+        stage = LanguageStage(self.lm, tuple(self.placeholder_ids.values()))
         return stage(input_ids_BS, dense, position_ids, doc_ids)
 
 

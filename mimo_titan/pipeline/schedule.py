@@ -454,7 +454,8 @@ class MimoSchedule:
 
     # -- encoder side -------------------------------------------------------------------------------------
     # An encoder with pp > 1 is a chain of stages (split_vision_encoder): stage s receives [n, P, D] from stage s - 1
-    # (the same DP and tp coordinates), the last stage sends its rows over the bridge. A DP rank without items in a
+    # (the same DP and tp coordinates, tagged as the lane's bridge tags), the last stage sends its rows over the
+    # bridge. A DP rank without items in a
     # microbatch runs one dummy item through every stage (FSDP's collectives stay in step; its rows never cross).
     def _enc_slice(self, lane: EncoderLane, m: int) -> Batch:
         b = len(lane.local) // self.microbatches
@@ -464,9 +465,6 @@ class MimoSchedule:
         """Items (images, clips) of this encoder DP rank in microbatch ``m``."""
         args = lane.inputs(self._enc_slice(lane, m))
         return 0 if args is None else int(args[0].shape[0])
-
-    def _stage_tag(self, lane: EncoderLane, m: int, direction: int) -> int:
-        return 2 * (m * len(self.lanes) + self.lanes.index(lane)) + direction
 
     def _between_stages(self, lane: EncoderLane, m: int) -> torch.Tensor:
         """An empty ``[max(n, 1), P, D]`` buffer for what travels between encoder stages in microbatch ``m``."""
@@ -479,7 +477,7 @@ class MimoSchedule:
         while lane.stage_posted < min(upto + 1, self.microbatches):
             m = lane.stage_posted
             buf = self._between_stages(lane, m)
-            op = dist.P2POp(dist.irecv, buf, lane.prev_rank, tag=self._stage_tag(lane, m, 0))
+            op = dist.P2POp(dist.irecv, buf, lane.prev_rank, tag=lane.bridge.tag(m, 0))
             lane.stage_recv[m] = Pending([op], lambda b=buf: b)
             lane.bridge.post(lane.stage_recv[m])
             lane.stage_posted += 1
@@ -514,7 +512,7 @@ class MimoSchedule:
         if lane.last:
             rows = rows_of(out)[:n_rows]
             return lane.bridge.forward_sends(m, lane.dp, rows, lane.rows_ps[m], lane.row_cp[m])
-        tag = self._stage_tag(lane, m, 0)
+        tag = lane.bridge.tag(m, 0)
         return [dist.P2POp(dist.isend, out.detach().contiguous(), lane.next_rank, tag=tag)]
 
     def _encoder_grad_recv(self, lane: EncoderLane, m: int) -> Pending:
@@ -523,7 +521,7 @@ class MimoSchedule:
         if lane.last:
             return lane.bridge.backward_recvs(m, lane.dp, lane.rows_ps[m], lane.row_cp[m])
         buf = self._between_stages(lane, m)
-        return Pending([dist.P2POp(dist.irecv, buf, lane.next_rank, tag=self._stage_tag(lane, m, 1))], lambda: buf)
+        return Pending([dist.P2POp(dist.irecv, buf, lane.next_rank, tag=lane.bridge.tag(m, 1))], lambda: buf)
 
     def _encoder_backward(self, lane: EncoderLane, m: int, grad: torch.Tensor) -> None:
         """Backward of microbatch ``m`` through this encoder stage; send its input's gradient to the previous stage.
@@ -546,7 +544,7 @@ class MimoSchedule:
             assert x.grad is not None, "an encoder stage's input takes part in its output"
             # the previous stage sends every forward up to m + its warm-up - 1 before it receives this gradient
             self._post_stage_recvs(lane, m + lane.prev_warmup - 1)
-            tag = self._stage_tag(lane, m, 1)
+            tag = lane.bridge.tag(m, 1)
             lane.bridge.post([dist.P2POp(dist.isend, x.grad.contiguous(), lane.prev_rank, tag=tag)])
 
     def _run_encoders_streamed(self, held: list[EncoderLane]) -> None:

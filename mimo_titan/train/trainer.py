@@ -532,7 +532,7 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
         cfg.data.tokenizer,
         vit.image_size,
         (vit.image_size // vit.patch_size) ** 2,
-        audio_tokens=None if audio is None else functools.partial(_clip_tokens, cfg=audio[1]),
+        audio_tokens=None if audio is None else functools.partial(audio_tokens, cfg=audio[1]),
         num_mel_bins=80 if audio is None else audio[1].num_mel_bins,
         audio_max_frames=None if audio is None else 2 * audio[1].max_source_positions,
         audio_key="model.audio" if audio is None else f"model.{audio[0]}",
@@ -545,11 +545,6 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
             f"{processor.vocab_size} tokens{added} ({cfg.data.tokenizer}); raise vocab_size"
         )
     return processor
-
-
-def _clip_tokens(num_frames: int, cfg) -> int:
-    """LM tokens of an audio clip of ``num_frames`` log-mel frames (:func:`mimo_titan.models.audio.audio_tokens`)."""
-    return audio_tokens(num_frames, cfg)
 
 
 def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
