@@ -1,0 +1,409 @@
+"""Dry-run planner: what a config costs per module, per rank — with no process group and no weights.
+
+:func:`plan_job` validates a config for a world size exactly as training does before any process group exists
+(:func:`mimo_titan.train.trainer.validate_job`), builds the model on the meta device (shapes only) and estimates,
+for every module, the parameters each of its ranks holds, its per-rank memory and the training FLOPs of one step.
+
+Memory model (bytes per rank, the worst rank of the module: the pipeline stage with the most parameters, or the
+first stage, which holds the most microbatches in flight):
+
+- **Sharded state.** Each parameter is divided over the ranks that shard it: FSDP over ``dp_shard · cp``
+  (``dp_replicate`` holds copies), TP over ``tp`` for matrices (1-D norms and biases are replicated over tp), routed
+  experts over ``ep · etp · edp`` = ``dp_shard · cp · tp``. The fp32 master weight is 4 bytes; a trainable parameter
+  adds an fp32 gradient (4) and AdamW's two fp32 moments (8): 16 bytes in all, as in ZeRO (Rajbhandari et al.,
+  2020, §3: 16 bytes per parameter for mixed-precision Adam, with the fp32 master counted in the 12 bytes of
+  optimizer state there).
+- **FSDP gathers.** While a block runs, its parameters are all-gathered in the compute dtype, the next block's
+  prefetched: two blocks' unsharded parameters (``/ tp``), plus one block's unsharded gradient in the reduce dtype
+  during backward. Without resharding after forward (``reshard_after_forward`` off: the default with pp = 1) the
+  whole stage's parameters stay gathered from the first forward to the last backward of a step.
+- **Activations.** What autograd saves per token and layer in the compute dtype, counted from this repository's
+  layers (decoder: norms, q/k/v before and after RoPE, the attention output, the MLP's gate/up/activation; flash
+  attention saves O(S), no ``[S, S]`` scores); the LM's last stage adds the fp32 logits and their gradient
+  (``tokens x vocab / tp x 8`` bytes). Sequence parallelism and CP divide the tokens per rank; pipeline
+  schedules keep up to ``pp - stage`` microbatches in flight on a 1F1B stage (all of them with GPipe). Method:
+  Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (2022), §4, with flash
+  attention's O(S) memory (Dao et al., 2022).
+- **Runtime.** On CPU the process itself (Python, torch, gloo, the tokenizer): ``RUNTIME_GIB["cpu"]``, measured on
+  this project's CPU machines; on CUDA 0 (``torch.cuda.max_memory_allocated``, which the training log reports, does
+  not count the CUDA context).
+
+The estimate is a planning figure: allocator fragmentation, communication buffers and data loading are not in it.
+
+FLOPs per step come from :mod:`mimo_titan.train.flops` (6 x parameters per token plus the attention term).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from mimo_titan.config import Config
+from mimo_titan.parallel.fsdp import resolve_dtype
+
+__all__ = ["RUNTIME_GIB", "JobPlan", "ModulePlan", "plan_job"]
+
+#: Memory of a rank that holds no model (GiB), per device type: on CPU the resident set of a training process with
+#: torch, torch.distributed (gloo, FSDP, pipelining) and the data pipeline loaded — measured on the debug configs
+#: (tests/test_planner.py checks the estimate against measured peaks); on CUDA the reported peak is
+#: ``max_memory_allocated``, which leaves out the CUDA context.
+RUNTIME_GIB = {"cpu": 0.40, "cuda": 0.0}
+
+_GIB = float(2**30)
+
+
+@dataclass
+class ModulePlan:
+    """One module's figures.
+
+    Attributes:
+        name: the module (``[model.<name>]``).
+        ranks: ``(first, last)`` global ranks, inclusive.
+        layout: ``"pp=2 dp_shard=3"``-style summary of its parallel degrees (> 1 only).
+        params: its parameters (all stages).
+        trainable_params: the ones that train.
+        params_per_rank: parameters the worst rank holds (its shard of its stage).
+        mem_per_rank_gib: estimated peak memory of the worst rank, GiB (sum of ``mem_breakdown_gib``).
+        mem_breakdown_gib: ``weights``, ``grads``, ``optimizer``, ``fsdp_gather``, ``activations``, ``runtime``.
+        activations_per_microbatch_gib: activations of one microbatch on the worst rank.
+        microbatches_in_flight: how many microbatches' activations the worst rank holds at once.
+        flops_per_step: training FLOPs of one optimizer step, summed over the module's ranks.
+        rank_total_gib: estimated peak of its worst rank with every module that rank holds (colocated modules
+            add up; the runtime counts once).
+    """
+
+    name: str
+    ranks: tuple[int, int]
+    layout: str
+    params: int
+    trainable_params: int
+    params_per_rank: int
+    mem_per_rank_gib: float
+    mem_breakdown_gib: dict[str, float]
+    activations_per_microbatch_gib: float
+    microbatches_in_flight: int
+    flops_per_step: float
+    rank_total_gib: float = 0.0
+
+
+@dataclass
+class JobPlan:
+    """The whole job: ``world_size``, ``params_total`` and one :class:`ModulePlan` per module (config order)."""
+
+    world_size: int
+    device_type: str
+    params_total: int
+    modules: dict[str, ModulePlan] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """``{"world_size", "params_total", "device_type", "modules": {name: {"params", "ranks",
+        "mem_per_rank_gib", "flops_per_step", ...}}}`` (ranks as ``[first, last]``, inclusive)."""
+        return {
+            "world_size": self.world_size,
+            "device_type": self.device_type,
+            "params_total": self.params_total,
+            "modules": {
+                n: {
+                    "params": m.params,
+                    "trainable_params": m.trainable_params,
+                    "ranks": list(m.ranks),
+                    "layout": m.layout,
+                    "params_per_rank": m.params_per_rank,
+                    "mem_per_rank_gib": round(m.mem_per_rank_gib, 4),
+                    "mem_breakdown_gib": {k: round(v, 4) for k, v in m.mem_breakdown_gib.items()},
+                    "activations_per_microbatch_gib": round(m.activations_per_microbatch_gib, 4),
+                    "microbatches_in_flight": m.microbatches_in_flight,
+                    "flops_per_step": m.flops_per_step,
+                    "rank_total_gib": round(m.rank_total_gib, 4),
+                }
+                for n, m in self.modules.items()
+            },
+        }
+
+    def table(self) -> str:
+        """A fixed-width text table, one line per module, and the totals."""
+        head = (
+            f"{'module':<10} {'ranks':>9} {'layout':<28} {'params':>10} {'per rank':>10} "
+            f"{'mem/rank GiB':>12} {'act/mb GiB':>10} {'TFLOP/step':>11}"
+        )
+        lines = [head, "-" * len(head)]
+        for m in self.modules.values():
+            lines.append(
+                f"{m.name:<10} {f'{m.ranks[0]}-{m.ranks[1]}':>9} {m.layout:<28} {_human(m.params):>10} "
+                f"{_human(m.params_per_rank):>10} {m.mem_per_rank_gib:>12.2f} "
+                f"{m.activations_per_microbatch_gib:>10.3f} {m.flops_per_step / 1e12:>11.1f}"
+            )
+        lines.append(f"world_size {self.world_size}, {_human(self.params_total)} parameters, device {self.device_type}")
+        for m in self.modules.values():
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in m.mem_breakdown_gib.items())
+            lines.append(
+                f"  {m.name}: {parts} GiB (x{m.microbatches_in_flight} microbatches in flight); its ranks with every "
+                f"module they hold: {m.rank_total_gib:.2f} GiB"
+            )
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _layout_text(lay) -> str:
+    dims = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
+    text = " ".join(f"{d}={getattr(lay, d)}" for d in dims if getattr(lay, d) > 1)
+    return text or "1 rank"
+
+
+def _stage_of_language(name: str, num_layers: int, stages: int, tied: bool) -> list[int]:
+    """The global pipeline stages (of ``stages``) holding LM parameter ``name`` (relative to the LM): the embedding on
+    the first, the final norm and head on the last (tied: the head is a copy of the embedding there), block ``i`` on
+    its even share."""
+    from mimo_titan.pipeline.stages import stage_layer_range
+
+    if name.startswith("model.embed_tokens."):
+        return [0, stages - 1] if tied and stages > 1 else [0]
+    if name.startswith("model.layers."):
+        layer = int(name.split(".")[2])
+        return [next(s for s in range(stages) if layer in stage_layer_range(num_layers, stages, s))]
+    return [stages - 1]
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def _per_rank(numel: int, shape, name: str, lay) -> float:
+    """Elements of one parameter a rank of ``lay`` holds after FSDP / TP / EP sharding."""
+    if _is_expert(name):
+        return numel / (lay.dp_shard * lay.cp * lay.tp)  # ep x etp x edp covers the same ranks
+    tp = lay.tp if len(shape) >= 2 else 1  # matrices split over tp; norms and biases replicated
+    return numel / (lay.dp_shard * lay.cp * tp)
+
+
+def _in_flight(schedule: str, pp: int, stage: int, microbatches: int, virtual: int) -> int:
+    """Microbatches whose activations a stage holds at its peak."""
+    if schedule == "GPipe" or pp == 1:
+        return microbatches if schedule == "GPipe" else 1
+    if schedule == "Interleaved1F1B":
+        # warm-up of an interleaved stage: (pp - stage - 1) * 2 + (v - 1) * pp forwards, chunks of 1 / v size
+        return min(microbatches * virtual, (pp - stage - 1) * 2 + (virtual - 1) * pp + 1)
+    return min(microbatches, pp - stage)
+
+
+def _decoder_act_per_token(lm, bytes_: int) -> float:
+    """Bytes autograd saves per token in one decoder layer (no recomputation), :class:`DecoderLayer` as written:
+    norm inputs/outputs (4 h), q, k, v before and after RoPE (2 q + 4 kv, 2 more with qk_norm), the attention output
+    and its o_proj input (q), the MLP's gate, up, activation and product (4 ffn; MoE: top_k experts' and the shared
+    expert's widths, plus the router's scores)."""
+    h = lm.hidden_size
+    hd = lm.head_dim or h // lm.num_heads
+    q, kv = lm.num_heads * hd, lm.num_kv_heads * hd
+    moe = lm.moe
+    if moe.num_experts > 0:
+        ffn = moe.top_k * moe.intermediate_size + moe.shared_expert_intermediate_size + moe.num_experts
+    else:
+        ffn = lm.intermediate_size
+    per = 4 * h + 3 * q + 4 * kv + 4 * ffn + (2 * (q + kv) if lm.qk_norm else 0)
+    return per * bytes_
+
+
+def _encoder_act_per_token(sec, bytes_: int) -> float:
+    """Bytes saved per token (patch or audio frame) in one pre-LN encoder block: the LayerNorm outputs (2 d), q/k/v
+    and the attention output (4 d), the second residual input (d), fc1's and GELU's outputs (2 ffn)."""
+    d, ffn = sec.hidden_size, sec.intermediate_size
+    return (7 * d + 2 * ffn) * bytes_
+
+
+def _ac_factor(mode: str) -> float:
+    """Fraction of a block's saved activations kept with activation checkpointing (full keeps the block input only,
+    which the caller adds; selective keeps the matmul outputs: about half, as torchtitan's op policy)."""
+    return {"none": 1.0, "selective": 0.5, "full": 0.0}.get(mode, 1.0)
+
+
+def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobPlan:
+    """Validate ``cfg`` for ``world_size`` ranks and estimate each module's per-rank memory and FLOPs per step.
+
+    No process group and no weights: the model is built on the meta device.
+
+    Args:
+        cfg: a loaded :class:`~mimo_titan.config.Config`.
+        world_size: the number of ranks to plan for (the rank ranges must tile it).
+        device_type: ``"cuda"`` or ``"cpu"``: sets the compute dtype of ``mixed_precision_param = "auto"``
+            (bf16 on CUDA, fp32 on CPU) and the runtime term (:data:`RUNTIME_GIB`).
+
+    Returns:
+        A :class:`JobPlan`.
+
+    Raises:
+        LayoutError / ConfigError: everything :func:`~mimo_titan.train.trainer.validate_job` refuses, naming the
+            config field and the fix.
+    """
+    from mimo_titan.checkpoint.state import meta_model
+    from mimo_titan.parallel.plans import encoder_plans
+    from mimo_titan.train.freeze import is_trainable
+    from mimo_titan.train.trainer import padded_seq_len, validate_job
+
+    layouts = validate_job(cfg, world_size)
+    model = meta_model(cfg.model)
+    act_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device_type)
+    red_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device_type)
+    act_bytes = act_dtype.itemsize
+    train = cfg.training
+    seq = padded_seq_len(cfg)
+    lm_cfg = cfg.model.language
+    plan = JobPlan(world_size, device_type, sum(p.numel() for p in model.parameters()))
+    flops = _flops_per_step(cfg)
+
+    for name, lay in layouts.items():
+        section = getattr(cfg.model, name)
+        sub = getattr(model, name)
+        opts = cfg.parallelism.modules[name]
+        ac = getattr(opts, "activation_checkpointing", "none")
+        reshard = getattr(opts, "fsdp_reshard_after_forward", None)
+        if reshard is None:
+            reshard = lay.pp > 1
+        v = cfg.parallelism.virtual_stages if lay.is_language else 1
+        stages = lay.pp * v
+        # parameters per global stage: held (sharded) elements, trainable ones, largest block (unsharded / tp)
+        held = [0.0] * stages
+        held_train = [0.0] * stages
+        stage_params = [0] * stages
+        block = [0.0] * stages
+        blocks: dict[tuple[int, str], float] = {}
+        for pname, p in sub.named_parameters():
+            full_key = f"{name}.{pname}"
+            if lay.is_language:
+                where = _stage_of_language(pname, lm_cfg.num_layers, stages, lm_cfg.tie_word_embeddings)
+            elif lay.pp > 1:
+                plans = encoder_plans(section.type)
+                assert plans.stage_of is not None
+                where = [plans.stage_of(pname, section.num_layers, lay.pp)]
+            else:
+                where = [0]
+            share = _per_rank(p.numel(), p.shape, pname, lay)
+            trains = is_trainable(cfg, full_key)
+            parts = pname.split(".")
+            unit = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts else "root"
+            for s in where:
+                held[s] += share
+                held_train[s] += share if trains else 0.0
+                stage_params[s] += p.numel()
+                tp = lay.tp if p.dim() >= 2 and not _is_expert(pname) else 1
+                blocks[(s, unit)] = blocks.get((s, unit), 0.0) + p.numel() / tp
+        for (s, _unit), n in blocks.items():
+            block[s] = max(block[s], n)
+
+        # activations of one microbatch on one rank of this module
+        mb = train.global_batch_size // train.microbatches // lay.dp
+        if lay.is_language:
+            tokens = mb * seq / (lay.cp * lay.tp)
+            per_layer = _decoder_act_per_token(lm_cfg, act_bytes) * tokens
+            layers = lm_cfg.num_layers
+            logits = mb * seq / lay.cp * lm_cfg.vocab_size / lay.tp * 8
+            hidden = lm_cfg.hidden_size
+        else:
+            plans = encoder_plans(section.type)
+            items = mb * (cfg.data.max_images_per_sample if section.type == "vit" else 1)
+            per_item = plans.tokens_per_item(section) if plans.tokens_per_item else _audio_frames(section)
+            tokens = items * per_item / lay.tp
+            per_layer = _encoder_act_per_token(section, act_bytes) * tokens
+            layers = section.num_layers
+            logits = 0.0
+            hidden = section.hidden_size
+        boundary = tokens * hidden * act_bytes  # a block's input, kept under full AC
+        per_layer_kept = per_layer * _ac_factor(ac) + boundary
+        recompute = per_layer if ac != "none" else 0.0  # one block's activations while it is recomputed
+        worst = None
+        for local in range(lay.pp):
+            chunks = [local + j * lay.pp for j in range(v)]
+            # one forward of one chunk (a whole stage when v = 1) for one microbatch
+            act_mb = max(_layers_in(layers, stages, s) for s in chunks) * per_layer_kept
+            if stages - 1 in chunks:
+                act_mb += logits
+            in_flight = _in_flight(cfg.parallelism.pipeline_schedule, lay.pp, local, train.microbatches, v)
+            if not lay.is_language and lay.pp == 1:
+                in_flight = _encoder_in_flight(cfg, name, lay)
+            w = sum(held[s] for s in chunks)
+            t = sum(held_train[s] for s in chunks)
+            gather_unit = max(block[s] for s in chunks)
+            if reshard:
+                gather = (2 * act_bytes + red_dtype.itemsize) * gather_unit
+            else:
+                gather = sum(stage_params_unsharded(blocks, s) for s in chunks) * act_bytes
+                gather += red_dtype.itemsize * gather_unit
+            breakdown = {
+                "weights": 4 * w / _GIB,
+                "grads": 4 * t / _GIB,
+                "optimizer": 8 * t / _GIB,
+                "fsdp_gather": gather / _GIB,
+                "activations": (act_mb * in_flight + recompute) / _GIB,
+                "runtime": RUNTIME_GIB.get(device_type, 0.0),
+            }
+            total = sum(breakdown.values())
+            if worst is None or total > worst[0]:
+                worst = (total, breakdown, act_mb, in_flight, w)
+        assert worst is not None
+        total, breakdown, act_mb, in_flight, w = worst
+        plan.modules[name] = ModulePlan(
+            name=name,
+            ranks=(lay.rank_offset, lay.rank_offset + lay.num_ranks - 1),
+            layout=_layout_text(lay),
+            params=sum(p.numel() for p in sub.parameters()),
+            trainable_params=sum(p.numel() for n, p in sub.named_parameters() if is_trainable(cfg, f"{name}.{n}")),
+            params_per_rank=math.ceil(w),
+            mem_per_rank_gib=total,
+            mem_breakdown_gib=breakdown,
+            activations_per_microbatch_gib=act_mb / _GIB,
+            microbatches_in_flight=in_flight,
+            flops_per_step=flops.get(name, 0.0),
+        )
+    runtime = RUNTIME_GIB.get(device_type, 0.0)
+    for name, m in plan.modules.items():
+        first = layouts[name].rank_offset
+        shared = [
+            o
+            for n, o in plan.modules.items()
+            if layouts[n].rank_offset <= first < layouts[n].rank_offset + layouts[n].num_ranks
+        ]
+        m.rank_total_gib = runtime + sum(o.mem_per_rank_gib - runtime for o in shared)
+    return plan
+
+
+def stage_params_unsharded(blocks: dict[tuple[int, str], float], stage: int) -> float:
+    """Elements of global stage ``stage`` gathered on one rank (``/ tp`` for TP-split matrices)."""
+    return sum(n for (s, _), n in blocks.items() if s == stage)
+
+
+def _layers_in(num_layers: int, stages: int, stage: int) -> int:
+    from mimo_titan.pipeline.stages import stage_layer_range
+
+    return len(stage_layer_range(num_layers, stages, stage))
+
+
+def _audio_frames(section) -> int:
+    """Encoder frames of the longest clip (``max_source_positions``, 20 ms each)."""
+    return section.max_source_positions
+
+
+def _encoder_in_flight(cfg: Config, name: str, lay) -> int:
+    """Microbatches of an unsplit encoder whose activations are held at once: all of them when it runs the whole
+    batch first (colocated ``batch`` mode), else its prefetch depth (it runs ahead of the LM until the gradients
+    of microbatch m come back)."""
+    lang = cfg.parallelism.modules[cfg.model.language_name]
+    colocated = lay.rank_offset == lang.rank_offset and lay.num_ranks == lang.num_ranks
+    if colocated:
+        return cfg.training.microbatches if cfg.parallelism.colocated_encoders == "batch" else 1
+    section = getattr(cfg.model, name)
+    return min(cfg.training.microbatches, section.prefetch_microbatches + 1)
+
+
+def _flops_per_step(cfg: Config) -> dict[str, float]:
+    """Training FLOPs of one step per module (``{}`` until :mod:`mimo_titan.train.flops` exists)."""
+    try:
+        from mimo_titan.train import flops as flops_mod
+    except ImportError:
+        return {}
+    fn = getattr(flops_mod, "flops_per_step", None)
+    return fn(cfg) if fn is not None else {}

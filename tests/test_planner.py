@@ -1,0 +1,107 @@
+"""The dry-run planner (scripts/plan.py, mimo_titan.train.planner): every shipped config plans without a process
+group; its sharding arithmetic and activation model are checked against the real modules."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimo_titan.config import load_config
+from mimo_titan.train.planner import _decoder_act_per_token, _encoder_act_per_token, plan_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
+
+
+def _world(cfg) -> int:
+    return max(m.rank_offset + m.num_ranks for m in cfg.parallelism.modules.values())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_plans_and_its_ranks_tile_the_world(path):
+    cfg = load_config(path)
+    plan = plan_job(cfg, _world(cfg)).to_json()
+    assert plan["world_size"] == _world(cfg)
+    assert set(plan["modules"]) == set(cfg.model.modules)
+    covered = sorted(r for m in plan["modules"].values() for r in range(m["ranks"][0], m["ranks"][1] + 1))
+    assert set(covered) == set(range(plan["world_size"]))
+    assert sum(m["params"] for m in plan["modules"].values()) == plan["params_total"]
+    for name, m in plan["modules"].items():
+        assert {"params", "ranks", "mem_per_rank_gib", "flops_per_step"} <= set(m), name
+        assert 0 < m["params_per_rank"] <= m["params"] and m["mem_per_rank_gib"] > 0
+
+
+def test_fsdp_shares_and_optimizer_bytes_follow_the_layout():
+    cfg = load_config(
+        ROOT / "train_configs/debug_noncolocated.toml",
+        ["--parallelism.language.pp=1", "--parallelism.language.dp_shard=6"],
+    )
+    one = plan_job(cfg, 8, device_type="cpu").modules
+    lm = one["language"]
+    assert lm.params_per_rank == math.ceil(lm.params / 6)
+    gib = 2**30
+    assert lm.mem_breakdown_gib["weights"] == pytest.approx(4 * lm.params / 6 / gib)
+    assert lm.mem_breakdown_gib["optimizer"] == pytest.approx(8 * lm.params / 6 / gib)
+    frozen = plan_job(
+        load_config(ROOT / "train_configs/debug_noncolocated.toml", ['--training.trainable=["vision"]']),
+        8,
+        device_type="cpu",
+    ).modules["language"]
+    assert frozen.mem_breakdown_gib["optimizer"] == 0 and frozen.mem_breakdown_gib["grads"] == 0
+    # pp = 2 holds about half the parameters per stage: the worst stage (embedding or head side) rounds up
+    two = plan_job(load_config(ROOT / "train_configs/debug_noncolocated.toml"), 8, device_type="cpu").modules
+    assert two["language"].params_per_rank < lm.params_per_rank * 2 * 0.75
+
+
+def _saved_bytes(module, *args) -> int:
+    """Bytes of the (non-parameter, non-input) tensors autograd saves for the backward of ``module(*args)``."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    skip |= {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*args)
+    return sum(seen.values())
+
+
+def test_activation_model_matches_what_autograd_saves():
+    from mimo_titan.models.decoder import DecoderLayer, rope_cos_sin
+    from mimo_titan.models.vit import ViTBlock
+
+    cfg = load_config(ROOT / "train_configs/debug_noncolocated.toml")
+    lm = cfg.model.language
+    b, s = 2, 64
+    x = torch.randn(b, s, lm.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(s), lm.hidden_size // lm.num_heads, lm.rope_theta, torch.float32)
+    measured = _saved_bytes(DecoderLayer(lm, 0), x, cos, sin)
+    assert _decoder_act_per_token(lm, 4) * b * s == pytest.approx(measured, rel=0.1)
+
+    vis = cfg.model.vision
+    p = (vis.image_size // vis.patch_size) ** 2
+    x = torch.randn(3, p, vis.hidden_size, requires_grad=True)
+    measured = _saved_bytes(ViTBlock(vis.hidden_size, vis.num_heads, vis.intermediate_size, vis.norm_eps), x)
+    assert _encoder_act_per_token(vis, 4) * 3 * p == pytest.approx(measured, rel=0.1)
+
+
+def test_plan_script_writes_json_and_names_a_bad_field(tmp_path):
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "scripts/plan.py", "--config", "train_configs/debug_tp_cp.toml", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["world_size"] == 8 and set(data["modules"]) == {"vision", "language"}
+    assert "language" in proc.stdout and "mem/rank GiB" in proc.stdout
+    bad = subprocess.run([*cmd[:4], "--world-size", "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world" in bad.stderr.lower() and "Traceback" not in bad.stderr
