@@ -193,6 +193,8 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
     job = build_job(cfg, device)
     loader = build_loader(cfg, job.processor)
     hist = [train_step(job, next(loader)) for _ in range(steps)]
+    keep = cfg.metrics.history_steps  # the job keeps only the newest records
+    assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
     # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
     gather_step_metrics(job, hist[-1], data_wait_s=rank / 10, memory_gib=rank + 1.0)
     return hist
@@ -241,6 +243,7 @@ def test_several_steps_match_single_process_training(layout, backend):
         training={"steps": 6},
         lr_schedule={"warmup_steps": 2},
         optimizer={"lr": 3e-3},
+        metrics={"history_steps": steps - 1},
         **(moe if layout.startswith("moe") else {}),
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
     )

@@ -239,7 +239,7 @@ def lm_flops_per_token(cfg: LanguageModelConfig, seq_len: int, mode: str = TRAIN
         FLOPs (float) per token.
     """
     p = lm_params(cfg)
-    return MATMUL_FLOPS_PER_PARAM[mode] * p.active + ATTENTION_FLOPS_FACTOR[mode] * p.attention_width * seq_len
+    return float(MATMUL_FLOPS_PER_PARAM[mode] * p.active + ATTENTION_FLOPS_FACTOR[mode] * p.attention_width * seq_len)
 
 
 def vit_flops_per_image(
