@@ -76,8 +76,11 @@ this module (:class:`Config` is the root)::
     path = "/data/shards"              # a .tar shard or a directory of .tar shards
     tokenizer = "/models/tok"          # dir holding tokenizer.json, or the file
 
-    [metrics]                  # optional
+    [metrics]                  # optional; MetricsConfig
     log_freq = 10
+    jsonl = "metrics.jsonl"            # relative: under job.output_dir; "" = none
+    tensorboard = false                # true needs `pip install tensorboard`
+    peak_tflops = 989.5                # for MFU; omitted: detected on A100 / H100 / H200 / B200
 
     [checkpoint]               # optional; CheckpointConfig
     enable = true
@@ -803,9 +806,31 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class MetricsConfig:
-    """``[metrics]``: logging cadence."""
+    """``[metrics]``: what is logged, how often and where (:mod:`mimo_titan.train.metrics`).
+
+    Attributes:
+        log_freq: rank 0 logs (and writes a metrics record) every ``log_freq`` steps, and at the first step.
+        jsonl: the file of one JSON line per logged step with every metric; a relative path is taken under
+            ``job.output_dir``; "" writes none.
+        tensorboard: also write TensorBoard scalars (needs ``pip install tensorboard``).
+        tensorboard_dir: TensorBoard's folder; a relative path is taken under ``job.output_dir``.
+        peak_tflops: the device's peak TFLOP/s for MFU; none detects an A100 / H100 / H200 / B200 (BF16 dense) and
+            reports no MFU elsewhere (on CPU among others).
+        history_steps: the step records :func:`~mimo_titan.train.trainer.train` keeps in memory and returns (the
+            newest); the JSONL file has every logged step.
+    """
 
     log_freq: int = _opt(1, ge=1)
+    jsonl: str = "metrics.jsonl"
+    tensorboard: bool = False
+    tensorboard_dir: str = "tensorboard"
+    peak_tflops: float | None = _opt(None, gt=0, hint="the device's peak TFLOP/s, e.g. 989.5 (H100 SXM, BF16 dense)")
+    history_steps: int = _opt(100, ge=1)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        if self.tensorboard and not self.tensorboard_dir:
+            return [("tensorboard_dir", "metrics.tensorboard = true needs a folder; set '{p}.tensorboard_dir'")]
+        return []
 
 
 @dataclass(kw_only=True)

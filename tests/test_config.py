@@ -259,6 +259,14 @@ def test_minimal_config_uses_defaults(minimal: Path) -> None:
     assert (s.warmup_steps, s.decay, s.min_lr_ratio) == (0, "cosine", 0.1)
     assert cfg.data.max_images_per_sample == 1 and cfg.data.shuffle is True
     assert cfg.metrics.log_freq == 1
+    m = cfg.metrics
+    assert (m.jsonl, m.tensorboard, m.tensorboard_dir, m.peak_tflops, m.history_steps) == (
+        "metrics.jsonl",
+        False,
+        "tensorboard",
+        None,
+        100,
+    )
 
 
 def test_default_list_not_shared(minimal: Path) -> None:
@@ -516,11 +524,22 @@ def test_decay_not_allowed(tmp_path: Path) -> None:
         ("--lr_schedule.min_lr_ratio=-0.1", "lr_schedule.min_lr_ratio", ">= 0"),
         ("--data.max_images_per_sample=0", "data.max_images_per_sample", ">= 1"),
         ("--metrics.log_freq=0", "metrics.log_freq", ">= 1"),
+        ("--metrics.peak_tflops=0", "metrics.peak_tflops", "> 0"),
+        ("--metrics.history_steps=0", "metrics.history_steps", ">= 1"),
     ],
 )
 def test_range_checks(minimal: Path, override: str, key: str, bound: str) -> None:
     with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", bound, override)):
         load_config(minimal, [override])
+
+
+def test_metrics_keys(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--metrics.peak_tflops=989.5", "--metrics.jsonl=", "--metrics.tensorboard=true"])
+    assert (cfg.metrics.peak_tflops, cfg.metrics.jsonl, cfg.metrics.tensorboard) == (989.5, "", True)
+    assert load_config(minimal, ["--metrics.peak_tflops=none"]).metrics.peak_tflops is None
+    override = "--metrics.tensorboard_dir="
+    with pytest.raises(ConfigError, match=err(minimal, "'metrics.tensorboard_dir'", "needs a folder", override)):
+        load_config(minimal, ["--metrics.tensorboard=true", override])
 
 
 def test_range_check_from_file(tmp_path: Path) -> None:

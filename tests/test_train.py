@@ -3,6 +3,7 @@ the README's train command."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -186,12 +187,17 @@ def test_train_rejects_a_bad_layout_before_any_process_group(monkeypatch):
 
 
 def _steps_worker(rank, world, device, cfg_dict, steps):
-    from mimo_titan.train.trainer import build_job, build_loader, train_step
+    from mimo_titan.train.trainer import build_job, build_loader, gather_step_metrics, train_step
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     loader = build_loader(cfg, job.processor)
-    return [train_step(job, next(loader)) for _ in range(steps)]
+    hist = [train_step(job, next(loader)) for _ in range(steps)]
+    keep = cfg.metrics.history_steps  # the job keeps only the newest records
+    assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
+    # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
+    gather_step_metrics(job, hist[-1], data_wait_s=rank / 10, memory_gib=rank + 1.0)
+    return hist
 
 
 def _reference_losses(cfg, steps):
@@ -237,15 +243,53 @@ def test_several_steps_match_single_process_training(layout, backend):
         training={"steps": 6},
         lr_schedule={"warmup_steps": 2},
         optimizer={"lr": 3e-3},
+        metrics={"history_steps": steps - 1},
         **(moe if layout.startswith("moe") else {}),
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
     )
-    ref = _reference_losses(config_from_dict(cfg_dict), steps)
+    cfg = config_from_dict(cfg_dict)
+    ref = _reference_losses(cfg, steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
         got = [r["loss"] for r in rank_hist]
         assert got == pytest.approx(ref, abs=1e-4)
     assert ref[-1] < ref[0]
+    # metrics: each module's memory is the largest of its own ranks (rank r reported r + 1), the data wait the
+    # largest of all; its FLOPs those of the flops module (MoE: active parameters) for the step's tokens and images
+    last = res[0][-1]
+    layouts = {"vision": vision, "language": language}
+    for name, m in last["modules"].items():
+        assert m["mem_gib"] == layouts[name]["rank_offset"] + layouts[name]["num_ranks"], name
+        assert m["ranks"] == [
+            layouts[name]["rank_offset"],
+            layouts[name]["rank_offset"] + layouts[name]["num_ranks"] - 1,
+        ]
+    assert last["data_wait_s"] == pytest.approx((world - 1) / 10)
+    _check_module_flops(cfg, [r for rank_hist in res for r in rank_hist])
+
+
+def _check_module_flops(cfg, records: list[dict]) -> None:
+    """Each record's per-module FLOPs, throughput and TFLOP/s per rank follow :mod:`mimo_titan.train.flops`."""
+    from mimo_titan.train import flops
+    from mimo_titan.train.trainer import padded_seq_len
+
+    lm = cfg.model.language
+    per_token = flops.lm_flops_per_token(lm, padded_seq_len(cfg))
+    for rec in records:
+        mods = rec["modules"]
+        assert list(mods) == list(cfg.model.modules)
+        assert mods["language"]["tokens"] == rec["tokens"] > 0
+        assert mods["language"]["flops"] == pytest.approx(rec["tokens"] * per_token)
+        vit = cfg.model.vision
+        assert mods["vision"]["flops"] == pytest.approx(
+            mods["vision"]["items"] * flops.vit_flops_per_image(vit, lm.hidden_size)
+        )
+        assert mods["vision"]["tokens"] == mods["vision"]["items"] * (vit.image_size // vit.patch_size) ** 2 > 0
+        for name, m in mods.items():
+            n = getattr(cfg.parallelism, name).num_ranks
+            assert m["tokens_per_s"] == pytest.approx(m["tokens"] / rec["step_time_s"])
+            assert m["tflops_per_rank"] == pytest.approx(m["flops"] / rec["step_time_s"] / n / 1e12)
+            assert m["mfu"] is None  # CPU without metrics.peak_tflops
 
 
 # debug_colocated: its README command runs (3 steps, the loss falls) in test_checkpoint's
@@ -253,7 +297,7 @@ def test_several_steps_match_single_process_training(layout, backend):
 # (moe_ep*, lm_tp2*, packed_*); every shipped config is validated and its data read below.
 @pytest.mark.multirank
 @pytest.mark.parametrize("config,nproc", [("debug_noncolocated", 8), ("debug_vision_audio", 8)])
-def test_readme_train_command_runs(config, nproc):
+def test_readme_train_command_runs(config, nproc, tmp_path):
     cmd = [
         sys.executable,
         "-m",
@@ -264,12 +308,33 @@ def test_readme_train_command_runs(config, nproc):
         "--config",
         f"train_configs/{config}.toml",
         "--training.steps=3",
+        f"--job.output_dir={tmp_path}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", out.stdout + out.stderr)]
+    losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", log)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # metrics: the resolved config once; per logged step (log_freq = 1) one line per module and one JSONL record
+    from mimo_titan.config import load_config
+
+    cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--training.steps=3", f"--job.output_dir={tmp_path}"])
+    assert log.count("config (resolved): ") == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-4)
+    for name, lay in cfg.parallelism.modules.items():
+        unit = {"vit": "patches", "audio": "frames", "decoder": "tokens"}[getattr(cfg.model, name).type]
+        lines = re.findall(rf"\[rank0\]   {name}: [0-9,]+ {unit}/s.*TFLOP/s per rank \| MFU n/a \| max mem ", log)
+        assert len(lines) == 3, name
+        for r in records:  # every rank filled the modules it holds: a memory for every module, its ranks named
+            assert r["modules"][name]["mem_gib"] > 0
+            assert r["modules"][name]["ranks"] == [lay.rank_offset, lay.rank_offset + lay.num_ranks - 1]
+    assert all(r["data_wait_s"] >= 0 and "sample_ids" not in r for r in records)
+    _check_module_flops(cfg, records)
+    if "audio" in cfg.model.modules:
+        assert all(r["modules"]["audio"]["items"] > 0 and r["modules"]["audio"]["flops"] > 0 for r in records)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.stem)

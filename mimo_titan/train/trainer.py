@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -46,6 +47,8 @@ from mimo_titan.pipeline.stages import LanguageChunks, split_language_model, sta
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable
+from mimo_titan.train.metrics import MetricsWriter, StepFlops, check_metrics_config, gather_maxima, module_lines
+from mimo_titan.train.metrics import peak_tflops as device_peak_tflops
 from mimo_titan.train.optim import (
     all_reduce_sum,
     build_lr_scheduler,
@@ -469,9 +472,11 @@ class Job:
     moe_keys: list[str] = field(default_factory=list)  # every MoE layer of the model, same order on every rank
     rng: dict[str, RNGTracker] = field(default_factory=dict)  # per held module; runtime randomness draws from it
     step: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the newest metrics.history_steps step records
     skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
     tied_embedding: TiedEmbedding | None = None  # this rank's copy of word embeddings tied across LM stages
+    step_flops: StepFlops | None = None  # per-module FLOPs of a batch (set at the first step)
+    peak_tflops: float | None = None  # the device's peak for MFU (set with step_flops; None: no MFU)
 
     def moe_layers(self) -> dict[str, MoE]:
         """This rank's MoE layers by global key (``vision.<layer>`` / ``language.<layer>``)."""
@@ -781,10 +786,13 @@ def train_step(
         progress: ``progress(phase)`` marks the step's phases for the watchdog (None: no marks).
 
     Returns:
-        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib",
+        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib", "modules",
         "sample_ids", "skipped", "stop"}`` where loss is the global per-token loss, grad_norm the global norm
-        before clipping, ``skipped`` whether the optimizer step was skipped and ``stop`` whether any rank asked to
-        stop.
+        before clipping, ``tokens`` the global batch's non-padding tokens, ``step_time_s`` this call's wall time,
+        ``peak_mem_gib`` this rank's peak memory, ``modules`` each module's throughput, FLOPs, TFLOP/s per rank and
+        MFU (:meth:`~mimo_titan.train.metrics.StepFlops.module_metrics`; its ``mem_gib`` is filled on logged steps
+        by :func:`train`), ``skipped`` whether the optimizer step was skipped and ``stop`` whether any rank asked to
+        stop. The record is also appended to ``job.history``, which keeps the newest ``metrics.history_steps``.
 
     Raises:
         TrainingError: the ``training.max_skipped_steps``-th consecutive skipped step.
@@ -834,6 +842,10 @@ def train_step(
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
+    if job.step_flops is None:
+        job.step_flops = StepFlops(job.cfg, padded_seq_len(job.cfg))
+        job.peak_tflops = device_peak_tflops(job.cfg, job.device)
+    modules = job.step_flops.module_metrics(global_batch, tokens, dt, job.topology.layouts, job.peak_tflops)
     ids = global_batch.sample_ids
     sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
     rec: dict[str, Any] = {
@@ -845,6 +857,7 @@ def train_step(
         "step_time_s": dt,
         "tokens_per_s": tokens / dt,
         "peak_mem_gib": _peak_memory_gib(job.device),
+        "modules": modules,
         "sample_ids": sample_ids,
         "skipped": not finite,
         "stop": float(stats[2]) > 0,
@@ -863,6 +876,8 @@ def train_step(
         rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
         rec["moe_max_imbalance"] = max(v["imbalance"] for v in rec["moe"].values())
     job.history.append(rec)
+    if len(job.history) > job.cfg.metrics.history_steps:  # bounded: the JSONL file keeps every logged step
+        del job.history[0]
     if not finite:
         limit = job.cfg.training.max_skipped_steps
         if dist.get_rank() == 0:  # the same decision on every rank: say it once
@@ -947,22 +962,29 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _log_step(rec: dict) -> None:
+    """Rank 0's lines of a logged step: the step line (loss, norm, LR, the LM's tokens/s, step time, the largest data
+    wait and this rank's peak memory), one line per module (:func:`~mimo_titan.train.metrics.module_lines`) and the
+    MoE routing line."""
     moe = (
         f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
         if "moe" in rec
         else ""
     )
     logger.info(
-        "step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | peak_mem %.2fGiB%s",
+        "step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | data_wait %.3fs | "
+        "peak_mem %.2fGiB%s",
         rec["step"],
         rec["loss"],
         rec["grad_norm"],
         rec["lr"],
         rec["tokens_per_s"],
         rec["step_time_s"],
+        rec["data_wait_s"],
         rec["peak_mem_gib"],
         moe,
     )
+    for line in module_lines(rec):
+        logger.info(line)
     if "moe" in rec:
         logger.info(
             "  moe tokens/expert (min/max/imbalance, aux): %s",
@@ -972,6 +994,26 @@ def _log_step(rec: dict) -> None:
                 for k, v in rec["moe"].items()
             ),
         )
+
+
+def gather_step_metrics(job: Job, rec: dict, data_wait_s: float, memory_gib: float | None = None) -> None:
+    """Complete a logged step's record with what other ranks know, in one all-reduce (MAX) that every rank must
+    call: each module's ``mem_gib`` (the largest peak memory of its ranks: each rank contributes its peak at the
+    modules it holds) and ``data_wait_s`` (the longest wait for the batch over all ranks).
+
+    Args:
+        job: this rank's job.
+        rec: the step's record (:func:`train_step`); updated in place.
+        data_wait_s: how long this rank waited for the step's batch (seconds).
+        memory_gib: this rank's peak memory (default: the record's ``peak_mem_gib``).
+    """
+    mem = rec["peak_mem_gib"] if memory_gib is None else memory_gib
+    names = list(rec["modules"])
+    held = [mem if job.topology.role.holds(n) else 0.0 for n in names]
+    *maxima, wait = gather_maxima([*held, data_wait_s], job.device)
+    for name, value in zip(names, maxima):
+        rec["modules"][name]["mem_gib"] = value
+    rec["data_wait_s"] = wait
 
 
 def _describe_layout(job: Job, world: int) -> str:
@@ -1015,8 +1057,10 @@ def _describe_training(cfg: Config) -> str:
 
 
 def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
-    """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log one line
-    per ``metrics.log_freq`` steps on rank 0. Returns this process's history.
+    """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log the
+    resolved config once, then every ``metrics.log_freq`` steps (and the first) a step line and one line per module
+    on rank 0, and write that step's record to ``metrics.jsonl`` / TensorBoard (:mod:`mimo_titan.train.metrics`).
+    Returns this process's history: the records of its newest ``metrics.history_steps`` steps.
 
     With ``checkpoint.enable`` it resumes from the newest complete checkpoint in ``checkpoint.folder`` (or
     ``checkpoint.load_step``), or initialises the model from ``checkpoint.initial_load_path``, and saves every
@@ -1041,6 +1085,8 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     _setup_logging(int(os.environ.get("RANK", 0)))
     try:
         validate_job(cfg, world)  # also sets the process-wide kernel backend
+        check_metrics_config(cfg)
+        logger.info("config (resolved): %s", json.dumps(cfg.to_dict()))
         check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor)
@@ -1069,6 +1115,7 @@ def _run(
         rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: rank_role(layouts, r, world).describe()
     ).start()
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
+    writer: MetricsWriter | None = None
     try:
         watchdog.progress("checking the data")
         check_same_data(loader, device)
@@ -1086,16 +1133,25 @@ def _run(
             )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
+        writer = MetricsWriter(cfg, rank, start_step=job.step)
         done, logged = 0, 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
             watchdog.progress("loading the batch", job.step + 1)
+            t_wait = time.perf_counter()
+            batch = next(loader)
+            data_wait = time.perf_counter() - t_wait
             # the flag is read at the step's all-reduce, so a signal that arrives during the step stops after it
-            rec = train_step(job, next(loader), stop_requested=lambda: stopper.requested, progress=watchdog.progress)
+            rec = train_step(job, batch, stop_requested=lambda: stopper.requested, progress=watchdog.progress)
+            rec["data_wait_s"] = data_wait  # this rank's; a logged step's record holds the largest over the ranks
             done += 1
             stop = rec["stop"]
+            # the same decision on every rank (stop is global), so the gather below is collective
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop:
+                watchdog.progress("gathering metrics", job.step)
+                gather_step_metrics(job, rec, data_wait)
                 _log_step(rec)
                 logger.info("  %s", loader.stats_summary())
+                writer.write(rec)
                 logged = rec["step"]
             if ckpt.should_save(job.step) or (stop and ckpt.ckpt.enable):
                 watchdog.progress("saving a checkpoint", job.step)
@@ -1122,6 +1178,8 @@ def _run(
             exc.add_note(f"[rank{rank}] this failure follows from a rank that is gone: {'; '.join(lost)}")
         raise
     finally:
+        if writer is not None:
+            writer.close()
         watchdog.stop(done=ok)  # a failed rank is not "done": its peers may still name it
         if ok:
             dist.barrier()
