@@ -22,9 +22,10 @@ Activation checkpointing (``parallelism.<module>.activation_checkpointing``), no
 
 MoE layers re-run their router in the recompute; the routing statistics a forward accumulates
 (``tokens_per_expert``, ``aux_loss_sum``, ``last_aux_loss``) are restored afterwards, so a recomputed microbatch is
-counted once, and a dummy forward (``excluded_from_stats``) is recomputed as one. Collectives that are not saved (the count all-to-all of the expert dispatch, the aux loss's
-statistics all-reduce, tensor- and context-parallel collectives under ``"full"``) run again in the recompute, on
-every rank of their group in the same block order, as the backward itself does.
+counted once, and a dummy forward (``excluded_from_stats``) is recomputed as one. Collectives that are not saved
+(the count all-to-all of the expert dispatch, the aux loss's statistics all-reduce, the token all-to-alls and the
+tensor- and context-parallel collectives under ``"full"``) run again in the recompute, on every rank of their
+group in the same block order, as the backward itself does.
 
 ``compile``: ``torch.compile`` of each block's forward separately (torchtitan's per-block compile: one small graph
 reused by every block of the same structure), after activation checkpointing, so a selective policy is compiled
@@ -134,8 +135,11 @@ def _checkpointed(forward: Callable[..., Any], mode: str, moe_layers: list[MoE])
                             flag,
                         )
 
-        extra = {"context_fn": _selective_context_fn} if mode == "selective" else {}
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
+        if mode == "selective":
+            return checkpoint(
+                fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_selective_context_fn, **kwargs
+            )
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
     return run
 
@@ -156,7 +160,7 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str) -> No
         return
     for block in blocks:
         moe_layers = [m for m in block.modules() if isinstance(m, MoE)]
-        block.forward = _checkpointed(block.forward, mode, moe_layers)  # type: ignore[method-assign]
+        block.forward = _checkpointed(block.forward, mode, moe_layers)
 
 
 def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> None:
@@ -166,9 +170,11 @@ def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> No
         blocks: the transformer blocks (dense: no MoE layer inside).
         backend: a ``torch.compile`` backend; ``None`` is torch's default (inductor). Tests pass a cheaper one.
     """
-    kwargs = {} if backend is None else {"backend": backend}
     for block in blocks:
-        block.forward = torch.compile(block.forward, **kwargs)  # type: ignore[method-assign]
+        if backend is None:
+            block.forward = torch.compile(block.forward)
+        else:
+            block.forward = torch.compile(block.forward, backend=backend)
 
 
 def check_module_options(name: str, parallelism: Any, model: Any) -> None:
