@@ -53,6 +53,9 @@ this module (:class:`Config` is the root)::
     num_ranks = 4
     pp = 2
     dp_shard = 2
+    activation_checkpointing = "selective"  # none | full | selective (per transformer block)
+    compile = false                    # torch.compile per transformer block
+    fsdp_reshard_after_forward = true  # unset: false with pp = 1, true with pp > 1
 
     [training]
     steps = 1000                       # or samples = 32000 (LM samples)
@@ -635,10 +638,16 @@ class ModelConfig(_OpenSections):
 
 @dataclass(kw_only=True)
 class ModuleParallelism:
-    """``[parallelism.vision]`` / ``[parallelism.language]``: one module's layout.
+    """``[parallelism.vision]`` / ``[parallelism.language]``: one module's layout and its memory / speed options.
 
     Consistency of the sizes with ``num_ranks`` is validated by the
     parallelism module, not here.
+
+    Options (see :mod:`mimo_titan.parallel.ac` and :func:`mimo_titan.parallel.fsdp.reshard_after_forward`):
+    ``activation_checkpointing`` (``"none"`` | ``"full"`` | ``"selective"``: recompute every transformer block in
+    backward, or only its cheap ops), ``compile`` (``torch.compile`` per transformer block) and
+    ``fsdp_reshard_after_forward`` (``true`` / ``false``; unset: off with ``pp = 1``, where a step's microbatches
+    would otherwise re-gather every block's parameters, and on with ``pp > 1``).
     """
 
     rank_offset: int
@@ -650,6 +659,12 @@ class ModuleParallelism:
     tp: int = 1
     ep: int = 1
     etp: int = 1
+    # memory / speed options of the module's transformer blocks (mimo_titan.parallel.ac), applied before FSDP:
+    # "full" recomputes every block in backward, "selective" saves matmul / attention / collective outputs only
+    activation_checkpointing: str = _opt("none", choices=("none", "full", "selective"))
+    compile: bool = False  # torch.compile each transformer block separately (default backend)
+    # free gathered parameters after each forward; none (the default): off with pp = 1, on with pp > 1
+    fsdp_reshard_after_forward: bool | None = None
 
 
 @dataclass(kw_only=True)

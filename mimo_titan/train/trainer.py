@@ -35,9 +35,10 @@ from mimo_titan.models.audio import audio_tokens
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.models.specs import encoder_spec
+from mimo_titan.parallel.ac import apply_module_options, check_module_options, describe_module_options
 from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
-from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
+from mimo_titan.parallel.fsdp import apply_fsdp, reshard_after_forward, resolve_dtype
 from mimo_titan.parallel.plans import encoder_plans
 from mimo_titan.parallel.tp import apply_tp_language, check_tp
 from mimo_titan.pipeline.bridge import Bridge
@@ -98,6 +99,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     for name, lay in layouts.items():
         section = getattr(cfg.model, name)
         moe = getattr(section, "moe", None) or MoEConfig()
+        check_module_options(name, cfg.parallelism.modules[name], section)
         plans = encoder_plans(section.type) if not lay.is_language else None
         if plans is not None and lay.tp > 1 and plans.apply_tp is None:
             raise ConfigError(
@@ -607,8 +609,11 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         if lay.tp > 1:
             assert plans.apply_tp is not None, "validate_job refuses tp > 1 for an encoder without a TP plan"
             plans.apply_tp(enc, topology.tp_mesh(name))
+        options, blocks = cfg.parallelism.modules[name], spec.fsdp_blocks(enc)
+        apply_module_options(blocks, options)  # activation checkpointing, compile: before FSDP
+        reshard = reshard_after_forward(options.fsdp_reshard_after_forward, lay.pp)
         modules[name] = apply_fsdp(
-            enc, spec.fsdp_blocks(enc), topology.dp_mesh(name), param_dtype, reduce_dtype, expert_mesh=expert_mesh
+            enc, blocks, topology.dp_mesh(name), param_dtype, reduce_dtype, reshard, expert_mesh=expert_mesh
         )
     if role.holds(lang_name):
         modules[lang_name] = _build_language(
@@ -704,14 +709,16 @@ def _build_language(
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
         if lay.tp > 1:
             apply_tp_language(stage, topology.tp_mesh(lang_name))
+        options, blocks = cfg.parallelism.modules[lang_name], list(part.model.layers.values())
+        apply_module_options(blocks, options)  # activation checkpointing, compile: before FSDP
         chunks.append(
             apply_fsdp(
                 stage,
-                list(part.model.layers.values()),
+                blocks,
                 topology.fsdp_mesh(lang_name),
                 param_dtype,
                 reduce_dtype,
-                reshard_after_forward=lay.pp == 1,
+                reshard_after_forward=reshard_after_forward(options.fsdp_reshard_after_forward, lay.pp),
                 expert_mesh=expert_mesh,
             )
         )
@@ -1053,6 +1060,7 @@ def _describe_training(cfg: Config) -> str:
         f"schedule: module {par.module_schedule}, language {par.pipeline_schedule}"
         + (f" x {par.virtual_stages} virtual stages" if par.virtual_stages > 1 else "")
         + f"; parameters: {'; '.join(parts)}"
+        + f"; options: {'; '.join(f'{n}: {describe_module_options(o)}' for n, o in par.modules.items())}"
     )
 
 
