@@ -182,6 +182,7 @@ __all__ = [
     "ConfigError",
     "JobConfig",
     "MoEConfig",
+    "IMAGE_NORMALIZATION",
     "VisionModelConfig",
     "LanguageModelConfig",
     "ModelConfig",
@@ -399,6 +400,15 @@ def _heads_problem(hidden_size: int, num_heads: int, rope: bool) -> tuple[str, s
     )
 
 
+#: Per-channel RGB ``(image_mean, image_std)`` of ``[0, 1]`` pixels for each ViT family, as its Hugging Face image
+#: processor normalises (``CLIPImageProcessor``: OpenAI CLIP's dataset statistics; ``SiglipImageProcessor``: 0.5 /
+#: 0.5, i.e. pixels mapped to ``[-1, 1]``).
+IMAGE_NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
 @dataclass(kw_only=True)
 class VisionModelConfig:
     """``[model.vision]``: ViT encoder plus the MLP projector into the LM.
@@ -406,6 +416,12 @@ class VisionModelConfig:
     Every size is >= 1 and ``norm_eps`` > 0. Cross-key rules: ``hidden_size`` is a multiple of ``num_heads``
     (attention heads of width ``hidden_size / num_heads``) and ``image_size`` a multiple of ``patch_size`` (the
     image is cut into ``(image_size / patch_size) ** 2`` patches, one token each).
+
+    ``image_mean`` / ``image_std`` normalise the ``[0, 1]`` RGB pixels per channel, ``(x - mean) / std``, as the
+    encoder family's image processor does (Hugging Face's ``image_mean`` / ``image_std``): CLIP's statistics by
+    default (:data:`IMAGE_NORMALIZATION`), ``[0.5, 0.5, 0.5]`` for both with SigLIP weights (an import of a SigLIP
+    tower refuses other values, see :func:`mimo_titan.checkpoint.hf.import_hf`). Three values each, the mean in
+    ``[0, 1]``, the std > 0.
 
     ``moe`` (table ``[model.vision.moe]``) makes the encoder's MLPs
     Mixture-of-Experts; dense by default.
@@ -421,6 +437,21 @@ class VisionModelConfig:
     intermediate_size: int = _opt(ge=1)
     norm_eps: float = _opt(1e-6, gt=0, hint="the LayerNorm epsilon, e.g. 1e-6")
     projector_intermediate_size: int = _opt(ge=1)  # MLP projector hidden width (to LM hidden size)
+    image_mean: list[float] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field (a default_factory here)
+        factory=lambda: list(IMAGE_NORMALIZATION["clip"][0]),
+        length=3,
+        ge=0,
+        le=1,
+        hint="the per-channel RGB mean of [0, 1] pixels: CLIP's [0.48145466, 0.4578275, 0.40821073] (default), "
+        "SigLIP's [0.5, 0.5, 0.5]",
+    )
+    image_std: list[float] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field (a default_factory here)
+        factory=lambda: list(IMAGE_NORMALIZATION["clip"][1]),
+        length=3,
+        gt=0,
+        hint="the per-channel RGB standard deviation of [0, 1] pixels: CLIP's [0.26862954, 0.26130258, "
+        "0.27577711] (default), SigLIP's [0.5, 0.5, 0.5]",
+    )
     moe: MoEConfig = field(default_factory=MoEConfig)
     frozen: bool = False  # no gradients, no optimizer state; forward under no_grad (the projector included)
     prefetch_microbatches: int = _opt(2, ge=1)  # a frozen encoder on its own ranks runs this far ahead of the LM

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mimo_titan.config import (
+    IMAGE_NORMALIZATION,
     MODEL_TYPES,
     Config,
     ConfigError,
@@ -924,6 +925,18 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
         ("--model.vision.intermediate_size=0", "model.vision.intermediate_size", "value 0", ">= 1"),
         ("--model.vision.norm_eps=0", "model.vision.norm_eps", "value 0.0", "> 0"),
         ("--model.vision.projector_intermediate_size=0", "model.vision.projector_intermediate_size", "value 0", ">= 1"),
+        (
+            "--model.vision.image_std=0.5,0,0.5",
+            "model.vision.image_std",
+            "value 0.0 (element 1 of [0.5, 0.0, 0.5])",
+            "> 0",
+        ),
+        (
+            "--model.vision.image_mean=0.5,1.5,0.5",
+            "model.vision.image_mean",
+            "value 1.5 (element 1 of [0.5, 1.5, 0.5])",
+            "<= 1",
+        ),
         # [model.language]
         ("--model.language.vocab_size=0", "model.language.vocab_size", "value 0", ">= 1"),
         ("--model.language.hidden_size=-256", "model.language.hidden_size", "value -256", ">= 1"),
@@ -961,6 +974,18 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
 def test_range_of_each_key(minimal: Path, override: str, key: str, shown: str, rule: str) -> None:
     with pytest.raises(ConfigError, match=err(minimal, f"out-of-range {shown} for '{key}'", rule, override)):
         load_config(minimal, [override])
+
+
+@pytest.mark.parametrize("key", ["image_mean", "image_std"])
+def test_image_normalisation_takes_three_values(minimal: Path, key: str) -> None:
+    """``model.vision.image_mean`` / ``image_std``: one value per RGB channel; CLIP's by default."""
+    token = f"--model.vision.{key}=0.5,0.5"
+    with pytest.raises(ConfigError, match=err(minimal, f"wrong length for 'model.vision.{key}'", "exactly 3", token)):
+        load_config(minimal, [token])
+    v = load_config(minimal, [f"--model.vision.{key}=[0.5, 0.5, 0.5]"]).model.vision
+    assert getattr(v, key) == [0.5] * 3
+    default = load_config(minimal).model.vision
+    assert (default.image_mean, default.image_std) == tuple(list(x) for x in IMAGE_NORMALIZATION["clip"])
 
 
 def test_range_of_a_key_from_the_file(tmp_path: Path) -> None:

@@ -191,7 +191,8 @@ LAYOUTS = {
     ),
     "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2, activation_checkpointing="selective"), {}, ()),
     "lm_tp2_qk_norm": (3, V(0, 1), V(1, 2, tp=2), {"model": {"language": {"qk_norm": True}}}, ()),  # Qwen3 q/k norms
-    "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {}, ()),
+    # 9 patches per image (48 / 16 = 3 per side): the encoder pads its patch sequence to 10 for tp = 2
+    "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {"model": {"vision": {"image_size": 48}}}, ()),
     "vision_tp2_fan_out_lm_dp2_tp2": (
         6,
         V(0, 2, tp=2),

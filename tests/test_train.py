@@ -49,13 +49,6 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
             r"model.language.num_kv_heads=2 must be divisible by parallelism.language.tp=4",
         ),
         (
-            V(0, 4, tp=4),
-            V(4, 1),
-            {"model": {"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}}},
-            5,
-            r"model.vision.\(image_size // patch_size\) \*\* 2=9 must be divisible by parallelism.vision.tp=4",
-        ),
-        (
             V(0, 1),
             V(1, 2, tp=2),
             {"model": {"language": {"moe": {"num_experts": 4, "intermediate_size": 8}}}},
@@ -144,6 +137,13 @@ def test_validate_job_errors_name_the_field(vision, language, extra, world, matc
     cfg = config_from_dict(tiny_config_dict(vision, language, **extra))
     with pytest.raises(ValueError, match=match):
         validate_job(cfg, world)
+    assert not dist.is_initialized()
+
+
+def test_validate_job_accepts_a_patch_count_tp_does_not_divide():
+    """9 patches per image under vision tp = 4: ``apply_tp_vision`` pads the patch sequence to 12."""
+    d = tiny_config_dict(V(0, 4, tp=4), V(4, 1), model={"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}})
+    assert validate_job(config_from_dict(d), 5)["vision"].tp == 4
     assert not dist.is_initialized()
 
 

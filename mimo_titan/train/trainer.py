@@ -519,8 +519,9 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
 
 
 def build_processor(cfg: Config) -> ImageTextProcessor:
-    """The processor of ``cfg`` (tokenizer from ``data.tokenizer``): images for the ``vit`` encoder, audio clips
-    for an ``audio`` encoder (whose placeholder tokens are added to the tokenizer when it lacks them).
+    """The processor of ``cfg`` (tokenizer from ``data.tokenizer``): images for the ``vit`` encoder (normalised
+    with its ``image_mean`` / ``image_std``), audio clips for an ``audio`` encoder (whose placeholder tokens are
+    added to the tokenizer when it lacks them).
 
     Raises:
         DataError: a missing or unreadable tokenizer.
@@ -543,6 +544,8 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
         num_mel_bins=80 if audio is None else audio[1].num_mel_bins,
         audio_max_frames=None if audio is None else 2 * audio[1].max_source_positions,
         audio_key="model.audio" if audio is None else f"model.{audio[0]}",
+        image_mean=vit.image_mean,
+        image_std=vit.image_std,
     )
     lm = cfg.model.language_name
     if processor.vocab_size > cfg.model.language.vocab_size:
