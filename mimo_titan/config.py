@@ -123,7 +123,7 @@ Then the checks that relate several keys, declared by a table's dataclass in a
 ``_config_problems()`` method (innermost tables first, the root last) and
 reported the same way, naming the key: ``hidden_size`` divisible by
 ``num_heads`` (unless ``head_dim`` is set), an even language head dim (RoPE),
-``num_heads`` a multiple of ``num_kv_heads``, ``image_size`` a multiple of
+``num_heads`` a multiple of ``num_kv_heads``, ``image_size`` at least
 ``patch_size``, ``moe.top_k <= moe.num_experts`` and a MoE layer below
 ``num_layers``, ``training.global_batch_size`` a multiple of
 ``training.microbatches``, exactly one of ``training.steps`` /
@@ -414,8 +414,10 @@ class VisionModelConfig:
     """``[model.vision]``: ViT encoder plus the MLP projector into the LM.
 
     Every size is >= 1 and ``norm_eps`` > 0. Cross-key rules: ``hidden_size`` is a multiple of ``num_heads``
-    (attention heads of width ``hidden_size / num_heads``) and ``image_size`` a multiple of ``patch_size`` (the
-    image is cut into ``(image_size / patch_size) ** 2`` patches, one token each).
+    (attention heads of width ``hidden_size / num_heads``) and ``image_size >= patch_size``: the image is cut into
+    ``(image_size // patch_size) ** 2`` patches, one token each; when ``patch_size`` does not divide ``image_size``
+    the stride-``patch_size`` convolution drops the last ``image_size % patch_size`` pixel rows and columns, as
+    Hugging Face's ViT / SigLIP do (SigLIP-so400m/14 at 384 px: 27 x 27 = 729 patches, 6 pixels dropped).
 
     ``image_mean`` / ``image_std`` normalise the ``[0, 1]`` RGB pixels per channel, ``(x - mean) / std``, as the
     encoder family's image processor does (Hugging Face's ``image_mean`` / ``image_std``): CLIP's statistics by
@@ -462,18 +464,12 @@ class VisionModelConfig:
         if heads is not None:
             out.append(heads)
         size, patch = self.image_size, self.patch_size
-        if size % patch:
-            fixes = " or ".join(
-                f"{n * patch} ({n} x {n} = {n * n} {'patch' if n == 1 else 'patches'} per image)"
-                for n in (size // patch, size // patch + 1)
-                if n > 0
-            )
+        if size < patch:
             out.append(
                 (
                     "image_size",
-                    f"image_size={size} is not a multiple of patch_size={patch}, so the image does not split into "
-                    f"whole patches ({size} / {patch} = {size / patch:g} per side); set '{{p}}.image_size' to a "
-                    f"multiple of {patch}, e.g. {fixes}, or change '{{p}}.patch_size'",
+                    f"image_size={size} is smaller than patch_size={patch}, so the image holds no patch; set "
+                    f"'{{p}}.image_size' >= {patch} (e.g. {patch * (224 // patch or 1)}) or lower '{{p}}.patch_size'",
                 )
             )
         return out + _moe_layer_problems(self.num_layers, self.moe)

@@ -1109,27 +1109,34 @@ def test_vision_heads_not_dividing_hidden_size(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize(
-    "size,fix",
-    [
-        (30, "e.g. 24 (3 x 3 = 9 patches per image) or 32 (4 x 4 = 16 patches per image)"),
-        (4, "e.g. 8 (1 x 1 = 1 patch per image)"),
-    ],
-)
-def test_vision_image_size_not_a_multiple_of_patch_size(minimal: Path, size: int, fix: str) -> None:
+def test_vision_image_smaller_than_a_patch(minimal: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=err(
             minimal,
-            f"invalid value {size} for 'model.vision.image_size'",
-            f"--model.vision.image_size={size}",
-            f"image_size={size} is not a multiple of patch_size=8",
-            "whole patches",
-            fix,
-            "or change 'model.vision.patch_size'",
+            "invalid value 4 for 'model.vision.image_size'",
+            "--model.vision.image_size=4",
+            "image_size=4 is smaller than patch_size=8",
+            "holds no patch",
         ),
     ):
-        load_config(minimal, [f"--model.vision.image_size={size}"])
+        load_config(minimal, ["--model.vision.image_size=4"])
+
+
+def test_vision_patch_size_not_dividing_the_image_drops_the_border_as_hf(minimal: Path) -> None:
+    """SigLIP-so400m/14 at 384 px: the convolution drops the last 384 % 14 = 6 pixel rows and columns, so a 30 px
+    image with 8 px patches gives the same tokens as its top-left 24 px."""
+    import torch
+
+    from mimo_titan.models.vit import ViT
+
+    vis = load_config(minimal, ["--model.vision.image_size=30"]).model.vision
+    torch.manual_seed(0)
+    vit = ViT(vis)
+    pixels = torch.randn(2, vis.num_channels, 30, 30)
+    out = vit(pixels)
+    assert out.shape == (2, 9, vis.hidden_size)
+    torch.testing.assert_close(out, vit(torch.nn.functional.pad(pixels[..., :24, :24], (0, 6, 0, 6))))
 
 
 def test_global_batch_not_divisible_by_microbatches(minimal: Path) -> None:

@@ -335,6 +335,14 @@ def test_readme_train_command_runs(config, nproc, tmp_path):
     _check_module_flops(cfg, records)
     if "audio" in cfg.model.modules:
         assert all(r["modules"]["audio"]["items"] > 0 and r["modules"]["audio"]["flops"] > 0 for r in records)
+    # the dry-run planner's per-rank estimate (scripts/plan.py --device cpu) against the measured peak per module
+    from mimo_titan.train.planner import plan_job
+
+    plan = plan_job(cfg, nproc, device_type="cpu")
+    for name in cfg.parallelism.modules:
+        measured = max(r["modules"][name]["mem_gib"] for r in records)
+        estimate = plan.modules[name].rank_total_gib
+        assert abs(estimate - measured) <= 0.25 * measured, (name, estimate, measured)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.stem)

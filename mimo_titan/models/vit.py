@@ -98,7 +98,12 @@ class _Embeddings(nn.Module):
         conv = self.patch_embedding
         p = conv.kernel_size[0]
         n, c, h, w = pixel_values_NCHW.shape
-        x = pixel_values_NCHW.to(conv.weight.dtype).reshape(n, c, h // p, p, w // p, p)
+        # a border that is not a whole patch is dropped, as the stride-p convolution (and HF's SigLIP) does
+        x = (
+            pixel_values_NCHW[:, :, : h // p * p, : w // p * p]
+            .to(conv.weight.dtype)
+            .reshape(n, c, h // p, p, w // p, p)
+        )
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)  # [N, P, C p p], row-major patches
         x_NPD = F.linear(x, conv.weight.flatten(1), conv.bias)
         return x_NPD + self.position_embedding.weight.unsqueeze(0)
@@ -133,10 +138,9 @@ class ViT(nn.Module):
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
+        if cfg.image_size < cfg.patch_size:
             raise ValueError(
-                f"model.vision.image_size={cfg.image_size} must be a multiple of "
-                f"model.vision.patch_size={cfg.patch_size}"
+                f"model.vision.image_size={cfg.image_size} must be at least model.vision.patch_size={cfg.patch_size}"
             )
         self.embeddings: _Embeddings | None = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
