@@ -95,13 +95,13 @@ def _cp_worker(rank, world, device):
     pos = zigzag_position_ids(S, world, rank, device=device)
     for gqa in ("native", "repeat"):
         attn = ContextParallelAttention(group, world, gqa=gqa)
-        for _ in range(2):  # the second call reuses the cached mask (same q_pos object), as a second layer
+        for _ in range(2):  # the second call reuses the cached plan (same q_pos object), as a second layer
             out, grads = run(attn, q_l, k_l, v_l, w_l, pos)
             check(f"bshd.out.{gqa}", out, shard(out_ref))
             for name, g, gr in zip("qkv", grads, g_ref):
                 check(f"bshd.d{name}.{gqa}", g, shard(gr))
     # batched positions [B, S_local], no cache, k passed as a non-contiguous view (as after a transpose)
-    attn = ContextParallelAttention(group, world, cache_mask=False)
+    attn = ContextParallelAttention(group, world, cache_plan=False)
     k_bshd = k_l.transpose(1, 2).contiguous()  # leaf [B, S_local, nkv, hd]
     out, grads = run(attn, q_l, k_bshd, v_l, w_l, pos.expand(2, -1), k_view=lambda t: t.transpose(1, 2))
     check("bshd_batched_pos.out", out, shard(out_ref))
