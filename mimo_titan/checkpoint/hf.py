@@ -151,7 +151,7 @@ def _rope(hf: dict) -> tuple[float, dict]:
                     "add them (Llama 3.1: factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0, "
                     "original_max_position_embeddings 8192)"
                 )
-            got = {k: value.get(k, fallback.get(k)) for k in _LLAMA3_KEYS}
+            got: dict[str, Any] = {k: value.get(k, fallback.get(k)) for k in _LLAMA3_KEYS}
             scaling = {
                 "type": "llama3",
                 **{k: float(got[k]) for k in _LLAMA3_KEYS[:3]},
@@ -239,13 +239,14 @@ def lm_config_from_hf(hf_config: dict) -> dict:
     Returns:
         ``{vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta,
         rope_scaling, rms_norm_eps, tie_word_embeddings, qk_norm, moe}``; ``head_dim`` is always explicit;
-        ``rope_scaling`` a dict of ``RopeScalingConfig`` fields (``{"type": "none"}`` or the llama3 factors). For Qwen3-MoE,
-        ``moe = {num_experts, top_k, intermediate_size, layer_freq, first_layer, score_func="softmax",
+        ``rope_scaling`` a dict of ``RopeScalingConfig`` fields (``{"type": "none"}`` or the llama3 factors). For
+        Qwen3-MoE, ``moe = {num_experts, top_k, intermediate_size, layer_freq, first_layer, score_func="softmax",
         norm_topk_prob, shared_expert_intermediate_size=0}``, else ``{"num_experts": 0}``.
 
     Raises:
-        ValueError: naming the HF field we cannot represent (``rope_scaling`` other than llama3, ``attention_bias``, ``mlp_bias``,
-            ``hidden_act``, sliding windows, ``mlp_only_layers``, an unknown ``model_type``) and the fix.
+        ValueError: naming the HF field we cannot represent (``rope_scaling`` other than llama3,
+            ``attention_bias``, ``mlp_bias``, ``hidden_act``, sliding windows, ``mlp_only_layers``, an unknown
+            ``model_type``) and the fix.
     """
     hf = hf_config
     model_type = _check_lm_supported(hf)

@@ -162,9 +162,7 @@ def build_plan(
     qcode = ((row * D + qd) * P + qp).flatten()
     ksorted, kperm = torch.sort(kcode, stable=True)
     if ksorted.numel() > 1 and bool((ksorted[1:] == ksorted[:-1]).any()):
-        raise ValueError(
-            "two key tokens share (row, document, position); positions must be distinct inside a document"
-        )
+        raise ValueError("two key tokens share (row, document, position); positions must be distinct inside a document")
     r = torch.searchsorted(ksorted, qcode)  # rank of each query among the sorted keys
     found = r < ksorted.numel()
     if not bool(found.all()) or not bool((ksorted[r.clamp(max=max(ksorted.numel() - 1, 0))] == qcode).all()):
@@ -217,17 +215,18 @@ def causal_sdpa(
     precision, on CUDA (the flash kernel takes fewer kv heads); elsewhere it repeats the kv heads (CUDA's
     memory-efficient kernel and the lower-right kernels take equal head counts).
     """
-    L, Kn = q.shape[2], k.shape[2]
+    n_q, n_k = q.shape[2], k.shape[2]
     nh, nkv = q.shape[1], k.shape[1]
     half = q.dtype in (torch.float16, torch.bfloat16)
-    native = gqa == "native" or (gqa == "auto" and (q.device.type == "cpu" or (L == Kn and half)))
+    native = gqa == "native" or (gqa == "auto" and (q.device.type == "cpu" or (n_q == n_k and half)))
     if nh != nkv and not native:
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    kwargs = {"enable_gqa": True} if nh != k.shape[1] else {}
-    if L == Kn:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, Kn), scale=scale, **kwargs)
+    gqa_on = nh != k.shape[1]
+    if n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa_on)
+    bias = causal_lower_right(n_q, n_k)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa_on)
 
 
 def varlen_attention(
