@@ -268,9 +268,9 @@ def _dense(q, k, v, q_pos, kv_pos, q_doc, kv_doc):
     return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
 
 
-def _fwd_bwd(fn, leaves, w):
+def _fwd_bwd(fn, leaves, w, *extra):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    out = fn(*leaves)
+    out = fn(*leaves, *extra)
     return out.detach(), torch.autograd.grad((out * w).sum(), leaves)
 
 
@@ -294,9 +294,9 @@ def test_lower_right_runs_equal_the_dense_mask_for_zigzag_queries():
         k, v = k[:, :, keys], v[:, :, keys]
         kv_pos, kv_doc = pos[:, keys], doc[:, keys]
         plan = build_plan(q_pos, kv_pos, q_doc, kv_doc)
-        assert any(g.L < g.Kn for g in plan.groups)
-        got = _fwd_bwd(lambda q, k, v: varlen_attention(q, k, v, plan), [q, k, v], w)
-        want = _fwd_bwd(lambda q, k, v: _dense(q, k, v, q_pos, kv_pos, q_doc, kv_doc), [q, k, v], w)
+        assert any(g.Kn > g.L for g in plan.groups)
+        got = _fwd_bwd(varlen_attention, [q, k, v], w, plan)
+        want = _fwd_bwd(_dense, [q, k, v], w, q_pos, kv_pos, q_doc, kv_doc)
         torch.testing.assert_close(got[0], want[0], **TOL)
         for g, gr in zip(got[1], want[1]):
             torch.testing.assert_close(g, gr, **TOL)
