@@ -26,6 +26,7 @@ this module (:class:`Config` is the root)::
     num_heads = 32
     num_kv_heads = 4
     # head_dim omitted -> None (derived as hidden_size // num_heads elsewhere)
+    # rope_scaling = {type = "llama3", factor = 8.0}   # RopeScalingConfig, optional (default type "none")
 
     [model.language.moe]       # MoEConfig, optional (also [model.vision.moe])
     num_experts = 8                    # 0 (the default) = dense
@@ -183,6 +184,7 @@ __all__ = [
     "JobConfig",
     "MoEConfig",
     "IMAGE_NORMALIZATION",
+    "RopeScalingConfig",
     "VisionModelConfig",
     "LanguageModelConfig",
     "ModelConfig",
@@ -523,6 +525,45 @@ class AudioModelConfig:
 
 
 @dataclass(kw_only=True)
+class RopeScalingConfig:
+    """``model.language.rope_scaling``: long-context scaling of the rotary frequencies; ``type = "none"`` (default).
+
+    Written as an inline table, ``rope_scaling = {type = "llama3", factor = 8.0, low_freq_factor = 1.0,
+    high_freq_factor = 4.0, original_max_position_embeddings = 8192}`` (Llama 3.1's values, also the defaults), or
+    as the table ``[model.language.rope_scaling]``. ``"llama3"`` is Llama 3.1's frequency-dependent scaling (HF
+    ``rope_type = "llama3"``, see :func:`mimo_titan.models.decoder.rope_inv_freq`): wavelengths above
+    ``original_max_position_embeddings / low_freq_factor`` tokens are stretched by ``factor``, those below
+    ``original_max_position_embeddings / high_freq_factor`` are kept, those in between are blended.
+
+    Attributes:
+        type: ``"none"`` (plain RoPE; the other keys are ignored) or ``"llama3"``.
+        factor: stretch of the low frequencies, >= 1 (8 in Llama 3.1).
+        low_freq_factor: > 0, below ``high_freq_factor`` (1 in Llama 3.1).
+        high_freq_factor: > 0 (4 in Llama 3.1).
+        original_max_position_embeddings: the pretraining context in tokens, >= 1 (8192 in Llama 3.1).
+    """
+
+    type: str = _opt("none", choices=("none", "llama3"))
+    factor: float = _opt(8.0, ge=1, hint="the stretch of the low rotary frequencies, 8 in Llama 3.1")
+    low_freq_factor: float = _opt(1.0, gt=0, hint="1 in Llama 3.1")
+    high_freq_factor: float = _opt(4.0, gt=0, hint="4 in Llama 3.1")
+    original_max_position_embeddings: int = _opt(8192, ge=1, hint="the pretraining context, 8192 in Llama 3.1")
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            return [
+                (
+                    "high_freq_factor",
+                    f"llama3 RoPE scaling blends the frequencies between the wavelengths "
+                    f"original_max_position_embeddings / high_freq_factor and / low_freq_factor, so "
+                    f"high_freq_factor must be > low_freq_factor={self.low_freq_factor}; set "
+                    f"'{{p}}.high_freq_factor' above it (Llama 3.1: low 1.0, high 4.0)",
+                )
+            ]
+        return []
+
+
+@dataclass(kw_only=True)
 class LanguageModelConfig:
     """``[model.language]``: decoder-only language model.
 
@@ -532,7 +573,8 @@ class LanguageModelConfig:
     multiple of ``num_kv_heads`` (grouped-query attention).
 
     ``moe`` (table ``[model.language.moe]``) makes the decoder's MLPs
-    Mixture-of-Experts; dense by default.
+    Mixture-of-Experts; dense by default. ``rope_scaling`` (:class:`RopeScalingConfig`, e.g.
+    ``rope_scaling = {type = "llama3", factor = 8.0}``) scales the rotary frequencies; none by default.
     """
 
     type: str = _opt("decoder", choices=("decoder",))
@@ -544,6 +586,7 @@ class LanguageModelConfig:
     num_kv_heads: int = _opt(ge=1)
     head_dim: int | None = _opt(None, ge=1, hint="or none to use hidden_size // num_heads")
     rope_theta: float = _opt(10000.0, gt=0, hint="the RoPE base, e.g. 10000 (Llama-2) or 500000 (Llama-3)")
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rms_norm_eps: float = _opt(1e-6, gt=0, hint="the RMSNorm epsilon, e.g. 1e-6")
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)

@@ -1,4 +1,5 @@
-"""Context-parallel attention (all-gather K/V, mask by global position) equals full attention.
+"""Context-parallel attention (all-gather K/V, attend by global position) equals full attention; the mask-free
+document-run attention (``mimo_titan.models.varlen_attention``) equals SDPA with a dense mask.
 
 Multi-rank: every rank takes its zigzag shard of a global ``q``/``k``/``v`` (BSHD: ``kernels.zigzag.zigzag_shard``;
 packed THD: ``zigzag_shard_thd`` per document), runs :class:`ContextParallelAttention`, and compares its output and
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from _launch import per_layout_backends, run_ranks
+from mimo_titan.models.varlen_attention import build_plan, varlen_attention
 from mimo_titan.parallel.cp_attention import ContextParallelAttention, attention_mask, local_attention
 
 NH, NKV, HD = 4, 2, 8
@@ -95,13 +97,13 @@ def _cp_worker(rank, world, device):
     pos = zigzag_position_ids(S, world, rank, device=device)
     for gqa in ("native", "repeat"):
         attn = ContextParallelAttention(group, world, gqa=gqa)
-        for _ in range(2):  # the second call reuses the cached mask (same q_pos object), as a second layer
+        for _ in range(2):  # the second call reuses the cached plan (same q_pos object), as a second layer
             out, grads = run(attn, q_l, k_l, v_l, w_l, pos)
             check(f"bshd.out.{gqa}", out, shard(out_ref))
             for name, g, gr in zip("qkv", grads, g_ref):
                 check(f"bshd.d{name}.{gqa}", g, shard(gr))
     # batched positions [B, S_local], no cache, k passed as a non-contiguous view (as after a transpose)
-    attn = ContextParallelAttention(group, world, cache_mask=False)
+    attn = ContextParallelAttention(group, world, cache_plan=False)
     k_bshd = k_l.transpose(1, 2).contiguous()  # leaf [B, S_local, nkv, hd]
     out, grads = run(attn, q_l, k_bshd, v_l, w_l, pos.expand(2, -1), k_view=lambda t: t.transpose(1, 2))
     check("bshd_batched_pos.out", out, shard(out_ref))
@@ -254,3 +256,124 @@ def test_argument_errors():
             local_attention(*args)
     with pytest.raises(ValueError, match="bool"):
         local_attention(q, k, v, pos, attn_mask=torch.zeros(4, 4))
+
+
+# ------------------------------------------------------------------------------------ mask-free document runs
+
+
+def _dense(q, k, v, q_pos, kv_pos, q_doc, kv_doc):
+    """Reference: SDPA with the dense bool mask of :func:`attention_mask`, kv heads repeated by hand."""
+    r = q.shape[1] // k.shape[1]
+    mask = attention_mask(q_pos, kv_pos, q_doc, kv_doc)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
+
+
+def _fwd_bwd(fn, leaves, w, *extra):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves, *extra)
+    return out.detach(), torch.autograd.grad((out * w).sum(), leaves)
+
+
+def test_lower_right_runs_equal_the_dense_mask_for_zigzag_queries():
+    """The queries of one CP rank (zigzag chunks of documents of different lengths, so runs with ``L < Kn``) over
+    all keys, the keys in shuffled order (as gathered): forward and dq/dk/dv equal the dense-mask reference."""
+    from kernels.zigzag import zigzag_shard_thd
+
+    # rank 0 of cp = 2, S = 8: positions [0, 1, 6, 7]; runs (L, Kn) = (2, 2) and (2, 8), lower-right aligned
+    plan = build_plan(torch.tensor([0, 1, 6, 7]), torch.tensor([0, 1, 6, 7, 2, 3, 4, 5]))
+    assert [(g.n, g.L, g.Kn) for g in plan.groups] == [(1, 2, 2), (1, 2, 8)]
+    docs = [[8, 0, 16, 8], [24, 8]]  # per row, every length divisible by 2 * cp = 4; an empty document
+    rows = [_thd_index(d) for d in docs]
+    pos, doc = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+    keys = torch.randperm(32, generator=torch.Generator().manual_seed(1))  # gathered keys in any order
+    for rank in range(2):
+        sel = torch.stack([zigzag_shard_thd(torch.arange(32), r[0], 2, rank)[0] for r in rows])  # [B, 16]
+        q_pos, q_doc = pos.gather(1, sel), doc.gather(1, sel)
+        q, k, v, w = _qkvw(2, 32, seed=11 + rank)
+        q, w = q[:, :, :16], w[:, :, :16]
+        k, v = k[:, :, keys], v[:, :, keys]
+        kv_pos, kv_doc = pos[:, keys], doc[:, keys]
+        plan = build_plan(q_pos, kv_pos, q_doc, kv_doc)
+        assert any(g.Kn > g.L for g in plan.groups)
+        got = _fwd_bwd(varlen_attention, [q, k, v], w, plan)
+        want = _fwd_bwd(_dense, [q, k, v], w, q_pos, kv_pos, q_doc, kv_doc)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        for g, gr in zip(got[1], want[1]):
+            torch.testing.assert_close(g, gr, **TOL)
+
+
+def test_decoder_attention_without_masks_equals_the_dense_mask():
+    """``Attention`` on plain rows (``is_causal``) and on packed rows (document runs, padding as
+    ``data.packing`` lays it out), GQA: output and gradients of the input and weights equal the dense-mask path;
+    the plan is built once for all layers of a forward and rebuilt when the doc ids change in place."""
+    from mimo_titan.config import LanguageModelConfig
+    from mimo_titan.models import DecoderLM, decoder
+
+    cfg = LanguageModelConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2
+    )
+    lm = DecoderLM(cfg)
+    lm.init_weights(0.2)
+    attn = lm.model.layers["0"].self_attn
+    # row 0: a document of 6 tokens + 2 padding (positions continue), one of 3 + 1, a tail padding document of 4;
+    # row 1: one document of 16
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3], list(range(16))])
+    doc = torch.tensor([[0] * 8 + [1] * 4 + [2] * 4, [0] * 16])
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    cos, sin = decoder.rope_cos_sin(pos, 8, cfg.rope_theta, torch.float32)
+
+    def dense_fn(q, k, v, p, d):
+        if d is None:  # plain rows: one document, positions 0 .. S-1
+            p, d = torch.arange(q.shape[2]), torch.zeros(q.shape[2], dtype=torch.int64)
+        return _dense(q, k, v, p, p, d, d)
+
+    params = list(attn.parameters())
+    for d in (None, doc):
+        results = []
+        for fn in (None, dense_fn):
+            attn.attn_fn = fn
+            xl = x.clone().requires_grad_(True)
+            out = attn(xl, cos, sin, pos if d is not None else None, d)
+            results.append((out.detach(), torch.autograd.grad((out * w).sum(), [xl, *params])))
+        attn.attn_fn = None
+        torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+        for g, gr in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(g, gr, **TOL)
+
+    calls = []
+    real = decoder.build_plan
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    decoder.build_plan = counting
+    try:
+        ids = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(2))
+        pos, doc = pos.clone(), doc.clone()  # new tensors: a cache miss (the calls above cached a plan for the old)
+        lm(ids, position_ids=pos, doc_ids=doc)
+        assert len(calls) == 1  # two layers, one plan
+        before = lm(ids, position_ids=pos, doc_ids=doc)
+        assert len(calls) == 1  # same tensors, unmodified: cached
+        doc[0, 4:8] = 5  # tokens 4..7 of row 0 become a document of their own: a new plan, another result
+        after = lm(ids, position_ids=pos, doc_ids=doc)
+        assert len(calls) == 2 and not torch.allclose(before[0, 4:8], after[0, 4:8])
+        torch.testing.assert_close(before[:, 8:], after[:, 8:])
+    finally:
+        decoder.build_plan = real
+
+
+def test_build_plan_errors():
+    pos = torch.arange(4)
+    with pytest.raises(ValueError, match="share"):
+        build_plan(pos, torch.tensor([0, 1, 1, 2]))
+    with pytest.raises(ValueError, match="must also be a key"):
+        build_plan(torch.tensor([5]), pos)
+    with pytest.raises(ValueError, match=">= 0"):
+        build_plan(pos - 1, pos - 1)
+    with pytest.raises(ValueError, match="both"):
+        build_plan(pos, pos, pos)
+    with pytest.raises(ValueError, match="do not fit"):
+        q, k, v, _ = _qkvw(1, 4, seed=0)
+        varlen_attention(q, k, v, build_plan(pos, pos, batch=2))

@@ -8,6 +8,8 @@ are saved with ``save_pretrained``, imported into our modules and must give the 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +23,13 @@ transformers = pytest.importorskip("transformers")
 
 from _tiny import SHARED  # noqa: E402
 from mimo_titan.checkpoint import hf  # noqa: E402
-from mimo_titan.config import LanguageModelConfig, MoEConfig, VisionModelConfig, config_from_dict  # noqa: E402
+from mimo_titan.config import (  # noqa: E402
+    LanguageModelConfig,
+    MoEConfig,
+    RopeScalingConfig,
+    VisionModelConfig,
+    config_from_dict,
+)
 from mimo_titan.models import DecoderLM, MimoModel, VisionEncoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +44,20 @@ LM = dict(
     head_dim=8,
     rms_norm_eps=1e-6,
 )
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 LM_CASES = {  # id: (config class, model class, extra config kwargs)
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0)),
+    # Llama 3.1's RoPE scaling with a short original context, so that it changes the rotations of the test's tokens
+    "llama3_1_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", MOE),
     "qwen3_moe_dense_first": (
         "Qwen3MoeConfig",
@@ -51,6 +68,7 @@ LM_CASES = {  # id: (config class, model class, extra config kwargs)
 ARCH = {
     "llama": "llama",
     "llama_tied": "llama",
+    "llama3_1_rope": "llama",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
     "qwen3_moe_dense_first": "qwen3_moe",
@@ -79,6 +97,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _hf_lm(case: str, seed: int = 0):
     cfg_cls, model_cls, extra = LM_CASES[case]
+    extra = copy.deepcopy(extra)  # transformers writes rope_theta into a rope_scaling dict it is given
     cfg = getattr(transformers, cfg_cls)(**LM, **extra, attn_implementation="eager")
     torch.manual_seed(seed)
     return _randomize(getattr(transformers, model_cls)(cfg), seed)
@@ -87,7 +106,9 @@ def _hf_lm(case: str, seed: int = 0):
 def _ours_lm(hf_dir):
     config, state = hf.load_hf_dir(hf_dir)
     fields = hf.lm_config_from_hf(config)
-    cfg = LanguageModelConfig(**{**fields, "moe": MoEConfig(**fields["moe"])})
+    cfg = LanguageModelConfig(
+        **{**fields, "moe": MoEConfig(**fields["moe"]), "rope_scaling": RopeScalingConfig(**fields["rope_scaling"])}
+    )
     model = DecoderLM(cfg).eval()
     model.load_state_dict(hf.lm_state_from_hf(state, cfg), strict=True)
     return cfg, model
@@ -107,6 +128,13 @@ def test_language_import_matches_hf_and_export_round_trips(case, tmp_path):
         expected = ref(ids).logits
         torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=0)
     assert cfg.qk_norm == case.startswith("qwen3") and cfg.tie_word_embeddings == (case == "llama_tied")
+    if case == "llama3_1_rope":
+        want = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+        assert cfg.rope_scaling == RopeScalingConfig(type="llama3", **want)
+        plain = DecoderLM(dataclasses.replace(cfg, rope_scaling=RopeScalingConfig())).eval()
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():  # without the scaling the logits differ: the import really maps it
+            assert (plain(ids) - expected).abs().max() > 1e-2
 
     # the in-memory (fused experts in transformers 5) state converts to the same weights as the file
     from_memory = hf.lm_state_from_hf(ref.state_dict(), cfg)
@@ -264,7 +292,11 @@ def _llama_json(**kw) -> dict:
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling with rope_type='llama3'"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 8.0}), "rope_scaling with rope_type='linear'"),
+        (
+            dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            "rope_type='llama3' but no low_freq_factor, high_freq_factor, original_max_position_embeddings",
+        ),
         (
             dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
             "rope_parameters with rope_type='yarn'",
@@ -280,22 +312,21 @@ def test_unsupported_language_configs_are_rejected(kw, match):
         hf.lm_config_from_hf(_llama_json(**kw))
 
 
-def test_rope_scaling_rejected_from_a_saved_llama3_1_style_config(tmp_path):
+def test_llama3_1_rope_scaling_read_from_a_saved_config(tmp_path):
+    """A Llama-3.1-style config.json as transformers 5 writes it (``rope_parameters``) maps to our rope_scaling."""
+    factors = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     cfg = transformers.LlamaConfig(
         **LM,
-        max_position_embeddings=16384,
+        max_position_embeddings=131072,
         rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling={"rope_type": "llama3", **factors},
     )
     cfg.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"llama3.*plain rotary embedding"):
-        hf.lm_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    fields = hf.lm_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert fields["rope_theta"] == 500000.0 and fields["rope_scaling"] == {"type": "llama3", **factors}
+    exported = hf.hf_lm_config(fields, "llama")
+    assert exported["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, **factors}
+    assert exported["max_position_embeddings"] == 8192 * 8
 
 
 def test_mlp_only_layers_that_no_stride_expresses_are_rejected():
@@ -447,6 +478,9 @@ def test_import_lists_every_config_mismatch(tmp_path):
     qwen = config_from_dict(_model_cfg_dict(qk_norm=True))
     with pytest.raises(ValueError, match=r"model\.language\.qk_norm=True vs HF model_type"):
         hf.import_hf(qwen.model, {}, str(tmp_path / "lm"))
+    scaled = config_from_dict(_model_cfg_dict(rope_scaling={"type": "llama3"}))
+    with pytest.raises(ValueError, match=r"model\.language\.rope_scaling=\{'type': 'llama3', 'factor': 8\.0.*vs HF"):
+        hf.import_hf(scaled.model, {}, str(tmp_path / "lm"))
 
 
 # ---------------------------------------------------------------------------------------------- convert_hf.py

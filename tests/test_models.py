@@ -198,3 +198,34 @@ def test_patch_embedding_equals_the_strided_convolution():
     x = torch.randn(3, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
     conv = emb.patch_embedding(x).flatten(2).transpose(1, 2)
     torch.testing.assert_close(emb(x), conv + emb.position_embedding.weight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("theta,head_dim", [(500000.0, 64), (10000.0, 16)])
+def test_llama3_rope_scaling_matches_transformers(theta, head_dim):
+    """cos / sin of ``model.language.rope_scaling = {type = "llama3", ...}`` equal transformers'
+    ``LlamaRotaryEmbedding`` with the same ``rope_scaling`` (Llama 3.1's long-context RoPE); plain RoPE differs."""
+    transformers = pytest.importorskip("transformers")
+    from mimo_titan.config import RopeScalingConfig
+    from mimo_titan.models.decoder import rope_cos_sin
+
+    # a short original context puts frequencies in all three bands (kept, blended, stretched) for both head dims
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_theta=theta,
+        rope_scaling={"rope_type": "llama3", **scaling},
+    )
+    rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
+    pos = torch.tensor([[0, 1, 7, 63, 64, 500, 4095], [3, 2, 1, 0, 9, 100, 2048]])
+    x = torch.zeros(1, dtype=torch.float32)
+    cos_ref, sin_ref = rope(x, pos)
+    ours = RopeScalingConfig(type="llama3", **scaling)
+    cos, sin = rope_cos_sin(pos, head_dim, theta, torch.float32, ours)
+    torch.testing.assert_close(cos, cos_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin, sin_ref, atol=1e-6, rtol=0)
+    plain_cos, _ = rope_cos_sin(pos, head_dim, theta, torch.float32)
+    assert (plain_cos - cos_ref).abs().max() > 0.1  # the scaling matters at these positions
+    torch.testing.assert_close(rope_cos_sin(pos, head_dim, theta, torch.float32, RopeScalingConfig())[0], plain_cos)

@@ -81,6 +81,7 @@ _LM_HF_NAMES = {
     "num_kv_heads": "num_key_value_heads",
     "head_dim": "head_dim",
     "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling / rope_parameters",
     "rms_norm_eps": "rms_norm_eps",
     "tie_word_embeddings": "tie_word_embeddings",
     "qk_norm": "model_type (qwen3 / qwen3_moe have q/k norms)",
@@ -133,24 +134,49 @@ def _require(hf: dict, name: str) -> Any:
     return hf[name]
 
 
-def _rope_theta(hf: dict) -> float:
-    """RoPE base of an HF config: transformers 5's ``rope_parameters`` or 4's ``rope_theta`` + ``rope_scaling``.
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+    """RoPE base and our ``rope_scaling`` fields of an HF config (transformers 5's ``rope_parameters`` or 4's
+    ``rope_theta`` + ``rope_scaling``).
+
+    ``rope_type`` "default" (or no scaling) gives ``{"type": "none"}``; "llama3" gives ``{"type": "llama3",
+    factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}`` (the last falls back to
+    ``max_position_embeddings``, as transformers does).
 
     Raises:
-        ValueError: any RoPE scaling (llama3, yarn, linear, dynamic, ...): our RoPE is the plain rotary embedding.
+        ValueError: another RoPE scaling (yarn, linear, dynamic, longrope, ...), or a llama3 scaling without its
+            factors.
     """
     params = hf.get("rope_parameters") or {}
+    scaling: dict = {"type": "none"}
     for field, value in (("rope_scaling", hf.get("rope_scaling") or {}), ("rope_parameters", params)):
         kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
+        if kind == "llama3":
+            fallback = {"original_max_position_embeddings": hf.get("max_position_embeddings")}
+            missing = [k for k in _LLAMA3_KEYS if value.get(k, fallback.get(k)) is None]
+            if missing:
+                raise ValueError(
+                    f"HF config.json has {field} with rope_type='llama3' but no {', '.join(missing)} ({value}); "
+                    "add them (Llama 3.1: factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0, "
+                    "original_max_position_embeddings 8192)"
+                )
+            got: dict[str, Any] = {k: value.get(k, fallback.get(k)) for k in _LLAMA3_KEYS}
+            scaling = {
+                "type": "llama3",
+                **{k: float(got[k]) for k in _LLAMA3_KEYS[:3]},
+                "original_max_position_embeddings": int(got["original_max_position_embeddings"]),
+            }
+        elif kind != "default":
             raise ValueError(
-                f"HF config.json has {field} with rope_type={kind!r} ({value}); our decoder implements only the "
-                "plain rotary embedding (rope_type 'default', rope_scaling null), so this model's positions would "
-                "differ. Import a checkpoint without RoPE scaling (e.g. a Llama-3 / Qwen3 base model whose "
-                'config.json has "rope_scaling": null)'
+                f"HF config.json has {field} with rope_type={kind!r} ({value}); our decoder implements the "
+                "plain rotary embedding and Llama 3.1's scaling (rope_type 'default' or 'llama3' = "
+                "model.language.rope_scaling.type), so this model's positions would differ. Import a checkpoint "
+                "with one of those"
             )
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    return float(theta), scaling
 
 
 def _moe_layers_hf(hf: dict, num_layers: int) -> list[int]:
@@ -223,19 +249,22 @@ def lm_config_from_hf(hf_config: dict) -> dict:
 
     Returns:
         ``{vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta,
-        rms_norm_eps, tie_word_embeddings, qk_norm, moe}``; ``head_dim`` is always explicit. For Qwen3-MoE,
-        ``moe = {num_experts, top_k, intermediate_size, layer_freq, first_layer, score_func="softmax",
+        rope_scaling, rms_norm_eps, tie_word_embeddings, qk_norm, moe}``; ``head_dim`` is always explicit;
+        ``rope_scaling`` a dict of ``RopeScalingConfig`` fields (``{"type": "none"}`` or the llama3 factors). For
+        Qwen3-MoE, ``moe = {num_experts, top_k, intermediate_size, layer_freq, first_layer, score_func="softmax",
         norm_topk_prob, shared_expert_intermediate_size=0}``, else ``{"num_experts": 0}``.
 
     Raises:
-        ValueError: naming the HF field we cannot represent (``rope_scaling``, ``attention_bias``, ``mlp_bias``,
-            ``hidden_act``, sliding windows, ``mlp_only_layers``, an unknown ``model_type``) and the fix.
+        ValueError: naming the HF field we cannot represent (``rope_scaling`` other than llama3,
+            ``attention_bias``, ``mlp_bias``, ``hidden_act``, sliding windows, ``mlp_only_layers``, an unknown
+            ``model_type``) and the fix.
     """
     hf = hf_config
     model_type = _check_lm_supported(hf)
     heads = int(_require(hf, "num_attention_heads"))
     hidden = int(_require(hf, "hidden_size"))
     num_layers = int(_require(hf, "num_hidden_layers"))
+    rope_theta, rope_scaling = _rope(hf)
     out = {
         "vocab_size": int(_require(hf, "vocab_size")),
         "hidden_size": hidden,
@@ -244,7 +273,8 @@ def lm_config_from_hf(hf_config: dict) -> dict:
         "num_heads": heads,
         "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
         "head_dim": int(hf.get("head_dim") or hidden // heads),
-        "rope_theta": _rope_theta(hf),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
         "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qk_norm": model_type in ("qwen3", "qwen3_moe"),
@@ -287,9 +317,15 @@ def _lm_cfg(lm_cfg: LanguageModelConfig | dict[str, Any]) -> LanguageModelConfig
     """A ``LanguageModelConfig`` from itself or from a dict such as :func:`lm_config_from_hf` returns."""
     if not isinstance(lm_cfg, dict):
         return lm_cfg
-    from mimo_titan.config import LanguageModelConfig, MoEConfig
+    from mimo_titan.config import LanguageModelConfig, MoEConfig, RopeScalingConfig
 
-    return LanguageModelConfig(**{**lm_cfg, "moe": MoEConfig(**lm_cfg.get("moe", {}))})
+    return LanguageModelConfig(
+        **{
+            **lm_cfg,
+            "moe": MoEConfig(**lm_cfg.get("moe", {})),
+            "rope_scaling": RopeScalingConfig(**lm_cfg.get("rope_scaling", {})),
+        }
+    )
 
 
 def _layer_of(key: str) -> int | None:
@@ -482,7 +518,9 @@ def hf_lm_config(
         lm_cfg: our ``LanguageModelConfig`` (or a dict of its fields).
         arch: the HF architecture.
         dtype: the weights' dtype name.
-        max_position_embeddings: informational for plain RoPE (no length limit of ours to copy).
+        max_position_embeddings: informational for plain RoPE (no length limit of ours to copy); with llama3
+            RoPE scaling at least ``original_max_position_embeddings * factor`` is written (transformers expects
+            it above the original context).
 
     Raises:
         ValueError: ``lm_cfg`` has features ``arch`` cannot represent (q/k norm for llama, MoE for dense archs,
@@ -491,6 +529,9 @@ def hf_lm_config(
     cfg = _lm_cfg(lm_cfg)
     _check_exportable(cfg, arch)
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    rs = cfg.rope_scaling
+    if rs.type == "llama3":
+        max_position_embeddings = max(max_position_embeddings, int(rs.original_max_position_embeddings * rs.factor))
     out = {
         "architectures": [LM_ARCHS[arch][0]],
         "model_type": LM_ARCHS[arch][1],
@@ -505,8 +546,7 @@ def hf_lm_config(
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_hf_rope_fields(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "max_position_embeddings": max_position_embeddings,
@@ -522,6 +562,18 @@ def hf_lm_config(
     if arch == "qwen3_moe":
         out.update(_hf_moe_fields(cfg))
     return out
+
+
+def _hf_rope_fields(cfg: LanguageModelConfig) -> dict:
+    """``rope_scaling`` (transformers 4) and ``rope_parameters`` (5) of our ``rope_theta`` / ``rope_scaling``."""
+    rs = cfg.rope_scaling
+    if rs.type == "none":
+        return {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    factors = {k: getattr(rs, k) for k in _LLAMA3_KEYS}
+    return {
+        "rope_scaling": {"rope_type": rs.type, **factors},
+        "rope_parameters": {"rope_type": rs.type, "rope_theta": cfg.rope_theta, **factors},
+    }
 
 
 def _hf_moe_fields(cfg: LanguageModelConfig) -> dict:
@@ -834,6 +886,8 @@ def _mismatches(
         if field == "head_dim" and mine is None:  # a language-model field
             lm = cast("LanguageModelConfig", ours)
             mine = lm.hidden_size // lm.num_heads
+        if field == "rope_scaling":  # a language-model sub-table, as lm_config_from_hf writes it
+            mine = {"type": mine.type, **({k: getattr(mine, k) for k in _LLAMA3_KEYS} if mine.type != "none" else {})}
         if mine != value:
             out.append(f"model.{section}.{field}={mine!r} vs HF {hf_names[field]}={value!r}")
     return out

@@ -17,20 +17,21 @@ Shape legend: B batch, S sequence, H hidden size, V vocabulary, nh / nkv query /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimo_titan.models.mlp import SwiGLU
 from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+from mimo_titan.models.varlen_attention import PlanCache, VarlenPlan, build_plan, causal_sdpa, varlen_attention
 
 if TYPE_CHECKING:
-    from mimo_titan.config import LanguageModelConfig
+    from mimo_titan.config import LanguageModelConfig, RopeScalingConfig
 
-__all__ = ["DecoderLM", "RMSNorm", "rope_cos_sin"]
+__all__ = ["DecoderLM", "RMSNorm", "rope_cos_sin", "rope_inv_freq"]
 
 
 class RMSNorm(nn.Module):
@@ -48,20 +49,64 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScalingConfig | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Rotary inverse frequencies ``theta ** (-2i / hd)``, ``i = 0 .. hd/2 - 1``, float32 ``[hd / 2]`` (rad/token).
+
+    With ``scaling.type == "llama3"`` (Llama 3.1's long-context RoPE) each frequency is rescaled by its wavelength
+    ``w = 2 pi / f`` relative to the pretraining context ``C = original_max_position_embeddings``: wavelengths
+    shorter than ``C / high_freq_factor`` are kept, those longer than ``C / low_freq_factor`` are divided by
+    ``factor``, and those in between are blended, ``f' = (1 - a) f / factor + a f`` with
+    ``a = (C / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``. Semantics of Meta's
+    ``apply_scaling`` in llama-models (Llama 3.1) and HF transformers' ``_compute_llama3_parameters``.
+
+    Args:
+        head_dim: even head dimension hd.
+        theta: RoPE base.
+        scaling: a ``RopeScalingConfig`` (``type`` "none" or "llama3"), or None for plain RoPE.
+        device: where to build the table.
+
+    Raises:
+        ValueError: an unknown ``scaling.type``.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    kind = "none" if scaling is None else scaling.type
+    if kind == "none":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"model.language.rope_scaling.type={kind!r}; choose 'none' or 'llama3'")
+    assert scaling is not None
+    context = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / scaling.factor, inv_freq)
+    blend = (context / wavelen - low) / (high - low)
+    blended = (1 - blend) * scaled / scaling.factor + blend * scaled
+    middle = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(middle, blended, scaled)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    scaling: RopeScalingConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for integer positions.
 
     Args:
         position_ids: ``[B, S]`` or ``[S]`` int64 global positions.
         head_dim: even head dimension hd.
         theta: RoPE base.
+        dtype: dtype of the tables.
+        scaling: optional RoPE scaling (``model.language.rope_scaling``), see :func:`rope_inv_freq`.
 
     Returns:
         ``(cos, sin)`` each ``[..., S, hd]`` in ``dtype`` (HF "rotate_half" layout: the two halves share a frequency).
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    )
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -79,6 +124,13 @@ class Attention(nn.Module):
     ``[hd]``, HF names ``self_attn.q_norm.weight`` / ``self_attn.k_norm.weight``) on the ``[B, S, heads, hd]``
     view of the projections, before RoPE, as ``Qwen3Attention`` in HF transformers'
     ``models/qwen3/modeling_qwen3.py``.
+
+    Plain rows (no ``doc_ids``) run ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernels on CPU and
+    CUDA; GQA through ``enable_gqa`` where the kernel takes it). Packed rows (``doc_ids``) run document-causal
+    attention without a dense mask: one causal SDPA call per group of equally long documents
+    (:mod:`mimo_titan.models.varlen_attention`); the document runs are found once per forward (one host sync) and
+    cached across the layers in ``plan_cache`` by the identity and version of the ``positions`` / ``doc_ids``
+    tensors.
     """
 
     def __init__(self, cfg: LanguageModelConfig):
@@ -104,6 +156,8 @@ class Attention(nn.Module):
         # hd]`` with q ``[B, nh, S, hd]``, k / v ``[B, nkv, S, hd]``, the tokens' global positions ``[S]`` / ``[B, S]``
         # and their document ids (``[B, S]``, packed sequences) or None.
         self.attn_fn: Callable[..., torch.Tensor] | None = None
+        # the document-run plan of packed rows, computed once per forward: DecoderLM shares one cache among its layers
+        self.plan_cache = PlanCache()
 
     def forward(
         self,
@@ -127,17 +181,15 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if self.attn_fn is not None:
             return self.o_proj(self.attn_fn(q, k, v, positions, doc_ids).transpose(1, 2).reshape(b, s, -1))
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if doc_ids is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # packed rows: causal inside each document (positions increase along a document), never across
+        if doc_ids is None:  # plain rows: positions 0 .. S-1
+            out = causal_sdpa(q, k, v)
+        else:  # packed rows: causal inside each document, never across; no [S, S] mask (see varlen_attention)
             assert positions is not None, "packed rows pass their positions with their doc_ids"
-            same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # [B, S, S]
-            causal = positions.unsqueeze(-1) >= positions.unsqueeze(-2)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=(same_doc & causal).unsqueeze(1))
+            plan = self.plan_cache.lookup(positions, doc_ids)
+            if not isinstance(plan, VarlenPlan) or plan.batch != b:
+                plan = build_plan(positions, positions, doc_ids, doc_ids, batch=b, device=q.device)
+                self.plan_cache.store(plan, positions, doc_ids)
+            out = varlen_attention(q, k, v, plan)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -185,7 +237,7 @@ class DecoderLM(nn.Module):
 
     Args:
         cfg: ``LanguageModelConfig`` (vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
-            num_kv_heads, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qk_norm, moe).
+            num_kv_heads, head_dim, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings, qk_norm, moe).
 
     Forward:
         ``x``: ``[B, S]`` int64 token ids when this part has ``embed_tokens``, else ``[B, S, H]`` hidden states.
@@ -194,7 +246,8 @@ class DecoderLM(nn.Module):
         under context parallelism the positions of this rank's zigzag shard; for packed rows the position inside
         each document), used by RoPE and passed to ``attn_fn``.
         ``doc_ids``: optional ``[B, S]`` int64 document of each token (packed THD rows): attention is causal inside
-        a document and never crosses documents (the positions must increase along every document).
+        a document and never crosses documents (the positions must be distinct inside every document; no
+        ``[S, S]`` mask is built, see :class:`Attention`).
         Returns ``[B, S, V]`` logits when this part has ``lm_head``, else ``[B, S, H]`` hidden states.
         Rows are right-padded; attention is causal.
 
@@ -217,6 +270,10 @@ class DecoderLM(nn.Module):
                 f"the language head dim ({self.head_dim}) must be even for RoPE: set model.language.head_dim"
             )
         self.model = _Backbone(cfg)
+        cache = PlanCache()  # one document-run plan per forward, shared by every layer (and every stage copy)
+        for layer in self.model.layers.values():
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.plan_cache = cache
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             assert self.model.embed_tokens is not None  # a new backbone has its embedding
@@ -242,7 +299,8 @@ class DecoderLM(nn.Module):
             h = x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, h.dtype)
+        scaling = getattr(self.cfg, "rope_scaling", None)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, h.dtype, scaling)
         for layer in self.model.layers.values():
             h = layer(h, cos, sin, position_ids, doc_ids)
         if self.model.norm is not None:

@@ -1,4 +1,4 @@
-"""Exact context-parallel (CP) attention for causal decoder LMs: all-gather K/V, mask by global position.
+"""Exact context-parallel (CP) attention for causal decoder LMs: all-gather K/V, attend by (document, position).
 
 With context parallelism every rank of the cp group holds ``S / cp_size`` tokens of each sequence (in any
 order; normally the zigzag shard of :mod:`kernels.zigzag`, which gives every rank equal causal work). Its
@@ -8,21 +8,26 @@ queries must attend to the keys of *all* ranks, so :class:`ContextParallelAttent
    reduce-scatter that sums every rank's ``dk``/``dv`` contributions into the owner's shard);
 2. all-gathers the local tokens' global positions (and document ids, for packed sequences) in one small
    integer collective, so the gathered keys' positions are known whatever the sharding order;
-3. builds the boolean mask ``kv_pos <= q_pos`` (and ``q_doc == kv_doc`` for packed sequences) and runs
-   ``F.scaled_dot_product_attention`` on the local queries against the full keys.
+3. plans the attention without a mask (:mod:`mimo_titan.models.varlen_attention`): the gathered keys are put in
+   (document, position) order, and the local queries fall into runs of consecutive positions of one document
+   (the zigzag chunks: a run covering positions ``[a, a + L)`` sees that document's keys ``[0, a + L)`` with
+   lower-right aligned causal masking); runs of equal shape share one ``F.scaled_dot_product_attention`` call
+   (``is_causal=True`` when ``a = 0``, else ``torch.nn.attention.bias.causal_lower_right``).
 
 The result equals full causal (or document-causal) attention restricted to the local query rows, forward and
 backward, up to floating-point summation order (fp32: ~1e-6). SDPA's own softmax numerics are used unchanged
 (it accumulates the softmax in fp32 for low-precision inputs).
 
-Memory: every rank holds the gathered ``k``/``v`` (``[B, nkv, S, hd]`` each, small with GQA) and a boolean
-mask of ``[S_local, S]`` (``[B, 1, S_local, S]`` for per-row positions): ``S^2 / cp_size`` bytes per distinct
-mask, e.g. 2 GiB at ``S = 128k``, ``cp_size = 8``. An explicit mask also rules out the flash kernel on CUDA
-(SDPA uses memory-efficient attention, which reads the mask as an additive bias of the query dtype, or the
-math kernel, which materialises the ``[B, nh, S_local, S]`` scores). Ring attention (K/V blocks passed around
-the ring, online softmax) would avoid both the full K/V and the mask; the all-gather form is simpler, exact
-and cheap in communication when K/V are small (GQA). The mask and gathered positions are cached between
-calls that pass the very same position tensors (as all layers of one forward do), see ``cache_mask``.
+Memory per rank and layer: the gathered ``k``/``v`` (``[B, nkv, S, hd]`` each, small with GQA) and their copy in
+(document, position) order, O(S); the keys of each run (``a + L`` tokens; at most ``2 * S`` per row in all for
+zigzag), O(S); the plan's index tensors, O(S) integers. What is not O(S): on CUDA none of it (the lower-right
+runs dispatch to the flash / memory-efficient kernels without a mask); on CPU torch materialises each
+lower-right run's bool ``[L, a + L]`` mask and SDPA keeps it (as an additive float mask) for the backward, about
+``S_local * S / 2`` elements per layer in all, so long-context CP is for CUDA. Ring attention (K/V blocks passed
+around the ring, online softmax) would avoid holding the full K/V; the all-gather form is simpler, exact and
+cheap in communication when K/V are small (GQA). The plan and the gathered positions are cached between calls
+that pass the very same position tensors (as all layers of one forward do), see ``cache_plan``; computing the
+plan syncs the host once per forward.
 
 Sources: all-gather-KV context parallelism as used to train Llama 3 ("The Llama 3 Herd of Models",
 Dubey et al. 2024, §3.3.2 "Context parallelism": all-gather K and V, then attention of the local Q chunk;
@@ -38,11 +43,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mimo_titan.models.varlen_attention import GQA_MODES, PlanCache, VarlenPlan, build_plan, varlen_attention
 from mimo_titan.parallel import comm
 
 __all__ = ["ContextParallelAttention", "attention_mask", "local_attention"]
 
-_GQA_MODES = ("auto", "native", "repeat")
+_GQA_MODES = GQA_MODES
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -64,6 +70,9 @@ def attention_mask(
     kv_doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean causal (and same-document) mask from global token positions; ``True`` = attend.
+
+    A dense ``O(Sq * Skv)`` reference (tests, and :func:`local_attention` with an extra ``attn_mask``); the
+    attention paths themselves build no such mask.
 
     Query ``i`` may attend to key ``j`` iff ``kv_pos[j] <= q_pos[i]`` and, when document ids are given,
     ``kv_doc[j] == q_doc[i]``. Positions are global (the token's index in its sequence, or in its document for
@@ -171,36 +180,43 @@ def local_attention(
 ) -> torch.Tensor:
     """Causal (document-causal for packed sequences) attention of one process's tokens: the cp=1 counterpart.
 
-    Same signature as :class:`ContextParallelAttention`'s call; the queries attend to the same local tokens.
+    Same signature as :class:`ContextParallelAttention`'s call; the queries attend to the same local tokens. Without
+    ``attn_mask`` no dense mask is built (document runs and causal SDPA, see
+    :mod:`mimo_titan.models.varlen_attention`; the plan is computed on every call, with one host sync); with
+    ``attn_mask`` the dense mask of :func:`attention_mask` is ANDed with it (``O(S^2)``, for tests).
 
     Args:
         q: ``[B, nh, S, hd]`` float (any float dtype SDPA supports on its device).
         k, v: ``[B, nkv, S, hd]``, same dtype; ``nh`` a multiple of ``nkv`` (GQA).
         q_pos: integer ``[S]`` or ``[B, S]``: position of each token (within its document for packed
-            sequences). Need not be ``arange``: any order works, masking is by position.
+            sequences), >= 0 and distinct inside a document. Need not be ``arange``: any order works, attention
+            follows the positions.
         doc_ids: optional integer, shaped like ``q_pos``: document index of each token (packed/THD); tokens
             attend only within their document.
         attn_mask: optional extra bool mask (``True`` = attend) broadcastable to ``[B, nh, S, S]``, ANDed with
-            the causal/document mask.
+            the causal/document mask (dense path).
         scale: softmax scale (default ``1 / sqrt(hd)``).
-        gqa: ``"auto"`` (SDPA's ``enable_gqa`` on CPU, repeated kv heads elsewhere), ``"native"`` or
-            ``"repeat"``.
+        gqa: ``"auto"`` (SDPA's ``enable_gqa`` where the kernel takes it, see
+            :func:`~mimo_titan.models.varlen_attention.causal_sdpa`; repeated kv heads elsewhere), ``"native"``
+            or ``"repeat"``.
 
     Returns:
         ``[B, nh, S, hd]`` in ``q``'s dtype; a query row whose mask allows no key is 0 (not NaN).
 
     Raises:
-        ValueError: wrong shapes/dtypes, a non-bool ``attn_mask``, or an unknown ``gqa`` mode.
+        ValueError: wrong shapes/dtypes, a non-bool ``attn_mask``, negative or repeated positions inside a
+            document (without ``attn_mask``), or an unknown ``gqa`` mode.
     """
     if gqa not in _GQA_MODES:
         raise ValueError(f"gqa={gqa!r}; choose one of {_GQA_MODES}")
     _check_qkv(q, k, v, q_pos, doc_ids)
+    if attn_mask is None:
+        plan = build_plan(q_pos, q_pos, doc_ids, doc_ids, batch=q.shape[0], device=q.device)
+        return varlen_attention(q, k, v, plan, scale=scale, gqa=gqa)
     mask = attention_mask(q_pos, q_pos, doc_ids, doc_ids)
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
-            raise ValueError("attn_mask must be a bool tensor (True = attend), ANDed with the causal mask")
-        mask = mask & attn_mask
-    return _sdpa(q, k, v, *_guard(mask), scale, gqa)
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+        raise ValueError("attn_mask must be a bool tensor (True = attend), ANDed with the causal mask")
+    return _sdpa(q, k, v, *_guard(mask & attn_mask), scale, gqa)
 
 
 class ContextParallelAttention:
@@ -208,7 +224,8 @@ class ContextParallelAttention:
 
     Every rank passes its local tokens' ``q``/``k``/``v`` (any token order, normally the zigzag shard) and their
     global positions; the call all-gathers ``k``/``v`` (with autograd) and the positions/document ids over
-    ``cp_group``, masks by global position (and document), and returns the local queries' attention output. It
+    ``cp_group``, attends by global position (and document) without a mask (see the module docstring), and returns
+    the local queries' attention output. It
     is exact: it equals full causal (document-causal) attention over the whole sequence restricted to the local
     rows, and the gradients of the local ``q``/``k``/``v`` equal the matching rows of the full gradients. The
     backward runs one reduce-scatter on the cp group, so every rank must run its backward too.
@@ -217,23 +234,21 @@ class ContextParallelAttention:
         cp_group: the cp ``ProcessGroup`` (or a 1-D ``DeviceMesh``); may be ``None`` when ``cp_size == 1``.
         cp_size: the cp group's size; with 1 no collective runs (plain :func:`local_attention`).
         gqa: how ``nkv < nh`` is handled, see :func:`local_attention`.
-        cache_mask: reuse the gathered positions and the mask while the call gets the very same ``q_pos``
-            (and ``doc_ids``) tensor objects, unmodified (all layers of one forward): saves one collective and
-            one boolean ``[S_local, S]`` mask per layer (SDPA still turns it into an additive mask per call and
-            saves that copy for its backward, so saved memory grows as layers × S_local × S elements). Every
-            rank must hit or miss the cache alike (a miss runs a collective); ranks running the same model code
-            do. The cache holds one mask until the next call with other position tensors; set ``False`` to
-            build it on every call (e.g. under ``torch.compile``).
+        cache_plan: reuse the gathered positions and the attention plan while the call gets the very same
+            ``q_pos`` (and ``doc_ids``) tensor objects, unmodified (all layers of one forward): saves one
+            collective and one host sync per layer. Every rank must hit or miss the cache alike (a miss runs a
+            collective); ranks running the same model code do. The cache holds one plan until the next call with
+            other position tensors; set ``False`` to rebuild it on every call.
 
-    Memory: see the module docstring (gathered K/V ``[B, nkv, S, hd]`` and a bool mask ``[S_local, S]`` per
-    rank; ring attention would avoid both).
+    Memory: see the module docstring (gathered K/V ``[B, nkv, S, hd]`` per rank, no ``[S_local, S]`` mask on CUDA;
+    ring attention would avoid the gathered K/V).
 
     Raises:
         ValueError: (construction) ``cp_size < 1``, no group for ``cp_size > 1``, or a group whose size is not
             ``cp_size``; (call) see :meth:`__call__`.
     """
 
-    def __init__(self, cp_group, cp_size: int, *, gqa: str = "auto", cache_mask: bool = True):
+    def __init__(self, cp_group, cp_size: int, *, gqa: str = "auto", cache_plan: bool = True):
         if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
             raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
         if gqa not in _GQA_MODES:
@@ -249,10 +264,8 @@ class ContextParallelAttention:
         self.cp_group = cp_group
         self.cp_size = cp_size
         self.gqa = gqa
-        self.cache_mask = cache_mask
-        # (q_pos, its _version, doc_ids, its _version, (safe_mask, row_ok))
-        self._cache: tuple[torch.Tensor, int, torch.Tensor | None, int | None, tuple[torch.Tensor, torch.Tensor]] | None
-        self._cache = None
+        self.cache_plan = cache_plan
+        self._cache = PlanCache()
 
     # ------------------------------------------------------------------------------------------- gathers
 
@@ -273,31 +286,21 @@ class ContextParallelAttention:
         g = g.view(self.cp_size, *idx.shape)  # [cp, n, ..., Sl]
         return torch.movedim(g, 0, -2).reshape(*idx.shape[:-1], self.cp_size * idx.shape[-1])
 
-    def _mask(self, q_pos: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Guarded ``(mask, row_ok)`` of the local queries against all keys (cached, see ``cache_mask``)."""
-        c = self._cache
-        if q_pos.is_inference() or (doc_ids is not None and doc_ids.is_inference()):
-            c = None  # inference tensors have no version counter: no caching
-        elif (
-            c is not None
-            and c[0] is q_pos
-            and c[1] == q_pos._version
-            and c[2] is doc_ids
-            and (doc_ids is None or c[3] == doc_ids._version)
-        ):
-            return c[4]
-        if doc_ids is None:
+    def _plan(self, q_pos: torch.Tensor, doc_ids: torch.Tensor | None, batch: int) -> VarlenPlan:
+        """The attention plan of the local queries against all gathered keys (cached, see ``cache_plan``)."""
+        plan = self._cache.lookup(q_pos, doc_ids) if self.cache_plan else None
+        if isinstance(plan, VarlenPlan) and plan.batch == batch:
+            return plan
+        if self.cp_size == 1:
+            kv_pos, kv_doc = q_pos, doc_ids
+        elif doc_ids is None:
             kv_pos, kv_doc = self._gather_index(q_pos.unsqueeze(0))[0], None
         else:
             kv_pos, kv_doc = self._gather_index(torch.stack([q_pos.to(torch.int64), doc_ids.to(torch.int64)]))
-        guarded = _guard(attention_mask(q_pos, kv_pos, doc_ids, kv_doc))
-        cacheable = self.cache_mask and not q_pos.is_inference() and (doc_ids is None or not doc_ids.is_inference())
-        self._cache = (
-            (q_pos, q_pos._version, doc_ids, None if doc_ids is None else doc_ids._version, guarded)
-            if cacheable
-            else None
-        )
-        return guarded
+        plan = build_plan(q_pos, kv_pos, doc_ids, kv_doc, batch=batch, device=q_pos.device)
+        if self.cache_plan:
+            self._cache.store(plan, q_pos, doc_ids)
+        return plan
 
     # ------------------------------------------------------------------------------------------- call
 
@@ -323,7 +326,7 @@ class ContextParallelAttention:
             doc_ids: optional integer, shaped like ``q_pos``: document index of each local token (packed/THD
                 sequences: attention stays inside a document). Documents are identified by id across ranks.
             attn_mask: must be ``None`` when ``cp_size > 1`` (with ``cp_size == 1`` it is ANDed in, as in
-                :func:`local_attention`).
+                :func:`local_attention`, on its dense path).
             scale: softmax scale (default ``1 / sqrt(hd)``).
 
         Returns:
@@ -331,9 +334,10 @@ class ContextParallelAttention:
 
         Raises:
             ValueError: ``attn_mask`` given with ``cp_size > 1`` (CP derives the mask from positions and
-                documents), or wrong shapes/dtypes (see :func:`local_attention`).
+                documents), positions repeated inside a document, or wrong shapes/dtypes (see
+                :func:`local_attention`).
         """
-        if self.cp_size == 1:
+        if self.cp_size == 1 and attn_mask is not None:
             return local_attention(q, k, v, q_pos, doc_ids, attn_mask, scale=scale, gqa=self.gqa)
         if attn_mask is not None:
             raise ValueError(
@@ -342,6 +346,6 @@ class ContextParallelAttention:
                 "packed (THD) sequences instead of a block-diagonal mask"
             )
         _check_qkv(q, k, v, q_pos, doc_ids)
-        safe_mask, row_ok = self._mask(q_pos, doc_ids)
-        k_all, v_all = self._gather_kv(k, v)
-        return _sdpa(q, k_all, v_all, safe_mask, row_ok, scale, self.gqa)
+        plan = self._plan(q_pos, doc_ids, q.shape[0])
+        k_all, v_all = (k, v) if self.cp_size == 1 else self._gather_kv(k, v)
+        return varlen_attention(q, k_all, v_all, plan, scale=scale, gqa=self.gqa)
