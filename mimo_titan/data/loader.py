@@ -715,6 +715,17 @@ class MimoDataLoader:
             batch = collate(samples, self.seq_len, proc.pad_id)
         return _Item(batch, self._snapshot(s), decoded, counts)
 
+    def _next_sample(self) -> Sample:
+        """The next sample of the stream alone, media decoded (for tests: the samples batches are made of)."""
+        s = self._ensure_stream()
+        group = self._next_group(s)
+        tokens, cut = self._tokens(group)
+        self._count_cut(s, cut)
+        sample = self._sample(group, tokens, s.samples, True, True, [], dict.fromkeys(DECODE_COUNTERS, 0))
+        s.samples += 1
+        self._consumed = self._snapshot(s)
+        return sample
+
     @staticmethod
     def _count_cut(s: _Stream, cut: int) -> None:
         if cut:
