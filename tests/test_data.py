@@ -25,12 +25,14 @@ from mimo_titan.data import (
     Batch,
     CorruptSampleError,
     ImageTextProcessor,
+    MediaSlice,
     MimoDataLoader,
     Sample,
     check_batch_divisibility,
     collate,
     concat_batches,
     dp_sample_range,
+    expand_braces,
     iter_webdataset,
     local_batch,
     resolve_shards,
@@ -112,6 +114,96 @@ def test_resolve_shards(tmp_path):
     assert resolve_shards(tmp_path) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
     with pytest.raises(DataError, match=r"data\.path.*not a \.tar"):
         resolve_shards(tmp_path / "notes.txt")
+
+
+def test_path_lists_globs_and_brace_ranges(tmp_path):
+    for name in ("c-0000.tar", "c-0001.tar", "c-0002.tar", "c-0010.tar", "x.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.tar").write_bytes(b"")
+    t = lambda *names: [str(tmp_path / n) for n in names]  # noqa: E731
+    assert expand_braces("a-{0008..0011}.tar") == ["a-0008.tar", "a-0009.tar", "a-0010.tar", "a-0011.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert expand_braces("{x}.tar") == ["{x}.tar"]
+    assert resolve_shards(str(tmp_path / "c-{0000..0002}.tar")) == t("c-0000.tar", "c-0001.tar", "c-0002.tar")
+    # a list: globs, directories and files, sorted and de-duplicated
+    got = resolve_shards(
+        [str(tmp_path / "c-001?.tar"), str(tmp_path / "sub"), str(tmp_path / "x.tar"), str(tmp_path / "c-0010.tar")]
+    )
+    assert got == t("c-0010.tar", "sub/s.tar", "x.tar")
+    assert resolve_shards(str(tmp_path / "{sub,x.tar}")) == t("sub/s.tar", "x.tar")
+    assert resolve_shards(str(tmp_path / "*")) == t(
+        "c-0000.tar", "c-0001.tar", "c-0002.tar", "c-0010.tar", "sub/s.tar", "x.tar"
+    )
+    with pytest.raises(DataError, match=r"data\.path=.*c-0003.tar.* does not exist"):
+        resolve_shards(str(tmp_path / "c-{0000..0003}.tar"))
+    with pytest.raises(DataError, match=r"data\.path: the pattern .*nope-\*.tar.* matches no \.tar shard"):
+        resolve_shards(str(tmp_path / "nope-*.tar"))
+    with pytest.raises(DataError, match=r"data\.path: the range \{3..1\}"):
+        resolve_shards(str(tmp_path / "c-{3..1}.tar"))
+    with pytest.raises(DataError, match=r"data\.path is an empty list"):
+        resolve_shards([])
+
+
+def test_shuffle_buffer_stream_resumes_mid_buffer_with_the_worker(proc, records, tmp_path):
+    """4 shards of 8 records, a 5-record buffer: an epoch is every record once, in an order that mixes shards;
+    resuming after k batches (buffer full, mid-shard, then mid-epoch-boundary) equals the uninterrupted stream,
+    token ids and pixels, also when the batches come from the background thread."""
+    for i in range(4):
+        members = [(f"{k}.{ext}", f[ext]) for k, f in records[8 * i : 8 * i + 8] for ext in ("jpg", "txt")]
+        write_tar(tmp_path / f"s-{i}.tar", members)
+    kw = dict(global_batch_size=3, seq_len=64, max_images_per_sample=2, seed=7, shuffle_buffer=5)
+    path = str(tmp_path / "s-{0..3}.tar")
+    ref = MimoDataLoader(path, proc, **kw)
+    batches, states, keys = [], [ref.state_dict()], []
+    for _ in range(12):
+        batches.append(next(ref))
+        states.append(ref.state_dict())
+        keys += decoded_keys(ref)
+    index = {k: i for i, (k, _) in enumerate(records)}
+    epoch0 = [index[k] for k in keys[:32]]
+    assert sorted(epoch0) == list(range(32)) and states[-1]["epoch"] >= 1
+    assert [i // 8 for i in epoch0[:8]] != sorted(i // 8 for i in epoch0[:8])  # the buffer mixes shards
+    for k in (0, 2, 5, 9):  # resume after k batches
+        assert states[k]["buffer"] or k == 0
+        resumed = MimoDataLoader(path, proc, **kw, prefetch=2)
+        resumed.load_state_dict(states[k])
+        for x in batches[k : k + 3]:
+            assert_batches_equal(x, next(resumed))
+        # state_dict follows the batches returned, not the ones the thread made ahead
+        assert resumed.state_dict() == states[k + 3]
+        resumed.close()
+
+
+def test_media_are_decoded_only_for_this_ranks_slices(proc, records):
+    kw = dict(global_batch_size=8, seq_len=64, max_images_per_sample=2, seed=1, microbatches=2)
+    full = make_loader(proc, **kw)
+    lm_only = make_loader(proc, **kw, media=[])
+    ranks = [make_loader(proc, **kw, media=[MediaSlice("image", r, 2)]) for r in range(2)]
+    for _ in range(2):
+        g = next(full)
+        lm = next(lm_only)
+        assert torch.equal(lm.input_ids, g.input_ids) and torch.equal(lm.labels, g.labels)
+        assert lm.pixel_values.shape == g.pixel_values.shape and lm.pixel_values.stride(0) == 0  # no memory
+        assert not lm.pixel_values.any() and lm_only.last_decoded == []
+        seen = []
+        for r, loader in enumerate(ranks):
+            mine = local_batch(next(loader), 2, r, 2)
+            want = local_batch(g, 2, r, 2)
+            assert torch.equal(mine.pixel_values, want.pixel_values) and torch.equal(mine.input_ids, want.input_ids)
+            seen += [(sid, key) for _, sid, key in loader.last_decoded]
+        assert sorted(seen) == sorted((sid, key) for _, sid, key in full.last_decoded)  # each image exactly once
+    assert lm_only.stats["decoded_images"] == 0
+    assert sum(x.stats["decoded_images"] for x in ranks) == full.stats["decoded_images"] > 16
+
+
+def test_a_data_error_in_the_worker_surfaces_as_a_data_error(proc, records, tmp_path):
+    good = records[0][1]
+    shard = write_tar(tmp_path / "a.tar", [("a.jpg", good["jpg"]), ("a.txt", good["txt"])])
+    loader = MimoDataLoader(shard, proc, global_batch_size=2, seq_len=64, prefetch=1)
+    Path(shard).write_bytes(b"")  # every record gone after the start-up check
+    with pytest.raises(DataError, match=r"holds no valid image-caption record .* in epoch 0"):
+        next(loader)
 
 
 def test_real_shard_records(records):
@@ -738,7 +830,9 @@ def test_non_utf8_captions_are_skipped_and_counted(proc, records, tmp_path, capl
     assert "'b'" in warnings[0] and "text.tar" in warnings[0] and "UTF-8" in warnings[0]
     assert batch.input_ids[0, 7 : 7 + len(proc.tokenize("café ünïcode"))].tolist() == proc.tokenize("café ünïcode")
     assert "\ufffd" not in proc._tokenizer.decode(batch.input_ids[0].tolist())
-    assert loader.stats_summary() == "data: 2 records read (epoch 0); skipped 2 non-UTF-8 captions; decoded here: 2 images"
+    assert (
+        loader.stats_summary() == "data: 2 records read (epoch 0); skipped 2 non-UTF-8 captions; decoded here: 2 images"
+    )
 
 
 def test_stats_summary(proc, records, tmp_path):
@@ -857,7 +951,9 @@ def test_state_dict_keeps_truncation_counters(proc, packing):
     assert b.stats["truncated_captions"] == 0 and b.state_dict()["samples_produced"] == 0
     b.load_state_dict(state)
     stream = lambda x: {k: v for k, v in x.stats.items() if not k.startswith(("decoded", "undecodable"))}  # noqa: E731
-    assert b.stats["truncated_captions"] == state["truncated_captions"] and b.stats["samples"] == state["samples_produced"]
+    assert (
+        b.stats["truncated_captions"] == state["truncated_captions"] and b.stats["samples"] == state["samples_produced"]
+    )
     for x in expected:
         y = next(b)
         for f in ("input_ids", "labels", "pixel_values"):

@@ -186,23 +186,39 @@ def test_train_rejects_a_bad_layout_before_any_process_group(monkeypatch):
 
 
 def _steps_worker(rank, world, device, cfg_dict, steps):
-    from mimo_titan.train.trainer import build_job, build_loader, train_step
+    """Training steps on rank-local batches (media decoded only for this rank's encoder slices, prefetched by the
+    loader's thread); each record also lists the images this rank decoded for that step."""
+    from mimo_titan.train.trainer import build_job, build_loader, media_slices, train_step
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
-    loader = build_loader(cfg, job.processor)
-    return [train_step(job, next(loader)) for _ in range(steps)]
+    loader = build_loader(cfg, job.processor, rank=rank)
+    out = []
+    for _ in range(steps):
+        rec = train_step(job, next(loader))
+        out.append({**rec, "decoded": loader.last_decoded, "media": media_slices(cfg, rank, world)})
+    loader.close()
+    return out
 
 
 def _reference_losses(cfg, steps):
     """Single-process training on the same loader's batches (``tests/_reference.py``)."""
+    return _reference_run(cfg, steps)[0]
+
+
+def _reference_run(cfg, steps):
+    """:func:`_reference_losses` and, per step, the images the loader decoded (all of the batch's)."""
     from _reference import ReferenceTrainer
     from mimo_titan.train.trainer import build_loader, build_processor
 
     proc = build_processor(cfg)
     loader = build_loader(cfg, proc)
     ref = ReferenceTrainer(cfg, proc.image_token_id)
-    return [ref.step(next(loader))[0] for _ in range(steps)]
+    losses, images = [], []
+    for _ in range(steps):
+        losses.append(ref.step(next(loader))[0])
+        images.append(loader.last_decoded)
+    return losses, images
 
 
 @pytest.mark.multirank
@@ -240,12 +256,24 @@ def test_several_steps_match_single_process_training(layout, backend):
         **(moe if layout.startswith("moe") else {}),
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
     )
-    ref = _reference_losses(config_from_dict(cfg_dict), steps)
+    ref, images = _reference_run(config_from_dict(cfg_dict), steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
         got = [r["loss"] for r in rank_hist]
         assert got == pytest.approx(ref, abs=1e-4)
     assert ref[-1] < ref[0]
+    # each image of a step is decoded by exactly one vision DP rank (its tp ranks alike) and by no other rank
+    for step in range(steps):
+        by_dp: dict[int, list] = {}
+        for rank_hist in res:
+            rec = rank_hist[step]
+            (dp,) = [m.dp_rank for m in rec["media"]] or [None]
+            if dp is None:
+                assert rec["decoded"] == [], "a language-model rank decoded media"
+            else:
+                assert by_dp.setdefault(dp, rec["decoded"]) == rec["decoded"]
+        decoded = [x for part in by_dp.values() for x in part]
+        assert sorted(decoded) == sorted(images[step]) and len(by_dp) == vision.get("dp_shard", 1)
 
 
 # debug_colocated: its README command runs (3 steps, the loss falls) in test_checkpoint's
