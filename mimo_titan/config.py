@@ -53,6 +53,9 @@ this module (:class:`Config` is the root)::
     num_ranks = 4
     pp = 2
     dp_shard = 2
+    activation_checkpointing = "selective"  # none | full | selective (per transformer block)
+    compile = false                    # torch.compile per transformer block
+    fsdp_reshard_after_forward = true  # unset: false with pp = 1, true with pp > 1
 
     [training]
     steps = 1000                       # or samples = 32000 (LM samples)
@@ -76,8 +79,11 @@ this module (:class:`Config` is the root)::
     path = "/data/shards"              # a .tar shard or a directory of .tar shards
     tokenizer = "/models/tok"          # dir holding tokenizer.json, or the file
 
-    [metrics]                  # optional
+    [metrics]                  # optional; MetricsConfig
     log_freq = 10
+    jsonl = "metrics.jsonl"            # relative: under job.output_dir; "" = none
+    tensorboard = false                # true needs `pip install tensorboard`
+    peak_tflops = 989.5                # for MFU; omitted: detected on A100 / H100 / H200 / B200
 
     [checkpoint]               # optional; CheckpointConfig
     enable = true
@@ -117,7 +123,7 @@ Then the checks that relate several keys, declared by a table's dataclass in a
 ``_config_problems()`` method (innermost tables first, the root last) and
 reported the same way, naming the key: ``hidden_size`` divisible by
 ``num_heads`` (unless ``head_dim`` is set), an even language head dim (RoPE),
-``num_heads`` a multiple of ``num_kv_heads``, ``image_size`` a multiple of
+``num_heads`` a multiple of ``num_kv_heads``, ``image_size`` at least
 ``patch_size``, ``moe.top_k <= moe.num_experts`` and a MoE layer below
 ``num_layers``, ``training.global_batch_size`` a multiple of
 ``training.microbatches``, exactly one of ``training.steps`` /
@@ -176,6 +182,7 @@ __all__ = [
     "ConfigError",
     "JobConfig",
     "MoEConfig",
+    "IMAGE_NORMALIZATION",
     "VisionModelConfig",
     "LanguageModelConfig",
     "ModelConfig",
@@ -393,13 +400,30 @@ def _heads_problem(hidden_size: int, num_heads: int, rope: bool) -> tuple[str, s
     )
 
 
+#: Per-channel RGB ``(image_mean, image_std)`` of ``[0, 1]`` pixels for each ViT family, as its Hugging Face image
+#: processor normalises (``CLIPImageProcessor``: OpenAI CLIP's dataset statistics; ``SiglipImageProcessor``: 0.5 /
+#: 0.5, i.e. pixels mapped to ``[-1, 1]``).
+IMAGE_NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
 @dataclass(kw_only=True)
 class VisionModelConfig:
     """``[model.vision]``: ViT encoder plus the MLP projector into the LM.
 
     Every size is >= 1 and ``norm_eps`` > 0. Cross-key rules: ``hidden_size`` is a multiple of ``num_heads``
-    (attention heads of width ``hidden_size / num_heads``) and ``image_size`` a multiple of ``patch_size`` (the
-    image is cut into ``(image_size / patch_size) ** 2`` patches, one token each).
+    (attention heads of width ``hidden_size / num_heads``) and ``image_size >= patch_size``: the image is cut into
+    ``(image_size // patch_size) ** 2`` patches, one token each; when ``patch_size`` does not divide ``image_size``
+    the stride-``patch_size`` convolution drops the last ``image_size % patch_size`` pixel rows and columns, as
+    Hugging Face's ViT / SigLIP do (SigLIP-so400m/14 at 384 px: 27 x 27 = 729 patches, 6 pixels dropped).
+
+    ``image_mean`` / ``image_std`` normalise the ``[0, 1]`` RGB pixels per channel, ``(x - mean) / std``, as the
+    encoder family's image processor does (Hugging Face's ``image_mean`` / ``image_std``): CLIP's statistics by
+    default (:data:`IMAGE_NORMALIZATION`), ``[0.5, 0.5, 0.5]`` for both with SigLIP weights (an import of a SigLIP
+    tower refuses other values, see :func:`mimo_titan.checkpoint.hf.import_hf`). Three values each, the mean in
+    ``[0, 1]``, the std > 0.
 
     ``moe`` (table ``[model.vision.moe]``) makes the encoder's MLPs
     Mixture-of-Experts; dense by default.
@@ -415,6 +439,21 @@ class VisionModelConfig:
     intermediate_size: int = _opt(ge=1)
     norm_eps: float = _opt(1e-6, gt=0, hint="the LayerNorm epsilon, e.g. 1e-6")
     projector_intermediate_size: int = _opt(ge=1)  # MLP projector hidden width (to LM hidden size)
+    image_mean: list[float] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field (a default_factory here)
+        factory=lambda: list(IMAGE_NORMALIZATION["clip"][0]),
+        length=3,
+        ge=0,
+        le=1,
+        hint="the per-channel RGB mean of [0, 1] pixels: CLIP's [0.48145466, 0.4578275, 0.40821073] (default), "
+        "SigLIP's [0.5, 0.5, 0.5]",
+    )
+    image_std: list[float] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field (a default_factory here)
+        factory=lambda: list(IMAGE_NORMALIZATION["clip"][1]),
+        length=3,
+        gt=0,
+        hint="the per-channel RGB standard deviation of [0, 1] pixels: CLIP's [0.26862954, 0.26130258, "
+        "0.27577711] (default), SigLIP's [0.5, 0.5, 0.5]",
+    )
     moe: MoEConfig = field(default_factory=MoEConfig)
     frozen: bool = False  # no gradients, no optimizer state; forward under no_grad (the projector included)
     prefetch_microbatches: int = _opt(2, ge=1)  # a frozen encoder on its own ranks runs this far ahead of the LM
@@ -425,18 +464,12 @@ class VisionModelConfig:
         if heads is not None:
             out.append(heads)
         size, patch = self.image_size, self.patch_size
-        if size % patch:
-            fixes = " or ".join(
-                f"{n * patch} ({n} x {n} = {n * n} {'patch' if n == 1 else 'patches'} per image)"
-                for n in (size // patch, size // patch + 1)
-                if n > 0
-            )
+        if size < patch:
             out.append(
                 (
                     "image_size",
-                    f"image_size={size} is not a multiple of patch_size={patch}, so the image does not split into "
-                    f"whole patches ({size} / {patch} = {size / patch:g} per side); set '{{p}}.image_size' to a "
-                    f"multiple of {patch}, e.g. {fixes}, or change '{{p}}.patch_size'",
+                    f"image_size={size} is smaller than patch_size={patch}, so the image holds no patch; set "
+                    f"'{{p}}.image_size' >= {patch} (e.g. {patch * (224 // patch or 1)}) or lower '{{p}}.patch_size'",
                 )
             )
         return out + _moe_layer_problems(self.num_layers, self.moe)
@@ -632,10 +665,16 @@ class ModelConfig(_OpenSections):
 
 @dataclass(kw_only=True)
 class ModuleParallelism:
-    """``[parallelism.vision]`` / ``[parallelism.language]``: one module's layout.
+    """``[parallelism.vision]`` / ``[parallelism.language]``: one module's layout and its memory / speed options.
 
     Consistency of the sizes with ``num_ranks`` is validated by the
     parallelism module, not here.
+
+    Options (see :mod:`mimo_titan.parallel.ac` and :func:`mimo_titan.parallel.fsdp.reshard_after_forward`):
+    ``activation_checkpointing`` (``"none"`` | ``"full"`` | ``"selective"``: recompute every transformer block in
+    backward, or only its cheap ops), ``compile`` (``torch.compile`` per transformer block) and
+    ``fsdp_reshard_after_forward`` (``true`` / ``false``; unset: off with ``pp = 1``, where a step's microbatches
+    would otherwise re-gather every block's parameters, and on with ``pp > 1``).
     """
 
     rank_offset: int
@@ -647,6 +686,12 @@ class ModuleParallelism:
     tp: int = 1
     ep: int = 1
     etp: int = 1
+    # memory / speed options of the module's transformer blocks (mimo_titan.parallel.ac), applied before FSDP:
+    # "full" recomputes every block in backward, "selective" saves matmul / attention / collective outputs only
+    activation_checkpointing: str = _opt("none", choices=("none", "full", "selective"))
+    compile: bool = False  # torch.compile each transformer block separately (default backend)
+    # free gathered parameters after each forward; none (the default): off with pp = 1, on with pp > 1
+    fsdp_reshard_after_forward: bool | None = None
 
 
 @dataclass(kw_only=True)
@@ -807,9 +852,31 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class MetricsConfig:
-    """``[metrics]``: logging cadence."""
+    """``[metrics]``: what is logged, how often and where (:mod:`mimo_titan.train.metrics`).
+
+    Attributes:
+        log_freq: rank 0 logs (and writes a metrics record) every ``log_freq`` steps, and at the first step.
+        jsonl: the file of one JSON line per logged step with every metric; a relative path is taken under
+            ``job.output_dir``; "" writes none.
+        tensorboard: also write TensorBoard scalars (needs ``pip install tensorboard``).
+        tensorboard_dir: TensorBoard's folder; a relative path is taken under ``job.output_dir``.
+        peak_tflops: the device's peak TFLOP/s for MFU; none detects an A100 / H100 / H200 / B200 (BF16 dense) and
+            reports no MFU elsewhere (on CPU among others).
+        history_steps: the step records :func:`~mimo_titan.train.trainer.train` keeps in memory and returns (the
+            newest); the JSONL file has every logged step.
+    """
 
     log_freq: int = _opt(1, ge=1)
+    jsonl: str = "metrics.jsonl"
+    tensorboard: bool = False
+    tensorboard_dir: str = "tensorboard"
+    peak_tflops: float | None = _opt(None, gt=0, hint="the device's peak TFLOP/s, e.g. 989.5 (H100 SXM, BF16 dense)")
+    history_steps: int = _opt(100, ge=1)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        if self.tensorboard and not self.tensorboard_dir:
+            return [("tensorboard_dir", "metrics.tensorboard = true needs a folder; set '{p}.tensorboard_dir'")]
+        return []
 
 
 @dataclass(kw_only=True)

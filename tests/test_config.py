@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mimo_titan.config import (
+    IMAGE_NORMALIZATION,
     MODEL_TYPES,
     Config,
     ConfigError,
@@ -259,6 +260,14 @@ def test_minimal_config_uses_defaults(minimal: Path) -> None:
     assert (s.warmup_steps, s.decay, s.min_lr_ratio) == (0, "cosine", 0.1)
     assert cfg.data.max_images_per_sample == 1 and cfg.data.shuffle is True
     assert cfg.metrics.log_freq == 1
+    m = cfg.metrics
+    assert (m.jsonl, m.tensorboard, m.tensorboard_dir, m.peak_tflops, m.history_steps) == (
+        "metrics.jsonl",
+        False,
+        "tensorboard",
+        None,
+        100,
+    )
 
 
 def test_default_list_not_shared(minimal: Path) -> None:
@@ -516,11 +525,22 @@ def test_decay_not_allowed(tmp_path: Path) -> None:
         ("--lr_schedule.min_lr_ratio=-0.1", "lr_schedule.min_lr_ratio", ">= 0"),
         ("--data.max_images_per_sample=0", "data.max_images_per_sample", ">= 1"),
         ("--metrics.log_freq=0", "metrics.log_freq", ">= 1"),
+        ("--metrics.peak_tflops=0", "metrics.peak_tflops", "> 0"),
+        ("--metrics.history_steps=0", "metrics.history_steps", ">= 1"),
     ],
 )
 def test_range_checks(minimal: Path, override: str, key: str, bound: str) -> None:
     with pytest.raises(ConfigError, match=err(minimal, f"'{key}'", bound, override)):
         load_config(minimal, [override])
+
+
+def test_metrics_keys(minimal: Path) -> None:
+    cfg = load_config(minimal, ["--metrics.peak_tflops=989.5", "--metrics.jsonl=", "--metrics.tensorboard=true"])
+    assert (cfg.metrics.peak_tflops, cfg.metrics.jsonl, cfg.metrics.tensorboard) == (989.5, "", True)
+    assert load_config(minimal, ["--metrics.peak_tflops=none"]).metrics.peak_tflops is None
+    override = "--metrics.tensorboard_dir="
+    with pytest.raises(ConfigError, match=err(minimal, "'metrics.tensorboard_dir'", "needs a folder", override)):
+        load_config(minimal, ["--metrics.tensorboard=true", override])
 
 
 def test_range_check_from_file(tmp_path: Path) -> None:
@@ -905,6 +925,18 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
         ("--model.vision.intermediate_size=0", "model.vision.intermediate_size", "value 0", ">= 1"),
         ("--model.vision.norm_eps=0", "model.vision.norm_eps", "value 0.0", "> 0"),
         ("--model.vision.projector_intermediate_size=0", "model.vision.projector_intermediate_size", "value 0", ">= 1"),
+        (
+            "--model.vision.image_std=0.5,0,0.5",
+            "model.vision.image_std",
+            "value 0.0 (element 1 of [0.5, 0.0, 0.5])",
+            "> 0",
+        ),
+        (
+            "--model.vision.image_mean=0.5,1.5,0.5",
+            "model.vision.image_mean",
+            "value 1.5 (element 1 of [0.5, 1.5, 0.5])",
+            "<= 1",
+        ),
         # [model.language]
         ("--model.language.vocab_size=0", "model.language.vocab_size", "value 0", ">= 1"),
         ("--model.language.hidden_size=-256", "model.language.hidden_size", "value -256", ">= 1"),
@@ -942,6 +974,18 @@ def test_every_numeric_key_rejects_a_negative_value(minimal: Path, key: str, tp:
 def test_range_of_each_key(minimal: Path, override: str, key: str, shown: str, rule: str) -> None:
     with pytest.raises(ConfigError, match=err(minimal, f"out-of-range {shown} for '{key}'", rule, override)):
         load_config(minimal, [override])
+
+
+@pytest.mark.parametrize("key", ["image_mean", "image_std"])
+def test_image_normalisation_takes_three_values(minimal: Path, key: str) -> None:
+    """``model.vision.image_mean`` / ``image_std``: one value per RGB channel; CLIP's by default."""
+    token = f"--model.vision.{key}=0.5,0.5"
+    with pytest.raises(ConfigError, match=err(minimal, f"wrong length for 'model.vision.{key}'", "exactly 3", token)):
+        load_config(minimal, [token])
+    v = load_config(minimal, [f"--model.vision.{key}=[0.5, 0.5, 0.5]"]).model.vision
+    assert getattr(v, key) == [0.5] * 3
+    default = load_config(minimal).model.vision
+    assert (default.image_mean, default.image_std) == tuple(list(x) for x in IMAGE_NORMALIZATION["clip"])
 
 
 def test_range_of_a_key_from_the_file(tmp_path: Path) -> None:
@@ -1065,27 +1109,34 @@ def test_vision_heads_not_dividing_hidden_size(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize(
-    "size,fix",
-    [
-        (30, "e.g. 24 (3 x 3 = 9 patches per image) or 32 (4 x 4 = 16 patches per image)"),
-        (4, "e.g. 8 (1 x 1 = 1 patch per image)"),
-    ],
-)
-def test_vision_image_size_not_a_multiple_of_patch_size(minimal: Path, size: int, fix: str) -> None:
+def test_vision_image_smaller_than_a_patch(minimal: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=err(
             minimal,
-            f"invalid value {size} for 'model.vision.image_size'",
-            f"--model.vision.image_size={size}",
-            f"image_size={size} is not a multiple of patch_size=8",
-            "whole patches",
-            fix,
-            "or change 'model.vision.patch_size'",
+            "invalid value 4 for 'model.vision.image_size'",
+            "--model.vision.image_size=4",
+            "image_size=4 is smaller than patch_size=8",
+            "holds no patch",
         ),
     ):
-        load_config(minimal, [f"--model.vision.image_size={size}"])
+        load_config(minimal, ["--model.vision.image_size=4"])
+
+
+def test_vision_patch_size_not_dividing_the_image_drops_the_border_as_hf(minimal: Path) -> None:
+    """SigLIP-so400m/14 at 384 px: the convolution drops the last 384 % 14 = 6 pixel rows and columns, so a 30 px
+    image with 8 px patches gives the same tokens as its top-left 24 px."""
+    import torch
+
+    from mimo_titan.models.vit import ViT
+
+    vis = load_config(minimal, ["--model.vision.image_size=30"]).model.vision
+    torch.manual_seed(0)
+    vit = ViT(vis)
+    pixels = torch.randn(2, vis.num_channels, 30, 30)
+    out = vit(pixels)
+    assert out.shape == (2, 9, vis.hidden_size)
+    torch.testing.assert_close(out, vit(torch.nn.functional.pad(pixels[..., :24, :24], (0, 6, 0, 6))))
 
 
 def test_global_batch_not_divisible_by_microbatches(minimal: Path) -> None:

@@ -512,6 +512,30 @@ def test_load_image_solid_colour_and_grayscale(proc):
     torch.testing.assert_close(g[0] * CLIP_STD[0] + CLIP_MEAN[0], g[2] * CLIP_STD[2] + CLIP_MEAN[2])
 
 
+def test_load_image_normalises_with_the_configured_mean_and_std():
+    """``model.vision.image_mean`` / ``image_std`` reach the processor through ``build_processor``; SigLIP's 0.5 /
+    0.5 maps a solid (255, 0, 51) image to (1, -1, -0.6) exactly."""
+    from _tiny import tiny_config_dict
+    from mimo_titan.config import config_from_dict
+    from mimo_titan.train.trainer import build_processor
+
+    one = dict(rank_offset=0, num_ranks=1)
+    siglip = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    p = build_processor(config_from_dict(tiny_config_dict(one, one, model={"vision": siglip})))
+    x = p.load_image(png_bytes((255, 0, 51)))
+    for c, v in enumerate((1.0, -1.0, 51 / 255 * 2 - 1)):
+        torch.testing.assert_close(x[c], torch.full((32, 32), v), rtol=0, atol=1e-6)
+    own = {"image_mean": [0.0, 0.25, 1.0], "image_std": [1.0, 0.25, 2.0]}
+    x = build_processor(config_from_dict(tiny_config_dict(one, one, model={"vision": own}))).load_image(
+        png_bytes((255, 0, 51))
+    )
+    for c, v in enumerate((1.0, -1.0, (51 / 255 - 1) / 2)):
+        torch.testing.assert_close(x[c], torch.full((32, 32), v), rtol=0, atol=1e-6)
+    for mean, std in (((0.5, 0.5), (0.5,) * 3), ((0.5,) * 3, (0.5, 0.0, 0.5))):
+        with pytest.raises(ValueError, match="give three RGB values each, every std > 0"):
+            ImageTextProcessor(TOKENIZER_DIR, 16, 2, image_mean=mean, image_std=std)
+
+
 def test_load_image_corrupt(proc, records):
     with pytest.raises(CorruptSampleError):
         proc.load_image(b"definitely not an image")

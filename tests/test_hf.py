@@ -191,6 +191,45 @@ def test_vision_import_matches_siglip_and_export_round_trips(prefixed, tmp_path)
     assert set(again) == set(exported) and all(torch.equal(again[k], v) for k, v in exported.items())
 
 
+def test_vision_normalisation_comes_from_the_preprocessor_and_exports_as_hf_reads_it(tmp_path):
+    """``image_mean`` / ``image_std`` are read from ``preprocessor_config.json`` (as HF's ``SiglipImageProcessor``
+    writes it), SigLIP's 0.5 / 0.5 without one; the file our export writes makes HF's image processor give the
+    pixels our processor gives (a synthetic image, 1e-5)."""
+    import io
+
+    from PIL import Image
+
+    from mimo_titan.data import ImageTextProcessor
+
+    # the PIL image processor (transformers 5 names it ...Pil; its default one needs torchvision and resizes otherwise)
+    processor_cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    config = hf.hf_vision_config(_vis_cfg(hf.vision_config_from_hf({"model_type": "siglip_vision_model", **VISION})))
+    assert hf.vision_config_from_hf(config)["image_mean"] == [0.5] * 3  # the family default
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    processor_cls(image_mean=mean, image_std=std).save_pretrained(tmp_path / "hf")
+    fields = hf.vision_config_from_hf(config, hf.load_hf_preprocessor(str(tmp_path / "hf")))
+    assert (fields["image_mean"], fields["image_std"]) == (mean, std)
+    assert hf.load_hf_preprocessor(str(tmp_path)) is None
+    plain = hf.vision_config_from_hf(config, {"do_normalize": False})
+    assert (plain["image_mean"], plain["image_std"]) == ([0.0] * 3, [1.0] * 3)
+    with pytest.raises(ValueError, match=r"rescale_factor=1\.0: our image processor scales pixels to"):
+        hf.vision_config_from_hf(config, {"rescale_factor": 1.0})
+    with pytest.raises(ValueError, match=r"preprocessor_config.json image_std=\[0.5\]: give three"):
+        hf.vision_config_from_hf(config, {"image_std": [0.5]})
+
+    cfg = _vis_cfg(fields)
+    os.makedirs(tmp_path / "out")
+    with open(tmp_path / "out" / "preprocessor_config.json", "w") as f:
+        json.dump(hf.hf_vision_preprocessor_config(cfg), f)
+    theirs = processor_cls.from_pretrained(tmp_path / "out")
+    pixels = torch.arange(20 * 12 * 3, dtype=torch.uint8).view(20, 12, 3)  # not square: the resize matters
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, format="PNG")
+    ours = ImageTextProcessor(SHARED / "tokenizer", cfg.image_size, 16, image_mean=mean, image_std=std)
+    expected = theirs(Image.open(io.BytesIO(buf.getvalue())), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours.load_image(buf.getvalue()), expected, atol=1e-5, rtol=0)
+
+
 def test_vision_tower_of_a_full_siglip_model():
     text = dict(
         vocab_size=50,
@@ -399,6 +438,10 @@ def test_import_lists_every_config_mismatch(tmp_path):
         "model.language.num_kv_heads=4 vs HF num_key_value_heads=2",
         "model.language.rope_theta=10000.0 vs HF rope_theta=500000.0",
         "model.vision.patch_size=16 vs HF patch_size=8",
+        # CLIP's normalisation (the default) vs SigLIP's, the family default of a directory without a preprocessor
+        "model.vision.image_mean=[0.48145466, 0.4578275, 0.40821073] vs HF image_mean (SigLIP's; the directory has "
+        "no preprocessor_config.json)=[0.5, 0.5, 0.5]",
+        "model.vision.image_std=[0.26862954, 0.26130258, 0.27577711] vs HF image_std (SigLIP's",
     ):
         assert part in msg, msg
     qwen = config_from_dict(_model_cfg_dict(qk_norm=True))
@@ -443,9 +486,11 @@ def test_convert_script_import_then_export(tmp_path):
     lm = _hf_lm("llama")
     lm.save_pretrained(tmp_path / "hf_lm")
     vis = _hf_siglip()
-    vis.save_pretrained(tmp_path / "hf_vis")
+    vis.save_pretrained(tmp_path / "hf_vis")  # no preprocessor_config.json: SigLIP's normalisation, 0.5 / 0.5
     config = tmp_path / "run.toml"
-    config.write_text(_toml(_model_cfg_dict()))
+    d = _model_cfg_dict()
+    d["model"]["vision"].update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    config.write_text(_toml(d))
     _convert(
         "import",
         "--config",
@@ -474,6 +519,8 @@ def test_convert_script_import_then_export(tmp_path):
     _, vis_back = hf.load_hf_dir(tmp_path / "out" / "vision")
     vis_state = {k: v for k, v in vis.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(vis_back["vision_model." + k], v) for k, v in vis_state.items())
+    pre = hf.load_hf_preprocessor(str(tmp_path / "out" / "vision"))
+    assert pre is not None and (pre["image_mean"], pre["image_std"]) == ([0.5] * 3, [0.5] * 3)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tmp_path / "out" / "language" / "tokenizer.json"))  # as the run used it

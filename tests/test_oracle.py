@@ -4,7 +4,8 @@ For each layout (colocated, non-colocated equal DP, fan-in, fan-out, a non-divid
 samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep with FSDP over edp, ep inside
 pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with
 Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp; word
-embeddings tied across LM pipeline stages, whose two copies must stay bit-identical): the
+embeddings tied across LM pipeline stages, whose two copies must stay bit-identical; activation checkpointing
+"full" / "selective" and explicit ``fsdp_reshard_after_forward`` on some of them, MoE / EP / CP / TP included): the
 loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly invariant
 to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
 those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in this process
@@ -20,6 +21,7 @@ from _launch import per_layout_backends, run_ranks
 from _tiny import SHARED, first_global_batch, tiny_config_dict
 
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
+OPTIONS = ("activation_checkpointing", "compile", "fsdp_reshard_after_forward")  # the options of a layout table
 MOE_LM = {
     "model": {
         "language": {
@@ -73,8 +75,21 @@ EMBED, HEAD = "language.model.embed_tokens.weight", "language.lm_head.weight"
 
 LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
-    "colocated_dp2": (2, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), {}, ()),
-    "equal_dp_2to2_hsdp": (4, V(0, 2, dp_shard=2), V(2, 2, dp_replicate=2), {}, ()),
+    # per-module options: activation checkpointing (full / selective), explicit FSDP resharding after forward
+    "colocated_dp2": (
+        2,
+        V(0, 2, dp_shard=2, activation_checkpointing="full"),
+        V(0, 2, dp_shard=2, activation_checkpointing="selective"),
+        {},
+        (),
+    ),
+    "equal_dp_2to2_hsdp": (
+        4,
+        V(0, 2, dp_shard=2, activation_checkpointing="selective", fsdp_reshard_after_forward=True),
+        V(2, 2, dp_replicate=2, activation_checkpointing="full"),
+        {},
+        (),
+    ),
     "hsdp_2x2": (
         6,
         V(0, 2, dp_shard=2),
@@ -113,7 +128,7 @@ LAYOUTS = {
     "lm_pp2_dp2_gpipe": (
         5,
         V(0, 1),
-        V(1, 4, pp=2, dp_shard=2),
+        V(1, 4, pp=2, dp_shard=2, fsdp_reshard_after_forward=False),
         {"training": {"global_batch_size": 8, "microbatches": 4}, "parallelism": {"pipeline_schedule": "GPipe"}},
         (),
     ),
@@ -124,12 +139,20 @@ LAYOUTS = {
         {"training": {"max_grad_norm": 0.05, "microbatches": 2}},
         (0, 1, 2, 3),
     ),
-    "moe_colocated_ep2": (2, V(0, 2, dp_shard=2), V(0, 2, dp_shard=2, ep=2), MOE_LM, ()),
+    # full activation checkpointing re-runs the expert all-to-all (and the routing) in the backward; the routing
+    # counts and aux loss are counted once (selective: the MoE layers of moe_encoder_rank_without_images)
+    "moe_colocated_ep2": (
+        2,
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2, ep=2, activation_checkpointing="full", fsdp_reshard_after_forward=True),
+        MOE_LM,
+        (),
+    ),
     "moe_ep4": (5, V(0, 1), V(1, 4, dp_shard=4, ep=4), {**MOE_LM, "training": {"global_batch_size": 8}}, ()),
     "moe_ep2_etp2": (
         5,
         V(0, 1),
-        V(1, 4, dp_shard=4, ep=2, etp=2),
+        V(1, 4, dp_shard=4, ep=2, etp=2, activation_checkpointing="full"),
         {**MOE_LM, "training": {"global_batch_size": 8}},
         (),
     ),
@@ -137,8 +160,8 @@ LAYOUTS = {
     "moe_pp2_ep2_noncolocated": (5, V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), MOE_LM, ()),
     "moe_encoder_ep2_aux_free": (
         4,
-        V(0, 2, dp_shard=2, ep=2),
-        V(2, 2, dp_shard=2, ep=2),
+        V(0, 2, dp_shard=2, ep=2, activation_checkpointing="full"),
+        V(2, 2, dp_shard=2, ep=2, activation_checkpointing="full"),
         {
             "model": {
                 "language": MOE_BOTH["model"]["language"],
@@ -148,7 +171,7 @@ LAYOUTS = {
         },
         (),
     ),
-    "lm_cp2_noncolocated": (3, V(0, 1), V(1, 2, cp=2), {}, ()),
+    "lm_cp2_noncolocated": (3, V(0, 1), V(1, 2, cp=2, activation_checkpointing="full"), {}, ()),
     "lm_cp2_dp2_fan_in": (
         6,
         V(0, 2, dp_shard=2),
@@ -166,9 +189,10 @@ LAYOUTS = {
         {"training": {"global_batch_size": 8}},
         (),
     ),
-    "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2), {}, ()),
+    "lm_tp2_noncolocated": (3, V(0, 1), V(1, 2, tp=2, activation_checkpointing="selective"), {}, ()),
     "lm_tp2_qk_norm": (3, V(0, 1), V(1, 2, tp=2), {"model": {"language": {"qk_norm": True}}}, ()),  # Qwen3 q/k norms
-    "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {}, ()),
+    # 9 patches per image (48 / 16 = 3 per side): the encoder pads its patch sequence to 10 for tp = 2
+    "vision_tp2_lm_tp2_cp2": (6, V(0, 2, tp=2), V(2, 4, cp=2, tp=2), {"model": {"vision": {"image_size": 48}}}, ()),
     "vision_tp2_fan_out_lm_dp2_tp2": (
         6,
         V(0, 2, tp=2),
@@ -195,8 +219,8 @@ LAYOUTS = {
     "packed_lm_pp2_dp2_tp2": (9, V(0, 1), V(1, 8, pp=2, dp_shard=2, tp=2), PACKED, ()),
     "moe_encoder_rank_without_images": (
         6,
-        V(0, 4, dp_shard=4),
-        V(4, 2, dp_shard=2),
+        V(0, 4, dp_shard=4, activation_checkpointing="selective"),
+        V(4, 2, dp_shard=2, activation_checkpointing="selective"),
         {**MOE_BOTH, "training": {"global_batch_size": 8}},
         (0, 1, 4, 5),
     ),
@@ -204,7 +228,7 @@ LAYOUTS = {
     "streamed_lm_pp2_m6_steady_state": (
         4,
         V(0, 2, dp_shard=2),
-        V(2, 2, pp=2),
+        V(2, 2, pp=2, activation_checkpointing="full"),
         {"training": {"global_batch_size": 12, "microbatches": 6}, "data": {"max_images_per_sample": 2}},
         (3, 7),
     ),
@@ -346,9 +370,9 @@ LAYOUTS = {
         {"model": {"vision": {"frozen": True}}, "training": {"global_batch_size": 8, "microbatches": 4}},
         (5,),
     ),
-    "frozen_vision_colocated_batch": (
+    "frozen_vision_colocated_batch": (  # a frozen encoder under activation checkpointing: forwards without grad
         2,
-        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2, activation_checkpointing="full"),
         V(0, 2, dp_shard=2),
         {"model": {"vision": {"frozen": True}}},
         (),
@@ -371,7 +395,13 @@ LAYOUTS = {
         (),
     ),
     # two encoders (vision + audio), each with its own bridge; a variable number of audio tokens per sample
-    "vision_audio_noncolocated_dp1_dp2_lm_dp2": (5, V(0, 1), V(3, 2, dp_shard=2), with_audio(V(1, 2, dp_shard=2)), ()),
+    "vision_audio_noncolocated_dp1_dp2_lm_dp2": (
+        5,
+        V(0, 1),
+        V(3, 2, dp_shard=2),
+        with_audio(V(1, 2, dp_shard=2, activation_checkpointing="full")),
+        (),
+    ),
     "vision_audio_colocated_lm_apart_microbatch_without_audio": (
         4,
         V(0, 2, dp_shard=2),
@@ -649,7 +679,8 @@ def _check_expert_slices(results, ref_params, layout, seen):
     from mimo_titan.topology import ModuleLayout
 
     for module, lay_kw in (("vision", vision), ("language", language)):
-        lay = ModuleLayout(module, **lay_kw, is_language=module == "language")
+        sizes = {k: v for k, v in lay_kw.items() if k not in OPTIONS}
+        lay = ModuleLayout(module, **sizes, is_language=module == "language")
         if lay.ep * lay.etp == 1:
             continue
         for name, ref in ref_params.items():

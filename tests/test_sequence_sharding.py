@@ -6,6 +6,10 @@ positions and document ids. The expected content is written here from the defini
 the full single-process tensors: zigzag = chunks ``r`` and ``2·cp − 1 − r`` of ``2·cp`` (of every document for
 THD), then SP = the ``tp_rank``-th of ``tp`` equal slices of the CP shard (embeddings only). The labels' shard
 (``cp_shard_rows``, used by the loss) is checked the same way: CP-sharded, never SP-scattered.
+
+The ``sp_only`` launch also runs a tiny ViT with 9 patches per image under TP = 2 on each of its tp groups (the patch
+sequence padded to 10, the padded key masked): its output ``[N, 9, H]`` and every parameter gradient equal the
+single-process encoder's (fp32, 1e-5).
 """
 
 from __future__ import annotations
@@ -33,6 +37,44 @@ def _cfg(case):
     language, packed = CASES[case]
     extra = {"data": {"packing": True, "max_images_per_sample": 2}, "training": {"seq_len": 120}} if packed else {}
     return config_from_dict(tiny_config_dict(V(0, 4, dp_shard=4), language, **extra))
+
+
+def _padded_vit(seed=0):
+    """A tiny encoder whose patch count (12 // 4) ** 2 = 9 tp = 2 does not divide, random (non-zero) biases and
+    norms, and its input: pixels ``[3, 3, 12, 12]`` and the output weights ``[3, 9, 8]`` of a linear loss."""
+    from mimo_titan.config import VisionModelConfig
+    from mimo_titan.models.vit import VisionEncoder
+
+    cfg = VisionModelConfig(
+        image_size=12,
+        patch_size=4,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        projector_intermediate_size=32,
+    )
+    torch.manual_seed(seed)
+    enc = VisionEncoder(cfg, out_dim=8)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    return enc, torch.randn(3, 3, 12, 12, generator=g), torch.randn(3, 9, 8, generator=g)
+
+
+def _padded_vit_tp(tp_mesh):
+    """Output and full gradients of :func:`_padded_vit` under ``apply_tp_vision`` on ``tp_mesh``."""
+    from torch.distributed.tensor import DTensor
+
+    from mimo_titan.parallel.tp import apply_tp_vision
+
+    enc, pixels, w = _padded_vit()
+    apply_tp_vision(enc, tp_mesh)
+    out = enc(pixels)
+    (out * w).sum().backward()
+    grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in enc.named_parameters()}
+    return {"out": out.detach(), "grads": grads}
 
 
 def _shard_worker(rank, world, device, case):
@@ -67,7 +109,8 @@ def _shard_worker(rank, world, device, case):
         kw = {"position_ids": batch.position_ids, "doc_ids": batch.doc_ids} if cfg.data.packing else {}
         stage(batch.input_ids, dense, **kw)
     labels = cp_shard_rows(batch.labels, lay.cp, coord["cp"], batch.doc_ids if cfg.data.packing else None)
-    return {"coord": dict(coord), "labels": labels, **seen}
+    vit = _padded_vit_tp(topo.tp_mesh("language")) if case == "sp_only" else None
+    return {"coord": dict(coord), "labels": labels, "vit": vit, **seen}
 
 
 def _zigzag_index(lengths: list[int], cp: int, r: int) -> list[int]:
@@ -125,3 +168,17 @@ def test_rank_holds_its_shard(case):
                 assert res["position_ids"].tolist() == idx
             seen.add((c["dp_shard"], row, c["cp"], c["tp"]))
     assert len(seen) == 4 * len(gbatch) // dp  # every (row, cp, tp) shard reported once
+    if case == "sp_only":
+        _check_padded_vit([res["vit"] for res in results])
+
+
+def _check_padded_vit(results):
+    enc, pixels, w = _padded_vit()
+    out = enc(pixels)
+    (out * w).sum().backward()
+    assert out.shape == (3, 9, 8)  # exactly P rows per image: one per LM placeholder
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["out"], out.detach(), atol=1e-5, rtol=0, msg=f"rank {rank} output")
+        assert set(res["grads"]) == {n for n, _ in enc.named_parameters()}
+        for name, p in enc.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")

@@ -3,6 +3,7 @@ the README's train command."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -46,13 +47,6 @@ V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
             {},
             5,
             r"model.language.num_kv_heads=2 must be divisible by parallelism.language.tp=4",
-        ),
-        (
-            V(0, 4, tp=4),
-            V(4, 1),
-            {"model": {"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}}},
-            5,
-            r"model.vision.\(image_size // patch_size\) \*\* 2=9 must be divisible by parallelism.vision.tp=4",
         ),
         (
             V(0, 1),
@@ -146,6 +140,13 @@ def test_validate_job_errors_name_the_field(vision, language, extra, world, matc
     assert not dist.is_initialized()
 
 
+def test_validate_job_accepts_a_patch_count_tp_does_not_divide():
+    """9 patches per image under vision tp = 4: ``apply_tp_vision`` pads the patch sequence to 12."""
+    d = tiny_config_dict(V(0, 4, tp=4), V(4, 1), model={"vision": {"patch_size": 8, "image_size": 24, "num_heads": 4}})
+    assert validate_job(config_from_dict(d), 5)["vision"].tp == 4
+    assert not dist.is_initialized()
+
+
 def test_validate_job_accepts_tied_embeddings_across_pipeline_stages():
     for language, world in ((V(1, 2, pp=2), 3), (V(1, 12, pp=3, dp_replicate=2, dp_shard=2), 13)):
         d = tiny_config_dict(V(0, 1), language, model={"language": {"tie_word_embeddings": True, "num_layers": 3}})
@@ -188,17 +189,22 @@ def test_train_rejects_a_bad_layout_before_any_process_group(monkeypatch):
 def _steps_worker(rank, world, device, cfg_dict, steps):
     """Training steps on rank-local batches (media decoded only for this rank's encoder slices, prefetched by the
     loader's thread); each record also lists the images this rank decoded for that step."""
-    from mimo_titan.train.trainer import build_job, build_loader, media_slices, train_step
+    from mimo_titan.train.trainer import build_job, build_loader, gather_step_metrics, media_slices, train_step
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     loader = build_loader(cfg, job.processor, rank=rank)
-    out = []
+    hist = []
     for _ in range(steps):
         rec = train_step(job, next(loader))
-        out.append({**rec, "decoded": loader.last_decoded, "media": media_slices(cfg, rank, world)})
+        rec["decoded"], rec["media"] = loader.last_decoded, media_slices(cfg, rank, world)
+        hist.append(rec)
     loader.close()
-    return out
+    keep = cfg.metrics.history_steps  # the job keeps only the newest records
+    assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
+    # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
+    gather_step_metrics(job, hist[-1], data_wait_s=rank / 10, memory_gib=rank + 1.0)
+    return hist
 
 
 def _reference_losses(cfg, steps):
@@ -253,10 +259,12 @@ def test_several_steps_match_single_process_training(layout, backend):
         training={"steps": 6},
         lr_schedule={"warmup_steps": 2},
         optimizer={"lr": 3e-3},
+        metrics={"history_steps": steps - 1},
         **(moe if layout.startswith("moe") else {}),
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
     )
-    ref, images = _reference_run(config_from_dict(cfg_dict), steps)
+    cfg = config_from_dict(cfg_dict)
+    ref, images = _reference_run(cfg, steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
         got = [r["loss"] for r in rank_hist]
@@ -274,6 +282,42 @@ def test_several_steps_match_single_process_training(layout, backend):
                 assert by_dp.setdefault(dp, rec["decoded"]) == rec["decoded"]
         decoded = [x for part in by_dp.values() for x in part]
         assert sorted(decoded) == sorted(images[step]) and len(by_dp) == vision.get("dp_shard", 1)
+    # metrics: each module's memory is the largest of its own ranks (rank r reported r + 1), the data wait the
+    # largest of all; its FLOPs those of the flops module (MoE: active parameters) for the step's tokens and images
+    last = res[0][-1]
+    layouts = {"vision": vision, "language": language}
+    for name, m in last["modules"].items():
+        assert m["mem_gib"] == layouts[name]["rank_offset"] + layouts[name]["num_ranks"], name
+        assert m["ranks"] == [
+            layouts[name]["rank_offset"],
+            layouts[name]["rank_offset"] + layouts[name]["num_ranks"] - 1,
+        ]
+    assert last["data_wait_s"] == pytest.approx((world - 1) / 10)
+    _check_module_flops(cfg, [r for rank_hist in res for r in rank_hist])
+
+
+def _check_module_flops(cfg, records: list[dict]) -> None:
+    """Each record's per-module FLOPs, throughput and TFLOP/s per rank follow :mod:`mimo_titan.train.flops`."""
+    from mimo_titan.train import flops
+    from mimo_titan.train.trainer import padded_seq_len
+
+    lm = cfg.model.language
+    per_token = flops.lm_flops_per_token(lm, padded_seq_len(cfg))
+    for rec in records:
+        mods = rec["modules"]
+        assert list(mods) == list(cfg.model.modules)
+        assert mods["language"]["tokens"] == rec["tokens"] > 0
+        assert mods["language"]["flops"] == pytest.approx(rec["tokens"] * per_token)
+        vit = cfg.model.vision
+        assert mods["vision"]["flops"] == pytest.approx(
+            mods["vision"]["items"] * flops.vit_flops_per_image(vit, lm.hidden_size)
+        )
+        assert mods["vision"]["tokens"] == mods["vision"]["items"] * (vit.image_size // vit.patch_size) ** 2 > 0
+        for name, m in mods.items():
+            n = getattr(cfg.parallelism, name).num_ranks
+            assert m["tokens_per_s"] == pytest.approx(m["tokens"] / rec["step_time_s"])
+            assert m["tflops_per_rank"] == pytest.approx(m["flops"] / rec["step_time_s"] / n / 1e12)
+            assert m["mfu"] is None  # CPU without metrics.peak_tflops
 
 
 # debug_colocated: its README command runs (3 steps, the loss falls) in test_checkpoint's
@@ -281,7 +325,7 @@ def test_several_steps_match_single_process_training(layout, backend):
 # (moe_ep*, lm_tp2*, packed_*); every shipped config is validated and its data read below.
 @pytest.mark.multirank
 @pytest.mark.parametrize("config,nproc", [("debug_noncolocated", 8), ("debug_vision_audio", 8)])
-def test_readme_train_command_runs(config, nproc):
+def test_readme_train_command_runs(config, nproc, tmp_path):
     cmd = [
         sys.executable,
         "-m",
@@ -292,12 +336,41 @@ def test_readme_train_command_runs(config, nproc):
         "--config",
         f"train_configs/{config}.toml",
         "--training.steps=3",
+        f"--job.output_dir={tmp_path}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", out.stdout + out.stderr)]
+    losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", log)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # metrics: the resolved config once; per logged step (log_freq = 1) one line per module and one JSONL record
+    from mimo_titan.config import load_config
+
+    cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--training.steps=3", f"--job.output_dir={tmp_path}"])
+    assert log.count("config (resolved): ") == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-4)
+    for name, lay in cfg.parallelism.modules.items():
+        unit = {"vit": "patches", "audio": "frames", "decoder": "tokens"}[getattr(cfg.model, name).type]
+        lines = re.findall(rf"\[rank0\]   {name}: [0-9,]+ {unit}/s.*TFLOP/s per rank \| MFU n/a \| max mem ", log)
+        assert len(lines) == 3, name
+        for r in records:  # every rank filled the modules it holds: a memory for every module, its ranks named
+            assert r["modules"][name]["mem_gib"] > 0
+            assert r["modules"][name]["ranks"] == [lay.rank_offset, lay.rank_offset + lay.num_ranks - 1]
+    assert all(r["data_wait_s"] >= 0 and "sample_ids" not in r for r in records)
+    _check_module_flops(cfg, records)
+    if "audio" in cfg.model.modules:
+        assert all(r["modules"]["audio"]["items"] > 0 and r["modules"]["audio"]["flops"] > 0 for r in records)
+    # the dry-run planner's per-rank estimate (scripts/plan.py --device cpu) against the measured peak per module
+    from mimo_titan.train.planner import plan_job
+
+    plan = plan_job(cfg, nproc, device_type="cpu")
+    for name in cfg.parallelism.modules:
+        measured = max(r["modules"][name]["mem_gib"] for r in records)
+        estimate = plan.modules[name].rank_total_gib
+        assert abs(estimate - measured) <= 0.25 * measured, (name, estimate, measured)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.stem)

@@ -14,7 +14,10 @@ Supported:
   full ``SiglipModel``, ``"siglip"``). Our :class:`~mimo_titan.models.vit.ViT` uses SigLIP's names under
   ``vision_model.``. SigLIP's attention-pooling ``head.*`` is dropped on import (our encoder returns every patch
   token, the pooled vector is never used) and absent on export (``vision_use_head = false``). The projector has no
-  SigLIP counterpart: it travels in its own file (``multi_modal_projector.safetensors``, LLaVA's names).
+  SigLIP counterpart: it travels in its own file (``multi_modal_projector.safetensors``, LLaVA's names). The image
+  normalisation (``model.<vision>.image_mean`` / ``image_std``) is read from the directory's
+  ``preprocessor_config.json`` (SigLIP's 0.5 / 0.5 without one) and written there on export
+  (``SiglipImageProcessor``).
 - Directories as written by ``save_pretrained``: ``config.json`` plus ``model.safetensors`` or a sharded
   ``model.safetensors.index.json``.
 
@@ -45,6 +48,8 @@ __all__ = [
     "lm_state_to_hf",
     "hf_lm_config",
     "vision_config_from_hf",
+    "load_hf_preprocessor",
+    "hf_vision_preprocessor_config",
     "vision_state_from_hf",
     "vision_state_to_hf",
     "hf_vision_config",
@@ -64,6 +69,8 @@ LM_ARCHS = {
 #: file name of the projector weights beside the ``language/`` and ``vision/`` directories of an export
 PROJECTOR_FILE = "multi_modal_projector.safetensors"
 _SAFETENSORS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+#: the image processor's settings beside a vision tower's config.json (``save_pretrained`` of an image processor)
+PREPROCESSOR_FILE = "preprocessor_config.json"
 # our LanguageModelConfig / MoEConfig field -> the HF config field it comes from (for error messages)
 _LM_HF_NAMES = {
     "vocab_size": "vocab_size",
@@ -97,7 +104,11 @@ _VISION_HF_NAMES = {
     "num_heads": "num_attention_heads",
     "intermediate_size": "intermediate_size",
     "norm_eps": "layer_norm_eps",
+    "image_mean": f"{PREPROCESSOR_FILE} image_mean",
+    "image_std": f"{PREPROCESSOR_FILE} image_std",
 }
+# the fields that live in preprocessor_config.json, not config.json
+_NORM_FIELDS = ("image_mean", "image_std")
 # SiglipVisionConfig's defaults (a config.json written with ``use_diff`` may omit them)
 _SIGLIP_DEFAULTS = {
     "hidden_size": 768,
@@ -551,27 +562,55 @@ def _siglip_vision_section(hf: dict) -> dict:
     return hf
 
 
-def vision_config_from_hf(hf_config: dict) -> dict:
+def vision_config_from_hf(hf_config: dict, preprocessor: dict | None = None) -> dict:
     """``VisionModelConfig`` fields (without ``projector_intermediate_size``, which SigLIP lacks) of a SigLIP config.
 
     Args:
         hf_config: ``config.json`` of a ``SiglipVisionModel`` (or of a ``SiglipModel``: its ``vision_config``);
             missing fields take ``SiglipVisionConfig``'s defaults.
+        preprocessor: its ``preprocessor_config.json`` (:func:`load_hf_preprocessor`), or None: SigLIP's image
+            normalisation, mean = std = 0.5 per channel (``SiglipImageProcessor``'s defaults).
 
     Returns:
-        ``{image_size, patch_size, num_channels, hidden_size, num_layers, num_heads, intermediate_size, norm_eps}``.
+        ``{image_size, patch_size, num_channels, hidden_size, num_layers, num_heads, intermediate_size, norm_eps,
+        image_mean, image_std}``.
 
     Raises:
         ValueError: CLIP (``model_type`` clip / clip_vision_model), another model type, or ``hidden_act`` other than
-            tanh GELU.
+            tanh GELU; a preprocessor that does not scale pixels by 1 / 255 or whose mean / std are not three
+            numbers.
     """
+    from mimo_titan.config import IMAGE_NORMALIZATION
+
     hf = {**_SIGLIP_DEFAULTS, **{k: v for k, v in _siglip_vision_section(hf_config).items() if v is not None}}
     if hf["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ValueError(
             f"HF config.json hidden_act={hf['hidden_act']!r}: our ViT MLP uses the tanh GELU; only "
             "'gelu_pytorch_tanh' can be imported"
         )
-    return {ours: (float if ours == "norm_eps" else int)(hf[theirs]) for ours, theirs in _VISION_HF_NAMES.items()}
+    out: dict[str, Any] = {
+        ours: (float if ours == "norm_eps" else int)(hf[theirs])
+        for ours, theirs in _VISION_HF_NAMES.items()
+        if ours not in _NORM_FIELDS
+    }
+    mean, std = (list(v) for v in IMAGE_NORMALIZATION["siglip"])
+    if preprocessor is not None:
+        pre = preprocessor
+        if not pre.get("do_rescale", True) or abs(float(pre.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+            raise ValueError(
+                f"HF {PREPROCESSOR_FILE} do_rescale={pre.get('do_rescale')} rescale_factor="
+                f"{pre.get('rescale_factor')}: our image processor scales pixels to [0, 1] (by 1 / 255) before "
+                "normalising; only such a preprocessor can be imported"
+            )
+        if pre.get("do_normalize", True):
+            mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        else:  # no normalisation: the [0, 1] pixels themselves
+            mean, std = [0.0] * 3, [1.0] * 3
+        for name, value in (("image_mean", mean), ("image_std", std)):
+            if not isinstance(value, list) or len(value) != 3:
+                raise ValueError(f"HF {PREPROCESSOR_FILE} {name}={value!r}: give three per-channel RGB numbers")
+    out["image_mean"], out["image_std"] = [float(m) for m in mean], [float(s) for s in std]
+    return out
 
 
 def _vision_expected_keys(num_layers: int) -> set[str]:
@@ -662,7 +701,7 @@ def hf_vision_config(vis_cfg: VisionModelConfig, dtype: str = "float32") -> dict
         ValueError: an MoE encoder (SigLIP has dense MLPs only).
     """
     _vis_num_layers(vis_cfg)
-    out = {theirs: getattr(vis_cfg, ours) for ours, theirs in _VISION_HF_NAMES.items()}
+    out = {theirs: getattr(vis_cfg, ours) for ours, theirs in _VISION_HF_NAMES.items() if ours not in _NORM_FIELDS}
     return {
         "architectures": ["SiglipVisionModel"],
         "model_type": "siglip_vision_model",
@@ -673,6 +712,44 @@ def hf_vision_config(vis_cfg: VisionModelConfig, dtype: str = "float32") -> dict
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+
+
+def hf_vision_preprocessor_config(vis_cfg: VisionModelConfig) -> dict:
+    """An HF ``preprocessor_config.json`` dict (``SiglipImageProcessor``) doing what our processor does: resize to
+    ``image_size`` (bicubic, aspect ratio not kept), scale to ``[0, 1]``, normalise with ``image_mean`` /
+    ``image_std`` (:meth:`mimo_titan.data.processor.ImageTextProcessor.load_image`)."""
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "processor_class": "SiglipProcessor",
+        "do_resize": True,
+        "size": {"height": vis_cfg.image_size, "width": vis_cfg.image_size},
+        "resample": 3,  # PIL bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(vis_cfg.image_mean),
+        "image_std": list(vis_cfg.image_std),
+        "do_convert_rgb": True,
+    }
+
+
+def load_hf_preprocessor(path: str) -> dict | None:
+    """The ``preprocessor_config.json`` dict of an HF directory, or None without one.
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
+    file = os.path.join(path, PREPROCESSOR_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        try:
+            out = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{file} is not valid JSON ({exc}); fix or remove it") from exc
+    if not isinstance(out, dict):
+        raise ValueError(f"{file} holds a JSON {type(out).__name__}, not an object; fix or remove it")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- directories
@@ -836,7 +913,8 @@ def import_hf(
         model_cfg: our ``ModelConfig``; the HF configs must describe exactly the same modules.
         full_state: ``<module>.*`` tensors (e.g. a freshly initialised model); not mutated.
         language_dir: an HF causal-LM directory (Llama-3 / Qwen3 / Qwen3-MoE); None keeps the decoder's weights.
-        vision_dir: a SigLIP directory for the ``vit`` encoder; None keeps its ``vision_model.*``.
+        vision_dir: a SigLIP directory for the ``vit`` encoder; None keeps its ``vision_model.*``. Its
+            ``preprocessor_config.json`` (SigLIP's 0.5 / 0.5 without one) must match ``image_mean`` / ``image_std``.
         projector_path: the ViT's projector file (``multi_modal_projector.*`` keys, as :func:`export_hf` writes);
             when None, ``<vision_dir>/../multi_modal_projector.safetensors`` is used if it exists (the layout of an
             export), else the projector keeps its values from ``full_state``.
@@ -874,7 +952,13 @@ def import_hf(
     if "vision" in configs:
         assert vit is not None
         _vis_num_layers(vit[1])
-        problems += _mismatches(vit[0], vit[1], vision_config_from_hf(configs["vision"][0]), _VISION_HF_NAMES)
+        assert vision_dir is not None
+        preprocessor = load_hf_preprocessor(vision_dir)
+        names = dict(_VISION_HF_NAMES)
+        if preprocessor is None:  # the family default
+            names.update({f: f"{f} (SigLIP's; the directory has no {PREPROCESSOR_FILE})" for f in _NORM_FIELDS})
+        theirs = vision_config_from_hf(configs["vision"][0], preprocessor)
+        problems += _mismatches(vit[0], vit[1], theirs, names)
     if "audio" in configs:
         assert audio is not None
         theirs = hf_whisper.audio_config_from_hf(configs["audio"][0])
@@ -916,7 +1000,8 @@ def export_hf(
 ) -> None:
     """Write a full MIMO state as HF directories, one per module, named as the module: the decoder as
     ``out_dir/<language>/`` (``language_arch``: llama / qwen3 / qwen3_moe); the ``vit`` encoder as
-    ``out_dir/<vision>/`` (``SiglipVisionModel``) with its projector in ``out_dir/multi_modal_projector.safetensors``
+    ``out_dir/<vision>/`` (``SiglipVisionModel`` plus a ``SiglipImageProcessor``'s ``preprocessor_config.json`` with
+    its ``image_mean`` / ``image_std``) with its projector in ``out_dir/multi_modal_projector.safetensors``
     (keys ``multi_modal_projector.linear_{1,2}.{weight,bias}``); an ``audio`` encoder as ``out_dir/<audio>/`` (a
     ``WhisperEncoder``) with its projector in ``out_dir/<audio>_projector.safetensors`` (keys ``projector.*``).
     Frozen modules are written like the others. :func:`import_hf` of these restores ``full_state`` exactly.
@@ -954,6 +1039,10 @@ def export_hf(
             raise ValueError(f"model.{name}: no HF format for encoder type '{section.type}'")
     for name, config, state in dirs:
         save_hf_dir(os.path.join(out_dir, name), config, state, max_shard_bytes)
+        section = model_cfg.encoders.get(name)
+        if section is not None and section.type == "vit":
+            with open(os.path.join(out_dir, name, PREPROCESSOR_FILE), "w") as f:
+                json.dump(hf_vision_preprocessor_config(section), f, indent=2, sort_keys=True)
     for file, state in files:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mimo_titan.config import IMAGE_NORMALIZATION
 from mimo_titan.errors import ConfigError, DataError
 
 __all__ = [
@@ -34,10 +35,9 @@ __all__ = [
     "ImageTextProcessor",
 ]
 
-#: Per-channel RGB mean used to normalise pixels (OpenAI CLIP).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-#: Per-channel RGB standard deviation used to normalise pixels (OpenAI CLIP).
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+#: Per-channel RGB mean and standard deviation of OpenAI CLIP's image processor: the default normalisation
+#: (``model.<vision>.image_mean`` / ``image_std``; SigLIP's are 0.5 / 0.5, see ``config.IMAGE_NORMALIZATION``).
+CLIP_MEAN, CLIP_STD = IMAGE_NORMALIZATION["clip"]
 
 _CONFIG_KEY = "data.tokenizer"
 
@@ -323,12 +323,17 @@ class ImageTextProcessor:
         audio_max_frames: The longest clip the audio encoder takes, in log-mel frames (``2 ·
             max_source_positions``); the loader refuses a data set with a longer clip before training.
         audio_key: The audio encoder's config table, for messages (``"model.audio"``).
+        image_mean: Per-channel RGB mean of the ``[0, 1]`` pixels (``model.<vision>.image_mean``), CLIP's
+            by default; SigLIP uses ``(0.5, 0.5, 0.5)``.
+        image_std: Per-channel RGB standard deviation (``model.<vision>.image_std``), CLIP's by default;
+            SigLIP uses ``(0.5, 0.5, 0.5)``.
 
     Raises:
         DataError: No tokenizer file at ``tokenizer_path``; the tokenizer file or its
             ``tokenizer_config.json`` cannot be read or parsed, or it lacks a special
             token (messages name ``data.tokenizer``).
-        ValueError: ``image_size`` / ``image_tokens_per_image`` is not positive.
+        ValueError: ``image_size`` / ``image_tokens_per_image`` is not positive; ``image_mean`` / ``image_std``
+            not three values, or a std that is not positive.
     """
 
     def __init__(
@@ -341,9 +346,16 @@ class ImageTextProcessor:
         num_mel_bins: int = 80,
         audio_max_frames: int | None = None,
         audio_key: str = "model.audio",
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+            raise ValueError(
+                f"image_mean={list(image_mean)} / image_std={list(image_std)}: give three RGB values each, "
+                "every std > 0"
+            )
         if int(image_tokens_per_image) <= 0:
             raise ValueError(f"image_tokens_per_image must be positive, got {image_tokens_per_image}")
         self.image_size = int(image_size)
@@ -399,8 +411,10 @@ class ImageTextProcessor:
                 assert token_id is not None, f"{text} was just added to the tokenizer"
                 self._special_ids[attr] = int(token_id)
         self._reserved_ids = frozenset(self._special_ids.values())
-        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
 
     # ------------------------------------------------------------------ ids
     @property
@@ -455,7 +469,8 @@ class ImageTextProcessor:
 
         The image is converted to RGB, resized to ``image_size x image_size`` with
         bicubic resampling (aspect ratio is not kept), scaled to ``[0, 1]`` and
-        normalised per channel with :data:`CLIP_MEAN` / :data:`CLIP_STD`.
+        normalised per channel, ``(x - image_mean) / image_std`` (CLIP's :data:`CLIP_MEAN` /
+        :data:`CLIP_STD` unless the processor was given others).
 
         Args:
             data: Encoded image bytes (any format PIL can read, e.g. JPEG).

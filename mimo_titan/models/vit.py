@@ -27,6 +27,13 @@ __all__ = ["VisionEncoder", "ViT", "Projector"]
 
 
 class _Attention(nn.Module):
+    """Bidirectional multi-head self-attention over the patches.
+
+    ``real_patches`` (``None`` by default: every position is a patch) is set by a tensor-parallel plan that pads the
+    patch sequence to a multiple of tp (:func:`mimo_titan.parallel.tp.apply_tp_vision`): positions from
+    ``real_patches`` on are padding and are masked out as keys, so no real patch attends to them.
+    """
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
@@ -36,6 +43,7 @@ class _Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        self.real_patches: int | None = None
 
     def forward(self, x_NPD: torch.Tensor) -> torch.Tensor:
         n, p, d = x_NPD.shape
@@ -45,7 +53,10 @@ class _Attention(nn.Module):
             return t.view(n, p, t.shape[-1] // hd, hd).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x_NPD)), heads(self.k_proj(x_NPD)), heads(self.v_proj(x_NPD))
-        out = F.scaled_dot_product_attention(q, k, v)  # bidirectional over patches
+        mask = None  # a key-padding mask [1, 1, 1, P_padded] (True: a real patch), only when padding exists
+        if self.real_patches is not None and p > self.real_patches:
+            mask = (torch.arange(p, device=x_NPD.device) < self.real_patches).view(1, 1, 1, p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional over patches
         return self.out_proj(out.transpose(1, 2).reshape(n, p, out.shape[1] * hd))
 
 
@@ -87,7 +98,12 @@ class _Embeddings(nn.Module):
         conv = self.patch_embedding
         p = conv.kernel_size[0]
         n, c, h, w = pixel_values_NCHW.shape
-        x = pixel_values_NCHW.to(conv.weight.dtype).reshape(n, c, h // p, p, w // p, p)
+        # a border that is not a whole patch is dropped, as the stride-p convolution (and HF's SigLIP) does
+        x = (
+            pixel_values_NCHW[:, :, : h // p * p, : w // p * p]
+            .to(conv.weight.dtype)
+            .reshape(n, c, h // p, p, w // p, p)
+        )
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)  # [N, P, C p p], row-major patches
         x_NPD = F.linear(x, conv.weight.flatten(1), conv.bias)
         return x_NPD + self.position_embedding.weight.unsqueeze(0)
@@ -122,14 +138,27 @@ class ViT(nn.Module):
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
+        if cfg.image_size < cfg.patch_size:
             raise ValueError(
-                f"model.vision.image_size={cfg.image_size} must be a multiple of "
-                f"model.vision.patch_size={cfg.patch_size}"
+                f"model.vision.image_size={cfg.image_size} must be at least model.vision.patch_size={cfg.patch_size}"
             )
         self.embeddings: _Embeddings | None = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
         self.post_layernorm: nn.LayerNorm | None = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def mask_padded_patches(self, padded_len: int) -> None:
+        """Treat positions ``P .. padded_len - 1`` of the patch sequence as padding: every attention masks them out
+        as keys, so the ``P`` real patches' outputs do not depend on them (the padded rows themselves are computed
+        but meaningless; the caller drops them). ``padded_len == P`` removes the mask.
+
+        Used by :func:`mimo_titan.parallel.tp.apply_tp_vision`, which pads the sequence to a multiple of tp.
+        """
+        assert self.embeddings is not None, "the whole ViT (its first pipeline stage) knows its patch count"
+        real = self.embeddings.num_patches
+        assert padded_len >= real, f"cannot pad {real} patches to {padded_len}"
+        for layer in self.encoder.layers.values():
+            assert isinstance(layer, ViTBlock)
+            layer.self_attn.real_patches = real if padded_len > real else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels ``[N, C, H_img, W_img]`` → ``[N, P, D]``; a pipeline stage without ``embeddings`` takes the previous

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from mimo_titan.models.moe import MoE
 
-__all__ = ["apply_fsdp", "resolve_dtype"]
+__all__ = ["apply_fsdp", "reshard_after_forward", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +35,21 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def reshard_after_forward(option: bool | None, pp: int) -> bool:
+    """A module's ``fsdp_reshard_after_forward``: the explicit ``option``, else off for ``pp == 1`` and on otherwise.
+
+    With ``pp == 1`` a step runs every microbatch's forward through the module, and resharding after each forward
+    makes every microbatch (and its backward) all-gather the parameters again; keeping them gathered until the
+    backward cut CPU time per step by 14 % (colocated) and 23 % (MoE) at equal losses (issue 14). With ``pp > 1``
+    a stage holds many microbatches in flight and freeing the gathered parameters bounds its memory.
+
+    Args:
+        option: ``parallelism.<module>.fsdp_reshard_after_forward`` (``None`` when unset).
+        pp: the module's pipeline-parallel size.
+    """
+    return option if option is not None else pp > 1
 
 
 def apply_fsdp(
@@ -55,7 +70,8 @@ def apply_fsdp(
         dp_mesh: 1-D ``(dp_shard,)`` or 2-D ``(dp_replicate, dp_shard)`` mesh of this module's DP ranks.
         param_dtype / reduce_dtype: mixed-precision policy (compute dtype of parameters; dtype of gradient
             reduction).
-        reshard_after_forward: free unsharded parameters after forward (re-gather in backward).
+        reshard_after_forward: free unsharded parameters after forward (re-gather in backward); the module's value
+            comes from :func:`reshard_after_forward`.
         expert_mesh: the 1-D ``(edp,)`` mesh of expert-parallel layouts: the routed experts of every MoE layer
             (already sliced to this rank's experts by ``apply_ep``) become their own FSDP unit over it, as in
             torchtitan; the rest of each block shards over ``dp_mesh``.

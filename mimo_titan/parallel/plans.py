@@ -43,6 +43,8 @@ ENCODER_PLANS: dict[str, EncoderPlans] = {
         apply_tp=apply_tp_vision,
         split=split_vision_encoder,
         stage_of=vision_stage_of,
+        # the real patch count P, also under tensor parallelism (its padding to a multiple of tp stays inside the
+        # encoder, which runs as one stage then): one row per LM placeholder
         tokens_per_item=lambda cfg: (cfg.image_size // cfg.patch_size) ** 2,
     ),
     "audio": EncoderPlans(),

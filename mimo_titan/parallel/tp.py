@@ -21,16 +21,20 @@ Between blocks, and between pipeline stages, hidden states are plain local tenso
 shard; ``S`` being the CP-local length under context parallelism). FSDP2 then shards the same DTensor
 parameters over the module's dp (or dp x cp) mesh: 2-D FSDP x TP, the TP mesh being a slice of the same root mesh.
 
-The vision encoder is split the same way over its patch sequence (``P / tp`` patches per rank); its patch
-embedding is replicated and its output is scattered onto the patches, and its projector ends row-parallel with a
-``Replicate`` output, so every tp rank holds the full ``[N, P, H]`` image embeddings that cross the bridge.
+The vision encoder is split the same way over its patch sequence: its patch embedding is replicated and its
+output is padded to ``P_pad = ceil(P / tp) * tp`` patches (only when tp does not divide ``P``) and scattered,
+``P_pad / tp`` patches per rank; attention masks the padded patches out as keys and the projector drops them after
+its all-gather. The projector ends row-parallel with a ``Replicate`` output, so every tp rank holds the full
+``[N, P, H]`` image embeddings that cross the bridge (exactly ``P`` rows per image, one per LM placeholder).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
@@ -62,9 +66,11 @@ def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp
         model_cfg: ``LanguageModelConfig`` or ``VisionModelConfig``.
         tp: the module's tensor-parallel degree.
 
+    A ViT's patch count need not be divisible: :func:`apply_tp_vision` pads the patch sequence.
+
     Raises:
-        ValueError: naming the first field not divisible by ``tp`` (heads, KV heads, MLP widths, vocabulary, the
-            patch count of an image) and the fix.
+        ValueError: naming the first field not divisible by ``tp`` (heads, KV heads, MLP widths, vocabulary) and
+            the fix.
     """
     if tp == 1:
         return
@@ -72,8 +78,6 @@ def check_tp(module: str, model_cfg: LanguageModelConfig | VisionModelConfig, tp
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size")}
     else:
         fields = {f: getattr(model_cfg, f) for f in ("num_heads", "intermediate_size", "projector_intermediate_size")}
-        vis = cast("VisionModelConfig", model_cfg)  # a ViT's config
-        fields["(image_size // patch_size) ** 2"] = (vis.image_size // vis.patch_size) ** 2
     for field, value in fields.items():
         if value % tp:
             raise ValueError(
@@ -161,16 +165,30 @@ def apply_tp_language(stage: LanguageStage, tp_mesh: DeviceMesh) -> LanguageStag
     return stage
 
 
-def _replicate_then_scatter(embeddings: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Replicate ``embeddings``' parameters over tp; its output ``[N, P, D]`` leaves as the local ``Shard(1)``."""
+def _replicate_pad_scatter(embeddings: nn.Module, tp_mesh: DeviceMesh, padded_len: int) -> None:
+    """Replicate ``embeddings``' parameters over tp; its output ``[N, P, D]`` is zero-padded to
+    ``[N, padded_len, D]`` and leaves as this rank's local ``Shard(1)`` slice ``[N, padded_len / tp, D]``."""
 
     def input_fn(mod, inputs, mesh):
         return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
 
     def output_fn(mod, out, mesh):
-        return out.redistribute(mesh, [Shard(1)]).to_local()
+        if out.shape[1] == padded_len:
+            return out.redistribute(mesh, [Shard(1)]).to_local()
+        # identical on every rank; the scatter's backward all-gathers the (padded) gradient, the pad drops its tail
+        return sp_scatter(F.pad(out.to_local(), (0, 0, 0, padded_len - out.shape[1])), mesh)
 
     distribute_module(embeddings, tp_mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+def _drop_padded_patches(num_patches: int):
+    """A forward pre-hook (run after the projector's all-gather) keeping the first ``num_patches`` rows of
+    ``[N, P_pad, D]``; the backward gives the padded rows a zero gradient."""
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0][:, :num_patches], *args[1:])
+
+    return hook
 
 
 def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder:
@@ -181,16 +199,26 @@ def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder
         tp_mesh: the 1-D tp mesh of this rank.
 
     Forward after this: pixel values ``[N, C, H_img, W_img]`` (the same on every tp rank) → ``[N, P, H]``
-    replicated over tp. Inside, blocks run on ``P / tp`` patches per rank.
+    replicated over tp. Inside, blocks run on ``P_pad / tp`` patches per rank, ``P_pad = ceil(P / tp) * tp``.
+
+    When tp does not divide the patch count ``P`` (729 patches of SigLIP-so400m/14 at 384 px with tp = 2), the
+    patch sequence is zero-padded to ``P_pad`` after the patch embedding: the all-gather before each attention
+    gathers ``P_pad`` rows, attention masks the padded keys (a boolean key-padding mask for SDPA), the norms and
+    MLPs also run on the padded rows (row-wise, so the real rows are unaffected) and the projector drops them
+    after its all-gather. The real patches' outputs and every gradient equal the unpadded model's. Example:
+    ``P = 9``, tp = 2: ``P_pad = 10``, rank 0 holds patches 0-4, rank 1 patches 5-8 and one padded row.
 
     Raises:
-        ValueError: heads, MLP widths or the patch count not divisible by ``tp``.
+        ValueError: heads or MLP widths not divisible by ``tp``.
     """
     tp = tp_mesh.size()
     vit = vision.vision_model
     check_tp("vision", vision.cfg, tp)
     assert vit.embeddings is not None, "an encoder with tp > 1 runs as one pipeline stage (validate_job)"
-    _replicate_then_scatter(vit.embeddings, tp_mesh)
+    assert vision.multi_modal_projector is not None
+    num_patches = vit.embeddings.num_patches
+    padded_len = -(-num_patches // tp) * tp
+    _replicate_pad_scatter(vit.embeddings, tp_mesh, padded_len)
     plan = {
         "vision_model.post_layernorm": SequenceParallel(),
         "multi_modal_projector": _gather_input(1),
@@ -214,4 +242,8 @@ def apply_tp_vision(vision: VisionEncoder, tp_mesh: DeviceMesh) -> VisionEncoder
             }
         )
     parallelize_module(vision, tp_mesh, plan)
+    if padded_len > num_patches:
+        vit.mask_padded_patches(padded_len)
+        # registered after the plan's all-gather hook on the same module, so it runs after it
+        vision.multi_modal_projector.register_forward_pre_hook(_drop_padded_patches(num_patches))
     return vision

@@ -30,7 +30,8 @@ first stage, which holds the most microbatches in flight):
 
 The estimate is a planning figure: allocator fragmentation, communication buffers and data loading are not in it.
 
-FLOPs per step come from :mod:`mimo_titan.train.flops` (6 x parameters per token plus the attention term).
+FLOPs per step come from :mod:`mimo_titan.train.flops` (6 x active parameters per token plus the attention term,
+PaLM appendix B) for full batches (an upper bound: real rows hold padding, samples fewer images).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
     seq = padded_seq_len(cfg)
     lm_cfg = cfg.model.language
     plan = JobPlan(world_size, device_type, sum(p.numel() for p in model.parameters()))
-    flops = _flops_per_step(cfg)
+    flops = _flops_per_step(cfg, seq)
 
     for name, lay in layouts.items():
         section = getattr(cfg.model, name)
@@ -399,11 +400,26 @@ def _encoder_in_flight(cfg: Config, name: str, lay) -> int:
     return min(cfg.training.microbatches, section.prefetch_microbatches + 1)
 
 
-def _flops_per_step(cfg: Config) -> dict[str, float]:
-    """Training FLOPs of one step per module (``{}`` until :mod:`mimo_titan.train.flops` exists)."""
-    try:
-        from mimo_titan.train import flops as flops_mod
-    except ImportError:
-        return {}
-    fn = getattr(flops_mod, "flops_per_step", None)
-    return fn(cfg) if fn is not None else {}
+def _flops_per_step(cfg: Config, seq_len: int) -> dict[str, float]:
+    """Training FLOPs of one step per module (:mod:`mimo_titan.train.flops`), for full batches: every LM row is
+    ``seq_len`` tokens, every sample holds ``max_images_per_sample`` images and as many clips of the longest length
+    the audio encoder takes (``2 · max_source_positions`` log-mel frames) — an upper bound for planning."""
+    from mimo_titan.train import flops as F
+
+    modes = F.part_modes(cfg)
+    lm = cfg.model.language
+    samples = cfg.training.global_batch_size
+    items = samples * cfg.data.max_images_per_sample
+    out = {
+        cfg.model.language_name: samples
+        * seq_len
+        * F.lm_flops_per_token(lm, seq_len, modes[cfg.model.language_name]["model"])
+    }
+    for name, section in cfg.model.encoders.items():
+        m = modes[name]
+        if section.type == "vit":
+            out[name] = items * F.vit_flops_per_image(section, lm.hidden_size, m["tower"], m["projector"])
+        elif section.type == "audio":
+            frames = 2 * section.max_source_positions
+            out[name] = items * F.audio_flops_per_clip(section, lm.hidden_size, frames, m["tower"], m["projector"])
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import logging
 import math
 import os
@@ -33,9 +34,10 @@ from mimo_titan.models.audio import audio_tokens
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.models.specs import encoder_spec
+from mimo_titan.parallel.ac import apply_module_options, check_module_options, describe_module_options
 from mimo_titan.parallel.cp import apply_cp
 from mimo_titan.parallel.ep import apply_ep, moe_modules
-from mimo_titan.parallel.fsdp import apply_fsdp, resolve_dtype
+from mimo_titan.parallel.fsdp import apply_fsdp, reshard_after_forward, resolve_dtype
 from mimo_titan.parallel.plans import encoder_plans
 from mimo_titan.parallel.tp import apply_tp_language, check_tp
 from mimo_titan.pipeline.bridge import Bridge
@@ -45,6 +47,8 @@ from mimo_titan.pipeline.stages import LanguageChunks, split_language_model, sta
 from mimo_titan.pipeline.tied import TiedEmbedding, tied_embedding
 from mimo_titan.topology import Topology, build_topology, layouts_from_config, rank_role, validate_layouts
 from mimo_titan.train.freeze import check_trainable, is_trainable
+from mimo_titan.train.metrics import MetricsWriter, StepFlops, check_metrics_config, gather_maxima, module_lines
+from mimo_titan.train.metrics import peak_tflops as device_peak_tflops
 from mimo_titan.train.optim import (
     all_reduce_sum,
     build_lr_scheduler,
@@ -94,6 +98,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     for name, lay in layouts.items():
         section = getattr(cfg.model, name)
         moe = getattr(section, "moe", None) or MoEConfig()
+        check_module_options(name, cfg.parallelism.modules[name], section)
         plans = encoder_plans(section.type) if not lay.is_language else None
         if plans is not None and lay.tp > 1 and plans.apply_tp is None:
             raise ConfigError(
@@ -468,9 +473,11 @@ class Job:
     moe_keys: list[str] = field(default_factory=list)  # every MoE layer of the model, same order on every rank
     rng: dict[str, RNGTracker] = field(default_factory=dict)  # per held module; runtime randomness draws from it
     step: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the newest metrics.history_steps step records
     skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
     tied_embedding: TiedEmbedding | None = None  # this rank's copy of word embeddings tied across LM stages
+    step_flops: StepFlops | None = None  # per-module FLOPs of a batch (set at the first step)
+    peak_tflops: float | None = None  # the device's peak for MFU (set with step_flops; None: no MFU)
 
     def moe_layers(self) -> dict[str, MoE]:
         """This rank's MoE layers by global key (``vision.<layer>`` / ``language.<layer>``)."""
@@ -511,8 +518,9 @@ def _prepare_moe(part: nn.Module, topology, name: str, microbatches: int):
 
 
 def build_processor(cfg: Config) -> ImageTextProcessor:
-    """The processor of ``cfg`` (tokenizer from ``data.tokenizer``): images for the ``vit`` encoder, audio clips
-    for an ``audio`` encoder (whose placeholder tokens are added to the tokenizer when it lacks them).
+    """The processor of ``cfg`` (tokenizer from ``data.tokenizer``): images for the ``vit`` encoder (normalised
+    with its ``image_mean`` / ``image_std``), audio clips for an ``audio`` encoder (whose placeholder tokens are
+    added to the tokenizer when it lacks them).
 
     Raises:
         DataError: a missing or unreadable tokenizer.
@@ -535,6 +543,8 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
         num_mel_bins=80 if audio is None else audio[1].num_mel_bins,
         audio_max_frames=None if audio is None else 2 * audio[1].max_source_positions,
         audio_key="model.audio" if audio is None else f"model.{audio[0]}",
+        image_mean=vit.image_mean,
+        image_std=vit.image_std,
     )
     lm = cfg.model.language_name
     if processor.vocab_size > cfg.model.language.vocab_size:
@@ -627,8 +637,11 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         if lay.tp > 1:
             assert plans.apply_tp is not None, "validate_job refuses tp > 1 for an encoder without a TP plan"
             plans.apply_tp(enc, topology.tp_mesh(name))
+        options, blocks = cfg.parallelism.modules[name], spec.fsdp_blocks(enc)
+        apply_module_options(blocks, options)  # activation checkpointing, compile: before FSDP
+        reshard = reshard_after_forward(options.fsdp_reshard_after_forward, lay.pp)
         modules[name] = apply_fsdp(
-            enc, spec.fsdp_blocks(enc), topology.dp_mesh(name), param_dtype, reduce_dtype, expert_mesh=expert_mesh
+            enc, blocks, topology.dp_mesh(name), param_dtype, reduce_dtype, reshard, expert_mesh=expert_mesh
         )
     if role.holds(lang_name):
         modules[lang_name] = _build_language(
@@ -724,14 +737,16 @@ def _build_language(
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
         if lay.tp > 1:
             apply_tp_language(stage, topology.tp_mesh(lang_name))
+        options, blocks = cfg.parallelism.modules[lang_name], list(part.model.layers.values())
+        apply_module_options(blocks, options)  # activation checkpointing, compile: before FSDP
         chunks.append(
             apply_fsdp(
                 stage,
-                list(part.model.layers.values()),
+                blocks,
                 topology.fsdp_mesh(lang_name),
                 param_dtype,
                 reduce_dtype,
-                reshard_after_forward=lay.pp == 1,
+                reshard_after_forward=reshard_after_forward(options.fsdp_reshard_after_forward, lay.pp),
                 expert_mesh=expert_mesh,
             )
         )
@@ -806,10 +821,13 @@ def train_step(
         progress: ``progress(phase)`` marks the step's phases for the watchdog (None: no marks).
 
     Returns:
-        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib",
+        ``{"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_gib", "modules",
         "sample_ids", "skipped", "stop"}`` where loss is the global per-token loss, grad_norm the global norm
-        before clipping, ``skipped`` whether the optimizer step was skipped and ``stop`` whether any rank asked to
-        stop.
+        before clipping, ``tokens`` the global batch's non-padding tokens, ``step_time_s`` this call's wall time,
+        ``peak_mem_gib`` this rank's peak memory, ``modules`` each module's throughput, FLOPs, TFLOP/s per rank and
+        MFU (:meth:`~mimo_titan.train.metrics.StepFlops.module_metrics`; its ``mem_gib`` is filled on logged steps
+        by :func:`train`), ``skipped`` whether the optimizer step was skipped and ``stop`` whether any rank asked to
+        stop. The record is also appended to ``job.history``, which keeps the newest ``metrics.history_steps``.
 
     Raises:
         TrainingError: the ``training.max_skipped_steps``-th consecutive skipped step.
@@ -859,6 +877,10 @@ def train_step(
     job.step += 1
     dt = time.perf_counter() - t0
     tokens = int((global_batch.input_ids != job.processor.pad_id).sum())
+    if job.step_flops is None:
+        job.step_flops = StepFlops(job.cfg, padded_seq_len(job.cfg))
+        job.peak_tflops = device_peak_tflops(job.cfg, job.device)
+    modules = job.step_flops.module_metrics(global_batch, tokens, dt, job.topology.layouts, job.peak_tflops)
     ids = global_batch.sample_ids
     sample_ids = [i for row in ids for i in row] if isinstance(ids, list) else ids.tolist()
     rec: dict[str, Any] = {
@@ -870,6 +892,7 @@ def train_step(
         "step_time_s": dt,
         "tokens_per_s": tokens / dt,
         "peak_mem_gib": _peak_memory_gib(job.device),
+        "modules": modules,
         "sample_ids": sample_ids,
         "skipped": not finite,
         "stop": float(stats[2]) > 0,
@@ -888,6 +911,8 @@ def train_step(
         rec["moe_aux_loss"] = sum(v["aux_loss"] for v in rec["moe"].values())
         rec["moe_max_imbalance"] = max(v["imbalance"] for v in rec["moe"].values())
     job.history.append(rec)
+    if len(job.history) > job.cfg.metrics.history_steps:  # bounded: the JSONL file keeps every logged step
+        del job.history[0]
     if not finite:
         limit = job.cfg.training.max_skipped_steps
         if dist.get_rank() == 0:  # the same decision on every rank: say it once
@@ -982,22 +1007,29 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _log_step(rec: dict) -> None:
+    """Rank 0's lines of a logged step: the step line (loss, norm, LR, the LM's tokens/s, step time, the largest data
+    wait and this rank's peak memory), one line per module (:func:`~mimo_titan.train.metrics.module_lines`) and the
+    MoE routing line."""
     moe = (
         f" | moe_aux {rec['moe_aux_loss']:.4f} | expert_imbalance {rec['moe_max_imbalance']:.2f}"
         if "moe" in rec
         else ""
     )
     logger.info(
-        "step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | peak_mem %.2fGiB%s",
+        "step %4d | loss %.4f | grad_norm %.4f | lr %.3e | tokens/s %.0f | step_time %.3fs | data_wait %.3fs | "
+        "peak_mem %.2fGiB%s",
         rec["step"],
         rec["loss"],
         rec["grad_norm"],
         rec["lr"],
         rec["tokens_per_s"],
         rec["step_time_s"],
+        rec["data_wait_s"],
         rec["peak_mem_gib"],
         moe,
     )
+    for line in module_lines(rec):
+        logger.info(line)
     if "moe" in rec:
         logger.info(
             "  moe tokens/expert (min/max/imbalance, aux): %s",
@@ -1007,6 +1039,26 @@ def _log_step(rec: dict) -> None:
                 for k, v in rec["moe"].items()
             ),
         )
+
+
+def gather_step_metrics(job: Job, rec: dict, data_wait_s: float, memory_gib: float | None = None) -> None:
+    """Complete a logged step's record with what other ranks know, in one all-reduce (MAX) that every rank must
+    call: each module's ``mem_gib`` (the largest peak memory of its ranks: each rank contributes its peak at the
+    modules it holds) and ``data_wait_s`` (the longest wait for the batch over all ranks).
+
+    Args:
+        job: this rank's job.
+        rec: the step's record (:func:`train_step`); updated in place.
+        data_wait_s: how long this rank waited for the step's batch (seconds).
+        memory_gib: this rank's peak memory (default: the record's ``peak_mem_gib``).
+    """
+    mem = rec["peak_mem_gib"] if memory_gib is None else memory_gib
+    names = list(rec["modules"])
+    held = [mem if job.topology.role.holds(n) else 0.0 for n in names]
+    *maxima, wait = gather_maxima([*held, data_wait_s], job.device)
+    for name, value in zip(names, maxima):
+        rec["modules"][name]["mem_gib"] = value
+    rec["data_wait_s"] = wait
 
 
 def _describe_layout(job: Job, world: int) -> str:
@@ -1046,12 +1098,15 @@ def _describe_training(cfg: Config) -> str:
         f"schedule: module {par.module_schedule}, language {par.pipeline_schedule}"
         + (f" x {par.virtual_stages} virtual stages" if par.virtual_stages > 1 else "")
         + f"; parameters: {'; '.join(parts)}"
+        + f"; options: {'; '.join(f'{n}: {describe_module_options(o)}' for n, o in par.modules.items())}"
     )
 
 
 def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
-    """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log one line
-    per ``metrics.log_freq`` steps on rank 0. Returns this process's history.
+    """Run ``training.total_steps`` steps (``training.steps``, or ``training.samples`` in LM samples); log the
+    resolved config once, then every ``metrics.log_freq`` steps (and the first) a step line and one line per module
+    on rank 0, and write that step's record to ``metrics.jsonl`` / TensorBoard (:mod:`mimo_titan.train.metrics`).
+    Returns this process's history: the records of its newest ``metrics.history_steps`` steps.
 
     With ``checkpoint.enable`` it resumes from the newest complete checkpoint in ``checkpoint.folder`` (or
     ``checkpoint.load_step``), or initialises the model from ``checkpoint.initial_load_path``, and saves every
@@ -1076,6 +1131,8 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
     _setup_logging(int(os.environ.get("RANK", 0)))
     try:
         validate_job(cfg, world)  # also sets the process-wide kernel backend
+        check_metrics_config(cfg)
+        logger.info("config (resolved): %s", json.dumps(cfg.to_dict()))
         check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor, rank=int(os.environ.get("RANK", 0)))
@@ -1104,6 +1161,7 @@ def _run(
         rank=rank, world_size=world, timeout_s=timeout_s, describe=lambda r: rank_role(layouts, r, world).describe()
     ).start()
     ok = False  # on an exception, skip the barrier: the other ranks may never reach it and the error must surface
+    writer: MetricsWriter | None = None
     try:
         watchdog.progress("checking the data")
         check_same_data(loader, device)
@@ -1121,16 +1179,25 @@ def _run(
             )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
+        writer = MetricsWriter(cfg, rank, start_step=job.step)
         done, logged = 0, 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
             watchdog.progress("loading the batch", job.step + 1)
+            t_wait = time.perf_counter()
+            batch = next(loader)
+            data_wait = time.perf_counter() - t_wait
             # the flag is read at the step's all-reduce, so a signal that arrives during the step stops after it
-            rec = train_step(job, next(loader), stop_requested=lambda: stopper.requested, progress=watchdog.progress)
+            rec = train_step(job, batch, stop_requested=lambda: stopper.requested, progress=watchdog.progress)
+            rec["data_wait_s"] = data_wait  # this rank's; a logged step's record holds the largest over the ranks
             done += 1
             stop = rec["stop"]
+            # the same decision on every rank (stop is global), so the gather below is collective
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop:
+                watchdog.progress("gathering metrics", job.step)
+                gather_step_metrics(job, rec, data_wait)
                 _log_step(rec)
                 logger.info("  %s", loader.stats_summary())
+                writer.write(rec)
                 logged = rec["step"]
             if ckpt.should_save(job.step) or (stop and ckpt.ckpt.enable):
                 watchdog.progress("saving a checkpoint", job.step)
@@ -1159,6 +1226,8 @@ def _run(
             exc.add_note(f"[rank{rank}] this failure follows from a rank that is gone: {'; '.join(lost)}")
         raise
     finally:
+        if writer is not None:
+            writer.close()
         watchdog.stop(done=ok)  # a failed rank is not "done": its peers may still name it
         if ok:
             dist.barrier()
