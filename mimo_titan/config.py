@@ -858,10 +858,14 @@ class LRScheduleConfig:
 class DataConfig:
     """``[data]``: WebDataset shards and tokenizer (existence checked by the data module)."""
 
-    path: str  # a .tar shard or a directory of .tar shards (WebDataset)
+    # WebDataset shards: a .tar file, a directory of .tar files, a glob or a brace pattern (cc12m-{0000..0099}.tar),
+    # or a list of those
+    path: str | list[str]
     tokenizer: str  # a directory holding tokenizer.json, or the tokenizer.json file
     max_images_per_sample: int = _opt(1, ge=1)
     shuffle: bool = True
+    shuffle_buffer: int = _opt(1000, ge=1, hint="records held (encoded) to shuffle the stream")
+    prefetch: int = _opt(2, ge=0, hint="batches a background thread keeps ready; 0 loads in the training loop")
     packing: bool = False  # pack several samples per row (THD) with cu_seqlens; attention never crosses documents
 
 
@@ -1026,8 +1030,15 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _is_str_or_list(tp: Any) -> bool:
+    """``str | list[str]`` (``data.path``: one entry or several)."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, list[str]}
+
+
 def _optional_inner(tp: Any) -> Any | None:
     """For ``X | None`` return ``X``; otherwise ``None``."""
+    if _is_str_or_list(tp):
+        return None
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
@@ -1045,6 +1056,8 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 
 def _describe_type(tp: Any) -> str:
+    if _is_str_or_list(tp):
+        return "string or list of strings"
     inner = _optional_inner(tp)
     if inner is not None:
         return f"{_describe_type(inner)} or none"
@@ -1100,6 +1113,10 @@ def _type_error(tp: Any, value: Any, key: str, ctx: _Ctx) -> ConfigError:
 
 def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
     """Check/convert a raw (TOML or parsed-override) value to the field type ``tp``."""
+    if _is_str_or_list(tp):
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise _type_error(tp, value, key, ctx)
     inner = _optional_inner(tp)
     if inner is not None:
         return None if value is None else _coerce(value, inner, key, ctx)
@@ -1315,6 +1332,9 @@ _FALSE = {"false", "0"}
 
 def _parse_text(text: str, tp: Any) -> Any:
     """Parse an override's text for field type ``tp``; raises ValueError."""
+    if _is_str_or_list(tp):  # a string verbatim; a TOML-style list in brackets
+        s = text.strip()
+        return _parse_text(s, list[str]) if s.startswith("[") and s.endswith("]") else text
     inner = _optional_inner(tp)
     if inner is not None:
         if text.strip().lower() in ("none", "null"):

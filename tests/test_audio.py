@@ -408,7 +408,8 @@ def test_a_corrupt_clip_skips_its_record() -> None:
     path.write_bytes(buf.getvalue())
     proc, _ = _audio_processor()
     loader = MimoDataLoader(path, proc, global_batch_size=2, seq_len=96)
-    assert loader.stats["corrupt_audio"] == 1 and loader.num_records == 2
+    next(loader)  # the header check of every rank skips it: no rank decodes it
+    assert loader.stats["corrupt_audio"] == 1 and loader.stats["records"] == 2 and loader.stats["decoded_audio"] == 2
 
 
 def test_a_clip_longer_than_the_encoder_takes_is_refused_before_training() -> None:
@@ -431,7 +432,15 @@ def test_a_seq_len_too_short_for_the_longest_clip_is_refused_before_training() -
     from mimo_titan.data import MimoDataLoader
 
     proc, _ = _audio_processor(pool=8)  # 2-5 s clips -> 17-34 tokens
+    # the start-up check reads the first batch's records (here all 32)
     with pytest.raises(
         ConfigError, match=r"training.seq_len=32 is too small for the data: .* set training.seq_len >= 4"
     ):
-        MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=2, seq_len=32)
+        MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=32, seq_len=32)
+    # later in the stream a clip too long for seq_len is skipped and counted, with one warning naming the keys
+    loader = MimoDataLoader(CC12M_SPEECH, proc, global_batch_size=2, seq_len=32, shuffle=False)
+    for _ in range(14):
+        batch = next(loader)
+        frames = batch.audio_frames.tolist()
+        assert all(1 + 6 + audio_tokens(f, _cfg(pool=8)) + 2 <= 33 for f in frames)
+    assert loader.stats["audio_too_long"] == 4 and loader.stats["records"] == 28

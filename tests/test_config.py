@@ -865,7 +865,9 @@ def _numeric_keys(cls: type, prefix: str) -> list[tuple[str, object]]:
         elif tp in (int, float, int | None, float | None, list[float], list[int]):
             out.append((key, tp))
         else:
-            assert tp in (str, bool, list[str]), f"{key}: a field of type {tp} needs a case in this test"
+            assert tp in (str, bool, list[str], str | list[str]), (
+                f"{key}: a field of type {tp} needs a case in this test"
+            )
     return out
 
 
@@ -1287,3 +1289,19 @@ def test_missing_model_section_says_what_to_add(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL_TOML.split("[model.vision]")[0] + "[training]\nsteps = 1\n")
     with pytest.raises(ConfigError, match=err(path, "one [model.<name>] table per module")):
         load_config(path)
+
+
+def test_data_path_takes_a_string_or_a_list():
+    one = {"rank_offset": 0, "num_ranks": 1}
+    from _tiny import tiny_config_dict
+
+    d = tiny_config_dict(one, one, data={"path": ["a/{0000..0009}.tar", "b/*.tar"]})
+    assert config_from_dict(d).data.path == ["a/{0000..0009}.tar", "b/*.tar"]
+    assert config_from_dict(d, ["--data.path=[x.tar, y]"]).data.path == ["x.tar", "y"]
+    assert config_from_dict(d, ["--data.path=c-{a,b}.tar"]).data.path == "c-{a,b}.tar"  # a string as written
+    cfg = config_from_dict(d, ["--data.prefetch=0", "--data.shuffle_buffer=64"])
+    assert (cfg.data.prefetch, cfg.data.shuffle_buffer) == (0, 64)
+    with pytest.raises(ConfigError, match=r"wrong type for .data\.path..*string or list of strings"):
+        config_from_dict(tiny_config_dict(one, one, data={"path": 3}))
+    with pytest.raises(ConfigError, match=r"data\.shuffle_buffer"):
+        config_from_dict(d, ["--data.shuffle_buffer=0"])

@@ -187,12 +187,19 @@ def test_train_rejects_a_bad_layout_before_any_process_group(monkeypatch):
 
 
 def _steps_worker(rank, world, device, cfg_dict, steps):
-    from mimo_titan.train.trainer import build_job, build_loader, gather_step_metrics, train_step
+    """Training steps on rank-local batches (media decoded only for this rank's encoder slices, prefetched by the
+    loader's thread); each record also lists the images this rank decoded for that step."""
+    from mimo_titan.train.trainer import build_job, build_loader, gather_step_metrics, media_slices, train_step
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
-    loader = build_loader(cfg, job.processor)
-    hist = [train_step(job, next(loader)) for _ in range(steps)]
+    loader = build_loader(cfg, job.processor, rank=rank)
+    hist = []
+    for _ in range(steps):
+        rec = train_step(job, next(loader))
+        rec["decoded"], rec["media"] = loader.last_decoded, media_slices(cfg, rank, world)
+        hist.append(rec)
+    loader.close()
     keep = cfg.metrics.history_steps  # the job keeps only the newest records
     assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
     # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
@@ -202,13 +209,22 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
 
 def _reference_losses(cfg, steps):
     """Single-process training on the same loader's batches (``tests/_reference.py``)."""
+    return _reference_run(cfg, steps)[0]
+
+
+def _reference_run(cfg, steps):
+    """:func:`_reference_losses` and, per step, the images the loader decoded (all of the batch's)."""
     from _reference import ReferenceTrainer
     from mimo_titan.train.trainer import build_loader, build_processor
 
     proc = build_processor(cfg)
     loader = build_loader(cfg, proc)
     ref = ReferenceTrainer(cfg, proc.image_token_id)
-    return [ref.step(next(loader))[0] for _ in range(steps)]
+    losses, images = [], []
+    for _ in range(steps):
+        losses.append(ref.step(next(loader))[0])
+        images.append(loader.last_decoded)
+    return losses, images
 
 
 @pytest.mark.multirank
@@ -248,12 +264,24 @@ def test_several_steps_match_single_process_training(layout, backend):
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
     )
     cfg = config_from_dict(cfg_dict)
-    ref = _reference_losses(cfg, steps)
+    ref, images = _reference_run(cfg, steps)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
         got = [r["loss"] for r in rank_hist]
         assert got == pytest.approx(ref, abs=1e-4)
     assert ref[-1] < ref[0]
+    # each image of a step is decoded by exactly one vision DP rank (its tp ranks alike) and by no other rank
+    for step in range(steps):
+        by_dp: dict[int, list] = {}
+        for rank_hist in res:
+            rec = rank_hist[step]
+            (dp,) = [m.dp_rank for m in rec["media"]] or [None]
+            if dp is None:
+                assert rec["decoded"] == [], "a language-model rank decoded media"
+            else:
+                assert by_dp.setdefault(dp, rec["decoded"]) == rec["decoded"]
+        decoded = [x for part in by_dp.values() for x in part]
+        assert sorted(decoded) == sorted(images[step]) and len(by_dp) == vision.get("dp_shard", 1)
     # metrics: each module's memory is the largest of its own ranks (rank r reported r + 1), the data wait the
     # largest of all; its FLOPs those of the flops module (MoE: active parameters) for the step's tokens and images
     last = res[0][-1]
@@ -451,7 +479,7 @@ def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
     (cut / "a.tar").write_bytes(blob[: len(blob) // 2])  # this "machine" sees a shard cut short
     errors = run_ranks(_data_worker, 2, [same, str(cut)])
     assert errors[0] == errors[1] and errors[0] is not None
-    assert "the ranks read different records from data.path (1 shard(s); rank 0: 32 records, rank 1: 1" in errors[0]
+    assert "the ranks see different data under data.path (rank 0: 1 shard(s), rank 1: 1 shard(s); " in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -512,7 +540,7 @@ def test_audio_without_audio_data_and_without_a_vit_are_refused():
     from mimo_titan.train.trainer import build_loader, build_processor
 
     cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), model={"audio": AUDIO}, parallelism={"audio": V(2, 1)}))
-    with pytest.raises(DataError, match=r"data.path=.*the model has an audio encoder but none of the 32 records"):
+    with pytest.raises(DataError, match=r"data.path=.*the model has an audio encoder but none of the first 4 records"):
         build_loader(cfg, build_processor(cfg))
     only_audio = tiny_config_dict(V(0, 1), V(1, 1), model={"speech": AUDIO}, parallelism={"speech": V(0, 1)})
     del only_audio["model"]["vision"], only_audio["parallelism"]["vision"]

@@ -8,8 +8,9 @@ Public API:
     - :class:`Sample`, :class:`Batch`, :func:`collate`, :func:`concat_batches`,
       :data:`IGNORE_INDEX`: batching.
     - :class:`PackedBatch`, :func:`pack`: packed (THD) rows with ``cu_seqlens``.
-    - :class:`MimoDataLoader`: deterministic, resumable global batches (padded or packed rows);
-      data faults skipped and counted in ``stats`` (one log line: ``stats_summary()``).
+    - :class:`MimoDataLoader`: deterministic, resumable streaming global batches (padded or packed rows) with
+      a shuffle buffer and a background thread; media decoded only for this rank's encoder slices
+      (:class:`MediaSlice`); data faults skipped and counted in ``stats`` (one log line: ``stats_summary()``).
 
 User errors (bad ``data.path`` / ``data.tokenizer``, no valid record) raise
 :class:`~mimo_titan.errors.DataError`; bad ``training.*`` sizes raise
@@ -19,11 +20,11 @@ User errors (bad ``data.path`` / ``data.tokenizer``, no valid record) raise
 """
 
 from mimo_titan.data.collate import IGNORE_INDEX, Batch, Sample, collate, concat_batches
-from mimo_titan.data.loader import MimoDataLoader
+from mimo_titan.data.loader import MediaSlice, MimoDataLoader
 from mimo_titan.data.packing import PackedBatch, pack
 from mimo_titan.data.processor import CLIP_MEAN, CLIP_STD, CorruptSampleError, ImageTextProcessor
-from mimo_titan.data.sharding import check_batch_divisibility, dp_sample_range, local_batch
-from mimo_titan.data.webdataset import iter_webdataset, resolve_shards
+from mimo_titan.data.sharding import check_batch_divisibility, dp_sample_range, local_batch, local_indices
+from mimo_titan.data.webdataset import expand_braces, iter_webdataset, resolve_shards
 
 __all__ = [
     "CLIP_MEAN",
@@ -32,6 +33,7 @@ __all__ = [
     "Batch",
     "CorruptSampleError",
     "ImageTextProcessor",
+    "MediaSlice",
     "MimoDataLoader",
     "PackedBatch",
     "Sample",
@@ -39,8 +41,10 @@ __all__ = [
     "collate",
     "concat_batches",
     "dp_sample_range",
+    "expand_braces",
     "iter_webdataset",
     "local_batch",
+    "local_indices",
     "pack",
     "resolve_shards",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "resample",
     "log_mel",
     "num_mel_frames",
+    "probe_audio",
 ]
 
 #: samples per second of every waveform this module returns
@@ -162,6 +163,57 @@ def decode_audio(data: bytes, ext: str, source: str | None = None) -> torch.Tens
         raise DataError(f"{where}: audio format {ext!r} is not supported; use wav or flac")
     mono = x_TC.mean(axis=1, dtype=np.float32) if x_TC.shape[1] > 1 else x_TC[:, 0]
     return resample(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)), rate, source)
+
+
+def probe_audio(data: bytes, ext: str, source: str | None = None) -> int:
+    """The log-mel frames :func:`log_mel` would give for an audio file, read from its header without decoding it.
+
+    A language-model rank needs a clip's length (its ``<|audio|>`` placeholder count) but not its features; this
+    reads the wav header with :mod:`wave` (and checks that the file holds all the samples it announces) or the
+    flac header with ``soundfile.info``. The samples at 16 kHz are ``n`` or ``ceil(n * 16000 / rate)`` after
+    :func:`resample`, and the frames ``samples // 160`` (:func:`num_mel_frames`), exactly what decoding gives.
+
+    Args:
+        data: The file's bytes.
+        ext: ``"wav"`` or ``"flac"``.
+        source: The file's name (or tar member), for messages.
+
+    Returns:
+        The number of 10-ms log-mel frames ``F`` (``>= 0``).
+
+    Raises:
+        DataError: The header does not parse, the file is shorter than its header says, an unsupported ``ext``;
+            :class:`MissingAudioPackage` for flac without ``soundfile`` or another rate than 16 kHz without
+            ``scipy`` (the decode would need them, so every rank finds out alike).
+    """
+    where = _where(source)
+    kind = ext.lower().lstrip(".")
+    if kind == "wav":
+        try:
+            with wave.open(io.BytesIO(data), "rb") as w:
+                channels, width, rate, frames = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+                available = len(w.readframes(frames))  # a copy of the samples; no conversion
+        except (wave.Error, EOFError, ValueError) as e:
+            raise DataError(f"{where} does not decode as wav ({e}); only uncompressed PCM wav is read") from e
+        if width not in (1, 2, 3, 4) or channels < 1 or rate <= 0:
+            raise DataError(f"{where}: wav with {width}-byte samples, {channels} channels, {rate} Hz cannot be read")
+        if available != frames * channels * width:
+            raise DataError(f"{where} is truncated: its header announces {frames} frames but fewer are present")
+    elif kind == "flac":
+        sf = _optional("soundfile")
+        if sf is None:
+            raise MissingAudioPackage(f"{where} is flac, which needs the soundfile package: `pip install soundfile`")
+        try:
+            info = sf.info(io.BytesIO(data))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise DataError(f"{where} does not decode as flac ({e}); re-encode or drop the file") from e
+        frames, rate = int(info.frames), int(info.samplerate)
+    else:
+        raise DataError(f"{where}: audio format {ext!r} is not supported; use wav or flac")
+    if rate != SAMPLE_RATE and _optional("scipy.signal") is None:
+        resample(torch.zeros(1), rate, source)  # raises MissingAudioPackage naming the rate and the fix
+    samples = frames if rate == SAMPLE_RATE else -(-frames * SAMPLE_RATE // rate)
+    return num_mel_frames(samples)
 
 
 def num_mel_frames(num_samples: int) -> int:

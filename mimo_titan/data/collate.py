@@ -8,10 +8,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "Batch", "Sample", "collate", "concat_batches", "pad_clips"]
+__all__ = ["IGNORE_INDEX", "Batch", "Sample", "cat_images", "collate", "concat_batches", "pad_clips"]
 
 #: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
 IGNORE_INDEX = -100
+
+
+def cat_images(parts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(parts)`` along dim 0, except that placeholders stay free.
+
+    A rank that does not decode a sample's images gets a placeholder instead: zeros with stride 0 along the image
+    dimension (``torch.zeros(1, 3, H, W).expand(k, 3, H, W)``, see
+    :class:`~mimo_titan.data.loader.MimoDataLoader`). When every non-empty part is such a placeholder, so is the
+    result (no memory); otherwise the placeholders become real zero rows.
+
+    Args:
+        parts: ``[k_i, ...]`` tensors with equal trailing shapes (at least one).
+
+    Returns:
+        ``[sum k_i, ...]`` float32.
+    """
+    full = [p for p in parts if p.shape[0]]
+    if full and all(p.stride(0) == 0 for p in full):
+        return full[0][:1].to(torch.float32).expand(sum(p.shape[0] for p in full), *full[0].shape[1:])
+    return torch.cat([p.to(torch.float32) for p in parts], dim=0)
 
 
 @dataclass(frozen=True)
@@ -22,7 +42,8 @@ class Sample:
         tokens: Token ids of the whole sample (see
             :meth:`~mimo_titan.data.processor.ImageTextProcessor.build_sequence`),
             at most ``seq_len + 1`` long.
-        pixel_values: ``[k, 3, H, W]`` float32, the sample's images in order.
+        pixel_values: ``[k, 3, H, W]`` float32, the sample's images in order (a zero placeholder of stride 0
+            along ``k`` where this rank does not decode them, see :func:`cat_images`).
         sample_id: Stable id of the sample in the stream.
         image_token_id: Id of the ``<|image|>`` placeholder (needed for the labels).
         image_tokens_per_image: Placeholders per image (needed for the invariant check).
@@ -59,13 +80,15 @@ class Batch:
             ``t`` in the unpadded sequence, or ``IGNORE_INDEX`` (-100) where that target
             is an ``<|image|>`` placeholder, padding, or missing (last token).
         pixel_values: ``[N_img, 3, H, W]`` float32, the images of all samples in
-            sample order (``N_img = images_per_sample.sum()``).
+            sample order (``N_img = images_per_sample.sum()``). A rank-local loader decodes only the images of
+            the samples this rank encodes; the others are zeros (a stride-0 view when none is decoded).
         images_per_sample: ``[B]`` int64.
         sample_ids: ``[B]`` int64, stable id of each sample in the stream.
         audio_features: ``[N_clip, M, T]`` float32 log-mel frames of every audio clip in sample
             order, zero-padded to the batch's longest clip (None: no audio in this run). Sample
             ``b`` owns the clips of ``clips_per_sample`` as it owns its images.
-        audio_frames: ``[N_clip]`` int64, each clip's valid frames (``<= T``).
+        audio_frames: ``[N_clip]`` int64, each clip's valid frames (``<= T``); exact also for clips this rank
+            does not decode (read from the file header), whose features are zeros.
         clips_per_sample: ``[B]`` int64 (zeros for samples without audio).
     """
 
@@ -206,7 +229,7 @@ def collate(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Batch:
     shapes = {tuple(s.pixel_values.shape[1:]) for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"all images in a batch must have the same shape, got {sorted(shapes)}")
-    pixel_values = torch.cat([s.pixel_values.to(torch.float32) for s in samples], dim=0)
+    pixel_values = cat_images([s.pixel_values for s in samples])
     audio = {}
     if samples[0].audio_token_id is not None:
         clips = [c for s in samples for c in s.audio_features]
@@ -236,15 +259,19 @@ def _mel_bins(samples: Sequence[Sample]) -> int:
 def pad_clips(clips: Sequence[Tensor], mel_bins: int = 80) -> tuple[Tensor, Tensor]:
     """Stack audio clips ``[M, F_i]`` into ``[N, M, max F_i]`` float32 (zero-padded) and their lengths ``[N]`` int64.
 
-    With no clip: ``[0, mel_bins, 1]`` and ``[0]``.
+    With no clip: ``[0, mel_bins, 1]`` and ``[0]``. Clips that are all undecoded placeholders (zeros of stride 0
+    along frames) give a stride-0 zero result (no memory).
     """
     if not clips:
         return torch.zeros(0, mel_bins, 1), torch.zeros(0, dtype=torch.int64)
     longest = max(int(c.shape[1]) for c in clips)
+    frames = torch.tensor([int(c.shape[1]) for c in clips], dtype=torch.int64)
+    if all(c.shape[1] == 0 or c.stride(1) == 0 for c in clips):
+        return torch.zeros(1, clips[0].shape[0], 1).expand(len(clips), clips[0].shape[0], max(longest, 1)), frames
     out = torch.zeros(len(clips), clips[0].shape[0], longest)
     for i, c in enumerate(clips):
         out[i, :, : c.shape[1]] = c
-    return out, torch.tensor([int(c.shape[1]) for c in clips], dtype=torch.int64)
+    return out, frames
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -283,7 +310,7 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     return Batch(
         input_ids=torch.cat([b.input_ids for b in batches], dim=0),
         labels=torch.cat([b.labels for b in batches], dim=0),
-        pixel_values=torch.cat([b.pixel_values for b in batches], dim=0),
+        pixel_values=cat_images([b.pixel_values for b in batches]),
         images_per_sample=torch.cat([b.images_per_sample for b in batches], dim=0),
         sample_ids=torch.cat([b.sample_ids for b in batches], dim=0),
         **audio,

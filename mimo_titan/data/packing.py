@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mimo_titan.data.collate import IGNORE_INDEX, Sample
+from mimo_titan.data.collate import IGNORE_INDEX, Sample, cat_images
 from mimo_titan.errors import ConfigError
 
 __all__ = [
@@ -231,7 +231,7 @@ def concat_packed_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
         position_ids=torch.cat([b.position_ids for b in batches], dim=0),
         doc_ids=torch.cat([b.doc_ids for b in batches], dim=0),
         cu_seqlens=[c for b in batches for c in b.cu_seqlens],
-        pixel_values=torch.cat([b.pixel_values for b in batches], dim=0),
+        pixel_values=cat_images([b.pixel_values for b in batches]),
         images_per_row=torch.cat([b.images_per_row for b in batches], dim=0),
         sample_ids=[list(s) for b in batches for s in b.sample_ids],
         cu_seqlens_unpadded=[c for b in batches for c in b.cu_seqlens_unpadded],
@@ -410,7 +410,7 @@ def pack(
             doc_ids[r, start:end] = d
             cu.append(end)
             cu_real.append(cu_real[-1] + n)
-            images.append(samples[i].pixel_values.to(torch.float32))
+            images.append(samples[i].pixel_values)
             n_images += samples[i].num_images
         if cu[-1] < seq_len:  # tail padding document
             doc_ids[r, cu[-1] :] = len(members)
@@ -434,7 +434,7 @@ def pack(
         position_ids=position_ids,
         doc_ids=doc_ids,
         cu_seqlens=cu_seqlens,
-        pixel_values=torch.cat(images, dim=0),
+        pixel_values=cat_images(images),
         images_per_row=torch.tensor(images_per_row, dtype=torch.int64),
         sample_ids=sample_ids,
         cu_seqlens_unpadded=cu_seqlens_unpadded,

@@ -20,7 +20,7 @@ from mimo_titan.data.collate import Batch, concat_batches
 from mimo_titan.data.packing import PackedBatch, concat_packed_batches
 from mimo_titan.errors import ConfigError
 
-__all__ = ["check_batch_divisibility", "dp_sample_range", "local_batch"]
+__all__ = ["check_batch_divisibility", "dp_sample_range", "local_batch", "local_indices"]
 
 
 def dp_sample_range(num_samples: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
@@ -50,6 +50,35 @@ def dp_sample_range(num_samples: int, dp_rank: int, dp_size: int) -> tuple[int, 
     return dp_rank * per_rank, (dp_rank + 1) * per_rank
 
 
+def local_indices(total: int, microbatches: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The global samples (rows) :func:`local_batch` gives this rank, in its order.
+
+    Args:
+        total: Samples (rows) of the global batch.
+        microbatches: Microbatches the global batch is split into.
+        dp_rank: This rank's index in the module's data-parallel group.
+        dp_size: The module's data-parallel size.
+
+    Returns:
+        ``[m * mb + i for m in range(microbatches) for i in range(*dp_sample_range(mb, dp_rank, dp_size))]``
+        with ``mb = total // microbatches``.
+
+    Raises:
+        ValueError: As :func:`local_batch`.
+    """
+    return [i for a, b in _local_ranges(total, microbatches, dp_rank, dp_size) for i in range(a, b)]
+
+
+def _local_ranges(total: int, microbatches: int, dp_rank: int, dp_size: int) -> list[tuple[int, int]]:
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    if total % microbatches != 0:
+        raise ValueError(f"a batch of {total} samples cannot be split into {microbatches} microbatches")
+    mb_size = total // microbatches
+    start, end = dp_sample_range(mb_size, dp_rank, dp_size)
+    return [(m * mb_size + start, m * mb_size + end) for m in range(microbatches)]
+
+
 def local_batch(
     global_batch: Batch | PackedBatch, microbatches: int, dp_rank: int, dp_size: int
 ) -> Batch | PackedBatch:
@@ -76,14 +105,7 @@ def local_batch(
         ValueError: ``microbatches < 1``, the batch size is not divisible by
             ``microbatches``, or the microbatch size by ``dp_size``.
     """
-    if microbatches < 1:
-        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    total = len(global_batch)
-    if total % microbatches != 0:
-        raise ValueError(f"a batch of {total} samples cannot be split into {microbatches} microbatches")
-    mb_size = total // microbatches
-    start, end = dp_sample_range(mb_size, dp_rank, dp_size)
-    ranges = [(m * mb_size + start, m * mb_size + end) for m in range(microbatches)]
+    ranges = _local_ranges(len(global_batch), microbatches, dp_rank, dp_size)
     if isinstance(global_batch, PackedBatch):
         rows = [global_batch.slice(a, b) for a, b in ranges]
         return rows[0] if len(rows) == 1 else concat_packed_batches(rows)

@@ -18,8 +18,10 @@ members may be missing, even when the cut falls exactly between two members.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +32,7 @@ from mimo_titan.errors import DataError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["ShardErrorHandler", "iter_webdataset", "resolve_shards", "split_member_name"]
+__all__ = ["ShardErrorHandler", "expand_braces", "iter_shard", "iter_webdataset", "resolve_shards", "split_member_name"]
 
 _CONFIG_KEY = "data.path"
 
@@ -40,46 +42,108 @@ _CONFIG_KEY = "data.path"
 ShardErrorHandler = Callable[[str, int, Exception], None]
 
 
-def resolve_shards(path: str | os.PathLike[str]) -> list[str]:
-    """Turn the ``data.path`` setting into a list of tar shards.
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand brace patterns the way a shell (and WebDataset's shard lists) do, left to right.
+
+    ``{0000..0099}`` is a numeric range, inclusive, zero-padded to the width of its first bound
+    (``cc12m-{0000..0002}.tar`` -> ``cc12m-0000.tar``, ``cc12m-0001.tar``, ``cc12m-0002.tar``); ``{a,b}`` is a
+    list. Several groups multiply (``{a,b}-{0..1}`` gives 4 names); a brace without ``..`` or ``,`` inside stays
+    as written.
 
     Args:
-        path: A ``.tar`` file, or a directory whose ``*.tar`` files (not recursive)
-            are the shards.
+        pattern: A path, possibly with brace groups.
 
     Returns:
-        The shard paths; for a directory, sorted by file name so that every rank
-        sees the same order.
+        The expanded names, in expansion order (not sorted, not de-duplicated).
 
     Raises:
-        DataError: ``path`` does not exist, is a file that is not a ``.tar``, or is a
-            directory with no ``.tar`` files in it (messages name ``data.path``).
+        DataError: A range whose first bound is greater than its last (names ``data.path``).
     """
-    p = os.fspath(path)
-    if not os.path.exists(p):
+    m = next((m for m in _BRACE.finditer(pattern) if ".." in m.group(1) or "," in m.group(1)), None)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    r = _RANGE.match(body)
+    if r is not None:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        if lo > hi:
+            raise DataError(
+                f"{_CONFIG_KEY}: the range {{{body}}} in {pattern!r} is empty (first bound > last); write it "
+                f"as {{{r.group(2)}..{r.group(1)}}}"
+            )
+        width = len(r.group(1).lstrip("-"))
+        items = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def _shards_of_one(entry: str) -> list[str]:
+    """The shards one ``data.path`` entry names (after brace expansion): a ``.tar`` file, a directory's ``*.tar``
+    files, or a glob's matches (files ending in ``.tar``, and the ``*.tar`` of matched directories)."""
+    if glob.has_magic(entry):
+        found = sorted(glob.glob(entry))
+        out = [p for f in found for p in (_tars_in(f) if os.path.isdir(f) else [f] if f.endswith(".tar") else [])]
+        if not out:
+            raise DataError(
+                f"{_CONFIG_KEY}: the pattern {entry!r} matches no .tar shard; check the pattern (globs *, ?, [..] "
+                "and brace ranges {0000..0099} are expanded) or point data.path at a .tar file or a directory"
+            )
+        return out
+    if not os.path.exists(entry):
         raise DataError(
-            f"{_CONFIG_KEY}={p!r} does not exist; set {_CONFIG_KEY} to a WebDataset "
-            f".tar shard or to a directory containing .tar shards"
+            f"{_CONFIG_KEY}={entry!r} does not exist; set {_CONFIG_KEY} to a WebDataset "
+            f".tar shard, a directory containing .tar shards, a glob or a brace pattern (cc12m-{{0000..0099}}.tar)"
         )
-    if os.path.isdir(p):
-        shards = sorted(
-            os.path.join(p, name)
-            for name in os.listdir(p)
-            if name.endswith(".tar") and os.path.isfile(os.path.join(p, name))
-        )
+    if os.path.isdir(entry):
+        shards = _tars_in(entry)
         if not shards:
             raise DataError(
-                f"{_CONFIG_KEY}={p!r} is a directory without any .tar shards; point "
+                f"{_CONFIG_KEY}={entry!r} is a directory without any .tar shards; point "
                 f"{_CONFIG_KEY} at a directory containing WebDataset .tar files or at "
                 f"one .tar file"
             )
         return shards
-    if not p.endswith(".tar"):
+    if not entry.endswith(".tar"):
         raise DataError(
-            f"{_CONFIG_KEY}={p!r} is not a .tar file; set {_CONFIG_KEY} to a WebDataset "
+            f"{_CONFIG_KEY}={entry!r} is not a .tar file; set {_CONFIG_KEY} to a WebDataset "
             f".tar shard or to a directory containing .tar shards"
         )
-    return [p]
+    return [entry]
+
+
+def _tars_in(folder: str) -> list[str]:
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.endswith(".tar") and os.path.isfile(os.path.join(folder, name))
+    )
+
+
+def resolve_shards(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Turn the ``data.path`` setting into the sorted list of tar shards.
+
+    Args:
+        path: One entry or a list of entries; each is a ``.tar`` file, a directory whose ``*.tar`` files (not
+            recursive) are shards, a glob (``/data/cc12m-*.tar``) or a brace pattern (``cc12m-{0000..0099}.tar``,
+            ``{train,extra}/*.tar``; see :func:`expand_braces`).
+
+    Returns:
+        The shard paths, sorted and de-duplicated (every rank sees the same order).
+
+    Raises:
+        DataError: An entry (after expansion) that does not exist, a directory without ``.tar`` files, a file
+            that is not a ``.tar``, a pattern that matches no shard, or an empty list (messages name
+            ``data.path``).
+    """
+    entries = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
+    if not entries:
+        raise DataError(f"{_CONFIG_KEY} is an empty list; give at least one .tar shard, directory or pattern")
+    return sorted({shard for entry in entries for name in expand_braces(entry) for shard in _shards_of_one(name)})
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -108,7 +172,7 @@ class _MarkerTarInfo(tarfile.TarInfo):
     ``TarFile`` ends its member loop without an error on an empty, truncated or
     invalid header after the first member; only an all-zero block
     (``EOFHeaderError``) is the real end-of-archive marker. The last header error is
-    kept as ``tar._mimo_header_error`` so that :func:`_iter_shard` can tell the two
+    kept as ``tar._mimo_header_error`` so that :func:`iter_shard` can tell the two
     apart.
     """
 
@@ -165,14 +229,33 @@ def _gzip_damage(path: str) -> None:
             pass
 
 
-def _iter_shard(path: str, on_error: ShardErrorHandler | None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The records of one shard; see :func:`iter_webdataset`."""
+def iter_shard(
+    path: str, on_error: ShardErrorHandler | None = None, wanted: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """The records of one shard with their index in it: ``(index, key, fields)``.
+
+    ``index`` counts every complete record of the shard (``0, 1, 2, ...`` in tar order), so ``(shard, index)``
+    names a record for good: a resumed reader skips to it, and a shuffle buffer is saved as such pairs.
+
+    Args:
+        path: The shard.
+        on_error: As ``on_shard_error`` of :func:`iter_webdataset` (``None``: raise a ``DataError``).
+        wanted: ``wanted(index)`` says whether to read a record's data: the members of unwanted records are
+            stepped over without being read into memory and are not yielded, but still counted.
+
+    Yields:
+        ``(index, key, fields)`` as :func:`iter_webdataset` describes ``(key, fields)``.
+
+    Raises:
+        DataError: Without ``on_error``, the shard is missing or damaged.
+    """
     records_read = 0
     try:
         _gzip_damage(path)
         with tarfile.open(path, mode="r|*", tarinfo=_MarkerTarInfo) as tar:
             current_key: str | None = None
             fields: dict[str, bytes] = {}
+            seen = False  # the current record has at least one member
             for member in tar:
                 if not member.isfile():
                     continue
@@ -181,18 +264,23 @@ def _iter_shard(path: str, on_error: ShardErrorHandler | None) -> Iterator[tuple
                     continue
                 key, ext = parts
                 if key != current_key:
-                    if current_key is not None and fields:
+                    if current_key is not None and seen:
+                        if wanted is None or wanted(records_read):
+                            yield records_read, current_key, fields
                         records_read += 1
-                        yield current_key, fields
-                    current_key, fields = key, {}
+                    current_key, fields, seen = key, {}, False
+                seen = True
+                if wanted is not None and not wanted(records_read):
+                    continue  # the stream steps over the member's data
                 handle = tar.extractfile(member)
                 fields[ext] = handle.read() if handle is not None else b""
             damage = _missing_end_marker(tar) or _overlong_tail(tar)
             if damage is not None:
                 raise damage  # the record in ``fields`` may lack members: dropped
-            if current_key is not None and fields:
+            if current_key is not None and seen:
+                if wanted is None or wanted(records_read):
+                    yield records_read, current_key, fields
                 records_read += 1
-                yield current_key, fields
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if on_error is None:
             raise DataError(
@@ -235,4 +323,5 @@ def iter_webdataset(
             message names it and the number of records read before the damage).
     """
     for path in paths:
-        yield from _iter_shard(path, on_shard_error)
+        for _, key, fields in iter_shard(path, on_shard_error):
+            yield key, fields

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from torch import nn
 import kernels
 from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.config import Config, MoEConfig
-from mimo_titan.data import ImageTextProcessor, MimoDataLoader, check_batch_divisibility
+from mimo_titan.data import ImageTextProcessor, MediaSlice, MimoDataLoader, check_batch_divisibility
 from mimo_titan.errors import ConfigError, DataError, TrainingError, UserError
 from mimo_titan.models.audio import audio_tokens
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
@@ -557,10 +556,32 @@ def build_processor(cfg: Config) -> ImageTextProcessor:
     return processor
 
 
-def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
-    """The global-batch loader of ``cfg`` (identical on every rank): rows of :func:`padded_seq_len` tokens; with
-    ``data.packing`` packed THD rows whose documents are padded to a multiple of ``2·cp``."""
+def media_slices(cfg: Config, rank: int, world: int) -> list[MediaSlice]:
+    """The media ``rank`` decodes: for each encoder it holds on its first pipeline stage, the encoder's medium
+    (``image`` / ``audio``) for its data-parallel slice. A language-model-only rank decodes nothing. Pure (no
+    process group): from the layouts of ``cfg``."""
+    layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
+    role = rank_role(layouts, rank, world)
+    out = []
+    for name, section in cfg.model.encoders.items():
+        if role.holds(name) and role.is_first_stage(name):
+            out.append(MediaSlice(encoder_spec(section.type).media, role.dp_rank(name), role.dp_size(name)))
+    return out
+
+
+def build_loader(cfg: Config, processor: ImageTextProcessor, rank: int | None = None) -> MimoDataLoader:
+    """The global-batch loader of ``cfg``: rows of :func:`padded_seq_len` tokens; with ``data.packing`` packed THD
+    rows whose documents are padded to a multiple of ``2·cp``. Every rank gets the same token rows.
+
+    Args:
+        cfg: The run's config.
+        processor: From :func:`build_processor`.
+        rank: This global rank: the loader then decodes only the media of the encoder slices it holds
+            (:func:`media_slices`; needs ``WORLD_SIZE``); ``None`` decodes every sample's media (one process,
+            the reference of the tests).
+    """
     lang = layouts_from_config(cfg.parallelism, cfg.model.language_name)[cfg.model.language_name]
+    media = None if rank is None else media_slices(cfg, rank, int(os.environ.get("WORLD_SIZE", 1)))
     return MimoDataLoader(
         cfg.data.path,
         processor,
@@ -571,6 +592,10 @@ def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
         seed=cfg.job.seed,
         packing=cfg.data.packing,
         pack_multiple=2 * lang.cp if cfg.data.packing and lang.cp > 1 else 1,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        prefetch=cfg.data.prefetch,
+        media=media,
+        microbatches=cfg.training.microbatches,
     )
 
 
@@ -927,26 +952,36 @@ def _setup_logging(rank: int) -> None:
 
 
 def check_same_data(loader: MimoDataLoader, device: torch.device) -> None:
-    """Every rank reads the shards itself; make sure they all kept the same records (a shard that one machine
-    cannot read, or a file that changed between the ranks' reads, would silently give that rank another stream).
+    """Every rank reads the shards itself; make sure they all see the same data (a shard that one machine cannot
+    read, or a file that changed between the ranks' reads, would silently give that rank another stream). Cheap:
+    compares :meth:`MimoDataLoader.fingerprint` (shard names and sizes, keys of the first records).
 
     Raises:
-        DataError: on every rank, naming the ranks whose records differ from rank 0's and their counts.
+        DataError: on every rank, naming the ranks whose data differ from rank 0's.
     """
     world = dist.get_world_size()
     if world == 1:
         return
-    digest = hashlib.sha256("\n".join(loader.record_keys).encode()).digest()[:8]
-    mine = torch.tensor([loader.num_records, int.from_bytes(digest, "little", signed=True)], device=device)
+    mine = torch.tensor(loader.fingerprint(), dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
     differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
     if differ:
-        counts = ", ".join(f"rank {r}: {int(gathered[r][0])} records" for r in [0, *differ[:8]])
+        counts = ", ".join(f"rank {r}: {int(gathered[r][0])} shard(s)" for r in [0, *differ[:8]])
         raise DataError(
-            f"the ranks read different records from data.path ({len(loader.shards)} shard(s); {counts}): every rank "
-            "must see the same shards; check that data.path is the same, complete and readable on every machine"
+            f"the ranks see different data under data.path ({counts}; shard names, sizes or first records differ "
+            f"on ranks {differ[:8]}): every rank must see the same shards; check that data.path is the same, "
+            "complete and readable on every machine"
         )
+
+
+def gather_decode_counts(loader: MimoDataLoader, device: torch.device) -> list[list[int]]:
+    """Every rank's ``[decoded_images, decoded_audio]`` (one all-gather; every rank must call it)."""
+    s = loader.stats
+    mine = torch.tensor([s["decoded_images"], s["decoded_audio"]], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [t.tolist() for t in gathered]
 
 
 def set_group_timeouts(timeout_s: float) -> None:
@@ -1100,7 +1135,7 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
         logger.info("config (resolved): %s", json.dumps(cfg.to_dict()))
         check_host_memory(cfg)
         processor = build_processor(cfg)
-        loader = build_loader(cfg, processor)
+        loader = build_loader(cfg, processor, rank=int(os.environ.get("RANK", 0)))
         ckpt = CheckpointManager(cfg)
         ckpt.validate(loader)
         return _run(cfg, max_steps, processor, loader, ckpt, stopper)
@@ -1180,6 +1215,8 @@ def _run(
                 break
         if logged != job.step:
             logger.info("%s", loader.stats_summary())
+        counts = gather_decode_counts(loader, device)
+        logger.info("data: decoded per rank: images %s, audio clips %s", *[[c[i] for c in counts] for i in (0, 1)])
         watchdog.progress("finishing")
         ok = True
         return job.history
