@@ -9,6 +9,7 @@ ready. Faults in the data are skipped and counted; see :class:`MimoDataLoader` (
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import logging
@@ -18,6 +19,7 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -854,6 +856,8 @@ class MimoDataLoader:
         self._consumed = dict(state)
 
     # --------------------------------------------------------- the worker
+    # A daemon thread still inside a torch op when the interpreter finalises aborts the process ("terminate called
+    # without an active exception", exit status 134): every live worker is stopped and joined at exit.
     def _worker(self, q: queue.Queue, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
@@ -915,6 +919,7 @@ class MimoDataLoader:
                     target=self._worker, args=(self._queue, self._stop), name="mimo-data", daemon=True
                 )
                 self._thread.start()
+                _LIVE_WORKERS.add(self)
             assert self._queue is not None
             got = self._queue.get()
             if isinstance(got, _Failure):
@@ -1006,3 +1011,13 @@ def _placeholder(zeros: Tensor, n: int, dim: int = 0) -> Tensor:
     shape = [*zeros.shape[:dim], n, *zeros.shape[dim:]]
     stride = [*zeros.stride()[:dim], 0, *zeros.stride()[dim:]]
     return zeros.as_strided(shape, stride)
+
+
+#: Loaders whose background thread may be running (stopped and joined at interpreter exit).
+_LIVE_WORKERS: weakref.WeakSet[MimoDataLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for loader in list(_LIVE_WORKERS):
+        loader.close()

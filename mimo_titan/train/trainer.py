@@ -1136,9 +1136,12 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
         check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor, rank=int(os.environ.get("RANK", 0)))
-        ckpt = CheckpointManager(cfg)
-        ckpt.validate(loader)
-        return _run(cfg, max_steps, processor, loader, ckpt, stopper)
+        try:
+            ckpt = CheckpointManager(cfg)
+            ckpt.validate(loader)
+            return _run(cfg, max_steps, processor, loader, ckpt, stopper)
+        finally:
+            loader.close()  # the background data thread
     finally:
         stopper.uninstall()
 
