@@ -1,8 +1,9 @@
 """Build a MIMO training job from a ``Config`` and run its loop.
 
 :func:`validate_job` checks everything that can be checked without a process group; :func:`build_job`
-creates the meshes, the per-module model parts (same initial weights whatever the layout: every rank builds
-the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the bridge and the schedule;
+creates the meshes, the per-module model parts (built on the meta device, split, parallelised, then only this
+rank's shards are allocated and initialised, with the same values whatever the layout: :class:`_InitPlan`), FSDP,
+optimizers, the bridge and the schedule;
 :func:`train_step` runs one optimizer step; :func:`train` is the loop that ``scripts/train.py`` calls.
 """
 
@@ -606,6 +607,11 @@ def build_loader(cfg: Config, processor: ImageTextProcessor) -> MimoDataLoader:
 
 def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
     """Build meshes, model parts, FSDP, optimizers, bridge and schedule on this rank.
+
+    The model is built on the meta device; each part this rank holds (an encoder or its pipeline stage, the language
+    stage(s)) is split from it, parallelised there (EP, CP, TP, FSDP2) and only then materialised: the rank allocates
+    exactly its FSDP / TP / EP shards, initialised to the same elements as ``MimoModel.init_weights(job.seed)``
+    (:mod:`mimo_titan.models.init`). Modules and stages it does not hold are never allocated.
 
     Requires an initialised default process group whose size matches the layouts. Every rank makes the same
     process-group calls in the same order.
