@@ -516,15 +516,40 @@ def _batch(cfg, processor, no_image_samples, roll=0, no_audio_samples=()):
     return replace(b, input_ids=ids, pixel_values=b.pixel_values[keep], images_per_sample=ims)
 
 
+def _build_on_meta(cfg, device):
+    """``build_job``, checking that the rank builds the full model on the meta device only (never with memory), holds
+    exactly the modules of its role, and has no tensor left on meta."""
+    from mimo_titan.models.mimo import MimoModel
+    from mimo_titan.train.trainer import build_job
+
+    devices, init = [], MimoModel.__init__
+
+    def spy(self, *args, **kwargs):
+        devices.append(torch.empty(()).device.type)  # the default device the model's tensors are built on
+        init(self, *args, **kwargs)
+
+    MimoModel.__init__ = spy  # type: ignore[method-assign]
+    try:
+        job = build_job(cfg, device)
+    finally:
+        MimoModel.__init__ = init  # type: ignore[method-assign]
+    assert devices and set(devices) == {"meta"}, devices
+    assert set(job.modules) == {n for n in job.topology.layouts if job.topology.role.holds(n)}
+    for name, module in job.modules.items():
+        left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        assert not left, f"{name}: {left}"
+    return job
+
+
 def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
     from torch.distributed.tensor import DTensor
 
     import kernels
     from mimo_titan.config import config_from_dict
-    from mimo_titan.train.trainer import build_job, canonical_named_parameters, train_step
+    from mimo_titan.train.trainer import canonical_named_parameters, train_step
 
     cfg = config_from_dict(cfg_dict)
-    job = build_job(cfg, device)
+    job = _build_on_meta(cfg, device)
     no_image_samples, roll, no_audio = no_image_samples
     batch = _batch(cfg, job.processor, no_image_samples, roll, no_audio)
     kernels.reset_dispatch_counts()

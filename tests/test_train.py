@@ -398,8 +398,8 @@ def test_a_model_too_big_for_host_memory_is_refused_before_any_process_group(mon
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(
         ConfigError,
-        match=r"the largest is language.model.embed_tokens.weight \[1000000000, 64\]\); "
-        r"every rank builds the whole model .* the 2 rank\(s\) on this machine need 1024 GB but 68.7 GB",
+        match=r"the largest is language.model.embed_tokens.weight \[1000000000, 64\]\); each rank allocates its "
+        r"shards .* the 2 rank\(s\) on this machine need 512 GB but 68.7 GB",
     ):
         trainer.check_host_memory(cfg)
     trainer.check_host_memory(config_from_dict(tiny_config_dict(V(0, 1), V(1, 1))))  # the tiny model fits

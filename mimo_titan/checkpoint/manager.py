@@ -604,6 +604,11 @@ class CheckpointManager:
         """Resume ``job`` and ``loader`` from the checkpoint :meth:`resume_step` picks, or initialise the model from
         ``checkpoint.initial_load_path`` when the folder has none. Returns True if training state was resumed.
 
+        Either way DCP reads each rank's entries straight into its local shards (:func:`model_state` gives views of
+        the live FSDP / TP / EP tensors, resharded by chunk offsets): no rank allocates a full module or a tensor of
+        a module it does not hold. (Hugging Face weights are imported offline first, by ``scripts/convert_hf.py
+        import``, which holds one full model in a single process.)
+
         The optimizer hyper-parameters and the LR schedule then follow the *current* config at the resumed step
         (:meth:`_apply_current_hparams`); one line on rank 0 says which of them differ from the saved run.
         Shapes are checked by :meth:`validate` (before any process group), not here.

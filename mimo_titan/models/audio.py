@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo_titan.errors import DataError
+from mimo_titan.models.init import InitRule, init_module_, resolve_seed
 from mimo_titan.models.vit import Projector
 
 if TYPE_CHECKING:
@@ -242,20 +243,26 @@ class AudioEncoder(nn.Module):
             rows_RD = mean_NGD[count_NG > 0]
         return self.projector(rows_RD)
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Truncated-normal(std) weights, zero biases, unit LayerNorm scales, Whisper's sinusoidal positions.
-
-        Uses the global torch RNG (deterministic given ``torch.manual_seed``); also fills tensors built on the meta
-        device and materialized with ``to_empty``.
-        """
-        for m in self.modules():
+    def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
+        """Init of every tensor, names relative to this encoder (:mod:`mimo_titan.models.init`): truncated
+        normal(std) weights, zero biases, unit LayerNorm scales, Whisper's sinusoidal positions (a buffer)."""
+        normal = InitRule("trunc_normal", std)
+        rules: dict[str, InitRule] = {}
+        for qual, m in self.named_modules():
+            pre = f"{qual}." if qual else ""
             if isinstance(m, (nn.Linear, nn.Conv1d)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                rules[pre + "weight"] = normal
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    rules[pre + "bias"] = InitRule("zeros")
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                rules[pre + "weight"], rules[pre + "bias"] = InitRule("ones"), InitRule("zeros")
             elif isinstance(m, _Positions):
-                m.weight.copy_(sinusoids(*m.weight.shape))
+                rules[pre + "weight"] = InitRule("table", table=lambda shape: sinusoids(*shape))
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise in place (:meth:`init_rules`, :func:`~mimo_titan.models.init.init_module_`) from ``seed``, or
+        with None from a seed drawn from the global torch RNG; also fills tensors built on the meta device and
+        materialized with ``to_empty``."""
+        init_module_(self, resolve_seed(seed))

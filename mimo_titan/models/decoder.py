@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mimo_titan.models.init import InitRule, init_module_, resolve_seed
 from mimo_titan.models.mlp import SwiGLU
-from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+from mimo_titan.models.moe import MoE
 from mimo_titan.models.varlen_attention import PlanCache, VarlenPlan, build_plan, causal_sdpa, varlen_attention
 
 if TYPE_CHECKING:
@@ -309,14 +310,26 @@ class DecoderLM(nn.Module):
             h = self.lm_head(h)
         return h
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Truncated-normal(std) linear and embedding weights, unit norm scales. Uses the global torch RNG."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+    def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
+        """Init of every tensor of this (part of the) LM, names relative to it (:mod:`mimo_titan.models.init`):
+        truncated normal(std) linear, embedding and MoE weights, unit norm scales. With tied embeddings a pipeline
+        stage's own ``lm_head.weight`` copy is drawn as ``model.embed_tokens.weight`` (equal values)."""
+        normal = InitRule("trunc_normal", std)
+        rules: dict[str, InitRule] = {}
+        for qual, m in self.named_modules():
+            pre = f"{qual}." if qual else ""
+            if isinstance(m, MoE):
+                rules.update({pre + k: r for k, r in m.init_rules(std).items()})
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                rules.setdefault(pre + "weight", normal)
             elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, (TopKRouter, GroupedExperts)):
-                for p in m.parameters(recurse=False):
-                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+                rules[pre + "weight"] = InitRule("ones")
+        if self.cfg.tie_word_embeddings and self.lm_head is not None:
+            rules["lm_head.weight"] = InitRule("trunc_normal", std, seed_name="model.embed_tokens.weight")
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise in place (:meth:`init_rules`, :func:`~mimo_titan.models.init.init_module_`) from ``seed``, or
+        with None from a seed drawn from the global torch RNG."""
+        init_module_(self, resolve_seed(seed))

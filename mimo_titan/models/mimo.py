@@ -12,6 +12,7 @@ special-token positions in the language model's input embeddings), LLaVA's merge
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from kernels import zigzag_position_ids, zigzag_shard, zigzag_shard_thd
 from mimo_titan.models.decoder import DecoderLM
+from mimo_titan.models.init import init_module_, module_init_seeds
 from mimo_titan.models.specs import encoder_spec, rows_of
 
 if TYPE_CHECKING:
@@ -237,18 +239,15 @@ class MimoModel(nn.Module):
         """The encoder module of ``[model.<name>]``."""
         return getattr(self, name)
 
+    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init, independent of any parallel layout: the encoders in config order, then the LM; the
-        module at position k is drawn from ``seed + k``.
-
-        The CPU RNG state is restored afterwards (initialisation runs on CPU).
-        """
-        with torch.random.fork_rng(devices=[]):
-            for k, name in enumerate(self.encoder_names):
-                torch.manual_seed(seed + k)
-                self.encoder(name).init_weights()  # type: ignore[operator]
-            torch.manual_seed(seed + len(self.encoder_names))
-            self.lm.init_weights()
+        """Deterministic init, independent of any parallel layout (:mod:`mimo_titan.models.init`): the module at
+        position k (encoders in config order, then the LM) has init seed ``seed + k``, every tensor its own seed
+        from that and its name here (``vision.*``, ``language.*``), so a rank that materialises only its shards of
+        a meta-device model gets exactly these values. The global RNG is not touched."""
+        seeds = module_init_seeds(seed, [*self.encoder_names, self.language_name])
+        for name, module_seed in seeds.items():
+            init_module_(getattr(self, name), module_seed, functools.partial(full_model_key, name))
 
     def forward(
         self,

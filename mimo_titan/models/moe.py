@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import permute_tokens, unpermute_tokens
+from mimo_titan.models.init import InitRule
 from mimo_titan.models.mlp import SwiGLU
 
 if TYPE_CHECKING:
@@ -195,6 +196,17 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)
         self.last_aux_loss = torch.zeros(())
         self.aux_loss_sum = torch.zeros(())
+
+    def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
+        """Init of every tensor of this layer (names relative to it; :mod:`mimo_titan.models.init`): truncated
+        normal(std) router, expert and shared-expert weights; zero routing bias and counts."""
+        normal = InitRule("trunc_normal", std)
+        rules = {"gate.weight": normal, "gate.e_score_correction_bias": InitRule("zeros")}
+        rules.update({f"experts.{w}": normal for w in ("w_gate", "w_up", "w_down")})
+        if self.shared_expert is not None:
+            rules.update({f"shared_expert.{n}": normal for n, _ in self.shared_expert.named_parameters()})
+        rules["tokens_per_expert"] = InitRule("zeros")
+        return rules
 
     def reset_stats(self) -> None:
         """Zero the per-step statistics (routed-copy counts, aux-loss sum over microbatches)."""

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimo_titan.models.moe import GroupedExperts, MoE, TopKRouter
+from mimo_titan.models.init import InitRule, init_module_, resolve_seed
+from mimo_titan.models.moe import MoE
 
 if TYPE_CHECKING:
     from mimo_titan.config import MoEConfig, VisionModelConfig
@@ -219,19 +220,27 @@ class VisionEncoder(nn.Module):
         """Whether this (part of the) encoder ends with the projector (its output crosses the bridge)."""
         return self.multi_modal_projector is not None
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Truncated-normal(std) weights, zero biases, unit LayerNorm scales. Uses the global torch RNG."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+    def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
+        """Init of every tensor of this (part of the) encoder, names relative to it (:mod:`mimo_titan.models.init`):
+        truncated normal(std) weights (linear, patch, position, MoE), zero biases, unit LayerNorm scales."""
+        normal = InitRule("trunc_normal", std)
+        rules: dict[str, InitRule] = {}
+        for qual, m in self.named_modules():
+            pre = f"{qual}." if qual else ""
+            if isinstance(m, MoE):
+                rules.update({pre + k: r for k, r in m.init_rules(std).items()})
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                rules.setdefault(pre + "weight", normal)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    rules[pre + "bias"] = InitRule("zeros")
             elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                rules[pre + "weight"] = normal
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (TopKRouter, GroupedExperts)):
-                for p in m.parameters(recurse=False):
-                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+                rules[pre + "weight"], rules[pre + "bias"] = InitRule("ones"), InitRule("zeros")
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise in place (:meth:`init_rules`, :func:`~mimo_titan.models.init.init_module_`) from ``seed``, or
+        with None from a seed drawn from the global torch RNG."""
+        init_module_(self, resolve_seed(seed))

@@ -26,7 +26,8 @@ class EncoderPlans:
 
     Attributes:
         apply_tp: ``(module, tp_mesh) -> module``: tensor + sequence parallelism, in place.
-        split: ``(module, pp, stage, name) -> module``: the part pipeline ``stage`` of ``pp`` runs (a copy).
+        split: ``(module, pp, stage, name) -> module``: the part pipeline ``stage`` of ``pp`` runs (a copy of the
+            kept parts only; a meta-device module gives a meta-device part).
         stage_of: ``(param name relative to the encoder, num_layers, pp) -> stage`` holding it.
         tokens_per_item: ``section config -> int``: rows each item gives (what travels between its stages per
             item is ``[tokens_per_item, hidden_size]``).

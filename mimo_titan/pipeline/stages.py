@@ -4,7 +4,8 @@ With ``parallelism.pipeline_schedule = "Interleaved1F1B"`` and ``parallelism.vir
 model is split into ``pp · v`` stages (chunks) and pp rank ``r`` holds stages ``r, r + pp, ..., r + (v - 1)·pp``
 (:func:`virtual_stage_indices`); :class:`LanguageChunks` holds them as one module under the single stage's names.
 
-Method: torchtitan's manual pipeline split (deep-copy, then drop the layers and heads a stage does not own);
+Method: torchtitan's manual pipeline split (copy, then drop the layers and heads a stage does not own; here the
+dropped parts are never copied, and the trainer splits a meta-device model);
 virtual stages as Megatron-LM's ``virtual_pipeline_model_parallel_size`` (Narayanan et al. 2021) and torchtitan's
 looped stage-to-rank assignment for ``ScheduleInterleaved1F1B``.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -49,15 +51,28 @@ def stage_layer_range(num_layers: int, pp: int, stage: int, module: str = "langu
     return range(start, start + base + (1 if stage < extra else 0))
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _copy_without(module: _M, dropped: Sequence[nn.Module | None]) -> _M:
+    """A deep copy of ``module`` in which the ``dropped`` submodules are ``None`` and were never copied: a meta-device
+    module stays on meta (no memory), a real one copies only the parts it keeps. Parameters shared between a kept and
+    a dropped submodule (tied embeddings) are copied with the kept one."""
+    memo: dict[int, object] = {id(m): None for m in dropped if m is not None}
+    return copy.deepcopy(module, memo)
+
+
 def _keep_layers(layers: nn.ModuleDict, keep: range) -> None:
-    """Drop, in place, the layers (keyed by global index) outside ``keep``."""
+    """Drop, in place, the layers (keyed by global index) outside ``keep`` (also the ``None`` left by
+    :func:`_copy_without`)."""
     for name in list(layers.keys()):
         if int(name) not in keep:
             del layers[name]
 
 
 def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
-    """The part of ``lm`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``lm`` is untouched). With virtual
+    """The part of ``lm`` that pipeline ``stage`` of ``pp`` runs (a copy of the kept parts only; ``lm`` is
+    untouched; a meta-device ``lm`` gives a meta-device part, to be materialised after parallelisation). With virtual
     stages ``pp`` is the number of stages of the whole pipeline (``pp · virtual_stages``) and ``stage`` a global stage
     index (:func:`virtual_stage_indices`).
 
@@ -70,7 +85,12 @@ def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
         ValueError: on ``num_layers < pp``.
     """
     keep = stage_layer_range(len(lm.model.layers), pp, stage)
-    part = copy.deepcopy(lm)
+    dropped: list[nn.Module | None] = [layer for key, layer in lm.model.layers.items() if int(key) not in keep]
+    if stage != 0:
+        dropped.append(lm.model.embed_tokens)
+    if stage != pp - 1:
+        dropped += [lm.model.norm, lm.lm_head]
+    part = _copy_without(lm, dropped)
     _keep_layers(part.model.layers, keep)
     if stage != 0:
         part.model.embed_tokens = None
@@ -81,7 +101,8 @@ def split_language_model(lm: DecoderLM, pp: int, stage: int) -> DecoderLM:
 
 
 def split_vision_encoder(encoder: VisionEncoder, pp: int, stage: int, module: str = "vision") -> VisionEncoder:
-    """The part of a vision ``encoder`` that pipeline ``stage`` of ``pp`` runs (a deep copy; ``encoder`` is untouched).
+    """The part of a vision ``encoder`` that pipeline ``stage`` of ``pp`` runs (a copy of the kept parts only;
+    ``encoder`` is untouched; meta stays meta).
 
     Stage 0 keeps the patch embeddings; the last stage keeps ``post_layernorm`` and the projector; each stage keeps
     its contiguous range of blocks (:func:`stage_layer_range`) under their global names. Between stages travels
@@ -91,7 +112,13 @@ def split_vision_encoder(encoder: VisionEncoder, pp: int, stage: int, module: st
         ValueError: ``num_layers < pp``.
     """
     keep = stage_layer_range(len(encoder.vision_model.encoder.layers), pp, stage, module)
-    part = copy.deepcopy(encoder)
+    vit = encoder.vision_model
+    dropped: list[nn.Module | None] = [layer for key, layer in vit.encoder.layers.items() if int(key) not in keep]
+    if stage != 0:
+        dropped.append(vit.embeddings)
+    if stage != pp - 1:
+        dropped += [vit.post_layernorm, encoder.multi_modal_projector]
+    part = _copy_without(encoder, dropped)
     _keep_layers(part.vision_model.encoder.layers, keep)
     if stage != 0:
         part.vision_model.embeddings = None

@@ -1,8 +1,9 @@
 """Build a MIMO training job from a ``Config`` and run its loop.
 
 :func:`validate_job` checks everything that can be checked without a process group; :func:`build_job`
-creates the meshes, the per-module model parts (same initial weights whatever the layout: every rank builds
-the full model from ``job.seed`` and keeps its part), FSDP, optimizers, the bridge and the schedule;
+creates the meshes, the per-module model parts (built on the meta device, split, parallelised, then only this
+rank's shards are allocated and initialised, with the same values whatever the layout: :class:`_InitPlan`), FSDP,
+optimizers, the bridge and the schedule;
 :func:`train_step` runs one optimizer step; :func:`train` is the loop that ``scripts/train.py`` calls.
 """
 
@@ -31,6 +32,7 @@ from mimo_titan.config import Config, MoEConfig
 from mimo_titan.data import ImageTextProcessor, MediaSlice, MimoDataLoader, check_batch_divisibility
 from mimo_titan.errors import ConfigError, DataError, TrainingError, UserError
 from mimo_titan.models.audio import audio_tokens
+from mimo_titan.models.init import init_module_, module_init_seeds
 from mimo_titan.models.mimo import LanguageStage, MimoModel, full_model_key
 from mimo_titan.models.moe import MoE
 from mimo_titan.models.specs import encoder_spec
@@ -62,6 +64,7 @@ from mimo_titan.train.watchdog import Watchdog, process_group_timeout
 
 __all__ = [
     "check_host_memory",
+    "rank_parameter_shares",
     "set_group_timeouts",
     "validate_job",
     "check_kernel_backend",
@@ -331,11 +334,45 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
+def rank_parameter_shares(cfg: Config, world_size: int) -> list[int]:
+    """The parameters each rank allocates (from a meta-device model: no memory, no process group): for every module
+    it holds, its pipeline stage's parameters (its virtual stages' for the language model) divided by the module's
+    shard degree ``dp_shard · cp · tp`` (FSDP over dp_shard × cp, TP; experts split over ep × etp and FSDP over the
+    rest of the same ranks). Returns ``[world_size]`` counts (rounded up)."""
+    from mimo_titan.checkpoint.state import meta_model
+
+    layouts = layouts_from_config(cfg.parallelism, cfg.model.language_name)
+    meta = meta_model(cfg.model)
+    v = cfg.parallelism.virtual_stages
+    shares = [0] * world_size
+    for name, lay in layouts.items():
+        module = getattr(meta, name)
+        if lay.pp == 1:
+            stages = [sum(p.numel() for p in module.parameters())]
+        elif lay.is_language:
+            size = {
+                s: sum(p.numel() for p in split_language_model(module, lay.pp * v, s).parameters())
+                for s in range(lay.pp * v)
+            }
+            stages = [sum(size[s] for s in virtual_stage_indices(lay.pp, v, r)) for r in range(lay.pp)]
+        else:
+            split = encoder_plans(getattr(cfg.model, name).type).split
+            assert split is not None, "validate_job refuses pp > 1 for an encoder without a pipeline split"
+            stages = [sum(p.numel() for p in split(module, lay.pp, s, name).parameters()) for s in range(lay.pp)]
+        for rank in lay.ranks:
+            if rank < world_size:
+                shares[rank] += -(
+                    -stages[(rank - lay.rank_offset) // lay.stage_size] // (lay.dp_shard * lay.cp * lay.tp)
+                )
+    return shares
+
+
 def check_host_memory(cfg: Config) -> None:
-    """Fail before any process group when the model cannot even be built: every rank builds the whole model in
-    fp32 host memory from ``job.seed`` before it keeps its part (so that the initial weights do not depend on the
-    layout), and the ``LOCAL_WORLD_SIZE`` ranks of this machine do so at the same time. The parameter count comes
-    from a meta-device model (no memory). A lower bound: activations and optimizer state come on top.
+    """Fail before any process group when this machine cannot even hold its ranks' weights: each rank allocates only
+    its shards of the modules it holds (:func:`rank_parameter_shares`; the model is built on the meta device), in
+    fp32 host memory when it initialises them, and the ``LOCAL_WORLD_SIZE`` ranks of this machine (``RANK //
+    LOCAL_WORLD_SIZE``-th group of consecutive ranks) do so at the same time. A lower bound: gradients, optimizer
+    state and activations come on top.
 
     Raises:
         ConfigError: naming the parameter count, the largest tensor and the ``model.*`` keys that size it.
@@ -345,22 +382,26 @@ def check_host_memory(cfg: Config) -> None:
     available = _mem_available_bytes()
     if available is None:
         return
-    params = list(meta_model(cfg.model).named_parameters())
-    need = sum(p.numel() for _, p in params) * 4
+    world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if need * local <= available:
+    first = int(os.environ.get("RANK", 0)) // local * local
+    shares = rank_parameter_shares(cfg, max(world, first + local))
+    need = 4 * sum(shares[first : first + local])
+    if need <= available:
         return
+    params = list(meta_model(cfg.model).named_parameters())
     name, biggest = max(params, key=lambda kv: kv[1].numel())
 
     def gb(n: float) -> str:
         return f"{n / 1e9:.0f} GB" if n >= 1e11 else f"{n / 1e9:.3g} GB"
 
     raise ConfigError(
-        f"model.* describes {sum(p.numel() for _, p in params):,} parameters ({gb(need)} in fp32; the largest is "
-        f"{name} {list(biggest.shape)}); every rank builds the whole model in host memory before it keeps its part, "
-        f"so the {local} rank(s) on this machine need {gb(need * local)} but {gb(available)} are available; lower "
-        "the model's sizes (model.language.vocab_size / hidden_size / num_layers, ...) or launch fewer ranks per "
-        "machine"
+        f"model.* describes {sum(p.numel() for _, p in params):,} parameters (the largest is {name} "
+        f"{list(biggest.shape)}); each rank allocates its shards of the modules it holds (fp32, up to "
+        f"{max(shares[first : first + local]):,} parameters per rank here), so the {local} rank(s) on this machine "
+        f"need {gb(need)} but {gb(available)} are available; lower the model's sizes (model.language.vocab_size / "
+        "hidden_size / num_layers, ...), shard the modules over more ranks (parallelism.*.dp_shard / tp / pp) or "
+        "launch fewer ranks per machine"
     )
 
 
@@ -602,6 +643,11 @@ def build_loader(cfg: Config, processor: ImageTextProcessor, rank: int | None = 
 def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor | None = None) -> Job:
     """Build meshes, model parts, FSDP, optimizers, bridge and schedule on this rank.
 
+    The model is built on the meta device; each part this rank holds (an encoder or its pipeline stage, the language
+    stage(s)) is split from it, parallelised there (EP, CP, TP, FSDP2) and only then materialised: the rank allocates
+    exactly its FSDP / TP / EP shards, initialised to the same elements as ``MimoModel.init_weights(job.seed)``
+    (:mod:`mimo_titan.models.init`). Modules and stages it does not hold are never allocated.
+
     Requires an initialised default process group whose size matches the layouts. Every rank makes the same
     process-group calls in the same order.
     """
@@ -615,11 +661,13 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
 
     processor = processor or build_processor(cfg)
     audio_id = processor.audio_token_id if any(e.type == "audio" for e in encoders.values()) else None
-    full = MimoModel(cfg.model, processor.image_token_id, audio_token_id=audio_id)
-    full.init_weights(cfg.job.seed)
+    with torch.device("meta"):  # shapes only: each rank materialises just its own shards (_materialize)
+        full = MimoModel(cfg.model, processor.image_token_id, audio_token_id=audio_id)
     for key, p in full.named_parameters():  # frozen parameters: no gradient, no optimizer state, no reduce
         p.requires_grad_(is_trainable(cfg, key))
+    init = _InitPlan(cfg.job.seed, full)
     moe_keys = [full_model_key(n, q) for n in [*encoders, lang_name] for q, _ in moe_modules(getattr(full, n))]
+    trainable = {n: [k for k, p in full.encoder(n).named_parameters() if p.requires_grad] for n in encoders}
     param_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device.type)
     reduce_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device.type)
 
@@ -632,7 +680,6 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         if lay.pp > 1:
             assert plans.split is not None, "validate_job refuses pp > 1 for an encoder without a pipeline split"
             enc = plans.split(enc, lay.pp, role.pp_stage(name), name)
-        enc = enc.to(device)
         expert_mesh = _prepare_moe(enc, topology, name, cfg.training.microbatches)
         if lay.tp > 1:
             assert plans.apply_tp is not None, "validate_job refuses tp > 1 for an encoder without a TP plan"
@@ -643,9 +690,10 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
         modules[name] = apply_fsdp(
             enc, blocks, topology.dp_mesh(name), param_dtype, reduce_dtype, reshard, expert_mesh=expert_mesh
         )
+        init.materialize(modules[name], name, topology, device)
     if role.holds(lang_name):
         modules[lang_name] = _build_language(
-            cfg, full, topology, lang_name, list(full.placeholder_ids.values()), device, param_dtype, reduce_dtype
+            cfg, full, topology, lang_name, list(full.placeholder_ids.values()), device, param_dtype, reduce_dtype, init
         )
     tied_copy = None
     if role.holds(lang_name) and lang_name in tied and layouts[lang_name].pp > 1:
@@ -670,7 +718,6 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
             lane=index,
             lanes=len(encoders),
         )
-        trainable = [n for n, p in full.encoder(name).named_parameters() if p.requires_grad]
         lanes.append(
             EncoderLane(
                 name,
@@ -679,8 +726,8 @@ def build_job(cfg: Config, device: torch.device, processor: ImageTextProcessor |
                 placeholder_id=full.placeholder_ids[name],
                 inputs=spec.inputs,
                 dummy_inputs=spec.dummy_inputs(section),
-                trainable=bool(trainable),
-                stage_trains=_stage_trains(trainable, plans, section.num_layers, lay.pp),
+                trainable=bool(trainable[name]),
+                stage_trains=_stage_trains(trainable[name], plans, section.num_layers, lay.pp),
                 prefetch_microbatches=section.prefetch_microbatches,
                 tokens_per_item=plans.tokens_per_item(section) if plans.tokens_per_item else None,
             )
@@ -720,10 +767,12 @@ def _build_language(
     device: torch.device,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
+    init: _InitPlan,
 ) -> nn.Module:
     """This rank's part of the language model: one :class:`LanguageStage` (its pipeline stage), or with
     ``parallelism.virtual_stages = v > 1`` (Interleaved1F1B) a :class:`LanguageChunks` of ``v`` stages (global stages
     ``r + j·pp`` of ``pp · v``), each with its own CP / EP / TP plan and FSDP root, seen under one stage's names.
+    ``full`` is the meta-device model; each stage is split from it, parallelised on meta, then materialised.
     """
     lay, role = topology.layouts[lang_name], topology.role
     v = cfg.parallelism.virtual_stages
@@ -731,7 +780,7 @@ def _build_language(
     chunks = []
     for stage_idx in stages:
         part = split_language_model(full.lm, lay.pp * v, stage_idx)
-        stage = LanguageStage(part, placeholder_ids).to(device)
+        stage = LanguageStage(part, placeholder_ids)
         if lay.cp > 1:
             apply_cp(stage, topology.cp_group(lang_name), lay.cp, role.coordinates[lang_name]["cp"])
         expert_mesh = _prepare_moe(stage, topology, lang_name, cfg.training.microbatches)
@@ -750,7 +799,66 @@ def _build_language(
                 expert_mesh=expert_mesh,
             )
         )
+        init.materialize(chunks[-1], lang_name, topology, device)
     return chunks[0] if v == 1 else LanguageChunks(chunks, stages, lay.pp * v)
+
+
+class _InitPlan:
+    """Materialises and initialises one rank's parallelised parts of a meta-device :class:`MimoModel`.
+
+    Every part (an encoder, an encoder's or the LM's pipeline stage) is built on the meta device, parallelised there
+    (EP slices, TP / CP plans, FSDP2), then :meth:`materialize` allocates only its local shards (``to_empty``) and
+    fills them with the values of the same elements of ``MimoModel.init_weights(job.seed)``
+    (:func:`~mimo_titan.models.init.init_module_`): the weights do not depend on the layout, and no rank ever
+    allocates a module, a stage or a shard it does not hold.
+
+    Args:
+        job_seed: ``job.seed``.
+        full: the meta-device model (its shapes and the module order of its init seeds).
+    """
+
+    def __init__(self, job_seed: int, full: MimoModel):
+        self.seeds = module_init_seeds(job_seed, [*full.encoder_names, full.language_name])
+        self.full_shapes = {k: tuple(t.shape) for k, t in [*full.named_parameters(), *full.named_buffers()]}
+
+    def materialize(self, part: nn.Module, name: str, topology: Topology, device: torch.device) -> None:
+        """Allocate ``part`` (of module ``name``) on ``device`` and initialise its local shards in place.
+
+        Raises:
+            AssertionError: a tensor still on the meta device afterwards (a module without init rules).
+        """
+        part.to_empty(device=device)
+        init_module_(
+            part,
+            self.seeds[name],
+            functools.partial(full_model_key, name),
+            full_shapes=self.full_shapes,
+            offsets=_expert_offsets(part, name, topology),
+        )
+        for m in part.modules():  # per-step MoE statistics are plain attributes, built on meta with the module
+            if isinstance(m, MoE):
+                m.reset_stats()
+                m.last_aux_loss = torch.zeros((), device=device)
+        left = [k for k, t in [*part.named_parameters(), *part.named_buffers()] if t.is_meta]
+        assert not left, f"{name}: tensors left on the meta device after initialisation: {left[:4]}"
+
+
+def _expert_offsets(part: nn.Module, name: str, topology: Topology) -> dict[str, tuple[int, ...]]:
+    """``{canonical stacked expert weight key: offset of this rank's EP slice in the full [E, H, I] / [E, I, H]
+    tensor}``: its first expert ``ep_rank · E / ep`` and, with expert TP, its width slice ``etp_rank · I / etp``
+    (``parallel.ep.apply_ep``); empty without expert parallelism."""
+    lay = topology.layouts[name]
+    if lay.ep * lay.etp == 1:
+        return {}
+    coord = topology.role.expert_coordinates(name)
+    out: dict[str, tuple[int, ...]] = {}
+    for qual, moe in moe_modules(part):
+        first = coord["ep"] * (moe.num_experts // lay.ep)
+        width = coord["etp"] * moe.experts.w_down.shape[1]  # the local width I / etp
+        for w in ("w_gate", "w_up"):
+            out[full_model_key(name, f"{qual}.experts.{w}")] = (first, 0, width)
+        out[full_model_key(name, f"{qual}.experts.w_down")] = (first, width, 0)
+    return out
 
 
 def _stage_trains(trainable_names: list[str], plans, num_layers: int, pp: int) -> list[bool]:
