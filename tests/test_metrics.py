@@ -189,6 +189,24 @@ def test_metrics_writer_jsonl_rank0_only_truncates_a_new_run_and_appends_a_resum
     assert not (tmp_path / "r1").exists()
 
 
+def test_tensorboard_scalars_are_written_per_module(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(job={"output_dir": str(tmp_path)}, metrics={"tensorboard": True, "jsonl": ""})
+    module = {"tokens_per_s": 10.0, "items_per_s": 2.0, "tflops_per_rank": 0.5, "mem_gib": 1.25, "mfu": None}
+    base = {"grad_norm": 1.0, "lr": 1e-3, "step_time_s": 0.5, "data_wait_s": 0.01, "tokens_per_s": 10.0}
+    writer = MetricsWriter(cfg, rank=0)
+    for step, loss in ((1, 2.5), (2, 2.0)):
+        writer.write({**base, "step": step, "loss": loss, "modules": {"language": module, "vision": module}})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / cfg.metrics.tensorboard_dir))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
+    assert [e.value for e in acc.Scalars("vision/mem_gib")] == [1.25, 1.25]
+    assert "language/mfu" not in acc.Tags()["scalars"]  # no peak: no MFU
+
+
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ConfigError, match=r"metrics.tensorboard = true needs the tensorboard package.*pip install"):
