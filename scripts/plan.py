@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     args, overrides = parser.parse_known_args(argv)
 
-    from mimo_titan.config import ConfigError, load_config
-    from mimo_titan.topology.layout import LayoutError
+    from mimo_titan.config import load_config
     from mimo_titan.train.planner import plan_job
 
     try:
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if world is None:
             world = max(m.rank_offset + m.num_ranks for m in cfg.parallelism.modules.values())
         plan = plan_job(cfg, world, device_type=args.device)
-    except (ConfigError, LayoutError, ValueError) as exc:
+    except ValueError as exc:  # mimo_titan's UserError (config, layout, data) is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"plan for {args.config}")

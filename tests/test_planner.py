@@ -58,6 +58,55 @@ def test_fsdp_shares_and_optimizer_bytes_follow_the_layout():
     assert two["language"].params_per_rank < lm.params_per_rank * 2 * 0.75
 
 
+def test_microbatches_in_flight_follow_the_schedule_and_frozen_encoders_save_nothing():
+    path = ROOT / "train_configs/debug_noncolocated.toml"
+
+    def vision(*overrides):
+        return plan_job(load_config(path, list(overrides)), 8, device_type="cpu").modules["vision"]
+
+    assert vision().microbatches_in_flight == 2  # streamed, 1F1B: the LM's pp (1 encoder stage left) capped by M = 2
+    assert vision("--training.microbatches=4", "--training.global_batch_size=24").microbatches_in_flight == 3  # pp + 1
+    assert (
+        vision(
+            "--training.microbatches=4", "--training.global_batch_size=24", "--parallelism.pipeline_schedule=GPipe"
+        ).microbatches_in_flight
+        == 4
+    )
+    assert (
+        vision(
+            "--training.microbatches=4", "--training.global_batch_size=24", "--parallelism.module_schedule=GPipe"
+        ).microbatches_in_flight
+        == 4
+    )
+    frozen = vision("--training.microbatches=4", "--training.global_batch_size=24", "--model.vision.frozen=true")
+    assert frozen.microbatches_in_flight == 0 and frozen.mem_breakdown_gib["optimizer"] == 0
+    assert (
+        frozen.mem_breakdown_gib["activations"]
+        < vision("--training.microbatches=4", "--training.global_batch_size=24").mem_breakdown_gib["activations"]
+    )
+
+
+def test_moe_blocks_gather_only_this_ranks_experts():
+    cfg = load_config(ROOT / "train_configs/debug_moe_ep.toml")
+    ep2 = plan_job(cfg, 8, device_type="cpu").modules["language"].mem_breakdown_gib["fsdp_gather"]
+    ep1 = (
+        plan_job(
+            load_config(ROOT / "train_configs/debug_moe_ep.toml", ["--parallelism.language.ep=1"]), 8, device_type="cpu"
+        )
+        .modules["language"]
+        .mem_breakdown_gib["fsdp_gather"]
+    )
+    assert ep2 < 0.75 * ep1
+
+
+def test_a_data_path_that_matches_nothing_is_refused_by_the_plan():
+    from mimo_titan.errors import DataError
+
+    cfg = load_config(ROOT / "train_configs/debug_colocated.toml", ["--data.path=../shared/data/nope/*.tar"])
+    with pytest.raises(DataError, match=r"data\.path"):
+        plan_job(cfg, 2)
+
+
 def _saved_bytes(module, *args) -> int:
     """Bytes of the (non-parameter, non-input) tensors autograd saves for the backward of ``module(*args)``."""
     skip = {p.untyped_storage().data_ptr() for p in module.parameters()}

@@ -247,6 +247,9 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
     from mimo_titan.train.trainer import padded_seq_len, validate_job
 
     layouts = validate_job(cfg, world_size)
+    from mimo_titan.data.webdataset import resolve_shards
+
+    resolve_shards(cfg.data.path)  # data.path matches shards (DataError naming it otherwise); nothing is read
     model = meta_model(cfg.model)
     act_dtype = resolve_dtype(cfg.parallelism.mixed_precision_param, device_type)
     red_dtype = resolve_dtype(cfg.parallelism.mixed_precision_reduce, device_type)
@@ -291,8 +294,9 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
                 held[s] += share
                 held_train[s] += share if trains else 0.0
                 stage_params[s] += p.numel()
-                tp = lay.tp if p.dim() >= 2 and not _is_expert(pname) else 1
-                blocks[(s, unit)] = blocks.get((s, unit), 0.0) + p.numel() / tp
+                # gathered per block: TP-split matrices / tp; routed experts only this rank's ep x etp slice
+                split = lay.ep * lay.etp if _is_expert(pname) else lay.tp if p.dim() >= 2 else 1
+                blocks[(s, unit)] = blocks.get((s, unit), 0.0) + p.numel() / split
         for (s, _unit), n in blocks.items():
             block[s] = max(block[s], n)
 
@@ -323,11 +327,15 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
             act_mb = max(_layers_in(layers, stages, s) for s in chunks) * per_layer_kept
             if stages - 1 in chunks:
                 act_mb += logits
-            in_flight = _in_flight(cfg.parallelism.pipeline_schedule, lay.pp, local, train.microbatches, v)
-            if not lay.is_language and lay.pp == 1:
-                in_flight = _encoder_in_flight(cfg, name, lay)
+            if lay.is_language:
+                in_flight = _in_flight(cfg.parallelism.pipeline_schedule, lay.pp, local, train.microbatches, v)
+            else:
+                in_flight = _encoder_in_flight(cfg, layouts, name, local)
             w = sum(held[s] for s in chunks)
             t = sum(held_train[s] for s in chunks)
+            if not lay.is_language and not any(held_train):
+                # a frozen encoder runs under no_grad: nothing is saved, one block's activations exist at a time
+                in_flight, act_mb = 0, per_layer
             gather_unit = max(block[s] for s in chunks)
             if reshard:
                 gather = (2 * act_bytes + red_dtype.itemsize) * gather_unit
@@ -339,7 +347,7 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
                 "grads": 4 * t / _GIB,
                 "optimizer": 8 * t / _GIB,
                 "fsdp_gather": gather / _GIB,
-                "activations": (act_mb * in_flight + recompute) / _GIB,
+                "activations": (act_mb * max(in_flight, 1) + recompute) / _GIB,
                 "runtime": RUNTIME_GIB.get(device_type, 0.0),
             }
             total = sum(breakdown.values())
@@ -388,16 +396,27 @@ def _audio_frames(section) -> int:
     return section.max_source_positions
 
 
-def _encoder_in_flight(cfg: Config, name: str, lay) -> int:
-    """Microbatches of an unsplit encoder whose activations are held at once: all of them when it runs the whole
-    batch first (colocated ``batch`` mode), else its prefetch depth (it runs ahead of the LM until the gradients
-    of microbatch m come back)."""
-    lang = cfg.parallelism.modules[cfg.model.language_name]
-    colocated = lay.rank_offset == lang.rank_offset and lay.num_ranks == lang.num_ranks
-    if colocated:
-        return cfg.training.microbatches if cfg.parallelism.colocated_encoders == "batch" else 1
-    section = getattr(cfg.model, name)
-    return min(cfg.training.microbatches, section.prefetch_microbatches + 1)
+def _encoder_in_flight(cfg: Config, layouts: dict, name: str, stage: int) -> int:
+    """Microbatches whose activations encoder ``name``'s pipeline ``stage`` holds at once, as
+    :class:`~mimo_titan.pipeline.schedule.MimoSchedule` runs it: every microbatch in whole-batch mode (module-level
+    GPipe, or colocated with ``colocated_encoders = "batch"``), one inline, and when streamed on its own ranks its
+    warm-up forwards (:func:`~mimo_titan.pipeline.order.encoder_warmup`: the LM's pp plus the encoder stages left
+    with 1F1B, every microbatch with GPipe)."""
+    from mimo_titan.pipeline.order import encoder_warmup
+    from mimo_titan.pipeline.schedule import schedule_mode
+
+    lay, lang = layouts[name], layouts[cfg.model.language_name]
+    par = cfg.parallelism
+    mode = schedule_mode(
+        colocated=lay.rank_offset == lang.rank_offset,
+        module_schedule=par.module_schedule,
+        colocated_encoders=par.colocated_encoders,
+    )
+    if mode == "whole_batch":
+        return cfg.training.microbatches
+    if mode == "inline":
+        return 1
+    return encoder_warmup(par.pipeline_schedule, lang.pp, cfg.training.microbatches, lay.pp - stage, par.virtual_stages)
 
 
 def _flops_per_step(cfg: Config, seq_len: int) -> dict[str, float]:
