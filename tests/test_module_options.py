@@ -125,6 +125,17 @@ def test_option_config_keys_and_checks():
     ep = _cfg(model={"language": {"moe": MOE}}, language={"activation_checkpointing": "selective", "ep": 2})
     with pytest.raises(ConfigError, match=r"parallelism\.language\.activation_checkpointing = 'selective' with exp"):
         check_module_options("language", ep.parallelism.language, ep.model.language)
+    cp = _cfg(language={"activation_checkpointing": "selective", "cp": 2})
+    with pytest.raises(ConfigError, match=r"'selective' with cp=2 is not supported yet.*'full'"):
+        check_module_options("language", cp.parallelism.language, cp.model.language)
+    with pytest.raises(ConfigError, match=r"'selective' with data\.packing = true"):
+        check_module_options(
+            "language",
+            ok_sel := _cfg(language={"activation_checkpointing": "selective"}).parallelism.language,
+            None,
+            packed=True,
+        )
+    check_module_options("language", ok_sel, None, packed=False)
     for ok in (
         _cfg(model={"language": {"moe": MOE}}, language={"activation_checkpointing": "full", "ep": 2}),
         _cfg(model={"language": {"moe": MOE}}, language={"activation_checkpointing": "selective"}),

@@ -21,8 +21,9 @@ Supported:
 - Directories as written by ``save_pretrained``: ``config.json`` plus ``model.safetensors`` or a sharded
   ``model.safetensors.index.json``.
 
-Anything our modules cannot represent exactly (RoPE scalings other than Llama-3.1's ``llama3``, biases, other activations, sliding windows, CLIP's
-class embedding and pre-layernorm, ...) is rejected with a ``ValueError`` naming the HF field and the fix.
+Anything our modules cannot represent exactly (RoPE scalings other than Llama-3.1's ``llama3``, biases, other
+activations, sliding windows, CLIP's class embedding and pre-layernorm, ...) is rejected with a ``ValueError``
+naming the HF field and the fix.
 
 Sources of the HF semantics: transformers' ``models/llama/modeling_llama.py``, ``models/qwen3/modeling_qwen3.py``,
 ``models/qwen3_moe/modeling_qwen3_moe.py`` and ``models/siglip/modeling_siglip.py`` (and their configuration

@@ -177,21 +177,33 @@ def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> No
             block.forward = torch.compile(block.forward, backend=backend)
 
 
-def check_module_options(name: str, parallelism: Any, model: Any) -> None:
+def check_module_options(name: str, parallelism: Any, model: Any, *, packed: bool = False) -> None:
     """Options that the module's model cannot take, refused before any process group exists.
 
     Args:
         name: the module's name (``[parallelism.<name>]``).
         parallelism: its ``ModuleParallelism`` (``activation_checkpointing``, ``compile``).
         model: its model table (``moe`` for the MoE check; encoders without one are dense).
+        packed: the module is the language model and ``data.packing`` is on (rows of several documents).
 
     Raises:
         ConfigError: ``compile = true`` on a module with MoE layers; ``activation_checkpointing = "selective"``
             on a module with expert parallelism, whose experts are an FSDP unit of their own inside each block:
             selective checkpointing replays the forward's ops by their order, and FSDP's all-gather internals and
             profiler ops run a different number of times in the recompute (fixed in PyTorch after 2.13,
-            pytorch/pytorch#196862); ``"full"`` works there.
+            pytorch/pytorch#196862); ``"full"`` works there. ``"selective"`` on a language model with packed rows
+            or ``cp > 1``: its attention builds a per-forward document plan (host-synced index ops and
+            ``causal_lower_right`` bias subclasses, :mod:`mimo_titan.models.varlen_attention`) inside the block,
+            which selective checkpointing cannot replay (a recompute after another microbatch's forward rebuilds the
+            plan; the bias subclass cannot be created under its caching mode); ``"full"`` works there.
     """
+    if parallelism.activation_checkpointing == "selective" and (packed or parallelism.cp > 1):
+        why = f"cp={parallelism.cp}" if parallelism.cp > 1 else "data.packing = true"
+        raise ConfigError(
+            f"parallelism.{name}.activation_checkpointing = 'selective' with {why} is not supported yet: the "
+            "document-causal attention plan is built inside each block, and selective checkpointing cannot replay "
+            f"it in the recompute; set parallelism.{name}.activation_checkpointing = 'full' (or 'none')"
+        )
     moe = getattr(model, "moe", None)
     experts_sharded = moe is not None and moe.num_experts > 0 and parallelism.ep * parallelism.etp > 1
     if parallelism.activation_checkpointing == "selective" and experts_sharded:

@@ -101,7 +101,7 @@ def validate_job(cfg: Config, world_size: int) -> dict:
     for name, lay in layouts.items():
         section = getattr(cfg.model, name)
         moe = getattr(section, "moe", None) or MoEConfig()
-        check_module_options(name, cfg.parallelism.modules[name], section)
+        check_module_options(name, cfg.parallelism.modules[name], section, packed=lay.is_language and cfg.data.packing)
         plans = encoder_plans(section.type) if not lay.is_language else None
         if plans is not None and lay.tp > 1 and plans.apply_tp is None:
             raise ConfigError(
