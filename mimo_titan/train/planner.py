@@ -9,7 +9,8 @@ first stage, which holds the most microbatches in flight):
 
 - **Sharded state.** Each parameter is divided over the ranks that shard it: FSDP over ``dp_shard · cp``
   (``dp_replicate`` holds copies), TP over ``tp`` for matrices (1-D norms and biases are replicated over tp), routed
-  experts over ``ep · etp · edp`` = ``dp_replicate · dp_shard · cp · tp`` (the expert mesh spans the stage's ranks). The fp32 master weight is 4 bytes; a trainable parameter
+  experts over ``ep · etp · edp`` = ``dp_replicate · dp_shard · cp · tp`` (the expert mesh spans the stage's ranks).
+  The fp32 master weight is 4 bytes; a trainable parameter
   adds an fp32 gradient (4) and AdamW's two fp32 moments (8): 16 bytes in all, as in ZeRO (Rajbhandari et al.,
   2020, §3: 16 bytes per parameter for mixed-precision Adam, with the fp32 master counted in the 12 bytes of
   optimizer state there).
