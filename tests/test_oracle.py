@@ -5,14 +5,16 @@ samples with no image, MoE with expert parallelism: ep = 2 / 4, ep × etp, ep wi
 pp, an MoE encoder; context parallelism cp = 2 / 4; tensor + sequence parallelism tp = 2 for the LM (also with
 Qwen3's q / k norms) and the encoder, tp × cp, pp × tp × cp; packed THD rows under cp, tp × cp and pp × tp; word
 embeddings tied across LM pipeline stages, whose two copies must stay bit-identical; activation checkpointing
-"full" / "selective" and explicit ``fsdp_reshard_after_forward`` on some of them, MoE / EP / CP / TP included): the
-loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly invariant
-to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
+"full" / "selective", ``compile`` and explicit ``fsdp_reshard_after_forward`` on some of them, MoE / EP / CP / TP
+included): the loss (1e-4), the global gradient norm before clipping (1e-4 relative; AdamW's first update is nearly
+invariant to a gradient scale, so this is what catches a wrong reduction) and every updated parameter (1e-3, fp32) equal
 those of a plain ``MimoModel`` + cross-entropy + ``clip_grad_norm_`` + ``AdamW`` in this process
 (``tests/_reference.py``), together with the MoE routing counts and aux loss.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -76,10 +78,10 @@ EMBED, HEAD = "language.model.embed_tokens.weight", "language.lm_head.weight"
 LAYOUTS = {
     # name: (world, vision layout, language layout, extra config sections, samples whose images are removed)
     # per-module options: activation checkpointing (full / selective), explicit FSDP resharding after forward
-    "colocated_dp2": (
+    "colocated_dp2": (  # compile = true: torch.compile per block (aot_eager here, see _build_on_meta)
         2,
-        V(0, 2, dp_shard=2, activation_checkpointing="full"),
-        V(0, 2, dp_shard=2, activation_checkpointing="selective"),
+        V(0, 2, dp_shard=2, activation_checkpointing="full", compile=True),
+        V(0, 2, dp_shard=2, activation_checkpointing="selective", compile=True),
         {},
         (),
     ),
@@ -529,6 +531,9 @@ def _build_on_meta(cfg, device):
         init(self, *args, **kwargs)
 
     MimoModel.__init__ = spy  # type: ignore[method-assign]
+    # layouts with compile = true trace every block with dynamo and AOT autograd, without inductor's code generation
+    # (tens of seconds per process on this CPU; tests/test_module_options.py compares compiled blocks with eager)
+    os.environ.setdefault("MIMO_TITAN_COMPILE_BACKEND", "aot_eager")
     try:
         job = build_job(cfg, device)
     finally:

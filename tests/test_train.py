@@ -324,8 +324,7 @@ def _check_module_flops(cfg, records: list[dict]) -> None:
 # test_train_command_resumes_with_checkpoint_load_step. debug_moe_ep and debug_tp_cp: their layouts are oracle layouts
 # (moe_ep*, lm_tp2*, packed_*); every shipped config is validated and its data read below.
 @pytest.mark.multirank
-# debug_vision_audio's layout trains in the oracle (vision_audio_* layouts); one 8-rank launch keeps the suite's time
-@pytest.mark.parametrize("config,nproc", [("debug_noncolocated", 8)])
+@pytest.mark.parametrize("config,nproc", [("debug_noncolocated", 8), ("debug_vision_audio", 8)])
 def test_readme_train_command_runs(config, nproc, tmp_path):
     cmd = [
         sys.executable,

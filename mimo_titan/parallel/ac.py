@@ -36,6 +36,7 @@ pointer), see :func:`check_module_options`.
 from __future__ import annotations
 
 import functools
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -233,7 +234,9 @@ def apply_module_options(blocks: Iterable[nn.Module], parallelism: Any) -> None:
     blocks = list(blocks)
     apply_activation_checkpointing(blocks, parallelism.activation_checkpointing)
     if parallelism.compile:
-        apply_compile(blocks)
+        # MIMO_TITAN_COMPILE_BACKEND (e.g. "aot_eager": graph capture without code generation) is for tests and
+        # debugging; unset, torch's default backend (inductor) compiles the blocks
+        apply_compile(blocks, os.environ.get("MIMO_TITAN_COMPILE_BACKEND") or None)
 
 
 def describe_module_options(parallelism: Any) -> str:
