@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo_titan.errors import DataError
-from mimo_titan.models.init import InitRule, init_module_, resolve_seed
+from mimo_titan.models.init import InitRule, init_module_, layer_init_rules, resolve_seed
 from mimo_titan.models.vit import Projector
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class _Positions(nn.Module):
     def __init__(self, length: int, dim: int):
         super().__init__()
         self.register_buffer("weight", torch.empty(length, dim), persistent=True)
+
+    def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
+        """Whisper's sinusoids (:mod:`mimo_titan.models.init`; ``std`` unused)."""
+        return {"weight": InitRule("table", table=lambda shape: sinusoids(*shape))}
 
 
 class _Attention(nn.Module):
@@ -246,19 +250,7 @@ class AudioEncoder(nn.Module):
     def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
         """Init of every tensor, names relative to this encoder (:mod:`mimo_titan.models.init`): truncated
         normal(std) weights, zero biases, unit LayerNorm scales, Whisper's sinusoidal positions (a buffer)."""
-        normal = InitRule("trunc_normal", std)
-        rules: dict[str, InitRule] = {}
-        for qual, m in self.named_modules():
-            pre = f"{qual}." if qual else ""
-            if isinstance(m, (nn.Linear, nn.Conv1d)):
-                rules[pre + "weight"] = normal
-                if m.bias is not None:
-                    rules[pre + "bias"] = InitRule("zeros")
-            elif isinstance(m, nn.LayerNorm):
-                rules[pre + "weight"], rules[pre + "bias"] = InitRule("ones"), InitRule("zeros")
-            elif isinstance(m, _Positions):
-                rules[pre + "weight"] = InitRule("table", table=lambda shape: sinusoids(*shape))
-        return rules
+        return layer_init_rules(self, std)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

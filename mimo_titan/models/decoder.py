@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mimo_titan.models.init import InitRule, init_module_, resolve_seed
+from mimo_titan.models.init import InitRule, init_module_, layer_init_rules, resolve_seed
 from mimo_titan.models.mlp import SwiGLU
 from mimo_titan.models.moe import MoE
 from mimo_titan.models.varlen_attention import PlanCache, VarlenPlan, build_plan, causal_sdpa, varlen_attention
@@ -314,16 +314,7 @@ class DecoderLM(nn.Module):
         """Init of every tensor of this (part of the) LM, names relative to it (:mod:`mimo_titan.models.init`):
         truncated normal(std) linear, embedding and MoE weights, unit norm scales. With tied embeddings a pipeline
         stage's own ``lm_head.weight`` copy is drawn as ``model.embed_tokens.weight`` (equal values)."""
-        normal = InitRule("trunc_normal", std)
-        rules: dict[str, InitRule] = {}
-        for qual, m in self.named_modules():
-            pre = f"{qual}." if qual else ""
-            if isinstance(m, MoE):
-                rules.update({pre + k: r for k, r in m.init_rules(std).items()})
-            elif isinstance(m, (nn.Linear, nn.Embedding)):
-                rules.setdefault(pre + "weight", normal)
-            elif isinstance(m, RMSNorm):
-                rules[pre + "weight"] = InitRule("ones")
+        rules = layer_init_rules(self, std, norms=(RMSNorm,))
         if self.cfg.tie_word_embeddings and self.lm_head is not None:
             rules["lm_head.weight"] = InitRule("trunc_normal", std, seed_name="model.embed_tokens.weight")
         return rules

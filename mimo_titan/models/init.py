@@ -183,6 +183,34 @@ def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int
     return t, tuple(t.shape), (0,) * t.dim()
 
 
+def layer_init_rules(
+    module: nn.Module, std: float = 0.02, norms: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+) -> dict[str, InitRule]:
+    """The usual transformer init of ``module``'s tensors, names relative to it: truncated normal(``std``) weights of
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding``, zero biases, unit scales and zero biases of the
+    ``norms`` classes; a submodule with its own ``init_rules(std)`` (an MoE layer, a fixed table) gives the rules of
+    everything under it.
+
+    Used by the models' ``init_rules`` (:class:`~mimo_titan.models.decoder.DecoderLM`, the ViT and audio encoders),
+    which add their exceptions (tied embeddings).
+    """
+    normal = InitRule("trunc_normal", std)
+    rules: dict[str, InitRule] = {}
+    owners: list[str] = []  # prefixes of the submodules whose own rules cover everything under them
+    for qual, m in module.named_modules():
+        pre = f"{qual}." if qual else ""
+        if any(pre.startswith(o) for o in owners):
+            continue
+        if m is not module and hasattr(m, "init_rules"):
+            owners.append(pre)
+            rules.update({pre + k: r for k, r in m.init_rules(std).items()})
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *norms)):
+            rules[pre + "weight"] = InitRule("ones") if isinstance(m, norms) else normal
+            if getattr(m, "bias", None) is not None:
+                rules[pre + "bias"] = InitRule("zeros")
+    return rules
+
+
 def collect_init_rules(module: nn.Module) -> dict[str, InitRule]:
     """``{name relative to module: InitRule}`` from every outermost submodule (``module`` itself included) that has
     an ``init_rules()`` method; rule names are prefixed with the submodule's qualified name."""

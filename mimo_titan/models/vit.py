@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimo_titan.models.init import InitRule, init_module_, resolve_seed
+from mimo_titan.models.init import InitRule, init_module_, layer_init_rules, resolve_seed
 from mimo_titan.models.moe import MoE
 
 if TYPE_CHECKING:
@@ -223,21 +223,7 @@ class VisionEncoder(nn.Module):
     def init_rules(self, std: float = 0.02) -> dict[str, InitRule]:
         """Init of every tensor of this (part of the) encoder, names relative to it (:mod:`mimo_titan.models.init`):
         truncated normal(std) weights (linear, patch, position, MoE), zero biases, unit LayerNorm scales."""
-        normal = InitRule("trunc_normal", std)
-        rules: dict[str, InitRule] = {}
-        for qual, m in self.named_modules():
-            pre = f"{qual}." if qual else ""
-            if isinstance(m, MoE):
-                rules.update({pre + k: r for k, r in m.init_rules(std).items()})
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                rules.setdefault(pre + "weight", normal)
-                if m.bias is not None:
-                    rules[pre + "bias"] = InitRule("zeros")
-            elif isinstance(m, nn.Embedding):
-                rules[pre + "weight"] = normal
-            elif isinstance(m, nn.LayerNorm):
-                rules[pre + "weight"], rules[pre + "bias"] = InitRule("ones"), InitRule("zeros")
-        return rules
+        return layer_init_rules(self, std)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
