@@ -274,7 +274,6 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
         # parameters per global stage: held (sharded) elements, trainable ones, largest block (unsharded / tp)
         held = [0.0] * stages
         held_train = [0.0] * stages
-        stage_params = [0] * stages
         block = [0.0] * stages
         blocks: dict[tuple[int, str], float] = {}
         for pname, p in sub.named_parameters():
@@ -294,7 +293,6 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
             for s in where:
                 held[s] += share
                 held_train[s] += share if trains else 0.0
-                stage_params[s] += p.numel()
                 # gathered per block: TP-split matrices / tp; routed experts only this rank's ep x etp slice
                 split = lay.ep * lay.etp if _is_expert(pname) else lay.tp if p.dim() >= 2 else 1
                 blocks[(s, unit)] = blocks.get((s, unit), 0.0) + p.numel() / split
@@ -341,7 +339,7 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
             if reshard:
                 gather = (2 * act_bytes + red_dtype.itemsize) * gather_unit
             else:
-                gather = sum(stage_params_unsharded(blocks, s) for s in chunks) * act_bytes
+                gather = sum(_gathered(blocks, s) for s in chunks) * act_bytes
                 gather += red_dtype.itemsize * gather_unit
             breakdown = {
                 "weights": 4 * w / _GIB,
@@ -381,7 +379,7 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
     return plan
 
 
-def stage_params_unsharded(blocks: dict[tuple[int, str], float], stage: int) -> float:
+def _gathered(blocks: dict[tuple[int, str], float], stage: int) -> float:
     """Elements of global stage ``stage`` gathered on one rank (``/ tp`` for TP-split matrices)."""
     return sum(n for (s, _), n in blocks.items() if s == stage)
 
