@@ -93,11 +93,18 @@ this module (:class:`Config` is the root)::
     keep_latest_k = 3                  # 0 keeps all
     load_step = -1                     # -1: the newest complete checkpoint
 
+    [validation]               # optional; ValidationConfig
+    enable = true
+    freq = 100                         # steps between validations (and after the last step)
+    steps = 10                         # global batches per validation; -1 = one pass
+    [validation.data]
+    path = "/data/val-{0000..0003}.tar"
+
     [kernels]                  # optional; KernelsConfig
     backend = "auto"                   # auto | triton | torch (env MIMO_TITAN_KERNELS wins)
 
-A table whose dataclass has only defaulted fields (``[job]``,
-``[lr_schedule]``, ``[metrics]``, ``[checkpoint]``, ``[kernels]``) may be omitted entirely; any key with a
+A table whose dataclass has only defaulted fields (``[job]``, ``[lr_schedule]``,
+``[metrics]``, ``[checkpoint]``, ``[validation]``, ``[kernels]``) may be omitted entirely; any key with a
 default may be omitted. Unknown keys are errors (with a "did you mean"
 suggestion), as are wrongly typed values, missing required keys and values
 outside an allowed set. A TOML integer is accepted where a float is expected;
@@ -195,6 +202,8 @@ __all__ = [
     "LRScheduleConfig",
     "DataConfig",
     "MetricsConfig",
+    "ValidationConfig",
+    "ValidationDataConfig",
     "CheckpointConfig",
     "KernelsConfig",
     "Config",
@@ -923,6 +932,47 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True)
+class ValidationDataConfig:
+    """``[validation.data]``: the validation shards. The tokenizer, ``max_images_per_sample`` and ``packing`` are
+    those of ``[data]``; the stream is read in order (no shuffle) from its start at every validation."""
+
+    # as data.path: a .tar file, a directory of .tar files, a glob or a brace pattern, or a list of those
+    path: str | list[str] = ""
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    """``[validation]``: a forward-only loss on held-out data during training (torchtitan's ``[validation]``).
+
+    Attributes:
+        enable: validate every ``freq`` steps and after the last step.
+        freq: optimizer steps between validations.
+        steps: global batches per validation (of ``training.global_batch_size`` samples, split into
+            ``training.microbatches`` like a training batch); -1 reads the validation data once (until its stream
+            wraps: the last batch may repeat a few samples from the start).
+        data: ``[validation.data]``, the shards.
+    """
+
+    enable: bool = False
+    freq: int = _opt(100, ge=1)
+    steps: int = _opt(1, ge=-1, hint="global batches per validation; -1 = one pass over the validation data")
+    data: ValidationDataConfig = field(default_factory=ValidationDataConfig)
+
+    def _config_problems(self) -> list[tuple[str, str]]:
+        if self.steps == 0:
+            return [("steps", "0 batches validate nothing; set '{p}.steps' >= 1, or -1 for one pass over the data")]
+        if self.enable and not self.data.path:
+            return [
+                (
+                    "data.path",
+                    "validation.enable = true needs validation shards; set '{p}.data.path' (a .tar, directory, "
+                    "glob or brace pattern, like data.path) or set '{p}.enable' = false",
+                )
+            ]
+        return []
+
+
+@dataclass(kw_only=True)
 class KernelsConfig:
     """``[kernels]``: which implementation the MoE permutation and zigzag CP kernels use.
 
@@ -948,6 +998,7 @@ class Config:
     data: DataConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def _config_problems(self) -> list[tuple[str, str]]:

@@ -84,6 +84,26 @@ class ReferenceTrainer:
         self.steps += 1
         return loss, norm.item()
 
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        """Forward-only loss of ``batches``: the sum of every loss token's cross-entropy over their number (one
+        forward of each whole batch: without an optimizer step nothing depends on the microbatches)."""
+        from mimo_titan.models.mimo import encoder_inputs
+
+        total, tokens = 0.0, 0
+        for batch in batches:
+            packed = getattr(batch, "doc_ids", None) is not None
+            logits = self.model(
+                batch.input_ids,
+                None,
+                *((batch.position_ids, batch.doc_ids) if packed else ()),
+                encoder_inputs=encoder_inputs(self.cfg.model, batch),
+            )
+            labels = batch.labels.flatten()
+            total += float(F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum"))
+            tokens += int((labels != -100).sum())
+        return total / tokens
+
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
 

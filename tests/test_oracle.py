@@ -551,19 +551,22 @@ def _oracle_worker(rank, world, device, cfg_dict, no_image_samples):
 
     import kernels
     from mimo_titan.config import config_from_dict
-    from mimo_titan.train.trainer import canonical_named_parameters, train_step
+    from mimo_titan.train.trainer import canonical_named_parameters, train_step, validate
 
     cfg = config_from_dict(cfg_dict)
     job = _build_on_meta(cfg, device)
     no_image_samples, roll, no_audio = no_image_samples
     batch = _batch(cfg, job.processor, no_image_samples, roll, no_audio)
     kernels.reset_dispatch_counts()
+    # validation first (forward only through the same layout): it must leave the training step below exact
+    val = validate(job, [batch])
     rec = train_step(job, batch)
     params = {}
     for name, p in canonical_named_parameters(job):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         params[name] = full.detach().cpu()
     return {
+        "val_loss": val["loss"],
         "loss": rec["loss"],
         "grad_norm": rec["grad_norm"],
         "params": params,
@@ -585,9 +588,10 @@ def _reference_step(cfg, no_image_samples, roll, no_audio=()):
     batch = _batch(cfg, proc, no_image_samples, roll, no_audio)
     audio_id = proc.audio_token_id if proc.audio_tokens is not None else None
     ref = ReferenceTrainer(cfg, proc.image_token_id, audio_id)
+    val_loss = ref.eval_loss([batch])
     loss, norm = ref.step(batch)
     trainable = {n for n, p in ref.model.named_parameters() if p.requires_grad}
-    return loss, norm, ref.params(), batch, ref.moe_stats(), trainable
+    return (loss, val_loss), norm, ref.params(), batch, ref.moe_stats(), trainable
 
 
 @pytest.mark.multirank
@@ -625,7 +629,10 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
     cfg_dict = tiny_config_dict(vision, language, **extra, kernels={"backend": kernels_backend})
     cfg = config_from_dict(cfg_dict)
     roll, no_audio = ROLL.get(layout, 0), NO_AUDIO.get(layout, ())
-    ref_loss, ref_norm, ref_params, batch, ref_moe, trainable = _reference_step(cfg, no_images, roll, no_audio)
+    (ref_loss, ref_val), ref_norm, ref_params, batch, ref_moe, trainable = _reference_step(
+        cfg, no_images, roll, no_audio
+    )
+    assert ref_val == pytest.approx(ref_loss, abs=1e-5)  # the same weights and batch: the training loss
     if cfg.data.max_images_per_sample > 1 or no_images:  # the layout moves a variable number of images per sample
         assert len(set(batch.images_per_sample.tolist())) > 1 or not int(batch.images_per_sample.sum())
     if cfg.data.packing:  # rows really hold several documents
@@ -640,6 +647,7 @@ def _check_one_step(layout, backend, kernels_backend="auto"):
     tied = cfg.model.language.tie_word_embeddings
     seen = set()
     for rank, res in enumerate(results):
+        assert res["val_loss"] == pytest.approx(ref_val, abs=1e-4), f"rank {rank}"  # validation: forward only
         assert res["loss"] == pytest.approx(ref_loss, abs=1e-4), f"rank {rank}"
         assert res["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), f"rank {rank}"
         for name, p in res["params"].items():

@@ -4,6 +4,7 @@ the README's train command."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -11,17 +12,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from test_oracle import AUDIO
 
 from _launch import per_layout_backends, run_ranks
-from _tiny import tiny_config_dict
+from _tiny import SHARED, tiny_config_dict
 from mimo_titan.config import config_from_dict
 from mimo_titan.topology import LayoutError, layouts_from_config
 from mimo_titan.train.trainer import train, validate_job
 
 ROOT = Path(__file__).resolve().parents[1]
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
+DATA = str(SHARED / "cc12m")
 
 
 @pytest.mark.parametrize(
@@ -186,20 +189,64 @@ def test_train_rejects_a_bad_layout_before_any_process_group(monkeypatch):
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize(
+    "validation,match",
+    [
+        ({"enable": True}, r"validation.enable = true needs validation shards; set 'validation.data.path'"),
+        ({"steps": 0}, r"invalid value 0 for 'validation.steps'.*set 'validation.steps' >= 1, or -1"),
+        ({"freq": 0}, r"validation.freq"),
+    ],
+)
+def test_validation_config_errors_name_the_key(validation, match):
+    from mimo_titan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), validation=validation))
+
+
+def test_validation_shards_without_records_are_refused_before_any_process_group(monkeypatch, tmp_path):
+    from mimo_titan.errors import DataError
+
+    (tmp_path / "empty.tar").write_bytes(b"\0" * 1024)  # a tar with no member: no valid record
+    val = {"enable": True, "data": {"path": str(tmp_path / "empty.tar")}}
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), validation=val))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DataError, match=r"validation\.data\.path="):
+        train(cfg)
+    assert not dist.is_initialized()
+
+
 def _steps_worker(rank, world, device, cfg_dict, steps):
     """Training steps on rank-local batches (media decoded only for this rank's encoder slices, prefetched by the
-    loader's thread); each record also lists the images this rank decoded for that step."""
-    from mimo_titan.train.trainer import build_job, build_loader, gather_step_metrics, media_slices, train_step
+    loader's thread); each record also lists the images this rank decoded for that step. Every
+    ``validation.freq`` steps a validation (forward only) over ``validation.steps`` batches of the validation
+    loader, read from its start each time, is added to the step's record."""
+    from mimo_titan.train.trainer import (
+        build_job,
+        build_loader,
+        gather_step_metrics,
+        media_slices,
+        train_step,
+        validate,
+        validation_loader,
+    )
 
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     loader = build_loader(cfg, job.processor, rank=rank)
+    val_loader = validation_loader(cfg, job.processor, rank=rank)
+    start = val_loader.state_dict()
     hist = []
     for _ in range(steps):
         rec = train_step(job, next(loader))
         rec["decoded"], rec["media"] = loader.last_decoded, media_slices(cfg, rank, world)
+        if job.step % cfg.validation.freq == 0:
+            val_loader.load_state_dict(start)
+            rec["validation"] = validate(job, [next(val_loader) for _ in range(cfg.validation.steps)])
+            rec["val_decoded"] = val_loader.last_decoded
         hist.append(rec)
     loader.close()
+    val_loader.close()
     keep = cfg.metrics.history_steps  # the job keeps only the newest records
     assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
     # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
@@ -212,18 +259,27 @@ def _reference_losses(cfg, steps):
     return _reference_run(cfg, steps)[0]
 
 
-def _reference_run(cfg, steps):
-    """:func:`_reference_losses` and, per step, the images the loader decoded (all of the batch's)."""
+def _reference_run(cfg, steps, validation=None):
+    """:func:`_reference_losses` and, per step, the images the loader decoded (all of the batch's); with
+    ``validation`` (a list) also the validation loss of the reference after every ``validation.freq`` steps, on the
+    first ``validation.steps`` batches of ``[validation.data]`` read in order."""
     from _reference import ReferenceTrainer
-    from mimo_titan.train.trainer import build_loader, build_processor
+    from mimo_titan.train.trainer import build_loader, build_processor, validation_loader
 
     proc = build_processor(cfg)
     loader = build_loader(cfg, proc)
     ref = ReferenceTrainer(cfg, proc.image_token_id)
     losses, images = [], []
-    for _ in range(steps):
+    val_batches = None
+    if validation is not None:
+        val_loader = validation_loader(cfg, proc)
+        val_batches = [next(val_loader) for _ in range(cfg.validation.steps)]
+        val_loader.close()
+    for step in range(1, steps + 1):
         losses.append(ref.step(next(loader))[0])
         images.append(loader.last_decoded)
+        if val_batches is not None and step % cfg.validation.freq == 0:
+            validation.append(ref.eval_loss(val_batches))
     return losses, images
 
 
@@ -262,14 +318,26 @@ def test_several_steps_match_single_process_training(layout, backend):
         metrics={"history_steps": steps - 1},
         **(moe if layout.startswith("moe") else {}),
         **({"data": {"packing": True}} if layout.startswith("packed") else {}),
+        # validation after steps 2 and 4 on two batches of the shard read in order (training shuffles it)
+        validation={"enable": True, "freq": 2, "steps": 2, "data": {"path": DATA}},
     )
     cfg = config_from_dict(cfg_dict)
-    ref, images = _reference_run(cfg, steps)
+    ref_val: list[float] = []
+    ref, images = _reference_run(cfg, steps, validation=ref_val)
     res = run_ranks(_steps_worker, world, cfg_dict, steps, backend=backend)
     for rank_hist in res:
         got = [r["loss"] for r in rank_hist]
+        # validation between the steps leaves training exact
         assert got == pytest.approx(ref, abs=1e-4)
-    assert ref[-1] < ref[0]
+        val = [r["validation"] for r in rank_hist if "validation" in r]
+        assert [v["loss"] for v in val] == pytest.approx(ref_val, abs=1e-4)
+        assert all(v["batches"] == 2 and v["tokens"] > 0 for v in val)
+    assert ref[-1] < ref[0] and ref_val[-1] < ref_val[0]  # the held-out loss falls too
+    from mimo_titan.train.trainer import media_slices
+
+    for rank, rank_hist in enumerate(res):  # validation decodes rank-local media too: a language rank none
+        if not media_slices(cfg, rank, world):
+            assert all(r["val_decoded"] == [] for r in rank_hist if "validation" in r)
     # each image of a step is decoded by exactly one vision DP rank (its tp ranks alike) and by no other rank
     for step in range(steps):
         by_dp: dict[int, list] = {}
@@ -338,20 +406,31 @@ def test_readme_train_command_runs(config, nproc, tmp_path):
         "--training.steps=3",
         f"--job.output_dir={tmp_path}",
     ]
+    from mimo_titan.config import load_config
+
+    # validation every 2 steps and after the last, on the config's own shard read in order (one global batch)
+    shard = load_config(ROOT / "train_configs" / f"{config}.toml").data.path
+    validation = ["--validation.enable=true", "--validation.freq=2", f"--validation.data.path={shard}"]
+    cmd += validation
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", log)]
+    losses = [float(x) for x in re.findall(r"\] step +\d+ \| loss ([0-9.]+)", log)]
     assert len(losses) == 3 and losses[-1] < losses[0]
     # metrics: the resolved config once; per logged step (log_freq = 1) one line per module and one JSONL record
-    from mimo_titan.config import load_config
-
-    cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--training.steps=3", f"--job.output_dir={tmp_path}"])
+    cfg = load_config(
+        ROOT / "train_configs" / f"{config}.toml", ["--training.steps=3", f"--job.output_dir={tmp_path}", *validation]
+    )
     assert log.count("config (resolved): ") == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-4)
+    val = [(int(s), float(x)) for s, x in re.findall(r"\[rank0\] validation \| step +(\d+) \| loss ([0-9.]+)", log)]
+    assert [s for s, _ in val] == [2, 3] and all(math.isfinite(x) for _, x in val)
+    logged = [r["validation"] for r in records if "validation" in r]
+    assert [v["loss"] for v in logged] == pytest.approx([x for _, x in val], abs=1e-4)
+    assert [v["batches"] for v in logged] == [1, 1]
     for name, lay in cfg.parallelism.modules.items():
         unit = {"vit": "patches", "audio": "frames", "decoder": "tokens"}[getattr(cfg.model, name).type]
         lines = re.findall(rf"\[rank0\]   {name}: [0-9,]+ {unit}/s.*TFLOP/s per rank \| MFU n/a \| max mem ", log)
@@ -555,3 +634,22 @@ def test_audio_without_audio_data_and_without_a_vit_are_refused():
     del only_audio["model"]["vision"], only_audio["parallelism"]["vision"]
     with pytest.raises(ConfigError, match=r"include no 'vit' encoder"):
         build_processor(config_from_dict(only_audio))
+
+
+def test_validation_steps_minus_one_reads_the_validation_data_once():
+    """``validation.steps = -1``: batches until the validation stream wraps (32 records, 12 per batch: 3 batches,
+    the last one completed from the start of the stream), read in order, the same ones each validation."""
+    from mimo_titan.train.trainer import _validation_batches, build_processor, validation_loader
+
+    val = {"enable": True, "steps": -1, "data": {"path": DATA}}
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), training={"global_batch_size": 12}, validation=val))
+    loader = validation_loader(cfg, build_processor(cfg))
+    start = loader.state_dict()
+    first = [b.sample_ids.tolist() for b in _validation_batches(loader, -1)]
+    assert len(first) == 3 and loader.stats["records"] >= 32
+    assert [i for ids in first for i in ids] == list(range(36))  # in order, nothing skipped
+    loader.load_state_dict(start)
+    again = [b.input_ids for b in _validation_batches(loader, 2)]
+    loader.load_state_dict(start)
+    assert all(torch.equal(a, b.input_ids) for a, b in zip(again, _validation_batches(loader, 2)))
+    loader.close()

@@ -315,6 +315,7 @@ class MimoSchedule:
         self._mb_size, self._hidden = lanes[0].bridge.mb_size, lanes[0].bridge.hidden_size
         self._dense_dtype = lanes[0].bridge.dtype
         self._num_loss_tokens = 1
+        self._forward_only = False  # set by evaluate()
         self.pp_schedule: _PipelineSchedule | None = None
         self.packed = packed
         self.cp_size, self.cp_rank, self.tp_mesh = 1, 0, None
@@ -639,6 +640,60 @@ class MimoSchedule:
             self._encoder_backward(lane, m, pending.result())
 
     # -- the step -------------------------------------------------------------------------------------------
+    def _run_lm(self, *args, **kwargs) -> None:
+        """This rank's language stages over the microbatches: forward + backward, or forwards only
+        (:meth:`evaluate`: torch's ``eval`` mode of the schedule, without keeping the last stage's logits)."""
+        assert self.pp_schedule is not None
+        if not self._forward_only:
+            self.pp_schedule.step(*args, return_outputs=False, **kwargs)
+            return
+        # ``_PipelineSchedule.eval`` does exactly this, but also merges and returns the last stage's logits
+        # ([B, S, V] of the whole batch), which validation does not need
+        has_backward = self.pp_schedule._has_backward
+        self.pp_schedule._has_backward = False
+        try:
+            self.pp_schedule.step(*args, return_outputs=False, **kwargs)
+        finally:
+            self.pp_schedule._has_backward = has_backward
+
+    def evaluate(self, global_batch: Batch | PackedBatch) -> torch.Tensor:
+        """Forward only over ``global_batch`` (the same on every rank), through the same layouts, bridges and
+        pipeline as :meth:`step`, under ``torch.no_grad``: every encoder runs as a frozen one does (forwards only,
+        nothing crosses a bridge backwards), the language stages run torch's forward-only (``eval``) schedule, no
+        gradient is made and no ``.grad`` changes. FSDP-sharded parameters are resharded afterwards.
+
+        Returns:
+            0-dim fp32 tensor: this rank's share of the batch's loss (non-zero on the last language stage only,
+            one tp rank); the sum over ranks is the global per-token cross-entropy of the batch (its sum over the
+            batch's loss tokens / their number, as :meth:`step`'s loss).
+
+        Raises:
+            ValueError: a batch that does not match ``data.packing``.
+
+        Reference semantics: torchtitan's ``Validator`` (forward-only loss over a validation loader, pipelined
+        with the schedule's ``eval``).
+        """
+        saved = [(lane.bwd, lane.prev_bwd, lane.grads_cross) for lane in self.lanes]
+        self._forward_only = True
+        try:
+            for lane in self.lanes:
+                lane.bwd = lane.prev_bwd = lane.grads_cross = False
+            with torch.no_grad():
+                loss = self.step(global_batch)
+        finally:
+            self._forward_only = False
+            for lane, (bwd, prev_bwd, grads_cross) in zip(self.lanes, saved):
+                lane.bwd, lane.prev_bwd, lane.grads_cross = bwd, prev_bwd, grads_cross
+        # a forward without backward leaves FSDP modules that keep their parameters after forward
+        # (reshard_after_forward = False) gathered: free them as a training step's backward would
+        stages = getattr(self, "stages", [])  # this rank's language stages (none on an encoder-only rank)
+        modules = [lane.module for lane in self.lanes] + [stage.submod for stage in stages]
+        for module in modules:
+            for sub in module.modules() if module is not None else ():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+        return loss
+
     def step(self, global_batch: Batch | PackedBatch) -> torch.Tensor:
         """Forward and backward over ``global_batch`` (the same on every rank); gradients land in ``.grad``.
 
@@ -716,7 +771,7 @@ class MimoSchedule:
                     whole[0].bridge.post(sends, *recvs, batch=batch_post)
                     sends = []
                 with self._loss_context():
-                    self.pp_schedule.step(input_ids, return_outputs=False, **kwargs)
+                    self._run_lm(input_ids, **kwargs)
                 for lane in self.lanes:
                     if lane.grads_cross and len(lane.grads_seen) != M:
                         missing = sorted(set(range(M)) - lane.grads_seen)
@@ -726,7 +781,7 @@ class MimoSchedule:
                         )
             else:
                 with self._loss_context():
-                    self.pp_schedule.step(return_outputs=False, **kwargs)
+                    self._run_lm(**kwargs)
             if losses and self.reports_loss:
                 loss = torch.stack([x.detach().float() for x in losses]).sum()
 

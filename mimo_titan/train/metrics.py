@@ -216,6 +216,8 @@ def _scalars(rec: dict) -> dict[str, float]:
             out[f"{name}/{key}"] = float(m[key])
         if m["mfu"] is not None:
             out[f"{name}/mfu"] = float(m["mfu"])
+    if "validation" in rec:
+        out["validation/loss"] = float(rec["validation"]["loss"])
     if "moe_aux_loss" in rec:
         out["moe/aux_loss"] = float(rec["moe_aux_loss"])
         out["moe/max_imbalance"] = float(rec["moe_max_imbalance"])

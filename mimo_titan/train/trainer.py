@@ -9,16 +9,18 @@ optimizers, the bridge and the schedule;
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
 import logging
 import math
 import os
+import re
 import resource
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,14 @@ from torch import nn
 import kernels
 from mimo_titan.checkpoint import CheckpointManager
 from mimo_titan.config import Config, MoEConfig
-from mimo_titan.data import ImageTextProcessor, MediaSlice, MimoDataLoader, check_batch_divisibility
+from mimo_titan.data import (
+    Batch,
+    ImageTextProcessor,
+    MediaSlice,
+    MimoDataLoader,
+    PackedBatch,
+    check_batch_divisibility,
+)
 from mimo_titan.errors import ConfigError, DataError, TrainingError, UserError
 from mimo_titan.models.audio import audio_tokens
 from mimo_titan.models.init import init_module_, module_init_seeds
@@ -77,6 +86,8 @@ __all__ = [
     "canonical_named_parameters",
     "train_step",
     "train",
+    "validate",
+    "validation_loader",
 ]
 
 # Linear layers on 3-D inputs return views; nothing in this package modifies a module output in place.
@@ -1050,6 +1061,59 @@ def train_step(
     return rec
 
 
+def validation_loader(cfg: Config, processor: ImageTextProcessor, rank: int | None = None) -> MimoDataLoader:
+    """The loader of ``[validation.data]``: the training loader's geometry (:func:`build_loader`: global batch,
+    rows, packing, the rank's media slices) over the validation shards, read in order from their start, without a
+    background thread.
+
+    Raises:
+        DataError: the validation shards hold no valid record (naming the path), as :class:`MimoDataLoader`.
+    """
+    data = dataclasses.replace(cfg.data, path=cfg.validation.data.path, shuffle=False, prefetch=0)
+    try:
+        return build_loader(dataclasses.replace(cfg, data=data), processor, rank=rank)
+    except DataError as exc:  # the loader names the key it was given its path by as data.path
+        raise DataError(re.sub(r"(?<![\w.])data\.path", "validation.data.path", str(exc))) from None
+
+
+def validate(job: Job, batches: Iterable[Batch | PackedBatch]) -> dict:
+    """Forward-only loss of ``batches`` (global batches, the same on every rank) through this job's layouts,
+    bridges and pipeline (:meth:`~mimo_titan.pipeline.schedule.MimoSchedule.evaluate`): no gradient, no
+    optimizer, no change to any weight, optimizer state or the training data position. Every rank must call it.
+
+    Returns:
+        ``{"loss", "tokens", "batches", "time_s"}``: ``loss`` the global per-token cross-entropy over every loss
+        token of every batch (each batch's mean weighted by its loss tokens), ``tokens`` the loss tokens, ``time_s``
+        the wall time (seconds).
+
+    Reference semantics: torchtitan's ``Validator.validate`` (a forward-only loss averaged over the validation
+    steps; here weighted per token, as the training loss).
+    """
+    t0 = time.perf_counter()
+    total, tokens, count = torch.zeros((), dtype=torch.float64, device=job.device), 0, 0
+    for batch in batches:
+        n = batch.num_loss_tokens()
+        part = job.schedule.evaluate(batch)  # this rank's share of the batch's mean
+        total += part.double() * n
+        tokens += n
+        count += 1
+    all_reduce_sum(total)
+    return {
+        "loss": float(total) / max(tokens, 1),
+        "tokens": tokens,
+        "batches": count,
+        "time_s": time.perf_counter() - t0,
+    }
+
+
+def _validation_batches(loader: MimoDataLoader, steps: int):
+    """``steps`` batches of ``loader``, or with ``-1`` the batches up to the end of its first epoch."""
+    done = 0
+    while (steps == -1 and (done == 0 or loader.epoch == 0)) or done < steps:
+        yield next(loader)
+        done += 1
+
+
 def _setup_logging(rank: int) -> None:
     """One log line format for every rank (``[rankN] message``): rank 0 logs from INFO, the others only warnings;
     the data pipeline's warnings (a damaged shard, a non-UTF-8 caption) come from rank 0 alone, since every rank
@@ -1138,6 +1202,16 @@ def _log_step(rec: dict) -> None:
     )
     for line in module_lines(rec):
         logger.info(line)
+    if "validation" in rec:
+        v = rec["validation"]
+        logger.info(
+            "validation | step %4d | loss %.4f | %d loss tokens in %d batches | %.3fs",
+            rec["step"],
+            v["loss"],
+            v["tokens"],
+            v["batches"],
+            v["time_s"],
+        )
     if "moe" in rec:
         logger.info(
             "  moe tokens/expert (min/max/imbalance, aux): %s",
@@ -1244,12 +1318,17 @@ def train(cfg: Config, max_steps: int | None = None) -> list[dict]:
         check_host_memory(cfg)
         processor = build_processor(cfg)
         loader = build_loader(cfg, processor, rank=int(os.environ.get("RANK", 0)))
+        val_loader = None
         try:
+            if cfg.validation.enable:  # its shards are checked now, before any process group
+                val_loader = validation_loader(cfg, processor, rank=int(os.environ.get("RANK", 0)))
             ckpt = CheckpointManager(cfg)
             ckpt.validate(loader)
-            return _run(cfg, max_steps, processor, loader, ckpt, stopper)
+            return _run(cfg, max_steps, processor, loader, ckpt, stopper, val_loader)
         finally:
             loader.close()  # the background data thread
+            if val_loader is not None:
+                val_loader.close()
     finally:
         stopper.uninstall()
 
@@ -1261,8 +1340,9 @@ def _run(
     loader: MimoDataLoader,
     ckpt: CheckpointManager,
     stopper: GracefulStop,
+    val_loader: MimoDataLoader | None = None,
 ) -> list[dict]:
-    """The part of :func:`train` after validation: process group, job, loop."""
+    """The part of :func:`train` after the checks: process group, job, loop."""
     total_steps = cfg.training.total_steps
     owns_group = not dist.is_initialized()  # a caller's process group (tests) is left to the caller
     timeout_s = cfg.training.collective_timeout_s
@@ -1291,6 +1371,7 @@ def _run(
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
         writer = MetricsWriter(cfg, rank, start_step=job.step)
+        val_start = val_loader.state_dict() if val_loader is not None else None
         done, logged = 0, 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
             watchdog.progress("loading the batch", job.step + 1)
@@ -1302,8 +1383,15 @@ def _run(
             rec["data_wait_s"] = data_wait  # this rank's; a logged step's record holds the largest over the ranks
             done += 1
             stop = rec["stop"]
+            val = cfg.validation
+            validating = val_loader is not None and not stop and (job.step % val.freq == 0 or job.step == total_steps)
+            if validating:  # from the start of the validation data every time: the same batches each validation
+                assert val_loader is not None and val_start is not None
+                watchdog.progress("validating", job.step)
+                val_loader.load_state_dict(val_start)
+                rec["validation"] = validate(job, _validation_batches(val_loader, val.steps))
             # the same decision on every rank (stop is global), so the gather below is collective
-            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop:
+            if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop or validating:
                 watchdog.progress("gathering metrics", job.step)
                 gather_step_metrics(job, rec, data_wait)
                 _log_step(rec)
