@@ -85,3 +85,24 @@ def first_global_batch(cfg, processor):
     torch.save(batch, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
     return batch
+
+
+def shipped_overrides(path) -> list[str]:
+    """Overrides under which a shipped config (``train_configs/*.toml``) finds its data in a test: the shapes configs
+    read data the user makes first (``scripts/make_shapes_data.py``), made here once per test session, small, under
+    the session's cache directory."""
+    from mimo_titan.config import load_config
+
+    cfg = load_config(path)
+    paths = [cfg.data.path, cfg.validation.data.path]
+    if not any("shapes" in str(p) for p in paths):
+        return []
+    from mimo_titan.data.synthetic import write_shapes_shard
+
+    root = Path(os.environ.get("MIMO_TITAN_TEST_BATCH_CACHE", "/tmp")) / "shapes"
+    train, val = root / "shapes-train-0000.tar", root / "shapes-val-0000.tar"
+    if not val.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        write_shapes_shard(train, num_samples=96, seed=0, image_size=cfg.model.vision.image_size)
+        write_shapes_shard(val, num_samples=32, seed=1, image_size=cfg.model.vision.image_size)
+    return [f"--data.path={train}", f"--validation.data.path={val}"]

@@ -24,7 +24,9 @@ def _world(cfg) -> int:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_plans_and_its_ranks_tile_the_world(path):
-    cfg = load_config(path)
+    from _tiny import shipped_overrides
+
+    cfg = load_config(path, shipped_overrides(path))
     plan = plan_job(cfg, _world(cfg)).to_json()
     assert plan["world_size"] == _world(cfg)
     assert set(plan["modules"]) == set(cfg.model.modules)

@@ -460,10 +460,11 @@ def test_readme_train_command_runs(config, nproc, tmp_path):
 def test_every_shipped_config_validates_and_reads_its_data(path):
     """What the launch checks before any process group, for every config in train_configs/: layouts, schedule,
     kernels, tokenizer, and the first global batch of its data."""
+    from _tiny import shipped_overrides
     from mimo_titan.config import load_config
-    from mimo_titan.train.trainer import build_loader, build_processor
+    from mimo_titan.train.trainer import build_loader, build_processor, validation_loader
 
-    cfg = load_config(path)
+    cfg = load_config(path, shipped_overrides(path))
     layouts = validate_job(
         cfg, max(lay.end for lay in layouts_from_config(cfg.parallelism, cfg.model.language_name).values())
     )
@@ -475,6 +476,10 @@ def test_every_shipped_config_validates_and_reads_its_data(path):
     batch = next(loader)
     loader.close()
     assert len(batch) == cfg.training.global_batch_size
+    if cfg.validation.enable:  # and its validation data
+        val = validation_loader(cfg, build_processor(cfg))
+        assert len(next(val)) == cfg.training.global_batch_size
+        val.close()
 
 
 def test_a_model_too_big_for_host_memory_is_refused_before_any_process_group(monkeypatch):
