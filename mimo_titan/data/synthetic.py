@@ -45,10 +45,9 @@ def draw_shape(colour: str, shape: str, *, image_size: int, rng: random.Random):
         raise ValueError(f"image_size={image_size}: at least 8 pixels")
     background = tuple(rng.randint(190, 250) for _ in range(3))
     img = Image.new("RGB", (image_size, image_size), background)
-    pixels = img.load()
     for _ in range(image_size * image_size // 8):  # light speckle noise
         x, y = rng.randrange(image_size), rng.randrange(image_size)
-        pixels[x, y] = tuple(max(0, c - rng.randint(0, 40)) for c in background)
+        img.putpixel((x, y), tuple(max(0, c - rng.randint(0, 40)) for c in background))
     side = rng.randint(int(0.4 * image_size), int(0.8 * image_size))
     x0, y0 = rng.randint(0, image_size - side), rng.randint(0, image_size - side)
     box = (x0, y0, x0 + side - 1, y0 + side - 1)
