@@ -1290,6 +1290,7 @@ def _run(
             )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
+        ckpt.save_config()  # <checkpoint folder>/config.json, with checkpoint.enable
         writer = MetricsWriter(cfg, rank, start_step=job.step)
         done, logged = 0, 0
         while job.step < total_steps and (max_steps is None or done < max_steps):
