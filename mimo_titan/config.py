@@ -138,6 +138,11 @@ reported the same way, naming the key: ``hidden_size`` divisible by
 ``training.samples``, and, across sections, ``lr_schedule.warmup_steps`` at
 most the run's optimizer steps (``training.total_steps``).
 
+The same tables may come from JSON: :func:`save_config` writes the resolved config as JSON (training saves it as
+``<checkpoint folder>/config.json``) and :func:`load_config` reads any ``*.json`` path back into an equal
+:class:`Config` (``null`` for an unset key). ``scripts/train.py --help`` lists every key with its type, default
+and allowed values, generated from this schema (:mod:`mimo_titan.config_help`).
+
 Overrides are applied to the parsed TOML *before* it is converted into
 dataclasses, so they are validated exactly like values from the file. Each
 override names a dotted key and a value, either as one token or as two::
@@ -172,6 +177,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -208,6 +214,7 @@ __all__ = [
     "KernelsConfig",
     "Config",
     "load_config",
+    "save_config",
     "config_from_dict",
     "parse_args",
 ]
@@ -1533,10 +1540,11 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), sou
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Load a TOML config file, apply overrides and validate it.
+    """Load a TOML config file (or a ``.json`` one written by :func:`save_config`), apply overrides and validate it.
 
     Args:
-        path: Path to the TOML file.
+        path: Path to the TOML file, or to a ``config.json`` (any name ending in ``.json``): the resolved config that
+            training saves next to its checkpoints (``<checkpoint folder>/config.json``).
         overrides: Override tokens, e.g. ``["--training.steps=10",
             "--optimizer.lr", "1e-4"]``; applied on top of the file's values
             before validation.
@@ -1545,7 +1553,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         The validated :class:`Config`.
 
     Raises:
-        ConfigError: if the file does not exist, is not valid TOML, or has an
+        ConfigError: if the file does not exist, is not valid TOML (JSON), or has an
             unknown key, a wrongly typed value, a missing required key, a
             value outside its allowed set or range; or if an override names an
             unknown key or has an unparsable value.
@@ -1554,21 +1562,50 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     if not os.path.exists(source):
         raise ConfigError(f"config file '{source}' does not exist; check the path given to --config")
     if os.path.isdir(source):
-        raise ConfigError(f"config path '{source}' is a directory; pass a .toml file")
+        saved = os.path.join(source, "config.json")
+        hint = f" (a checkpoint folder's saved config is {saved})" if os.path.isfile(saved) else ""
+        raise ConfigError(f"config path '{source}' is a directory; pass a .toml file or a config.json{hint}")
+    is_json = source.lower().endswith(".json")
     try:
-        with open(source, "rb") as fh:
-            data = tomli.load(fh)
+        if is_json:
+            with open(source, encoding="utf-8") as fh:
+                data = json.load(fh)
+        else:
+            with open(source, "rb") as fh:
+                data = tomli.load(fh)
     except tomli.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}; fix the syntax") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}; fix the syntax or pass the TOML config") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file '{source}': {exc}") from None
     return config_from_dict(data, overrides, source=source)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as JSON (:meth:`Config.to_dict`: every key, defaults included, ``none`` as ``null``) to ``path``,
+    which :func:`load_config` reads back to an equal :class:`Config`.
+
+    JSON rather than TOML because TOML has no null (``head_dim``, ``training.samples``, ... may be unset). The file is
+    written to ``<path>.tmp`` and renamed, so a reader never sees half a file. Relative paths in the config
+    (``data.path``, ``data.tokenizer``, ``job.output_dir``) stay relative to the directory training was started in.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    target = os.fspath(path)
+    tmp = target + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(cfg.to_dict(), fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, target)
 
 
 _USAGE = (
     "usage: train.py --config PATH [--section.key=VALUE | --section.key VALUE ...]\n\n"
     "Load a TOML training config and apply dotted-key overrides, e.g.\n"
     "  --training.steps=10 --optimizer.lr 1e-4 --parallelism.language.dp_shard=2\n"
+    "PATH may also be the config.json that a run with checkpoint.enable saves in its checkpoint folder.\n"
 )
 
 
@@ -1579,7 +1616,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
             ``--config PATH`` or ``--config=PATH`` is required; every other
             argument is an override (``--section.key=value`` or
-            ``--section.key value``). ``-h``/``--help`` prints usage and exits.
+            ``--section.key value``). ``-h``/``--help`` prints usage and every config key with its type and
+            default (:func:`mimo_titan.config_help.config_keys_help`), and exits.
 
     Returns:
         The validated :class:`Config`.
@@ -1596,7 +1634,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     while i < len(args):
         tok = args[i]
         if tok in ("-h", "--help"):
-            print(_USAGE, end="")
+            from mimo_titan.config_help import config_keys_help  # imports this module: loaded on demand
+
+            print(_USAGE + "\n" + config_keys_help(), end="")
             raise SystemExit(0)
         if tok == "--config" or tok.startswith("--config="):
             if config_path is not None:

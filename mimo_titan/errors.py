@@ -13,7 +13,8 @@ class               raised for
 :class:`ConfigError`      a TOML file, key, value or override (:mod:`mimo_titan.config`), or settings that
                           contradict each other (``validate_job``)
 :class:`LayoutError`      per-module rank layouts (:mod:`mimo_titan.topology`)
-:class:`DataError`        ``data.path`` / ``data.tokenizer``: missing files, no valid record
+:class:`DataError`        ``data.path`` / ``data.tokenizer``: missing files, no valid record; a malformed
+                          file of generated captions (:mod:`mimo_titan.evaluation`)
 :class:`CheckpointError`  ``checkpoint.*``: folders that cannot be written, a checkpoint that does not fit the
                           model, a missing step
 :class:`TrainingError`    a run that diverged: ``training.max_skipped_steps`` consecutive non-finite steps

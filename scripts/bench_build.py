@@ -136,7 +136,9 @@ def _run(ctx, ranks: list[int], world: int, backend: str, config: str, overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mimo_titan.config_help import CONFIG_KEYS_EPILOG
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=CONFIG_KEYS_EPILOG)
     p.add_argument("--config", default="train_configs/debug_noncolocated.toml")
     p.add_argument("--backend", choices=("gloo", "fake"), default="gloo")
     p.add_argument("--ranks", default=None, help="with --backend fake: the ranks to build, e.g. 0,2,5 (default all)")

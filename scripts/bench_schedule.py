@@ -252,7 +252,9 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mimo_titan.config_help import CONFIG_KEYS_EPILOG
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=CONFIG_KEYS_EPILOG)
     p.add_argument("--config", required=True)
     p.add_argument("--encoder-ms", type=float, required=True, help="encoder forward per microbatch per rank (ms)")
     p.add_argument(

@@ -35,13 +35,14 @@ import torch
 
 from mimo_titan.checkpoint.hf import LM_ARCHS, export_hf, import_hf
 from mimo_titan.config import Config, load_config
+from mimo_titan.config_help import CONFIG_KEYS_EPILOG
 from mimo_titan.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=CONFIG_KEYS_EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF directories -> model-only mimo_titan checkpoint")
+    imp = sub.add_parser("import", help="HF directories -> model-only mimo_titan checkpoint", epilog=CONFIG_KEYS_EPILOG)
     imp.add_argument("--config", required=True, help="the training TOML")
     imp.add_argument("--hf-language", help="HF causal-LM directory (Llama-3, Qwen3, Qwen3-MoE)")
     imp.add_argument("--hf-vision", help="HF SigLIP vision directory")
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf-audio", help="HF Whisper directory (its encoder is imported)")
     imp.add_argument("--audio-projector", help="the audio encoder's projector safetensors (projector.* keys)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
-    exp = sub.add_parser("export", help="mimo_titan checkpoint -> HF directories")
+    exp = sub.add_parser("export", help="mimo_titan checkpoint -> HF directories", epilog=CONFIG_KEYS_EPILOG)
     exp.add_argument("--config", required=True, help="the training TOML of the run")
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory (step-N, or a model-only one)")
     exp.add_argument("--out", required=True, help="output directory")

@@ -17,7 +17,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from mimo_titan.config_help import CONFIG_KEYS_EPILOG
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=CONFIG_KEYS_EPILOG)
     parser.add_argument("--config", required=True, help="a train_configs/*.toml file")
     parser.add_argument(
         "--world-size", type=int, default=None, help="ranks to plan for (default: the end of the last rank range)"

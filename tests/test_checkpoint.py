@@ -374,7 +374,7 @@ def test_a_save_killed_part_way_never_replaces_the_last_good_checkpoint(tmp_path
     proc, hist = _child(tmp_path, "normal", folder, load_step=3, max_steps=1)  # an explicit step redoes step 4
     assert proc.returncode == 0 and [h[0] for h in hist] == [4]
     assert complete_steps(folder) == [3, 4]  # the old step 4 is set aside, not resumed from nor purged
-    assert sorted(os.listdir(folder)) == ["step-3", "step-4", "step-4.abandoned"]
+    assert sorted(os.listdir(folder)) == ["config.json", "step-3", "step-4", "step-4.abandoned"]
     proc, _ = _child(tmp_path, "normal", folder, load_step=1)
     assert proc.returncode != 0 and "checkpoint.load_step=1: no complete checkpoint step-1" in proc.stderr
 
@@ -418,26 +418,23 @@ def test_training_samples_budget_runs_that_many_lm_samples():
 @pytest.mark.multirank
 def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     """The README's train command with ``--checkpoint.*`` overrides: save every step (the loss falls over the 3
-    steps: the README command of train_configs/debug_colocated.toml runs), then resume from step 1."""
-    base = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "scripts/train.py",
-        "--config",
-        "train_configs/debug_colocated.toml",
-        f"--job.output_dir={tmp_path}",
-        "--checkpoint.enable=true",
-        "--checkpoint.interval=1",
-    ]
+    steps: the README command of train_configs/debug_colocated.toml runs), then resume from step 1. Each run leaves
+    its resolved config in the folder as config.json, which loads back to the config it ran."""
+    from mimo_titan.config import load_config
+
+    config = "train_configs/debug_colocated.toml"
+    overrides = [f"--job.output_dir={tmp_path}", "--checkpoint.enable=true", "--checkpoint.interval=1"]
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py"]
+    base += ["--config", config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(
         [*base, "--training.steps=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2", "step-3"]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["config.json", "step-1", "step-2", "step-3"]
+    saved = tmp_path / "checkpoint" / "config.json"
+    ran = load_config(ROOT / config, [*overrides, "--training.steps=3"])
+    assert load_config(saved) == ran and ran.checkpoint.enable and ran.training.steps == 3
     again = subprocess.run(
         [*base, "--training.steps=3", "--checkpoint.load_step=1"],
         cwd=ROOT,
@@ -457,7 +454,12 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     assert sorted(first_losses) == [1, 2, 3] and float(first_losses[3]) < float(first_losses[1])
     # new processes, same losses as the first run's steps 2-3
     assert losses(log) == {k: v for k, v in first_losses.items() if k > 1}
+    # the second run rewrote it
+    assert load_config(saved) == load_config(
+        ROOT / config, [*overrides, "--training.steps=3", "--checkpoint.load_step=1"]
+    )
     assert sorted(os.listdir(tmp_path / "checkpoint")) == [
+        "config.json",
         "step-1",
         "step-2",
         "step-2.abandoned",

@@ -12,6 +12,9 @@ One checkpoint is a directory ``<folder>/step-N`` holding every rank's state for
   layout is unchanged (per-rank streams have no meaning under another layout; the run then keeps the fresh
   streams of its own seeds and says so).
 
+Beside the ``step-N`` directories, ``<folder>/config.json`` holds the resolved config of the latest run that used the
+folder (:meth:`CheckpointManager.save_config`), readable by :func:`mimo_titan.config.load_config`.
+
 **Atomicity.** A save writes ``step-N.partial`` and, once every rank has written and DCP's ``.metadata`` is on
 disk, rank 0 renames it to ``step-N`` (an atomic rename). A process killed part-way leaves at most a
 ``.partial`` directory, which is never loaded and is removed by the next save; the previous ``step-M`` is never
@@ -266,6 +269,32 @@ class CheckpointManager:
         return state
 
     # ------------------------------------------------------------------ save
+    def save_config(self) -> str | None:
+        """With ``checkpoint.enable``, rank 0 writes the run's resolved config to ``<folder>/config.json``
+        (:func:`mimo_titan.config.save_config`; :func:`mimo_titan.config.load_config` reads it back, so a later
+        script can take ``--config <folder>/config.json``). Each run that uses the folder rewrites it: it holds the
+        config of the latest run (a resumed run may have changed ``optimizer.*``, say). Collective: every rank of the
+        default process group calls it.
+
+        Returns:
+            The file's path, or None when checkpointing is off.
+
+        Raises:
+            CheckpointError: rank 0 could not write the file, raised on every rank.
+        """
+        if not self.ckpt.enable:
+            return None
+        from mimo_titan.config import save_config
+
+        path = os.path.join(self.folder, "config.json")
+
+        def write() -> None:
+            os.makedirs(self.folder, exist_ok=True)
+            save_config(self.cfg, path)
+
+        self._on_rank0(write, "write config.json to")
+        return path
+
     def should_save(self, step: int) -> bool:
         """Whether to save after optimizer step ``step``: every ``interval`` steps and at the last step."""
         return self.ckpt.enable and (step % self.ckpt.interval == 0 or step == self.cfg.training.total_steps)

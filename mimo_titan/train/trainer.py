@@ -1370,6 +1370,7 @@ def _run(
             )
         watchdog.progress("loading the checkpoint")
         ckpt.load(job, loader)
+        ckpt.save_config()  # <checkpoint folder>/config.json, with checkpoint.enable
         writer = MetricsWriter(cfg, rank, start_step=job.step)
         val_start = val_loader.state_dict() if val_loader is not None else None
         done, logged = 0, 0
