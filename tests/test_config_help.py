@@ -87,7 +87,7 @@ def test_help_lists_every_key_with_its_type_default_and_allowed_values(capsys):
     shown = _help_tables(text)
     expected = _expected_tables()
     # one table each (the two moe tables, of "vit" and "decoder" modules, are separate ones)
-    assert len(shown) == len(expected) == 16
+    assert len(shown) == len(expected) == 18  # [validation] and [validation.data] included
     for want_header, fields in expected:
         (header, keys), *more = [t for t in shown if t[0] == want_header or t[0].startswith(want_header + " ")]
         assert not more, want_header
