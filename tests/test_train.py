@@ -234,19 +234,20 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
     cfg = config_from_dict(cfg_dict)
     job = build_job(cfg, device)
     loader = build_loader(cfg, job.processor, rank=rank)
-    val_loader = validation_loader(cfg, job.processor, rank=rank)
-    start = val_loader.state_dict()
+    val_loader = validation_loader(cfg, job.processor, rank=rank) if cfg.validation.enable else None
+    start = val_loader.state_dict() if val_loader is not None else None
     hist = []
     for _ in range(steps):
         rec = train_step(job, next(loader))
         rec["decoded"], rec["media"] = loader.last_decoded, media_slices(cfg, rank, world)
-        if job.step % cfg.validation.freq == 0:
+        if val_loader is not None and job.step % cfg.validation.freq == 0:
             val_loader.load_state_dict(start)
             rec["validation"] = validate(job, [next(val_loader) for _ in range(cfg.validation.steps)])
             rec["val_decoded"] = val_loader.last_decoded
         hist.append(rec)
     loader.close()
-    val_loader.close()
+    if val_loader is not None:
+        val_loader.close()
     keep = cfg.metrics.history_steps  # the job keeps only the newest records
     assert [r["step"] for r in job.history] == list(range(max(1, steps - keep + 1), steps + 1))
     # a logged step's gather: rank r reports r + 1 GiB and waited r / 10 s for its batch
