@@ -459,6 +459,11 @@ class ImageTextProcessor:
         return self._special_ids["eos_id"]
 
     @property
+    def layout_token_ids(self) -> frozenset[int]:
+        """Ids of every token of the layout (placeholders, begin / end markers, pad, BOS, EOS): never caption text."""
+        return self._reserved_ids
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (every id is ``< vocab_size``)."""
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
@@ -544,6 +549,19 @@ class ImageTextProcessor:
         """
         ids = self._tokenizer.encode(caption, add_special_tokens=False).ids
         return [i for i in ids if i not in self._reserved_ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids (the inverse of :meth:`tokenize`): the layout's special tokens (placeholders,
+        begin / end markers, pad, BOS, EOS) and ids the tokenizer lacks are left out.
+
+        Args:
+            ids: Token ids.
+
+        Returns:
+            The decoded text.
+        """
+        kept = [int(i) for i in ids if int(i) not in self._reserved_ids and 0 <= int(i) < self.vocab_size]
+        return self._tokenizer.decode(kept, skip_special_tokens=True)
 
     # -------------------------------------------------------------- layout
     def min_sequence_tokens(self, num_images: int) -> int:

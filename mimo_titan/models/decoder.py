@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mimo_titan.models.init import InitRule, init_module_, layer_init_rules, resolve_seed
+from mimo_titan.models.kv_cache import KVCache, LayerKVCache
 from mimo_titan.models.mlp import SwiGLU
 from mimo_titan.models.moe import MoE
 from mimo_titan.models.varlen_attention import PlanCache, VarlenPlan, build_plan, causal_sdpa, varlen_attention
@@ -132,6 +133,11 @@ class Attention(nn.Module):
     (:mod:`mimo_titan.models.varlen_attention`); the document runs are found once per forward (one host sync) and
     cached across the layers in ``plan_cache`` by the identity and version of the ``positions`` / ``doc_ids``
     tensors.
+
+    Inference passes ``kv_cache`` (a :class:`~mimo_titan.models.kv_cache.LayerKVCache`): the new tokens' keys and
+    values (after RoPE) are appended to it and the queries attend over every cached key, causally aligned to the
+    last one (query ``i`` of ``s`` new tokens sees the ``length - s + i + 1`` first keys). Plain rows only: neither
+    packed rows (``doc_ids``) nor a parallel plan's ``attn_fn`` take a cache.
     """
 
     def __init__(self, cfg: LanguageModelConfig):
@@ -167,6 +173,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        *,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(b, s, -1, self.head_dim)  # [B, S, nh, hd] (nh / tp under TP)
@@ -180,6 +188,11 @@ class Attention(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if kv_cache is not None:  # inference: attend over the cached prefix and the new tokens
+            if self.attn_fn is not None or doc_ids is not None:
+                raise ValueError("a KV cache works on plain rows of a single-process model (no doc_ids, no attn_fn)")
+            k, v = kv_cache.update(k, v)
+            return self.o_proj(causal_sdpa(q, k, v).transpose(1, 2).reshape(b, s, -1))
         if self.attn_fn is not None:
             return self.o_proj(self.attn_fn(q, k, v, positions, doc_ids).transpose(1, 2).reshape(b, s, -1))
         if doc_ids is None:  # plain rows: positions 0 .. S-1
@@ -198,7 +211,8 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``.
 
     ``mlp`` is a dense SwiGLU, or a :class:`~mimo_titan.models.moe.MoE` where ``cfg.moe`` makes layer
-    ``layer_idx`` an MoE layer.
+    ``layer_idx`` an MoE layer. ``kv_cache`` (inference) is this layer's
+    :class:`~mimo_titan.models.kv_cache.LayerKVCache`, handed to the attention.
     """
 
     def __init__(self, cfg: LanguageModelConfig, layer_idx: int = 0):
@@ -219,9 +233,15 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        *,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        # five positional arguments always: a tensor-parallel plan prepares them by position
-        h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions, doc_ids)
+        # five positional arguments always: a tensor-parallel plan prepares them by position; the cache (inference
+        # only) is passed as a keyword and only when there is one, so the training call is untouched
+        if kv_cache is None:
+            h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions, doc_ids)
+        else:
+            h = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, positions, doc_ids, kv_cache=kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -249,6 +269,9 @@ class DecoderLM(nn.Module):
         ``doc_ids``: optional ``[B, S]`` int64 document of each token (packed THD rows): attention is causal inside
         a document and never crosses documents (the positions must be distinct inside every document; no
         ``[S, S]`` mask is built, see :class:`Attention`).
+        ``kv_cache``: optional :class:`~mimo_titan.models.kv_cache.KVCache` (inference): ``x`` / ``inputs_embeds``
+        are then the *new* tokens only, their positions default to ``kv_cache.length + 0 .. S-1``, they attend to
+        every cached token, and the cache advances by S. Plain rows only (no ``doc_ids``).
         Returns ``[B, S, V]`` logits when this part has ``lm_head``, else ``[B, S, H]`` hidden states.
         Rows are right-padded; attention is causal.
 
@@ -291,6 +314,8 @@ class DecoderLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         if inputs_embeds is not None:
             h = inputs_embeds
@@ -298,12 +323,18 @@ class DecoderLM(nn.Module):
             h = self.embed(x)
         else:
             h = x
+        past = 0 if kv_cache is None else kv_cache.length
         if position_ids is None:
-            position_ids = torch.arange(h.shape[1], device=h.device)
+            position_ids = torch.arange(past, past + h.shape[1], device=h.device)
         scaling = getattr(self.cfg, "rope_scaling", None)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, h.dtype, scaling)
-        for layer in self.model.layers.values():
-            h = layer(h, cos, sin, position_ids, doc_ids)
+        if kv_cache is None:
+            for layer in self.model.layers.values():
+                h = layer(h, cos, sin, position_ids, doc_ids)
+        else:
+            for name, layer in self.model.layers.items():
+                h = layer(h, cos, sin, position_ids, doc_ids, kv_cache=kv_cache.layer(name))
+            kv_cache.advance(h.shape[1])
         if self.model.norm is not None:
             h = self.model.norm(h)
         if self.lm_head is not None:

@@ -258,6 +258,25 @@ class MimoModel(nn.Module):
         *,
         encoder_inputs: Mapping[str, tuple[torch.Tensor, ...] | None] | None = None,
     ) -> torch.Tensor:
+        dense = self.encode(input_ids_BS, pixel_values, encoder_inputs=encoder_inputs)
+        stage = LanguageStage(self.lm, tuple(self.placeholder_ids.values()))
+        return stage(input_ids_BS, dense, position_ids, doc_ids)
+
+    def encode(
+        self,
+        input_ids_BS: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        encoder_inputs: Mapping[str, tuple[torch.Tensor, ...] | None] | None = None,
+    ) -> torch.Tensor | None:
+        """Every encoder's rows placed at its placeholders of ``input_ids_BS`` ``[B, S]``: the dense form ``[B, S, H]``
+        (zeros outside the placeholders) that :func:`merge_image_embeddings` merges into the token embeddings; None
+        for a model without encoders. Inputs as :meth:`forward`'s (an encoder without inputs encodes one dummy item
+        whose rows are dropped).
+
+        Raises:
+            ValueError: an encoder whose rows differ in number from its placeholders.
+        """
         given = dict(encoder_inputs or {})
         dense = None
         for name in self.encoder_names:
@@ -278,8 +297,7 @@ class MimoModel(nn.Module):
                 rows = rows[:0]
             part = scatter_image_embeddings(rows, input_ids_BS, self.placeholder_ids[name])
             dense = part if dense is None else dense + part
-        stage = LanguageStage(self.lm, tuple(self.placeholder_ids.values()))
-        return stage(input_ids_BS, dense, position_ids, doc_ids)
+        return dense
 
 
 def encoder_inputs(model_cfg: ModelConfig, batch) -> dict[str, tuple[torch.Tensor, ...] | None]:
