@@ -1,10 +1,10 @@
 """Write the synthetic coloured-shapes captioning data (:mod:`mimo_titan.data.synthetic`): a training shard and a
 held-out shard with other samples (another seed).
 
-    python scripts/make_shapes_data.py --out data/shapes [--train 2400] [--val 90] [--image-size 32] [--seed 0]
+    python scripts/make_shapes_data.py --out data/shapes [--train 2000] [--val 90] [--image-size 32] [--seed 0]
 
 Writes ``OUT/shapes-train-0000.tar`` and ``OUT/shapes-val-0000.tar`` (WebDataset: ``<key>.png`` + ``<key>.txt``
-captions such as ``"a red circle"``), the data of ``train_configs/shapes_tiny.toml``.
+captions such as ``"a red dot"``), the data of ``train_configs/shapes_tiny.toml``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--train", type=int, default=2400, help="training samples")
+    parser.add_argument("--train", type=int, default=2000, help="training samples")
     parser.add_argument("--val", type=int, default=90, help="held-out samples")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training shard (held-out: seed + 1)")
