@@ -4,8 +4,10 @@ Input is a JSON-lines file, one sample per line, as ``scripts/generate.py`` writ
 
     {"key": "000042", "reference": "a dog runs on the beach", "generated": "a dog on a beach"}
 
-Other fields of a line are ignored. :func:`read_samples` checks the file; :func:`evaluate` scores the samples. Every
-score is corpus-level (one number for the whole file), each from a well-kept library rather than our own code:
+Other fields of a line are ignored. A ``null`` reference (``scripts/generate.py`` writes one for a record without a
+caption) marks a sample that cannot be scored: it is counted in ``no_reference`` and left out of every score.
+:func:`read_samples` checks the file; :func:`evaluate` scores the samples. Every score is corpus-level (one number
+for the whole file), each from a well-kept library rather than our own code:
 
 ========================  ===================================================================================
 key                       meaning
@@ -29,6 +31,7 @@ key                       meaning
                           summed over the samples, over the total number of reference words, by ``jiwer``;
                           on text after :func:`normalize` (so case does not count; punctuation does). May exceed 1
 ``samples``               number of samples (lines) scored
+``no_reference``          number of lines with a ``null`` reference, not scored
 ========================  ===================================================================================
 
 Bad input raises :class:`~mimo_titan.errors.DataError` naming the file, the line and the fix.
@@ -52,10 +55,11 @@ _FIELDS = ("key", "reference", "generated")
 
 @dataclass(frozen=True)
 class Sample:
-    """One line of the file: the sample's key, its reference caption and the model's text."""
+    """One line of the file: the sample's key, its reference caption (None: the line has none, ``null``) and the
+    model's text."""
 
     key: str
-    reference: str
+    reference: str | None
     generated: str
 
 
@@ -69,9 +73,10 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         The samples in file order.
 
     Raises:
-        DataError: the file is missing or unreadable; it holds no sample; a line is not a JSON object, lacks one of
-            the three keys, or has a reference or generated text that is not a string; a reference is empty
-            (WER and CIDEr-D are undefined without one). The message names the line number (from 1).
+        DataError: the file is missing or unreadable; it holds no sample, or no sample with a reference; a line is
+            not a JSON object, lacks one of the three keys, or has a generated text that is not a string or a
+            reference that is neither a string nor ``null``; a reference is empty (WER and CIDEr-D are undefined
+            without one). The message names the line number (from 1).
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
@@ -92,6 +97,11 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         raise DataError(
             f"{name} holds no sample; it should have one JSON object per line with keys {', '.join(_FIELDS)}"
         )
+    if all(s.reference is None for s in samples):
+        raise DataError(
+            f"{name}: none of its {len(samples)} samples has a reference (every 'reference' is null: their records "
+            "had no caption), so there is nothing to score; generate on a shard whose records carry <key>.txt captions"
+        )
     return samples
 
 
@@ -106,9 +116,12 @@ def _parse_line(line: str, name: str, number: int) -> Sample:
     missing = [f for f in _FIELDS if f not in obj]
     if missing:
         raise DataError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
-    for f in ("reference", "generated"):
-        if not isinstance(obj[f], str):
-            raise DataError(f"{where}: {f!r} must be a string, got {type(obj[f]).__name__}")
+    if not isinstance(obj["generated"], str):
+        raise DataError(f"{where}: 'generated' must be a string, got {type(obj['generated']).__name__}")
+    if obj["reference"] is None:  # a record without a caption: kept, not scored
+        return Sample(key=str(obj["key"]), reference=None, generated=obj["generated"])
+    if not isinstance(obj["reference"], str):
+        raise DataError(f"{where}: 'reference' must be a string or null, got {type(obj['reference']).__name__}")
     if not obj["reference"].strip():
         raise DataError(f"{where}: 'reference' is empty; every sample needs its reference caption")
     return Sample(key=str(obj["key"]), reference=obj["reference"], generated=obj["generated"])
@@ -202,20 +215,23 @@ def wer(references: Sequence[str], generated: Sequence[str]) -> float:
 
 
 def evaluate(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Every score of the module docstring for ``samples``.
+    """Every score of the module docstring for the ``samples`` that have a reference (the others are counted in
+    ``no_reference``).
 
     Returns:
-        ``{"samples": int, "exact_match": float, "bleu4": float, "bleu4_signature": str, "cider_d": float,
-        "wer": float}``.
+        ``{"samples": int, "no_reference": int, "exact_match": float, "bleu4": float, "bleu4_signature": str,
+        "cider_d": float, "wer": float}``.
 
     Raises:
-        ValueError: ``samples`` is empty or holds an empty reference.
+        ValueError: no sample has a reference, or one holds an empty reference.
     """
-    refs = [s.reference for s in samples]
-    gens = [s.generated for s in samples]
+    scored = [s for s in samples if s.reference is not None]
+    refs = [s.reference for s in scored if s.reference is not None]
+    gens = [s.generated for s in scored]
     bleu, signature = bleu4(refs, gens)
     return {
-        "samples": len(samples),
+        "samples": len(scored),
+        "no_reference": len(samples) - len(scored),
         "exact_match": exact_match(refs, gens),
         "bleu4": bleu,
         "bleu4_signature": signature,

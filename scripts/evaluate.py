@@ -3,8 +3,9 @@
     python scripts/evaluate.py OUT.jsonl [--json RESULT.json]
 
 ``OUT.jsonl`` holds one JSON object per line, ``{"key", "reference", "generated"}``, as ``scripts/generate.py``
-writes it. Prints the scores as JSON, ``{"samples", "exact_match", "bleu4", "bleu4_signature", "cider_d", "wer"}``,
-and writes the same object to ``--json``. Exact match and WER compare text after case-folding and whitespace
+writes it (a ``null`` reference, a record without a caption, is counted in ``no_reference`` and not scored). Prints
+the scores as JSON, ``{"samples", "no_reference", "exact_match", "bleu4", "bleu4_signature", "cider_d", "wer"}``, and
+writes the same object to ``--json``. Exact match and WER compare text after case-folding and whitespace
 normalisation; BLEU-4 is sacreBLEU's (0-100), CIDEr-D the COCO evaluation's (``pycocoevalcap``), WER jiwer's. See
 :mod:`mimo_titan.evaluation` for the definitions and their sources. A missing or malformed file is one line on
 stderr naming the file and line, exit status 2.

@@ -6,7 +6,7 @@ One sample (prints the generated text)::
 
 A WebDataset shard (``<key>.jpg``/``.png`` + ``<key>.txt`` [+ ``<key>.wav``/``.flac``]; also a directory of
 shards, a glob or a brace pattern, as ``data.path``), one JSON line per record ``{"key", "reference",
-"generated"}`` (``reference``: the record's ``txt``, or null)::
+"generated"}`` (``reference``: the record's ``txt``, or null when it has none or an empty one)::
 
     python scripts/generate.py --config CFG.toml --checkpoint DIR --data SHARD.tar --out OUT.jsonl
 
@@ -129,7 +129,8 @@ def _records(
                 print(f"warning: skipping {skipped[-1]}", file=sys.stderr)
                 continue
             ref = fields.get(CAPTION_FIELD)
-            reference = ref.decode("utf-8", errors="replace").strip() if ref is not None else None
+            # an empty caption is no reference either: null, which scripts/evaluate.py counts but does not score
+            reference = (ref.decode("utf-8", errors="replace").strip() or None) if ref is not None else None
             audio_field = next((f for f in AUDIO_FIELDS if f in fields), None)
             if processor.audio_tokens is None:
                 audio_field = None

@@ -65,6 +65,21 @@ def test_evaluate_gives_every_score():
     assert out["bleu4"] == pytest.approx(bleu4(["a b c d", "e f g h"], ["a b c d", "e f g x"])[0])
 
 
+def test_a_null_reference_is_counted_and_not_scored(tmp_path):
+    """``scripts/generate.py`` writes ``"reference": null`` for a record without a caption: such a line is read,
+    counted in ``no_reference`` and left out of every score (the file of the other lines scores the same)."""
+    rows = [
+        {"key": "1", "reference": "a b c d", "generated": "a b c d"},
+        {"key": "2", "reference": None, "generated": "anything"},
+        {"key": "3", "reference": "e f g h", "generated": "e f g x"},
+    ]
+    samples = read_samples(_write(tmp_path / "out.jsonl", rows))
+    assert samples[1] == Sample("2", None, "anything")
+    got = evaluate(samples)
+    want = evaluate([Sample("1", "a b c d", "a b c d"), Sample("3", "e f g h", "e f g x")])
+    assert got == {**want, "no_reference": 1} and want["no_reference"] == 0 and got["samples"] == 2
+
+
 def test_evaluate_script_prints_and_writes_the_scores(tmp_path):
     rows = [
         {"key": "000001", "reference": "a b c d", "generated": "a b c d", "image": "ignored"},
@@ -98,6 +113,8 @@ def test_evaluate_script_prints_and_writes_the_scores(tmp_path):
         ([{"generated": "a"}], r"line 1: missing keys 'key', 'reference'"),
         ([{"key": 1, "reference": "a", "generated": None}], r"line 1: 'generated' must be a string, got NoneType"),
         ([{"key": 1, "reference": " ", "generated": "a"}], r"line 1: 'reference' is empty"),
+        ([{"key": 1, "reference": 3, "generated": "a"}], r"line 1: 'reference' must be a string or null, got int"),
+        ([{"key": 1, "reference": None, "generated": "a"}] * 2, r"none of its 2 samples has a reference"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, rows, message):

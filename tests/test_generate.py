@@ -291,6 +291,7 @@ def test_cli_single_image_and_shard_match_plain_greedy_decoding(tiny_run, tmp_pa
             "k1": {"jpg": images["b"]},  # no caption: reference null
             "k2": {"txt": b"no image"},  # skipped
             "k3": {"png": b"not an image", "txt": b"broken"},  # skipped
+            "k4": {"png": images["a"], "txt": b" \n"},  # an empty caption: no reference either
         },
     )
     rc, out, err = _run(capsys, *common, "--data", shard, "--out", tmp_path / "out.jsonl", "--batch-size", 2)
@@ -299,9 +300,14 @@ def test_cli_single_image_and_shard_match_plain_greedy_decoding(tiny_run, tmp_pa
     assert lines == [
         {"key": "k0", "reference": "a red circle", "generated": refs["a"]},
         {"key": "k1", "reference": None, "generated": refs["b"]},
+        {"key": "k4", "reference": None, "generated": refs["a"]},
     ]
     assert "k2: no image" in err and "k3.png: cannot decode image" in err
-    assert "wrote 2 lines" in err and "2 records skipped" in err
+    assert "wrote 3 lines" in err and "2 records skipped" in err
+    from mimo_titan.evaluation import evaluate, read_samples
+
+    scores = evaluate(read_samples(tmp_path / "out.jsonl"))  # the lines without a reference are not scored
+    assert scores["samples"] == 1 and scores["no_reference"] == 2
 
 
 def test_checkpoint_forms_and_hf_export_load_the_same_weights(tiny_run, tmp_path, capsys):
