@@ -255,6 +255,49 @@ def _steps_worker(rank, world, device, cfg_dict, steps):
     return hist
 
 
+def _validation_cache_worker(rank, world, device, cfg_dict):
+    """A training step, then a validation over two batches: what each language stage's pipelining cache still held
+    from earlier microbatches whenever a stage started a forward (``(stage index, outputs held)``), what the caches
+    hold after the validation, and the validation's progress marks."""
+    from mimo_titan.train.trainer import build_job, build_loader, train_step, validate
+
+    cfg = config_from_dict(cfg_dict)
+    job = build_job(cfg, device)
+    loader = build_loader(cfg, job.processor, rank=rank)
+    batch = next(loader)
+    train_step(job, batch)
+    stages = getattr(job.schedule, "stages", [])
+    held: list[tuple[int, int]] = []
+    for st in stages:
+        st.submod.register_forward_pre_hook(
+            lambda m, args, st=st: held.append((st.stage_index, sum(1 for out, _ in st.fwd_cache.values() if out)))
+        )
+    phases: list[str] = []
+    val = validate(job, [batch, next(loader)], progress=phases.append)
+    loader.close()
+    last = [st.stage_index for st in stages if st.is_last]
+    return held, last, [len(st.fwd_cache) for st in stages], phases, val["batches"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["lm_pp1_colocated", "lm_pp2"])
+def test_validation_keeps_no_logits_of_earlier_microbatches_and_marks_progress_per_batch(layout):
+    """torch's forward-only pipelining keeps every microbatch's stage output (the last stage's [b, S, V] logits) until
+    the next step; validation drops the last stage's at once and frees every cache when it ends, so it never holds
+    more logits than a training step. Each validation batch is a watchdog progress mark (a long validation is not a
+    stalled rank)."""
+    vision, language, world = {
+        "lm_pp1_colocated": (V(0, 1), V(0, 1), 1),
+        "lm_pp2": (V(0, 1), V(1, 2, pp=2), 3),
+    }[layout]
+    d = tiny_config_dict(vision, language, training={"global_batch_size": 8, "microbatches": 4})
+    for rank, (held, last, after, phases, batches) in enumerate(run_ranks(_validation_cache_worker, world, d)):
+        assert batches == 2 and phases == ["validation batch 1", "validation batch 2"], rank
+        assert after == [0] * len(after), rank  # nothing left in the caches
+        forwards = [n for index, n in held if index in last]
+        assert len(forwards) == (8 if last else 0) and forwards == [0] * len(forwards), (rank, held)
+
+
 def _reference_losses(cfg, steps):
     """Single-process training on the same loader's batches (``tests/_reference.py``)."""
     return _reference_run(cfg, steps)[0]
@@ -532,6 +575,44 @@ def _stop_worker(rank, world, device, cfg_dict, mode):
     return [r["step"] for r in hist]
 
 
+def _stop_in_validation_worker(rank, world, device, cfg_dict):
+    import os
+    import signal
+
+    from mimo_titan.pipeline.schedule import MimoSchedule
+    from mimo_titan.train.trainer import train
+
+    evaluate = MimoSchedule.evaluate
+    calls = []
+
+    def evaluate_and_get_signalled(self, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:  # a SIGTERM that arrives during the second batch of the first validation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, batch)
+
+    MimoSchedule.evaluate = evaluate_and_get_signalled
+    hist = train(config_from_dict(cfg_dict))
+    return [r["step"] for r in hist], ["validation" in r for r in hist], len(calls)
+
+
+@pytest.mark.multirank
+def test_a_stop_request_during_validation_stops_right_after_it(tmp_path):
+    """A SIGTERM that reaches one rank while the ranks validate ends the validation after the batch it arrives in (no
+    partial loss is logged), and the run saves that step and stops, rather than after another training step."""
+    d = tiny_config_dict(
+        V(0, 2, dp_shard=2),
+        V(0, 2, dp_shard=2),
+        validation={"enable": True, "freq": 2, "steps": 4, "data": {"path": DATA}},
+        checkpoint={"enable": True, "interval": 100},
+    )
+    d["job"]["output_dir"] = str(tmp_path)
+    assert run_ranks(_stop_in_validation_worker, 2, d) == [([1, 2], [False, False], 2)] * 2
+    from mimo_titan.checkpoint import complete_steps
+
+    assert complete_steps(str(tmp_path / "checkpoint")) == [2]
+
+
 @pytest.mark.multirank
 def test_a_stop_request_counts_in_the_step_or_the_save_it_arrives_in(tmp_path):
     d = tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, dp_shard=2))
@@ -576,6 +657,34 @@ def test_ranks_that_read_different_records_fail_with_one_data_error(tmp_path):
     errors = run_ranks(_data_worker, 2, [same, str(cut)])
     assert errors[0] == errors[1] and errors[0] is not None
     assert "the ranks see different data under data.path (rank 0: 1 shard(s), rank 1: 1 shard(s); " in errors[0]
+
+
+def _val_data_worker(rank, world, device, paths):
+    from mimo_titan.errors import DataError
+
+    val = {"enable": True, "data": {"path": paths[rank]}}
+    cfg = config_from_dict(tiny_config_dict(V(0, 2, dp_shard=2), V(0, 2, dp_shard=2), validation=val))
+    try:
+        train(cfg)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.multirank
+def test_ranks_that_read_different_validation_records_fail_before_training(tmp_path):
+    """The validation shards are checked as the training ones: ranks that read different validation data (here one
+    shard cut short) would validate a different number of batches with steps = -1 and hang in the validation's
+    collectives."""
+    shard = SHARED / "cc12m" / "cc12m-train-0000.tar"
+    (tmp_path / "a.tar").write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    errors = run_ranks(_val_data_worker, 2, [str(shard), str(tmp_path / "a.tar")])
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert (
+        "the ranks see different data under validation.data.path (rank 0: 1 shard(s), rank 1: 1 shard(s); "
+        in (errors[0])
+    )
+    assert "check that validation.data.path is the same" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -660,4 +769,21 @@ def test_validation_steps_minus_one_reads_the_validation_data_once():
     again = [b.input_ids for b in _validation_batches(loader, 2)]
     loader.load_state_dict(start)
     assert all(torch.equal(a, b.input_ids) for a, b in zip(again, _validation_batches(loader, 2)))
+    loader.close()
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+def test_validation_steps_minus_one_on_data_that_fill_the_batches_reads_each_record_once(batch):
+    """32 records in batches of 8 (16): the stream is at the end of the data after exactly 4 (2) batches, but it learns
+    so only when the next batch reads past it; that batch, wholly a repeat of the first, is not validated."""
+    from mimo_titan.train.trainer import _validation_batches, build_processor, validation_loader
+
+    val = {"enable": True, "steps": -1, "data": {"path": DATA}}
+    cfg = config_from_dict(tiny_config_dict(V(0, 1), V(1, 1), training={"global_batch_size": batch}, validation=val))
+    loader = validation_loader(cfg, build_processor(cfg))
+    start = loader.state_dict()
+    for _ in range(2):  # the same batches at every validation
+        loader.load_state_dict(start)
+        keys = [key for _ in _validation_batches(loader, -1) for _, _, key in loader.last_decoded]
+        assert len(keys) == 32 and len(set(keys)) == 32, keys  # every record of the shard, once
     loader.close()

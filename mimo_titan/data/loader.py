@@ -112,6 +112,7 @@ class _Item:
     state: dict[str, Any]
     decoded: list[tuple[str, int, str]]
     counts: dict[str, int]
+    start_epoch: int  # the epoch of the batch's first record
 
 
 @dataclass
@@ -189,6 +190,11 @@ class MimoDataLoader:
     length (the frame count comes from the file header, :func:`~mimo_titan.data.audio.probe_audio`). ``media=None``
     decodes everything (a single process, tests). The decoded counts are in :attr:`stats` (``decoded_images``,
     ``decoded_audio``) and the last batch's decoded records in :attr:`last_decoded`.
+
+    Epochs: :attr:`epoch` is the epoch of the stream position after the last batch returned, and
+    :attr:`last_start_epoch` the epoch of that batch's first record. The stream learns that an epoch is over only when
+    it reads past its last record, so after a batch that ends exactly at the end of the data :attr:`epoch` is still
+    that epoch; the next batch then starts in the next one (``last_start_epoch`` > the previous :attr:`epoch`).
 
     Faults in the data are skipped and counted in :attr:`stats` as the stream meets them (so every rank skips
     the same records, all checks use only what every rank reads):
@@ -314,6 +320,7 @@ class MimoDataLoader:
         self._decode_counts = dict.fromkeys(DECODE_COUNTERS, 0)
         self.last_decoded: list[tuple[str, int, str]] = []
         self.last_wait_s = 0.0
+        self.last_start_epoch = 0
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -667,10 +674,14 @@ class MimoDataLoader:
         counts = dict.fromkeys(DECODE_COUNTERS, 0)
         groups: list[tuple[list[_Record], list[int]]] = []
         units: list[int] = []  # the batch unit (sample, or packed row) of every sample
+        # the epoch of the batch's first record: a group never spans two epochs, and a pending group was read in the
+        # epoch the stream is still in
+        start_epoch: int | None = None
         if self.packing:
             used: list[int] = []
             while True:
                 group = self._next_group(s)
+                start_epoch = s.epoch if start_epoch is None else start_epoch
                 tokens, cut = self._tokens(group)
                 length = packed_length(len(tokens), self.seq_len, self.pack_multiple)
                 r = first_fit_row(used, length, self.seq_len)
@@ -687,6 +698,7 @@ class MimoDataLoader:
         else:
             for b in range(self.global_batch_size):
                 group = self._next_group(s)
+                start_epoch = s.epoch if start_epoch is None else start_epoch
                 tokens, cut = self._tokens(group)
                 groups.append((group, tokens))
                 units.append(b)
@@ -715,7 +727,8 @@ class MimoDataLoader:
             assert len(batch) <= self.global_batch_size
         else:
             batch = collate(samples, self.seq_len, proc.pad_id)
-        return _Item(batch, self._snapshot(s), decoded, counts)
+        assert start_epoch is not None, "a batch holds at least one sample"
+        return _Item(batch, self._snapshot(s), decoded, counts, start_epoch)
 
     def _next_sample(self) -> Sample:
         """The next sample of the stream alone, media decoded (for tests: the samples batches are made of)."""
@@ -854,6 +867,7 @@ class MimoDataLoader:
         self._stop_worker()
         self._stream = None
         self._consumed = dict(state)
+        self.last_start_epoch = int(state["epoch"])
 
     # --------------------------------------------------------- the worker
     # A daemon thread still inside a torch op when the interpreter finalises aborts the process ("terminate called
@@ -929,6 +943,7 @@ class MimoDataLoader:
         self.last_wait_s = time.perf_counter() - start
         self._consumed = item.state
         self.last_decoded = item.decoded
+        self.last_start_epoch = item.start_epoch
         for k, v in item.counts.items():
             self._decode_counts[k] += v
         return item.batch

@@ -87,7 +87,26 @@ def schedule_mode(*, colocated: bool, module_schedule: str, colocated_encoders: 
     return "streamed"
 
 
-class _FirstStage(PipelineStage):
+class _Stage(PipelineStage):
+    """A language ``PipelineStage`` that, in a forward-only step (:meth:`MimoSchedule.evaluate`), keeps nothing of a
+    microbatch once it is done when it is the last stage.
+
+    torch's stage caches every forward's output and inputs for the backward (``fwd_cache``), and a forward-only
+    schedule never pops them: the last stage would hold the ``[b, S, V]`` logits of every microbatch until the next
+    step, ``M`` times what a 1F1B training step keeps. Its output has already reached the loss when the forward
+    returns (and a last stage sends nothing), so the entry is emptied right away. A non-last stage's outputs
+    (``[b, S, H]``) are still read by the sends that follow the forward; :meth:`MimoSchedule.evaluate` frees them
+    after the step.
+    """
+
+    def forward_one_chunk(self, fwd_chunk_id, *args, **kwargs):
+        out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        if self.is_last and not self.has_backward:
+            self.fwd_cache[fwd_chunk_id] = ((), [])  # read once more by get_fwd_send_ops, which sends nothing
+        return out
+
+
+class _FirstStage(_Stage):
     """The language model's first ``PipelineStage``: takes microbatch ``m``'s image embeddings from the bridge right
     before its forward of ``m`` (as the keyword input ``image_dense_BSH``) and reports the end of its backward of
     ``m`` (colocated encoders run theirs then)."""
@@ -405,7 +424,7 @@ class MimoSchedule:
                     chunk, before_forward=self._before_lm_forward, after_backward=self._after_lm_backward, **common
                 )
             else:
-                stage = PipelineStage(chunk, **common)
+                stage = _Stage(chunk, **common)
             self.stages.append(stage)
         self.stage = self.stages[0]
         if schedule == "Interleaved1F1B":
@@ -660,7 +679,8 @@ class MimoSchedule:
         """Forward only over ``global_batch`` (the same on every rank), through the same layouts, bridges and
         pipeline as :meth:`step`, under ``torch.no_grad``: every encoder runs as a frozen one does (forwards only,
         nothing crosses a bridge backwards), the language stages run torch's forward-only (``eval``) schedule, no
-        gradient is made and no ``.grad`` changes. FSDP-sharded parameters are resharded afterwards.
+        gradient is made and no ``.grad`` changes. FSDP-sharded parameters are resharded afterwards, and nothing of the
+        batch stays cached in the pipeline stages (the last stage keeps no microbatch's logits past its loss).
 
         Returns:
             0-dim fp32 tensor: this rank's share of the batch's loss (non-zero on the last language stage only,
@@ -687,6 +707,8 @@ class MimoSchedule:
         # a forward without backward leaves FSDP modules that keep their parameters after forward
         # (reshard_after_forward = False) gathered: free them as a training step's backward would
         stages = getattr(self, "stages", [])  # this rank's language stages (none on an encoder-only rank)
+        for stage in stages:  # and the stages' cached outputs (only a backward pops them)
+            stage.clear_runtime_states()
         modules = [lane.module for lane in self.lanes] + [stage.submod for stage in stages]
         for module in modules:
             for sub in module.modules() if module is not None else ():

@@ -1076,42 +1076,77 @@ def validation_loader(cfg: Config, processor: ImageTextProcessor, rank: int | No
         raise DataError(re.sub(r"(?<![\w.])data\.path", "validation.data.path", str(exc))) from None
 
 
-def validate(job: Job, batches: Iterable[Batch | PackedBatch]) -> dict:
+def validate(
+    job: Job,
+    batches: Iterable[Batch | PackedBatch],
+    *,
+    progress: Callable[[str], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict:
     """Forward-only loss of ``batches`` (global batches, the same on every rank) through this job's layouts,
     bridges and pipeline (:meth:`~mimo_titan.pipeline.schedule.MimoSchedule.evaluate`): no gradient, no
     optimizer, no change to any weight, optimizer state or the training data position. Every rank must call it.
 
+    Args:
+        job: the rank's :class:`Job`.
+        batches: the validation's global batches.
+        progress: ``progress(phase)`` marks each batch for the watchdog (``"validation batch N"``), so a validation
+            of many batches is not taken for a stalled rank (None: no marks).
+        stop_requested: whether this rank received a stop signal (:class:`~mimo_titan.train.stop.GracefulStop`),
+            read after every batch and summed over the ranks (one all-reduce per batch): when any rank asks, the
+            validation ends there, on every rank, and ``stopped`` is True (None: never stops early).
+
     Returns:
-        ``{"loss", "tokens", "batches", "time_s"}``: ``loss`` the global per-token cross-entropy over every loss
-        token of every batch (each batch's mean weighted by its loss tokens), ``tokens`` the loss tokens, ``time_s``
-        the wall time (seconds).
+        ``{"loss", "tokens", "batches", "time_s", "stopped"}``: ``loss`` the global per-token cross-entropy over
+        every loss token of the batches validated (each batch's mean weighted by its loss tokens), ``tokens`` the
+        loss tokens, ``batches`` how many were validated, ``time_s`` the wall time (seconds), ``stopped`` whether a
+        stop request ended the validation early.
 
     Reference semantics: torchtitan's ``Validator.validate`` (a forward-only loss averaged over the validation
     steps; here weighted per token, as the training loss).
     """
     t0 = time.perf_counter()
     total, tokens, count = torch.zeros((), dtype=torch.float64, device=job.device), 0, 0
+    stopped = False
     for batch in batches:
+        if progress is not None:
+            progress(f"validation batch {count + 1}")
         n = batch.num_loss_tokens()
         part = job.schedule.evaluate(batch)  # this rank's share of the batch's mean
         total += part.double() * n
         tokens += n
         count += 1
+        if stop_requested is not None and _any_rank(stop_requested(), job.device):
+            stopped = True
+            break
     all_reduce_sum(total)
     return {
         "loss": float(total) / max(tokens, 1),
         "tokens": tokens,
         "batches": count,
         "time_s": time.perf_counter() - t0,
+        "stopped": stopped,
     }
 
 
 def _validation_batches(loader: MimoDataLoader, steps: int):
-    """``steps`` batches of ``loader``, or with ``-1`` the batches up to the end of its first epoch."""
-    done = 0
-    while (steps == -1 and (done == 0 or loader.epoch == 0)) or done < steps:
-        yield next(loader)
-        done += 1
+    """``steps`` batches of ``loader``, or with ``-1`` every batch that starts in the epoch the loader is in: up to
+    the one that reaches the end of the data (completed from the start of the next epoch). When the data fill the
+    batches exactly, the stream learns that the epoch is over only by reading the next batch, which starts in the next
+    epoch (a repeat of the first batch): that one is read but not yielded."""
+    if steps != -1:
+        for _ in range(steps):
+            yield next(loader)
+        return
+    epoch, first = loader.epoch, True
+    while True:
+        batch = next(loader)
+        if not first and loader.last_start_epoch > epoch:
+            return
+        yield batch
+        first = False
+        if loader.epoch > epoch:
+            return
 
 
 def _setup_logging(rank: int) -> None:
@@ -1123,10 +1158,17 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger("mimo_titan.data").setLevel(logging.ERROR)
 
 
-def check_same_data(loader: MimoDataLoader, device: torch.device) -> None:
+def check_same_data(loader: MimoDataLoader, device: torch.device, key: str = "data.path") -> None:
     """Every rank reads the shards itself; make sure they all see the same data (a shard that one machine cannot
-    read, or a file that changed between the ranks' reads, would silently give that rank another stream). Cheap:
-    compares :meth:`MimoDataLoader.fingerprint` (shard names and sizes, keys of the first records).
+    read, or a file that changed between the ranks' reads, would silently give that rank another stream; for the
+    validation data, another number of batches with ``validation.steps = -1``, so the ranks' collectives would no
+    longer match). Cheap: compares :meth:`MimoDataLoader.fingerprint` (shard names and sizes, keys of the first
+    records).
+
+    Args:
+        loader: this rank's loader.
+        device: the device of the collective.
+        key: the config key the loader's shards come from, for the message (``validation.data.path``).
 
     Raises:
         DataError: on every rank, naming the ranks whose data differ from rank 0's.
@@ -1141,8 +1183,8 @@ def check_same_data(loader: MimoDataLoader, device: torch.device) -> None:
     if differ:
         counts = ", ".join(f"rank {r}: {int(gathered[r][0])} shard(s)" for r in [0, *differ[:8]])
         raise DataError(
-            f"the ranks see different data under data.path ({counts}; shard names, sizes or first records differ "
-            f"on ranks {differ[:8]}): every rank must see the same shards; check that data.path is the same, "
+            f"the ranks see different data under {key} ({counts}; shard names, sizes or first records differ "
+            f"on ranks {differ[:8]}): every rank must see the same shards; check that {key} is the same, "
             "complete and readable on every machine"
         )
 
@@ -1356,6 +1398,8 @@ def _run(
     try:
         watchdog.progress("checking the data")
         check_same_data(loader, device)
+        if val_loader is not None:
+            check_same_data(val_loader, device, key="validation.data.path")
         watchdog.progress("building the job")
         job = build_job(cfg, device, processor)
         set_group_timeouts(process_group_timeout(timeout_s))
@@ -1390,7 +1434,16 @@ def _run(
                 assert val_loader is not None and val_start is not None
                 watchdog.progress("validating", job.step)
                 val_loader.load_state_dict(val_start)
-                rec["validation"] = validate(job, _validation_batches(val_loader, val.steps))
+                result = validate(
+                    job,
+                    _validation_batches(val_loader, val.steps),
+                    progress=watchdog.progress,
+                    stop_requested=lambda: stopper.requested,
+                )
+                if result.pop("stopped"):  # a signal during the validation: save this step and stop, without its loss
+                    stop = rec["stop"] = True
+                else:
+                    rec["validation"] = result
             # the same decision on every rank (stop is global), so the gather below is collective
             if rec["step"] % cfg.metrics.log_freq == 0 or rec["step"] == 1 or stop or validating:
                 watchdog.progress("gathering metrics", job.step)
