@@ -1150,3 +1150,21 @@ def test_a_gzip_shard_with_damaged_bytes_is_dropped_and_counted(tmp_path):
     (tmp_path / "damaged.tar").write_bytes(blob)
     n, errors = _read_shard(tmp_path / "damaged.tar")
     assert n == 0 and len(errors) == 1
+
+
+def test_every_shape_draws_with_its_margin_down_to_the_smallest_image_size():
+    """``draw_shape`` takes images of 16 pixels and more; at 16 a large square (up to 14 pixels) left no room for
+    its 1-pixel margin and ``random.randint(1, 0)`` raised in a quarter of the draws."""
+    import random
+
+    from mimo_titan.data.synthetic import COLOURS, SHAPES, draw_shape
+
+    for n in (16, 17, 32):
+        for shape in SHAPES:
+            for seed in range(40):
+                img = draw_shape("red", shape, image_size=n, rng=random.Random(seed))
+                mask = (np.asarray(img) == COLOURS["red"]).all(-1)  # the shape's pixels (the background is grey)
+                assert img.size == (n, n) and mask.sum() >= 4, (n, shape, seed)
+                assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()), (n, shape)
+    with pytest.raises(ValueError, match="image_size=15"):
+        draw_shape("red", "dot", image_size=15, rng=random.Random(0))

@@ -34,8 +34,9 @@ def draw_shape(colour: str, shape: str, *, image_size: int, rng: random.Random):
     """One ``image_size`` × ``image_size`` RGB ``PIL.Image``: a random grey background with a little per-channel
     tint, and one filled ``shape`` in ``colour`` (a key of :data:`COLOURS`, one of :data:`SHAPES`) at a random place:
     a ``dot`` (a disc of radius 12-19 % of the side), a ``bar`` (19-25 % of the side high, the whole width) or a
-    ``square`` (69-88 % of the side). The three shapes differ in extent, which a tiny ViT learns within tens of
-    steps (circles, squares and triangles of one size hang on a few edge pixels and are learned far more slowly).
+    ``square`` (69-88 % of the side, at most ``image_size - 3`` pixels). Every shape keeps a 1-pixel margin. The three
+    shapes differ in extent, which a tiny ViT learns within tens of steps (circles, squares and triangles of one size
+    hang on a few edge pixels and are learned far more slowly).
 
     Raises:
         ValueError: an unknown colour or shape, or ``image_size`` < 16 pixels.
@@ -59,7 +60,7 @@ def draw_shape(colour: str, shape: str, *, image_size: int, rng: random.Random):
         y = rng.randint(1, n - h - 2)
         draw.rectangle([1, y, n - 2, y + h], fill=fill)
     else:
-        side = rng.randint(n * 22 // 32, n * 28 // 32)
+        side = rng.randint(n * 22 // 32, min(n * 28 // 32, n - 3))  # a 1-pixel margin (the bound bites at 16 only)
         x, y = rng.randint(1, n - side - 2), rng.randint(1, n - side - 2)
         draw.rectangle([x, y, x + side, y + side], fill=fill)
     return img
