@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.train < 1 or args.val < 1:
         print("error: --train and --val must be >= 1", file=sys.stderr)
         return 2
+    if args.image_size < 16:
+        print(f"error: --image-size {args.image_size}: the shapes need at least 16 pixels", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     for name, n, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
         path = os.path.join(args.out, f"shapes-{name}-0000.tar")

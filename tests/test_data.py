@@ -1168,3 +1168,28 @@ def test_every_shape_draws_with_its_margin_down_to_the_smallest_image_size():
                 assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()), (n, shape)
     with pytest.raises(ValueError, match="image_size=15"):
         draw_shape("red", "dot", image_size=15, rng=random.Random(0))
+
+
+def test_a_shapes_shard_with_bad_settings_is_refused_before_its_file_is_written(tmp_path, capsys):
+    """``make_shapes_data.py --image-size 8`` printed a traceback and left an empty shard behind (the tar was opened
+    before the first image failed); now it is one line and exit status 2, and no file is written."""
+    import importlib.util
+
+    from mimo_titan.data.synthetic import write_shapes_shard
+
+    for kwargs, match in (
+        ({"image_size": 8}, "image_size=8: at least 16 pixels"),
+        ({"colours": ["red", "pink"]}, r"colours \['red', 'pink'\].*choose from"),
+        ({"shapes": ["star"]}, "choose from"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            write_shapes_shard(tmp_path / "x.tar", num_samples=2, seed=0, **kwargs)
+        assert not (tmp_path / "x.tar").exists()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_shapes_data.py"
+    spec = importlib.util.spec_from_file_location("make_shapes_data", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path / "out"), "--image-size", "8"]) == 2
+    assert capsys.readouterr().err == "error: --image-size 8: the shapes need at least 16 pixels\n"
+    assert not (tmp_path / "out").exists()

@@ -92,10 +92,15 @@ def write_shapes_shard(
         ``[(key, caption)]`` in shard order.
 
     Raises:
-        ValueError: ``num_samples`` < 1, an unknown colour or shape.
+        ValueError: ``num_samples`` < 1, ``image_size`` < 16, an unknown colour or shape (before the file is opened).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: write at least one sample")
+    unknown = [c for c in colours if c not in COLOURS] + [x for x in shapes if x not in SHAPES]
+    if unknown or not colours or not shapes:
+        raise ValueError(f"colours {list(colours)} / shapes {list(shapes)}: choose from {list(COLOURS)} and {SHAPES}")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size}: at least 16 pixels")
     rng = random.Random(seed)
     classes = [(c, s) for c in colours for s in shapes]
     out = []
