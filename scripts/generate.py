@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_mode(args: argparse.Namespace) -> None:
     if (args.image is None) == (args.data is None):
-        raise _UsageError("give --image (one sample) or --data SHARD.tar --out OUT.jsonl (a shard), not both")
+        raise _UsageError("give one of --image (one sample) or --data SHARD.tar --out OUT.jsonl (a shard)")
     if args.data is not None:
         if args.out is None:
             raise _UsageError("--data needs --out OUT.jsonl (the file of generated lines)")
@@ -107,6 +107,12 @@ def _single(args: argparse.Namespace, cfg: Config, device) -> None:
     [text] = generate_texts(
         model, cfg.model, processor, [prompt], _params(args), max_positions=cfg.training.seq_len, batch_size=1
     )
+    if not text.strip():
+        print(
+            "warning: the model generated nothing (its first token ended the caption: the end of text or a layout "
+            "token); an undertrained model does this, train longer or check the checkpoint",
+            file=sys.stderr,
+        )
     print(text)
 
 

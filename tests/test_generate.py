@@ -386,7 +386,10 @@ def test_user_errors_print_one_line_and_exit_2(tiny_run, tmp_path, capsys):
                 "training.seq_len = 48",
             ],
         ),
-        ([*conf, *ckpt, *img, "--data", tmp_path / "s.tar", "--out", tmp_path / "o"], ["give --image", "not both"]),
+        (
+            [*conf, *ckpt, *img, "--data", tmp_path / "s.tar", "--out", tmp_path / "o"],
+            ["give one of --image", "--data SHARD"],
+        ),
         ([*conf, *ckpt, "--data", tmp_path / "s.tar"], ["--data needs --out"]),
         ([*conf, *ckpt, "--data", tmp_path / "none.tar", "--out", tmp_path / "o"], ["data.path=", "none.tar"]),
         ([*conf, *ckpt, *img, "--top-p", "1.5"], ["--top-p 1.5"]),

@@ -494,7 +494,8 @@ class ImageTextProcessor:
                     rgb = img.convert("RGB")
                 rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-            raise CorruptSampleError(f"cannot decode image: {exc}") from exc
+            reason = re.sub(r" <_io.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # the in-memory file: noise
+            raise CorruptSampleError(f"cannot decode image: {reason}") from exc
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1)
         return (pixels.to(torch.float32) / 255.0 - self._mean) / self._std
