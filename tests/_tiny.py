@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
+import json
 import os
+import tarfile
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -106,3 +109,36 @@ def shipped_overrides(path) -> list[str]:
         write_shapes_shard(train, num_samples=96, seed=0, image_size=cfg.model.vision.image_size)
         write_shapes_shard(val, num_samples=32, seed=1, image_size=cfg.model.vision.image_size)
     return [f"--data.path={train}", f"--validation.data.path={val}"]
+
+
+def config_toml(cfg: dict) -> str:
+    """A nested config dict as TOML text (tables for sub-dicts, scalars and lists as JSON values), for tests that
+    launch scripts/*.py with a config file."""
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines: list[str] = []
+
+    def table(prefix, d):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if scalars:
+            lines.append(f"[{prefix}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", cfg)
+    return "\n".join(lines) + "\n"
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    """Write ``(member name, bytes)`` pairs as a plain tar file (a WebDataset shard when names are ``<key>.<ext>``);
+    returns the path as a string."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from _tiny import write_tar
 from mimo_titan.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -83,15 +84,6 @@ def decoded_groups(loader: MimoDataLoader, records) -> list[tuple[int, ...]]:
 
 def decoded_keys(loader: MimoDataLoader) -> list[str]:
     return [key for medium, _, key in loader.last_decoded if medium == "image"]
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (10, 7), mode: str = "RGB") -> bytes:

@@ -13,7 +13,6 @@ import random
 import re
 import subprocess
 import sys
-import tarfile
 import wave
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from _tiny import SHARED, tiny_config_dict
+from _tiny import SHARED, config_toml, tiny_config_dict, write_tar
 from mimo_titan.checkpoint import save_full_model_state
 from mimo_titan.checkpoint.hf import export_hf
 from mimo_titan.config import config_from_dict
@@ -102,32 +101,8 @@ def _wav(seconds: float, freq: float = 440.0) -> bytes:
     return buf.getvalue()
 
 
-def _toml(cfg: dict) -> str:
-    def value(v):
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    lines: list[str] = []
-
-    def table(prefix, d):
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        if scalars:
-            lines.append(f"[{prefix}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", cfg)
-    return "\n".join(lines) + "\n"
-
-
 def _write_shard(path: Path, records: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, fields in records.items():
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(path, [(f"{key}.{ext}", data) for key, fields in records.items() for ext, data in fields.items()])
 
 
 _SPEC = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
@@ -261,7 +236,7 @@ def tiny_run(tmp_path_factory):
     """A config file, a checkpoint folder (step-1, step-2: the newest is taken) and the model of step-2."""
     tmp = tmp_path_factory.mktemp("gen")
     d = _cfg_dict()
-    (tmp / "run.toml").write_text(_toml(d))
+    (tmp / "run.toml").write_text(config_toml(d))
     cfg = config_from_dict(d)
     save_full_model_state(_model(cfg, seed=1).state_dict(), str(tmp / "ckpt" / "step-1"))
     model = _model(cfg, seed=11)
@@ -333,7 +308,7 @@ def test_checkpoint_forms_and_hf_export_load_the_same_weights(tiny_run, tmp_path
 
 def test_cli_with_an_audio_clip(tmp_path, capsys):
     d = _cfg_dict(audio=True)
-    (tmp_path / "run.toml").write_text(_toml(d))
+    (tmp_path / "run.toml").write_text(config_toml(d))
     cfg = config_from_dict(d)
     model, proc = _model(cfg, seed=2), build_processor(cfg)
     save_full_model_state(model.state_dict(), str(tmp_path / "ckpt"))

@@ -21,7 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from _tiny import SHARED  # noqa: E402
+from _tiny import SHARED, config_toml  # noqa: E402
 from mimo_titan.checkpoint import hf  # noqa: E402
 from mimo_titan.config import (  # noqa: E402
     LanguageModelConfig,
@@ -484,25 +484,6 @@ def test_import_lists_every_config_mismatch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- convert_hf.py
-def _toml(cfg: dict) -> str:
-    def value(v):
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    lines = []
-
-    def table(prefix, d):
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        if scalars:
-            lines.append(f"[{prefix}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", cfg)
-    return "\n".join(lines) + "\n"
-
-
 def _convert(*args) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
@@ -524,7 +505,7 @@ def test_convert_script_import_then_export(tmp_path):
     config = tmp_path / "run.toml"
     d = _model_cfg_dict()
     d["model"]["vision"].update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    config.write_text(_toml(d))
+    config.write_text(config_toml(d))
     _convert(
         "import",
         "--config",
