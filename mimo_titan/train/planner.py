@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from mimo_titan.config import Config
 from mimo_titan.parallel.fsdp import resolve_dtype
 
-__all__ = ["RUNTIME_GIB", "JobPlan", "ModulePlan", "plan_job"]
+__all__ = ["RUNTIME_GIB", "JobPlan", "ModuleParamTable", "ModulePlan", "module_memory", "plan_job"]
 
 #: Memory of a rank that holds no model (GiB), per device type: on CPU the resident set of a training process with
 #: torch, torch.distributed (gloo, FSDP, pipelining) and the data pipeline loaded, 0.41-0.51 GiB on this project's CPU
@@ -176,14 +176,6 @@ def _is_expert(name: str) -> bool:
     return ".experts." in name
 
 
-def _per_rank(numel: int, shape, name: str, lay) -> float:
-    """Elements of one parameter a rank of ``lay`` holds after FSDP / TP / EP sharding."""
-    if _is_expert(name):  # ep x etp x edp spans every rank of the stage, dp_replicate included
-        return numel / (lay.dp_replicate * lay.dp_shard * lay.cp * lay.tp)
-    tp = lay.tp if len(shape) >= 2 else 1  # matrices split over tp; norms and biases replicated
-    return numel / (lay.dp_shard * lay.cp * tp)
-
-
 def _in_flight(schedule: str, pp: int, stage: int, microbatches: int, virtual: int) -> int:
     """Microbatches whose activations a stage holds at its peak."""
     if schedule == "GPipe" or pp == 1:
@@ -243,8 +235,6 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
             config field and the fix.
     """
     from mimo_titan.checkpoint.state import meta_model
-    from mimo_titan.parallel.plans import encoder_plans
-    from mimo_titan.train.freeze import is_trainable
     from mimo_titan.train.trainer import padded_seq_len, validate_job
 
     layouts = validate_job(cfg, world_size)
@@ -257,114 +247,45 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
     act_bytes = act_dtype.itemsize
     train = cfg.training
     seq = padded_seq_len(cfg)
-    lm_cfg = cfg.model.language
     plan = JobPlan(world_size, device_type, sum(p.numel() for p in model.parameters()))
     flops = _flops_per_step(cfg, seq)
 
     for name, lay in layouts.items():
-        section = getattr(cfg.model, name)
-        sub = getattr(model, name)
+        table = ModuleParamTable.build(cfg, name, model)
         opts = cfg.parallelism.modules[name]
-        ac = getattr(opts, "activation_checkpointing", "none")
-        reshard = getattr(opts, "fsdp_reshard_after_forward", None)
-        if reshard is None:
-            reshard = lay.pp > 1
-        v = cfg.parallelism.virtual_stages if lay.is_language else 1
-        stages = lay.pp * v
-        # parameters per global stage: held (sharded) elements, trainable ones, largest block (unsharded / tp)
-        held = [0.0] * stages
-        held_train = [0.0] * stages
-        block = [0.0] * stages
-        blocks: dict[tuple[int, str], float] = {}
-        for pname, p in sub.named_parameters():
-            full_key = f"{name}.{pname}"
-            if lay.is_language:
-                where = _stage_of_language(pname, lm_cfg.num_layers, stages, lm_cfg.tie_word_embeddings)
-            elif lay.pp > 1:
-                plans = encoder_plans(section.type)
-                assert plans.stage_of is not None
-                where = [plans.stage_of(pname, section.num_layers, lay.pp)]
-            else:
-                where = [0]
-            share = _per_rank(p.numel(), p.shape, pname, lay)
-            trains = is_trainable(cfg, full_key)
-            parts = pname.split(".")
-            unit = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts else "root"
-            for s in where:
-                held[s] += share
-                held_train[s] += share if trains else 0.0
-                # gathered per block: TP-split matrices / tp; routed experts only this rank's ep x etp slice
-                split = lay.ep * lay.etp if _is_expert(pname) else lay.tp if p.dim() >= 2 else 1
-                blocks[(s, unit)] = blocks.get((s, unit), 0.0) + p.numel() / split
-        for (s, _unit), n in blocks.items():
-            block[s] = max(block[s], n)
-
-        # activations of one microbatch on one rank of this module
-        mb = train.global_batch_size // train.microbatches // lay.dp
         if lay.is_language:
-            tokens = mb * seq / (lay.cp * lay.tp)
-            per_layer = _decoder_act_per_token(lm_cfg, act_bytes) * tokens
-            layers = lm_cfg.num_layers
-            logits = mb * seq / lay.cp * lm_cfg.vocab_size / lay.tp * 8
-            hidden = lm_cfg.hidden_size
+            in_flight = [
+                _in_flight(
+                    cfg.parallelism.pipeline_schedule, lay.pp, s, train.microbatches, cfg.parallelism.virtual_stages
+                )
+                for s in range(lay.pp)
+            ]
         else:
-            plans = encoder_plans(section.type)
-            items = mb * (cfg.data.max_images_per_sample if section.type == "vit" else 1)
-            per_item = plans.tokens_per_item(section) if plans.tokens_per_item else _audio_frames(section)
-            tokens = items * per_item / lay.tp
-            per_layer = _encoder_act_per_token(section, act_bytes) * tokens
-            layers = section.num_layers
-            logits = 0.0
-            hidden = section.hidden_size
-        boundary = tokens * hidden * act_bytes  # a block's input, kept under full AC
-        per_layer_kept = per_layer * _ac_factor(ac) + boundary
-        recompute = per_layer if ac != "none" else 0.0  # one block's activations while it is recomputed
-        worst = None
-        for local in range(lay.pp):
-            chunks = [local + j * lay.pp for j in range(v)]
-            # one forward of one chunk (a whole stage when v = 1) for one microbatch
-            act_mb = max(_layers_in(layers, stages, s) for s in chunks) * per_layer_kept
-            if stages - 1 in chunks:
-                act_mb += logits
-            if lay.is_language:
-                in_flight = _in_flight(cfg.parallelism.pipeline_schedule, lay.pp, local, train.microbatches, v)
-            else:
-                in_flight = _encoder_in_flight(cfg, layouts, name, local)
-            w = sum(held[s] for s in chunks)
-            t = sum(held_train[s] for s in chunks)
-            if not lay.is_language and not any(held_train):
-                # a frozen encoder runs under no_grad: nothing is saved, one block's activations exist at a time
-                in_flight, act_mb = 0, per_layer
-            gather_unit = max(block[s] for s in chunks)
-            if reshard:
-                gather = (2 * act_bytes + red_dtype.itemsize) * gather_unit
-            else:
-                gather = sum(_gathered(blocks, s) for s in chunks) * act_bytes
-                gather += red_dtype.itemsize * gather_unit
-            breakdown = {
-                "weights": 4 * w / _GIB,
-                "grads": 4 * t / _GIB,
-                "optimizer": 8 * t / _GIB,
-                "fsdp_gather": gather / _GIB,
-                "activations": (act_mb * max(in_flight, 1) + recompute) / _GIB,
-                "runtime": RUNTIME_GIB.get(device_type, 0.0),
-            }
-            total = sum(breakdown.values())
-            if worst is None or total > worst[0]:
-                worst = (total, breakdown, act_mb, in_flight, w)
-        assert worst is not None
-        total, breakdown, act_mb, in_flight, w = worst
+            in_flight = [_encoder_in_flight(cfg, layouts, name, s) for s in range(lay.pp)]
+        total, breakdown, act_mb, flight, w = module_memory(
+            table,
+            lay,
+            microbatch_samples=train.global_batch_size // train.microbatches // lay.dp,
+            seq_len=seq,
+            virtual_stages=cfg.parallelism.virtual_stages if lay.is_language else 1,
+            in_flight=in_flight,
+            activation_checkpointing=getattr(opts, "activation_checkpointing", "none"),
+            reshard_after_forward=getattr(opts, "fsdp_reshard_after_forward", None),
+            act_bytes=act_bytes,
+            reduce_bytes=red_dtype.itemsize,
+            runtime_gib=RUNTIME_GIB.get(device_type, 0.0),
+        )
         plan.modules[name] = ModulePlan(
             name=name,
             ranks=(lay.rank_offset, lay.rank_offset + lay.num_ranks - 1),
             layout=_layout_text(lay),
-            params=sum(p.numel() for p in sub.parameters()),
-            trainable_params=sum(p.numel() for n, p in sub.named_parameters() if is_trainable(cfg, f"{name}.{n}")),
+            params=table.params,
+            trainable_params=table.trainable_params,
             params_per_rank=math.ceil(w),
             mem_per_rank_gib=total,
             mem_breakdown_gib=breakdown,
             activations_per_microbatch_gib=act_mb / _GIB,
-            microbatches_in_flight=in_flight,
+            microbatches_in_flight=flight,
             flops_per_step=flops.get(name, 0.0),
         )
     runtime = RUNTIME_GIB.get(device_type, 0.0)
@@ -379,9 +300,189 @@ def plan_job(cfg: Config, world_size: int, *, device_type: str = "cuda") -> JobP
     return plan
 
 
-def _gathered(blocks: dict[tuple[int, str], float], stage: int) -> float:
-    """Elements of global stage ``stage`` gathered on one rank (``/ tp`` for TP-split matrices)."""
-    return sum(n for (s, _), n in blocks.items() if s == stage)
+@dataclass
+class ModuleParamTable:
+    """What :func:`module_memory` needs of one module, gathered once from the meta model so that many layouts can be
+    costed quickly (the layout search prices thousands).
+
+    Attributes:
+        name / is_language: the module.
+        params / trainable_params: parameter counts (all stages).
+        layers / hidden: transformer blocks and the width of a block's input (a block boundary under full AC).
+        act_per_token_layer: bytes per token and block that autograd saves, per byte of the compute dtype.
+        tokens_per_sample: rows one sample gives the module (encoders: images or clips per sample times rows per
+            item); the language model's come from ``seq_len``.
+        vocab: the LM's vocabulary (the last stage's fp32 logits); 0 for encoders.
+        tied: the LM's embedding and head are tied.
+    """
+
+    name: str
+    is_language: bool
+    params: int
+    trainable_params: int
+    layers: int
+    hidden: int
+    act_per_token_layer: float
+    tokens_per_sample: int
+    vocab: int
+    tied: bool
+    # (param name, numel, is a matrix, is a routed expert, trains, block unit)
+    rows: list[tuple[str, int, bool, bool, bool, str]] = field(repr=False, default_factory=list)
+    stage_of: object = field(repr=False, default=None)
+    _by_stages: dict[int, list[dict[str, list[float]]]] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: Config, name: str, model) -> ModuleParamTable:
+        """The table of module ``name`` of ``cfg`` from its meta-device ``model`` (:func:`meta_model`)."""
+        from mimo_titan.parallel.plans import encoder_plans
+        from mimo_titan.train.freeze import is_trainable
+
+        section = getattr(cfg.model, name)
+        sub = getattr(model, name)
+        is_lm = name == cfg.model.language_name
+        rows = []
+        for pname, p in sub.named_parameters():
+            parts = pname.split(".")
+            unit = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts else "root"
+            rows.append((pname, p.numel(), p.dim() >= 2, _is_expert(pname), is_trainable(cfg, f"{name}.{pname}"), unit))
+        if is_lm:
+            per_tok, items, vocab, stage_of = _decoder_act_per_token(section, 1), 0, section.vocab_size, None
+        else:
+            plans = encoder_plans(section.type)
+            per_item = plans.tokens_per_item(section) if plans.tokens_per_item else _audio_frames(section)
+            items = (cfg.data.max_images_per_sample if section.type == "vit" else 1) * per_item
+            per_tok, vocab, stage_of = _encoder_act_per_token(section, 1), 0, plans.stage_of
+        return cls(
+            name=name,
+            is_language=is_lm,
+            params=sum(r[1] for r in rows),
+            trainable_params=sum(r[1] for r in rows if r[4]),
+            layers=section.num_layers,
+            hidden=section.hidden_size,
+            act_per_token_layer=per_tok,
+            tokens_per_sample=items,
+            vocab=vocab,
+            tied=bool(getattr(section, "tie_word_embeddings", False)),
+            rows=rows,
+            stage_of=stage_of,
+        )
+
+    def stage_units(self, stages: int, pp: int) -> list[dict[str, list[float]]]:
+        """Per global stage (of ``stages`` = ``pp · virtual stages``), per block unit: numels of ``[experts, matrices,
+        vectors, trainable experts, trainable matrices, trainable vectors]`` (cached per ``stages``)."""
+        got = self._by_stages.get(stages)
+        if got is not None:
+            return got
+        out: list[dict[str, list[float]]] = [{} for _ in range(stages)]
+        for pname, numel, matrix, expert, trains, unit in self.rows:
+            if self.is_language:
+                where = _stage_of_language(pname, self.layers, stages, self.tied)
+            elif pp > 1:
+                assert callable(self.stage_of)
+                where = [self.stage_of(pname, self.layers, pp)]
+            else:
+                where = [0]
+            k = 0 if expert else 1 if matrix else 2
+            for st in where:
+                acc = out[st].setdefault(unit, [0.0] * 6)
+                acc[k] += numel
+                if trains:
+                    acc[3 + k] += numel
+        self._by_stages[stages] = out
+        return out
+
+
+def module_memory(
+    table: ModuleParamTable,
+    lay,
+    *,
+    microbatch_samples: int,
+    seq_len: int,
+    virtual_stages: int,
+    in_flight: list[int],
+    activation_checkpointing: str,
+    reshard_after_forward: bool | None,
+    act_bytes: int,
+    reduce_bytes: int,
+    runtime_gib: float,
+) -> tuple[float, dict[str, float], float, int, float]:
+    """Peak memory of the worst rank of one module laid out as ``lay`` (the model of the module docstring).
+
+    Args:
+        table: the module's :class:`ModuleParamTable`.
+        lay: its :class:`~mimo_titan.topology.layout.ModuleLayout` (only the degrees are read).
+        microbatch_samples: samples of one microbatch on one DP rank.
+        seq_len: the language model's (padded) row length, tokens.
+        virtual_stages: model chunks per pp rank (the LM with Interleaved1F1B), else 1.
+        in_flight: per pp rank, the microbatches whose activations it holds at its peak.
+        activation_checkpointing: ``"none"`` | ``"selective"`` | ``"full"``.
+        reshard_after_forward: FSDP's; ``None`` = on with ``pp > 1``.
+        act_bytes / reduce_bytes: bytes per element of the compute and gradient-reduce dtypes.
+        runtime_gib: the per-process runtime term (:data:`RUNTIME_GIB`).
+
+    Returns:
+        ``(total GiB, breakdown GiB, activations of one microbatch in bytes, microbatches in flight, parameters held)``
+        of the worst pp rank.
+    """
+    reshard = lay.pp > 1 if reshard_after_forward is None else reshard_after_forward
+    v = virtual_stages
+    stages = lay.pp * v
+    units = table.stage_units(stages, lay.pp)
+    rep_shard = lay.dp_replicate * lay.dp_shard * lay.cp * lay.tp
+    shard = lay.dp_shard * lay.cp
+    held, held_train, block, gathered = [], [], [], []
+    for st in range(stages):
+        h = ht = b = g = 0.0
+        for e, mx, vec, te, tm, tv in units[st].values():
+            h += e / rep_shard + mx / (shard * lay.tp) + vec / shard
+            ht += te / rep_shard + tm / (shard * lay.tp) + tv / shard
+            n = e / (lay.ep * lay.etp) + mx / lay.tp + vec
+            b = max(b, n)
+            g += n
+        held.append(h)
+        held_train.append(ht)
+        block.append(b)
+        gathered.append(g)
+    if table.is_language:
+        tokens = microbatch_samples * seq_len / (lay.cp * lay.tp)
+        logits = microbatch_samples * seq_len / lay.cp * table.vocab / lay.tp * 8
+    else:
+        tokens = microbatch_samples * table.tokens_per_sample / lay.tp
+        logits = 0.0
+    per_layer = table.act_per_token_layer * act_bytes * tokens
+    boundary = tokens * table.hidden * act_bytes  # a block's input, kept under full AC
+    per_layer_kept = per_layer * _ac_factor(activation_checkpointing) + boundary
+    recompute = per_layer if activation_checkpointing != "none" else 0.0
+    frozen = not table.is_language and not any(held_train)
+    worst: tuple[float, dict[str, float], float, int, float] | None = None
+    for local in range(lay.pp):
+        chunks = [local + j * lay.pp for j in range(v)]
+        act_mb = max(_layers_in(table.layers, stages, st) for st in chunks) * per_layer_kept
+        if stages - 1 in chunks:
+            act_mb += logits
+        flight = in_flight[local]
+        if frozen:  # a frozen encoder runs under no_grad: one block's activations exist at a time
+            flight, act_mb = 0, per_layer
+        w = sum(held[st] for st in chunks)
+        t = sum(held_train[st] for st in chunks)
+        unit = max(block[st] for st in chunks)
+        if reshard:
+            gather = (2 * act_bytes + reduce_bytes) * unit
+        else:
+            gather = sum(gathered[st] for st in chunks) * act_bytes + reduce_bytes * unit
+        breakdown = {
+            "weights": 4 * w / _GIB,
+            "grads": 4 * t / _GIB,
+            "optimizer": 8 * t / _GIB,
+            "fsdp_gather": gather / _GIB,
+            "activations": (act_mb * max(flight, 1) + recompute) / _GIB,
+            "runtime": runtime_gib,
+        }
+        total = sum(breakdown.values())
+        if worst is None or total > worst[0]:
+            worst = (total, breakdown, act_mb, flight, w)
+    assert worst is not None
+    return worst
 
 
 def _layers_in(num_layers: int, stages: int, stage: int) -> int:
