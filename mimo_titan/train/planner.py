@@ -396,7 +396,7 @@ def module_memory(
     table: ModuleParamTable,
     lay,
     *,
-    microbatch_samples: int,
+    microbatch_samples: float,
     seq_len: int,
     virtual_stages: int,
     in_flight: list[int],
