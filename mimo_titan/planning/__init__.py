@@ -1,0 +1,1 @@
+"""Layout planning: measured and modelled costs of each module, and the search over module layouts."""
