@@ -164,3 +164,36 @@ def test_emitted_layout_trains(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"\] step +\d+ \| loss ([0-9.]+)", run.stdout + run.stderr)]
     assert len(losses) == 2
+
+
+def test_measured_costs_are_used_and_a_foreign_costs_file_is_refused(tmp_path, capsys):
+    import torch
+
+    from mimo_titan.planning.profile import profile_modules
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import plan_layout
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    costs = tmp_path / "costs.json"
+    measured = profile_modules(load_config(DEBUG), device=torch.device("cpu"), samples=(1,), repeats=1, warmup=0)
+    costs.write_text(json.dumps(measured))
+    assert (
+        plan_layout.main(["--config", str(DEBUG), "--world-size", "4", "--device", "cpu", "--costs", str(costs)]) == 0
+    )
+    assert f"costs: measured ({costs})" in capsys.readouterr().out
+    # the measured speed replaces the device's planning efficiency, module by module
+    cm = CostModel(load_config(DEBUG), DEVICES["cpu"], measured=measured)
+    point = measured["modules"]["language"]["points"][0]
+    speed = point["train_flops"] / (point["forward_s"] + point["backward_s"])
+    assert cm.efficiency["language"] * DEVICES["cpu"].peak_flops == pytest.approx(speed)
+    other = ROOT / "train_configs/debug_vision_audio.toml"
+    assert (
+        plan_layout.main(["--config", str(other), "--world-size", "8", "--device", "cpu", "--costs", str(costs)]) == 2
+    )
+    assert "has no module 'audio'" in capsys.readouterr().err
+    assert (
+        plan_layout.main(["--config", str(DEBUG), "--world-size", "4", "--device", "h100", "--costs", str(costs)]) == 2
+    )
+    assert "was measured on cpu, not on a h100" in capsys.readouterr().err
