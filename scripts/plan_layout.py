@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, layout in enumerate(result.ranked, 1):
         print(_row(i, layout, 200))
     print("homogeneous (every module on one layout):")
-    for kind, layout in result.homogeneous.items():
-        print(_row(kind, layout, 200) if layout else f"{kind:>4}  none fits")
+    for kind, base in result.homogeneous.items():
+        print(_row(kind, base, 200) if base else f"{kind:>4}  none fits")
     sp = result.speedup
     print(f"speedup of the best over the best homogeneous: {sp:.3f}x" if sp else "speedup: no homogeneous layout fits")
     print(f"searched {result.considered} module layouts, simulated {result.simulated} steps in {result.seconds:.1f} s")

@@ -117,16 +117,19 @@ class CostModel:
         device: the :class:`~mimo_titan.planning.devices.DeviceSpec` planned for.
         measured: the dict :func:`mimo_titan.planning.profile.load_costs` returns, or ``None`` for the device's
             planning MFU.
+        ranks_per_node: ranks that share one node (on ``cpu`` they share its cores:
+            :meth:`~mimo_titan.planning.devices.DeviceSpec.compute_share`).
 
     Raises:
         ConfigError: from the FLOPs model for an encoder type it does not know.
     """
 
-    def __init__(self, cfg: Config, device: DeviceSpec, *, measured: dict | None = None):
+    def __init__(self, cfg: Config, device: DeviceSpec, *, measured: dict | None = None, ranks_per_node: int = 1):
         from mimo_titan.parallel.fsdp import resolve_dtype
         from mimo_titan.train.trainer import padded_seq_len
 
         self.cfg, self.device = cfg, device
+        self.share = device.compute_share(ranks_per_node)
         dev_type = "cpu" if device.name == "cpu" else "cuda"
         self.act_bytes = resolve_dtype(cfg.parallelism.mixed_precision_param, dev_type).itemsize
         self.reduce_bytes = resolve_dtype(cfg.parallelism.mixed_precision_reduce, dev_type).itemsize
@@ -268,7 +271,9 @@ class CostModel:
         recompute = _AC_RECOMPUTE.get(activation_checkpointing, 0.0) * blk_fwd * share / split
         rows_full = samples * self.tokens_per_sample(name) / deg.cp  # rows of this rank's CP shard
         hidden = section.hidden_size
-        speed = dev.peak_flops * self.efficiency[name] * self._size_factor(name, rows_full, hidden / deg.tp)
+        speed = (
+            dev.peak_flops * self.efficiency[name] * self.share * self._size_factor(name, rows_full, hidden / deg.tp)
+        )
         comp_f = f_fwd / speed
         comp_b = (f_bwd + recompute) / speed
 

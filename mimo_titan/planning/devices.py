@@ -17,6 +17,7 @@ meaningful only with measured costs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from mimo_titan.errors import ConfigError
@@ -44,6 +45,8 @@ class DeviceSpec:
         link_efficiency: achieved fraction of the nominal bandwidths.
         devices_per_node: devices that share the fast links.
         latency_s: fixed cost of one transfer or collective, seconds.
+        cores: compute units one node's ranks share (``cpu``: the machine's cores; several ranks per core run
+            slower in proportion); 0: every rank has a device of its own.
     """
 
     name: str
@@ -58,6 +61,13 @@ class DeviceSpec:
     usable_fraction: float = 0.9
     memory_shared: bool = False
     latency_s: float = 20e-6
+    cores: int = 0
+
+    def compute_share(self, ranks_per_node: int) -> float:
+        """The fraction of one device's speed a rank gets when ``ranks_per_node`` ranks share a node's ``cores``."""
+        if not self.cores or ranks_per_node <= self.cores:
+            return 1.0
+        return self.cores / ranks_per_node
 
     def bandwidth(self, *, inter_node: bool) -> float:
         """Achieved bytes/s of a link inside a node (``inter_node=False``) or across nodes."""
@@ -82,7 +92,17 @@ DEVICES: dict[str, DeviceSpec] = {
     "b200": DeviceSpec("b200", 2250e12, 0.40, 167.6, 7.7e12, 900 * _GB, 50 * _GB),
     # this project's CPU machines: 2 cores (fp32), 24 GiB shared by every rank, gloo over loopback TCP
     "cpu": DeviceSpec(
-        "cpu", 50e9, 0.5, 24.0, 10e9, 2 * _GB, 2 * _GB, devices_per_node=1 << 30, memory_shared=True, latency_s=2e-4
+        "cpu",
+        50e9,
+        0.5,
+        24.0,
+        10e9,
+        2 * _GB,
+        2 * _GB,
+        devices_per_node=1 << 30,
+        memory_shared=True,
+        latency_s=2e-4,
+        cores=os.cpu_count() or 1,
     ),
 }
 

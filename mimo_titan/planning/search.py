@@ -31,9 +31,11 @@ whole step cannot win), and the encoders are priced once per rank count and micr
 - ``"folded"``: the encoder is part of the LM's first pipeline stage (torchtitan's way): it runs on LM stage 0's
   ranks, each microbatch's images right before that stage's forward (simulated only; mimo_titan does not run it).
 
-Both baselines are priced favourably: a microbatch's images (clips) are split evenly over the encoder's ranks
-whenever the image count divides, where mimo_titan itself needs every module's DP size to divide the microbatch's
-samples (the searched layouts obey that rule, so each of them runs as emitted).
+``"same_layout"`` is a layout mimo_titan runs (so the searched set contains it: ``speedup >= 1`` against it);
+``"folded"`` is priced as the encoder in stage 0 runs there: each LM data-parallel group encodes its own samples'
+images, split over its tp ranks (the ViT has a tensor-parallel plan) and repeated on its cp ranks, since every CP
+rank needs the whole sequence's embeddings before it takes its shard (Megatron-LM's LLaVA with CP does the same).
+Every layout obeys mimo_titan's rule that each module's DP size divides the microbatch's samples.
 
 The best of the two is ``best_homogeneous``; ``speedup`` is the best heterogeneous layout's tokens/s over it.
 Tokens per second count the language model's rows: ``global_batch_size · seq_len / step_s``.
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mimo_titan.errors import ConfigError
-from mimo_titan.planning.costs import CostModel, Degrees
+from mimo_titan.planning.costs import CostModel, Degrees, StageCosts
 from mimo_titan.planning.devices import DeviceSpec
 
 if TYPE_CHECKING:
@@ -56,7 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["Layout", "SearchResult", "layout_overrides", "search_layouts"]
 
 _GIB = float(2**30)
-_KEEP_LM = 4  # LM layouts kept per LM rank count after the LM-alone bound
+_KEEP_LM = 4  # LM shapes (pp, tp, cp, dp_replicate, ep, schedule) kept per LM rank count after the LM-alone bound
+_KEEP_COLOCATED = 64  # LM layouts (shape and microbatches) tried at most under colocated encoders
 
 
 @dataclass
@@ -373,10 +376,6 @@ class _Searcher:
                 out.append(Degrees(offset, n, pp, 1, n // (tp * pp), 1, tp, 1, 1))
         return out
 
-    def items_per_sample(self, name: str) -> int:
-        """Images (a ViT) or clips (other encoders) per sample."""
-        return self.cfg.data.max_images_per_sample if getattr(self.cfg.model, name).type == "vit" else 1
-
     def encoder_in_flight(self, d: Degrees, mode: str, lm: Degrees, M: int, sched: str, v: int) -> tuple[int, ...]:
         from mimo_titan.pipeline.order import encoder_warmup
 
@@ -396,18 +395,15 @@ class _Searcher:
         sched: str,
         v: int,
         extra_gib: float,
-        *,
-        ideal_split: bool = False,
     ):
         """The fastest fitting ``(degrees, ac, StageCosts, mem GiB)`` of encoder ``name`` among ``cands`` (memory
-        with ``extra_gib`` already on its ranks), or ``None``. ``ideal_split``: price a microbatch that does not
-        divide over the encoder's DP ranks as if it did (the homogeneous baselines), instead of skipping it."""
+        with ``extra_gib`` already on its ranks; its DP size must divide the microbatch), or ``None``."""
         best = None
         mb = self.gbs // M
         for d in cands:
-            if mb % d.dp and not (ideal_split and (mb * self.items_per_sample(name)) % d.dp == 0):
+            if mb % d.dp:
                 continue
-            samples = mb / d.dp if mb % d.dp else mb // d.dp
+            samples = mb // d.dp
             for ac in ("none", "full"):
                 flight = self.encoder_in_flight(d, mode, lm, M, sched, v)
                 mem = self.module_mem(name, d, samples, 1, ac, flight)
@@ -501,7 +497,7 @@ def search_layouts(
     if world_size < 1:
         raise ConfigError(f"--world-size {world_size}: it must be >= 1")
     t0 = time.perf_counter()
-    costs = CostModel(cfg, device, measured=measured)
+    costs = CostModel(cfg, device, measured=measured, ranks_per_node=min(world_size, device.devices_per_node))
     s = _Searcher(cfg, world_size, device, costs)
     lang = s.lang
     gbs = s.gbs
@@ -525,7 +521,7 @@ def search_layouts(
             if bound >= kth():
                 break
             for assign in _encoder_assignments(s, n_enc, costs):
-                enc = {}
+                enc: dict[str, tuple[Degrees, str, StageCosts, float]] = {}
                 for name, (off, n) in assign.items():
                     shared_with = [o for o, (off2, _n2) in assign.items() if off2 == off and o != name]
                     cands = s.encoder_degrees(name, off, n, colocated=False)
@@ -553,7 +549,10 @@ def search_layouts(
     # -- colocated (heterogeneous degrees on the same ranks) and the homogeneous "same_layout" baseline
     homogeneous: dict[str, Layout | None] = {"same_layout": None, "folded": None}
     lm_all = s.lm_options(0, world_size)
-    for _bound, lm_d, M, sched, v, lm_ac, lm_c in _distinct(lm_all, 2 * _KEEP_LM):
+    homogeneous_best = math.inf
+    for bound, lm_d, M, sched, v, lm_ac, lm_c in lm_all[:_KEEP_COLOCATED]:
+        if bound >= max(kth(), homogeneous_best):
+            break  # neither a better colocated layout nor a better baseline can follow
         lm_mem = s.module_mem(lang, lm_d, gbs // M // lm_d.dp, v, lm_ac, _lm_flight(lm_d, M, sched, v))
         modes = ["batch", "inline"] if lm_d.pp == 1 else ["batch"]
         for mode in modes:
@@ -565,9 +564,7 @@ def search_layouts(
                     cands = s.encoder_degrees(name, 0, world_size, colocated=True)
                     if kind == "same_layout":
                         cands = [d for d in cands if d.tp == (lm_d.tp if lm_d.tp in _tps(s, name) else 1)]
-                    got = s.best_encoder(
-                        name, cands, M, sim_mode, lm_d, sched, v, extra, ideal_split=kind == "same_layout"
-                    )
+                    got = s.best_encoder(name, cands, M, sim_mode, lm_d, sched, v, extra)
                     if got is None:
                         break
                     enc[name] = got
@@ -589,17 +586,17 @@ def search_layouts(
                     keep(layout)
                 elif homogeneous["same_layout"] is None or layout.step_s < homogeneous["same_layout"].step_s:
                     homogeneous["same_layout"] = layout
-        # the folded baseline: the encoders on LM stage 0's ranks, inline with its microbatches
-        stage0 = Degrees(0, lm_d.stage_size, 1, 1, lm_d.stage_size // lm_d.tp, 1, lm_d.tp)
-        enc = {}
+                    homogeneous_best = _slowest_baseline(homogeneous)
+        # the folded baseline: each LM data-parallel group of stage 0 encodes its own samples' images inline with its
+        # microbatches, split over its tp ranks where the encoder has a tensor-parallel plan, repeated on its cp ranks
+        # (every CP rank needs the whole sequence's embeddings before it takes its shard, as Megatron-LM's LLaVA does)
         flight0 = _lm_flight(lm_d, M, sched, v)[0]
         extra = lm_mem
+        enc = {}
         for name in s.encoders:
-            d = stage0 if lm_d.tp in _tps(s, name) else Degrees(0, lm_d.stage_size, 1, 1, lm_d.stage_size)
-            if (gbs // M * s.items_per_sample(name)) % d.dp:
-                enc = {}
-                break
-            samples = gbs / M / d.dp  # the microbatch's images split evenly over stage 0's ranks
+            tp_e = lm_d.tp if lm_d.tp in _tps(s, name) else 1
+            d = Degrees(0, lm_d.stage_size, 1, 1, lm_d.stage_size // tp_e, 1, tp_e)  # parameters sharded over stage 0
+            samples = gbs // M // lm_d.dp  # the images of one LM DP rank's samples, on each of its cp (and tp) ranks
             mem = s.module_mem(name, d, samples, 1, lm_ac, (flight0,))
             c = s.module_cost(name, d, samples, 1, lm_ac)
             enc[name] = (d, lm_ac, c, mem)
@@ -618,6 +615,7 @@ def search_layouts(
             s.simulate(layout, lm_c, enc)
             if homogeneous["folded"] is None or layout.step_s < homogeneous["folded"].step_s:
                 homogeneous["folded"] = layout
+                homogeneous_best = _slowest_baseline(homogeneous)
 
     ranked = _validated(cfg, world_size, found, top)
     if not ranked:
@@ -625,6 +623,13 @@ def search_layouts(
     return SearchResult(
         ranked, homogeneous, world_size, device.name, s.budget, s.considered, s.simulated, time.perf_counter() - t0
     )
+
+
+def _slowest_baseline(homogeneous: dict[str, Layout | None]) -> float:
+    """The step time below which an LM layout may still improve a baseline: the slower of the two found so far
+    (infinite while one is missing)."""
+    got = [h.step_s for h in homogeneous.values() if h is not None]
+    return max(got) if len(got) == len(homogeneous) else math.inf
 
 
 def _tps(s: _Searcher, name: str) -> set[int]:
@@ -707,17 +712,21 @@ def _validated(cfg: Config, world: int, found: list[Layout], top: int) -> list[L
 
 
 def _no_fit_message(s: _Searcher, world: int, device: DeviceSpec) -> str:
-    worst = max(s.smallest_need, key=lambda n: s.smallest_need[n] - s.budget, default=s.lang)
-    need = s.smallest_need.get(worst, math.inf)
-    if need == math.inf:
+    """Why no layout was found: the module whose most sharded layout still exceeds the memory budget (and by how
+    much), else the batch geometry that no layout's data-parallel sizes divide."""
+    over = {n: need - s.budget for n, need in s.smallest_need.items() if need > s.budget}
+    if over:
+        worst = max(over, key=lambda n: over[n])
+        need = s.smallest_need[worst]
         return (
-            f"no layout of {world} ranks is valid for this config: the global batch "
-            f"(training.global_batch_size={s.gbs}) does not split over the data-parallel sizes of any layout; "
-            "use a global batch with more factors of two or another --world-size"
+            f"no layout of {world} {device.name} ranks fits memory: module '{worst}' needs at least {need:.1f} GiB per "
+            f"rank in its most sharded layout, {over[worst]:.1f} GiB more than the {s.budget:.1f} GiB a rank may use "
+            f"({device.usable_fraction:.0%} of {device.memory_gib:g} GiB); use more ranks (--world-size), a device "
+            "with more memory, a smaller training.global_batch_size or training.seq_len"
         )
     return (
-        f"no layout of {world} {device.name} ranks fits memory: module '{worst}' needs at least {need:.1f} GiB per "
-        f"rank in its most sharded layout, {need - s.budget:.1f} GiB more than the {s.budget:.1f} GiB a rank may use "
-        f"({device.usable_fraction:.0%} of {device.memory_gib:g} GiB); use more ranks (--world-size), a device "
-        "with more memory, a smaller training.global_batch_size or training.seq_len"
+        f"no layout of {world} ranks splits training.global_batch_size={s.gbs} so that every module's data-parallel "
+        f"size divides the samples of a microbatch (mimo_titan gives each DP rank whole samples) while fitting "
+        f"memory; with {world} ranks the modules' DP sizes are too large or share no factor with {s.gbs}: raise "
+        "training.global_batch_size (a multiple of a power of two), or plan for fewer ranks (--world-size)"
     )
