@@ -212,6 +212,13 @@ class Stage:
             (module-level GPipe: gradients cross back after the language model's step).
         worker: the rank group that runs it; stages sharing a worker run one after another in list order
             of their actions (colocated modules), default: the stage's own name.
+        input_delays: seconds from the end of an input stage's forward of ``m`` to the moment this stage may start
+            its forward of ``m`` (moving the activations: point-to-point or over a bridge), per input stage name;
+            the gradient going back costs the same (this stage's backward of ``m`` → the input's backward of
+            ``m``), and so do the whole-batch dependencies on that stage. A latency: neither worker is held.
+            Default: none (free communication).
+        sync_s: seconds the worker stays busy after this stage's last backward (a gradient reduce or optimizer step
+            not hidden behind compute); not counted in ``busy_s``.
     """
 
     name: str
@@ -222,15 +229,20 @@ class Stage:
     after_all_forwards_of: Sequence[str] = ()
     backward_after_step_of: Sequence[str] = ()
     worker: str | None = None
+    input_delays: Mapping[str, float] = field(default_factory=dict)
+    sync_s: float = 0.0
 
 
 @dataclass
 class Timeline:
-    """What :func:`simulate` returns: ``step_s`` (seconds), per-stage ``busy_s`` and the end of every action."""
+    """What :func:`simulate` returns: ``step_s`` (seconds: when the last worker is done, its last ``sync_s``
+    included), per-stage ``busy_s`` (compute seconds), the end of every action ``(stage, "F" | "B", m)``, and
+    ``worker_of``: the worker that runs each stage."""
 
     step_s: float
     busy_s: dict[str, float]
     end: dict[tuple[str, str, int], float] = field(repr=False)
+    worker_of: dict[str, str] = field(default_factory=dict, repr=False)
 
     def busy_fraction(self, stage: str) -> float:
         """Fraction of the step stage ``stage`` computes."""
@@ -240,10 +252,12 @@ class Timeline:
 def simulate(
     stages: Sequence[Stage], worker_orders: Mapping[str, Sequence[tuple[str, Action]]] | None = None
 ) -> Timeline:
-    """Play the stages' orders with fixed compute times and instant communication.
+    """Play the stages' orders with fixed compute times and communication latencies (none unless a stage's
+    ``input_delays`` say so).
 
     Every action starts when its worker is free and its dependencies have ended: ``F`` of microbatch ``m`` needs
-    ``F m`` of every input stage; ``B m`` needs ``F m`` of the same stage and ``B m`` of every stage fed by it.
+    ``F m`` of every input stage (plus that edge's delay); ``B m`` needs ``F m`` of the same stage and ``B m`` of
+    every stage fed by it (plus the edge's delay). A stage's last backward keeps its worker ``sync_s`` longer.
 
     Args:
         stages: the stages; consumers are derived from ``inputs``.
@@ -275,21 +289,35 @@ def simulate(
     busy = dict.fromkeys(by_name, 0.0)
     pos = dict.fromkeys(queues, 0)
     last_forward = {s.name: max((m for k, m in s.order if k == "F"), default=-1) for s in stages}
+    last_backward = {s.name: max((m for k, m in s.order if k == "B"), default=-1) for s in stages}
+    worker_of = {s.name: s.worker or s.name for s in stages}
+    for q in queues.values():  # a stage's sync follows its last backward in its worker's order
+        for name, (kind, m) in q:
+            if kind == "B":
+                last_backward[name] = m
+
+    def delay(consumer: str, producer: str) -> float:
+        return by_name[consumer].input_delays.get(producer, 0.0)
 
     def ready(name: str, action: Action) -> float | None:
         kind, m = action
         st = by_name[name]
-        deps: list[tuple[str, str, int]] = []
+        deps: list[tuple[tuple[str, str, int], float]] = []
         if kind == "F":
-            deps += [(i, "F", m) for i in st.inputs]
-            deps += [(g, "F", last_forward[g]) for g in st.after_all_forwards_of]
+            deps += [((i, "F", m), delay(name, i)) for i in st.inputs]
+            deps += [((g, "F", last_forward[g]), delay(name, g)) for g in st.after_all_forwards_of]
         else:
-            deps += [(name, "F", m)] + [(c, "B", m) for c in consumers[name]]
+            deps += [((name, "F", m), 0.0)] + [((c, "B", m), delay(c, name)) for c in consumers[name]]
             for g in st.backward_after_step_of:
                 k, mm = by_name[g].order[-1]
-                deps.append((g, k, mm))
-        times = [end.get(d) for d in deps]
-        return None if any(t is None for t in times) else max([0.0, *times])  # type: ignore[type-var]
+                deps.append(((g, k, mm), delay(g, name)))
+        t = 0.0
+        for d, lag in deps:
+            e = end.get(d)
+            if e is None:
+                return None
+            t = max(t, e + lag)
+        return t
 
     remaining = sum(len(q) for q in queues.values())
     while remaining:
@@ -306,6 +334,8 @@ def simulate(
                 free[w] = start + dur
                 done = (name, *action)
                 end[done] = start + dur
+                if action == ("B", last_backward[name]):
+                    free[w] += st.sync_s
                 busy[name] += dur
                 pos[w] += 1
                 remaining -= 1
@@ -313,7 +343,7 @@ def simulate(
         if not progressed:
             stuck = {w: q[pos[w]] for w, q in queues.items() if pos[w] < len(q)}
             raise ValueError(f"the schedule deadlocks: each worker waits on an action that never runs: {stuck}")
-    return Timeline(max(end.values(), default=0.0), busy, end)
+    return Timeline(max([0.0, *end.values(), *free.values()]), busy, end, worker_of)
 
 
 def mimo_timeline(
@@ -344,76 +374,25 @@ def mimo_timeline(
         ValueError: ``"inline"`` with ``lm_pp > 1`` or not colocated, ``"streamed"`` colocated, ``virtual_stages > 1``
             with another schedule than Interleaved1F1B.
     """
-    M, bf, v = microbatches, backward_factor, virtual_stages
-    gpipe = mode == "whole_batch"
+    from mimo_titan.planning.simulator import ModuleStep, StepSpec, simulate_step  # it builds on this module
+
     if mode == "inline" and (lm_pp != 1 or not colocated):
         raise ValueError("inline mode runs a colocated encoder in front of a single language stage")
     if mode == "streamed" and colocated:
         raise ValueError("streamed mode is for an encoder on ranks of its own")
-    n_lm = lm_pp * v
-    lm = [
-        Stage(
-            f"language.{k}",
-            stage_order(lm_schedule, M, n_lm, k, v),
-            lm_forward_s / v,
-            bf * lm_forward_s / v,
-            inputs=(f"language.{k - 1}",) if k else (),
-            worker=f"language.{k % lm_pp}",
-        )
-        for k in range(n_lm)
-    ]
-    # every language rank's order across its chunks (one stage per rank unless interleaved)
-    rank_orders: dict[str, list[tuple[str, Action]]] = {
-        f"language.{r}": (
-            [(f"language.{k}", a) for k, a in interleaved_order(M, lm_pp, v, r)]
-            if lm_schedule == "Interleaved1F1B"
-            else [(f"language.{r}", a) for a in lm[r].order]
-        )
-        for r in range(lm_pp)
-    }
-    if not colocated:
-        names = ["encoder"] if encoder_pp == 1 else [f"encoder.{j}" for j in range(encoder_pp)]
-        encs = [
-            Stage(
-                name,
-                gpipe_order(M)
-                if gpipe
-                else one_f_one_b_order(M, encoder_warmup(lm_schedule, lm_pp, M, encoder_pp - j, v)),
-                encoder_forward_s,
-                bf * encoder_forward_s,
-                inputs=(names[j - 1],) if j else (),
-                backward_after_step_of=("language.0",) if gpipe and j == encoder_pp - 1 else (),
-            )
-            for j, name in enumerate(names)
-        ]
-        lm[0].inputs = (names[-1],)
-        if gpipe:
-            lm[0].after_all_forwards_of = (names[-1],)
-        return simulate([*encs, *lm], rank_orders)
-    if encoder_pp != 1:
+    if mode not in ("streamed", "inline", "whole_batch"):
+        raise ValueError(f"mode={mode!r}; choose streamed, inline or whole_batch")
+    if colocated and encoder_pp != 1:
         raise ValueError("the colocated timeline models a single-stage encoder")
-    encs = [
-        Stage(
-            f"encoder@{i}",
-            gpipe_order(M),
-            encoder_forward_s,
-            bf * encoder_forward_s,
-            backward_after_step_of=("language.0",) if gpipe else (),
-            worker=f"language.{i}",
-        )
-        for i in range(lm_pp)
-    ]
-    lm[0].inputs = tuple(e.name for e in encs)
-    if gpipe:
-        lm[0].after_all_forwards_of = lm[0].inputs
-    orders: dict[str, list[tuple[str, Action]]] = {}
-    for i in range(lm_pp):
-        w, e = f"language.{i}", f"encoder@{i}"
-        if gpipe:
-            orders[w] = [(e, ("F", m)) for m in range(M)] + rank_orders[w] + [(e, ("B", m)) for m in range(M)]
-        else:  # inline: encode m right before the language forward of m, its backward right after the language's
-            seq: list[tuple[str, Action]] = []
-            for name, a in rank_orders[w]:
-                seq += [(e, a), (name, a)] if a[0] == "F" else [(name, a), (e, a)]
-            orders[w] = seq
-    return simulate([*encs, *lm], orders)
+    group = "language" if colocated else ""
+    bf = backward_factor
+    spec = StepSpec(
+        encoders=(ModuleStep("encoder", encoder_pp, encoder_forward_s, bf * encoder_forward_s, group=group),),
+        language=ModuleStep("language", lm_pp, lm_forward_s, bf * lm_forward_s, group="language"),
+        microbatches=microbatches,
+        pipeline_schedule=lm_schedule,
+        virtual_stages=virtual_stages,
+        module_schedule="GPipe" if mode == "whole_batch" else "1F1B",
+        colocated_encoders="inline" if mode == "inline" else "batch",
+    )
+    return simulate_step(spec).timeline
