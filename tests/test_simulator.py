@@ -127,6 +127,16 @@ def test_bridge_encoder_send_and_sync_times():
     assert late.busy_fraction["language.0"] == pytest.approx(3 * M * L / late.step_s)  # syncing is not computing
 
 
+def test_colocated_encoder_stages_run_around_the_language_step():
+    """A colocated 2-stage encoder (batch mode): its forwards pipeline before the LM starts, its backwards after LM
+    stage 0's step: (M + 1) stage-times each way, the LM's whole step in between."""
+    M, pp = 4, 2
+    res = simulate_step(StepSpec((enc(pp=2, group="lm"),), lm(pp), M))
+    assert res.modes == {"vision": "whole_batch"}
+    assert res.step_s == pytest.approx((M + 1) * 3 * E + 3 * L * (M + pp - 1))
+    assert res.busy_fraction["vision.1"] == pytest.approx(3 * M * E / res.step_s)
+
+
 @pytest.mark.parametrize("colocated", [False, True])
 @pytest.mark.parametrize("module_schedule", ["1F1B", "GPipe"])
 @pytest.mark.parametrize("colocated_encoders", ["batch", "inline"])
@@ -151,7 +161,8 @@ def test_modes_are_mimo_schedules(colocated, module_schedule, colocated_encoders
     "spec,match",
     [
         (StepSpec((enc(group="lm"),), lm(2), 4, colocated_encoders="inline"), r"colocated_encoders='inline' needs"),
-        (StepSpec((enc(pp=2, group="lm"),), lm(2), 4), "colocated .* pp=2"),
+        (StepSpec((enc(pp=2, group="lm"),), lm(2), 4, colocated_encoders="folded"), "colocated .* pp=2"),
+        (StepSpec((enc(pp=2, group="lm"), enc("audio", group="lm")), lm(2), 4), r"pp \[2, 1\]"),
         (StepSpec((enc(),), lm(2), 4, "Interleaved1F1B"), "virtual_stages=1"),
         (StepSpec((enc(),), lm(1), 4, "Interleaved1F1B", 2), "pp >= 2"),
         (StepSpec((enc(),), lm(2), 4, "ZeroBubble"), "pipeline_schedule='ZeroBubble'"),
