@@ -320,6 +320,17 @@ VALIDATION_LAYOUTS: dict[str, dict] = {
         + ["--parallelism.virtual_stages=2"],
         schedule="Interleaved1F1B",
     ),
+    # vision and audio on one rank (one leading stage) | language pp=2
+    "shared_encoders": dict(
+        config="train_configs/debug_vision_audio.toml",
+        overrides=_ranks("vision", 0, 1, dp_shard=1)
+        + _ranks("audio", 0, 1, dp_shard=1)
+        + _ranks("language", 1, 2, pp=2, dp_shard=1),
+    ),
+    # debug_colocated.toml with colocated_encoders = "inline": encode m right before the LM's forward of m
+    "colocated_inline": dict(
+        config="train_configs/debug_colocated.toml", overrides=["--parallelism.colocated_encoders=inline"]
+    ),
 }
 
 
@@ -522,7 +533,7 @@ def run(
 def _print_run(res: dict) -> None:
     v, mode = res["virtual_stages"], res["mode"]
     print(
-        f"{res['config']} {' '.join(res['overrides'])}: {res['world_size']} ranks, M={res['microbatches']}, global "
+        f"{' '.join([res['config'], *res['overrides']])}: {res['world_size']} ranks, M={res['microbatches']}, global "
         f"batch {res['global_batch_size']}, encoder {res['encoder_ms']} ms, LM {res['lm_ms']} ms; language schedule "
         f"{res['pipeline_schedule']}" + (f", {v} virtual stages per rank" if v > 1 else "")
     )
@@ -634,7 +645,7 @@ def calibrate(
 
 def _print_table(results: dict[str, dict]) -> None:
     print(
-        f"{'layout':14s} {'ranks':>5s} {'module schedule':28s} {'measured s':>10s} {'simulated s':>11s} {'ratio':>6s}"
+        f"{'layout':16s} {'ranks':>5s} {'module schedule':28s} {'measured s':>10s} {'simulated s':>11s} {'ratio':>6s}"
     )
     for name, res in results.items():
         rows = [
@@ -642,7 +653,7 @@ def _print_table(results: dict[str, dict]) -> None:
             ("GPipe (encoder first)", res["encoder_first_s"], res["encoder_first_analytical_s"]),
         ]
         for label, meas, sim in rows:
-            print(f"{name:14s} {res['world_size']:5d} {label:28s} {meas:10.4f} {sim:11.4f} {meas / sim:6.3f}")
+            print(f"{name:16s} {res['world_size']:5d} {label:28s} {meas:10.4f} {sim:11.4f} {meas / sim:6.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -131,7 +131,8 @@ class StepSpec:
         module_schedule: ``"1F1B"`` (encoders stream) or ``"GPipe"`` (whole batch first;
             ``parallelism.module_schedule``).
         colocated_encoders: ``"batch"`` or ``"inline"`` as ``MimoSchedule`` (``parallelism.colocated_encoders``),
-            or ``"folded"`` (the encoder is part of LM stage 0; simulated only).
+            or ``"folded"`` (the encoder is part of LM stage 0; simulated only, whatever ``module_schedule``). It
+            applies to the encoders whose ``group`` is the LM's.
         bridge_s: per encoder name: one microbatch's embeddings across the bridge to LM stage 0 (and the gradients
             back); missing names: 0.
     """
