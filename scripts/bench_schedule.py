@@ -1,4 +1,5 @@
-"""Benchmark the cross-module pipeline schedule: the real schedule, stages and bridge, compute replaced by sleeps.
+"""Benchmark the cross-module pipeline schedule: the real schedule, stages and bridge, compute replaced by sleeps,
+against the step simulator (:func:`mimo_titan.planning.simulator.simulate_step`).
 
     python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml \\
         --encoder-ms 10 --lm-ms 30 --microbatches 8 [--schedule 1F1B|GPipe|Interleaved1F1B] [--steps 5] \\
@@ -8,23 +9,33 @@
     python scripts/bench_schedule.py --config train_configs/debug_noncolocated.toml --encoder-ms 10 --lm-ms 30 \\
         --microbatches 8 --schedule Interleaved1F1B --parallelism.virtual_stages=2
 
-Every rank of the config's layout runs as a process on CPU/gloo (spawned here; no torchrun). Each encoder rank's
-forward of a microbatch sleeps ``--encoder-ms`` (per encoder pipeline stage), each language stage's forward
-``--lm-ms`` (with ``parallelism.virtual_stages = v``, Interleaved1F1B, each of a rank's v chunks ``--lm-ms / v``: the
-same work per rank), every backward twice its forward; everything else is the training code path:
-:class:`~mimo_titan.pipeline.schedule.MimoSchedule`, ``torch.distributed.pipelining`` stages and schedules, the
-bridge's point-to-point transfers, the loss.
+    # the simulator's validation: the layouts of VALIDATION_LAYOUTS, measured against simulated
+    python scripts/bench_schedule.py --validate [--layouts noncolocated,lm_pp4] [--encoder-ms 10 --lm-ms 20 \\
+        --microbatches 4] [--steps 5] [--json OUT]
+    # the overhead constants ACTION_OVERHEAD_S and TRANSFER_S, fitted on the noncolocated layout
+    python scripts/bench_schedule.py --calibrate [--json OUT]
+
+Every rank of the config's layout runs as a process on CPU/gloo (forked from a server that imported torch and the
+training code once; no torchrun). Each encoder rank's forward of a microbatch sleeps ``--encoder-ms`` (per encoder
+pipeline stage), each language stage's forward ``--lm-ms`` (with ``parallelism.virtual_stages = v``,
+Interleaved1F1B, each of a rank's v chunks ``--lm-ms / v``: the same work per rank), every backward twice its
+forward; everything else is the training code path: :class:`~mimo_titan.pipeline.schedule.MimoSchedule`,
+``torch.distributed.pipelining`` stages and schedules, the bridge's point-to-point transfers, the loss.
 
 Printed (and with ``--json`` written as ``{"measured_s", "analytical_s", "encoder_first_s",
-"encoder_first_analytical_s", "speedup", "busy_fraction_per_rank", ...}``):
+"encoder_first_analytical_s", "ideal_s", "speedup", "busy_fraction_per_rank", ...}``; ``--validate`` writes
+``{"layouts": {name: that dict}}``):
 
 - ``measured_s``: the median step time (slowest rank) of ``parallelism.module_schedule = "1F1B"``, the encoder
   leading the language stages microbatch by microbatch (colocated encoders: as ``colocated_encoders`` says);
-- ``analytical_s``: the same schedule played with the same times and free communication
-  (:func:`mimo_titan.pipeline.order.mimo_timeline`);
-- ``encoder_first_s``: the measured step of ``module_schedule = "GPipe"`` (the encoder's whole batch first, its
-  backwards after the language model's step);
-- ``busy_fraction_per_rank``: each rank's sleeping (computing) time over the step, in the streamed schedule.
+- ``analytical_s``: the simulated step of the same layout and schedule (:func:`step_spec`): the sleeps plus the
+  benchmark's measured overheads, :data:`ACTION_OVERHEAD_S` per compute action and :data:`TRANSFER_S` per transfer
+  (two constants for every layout); ``measured_vs_analytical``: their ratio;
+- ``ideal_s``: the simulated step of the sleeps alone (free communication, no overhead);
+- ``encoder_first_s`` / ``encoder_first_analytical_s`` / ``encoder_first_ideal_s``: the same for
+  ``module_schedule = "GPipe"`` (the encoder's whole batch first, its backwards after the language model's step);
+- ``busy_fraction_per_rank``: each rank's sleeping (computing) time over the step; ``simulated_busy_fraction``: the
+  simulator's per worker (sleeps alone).
 
 The global batch is synthetic (one image per sample; ``global_batch_size`` raised to the smallest multiple of
 ``microbatches × lcm(DP sizes)`` when the config's does not split); the last stage's loss (real compute, outside
@@ -257,9 +268,13 @@ def _free_port() -> int:
 #: layout): ``ACTION_OVERHEAD_S`` per compute action (one microbatch's forward or backward on one stage or chunk: the
 #: Python work of ``torch.distributed.pipelining`` and ``MimoSchedule`` around the sleep, added to its time) and
 #: ``TRANSFER_S`` per point-to-point transfer (a microbatch's activations or gradients between two stages or across a
-#: bridge: gloo ``isend`` / ``irecv``; a latency on the dependency). Source: ``--calibrate``, CALIBRATION_NOTE.
-ACTION_OVERHEAD_S = 0.0
-TRANSFER_S = 0.0
+#: bridge: gloo ``isend`` / ``irecv``; a latency on the dependency, holding neither rank).
+#: Source: ``python scripts/bench_schedule.py --calibrate --steps 10`` (2026-12-04, the 2-core CPU machine shared with
+#: other jobs, load average about 4): the "noncolocated" layout at 10 / 20 ms with 4 and 8 microbatches, both module
+#: schedules; the fit left measured / simulated at 0.989, 1.007, 1.012 and 0.995 (rms 0.9 %). Per-rank traces of the
+#: same layout agree: 1-2 ms between a rank's consecutive sleeps, 1-1.5 ms from one rank's sleep to the next rank's.
+ACTION_OVERHEAD_S = 0.0010
+TRANSFER_S = 0.0015
 
 
 def _ranks(module: str, offset: int, num: int, **keys: int) -> list[str]:
@@ -304,6 +319,17 @@ VALIDATION_LAYOUTS: dict[str, dict] = {
         + _ranks("language", 1, 2, pp=2, dp_shard=1)
         + ["--parallelism.virtual_stages=2"],
         schedule="Interleaved1F1B",
+    ),
+    # vision and audio on one rank (one leading stage) | language pp=2
+    "shared_encoders": dict(
+        config="train_configs/debug_vision_audio.toml",
+        overrides=_ranks("vision", 0, 1, dp_shard=1)
+        + _ranks("audio", 0, 1, dp_shard=1)
+        + _ranks("language", 1, 2, pp=2, dp_shard=1),
+    ),
+    # debug_colocated.toml with colocated_encoders = "inline": encode m right before the LM's forward of m
+    "colocated_inline": dict(
+        config="train_configs/debug_colocated.toml", overrides=["--parallelism.colocated_encoders=inline"]
     ),
 }
 
@@ -507,7 +533,7 @@ def run(
 def _print_run(res: dict) -> None:
     v, mode = res["virtual_stages"], res["mode"]
     print(
-        f"{res['config']} {' '.join(res['overrides'])}: {res['world_size']} ranks, M={res['microbatches']}, global "
+        f"{' '.join([res['config'], *res['overrides']])}: {res['world_size']} ranks, M={res['microbatches']}, global "
         f"batch {res['global_batch_size']}, encoder {res['encoder_ms']} ms, LM {res['lm_ms']} ms; language schedule "
         f"{res['pipeline_schedule']}" + (f", {v} virtual stages per rank" if v > 1 else "")
     )
@@ -619,7 +645,7 @@ def calibrate(
 
 def _print_table(results: dict[str, dict]) -> None:
     print(
-        f"{'layout':14s} {'ranks':>5s} {'module schedule':28s} {'measured s':>10s} {'simulated s':>11s} {'ratio':>6s}"
+        f"{'layout':16s} {'ranks':>5s} {'module schedule':28s} {'measured s':>10s} {'simulated s':>11s} {'ratio':>6s}"
     )
     for name, res in results.items():
         rows = [
@@ -627,7 +653,7 @@ def _print_table(results: dict[str, dict]) -> None:
             ("GPipe (encoder first)", res["encoder_first_s"], res["encoder_first_analytical_s"]),
         ]
         for label, meas, sim in rows:
-            print(f"{name:14s} {res['world_size']:5d} {label:28s} {meas:10.4f} {sim:11.4f} {meas / sim:6.3f}")
+            print(f"{name:16s} {res['world_size']:5d} {label:28s} {meas:10.4f} {sim:11.4f} {meas / sim:6.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:

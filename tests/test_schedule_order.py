@@ -1,12 +1,9 @@
-"""The cross-module schedule's orders and its analytical model (pure Python), the schedule keys' validation, and
-the schedule benchmark end to end (its numbers are checked for sense, not speed)."""
+"""The cross-module schedule's orders and its analytical model (pure Python) and the schedule keys' validation (the
+schedule benchmark end to end: tests/test_simulator.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +24,6 @@ from mimo_titan.pipeline.order import (
 from mimo_titan.pipeline.schedule import schedule_mode
 from mimo_titan.train.trainer import validate_job
 
-ROOT = Path(__file__).resolve().parents[1]
 V = lambda off, n, **kw: dict(rank_offset=off, num_ranks=n, **kw)  # noqa: E731
 
 
@@ -287,46 +283,6 @@ def test_module_schedule_key_is_checked():
     d = tiny_config_dict(V(0, 1), V(1, 1), parallelism={"module_schedule": "ZeroBubble"})
     with pytest.raises(ConfigError, match="module_schedule"):
         config_from_dict(d)
-
-
-@pytest.mark.parametrize("schedule,v", [("1F1B", 1), ("Interleaved1F1B", 2)])
-def test_bench_schedule_runs_the_real_schedule(tmp_path, schedule, v):
-    """3 ranks (encoder | LM pp=2, or 2 chunks per rank under Interleaved1F1B), 4 microbatches: the JSON has every
-    figure, no measured step beats its analytical time (sleeps cannot be shortened), and every rank's busy fraction
-    is a fraction."""
-    cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2), model={"language": {"num_layers": 4}})
-    toml = tmp_path / "bench.toml"
-    toml.write_text(_to_toml(cfg))
-    out = tmp_path / "bench.json"
-    sys.path.insert(0, str(ROOT / "scripts"))  # also for the spawned ranks, which import the script by name
-    try:
-        import bench_schedule
-
-        res = bench_schedule.main(
-            ["--config", str(toml), "--encoder-ms", "5", "--lm-ms", "15", "--microbatches", "4", "--steps", "2",
-             "--warmup", "1", "--json", str(out), "--schedule", schedule, f"--parallelism.virtual_stages={v}"]
-        )  # fmt: skip
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-    assert res["mode"] == "streamed"
-    assert res["measured_s"] >= 0.98 * res["analytical_s"]
-    assert res["encoder_first_s"] >= 0.98 * res["encoder_first_analytical_s"]
-    # the bubble: (pp - 1) / v microbatch-times of a language rank
-    assert res["analytical_s"] == pytest.approx(3 * 0.005 + 3 * 0.015 * (4 + (2 - 1) / v), abs=1e-4)
-    assert res["stage_of_rank"][1] == ("language.0+2" if v == 2 else "language.0")
-    assert set(res["busy_fraction_per_rank"]) == {0, 1, 2}
-    assert all(0 < f <= 1.0 for f in res["busy_fraction_per_rank"].values())
-
-
-def _to_toml(d: dict, prefix: str = "") -> str:
-    scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in d.items() if isinstance(v, dict)}
-    lines = [f"[{prefix}]"] if prefix and scalars else []
-    lines += [f"{k} = {json.dumps(v)}" for k, v in scalars.items()]
-    for k, v in tables.items():
-        lines.append(_to_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize(

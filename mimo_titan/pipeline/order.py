@@ -23,8 +23,10 @@ before that chunk's first backward (:func:`encoder_warmup`).
 forwards, the language model receives all of them before it starts its own schedule, and the encoder's
 backwards start once the language model's first stage has finished its whole step.
 
-:func:`simulate` plays the orders with fixed forward / backward times and no communication cost, the
-analytical time that ``scripts/bench_schedule.py`` sets beside a measured one.
+:func:`simulate` plays the orders with fixed forward / backward times and, where given, a latency per dependency
+(a transfer) and a gradient sync after a stage's last backward; :mod:`mimo_titan.planning.simulator` builds a whole
+MIMO step on it (several encoders, colocated or not, the folded baseline), and :func:`mimo_timeline` is its
+one-encoder shorthand with free communication.
 """
 
 from __future__ import annotations
