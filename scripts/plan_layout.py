@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(kind, base, 200) if base else f"{kind:>4}  none fits")
     sp = result.speedup
     print(f"speedup of the best over the best homogeneous: {sp:.3f}x" if sp else "speedup: no homogeneous layout fits")
+    if sp and sp < 1 and result.best_homogeneous and result.best_homogeneous.kind == "folded":
+        print(
+            "  the folded baseline is faster here: it is simulated only (mimo_titan does not run an encoder inside the "
+            "LM's first stage, nor repeat it on the LM's cp ranks); the ranked layouts are the best mimo_titan runs"
+        )
     print(f"searched {result.considered} module layouts, simulated {result.simulated} steps in {result.seconds:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -597,9 +597,11 @@ def search_layouts(
             tp_e = lm_d.tp if lm_d.tp in _tps(s, name) else 1
             d = Degrees(0, lm_d.stage_size, 1, 1, lm_d.stage_size // tp_e, 1, tp_e)  # parameters sharded over stage 0
             samples = gbs // M // lm_d.dp  # the images of one LM DP rank's samples, on each of its cp (and tp) ranks
-            mem = s.module_mem(name, d, samples, 1, lm_ac, (flight0,))
-            c = s.module_cost(name, d, samples, 1, lm_ac)
-            enc[name] = (d, lm_ac, c, mem)
+            for enc_ac in ("none", "full"):  # full activation checkpointing only where none does not fit
+                mem = s.module_mem(name, d, samples, 1, enc_ac, (flight0,))
+                if extra + mem + s.runtime <= s.budget:
+                    break
+            enc[name] = (d, enc_ac, s.module_cost(name, d, samples, 1, enc_ac), mem)
             extra += mem
         if len(enc) == len(s.encoders) and extra + s.runtime <= s.budget:
             layout = Layout(
@@ -609,7 +611,7 @@ def search_layouts(
                 sched,
                 v,
                 "folded",
-                {**dict.fromkeys(s.encoders, lm_ac), lang: lm_ac},
+                {**{n: enc[n][1] for n in s.encoders}, lang: lm_ac},
             )
             layout.mem_per_rank_gib = dict.fromkeys(layout.modules, extra + s.runtime)
             s.simulate(layout, lm_c, enc)
