@@ -9,7 +9,8 @@ Each row is ``scripts/plan_layout.py --config CFG --world-size N --device D --tr
 - 8K: 8 images per sample (8 x 729 = 5,832 image tokens of 8,192), 512 samples per step (4 M tokens);
 - 64K: 64 images per sample (46,656 image tokens of 65,536: a short video), 128 samples per step (8 M tokens).
 
-Prints a Markdown table (the one in README.md) and with ``--json`` writes every row's ``plan_layout`` JSON.
+Prints a Markdown table (the figures of the one in README.md, which abbreviates the layouts; GiB: the best layout's
+peak per rank) and with ``--json`` writes every row's ``plan_layout`` JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def scenario_overrides(seq_len: int) -> list[str]:
     ]
 
 
+def _cell(text: str) -> str:
+    """``text`` for a Markdown table cell: a layout's ``" | "`` between modules would split it into columns."""
+    return text.replace(" | ", "; ").replace("|", "/")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="h100", help="h100, h200, a100, b200 (default h100)")
@@ -62,20 +68,22 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = search_layouts(cfg, world, device, top=1)
                 except ValueError as exc:
-                    rows.append(f"| {model} | {world} | {seq // 1024}K | no layout: {exc} | | | | |")
+                    rows.append(f"| {model} | {world:,} | {seq // 1024}K | no layout: {_cell(str(exc))} | | | | | |")
                     continue
                 h = r.best_homogeneous
-                hom = f"{h.kind}: {h.describe()}" if h else "none fits"
+                hom = f"{h.kind}: {_cell(h.describe())}" if h else "none fits"
+                gib = max(r.best.mem_per_rank_gib.values(), default=0.0)
+                speedup = f"{r.speedup:.3f}" if r.speedup else "n/a"
                 rows.append(
-                    f"| {model} | {world} | {seq // 1024}K | {r.best.describe()} | {r.best.tokens_per_s / 1e6:.3f} | "
-                    f"{hom} | {h.tokens_per_s / 1e6 if h else float('nan'):.3f} | "
-                    f"{f'{r.speedup:.3f}' if r.speedup else 'n/a'} |"
+                    f"| {model} | {world:,} | {seq // 1024}K | {_cell(r.best.describe())} | "
+                    f"{r.best.tokens_per_s / 1e6:.3f} | {gib:.0f} | {hom} | "
+                    f"{h.tokens_per_s / 1e6 if h else float('nan'):.3f} | {speedup} |"
                 )
                 out.append({"model": model, "world_size": world, "seq_len": seq, **r.to_json()})
                 print(f"  {model}, {world} GPUs, {seq // 1024}K: {r.seconds:.1f} s", file=sys.stderr)
     print(
-        "| model | GPUs | seq | best heterogeneous | M tok/s | best homogeneous | M tok/s | speedup |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| model | GPUs | seq | best heterogeneous | M tok/s | GiB | best homogeneous | M tok/s | speedup |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
     if args.json:

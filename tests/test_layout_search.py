@@ -130,6 +130,55 @@ def test_plan_layout_cli_errors():
     assert out.returncode == 2 and "error: --device 'tpu' is not a known device type" in out.stderr
     out = _plan_layout("--config", str(DEBUG), "--world-size", "0", "--device", "cpu")
     assert out.returncode == 2 and "--world-size 0: it must be >= 1" in out.stderr
+    # an output path that cannot be written is refused before the search, in one line (it was a traceback after it)
+    out = _plan_layout("--config", str(DEBUG), "--world-size", "4", "--device", "cpu", "--json", "/absent/dir/x.json")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--json /absent/dir/x.json: the folder /absent/dir does not exist" in out.stderr
+
+
+def _import_script(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_plan_layout_overrides_tiny_steps_and_emitted_header(tmp_path, capsys):
+    """A global batch the config's own training.microbatches does not divide is planned (the search picks M), a
+    space-separated override works as in train.py, a step of well under a millisecond prints its digits, and the
+    emitted TOML's first line is the command that planned it."""
+    plan_layout = _import_script("plan_layout")
+    js, emitted = tmp_path / "r.json", tmp_path / "best.toml"
+    argv = ["--config", str(DEBUG), "--world-size", "4", "--device", "h100", "--training.global_batch_size=7"]
+    argv += ["--training.seq_len", "128", "--json", str(js), "--emit-toml", str(emitted)]
+    assert plan_layout.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "7 samples x 128 tokens per step" in out
+    best = json.loads(js.read_text())["best"]
+    assert best["microbatches"] in (1, 7) and 0 < best["step_s"] < 1e-2
+    row = re.search(r"^1 +([0-9,]+) +([0-9.]+) +([0-9.]+)  ", out, re.M)
+    assert row is not None
+    assert float(row.group(2)) == pytest.approx(best["step_s"], rel=0.05)
+    assert float(row.group(3)) == pytest.approx(best["mem_per_rank_gib"], rel=0.05)
+    head = emitted.read_text().splitlines()[0]
+    assert head.endswith("--device h100 --training.global_batch_size=7 --training.seq_len 128")
+    assert load_config(emitted).training.global_batch_size == 7
+
+
+def test_layout_report_table_has_one_cell_per_column(monkeypatch, capsys):
+    """layout_report.py's Markdown rows have as many cells as its header (a layout's " | " used to split its cell)."""
+    layout_report = _import_script("layout_report")
+    monkeypatch.setattr(layout_report, "MODELS", {"debug": str(DEBUG)})
+    monkeypatch.setattr(layout_report, "WORLDS", (4,))
+    monkeypatch.setattr(layout_report, "SEQUENCES", {64: (1, 12)})
+    assert layout_report.main(["--device", "cpu"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]
+    assert len(lines) == 3 and {x.count("|") for x in lines} == {10}
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    r = search_layouts(load_config(DEBUG), 4, device_spec("cpu"), top=1)
+    assert float(cells[4]) == pytest.approx(r.best.tokens_per_s / 1e6, abs=1e-3)
+    assert float(cells[8]) == pytest.approx(r.speedup, abs=1e-3)
 
 
 @pytest.mark.multirank
@@ -150,7 +199,7 @@ def test_emitted_layout_trains(tmp_path):
             k: v for k, v in mod.items() if k != "activation_checkpointing"
         }
     assert cfg.training.microbatches == best["microbatches"]
-    assert re.search(r"^ {3}1 +[0-9,]+ +[0-9.]+ +[0-9.]+  ", out.stdout, re.M)
+    assert re.search(r"^1 +[0-9,]+ +[0-9.]+ +[0-9.]+  ", out.stdout, re.M)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "scripts/train.py"]
     cmd += [
         "--config",
@@ -171,11 +220,7 @@ def test_measured_costs_are_used_and_a_foreign_costs_file_is_refused(tmp_path, c
 
     from mimo_titan.planning.profile import profile_modules
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import plan_layout
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    plan_layout = _import_script("plan_layout")
     costs = tmp_path / "costs.json"
     measured = profile_modules(load_config(DEBUG), device=torch.device("cpu"), samples=(1,), repeats=1, warmup=0)
     costs.write_text(json.dumps(measured))
