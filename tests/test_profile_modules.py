@@ -208,6 +208,15 @@ def test_load_costs_refuses_a_broken_file(tmp_path, costs, breakage, match):
     assert "re-run `python scripts/profile_modules.py" in str(err.value)
 
 
+def test_load_costs_never_suggests_overwriting_a_file_that_is_not_json(tmp_path):
+    """A config passed as --costs by mistake: the message says what --costs takes and names a new file to write."""
+    toml = tmp_path / "run.toml"
+    toml.write_text("[job]\nname = 'x'\n")
+    with pytest.raises(ConfigError, match=r"--costs takes the JSON file that scripts/profile_modules\.py") as err:
+        load_costs(toml, config_from_dict(_dict()))
+    assert "--json costs.json" in str(err.value) and f"--json {toml}" not in str(err.value)
+
+
 def test_load_costs_refuses_another_compute_dtype(tmp_path, costs):
     path = _write(tmp_path, costs)
     cfg = config_from_dict(_dict(), ["--parallelism.mixed_precision_param=bfloat16"])

@@ -534,7 +534,12 @@ def load_costs(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"cost file '{source}' does not exist; {rerun}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cost file '{source}' is not valid JSON ({exc}); {rerun}") from None
+        # not JSON at all (a config passed as --costs?): suggest a new file rather than overwriting this one
+        hint = rerun if source.endswith(".json") else _RERUN.format(path="costs.json") + ", then pass that file"
+        raise ConfigError(
+            f"cost file '{source}' is not valid JSON ({exc}): --costs takes the JSON file that "
+            f"scripts/profile_modules.py --json writes; {hint}"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read cost file '{source}': {exc}; {rerun}") from None
     fmt = data.get("format") if isinstance(data, dict) else None
@@ -573,9 +578,9 @@ def load_costs(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
             f"{_config_key(cfg, name, k)} is "
             f"{'absent' if theirs.get(k, missing) is missing else json.dumps(theirs[k])} in the file, "
             f"{'absent' if mine.get(k, missing) is missing else json.dumps(mine[k])} in the config"
-            for k in sorted(set(mine) | set(theirs), key=lambda k: (k not in mine, k))
+            for k in sorted(set(mine) | set(theirs), key=lambda k: (k not in mine or k not in theirs, k))
             if theirs.get(k, missing) != mine.get(k, missing)
-        ]
+        ]  # fields both sides hold first
         why = (
             "; ".join(diffs)
             if diffs
