@@ -289,11 +289,22 @@ def test_module_schedule_key_is_checked():
         config_from_dict(d)
 
 
-@pytest.mark.parametrize("schedule,v", [("1F1B", 1), ("Interleaved1F1B", 2)])
-def test_bench_schedule_runs_the_real_schedule(tmp_path, schedule, v):
+def _forked_bench_worker(*args):
+    """A rank of ``scripts/bench_schedule.py`` forked from the tests' forkserver (torch already imported there)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_schedule
+
+    bench_schedule._worker(*args)
+
+
+@pytest.mark.parametrize("schedule,v,start", [("1F1B", 1, "spawn"), ("Interleaved1F1B", 2, "forkserver")])
+def test_bench_schedule_runs_the_real_schedule(tmp_path, monkeypatch, schedule, v, start):
     """3 ranks (encoder | LM pp=2, or 2 chunks per rank under Interleaved1F1B), 4 microbatches: the JSON has every
     figure, no measured step beats its analytical time (sleeps cannot be shortened), and every rank's busy fraction
-    is a fraction."""
+    is a fraction. The script spawns its ranks (new interpreters that import the script by name): the 1F1B case runs
+    them so; the Interleaved1F1B case forks them from the tests' forkserver instead, which saves each rank the
+    import of torch (the rank's code is the same)."""
     cfg = tiny_config_dict(V(0, 1), V(1, 2, pp=2), model={"language": {"num_layers": 4}})
     toml = tmp_path / "bench.toml"
     toml.write_text(_to_toml(cfg))
@@ -302,6 +313,13 @@ def test_bench_schedule_runs_the_real_schedule(tmp_path, schedule, v):
     try:
         import bench_schedule
 
+        if start == "forkserver":
+            from types import SimpleNamespace
+
+            from _launch import _CTX
+
+            monkeypatch.setattr(bench_schedule, "mp", SimpleNamespace(get_context=lambda method: _CTX))
+            monkeypatch.setattr(bench_schedule, "_worker", _forked_bench_worker)
         res = bench_schedule.main(
             ["--config", str(toml), "--encoder-ms", "5", "--lm-ms", "15", "--microbatches", "4", "--steps", "2",
              "--warmup", "1", "--json", str(out), "--schedule", schedule, f"--parallelism.virtual_stages={v}"]
