@@ -13,8 +13,8 @@
 - a config mistake: printed once, without a traceback, every rank exits non-zero.
 
 Faults are injected by ``tests/_fault_train.py`` (the train script plus one patched function), never by the package.
-A resumed job's reference is the interrupted job's own uninterrupted steps, or an uninterrupted run on ranks forked
-from the tests' forkserver (:func:`uninterrupted`): a torchrun launch costs seconds of interpreter start-up per rank.
+The jobs that only resume an interrupted one, or give it an uninterrupted reference, run on ranks forked from the
+tests' forkserver (:func:`forked_run`): a torchrun launch costs seconds of interpreter start-up per rank.
 """
 
 from __future__ import annotations
@@ -125,20 +125,30 @@ def steps(text: str) -> dict[int, dict]:
     return {r["step"]: r for r in (json.loads(line[5:]) for line in text.splitlines() if line.startswith("STEP "))}
 
 
-def _uninterrupted_worker(rank, world, device, argv):
-    """A rank of ``scripts/train.py ARGV`` (its config and overrides, its ``train``) without a fault."""
+def _forked_worker(rank, world, device, argv):
+    """A rank of ``scripts/train.py ARGV`` without a fault: its config parsing and ``train``; returns the records as
+    :func:`steps` reads them from a job's output and rank 0's log lines."""
+    import logging
+
     from mimo_titan.config import parse_args
     from mimo_titan.train.trainer import train
 
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root, as for the jobs
-    return {r["step"]: {k: r[k] for k in ("step", "loss", "grad_norm", "skipped")} for r in train(parse_args(argv))}
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mimo_titan").addHandler(handler)
+    logging.getLogger("mimo_titan").setLevel(logging.INFO)
+    records = {r["step"]: {k: r[k] for k in ("step", "loss", "grad_norm", "skipped")} for r in train(parse_args(argv))}
+    return records, "\n".join(lines)
 
 
-def uninterrupted(argv: list[str], nproc: int = 2) -> dict[int, dict]:
-    """The records :func:`steps` reads from a job's output, by step, of an uninterrupted run of ``argv``: the
-    reference a resumed job must equal exactly. It runs on ranks forked from the tests' forkserver rather than as a
-    torchrun job (the same training code; no launcher and no new interpreters that import torch again)."""
-    return run_ranks(_uninterrupted_worker, nproc, argv, timeout=300)[0]
+def forked_run(argv: list[str], nproc: int = 2) -> tuple[dict[int, dict], str]:
+    """``torchrun --nproc_per_node=NPROC scripts/train.py ARGV`` without a fault, as the jobs that resume an interrupted
+    one or give the uninterrupted reference: the records :func:`steps` reads, by step, and rank 0's log. It runs on
+    ranks forked from the tests' forkserver (the same config parsing and training code, new processes; no launcher and
+    no interpreters that import torch again: a torchrun job costs seconds of start-up per rank)."""
+    return run_ranks(_forked_worker, nproc, argv, timeout=300)[0]
 
 
 def our_error_lines(text: str) -> list[str]:
@@ -193,16 +203,10 @@ def test_kill_9_during_a_save_keeps_the_last_checkpoint_and_the_resume_is_bit_ex
     # the run that died trained steps 1-4 without a break (it died after step 4's record, in that step's save): its
     # steps 3 and 4 are the uninterrupted run's. Step 3 checks the resumed weights and data position, step 4 also
     # the AdamW moments and step count (constant LR: a run of 4 steps has the same steps as one of 6).
-    resumed = jobs(
-        tmp_path,
-        2,
-        [*COLOCATED, *ckpt, "--training.steps=4", f"--job.output_dir={tmp_path / 'run'}"],
-        name="resumed",
-    )
-    assert resumed.wait() == 0, resumed.output()[-3000:]
-    assert "checkpoint: resumed step 2" in resumed.output()
+    resumed, log = forked_run([*COLOCATED, *ckpt, "--training.steps=4", f"--job.output_dir={tmp_path / 'run'}"])
+    assert "checkpoint: resumed step 2" in log
     expect = {s: r for s, r in steps(died.output()).items() if s > 2}
-    assert steps(resumed.output()) == expect and sorted(expect) == [3, 4]  # exact floats
+    assert resumed == expect and sorted(expect) == [3, 4]  # exact floats
     assert complete_steps(folder) == [2, 4]  # step 4 saved over the dead save's step-4.partial
 
 
@@ -223,11 +227,11 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_bit_exact(tmp_path, j
     assert complete_steps(tmp_path / "run" / "checkpoint") == [stopped]
 
     end = [f"--training.steps={stopped + 2}"]
-    resumed = jobs(tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'run'}"], name="resumed")
-    straight = uninterrupted(COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"])
-    assert resumed.wait() == 0, resumed.output()[-3000:]
+    resumed, log = forked_run(COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'run'}"])
+    assert f"checkpoint: resumed step {stopped}" in log
+    straight, _ = forked_run(COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"])
     expect = {s: r for s, r in straight.items() if s > stopped}
-    assert steps(resumed.output()) == expect and len(expect) == 2
+    assert resumed == expect and len(expect) == 2
 
 
 def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
