@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -84,19 +83,21 @@ def test_resume_continues_bit_for_bit(layout, tmp_path):
         "frozen_vision_pp2": (V(0, 2, dp_shard=2), V(2, 2, pp=2), 4, {"model": {"vision": {"frozen": True}}}),
         "moe_aux_free_ep2_pp2": (V(0, 1), V(1, 4, pp=2, dp_shard=2, ep=2), 5, MOE),
     }[layout]
+    # 12 steps of 4 samples from the 32-record shard: the resume at step 10 (sample 40) is mid-way through the second
+    # epoch; steps 11 (weights, data position) and 12 (AdamW moments, LR schedule, MoE biases) follow it
     cfg_dict = tiny_config_dict(
-        vision, language, training={"steps": 20}, optimizer={"lr": 3e-3}, lr_schedule={"warmup_steps": 2}, **extra
+        vision, language, training={"steps": 12}, optimizer={"lr": 3e-3}, lr_schedule={"warmup_steps": 2}, **extra
     )
     straight, first, second = run_ranks(
         _resume_worker, world, cfg_dict, str(tmp_path / "a"), str(tmp_path / "b"), timeout=480
     )[0]
-    assert [r["step"] for r in first] == list(range(1, 11)) and [r["step"] for r in second] == list(range(11, 21))
+    assert [r["step"] for r in first] == list(range(1, 11)) and [r["step"] for r in second] == [11, 12]
     resumed = first + second
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exact, fp32 on CPU
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
     ids = [i for r in resumed for i in r["sample_ids"]]
     assert ids == [i for r in straight for i in r["sample_ids"]]
-    assert ids == list(range(20 * cfg_dict["training"]["global_batch_size"]))  # none skipped, none repeated
+    assert ids == list(range(12 * cfg_dict["training"]["global_batch_size"]))  # none skipped, none repeated
     assert straight[-1]["loss"] < straight[0]["loss"]
 
 
@@ -111,10 +112,10 @@ def _continues(resumed: list[dict], straight: list[dict]) -> None:
     assert abs(straight[2]["loss"] - straight[0]["loss"]) > 1e-2
 
 
-def _reshard_worker(rank, world, device, cfg_dict, folder, max_steps):
+def _reshard_worker(rank, world, device, cfg_dict, folder, max_steps, load_step=-1):
     from mimo_titan.train.trainer import train
 
-    return train(config_from_dict(_with_ckpt(cfg_dict, folder, interval=2)), max_steps=max_steps)
+    return train(config_from_dict(_with_ckpt(cfg_dict, folder, interval=2, load_step=load_step)), max_steps=max_steps)
 
 
 @pytest.mark.multirank
@@ -140,10 +141,10 @@ def test_checkpoint_reshards_to_another_layout(case, tmp_path):
     saver = tiny_config_dict(v_save, l_save, **common)
     loader = tiny_config_dict(v_load, l_load, **common)
     folder = str(tmp_path / "ckpt")
-    straight = run_ranks(_reshard_worker, w_save, saver, str(tmp_path / "straight"), None, timeout=300)[0]
-    saved = run_ranks(_reshard_worker, w_save, saver, folder, 2, timeout=300)[0]
-    assert [r["step"] for r in saved] == [1, 2]
-    resumed = run_ranks(_reshard_worker, w_load, loader, folder, None, timeout=300)[0]
+    # the saving run goes on uninterrupted (saving steps 2 and 4): its steps 3 and 4 are what the resume must equal
+    straight = run_ranks(_reshard_worker, w_save, saver, folder, None, timeout=300)[0]
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    resumed = run_ranks(_reshard_worker, w_load, loader, folder, None, 2, timeout=300)[0]  # load_step = 2
     assert [r["step"] for r in resumed] == [3, 4]
     _continues(resumed, straight)
 
@@ -165,9 +166,8 @@ def test_tied_embeddings_checkpoint_moves_between_pp2_and_pp1(tmp_path):
     pp2 = tiny_config_dict(V(0, 1), V(1, 4, pp=2, dp_shard=2), **common)
     pp1 = tiny_config_dict(V(0, 1), V(1, 2, dp_shard=2), **common)
     folder = str(tmp_path / "ckpt")
-    straight = run_ranks(_reshard_worker, 5, pp2, str(tmp_path / "straight"), None, timeout=300)[0]
-    saved = run_ranks(_reshard_worker, 5, pp2, folder, 2, timeout=300)[0]
-    assert [r["step"] for r in saved] == [1, 2]
+    straight = run_ranks(_reshard_worker, 5, pp2, folder, None, timeout=300)[0]  # saves steps 2, 4 and 6
+    assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
 
     cfg = config_from_dict(pp2)
     step2 = os.path.join(folder, "step-2")
@@ -184,7 +184,8 @@ def test_tied_embeddings_checkpoint_moves_between_pp2_and_pp1(tmp_path):
     _, hf_state = load_hf_dir(str(tmp_path / "hf" / "language"))
     assert "lm_head.weight" not in hf_state and torch.equal(hf_state["model.embed_tokens.weight"], embed)
 
-    at_pp1 = run_ranks(_reshard_worker, 3, pp1, folder, 2, timeout=300)[0]  # resumes step 2, saves step 4
+    # resumes step 2 (load_step; steps 4 and 6 are set aside), saves step 4
+    at_pp1 = run_ranks(_reshard_worker, 3, pp1, folder, 2, 2, timeout=300)[0]
     at_pp2 = run_ranks(_reshard_worker, 5, pp2, folder, None, timeout=300)[0]  # resumes step 4
     resumed = at_pp1 + at_pp2
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
@@ -206,10 +207,10 @@ def test_interleaved_chunks_checkpoint_moves_to_1f1b_and_back(tmp_path):
     )
     plain = tiny_config_dict(V(0, 1), V(1, 2, pp=2), **common)
     folder = str(tmp_path / "ckpt")
-    straight = run_ranks(_reshard_worker, 3, inter, str(tmp_path / "straight"), None, timeout=300)[0]
-    saved = run_ranks(_reshard_worker, 3, inter, folder, 2, timeout=300)[0]
-    assert [r["step"] for r in saved] == [1, 2]
-    at_1f1b = run_ranks(_reshard_worker, 3, plain, folder, 2, timeout=300)[0]  # resumes step 2, saves step 4
+    straight = run_ranks(_reshard_worker, 3, inter, folder, None, timeout=300)[0]  # saves steps 2, 4 and 6
+    assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+    # resumes step 2 (load_step; steps 4 and 6 are set aside), saves step 4
+    at_1f1b = run_ranks(_reshard_worker, 3, plain, folder, 2, 2, timeout=300)[0]
     at_inter = run_ranks(_reshard_worker, 3, inter, folder, None, timeout=300)[0]  # resumes step 4
     resumed = at_1f1b + at_inter
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
@@ -303,48 +304,33 @@ def test_full_model_state_round_trips_offline(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- atomic saves
-_CHILD = textwrap.dedent("""
-    import os, signal, sys, json
-    sys.path.insert(0, {tests!r})
-    from _tiny import tiny_config_dict
-    from mimo_titan.config import config_from_dict
+def _atomic_save_worker(rank, world, device, mode, folder, load_step, max_steps):
+    """A one-rank training job of the tiny model that saves every step (``keep_latest_k = 2``) and returns ``[step,
+    loss]`` per step, or the CheckpointError it raised. Mode ``kill_during_save``: the process SIGKILLs itself in its
+    first save once every data file is written, before ``.metadata`` is (it never returns). A forked rank, not a new
+    interpreter: it starts without importing torch again."""
+    import signal
+
     from mimo_titan.train.trainer import train
 
-    mode, folder, port = sys.argv[1], sys.argv[2], sys.argv[3]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    d = tiny_config_dict(dict(rank_offset=0, num_ranks=1), dict(rank_offset=0, num_ranks=1),
-                         training={{"steps": 6}}, parallelism={{"mixed_precision_param": "float32"}})
-    d["checkpoint"] = {{"enable": True, "folder": folder, "interval": 1, "keep_latest_k": 2,
-                       "load_step": int(sys.argv[4])}}
+    d = tiny_config_dict(V(0, 1), V(0, 1), training={"steps": 6}, parallelism={"mixed_precision_param": "float32"})
+    d["checkpoint"] = {"enable": True, "folder": folder, "interval": 1, "keep_latest_k": 2, "load_step": load_step}
     if mode == "kill_during_save":
         from torch.distributed.checkpoint import filesystem
+
         def killed(self, metadata, results):  # every data file is written, .metadata is not
             os.kill(os.getpid(), signal.SIGKILL)
+
         filesystem.FileSystemWriter.finish = killed
-    hist = train(config_from_dict(d), max_steps=int(sys.argv[5]))
-    print("HIST" + json.dumps([[r["step"], r["loss"]] for r in hist]))
-""")
+    try:
+        hist = train(config_from_dict(d), max_steps=max_steps)
+    except CheckpointError as exc:
+        return str(exc)
+    return [[r["step"], r["loss"]] for r in hist]
 
 
-def _child(tmp_path, mode, folder, load_step=-1, max_steps=2):
-    import socket
-
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(tests=str(ROOT / "tests")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), mode, folder, str(port), str(load_step), str(max_steps)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    hist = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("HIST")]
-    return proc, (hist[0] if hist else None)
+def _child(mode, folder, load_step=-1, max_steps=2):
+    return run_ranks(_atomic_save_worker, 1, mode, folder, load_step, max_steps, timeout=300)[0]
 
 
 def test_a_save_killed_part_way_never_replaces_the_last_good_checkpoint(tmp_path):
@@ -352,31 +338,29 @@ def test_a_save_killed_part_way_never_replaces_the_last_good_checkpoint(tmp_path
     from mimo_titan.checkpoint.state import load_full_model_state
 
     folder = str(tmp_path / "ckpt")
-    proc, hist = _child(tmp_path, "normal", folder, max_steps=3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = _child("normal", folder, max_steps=3)
     assert [h[0] for h in hist] == [1, 2, 3] and complete_steps(folder) == [2, 3]  # keep_latest_k = 2
     cfg = config_from_dict(tiny_config_dict(V(0, 1), V(0, 1)))
     before = load_full_model_state(os.path.join(folder, "step-3"), cfg)
 
-    proc, hist = _child(tmp_path, "kill_during_save", folder, max_steps=1)  # resumes at 3, dies saving step 4
-    assert proc.returncode == -9 and hist is None
+    # resumes at 3, dies saving step 4: the rank's process ends with SIGKILL before it reports anything
+    with pytest.raises(AssertionError, match=r"rank 0 failed:\nprocess died \(exit code -9\) before reporting"):
+        _child("kill_during_save", folder, max_steps=1)
     assert complete_steps(folder) == [2, 3]
     assert os.path.isdir(os.path.join(folder, "step-4.partial"))
     assert not os.path.exists(os.path.join(folder, "step-4.partial", ".metadata"))
     after = load_full_model_state(os.path.join(folder, "step-3"), cfg)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
-    proc, hist = _child(tmp_path, "normal", folder, max_steps=1)  # resumes from the newest complete one: 3
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = _child("normal", folder, max_steps=1)  # resumes from the newest complete one: 3
     assert [h[0] for h in hist] == [4]
     assert complete_steps(folder) == [3, 4] and not os.path.exists(os.path.join(folder, "step-4.partial"))
 
-    proc, hist = _child(tmp_path, "normal", folder, load_step=3, max_steps=1)  # an explicit step redoes step 4
-    assert proc.returncode == 0 and [h[0] for h in hist] == [4]
+    hist = _child("normal", folder, load_step=3, max_steps=1)  # an explicit step redoes step 4
+    assert [h[0] for h in hist] == [4]
     assert complete_steps(folder) == [3, 4]  # the old step 4 is set aside, not resumed from nor purged
     assert sorted(os.listdir(folder)) == ["config.json", "step-3", "step-4", "step-4.abandoned"]
-    proc, _ = _child(tmp_path, "normal", folder, load_step=1)
-    assert proc.returncode != 0 and "checkpoint.load_step=1: no complete checkpoint step-1" in proc.stderr
+    assert "checkpoint.load_step=1: no complete checkpoint step-1" in _child("normal", folder, load_step=1)
 
 
 # ---------------------------------------------------------------------------------------------- samples budget
@@ -415,6 +399,24 @@ def test_training_samples_budget_runs_that_many_lm_samples():
     assert [r["lr"] for r in hist] == pytest.approx([lr * (1 - (1 - lo) * s / 3) for s in range(3)])
 
 
+def _command_worker(rank, world, device, argv):
+    """A rank of ``scripts/train.py ARGV`` (its config parsing and ``train``); returns the log lines of rank 0."""
+    import logging
+
+    from mimo_titan.config import parse_args
+    from mimo_titan.train.trainer import train
+
+    os.chdir(ROOT)  # the config's data paths are relative to the repository root
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("mimo_titan")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    train(parse_args(argv))
+    return lines
+
+
 @pytest.mark.multirank
 def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     """The README's train command with ``--checkpoint.*`` overrides: save every step (the loss falls over the 3
@@ -435,16 +437,10 @@ def test_train_command_resumes_with_checkpoint_load_step(tmp_path):
     saved = tmp_path / "checkpoint" / "config.json"
     ran = load_config(ROOT / config, [*overrides, "--training.steps=3"])
     assert load_config(saved) == ran and ran.checkpoint.enable and ran.training.steps == 3
-    again = subprocess.run(
-        [*base, "--training.steps=3", "--checkpoint.load_step=1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    log = again.stdout + again.stderr
+    # the resume: the same command line's config and train() on 2 ranks forked from the tests' forkserver (new
+    # processes without a launcher, that need not import torch again)
+    argv = ["--config", config, *overrides, "--training.steps=3", "--checkpoint.load_step=1"]
+    log = "\n".join(run_ranks(_command_worker, 2, argv, timeout=300)[0])
     assert "checkpoint: resumed step 1" in log
 
     def losses(text):  # {step: the logged loss} (4 decimals)

@@ -9,10 +9,12 @@
   non-finite value; a diverging run (``optimizer.lr=1e6``) stops with one clean error;
 - a stopped rank (kill -STOP): the watchdog ends the job within 2x ``training.collective_timeout_s`` and names the
   rank and its module;
-- a truncated shard: counted and reported at every log step, the run goes on;
+- a truncated shard (in the forced-NaN run): counted and reported at every log step, the run goes on;
 - a config mistake: printed once, without a traceback, every rank exits non-zero.
 
 Faults are injected by ``tests/_fault_train.py`` (the train script plus one patched function), never by the package.
+The jobs that only resume an interrupted one, or give it an uninterrupted reference, run on ranks forked from the
+tests' forkserver (:func:`forked_run`): a torchrun launch costs seconds of interpreter start-up per rank.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _launch import run_ranks
 from _tiny import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +125,32 @@ def steps(text: str) -> dict[int, dict]:
     return {r["step"]: r for r in (json.loads(line[5:]) for line in text.splitlines() if line.startswith("STEP "))}
 
 
+def _forked_worker(rank, world, device, argv):
+    """A rank of ``scripts/train.py ARGV`` without a fault: its config parsing and ``train``; returns the records as
+    :func:`steps` reads them from a job's output and rank 0's log lines."""
+    import logging
+
+    from mimo_titan.config import parse_args
+    from mimo_titan.train.trainer import train
+
+    os.chdir(ROOT)  # the configs' data paths are relative to the repository root, as for the jobs
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mimo_titan").addHandler(handler)
+    logging.getLogger("mimo_titan").setLevel(logging.INFO)
+    records = {r["step"]: {k: r[k] for k in ("step", "loss", "grad_norm", "skipped")} for r in train(parse_args(argv))}
+    return records, "\n".join(lines)
+
+
+def forked_run(argv: list[str], nproc: int = 2) -> tuple[dict[int, dict], str]:
+    """``torchrun --nproc_per_node=NPROC scripts/train.py ARGV`` without a fault, as the jobs that resume an interrupted
+    one or give the uninterrupted reference: the records :func:`steps` reads, by step, and rank 0's log. It runs on
+    ranks forked from the tests' forkserver (the same config parsing and training code, new processes; no launcher and
+    no interpreters that import torch again: a torchrun job costs seconds of start-up per rank)."""
+    return run_ranks(_forked_worker, nproc, argv, timeout=300)[0]
+
+
 def our_error_lines(text: str) -> list[str]:
     """Lines our ranks print for an error (``[rankN] SomethingError: ...`` or a ``[rankN] Traceback``)."""
     return [line for line in text.splitlines() if re.match(r"\[rank\d+\] (\w+Error|Traceback|watchdog)", line)]
@@ -171,13 +200,14 @@ def test_kill_9_during_a_save_keeps_the_last_checkpoint_and_the_resume_is_bit_ex
     assert complete_steps(folder) == [2]
     assert not (folder / "step-4.partial" / ".metadata").exists()
 
-    resumed = jobs(tmp_path, 2, COLOCATED + ckpt + [f"--job.output_dir={tmp_path / 'run'}"], name="resumed")
-    straight = jobs(tmp_path, 2, COLOCATED + ckpt + [f"--job.output_dir={tmp_path / 'straight'}"], name="straight")
-    assert resumed.wait() == 0 and straight.wait() == 0, resumed.output()[-3000:] + straight.output()[-3000:]
-    assert "checkpoint: resumed step 2" in resumed.output()
-    expect = {s: r for s, r in steps(straight.output()).items() if s > 2}
-    assert steps(resumed.output()) == expect and sorted(expect) == [3, 4, 5, 6]  # exact floats
-    assert complete_steps(folder) == [2, 4, 6]
+    # the run that died trained steps 1-4 without a break (it died after step 4's record, in that step's save): its
+    # steps 3 and 4 are the uninterrupted run's. Step 3 checks the resumed weights and data position, step 4 also
+    # the AdamW moments and step count (constant LR: a run of 4 steps has the same steps as one of 6).
+    resumed, log = forked_run([*COLOCATED, *ckpt, "--training.steps=4", f"--job.output_dir={tmp_path / 'run'}"])
+    assert "checkpoint: resumed step 2" in log
+    expect = {s: r for s, r in steps(died.output()).items() if s > 2}
+    assert resumed == expect and sorted(expect) == [3, 4]  # exact floats
+    assert complete_steps(folder) == [2, 4]  # step 4 saved over the dead save's step-4.partial
 
 
 # ------------------------------------------------------------------------------------------------------ signals
@@ -197,13 +227,11 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_bit_exact(tmp_path, j
     assert complete_steps(tmp_path / "run" / "checkpoint") == [stopped]
 
     end = [f"--training.steps={stopped + 2}"]
-    resumed = jobs(tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'run'}"], name="resumed")
-    straight = jobs(
-        tmp_path, 2, COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"], name="straight"
-    )
-    assert resumed.wait() == 0 and straight.wait() == 0, resumed.output()[-3000:] + straight.output()[-3000:]
-    expect = {s: r for s, r in steps(straight.output()).items() if s > stopped}
-    assert steps(resumed.output()) == expect and len(expect) == 2
+    resumed, log = forked_run(COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'run'}"])
+    assert f"checkpoint: resumed step {stopped}" in log
+    straight, _ = forked_run(COLOCATED + ckpt + end + [f"--job.output_dir={tmp_path / 'straight'}"])
+    expect = {s: r for s, r in straight.items() if s > stopped}
+    assert resumed == expect and len(expect) == 2
 
 
 def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
@@ -231,14 +259,25 @@ def test_ctrl_c_stops_the_job_quickly_with_a_checkpoint(tmp_path, jobs):
     assert our_error_lines(run.output()) == []
 
 
-# ------------------------------------------------------------------------------------------------------ NaN guard
-def test_a_nan_step_is_skipped_on_every_rank_and_never_checkpointed(tmp_path, jobs):
+# ------------------------------------------------------------------------------------------- NaN guard, bad data
+def test_a_nan_step_is_skipped_on_every_rank_and_a_truncated_shard_is_counted_at_every_log_step(tmp_path, jobs):
+    """One run for two faults that do not interact (one launch less in the suite): a forced NaN at step 3 is skipped
+    on every rank and never checkpointed; the data (a whole shard and one cut in the middle of a member) are counted
+    and reported at every log step, and the run goes on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shard = SHARED / "cc12m" / "cc12m-train-0000.tar"
+    shutil.copy(shard, data / "a.tar")
+    blob = shard.read_bytes()
+    (data / "b.tar").write_bytes(blob[: len(blob) // 2 + 100])  # cut in the middle of a member
     run = jobs(
         tmp_path,
         2,
         COLOCATED
         + CONSTANT_LR
-        + ["--checkpoint.enable=true", "--checkpoint.interval=1", "--training.steps=5", f"--job.output_dir={tmp_path}"],
+        + ["--checkpoint.enable=true", "--checkpoint.interval=1", "--training.steps=5", f"--job.output_dir={tmp_path}"]
+        # 5 steps of 8 samples stay in the first epoch of the 46 readable records
+        + [f"--data.path={data}", "--training.global_batch_size=8"],
         fault="nan_batch:3",
     )
     assert run.wait() == 0, run.output()[-3000:]
@@ -254,6 +293,12 @@ def test_a_nan_step_is_skipped_on_every_rank_and_never_checkpointed(tmp_path, jo
     assert all(torch.equal(after2[k], after3[k]) for k in after2)  # the skipped step left every weight unchanged
     assert any(not torch.equal(after3[k], after4[k]) for k in after3)  # and the next step trained again
     assert all(bool(torch.isfinite(v).all()) for s in (1, 2, 3, 4, 5) for v in model_state(folder, s).values())
+    # the truncated shard
+    assert len(re.findall(r"step +\d+ \|", out)) == 5
+    summaries = re.findall(r"data: (\d+) records read.*1 of 2 shards damaged", out)
+    assert len(summaries) == 5  # every log step (the end of the run adds none after a logged step)
+    assert 32 < int(summaries[0]) < 64
+    assert "b.tar" in out  # the warning names the shard
 
 
 def test_a_diverging_run_stops_with_one_clean_error_and_no_nonfinite_checkpoint(tmp_path, jobs):
@@ -340,24 +385,6 @@ def test_a_rank_hung_inside_its_step_shows_where_it_hangs(tmp_path, jobs):
     assert len(verdicts) == 1, out[-4000:]
     stack = out.split("watchdog: main thread of rank 2 at the verdict:", 1)
     assert len(stack) == 2 and "time.sleep(0.1)" in stack[1].split("[rank", 1)[0], out[-4000:]  # the hung frame
-
-
-# ------------------------------------------------------------------------------------------------------ bad data
-def test_a_truncated_shard_is_counted_at_every_log_step_and_the_run_goes_on(tmp_path, jobs):
-    data = tmp_path / "data"
-    data.mkdir()
-    shard = SHARED / "cc12m" / "cc12m-train-0000.tar"
-    shutil.copy(shard, data / "a.tar")
-    blob = shard.read_bytes()
-    (data / "b.tar").write_bytes(blob[: len(blob) // 2 + 100])  # cut in the middle of a member
-    run = jobs(tmp_path, 2, [*COLOCATED, "--training.steps=3", f"--data.path={data}", f"--job.output_dir={tmp_path}"])
-    assert run.wait() == 0, run.output()[-3000:]
-    out = run.output()
-    assert len(re.findall(r"step +\d+ \|", out)) == 3
-    summaries = re.findall(r"data: (\d+) records read.*1 of 2 shards damaged", out)
-    assert len(summaries) == 3  # every log step (the end of the run adds none after a logged step)
-    assert 32 < int(summaries[0]) < 64
-    assert "b.tar" in out  # the warning names the shard
 
 
 # ------------------------------------------------------------------------------------------------------ one error

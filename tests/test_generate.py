@@ -105,10 +105,16 @@ def _write_shard(path: Path, records: dict[str, dict[str, bytes]]) -> None:
     write_tar(path, [(f"{key}.{ext}", data) for key, fields in records.items() for ext, data in fields.items()])
 
 
-_SPEC = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-assert _SPEC is not None and _SPEC.loader is not None
-generate_script = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(generate_script)
+def _script(name: str):
+    """``scripts/<name>.py`` as a module, to call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_script, evaluate_script = _script("generate"), _script("evaluate")
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -415,9 +421,11 @@ def learn_shapes(tmp_path: Path, seed: int = 0) -> tuple[dict, list[dict]]:
     assert len(val) == 4 and val[-1] < 0.5 * val[0], val  # every 25 steps, falling
     captions = tmp_path / "captions.jsonl"
     checkpoint = str(tmp_path / "run" / "checkpoint")
-    generate = [sys.executable, "scripts/generate.py", "--config", str(SHAPES_CONFIG), *overrides[2:]]
-    run(*generate, "--checkpoint", checkpoint, "--data", str(tmp_path / "heldout.tar"), "--out", str(captions))
-    run(sys.executable, "scripts/evaluate.py", str(captions), "--json", str(tmp_path / "scores.json"))
+    # generate.py and evaluate.py: their main() in this process (the commands' own code, without a new interpreter
+    # importing torch again)
+    generate = ["--config", str(SHAPES_CONFIG), *overrides[2:], "--checkpoint", checkpoint]
+    assert generate_script.main([*generate, "--data", str(tmp_path / "heldout.tar"), "--out", str(captions)]) == 0
+    assert evaluate_script.main([str(captions), "--json", str(tmp_path / "scores.json")]) == 0
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
     assert len(rows) == 90
     return json.loads((tmp_path / "scores.json").read_text()), rows

@@ -214,56 +214,49 @@ def test_a_stopped_store_host_ends_the_job_and_nothing_blocks_on_it(stopped_stor
     assert time.monotonic() - t0 < 20 and "[rank1] ConfigError: bad key" in capsys.readouterr().err
 
 
-_SUBGROUP_WORKER = r"""
-import os, sys, time
-import torch, torch.distributed as dist
-from mimo_titan.train.trainer import init_distributed, set_group_timeouts
-rank, world, device = init_distributed("cpu", timeout_s=60)
-sub = dist.new_group([0, 1])  # what DeviceMesh does for every module mesh: torch's default timeout (30 min, gloo)
-set_group_timeouts(2.0)
-dist.barrier()
-if rank == 0:
-    t0 = time.monotonic()
-    try:
-        dist.all_reduce(torch.ones(1), group=sub)  # rank 1 never joins: a stuck peer
-        print("returned", flush=True)
-    except Exception:
-        print(f"TIMEOUT after {time.monotonic() - t0:.0f} s", flush=True)
-else:
-    time.sleep(40)
-os._exit(0)
-"""
+def _subgroup_rank(rank: int, port: int, queue) -> None:
+    """A rank of a 2-rank gloo job (forked from the tests' forkserver: torch is imported already) whose module group
+    has the collective timeout 2 s: rank 0 all-reduces in it and puts what happened on ``queue``; rank 1 never joins
+    (a stuck peer)."""
+    import torch
+
+    from mimo_titan.train.trainer import init_distributed, set_group_timeouts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    init_distributed("cpu", timeout_s=60)
+    sub = dist.new_group([0, 1])  # what DeviceMesh does for every module mesh: torch's default timeout (30 min, gloo)
+    set_group_timeouts(2.0)
+    dist.barrier()
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=sub)
+            queue.put("returned")
+        except Exception:  # noqa: BLE001 - gloo's timeout error
+            queue.put(f"TIMEOUT after {time.monotonic() - t0:.0f} s")
+        queue.close()
+        queue.join_thread()  # the message is written before the process ends (os._exit runs no cleanup)
+    else:
+        time.sleep(40)
+    os._exit(0)
 
 
-def test_every_module_group_gets_the_collective_timeout(tmp_path):
-    import subprocess
-    import sys
+def test_every_module_group_gets_the_collective_timeout():
+    from _launch import _CTX
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = tmp_path / "w.py"
-    script.write_text(_SUBGROUP_WORKER)
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
+    queue = _CTX.Queue()
+    procs = [_CTX.Process(target=_subgroup_rank, args=(r, port, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
     try:
-        out, _ = procs[0].communicate(timeout=90)
+        out = queue.get(timeout=90)
     finally:
         for p in procs:
             p.kill()
-            p.wait()
+            p.join(5)
     assert out.startswith("TIMEOUT after") and int(out.split()[2]) < 10, out
