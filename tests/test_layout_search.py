@@ -197,3 +197,22 @@ def test_measured_costs_are_used_and_a_foreign_costs_file_is_refused(tmp_path, c
         plan_layout.main(["--config", str(DEBUG), "--world-size", "4", "--device", "h100", "--costs", str(costs)]) == 2
     )
     assert "was measured on cpu, not on a h100" in capsys.readouterr().err
+
+
+def test_tied_embeddings_keep_the_language_tp_at_1():
+    """validate_job refuses tp > 1 with tied embeddings, so the search must not rank (or prune by) such layouts: with
+    --top 1 on 128 H100s they once filled the shortlist and the search said no layout splits the batch."""
+    from mimo_titan.train.trainer import validate_job
+
+    cfg = load_config(DEBUG, ["--model.language.tie_word_embeddings=true"])
+    r = search_layouts(cfg, 8, device_spec("cpu"), top=5)
+    assert len(r.ranked) == 5
+    for layout in r.ranked:
+        assert layout.modules["language"].tp == 1, layout.describe()
+        validate_job(config_from_dict(cfg.to_dict(), layout_overrides(layout)), 8)
+    big = load_config(
+        ROOT / "train_configs/siglip_qwen3_8b_32k_cp_colocated.toml", ["--model.language.tie_word_embeddings=true"]
+    )
+    best = search_layouts(big, 128, DEVICES["h100"], top=1).best
+    assert best.modules["language"].tp == 1, best.describe()
+    validate_job(config_from_dict(big.to_dict(), layout_overrides(best)), 128)
