@@ -10,12 +10,12 @@ tokens per second that fits memory, and the best homogeneous layout beside it.
   ``"inline"`` with LM ``pp = 1``);
 
 and per module the degrees: the LM's ``pp`` (dividing its ranks and at most its layers), ``tp`` (inside a node,
-dividing heads, KV heads, the MLP and the vocabulary; 1 for MoE), ``cp`` (the language model only), ``dp_shard``
-or, without tp / cp, ``dp_replicate`` over nodes with ``dp_shard`` inside one, ``ep`` (MoE: dividing the experts
-and the stage's ranks); an encoder's ``dp_shard``, ``tp`` (ViT) or ``pp``; ``training.microbatches`` (dividing the
-global batch so that every module's DP size divides the microbatch); ``pipeline_schedule`` 1F1B or
-Interleaved1F1B with 2 virtual stages (GPipe runs the same bubble as 1F1B with more memory: dominated);
-activation checkpointing ``none`` or ``full`` (full only where ``none`` does not fit).
+dividing heads, KV heads, the MLP and the vocabulary; 1 for MoE and for tied embeddings), ``cp`` (the language
+model only), ``dp_shard`` or, without tp / cp, ``dp_replicate`` over nodes with ``dp_shard`` inside one, ``ep`` (MoE:
+dividing the experts and the stage's ranks); an encoder's ``dp_shard``, ``tp`` (ViT) or ``pp``;
+``training.microbatches`` (dividing the global batch so that every module's DP size divides the microbatch);
+``pipeline_schedule`` 1F1B or Interleaved1F1B with 2 virtual stages (GPipe runs the same bubble as 1F1B with more
+memory: dominated); activation checkpointing ``none`` or ``full`` (full only where ``none`` does not fit).
 
 Each is priced with :class:`~mimo_titan.planning.costs.CostModel` and the dry-run planner's memory model
 (:func:`mimo_titan.train.planner.module_memory`), kept when every rank fits the device's memory, and played by
@@ -290,7 +290,8 @@ class _Searcher:
                 continue
             stage = n // pp
             for tp in (1, 2, 4, 8):
-                if stage % tp or tp > self.per_node or (moe and tp > 1):
+                # validate_job: no tp with MoE layers, nor with tied embeddings (vocabulary-parallel embedding and head)
+                if stage % tp or tp > self.per_node or (tp > 1 and (moe or lm.tie_word_embeddings)):
                     continue
                 try:
                     check_tp(self.lang, lm, tp)
