@@ -216,3 +216,21 @@ def test_tied_embeddings_keep_the_language_tp_at_1():
     best = search_layouts(big, 128, DEVICES["h100"], top=1).best
     assert best.modules["language"].tp == 1, best.describe()
     validate_job(config_from_dict(big.to_dict(), layout_overrides(best)), 128)
+
+
+def test_sequence_padding_is_each_searched_layouts_own():
+    """training.seq_len = 62: the loader pads rows to what each layout's CP / SP split needs (64 for cp = tp = 2, as
+    debug_tp_cp's own layout; 62 for cp = 1, tp <= 2), so the search prices each layout's own padding, not the input
+    config's: memory equal to plan_job's for the emitted config, tokens/s of 62-token rows, and LM tp = 2 (no
+    padding needed) among the layouts searched."""
+    from mimo_titan.train.planner import plan_job
+
+    cfg = load_config(ROOT / "train_configs/debug_tp_cp.toml", ["--training.seq_len=62"])
+    r = search_layouts(cfg, 8, device_spec("cpu"), top=5)
+    for layout in r.ranked:
+        assert layout.tokens_per_s == pytest.approx(cfg.training.global_batch_size * 62 / layout.step_s)
+        plan = plan_job(config_from_dict(cfg.to_dict(), layout_overrides(layout)), 8, device_type="cpu")
+        for name, gib in layout.mem_per_rank_gib.items():
+            assert gib == pytest.approx(plan.modules[name].rank_total_gib, rel=1e-9), (layout.describe(), name)
+    odd = search_layouts(load_config(DEBUG, ["--training.seq_len=62"]), 8, device_spec("cpu"), top=5)
+    assert any(x.modules["language"].tp == 2 for x in odd.ranked), [x.describe() for x in odd.ranked]
