@@ -126,14 +126,15 @@ class CostModel:
 
     def __init__(self, cfg: Config, device: DeviceSpec, *, measured: dict | None = None, ranks_per_node: int = 1):
         from mimo_titan.parallel.fsdp import resolve_dtype
-        from mimo_titan.train.trainer import padded_seq_len
 
         self.cfg, self.device = cfg, device
         self.share = device.compute_share(ranks_per_node)
         dev_type = "cpu" if device.name == "cpu" else "cuda"
         self.act_bytes = resolve_dtype(cfg.parallelism.mixed_precision_param, dev_type).itemsize
         self.reduce_bytes = resolve_dtype(cfg.parallelism.mixed_precision_reduce, dev_type).itemsize
-        self.seq_len = padded_seq_len(cfg)
+        # the rows' tokens; the padding a layout's CP / SP split adds (under 2·cp·tp tokens, trainer.padded_seq_len)
+        # is not priced: it depends on the layout, and the config's own layout is not the one priced
+        self.seq_len = cfg.training.seq_len
         self.lang = cfg.model.language_name
         self.modes = F.part_modes(cfg)
         self._flops: dict[str, tuple[float, float, float, float, float]] = {}

@@ -265,7 +265,7 @@ class _Searcher:
                 self.tables[name],
                 lay,
                 microbatch_samples=samples,
-                seq_len=self.costs.seq_len,
+                seq_len=_padded_seq_len(self.costs.seq_len, d.cp, d.tp),
                 virtual_stages=v,
                 in_flight=list(in_flight),
                 activation_checkpointing=ac,
@@ -298,11 +298,8 @@ class _Searcher:
                 except ValueError:
                     continue
                 for cp in (1, 2, 4, 8, 16, 32):
-                    if (
-                        (stage // tp) % cp
-                        or self.costs.seq_len % (2 * cp * tp)
-                        or (cp > 1 and cp * 1024 > self.costs.seq_len)
-                    ):
+                    # a sequence that cp / tp do not split evenly is padded (_padded_seq_len), not refused
+                    if (stage // tp) % cp or (cp > 1 and cp * 1024 > self.costs.seq_len):
                         continue
                     dp = stage // (tp * cp)
                     splits = [(1, dp)]
@@ -631,6 +628,13 @@ def _slowest_baseline(homogeneous: dict[str, Layout | None]) -> float:
     (infinite while one is missing)."""
     got = [h.step_s for h in homogeneous.values() if h is not None]
     return max(got) if len(got) == len(homogeneous) else math.inf
+
+
+def _padded_seq_len(seq_len: int, cp: int, tp: int) -> int:
+    """``seq_len`` rounded up as the loader pads rows for a language model with ``cp`` and ``tp``
+    (:func:`mimo_titan.train.trainer.sequence_multiple` of that layout: ``lcm(2·cp if cp > 1 else 1, cp·tp)``)."""
+    m = math.lcm(2 * cp if cp > 1 else 1, cp * tp)
+    return -(-seq_len // m) * m
 
 
 def _tps(s: _Searcher, name: str) -> set[int]:
