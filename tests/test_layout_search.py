@@ -234,3 +234,15 @@ def test_sequence_padding_is_each_searched_layouts_own():
             assert gib == pytest.approx(plan.modules[name].rank_total_gib, rel=1e-9), (layout.describe(), name)
     odd = search_layouts(load_config(DEBUG, ["--training.seq_len=62"]), 8, device_spec("cpu"), top=5)
     assert any(x.modules["language"].tp == 2 for x in odd.ranked), [x.describe() for x in odd.ranked]
+
+
+def test_measured_speed_holds_at_the_profiled_shape():
+    """A costs file profiled with --seq-len 32 for a config of seq_len 64: a rank that multiplies as many rows as the
+    profiled point (1 sample x 64 tokens = 2 samples x 32) computes at the measured FLOP/s (the size factor is relative
+    to the profiled shape, not to the config's sequence)."""
+    cfg = load_config(DEBUG)
+    point = {"samples": 2, "forward_s": 0.01, "backward_s": 0.02, "train_flops": 3e9}
+    measured = {"modules": {"language": {"seq_len": 32, "num_layers": 4, "points": [point]}}}
+    cm = CostModel(cfg, DEVICES["cpu"], measured=measured)
+    c = cm.module_costs("language", Degrees(0, 1), samples=1)
+    assert cfg.training.seq_len == 64 and c.flops / (c.forward_s + c.backward_s) == pytest.approx(3e9 / 0.03)
