@@ -223,7 +223,10 @@ class CostModel:
             if seconds <= 0:
                 continue
             self.efficiency[name] = point["train_flops"] / seconds / self.device.peak_flops
-            rows = point["samples"] * self.tokens_per_sample(name)
+            # the rows the point multiplied: the LM's rows as profiled (profile_modules --seq-len may differ from
+            # training.seq_len); an encoder's shapes are pinned by its fingerprint
+            per_sample = entry.get("seq_len", self.seq_len) if name == self.lang else self.tokens_per_sample(name)
+            rows = point["samples"] * per_sample
             self._ref_shape[name] = (rows, getattr(self.cfg.model, name).hidden_size)
 
     def _size_factor(self, name: str, rows: float, width: float) -> float:
