@@ -246,3 +246,23 @@ def test_measured_speed_holds_at_the_profiled_shape():
     cm = CostModel(cfg, DEVICES["cpu"], measured=measured)
     c = cm.module_costs("language", Degrees(0, 1), samples=1)
     assert cfg.training.seq_len == 64 and c.flops / (c.forward_s + c.backward_s) == pytest.approx(3e9 / 0.03)
+
+
+def test_node_crossing_counts_every_group_of_a_module():
+    """The slowest group sets a collective's time: tp = 4 from rank 2 puts ranks 6-9 in one group across the node
+    boundary at 8 (its first group, 2-5, does not cross); pp = 4 with 4-rank stages in 16 ranks sends from stage 1
+    (ranks 4-7) to stage 2 (8-11) over the network, though stage 0 to 1 stays inside node 0."""
+    cfg = load_config(SIGLIP_8B)
+    dev = DEVICES["h100"]
+    cm = CostModel(cfg, dev)
+    lm = cfg.model.language
+    rows, h, layers = cfg.training.seq_len, lm.hidden_size, lm.num_layers  # 1 sample, bf16
+    inside = cm.module_costs("language", Degrees(0, 12, dp_shard=3, tp=4), samples=1)
+    across = cm.module_costs("language", Degrees(2, 12, dp_shard=3, tp=4), samples=1)
+    slower = (
+        4 * layers * 3 / 4 * rows * h * 2 * (1 / dev.bandwidth(inter_node=True) - 1 / dev.bandwidth(inter_node=False))
+    )
+    assert across.forward_s - inside.forward_s == pytest.approx(slower)
+    assert across.backward_s - inside.backward_s == pytest.approx(slower)
+    pp4 = cm.module_costs("language", Degrees(0, 16, pp=4, dp_shard=4), samples=1)
+    assert pp4.send_s == pytest.approx(rows * h * 2 / dev.bandwidth(inter_node=True) + dev.latency_s)
