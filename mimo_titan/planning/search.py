@@ -408,7 +408,8 @@ class _Searcher:
                 if mem + extra_gib + self.runtime > self.budget:
                     continue
                 c = self.module_cost(name, d, samples, 1, ac)
-                t = M * (c.forward_s + c.backward_s) + c.dp_sync_s
+                # its M microbatches through its pp stages: the pipeline's fill and drain included
+                t = (M + d.pp - 1) * (c.forward_s + c.backward_s) + 2 * (d.pp - 1) * c.send_s + c.dp_sync_s
                 if best is None or t < best[0]:
                     best = (t, d, ac, c, mem)
                 break
