@@ -242,3 +242,150 @@ def test_measured_costs_are_used_and_a_foreign_costs_file_is_refused(tmp_path, c
         plan_layout.main(["--config", str(DEBUG), "--world-size", "4", "--device", "h100", "--costs", str(costs)]) == 2
     )
     assert "was measured on cpu, not on a h100" in capsys.readouterr().err
+
+
+def test_tied_embeddings_keep_the_language_tp_at_1():
+    """validate_job refuses tp > 1 with tied embeddings, so the search must not rank (or prune by) such layouts: with
+    --top 1 on 128 H100s they once filled the shortlist and the search said no layout splits the batch."""
+    from mimo_titan.train.trainer import validate_job
+
+    cfg = load_config(DEBUG, ["--model.language.tie_word_embeddings=true"])
+    r = search_layouts(cfg, 8, device_spec("cpu"), top=5)
+    assert len(r.ranked) == 5
+    for layout in r.ranked:
+        assert layout.modules["language"].tp == 1, layout.describe()
+        validate_job(config_from_dict(cfg.to_dict(), layout_overrides(layout)), 8)
+    big = load_config(
+        ROOT / "train_configs/siglip_qwen3_8b_32k_cp_colocated.toml", ["--model.language.tie_word_embeddings=true"]
+    )
+    best = search_layouts(big, 128, DEVICES["h100"], top=1).best
+    assert best.modules["language"].tp == 1, best.describe()
+    validate_job(config_from_dict(big.to_dict(), layout_overrides(best)), 128)
+
+
+def test_sequence_padding_is_each_searched_layouts_own():
+    """training.seq_len = 62: the loader pads rows to what each layout's CP / SP split needs (64 for cp = tp = 2, as
+    debug_tp_cp's own layout; 62 for cp = 1, tp <= 2), so the search prices each layout's own padding, not the input
+    config's: memory equal to plan_job's for the emitted config, tokens/s of 62-token rows, and LM tp = 2 (no
+    padding needed) among the layouts searched."""
+    from mimo_titan.train.planner import plan_job
+
+    cfg = load_config(ROOT / "train_configs/debug_tp_cp.toml", ["--training.seq_len=62"])
+    r = search_layouts(cfg, 8, device_spec("cpu"), top=5)
+    for layout in r.ranked:
+        assert layout.tokens_per_s == pytest.approx(cfg.training.global_batch_size * 62 / layout.step_s)
+        plan = plan_job(config_from_dict(cfg.to_dict(), layout_overrides(layout)), 8, device_type="cpu")
+        for name, gib in layout.mem_per_rank_gib.items():
+            assert gib == pytest.approx(plan.modules[name].rank_total_gib, rel=1e-9), (layout.describe(), name)
+    odd = search_layouts(load_config(DEBUG, ["--training.seq_len=62"]), 8, device_spec("cpu"), top=5)
+    assert any(x.modules["language"].tp == 2 for x in odd.ranked), [x.describe() for x in odd.ranked]
+
+
+def test_measured_speed_holds_at_the_profiled_shape():
+    """A costs file profiled with --seq-len 32 for a config of seq_len 64: a rank that multiplies as many rows as the
+    profiled point (1 sample x 64 tokens = 2 samples x 32) computes at the measured FLOP/s (the size factor is relative
+    to the profiled shape, not to the config's sequence)."""
+    cfg = load_config(DEBUG)
+    point = {"samples": 2, "forward_s": 0.01, "backward_s": 0.02, "train_flops": 3e9}
+    measured = {"modules": {"language": {"seq_len": 32, "num_layers": 4, "points": [point]}}}
+    cm = CostModel(cfg, DEVICES["cpu"], measured=measured)
+    c = cm.module_costs("language", Degrees(0, 1), samples=1)
+    assert cfg.training.seq_len == 64 and c.flops / (c.forward_s + c.backward_s) == pytest.approx(3e9 / 0.03)
+
+
+def test_node_crossing_counts_every_group_of_a_module():
+    """The slowest group sets a collective's time: tp = 4 from rank 2 puts ranks 6-9 in one group across the node
+    boundary at 8 (its first group, 2-5, does not cross); pp = 4 with 4-rank stages in 16 ranks sends from stage 1
+    (ranks 4-7) to stage 2 (8-11) over the network, though stage 0 to 1 stays inside node 0."""
+    cfg = load_config(SIGLIP_8B)
+    dev = DEVICES["h100"]
+    cm = CostModel(cfg, dev)
+    lm = cfg.model.language
+    rows, h, layers = cfg.training.seq_len, lm.hidden_size, lm.num_layers  # 1 sample, bf16
+    inside = cm.module_costs("language", Degrees(0, 12, dp_shard=3, tp=4), samples=1)
+    across = cm.module_costs("language", Degrees(2, 12, dp_shard=3, tp=4), samples=1)
+    slower = (
+        4 * layers * 3 / 4 * rows * h * 2 * (1 / dev.bandwidth(inter_node=True) - 1 / dev.bandwidth(inter_node=False))
+    )
+    assert across.forward_s - inside.forward_s == pytest.approx(slower)
+    assert across.backward_s - inside.backward_s == pytest.approx(slower)
+    pp4 = cm.module_costs("language", Degrees(0, 16, pp=4, dp_shard=4), samples=1)
+    assert pp4.send_s == pytest.approx(rows * h * 2 / dev.bandwidth(inter_node=True) + dev.latency_s)
+
+
+def _brute_force_best(cfg, world: int, device):
+    """The fastest layout that validates among every layout the search's own candidates make, with no pruning: every
+    encoder rank count, every fitting LM option, every fitting encoder degree and AC choice, colocated or not."""
+    import itertools
+
+    from mimo_titan.planning import search as S
+    from mimo_titan.train.trainer import validate_job
+
+    s = S._Searcher(cfg, world, device, CostModel(cfg, device, ranks_per_node=world))
+    lang, gbs = s.lang, s.gbs
+
+    def options(name, cands, M, mode, lm_d, sched, v):
+        out = []
+        for d in cands:
+            if (gbs // M) % d.dp == 0:
+                for ac in ("none", "full"):
+                    flight = s.encoder_in_flight(d, mode, lm_d, M, sched, v)
+                    samples = gbs // M // d.dp
+                    out.append(
+                        (d, ac, s.module_cost(name, d, samples, 1, ac), s.module_mem(name, d, samples, 1, ac, flight))
+                    )
+        return out
+
+    layouts = []
+    for n_enc in range(world):  # 0: colocated
+        for _, lm_d, M, sched, v, lm_ac, lm_c in s.lm_options(n_enc, world - n_enc):
+            lm_mem = s.module_mem(lang, lm_d, gbs // M // lm_d.dp, v, lm_ac, S._lm_flight(lm_d, M, sched, v))
+            if n_enc:
+                plans = [("batch", "streamed", a) for a in S._encoder_assignments(s, n_enc, s.costs)]
+            else:
+                whole = dict.fromkeys(s.encoders, (0, world))
+                plans = [("batch", "whole_batch", whole)] + ([("inline", "inline", whole)] if lm_d.pp == 1 else [])
+            for mode, sim_mode, assign in plans:
+                per = []
+                for name, (off, n) in assign.items():
+                    cands = s.encoder_degrees(name, off, n, colocated=not n_enc)
+                    if any(o != name and a == (off, n) for o, a in assign.items()):
+                        cands = [d for d in cands if d.pp == 1]
+                    per.append(options(name, cands, M, sim_mode, lm_d, sched, v))
+                for combo in itertools.product(*per):
+                    enc = dict(zip(s.encoders, combo))
+                    ranges: dict[int, float] = {0: lm_mem} if not n_enc else {}
+                    for d, _ac, _c, mem in combo:
+                        ranges[d.rank_offset] = ranges.get(d.rank_offset, 0.0) + mem
+                    if max([*ranges.values(), lm_mem]) + s.runtime > s.budget:
+                        continue
+                    mods = {**{n: enc[n][0] for n in s.encoders}, lang: lm_d}
+                    acs = {**{n: enc[n][1] for n in s.encoders}, lang: lm_ac}
+                    layouts.append(s.simulate(S.Layout("heterogeneous", mods, M, sched, v, mode, acs), lm_c, enc))
+    for layout in sorted(layouts, key=lambda x: x.step_s):
+        try:
+            validate_job(config_from_dict(cfg.to_dict(), layout_overrides(layout)), world)
+        except ValueError:
+            continue
+        return layout
+    return None
+
+
+@pytest.mark.parametrize(
+    "config,world,overrides",
+    [
+        ("debug_noncolocated", 8, ["--model.language.tie_word_embeddings=true"]),
+        ("debug_tp_cp", 6, []),
+        ("debug_moe_ep", 16, []),
+    ],
+)
+def test_the_pruned_search_finds_the_brute_force_optimum(config, world, overrides):
+    """On small CPU worlds the search's pruning (rank splits, LM shortlist, one encoder choice per LM option) keeps the
+    fastest layout that its own candidates make (an encoder priced without its pipeline's fill once took pp = 2 on
+    2 ranks over dp_shard = 2 with one microbatch: 3-6 % slower)."""
+    cfg = load_config(ROOT / f"train_configs/{config}.toml", overrides)
+    device = device_spec("cpu")
+    brute = _brute_force_best(cfg, world, device)
+    assert brute is not None
+    best = search_layouts(cfg, world, device, top=1).best
+    assert best.step_s <= brute.step_s * (1 + 1e-9), (best.describe(), brute.describe())

@@ -164,3 +164,23 @@ def test_plan_script_writes_json_and_names_a_bad_field(tmp_path, capsys):
     # an override reaches the plan: a frozen language model has no optimizer state
     assert plan_script.main([*args, "--json", str(out), "--model.language.frozen=true"]) == 0
     assert json.loads(out.read_text())["modules"]["language"]["mem_breakdown_gib"]["optimizer"] == 0
+
+
+def test_params_per_rank_is_the_exact_share_rounded_up():
+    """An 8B language model's parameters over dp_shard = 24 are a whole number per rank (8,190,735,360 / 24): the
+    rounded-up share must not pick up a float error (341,280,641 after the ModuleParamTable refactor; plan_job said
+    341,280,640 before it)."""
+    from mimo_titan.checkpoint.state import meta_model
+
+    lay = ["--parallelism.{m}.rank_offset=0", "--parallelism.{m}.num_ranks=24", "--parallelism.{m}.dp_shard=24"]
+    cfg = load_config(
+        ROOT / "train_configs/siglip_qwen3_8b_64gpu.toml",
+        [x.format(m=m) for m in ("vision", "language") for x in lay]
+        + ["--parallelism.language.pp=1", "--parallelism.language.tp=1", "--training.global_batch_size=192"],
+    )
+    model = meta_model(cfg.model)
+    plan = plan_job(cfg, 24)
+    for name, m in plan.modules.items():
+        numel = sum(p.numel() for p in getattr(model, name).parameters())
+        assert m.params_per_rank == -(-numel // 24), (name, numel)
+    assert sum(p.numel() for p in model.language.parameters()) % 24 == 0

@@ -27,9 +27,10 @@ data-parallel rank, :meth:`CostModel.module_costs` gives, for one rank of the mo
   replicas. AdamW's step streams 32 bytes per held trainable parameter through HBM.
 - **pipeline transfers**: one microbatch's boundary activation ``[tokens / (cp · tp), hidden]`` per rank.
 
-A collective's bandwidth is the node-local one (NVLink) when its ranks sit in one node of
-``devices_per_node`` consecutive ranks, the network's otherwise; each costs ``latency_s`` more. Ring collectives
-move ``(n - 1) / n`` of the data per rank.
+A collective's bandwidth is the node-local one (NVLink) when each of the module's groups of it sits in one node of
+``devices_per_node`` consecutive ranks, the network's when any group spans two (the slowest group sets the pace;
+:func:`groups_cross_nodes`); each costs ``latency_s`` more. Ring collectives move ``(n - 1) / n`` of the data per
+rank.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from mimo_titan.train import flops as F
 if TYPE_CHECKING:
     from mimo_titan.config import Config
 
-__all__ = ["CostModel", "Degrees", "StageCosts", "group_crosses_nodes"]
+__all__ = ["CostModel", "Degrees", "StageCosts", "group_crosses_nodes", "groups_cross_nodes"]
 
 _ROWS_HALF = 128  # rows at which a matmul reaches half its large-size efficiency (planning heuristic)
 _WIDTH_HALF = 256  # matmul width (hidden / tp) at which it reaches half (planning heuristic)
@@ -109,6 +110,22 @@ def group_crosses_nodes(first_rank: int, size: int, stride: int, per_node: int) 
     return first_rank // per_node != last // per_node
 
 
+def groups_cross_nodes(rank_offset: int, num_ranks: int, size: int, stride: int, per_node: int) -> bool:
+    """Whether any group of ``size`` ranks at ``stride`` of a module on ranks ``[rank_offset, rank_offset +
+    num_ranks)`` spans more than one node of ``per_node`` consecutive ranks.
+
+    The groups of one mesh dimension tile the module's ranks in blocks of ``size · stride`` from ``rank_offset`` (the
+    row-major mesh ``(pp, dp_replicate, dp_shard, cp, tp)``, or ``(pp, edp, ep, etp)`` for experts), and every node
+    boundary that falls strictly inside a block splits one of that block's groups; so a module whose
+    ``rank_offset`` is not aligned to the blocks has crossing groups even where its first group does not cross.
+    """
+    if size <= 1:
+        return False
+    block = size * stride
+    first_boundary = (rank_offset // per_node + 1) * per_node
+    return any((b - rank_offset) % block for b in range(first_boundary, rank_offset + num_ranks, per_node))
+
+
 class CostModel:
     """Per-module microbatch costs of a config on a device type.
 
@@ -126,14 +143,15 @@ class CostModel:
 
     def __init__(self, cfg: Config, device: DeviceSpec, *, measured: dict | None = None, ranks_per_node: int = 1):
         from mimo_titan.parallel.fsdp import resolve_dtype
-        from mimo_titan.train.trainer import padded_seq_len
 
         self.cfg, self.device = cfg, device
         self.share = device.compute_share(ranks_per_node)
         dev_type = "cpu" if device.name == "cpu" else "cuda"
         self.act_bytes = resolve_dtype(cfg.parallelism.mixed_precision_param, dev_type).itemsize
         self.reduce_bytes = resolve_dtype(cfg.parallelism.mixed_precision_reduce, dev_type).itemsize
-        self.seq_len = padded_seq_len(cfg)
+        # the rows' tokens; the padding a layout's CP / SP split adds (under 2·cp·tp tokens, trainer.padded_seq_len)
+        # is not priced: it depends on the layout, and the config's own layout is not the one priced
+        self.seq_len = cfg.training.seq_len
         self.lang = cfg.model.language_name
         self.modes = F.part_modes(cfg)
         self._flops: dict[str, tuple[float, float, float, float, float]] = {}
@@ -222,7 +240,10 @@ class CostModel:
             if seconds <= 0:
                 continue
             self.efficiency[name] = point["train_flops"] / seconds / self.device.peak_flops
-            rows = point["samples"] * self.tokens_per_sample(name)
+            # the rows the point multiplied: the LM's rows as profiled (profile_modules --seq-len may differ from
+            # training.seq_len); an encoder's shapes are pinned by its fingerprint
+            per_sample = entry.get("seq_len", self.seq_len) if name == self.lang else self.tokens_per_sample(name)
+            rows = point["samples"] * per_sample
             self._ref_shape[name] = (rows, getattr(self.cfg.model, name).hidden_size)
 
     def _size_factor(self, name: str, rows: float, width: float) -> float:
@@ -277,14 +298,14 @@ class CostModel:
         comp_f = f_fwd / speed
         comp_b = (f_bwd + recompute) / speed
 
-        first = deg.rank_offset
+        first, n_ranks = deg.rank_offset, deg.num_ranks
         per_node = dev.devices_per_node
         lat = dev.latency_s
         ab = self.act_bytes
         # tensor parallelism (sequence parallel): 2 all-gathers + 2 reduce-scatters per block and direction
         tp_s = 0.0
         if deg.tp > 1:
-            bw = dev.bandwidth(inter_node=group_crosses_nodes(first, deg.tp, 1, per_node))
+            bw = dev.bandwidth(inter_node=groups_cross_nodes(first, n_ranks, deg.tp, 1, per_node))
             one = (deg.tp - 1) / deg.tp * rows_full * hidden * ab / bw + lat
             tp_s = 4 * one * worst_layers
         # context parallelism: K, V around the ring, overlapped with the attention core
@@ -292,7 +313,7 @@ class CostModel:
         if deg.cp > 1 and is_lm:
             hd = section.head_dim or section.hidden_size // section.num_heads
             kv = 2 * section.num_kv_heads * hd / deg.tp
-            bw = dev.bandwidth(inter_node=group_crosses_nodes(first, deg.cp, deg.tp, per_node))
+            bw = dev.bandwidth(inter_node=groups_cross_nodes(first, n_ranks, deg.cp, deg.tp, per_node))
             ring = (deg.cp - 1) * (rows_full * kv * ab / bw + lat) * worst_layers
             attn = attn_fwd * share / split / speed
             cp_f = max(0.0, ring - attn)
@@ -302,12 +323,12 @@ class CostModel:
         moe = getattr(section, "moe", None)
         if moe is not None and moe.num_experts > 0 and deg.ep > 1:
             moe_layers = sum(moe.is_moe_layer(i) for i in range(layers)) * share
-            bw = dev.bandwidth(inter_node=group_crosses_nodes(first, deg.ep, deg.etp, per_node))
+            bw = dev.bandwidth(inter_node=groups_cross_nodes(first, n_ranks, deg.ep, deg.etp, per_node))
             ep_s = 2 * moe_layers * ((deg.ep - 1) / deg.ep * rows_full / deg.tp * moe.top_k * hidden * ab / bw + lat)
         # FSDP: gathers (overlapped by prefetch) and the step's gradient reduction
         params = self._stage_params(name, deg, worst_layers, head=worst_head, first=worst_first)
         shard = deg.dp_shard * deg.cp
-        bw_shard = dev.bandwidth(inter_node=group_crosses_nodes(first, shard, deg.tp, per_node))
+        bw_shard = dev.bandwidth(inter_node=groups_cross_nodes(first, n_ranks, shard, deg.tp, per_node))
         gather = (shard - 1) / shard * params / deg.tp * ab / bw_shard + lat * max(1, worst_layers) if shard > 1 else 0
         reshard = deg.pp > 1
         fwd = max(comp_f + tp_s + cp_f + ep_s, gather if reshard else 0.0)
@@ -322,15 +343,16 @@ class CostModel:
                 rs = (shard - 1) / shard * params / deg.tp * self.reduce_bytes / bw_shard
                 sync += rs / max(1, worst_layers) + lat
             if deg.dp_replicate > 1:
-                bw_rep = dev.bandwidth(inter_node=group_crosses_nodes(first, deg.dp_replicate, deg.dp_shard, per_node))
+                crosses = groups_cross_nodes(first, n_ranks, deg.dp_replicate, shard * deg.tp, per_node)
+                bw_rep = dev.bandwidth(inter_node=crosses)
                 sync += 2 * (deg.dp_replicate - 1) / deg.dp_replicate * held * self.reduce_bytes / bw_rep + lat
             sync += 32 * held / dev.hbm_bytes_per_s
             if not reshard and shard > 1:
                 sync += gather  # the first forward's gather of a step: nothing to hide behind yet
-        # stage-to-stage transfer of the boundary activation (rank r to rank r + stage_size)
+        # stage-to-stage transfer of the boundary activation (rank r to rank r + stage_size): the slowest hop
         send = 0.0
         if deg.pp > 1 or virtual_stages > 1:
-            bw = dev.bandwidth(inter_node=group_crosses_nodes(first, 2, deg.stage_size, per_node))
+            bw = dev.bandwidth(inter_node=groups_cross_nodes(first, n_ranks, deg.pp, deg.stage_size, per_node))
             send = rows_full / deg.tp * hidden * ab / bw + lat
         return StageCosts(fwd, bwd, send, sync, f_tot)
 

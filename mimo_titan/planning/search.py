@@ -10,12 +10,12 @@ tokens per second that fits memory, and the best homogeneous layout beside it.
   ``"inline"`` with LM ``pp = 1``);
 
 and per module the degrees: the LM's ``pp`` (dividing its ranks and at most its layers), ``tp`` (inside a node,
-dividing heads, KV heads, the MLP and the vocabulary; 1 for MoE), ``cp`` (the language model only), ``dp_shard``
-or, without tp / cp, ``dp_replicate`` over nodes with ``dp_shard`` inside one, ``ep`` (MoE: dividing the experts
-and the stage's ranks); an encoder's ``dp_shard``, ``tp`` (ViT) or ``pp``; ``training.microbatches`` (dividing the
-global batch so that every module's DP size divides the microbatch); ``pipeline_schedule`` 1F1B or
-Interleaved1F1B with 2 virtual stages (GPipe runs the same bubble as 1F1B with more memory: dominated);
-activation checkpointing ``none`` or ``full`` (full only where ``none`` does not fit).
+dividing heads, KV heads, the MLP and the vocabulary; 1 for MoE and for tied embeddings), ``cp`` (the language
+model only), ``dp_shard`` or, without tp / cp, ``dp_replicate`` over nodes with ``dp_shard`` inside one, ``ep`` (MoE:
+dividing the experts and the stage's ranks); an encoder's ``dp_shard``, ``tp`` (ViT) or ``pp``;
+``training.microbatches`` (dividing the global batch so that every module's DP size divides the microbatch);
+``pipeline_schedule`` 1F1B or Interleaved1F1B with 2 virtual stages (GPipe runs the same bubble as 1F1B with more
+memory: dominated); activation checkpointing ``none`` or ``full`` (full only where ``none`` does not fit).
 
 Each is priced with :class:`~mimo_titan.planning.costs.CostModel` and the dry-run planner's memory model
 (:func:`mimo_titan.train.planner.module_memory`), kept when every rank fits the device's memory, and played by
@@ -265,7 +265,7 @@ class _Searcher:
                 self.tables[name],
                 lay,
                 microbatch_samples=samples,
-                seq_len=self.costs.seq_len,
+                seq_len=_padded_seq_len(self.costs.seq_len, d.cp, d.tp),
                 virtual_stages=v,
                 in_flight=list(in_flight),
                 activation_checkpointing=ac,
@@ -290,18 +290,16 @@ class _Searcher:
                 continue
             stage = n // pp
             for tp in (1, 2, 4, 8):
-                if stage % tp or tp > self.per_node or (moe and tp > 1):
+                # validate_job: no tp with MoE layers, nor with tied embeddings (vocabulary-parallel embedding and head)
+                if stage % tp or tp > self.per_node or (tp > 1 and (moe or lm.tie_word_embeddings)):
                     continue
                 try:
                     check_tp(self.lang, lm, tp)
                 except ValueError:
                     continue
                 for cp in (1, 2, 4, 8, 16, 32):
-                    if (
-                        (stage // tp) % cp
-                        or self.costs.seq_len % (2 * cp * tp)
-                        or (cp > 1 and cp * 1024 > self.costs.seq_len)
-                    ):
+                    # a sequence that cp / tp do not split evenly is padded (_padded_seq_len), not refused
+                    if (stage // tp) % cp or (cp > 1 and cp * 1024 > self.costs.seq_len):
                         continue
                     dp = stage // (tp * cp)
                     splits = [(1, dp)]
@@ -410,7 +408,8 @@ class _Searcher:
                 if mem + extra_gib + self.runtime > self.budget:
                     continue
                 c = self.module_cost(name, d, samples, 1, ac)
-                t = M * (c.forward_s + c.backward_s) + c.dp_sync_s
+                # its M microbatches through its pp stages: the pipeline's fill and drain included
+                t = (M + d.pp - 1) * (c.forward_s + c.backward_s) + 2 * (d.pp - 1) * c.send_s + c.dp_sync_s
                 if best is None or t < best[0]:
                     best = (t, d, ac, c, mem)
                 break
@@ -632,6 +631,13 @@ def _slowest_baseline(homogeneous: dict[str, Layout | None]) -> float:
     (infinite while one is missing)."""
     got = [h.step_s for h in homogeneous.values() if h is not None]
     return max(got) if len(got) == len(homogeneous) else math.inf
+
+
+def _padded_seq_len(seq_len: int, cp: int, tp: int) -> int:
+    """``seq_len`` rounded up as the loader pads rows for a language model with ``cp`` and ``tp``
+    (:func:`mimo_titan.train.trainer.sequence_multiple` of that layout: ``lcm(2·cp if cp > 1 else 1, cp·tp)``)."""
+    m = math.lcm(2 * cp if cp > 1 else 1, cp * tp)
+    return -(-seq_len // m) * m
 
 
 def _tps(s: _Searcher, name: str) -> set[int]:

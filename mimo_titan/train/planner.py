@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from mimo_titan.config import Config
 from mimo_titan.parallel.fsdp import resolve_dtype
@@ -431,15 +432,18 @@ def module_memory(
     rep_shard = lay.dp_replicate * lay.dp_shard * lay.cp * lay.tp
     shard = lay.dp_shard * lay.cp
     held, held_train, block, gathered = [], [], [], []
+    counts: list[tuple[int, int, int]] = []  # per stage: whole numels of experts, matrices, vectors
     for st in range(stages):
-        h = ht = b = g = 0.0
+        ht = b = g = 0.0
+        ce = cm = cv = 0
         for e, mx, vec, te, tm, tv in units[st].values():
-            h += e / rep_shard + mx / (shard * lay.tp) + vec / shard
+            ce, cm, cv = ce + int(e), cm + int(mx), cv + int(vec)
             ht += te / rep_shard + tm / (shard * lay.tp) + tv / shard
             n = e / (lay.ep * lay.etp) + mx / lay.tp + vec
             b = max(b, n)
             g += n
-        held.append(h)
+        counts.append((ce, cm, cv))
+        held.append(ce / rep_shard + cm / (shard * lay.tp) + cv / shard)
         held_train.append(ht)
         block.append(b)
         gathered.append(g)
@@ -455,6 +459,7 @@ def module_memory(
     recompute = per_layer if activation_checkpointing != "none" else 0.0
     frozen = not table.is_language and not any(held_train)
     worst: tuple[float, dict[str, float], float, int, float] | None = None
+    worst_chunks: list[int] = []
     for local in range(lay.pp):
         chunks = [local + j * lay.pp for j in range(v)]
         act_mb = max(_layers_in(table.layers, stages, st) for st in chunks) * per_layer_kept
@@ -481,8 +486,14 @@ def module_memory(
         total = sum(breakdown.values())
         if worst is None or total > worst[0]:
             worst = (total, breakdown, act_mb, flight, w)
+            worst_chunks = chunks
     assert worst is not None
-    return worst
+    # the parameters held, exactly (a float sum of shares can land a hair above a whole count, which the caller's
+    # math.ceil would round up by one)
+    ce, cm, cv = (sum(counts[st][k] for st in worst_chunks) for k in range(3))
+    exact = Fraction(ce, rep_shard) + Fraction(cm, shard * lay.tp) + Fraction(cv, shard)
+    total, breakdown, act_mb, flight, _ = worst
+    return total, breakdown, act_mb, flight, float(exact)
 
 
 def _layers_in(num_layers: int, stages: int, stage: int) -> int:
