@@ -344,3 +344,20 @@ def test_the_pruned_search_finds_the_brute_force_optimum(config, world, override
     assert brute is not None
     best = search_layouts(cfg, world, device, top=1).best
     assert best.step_s <= brute.step_s * (1 + 1e-9), (best.describe(), brute.describe())
+
+
+def test_no_fit_of_modules_sharing_ranks_is_called_memory():
+    """2 H100s, SigLIP + Qwen3-8B at 4K: the LM fits only alone (pp = 2 fills the ranks) and the encoder fits only
+    alone, so no layout fits memory; the error says so (and how much the modules sharing a rank need), not that the
+    DP sizes share no factor with a global batch of 16 (dp = 2 divides it)."""
+    cfg = load_config(
+        SIGLIP_8B, ["--training.seq_len=4096", "--training.global_batch_size=16", "--training.microbatches=1"]
+    )
+    with pytest.raises(ConfigError) as err:
+        search_layouts(cfg, 2, DEVICES["h100"])
+    budget = DEVICES["h100"].memory_budget_gib(2)
+    m = re.search(
+        r"fits memory: .*module 'vision'.* needs at least ([0-9.]+) GiB per rank, ([0-9.]+) GiB more", str(err.value)
+    )
+    assert m and "global_batch_size=16" not in str(err.value), str(err.value)
+    assert float(m.group(1)) - budget == pytest.approx(float(m.group(2)), abs=0.11) and float(m.group(2)) > 0
