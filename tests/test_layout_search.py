@@ -361,3 +361,12 @@ def test_no_fit_of_modules_sharing_ranks_is_called_memory():
     )
     assert m and "global_batch_size=16" not in str(err.value), str(err.value)
     assert float(m.group(1)) - budget == pytest.approx(float(m.group(2)), abs=0.11) and float(m.group(2)) > 0
+
+
+def test_device_memory_is_what_the_driver_reports_in_gib():
+    """memory_gib is the device's total as nvidia-smi reports it (MiB / 1024), for every GPU type alike: H100 SXM
+    81,559 MiB, H200 143,771 MiB, A100 80 GB 81,920 MiB, B200 183,359 MiB (a "180 GB" B200 is 167.6 GiB only if
+    its GB were 10^9 bytes)."""
+    smi_mib = {"h100": 81559, "h200": 143771, "a100": 81920, "b200": 183359}
+    for name, mib in smi_mib.items():
+        assert DEVICES[name].memory_gib == pytest.approx(mib / 1024, rel=0.015), name
