@@ -370,3 +370,18 @@ def test_device_memory_is_what_the_driver_reports_in_gib():
     smi_mib = {"h100": 81559, "h200": 143771, "a100": 81920, "b200": 183359}
     for name, mib in smi_mib.items():
         assert DEVICES[name].memory_gib == pytest.approx(mib / 1024, rel=0.015), name
+
+
+def test_a_bridge_to_language_ranks_in_other_nodes_is_inter_node():
+    """An encoder on ranks 0-3 feeds a language model on ranks 4-63: both first ranks sit in node 0, but 56 of the 60
+    LM ranks that receive the embeddings are in other nodes, so the bridge runs at the network's speed."""
+    cfg = load_config(SIGLIP_8B)
+    dev = DEVICES["h100"]
+    cm = CostModel(cfg, dev)
+    enc, lm = Degrees(0, 4, dp_shard=4), Degrees(4, 60, dp_shard=60)
+    per_sample = cm.lm_tokens_per_sample("vision") * cfg.model.language.hidden_size * 2  # bf16
+    expected = 60 / 4 * per_sample / dev.bandwidth(inter_node=True) + dev.latency_s  # each encoder rank sends 15
+    assert cm.bridge_s("vision", enc, lm, samples_per_microbatch=60) == pytest.approx(expected)
+    # inside one node (ranks 0-3 to 4-7) it stays NVLink
+    near = cm.bridge_s("vision", enc, Degrees(4, 4, dp_shard=4), samples_per_microbatch=4)
+    assert near == pytest.approx(per_sample / dev.bandwidth(inter_node=False) + dev.latency_s)
