@@ -389,3 +389,44 @@ def test_the_pruned_search_finds_the_brute_force_optimum(config, world, override
     assert brute is not None
     best = search_layouts(cfg, world, device, top=1).best
     assert best.step_s <= brute.step_s * (1 + 1e-9), (best.describe(), brute.describe())
+
+
+def test_no_fit_of_modules_sharing_ranks_is_called_memory():
+    """2 H100s, SigLIP + Qwen3-8B at 4K: the LM fits only alone (pp = 2 fills the ranks) and the encoder fits only
+    alone, so no layout fits memory; the error says so (and how much the modules sharing a rank need), not that the
+    DP sizes share no factor with a global batch of 16 (dp = 2 divides it)."""
+    cfg = load_config(
+        SIGLIP_8B, ["--training.seq_len=4096", "--training.global_batch_size=16", "--training.microbatches=1"]
+    )
+    with pytest.raises(ConfigError) as err:
+        search_layouts(cfg, 2, DEVICES["h100"])
+    budget = DEVICES["h100"].memory_budget_gib(2)
+    m = re.search(
+        r"fits memory: .*module 'vision'.* needs at least ([0-9.]+) GiB per rank, ([0-9.]+) GiB more", str(err.value)
+    )
+    assert m and "global_batch_size=16" not in str(err.value), str(err.value)
+    assert float(m.group(1)) - budget == pytest.approx(float(m.group(2)), abs=0.11) and float(m.group(2)) > 0
+
+
+def test_device_memory_is_what_the_driver_reports_in_gib():
+    """memory_gib is the device's total as nvidia-smi reports it (MiB / 1024), for every GPU type alike: H100 SXM
+    81,559 MiB, H200 143,771 MiB, A100 80 GB 81,920 MiB, B200 183,359 MiB (a "180 GB" B200 is 167.6 GiB only if
+    its GB were 10^9 bytes)."""
+    smi_mib = {"h100": 81559, "h200": 143771, "a100": 81920, "b200": 183359}
+    for name, mib in smi_mib.items():
+        assert DEVICES[name].memory_gib == pytest.approx(mib / 1024, rel=0.015), name
+
+
+def test_a_bridge_to_language_ranks_in_other_nodes_is_inter_node():
+    """An encoder on ranks 0-3 feeds a language model on ranks 4-63: both first ranks sit in node 0, but 56 of the 60
+    LM ranks that receive the embeddings are in other nodes, so the bridge runs at the network's speed."""
+    cfg = load_config(SIGLIP_8B)
+    dev = DEVICES["h100"]
+    cm = CostModel(cfg, dev)
+    enc, lm = Degrees(0, 4, dp_shard=4), Degrees(4, 60, dp_shard=60)
+    per_sample = cm.lm_tokens_per_sample("vision") * cfg.model.language.hidden_size * 2  # bf16
+    expected = 60 / 4 * per_sample / dev.bandwidth(inter_node=True) + dev.latency_s  # each encoder rank sends 15
+    assert cm.bridge_s("vision", enc, lm, samples_per_microbatch=60) == pytest.approx(expected)
+    # inside one node (ranks 0-3 to 4-7) it stays NVLink
+    near = cm.bridge_s("vision", enc, Degrees(4, 4, dp_shard=4), samples_per_microbatch=4)
+    assert near == pytest.approx(per_sample / dev.bandwidth(inter_node=False) + dev.latency_s)

@@ -380,7 +380,8 @@ class CostModel:
 
         Every LM data-parallel rank receives its samples' rows ``[rows, H]`` in the compute dtype; every encoder
         data-parallel rank sends its own samples' rows (fan-in / fan-out); the slower side sets the time.
-        Colocated modules exchange inside their ranks' nodes.
+        Colocated modules exchange inside their ranks' nodes; otherwise the network carries it unless the encoder's
+        last stage and the LM's first stage sit in one node.
         """
         h = self.cfg.model.language.hidden_size
         per_sample = self.lm_tokens_per_sample(encoder) * h * self.act_bytes
@@ -388,7 +389,9 @@ class CostModel:
         send = samples_per_microbatch / enc.dp * per_sample
         colocated = enc.rank_offset == lm.rank_offset
         per_node = self.device.devices_per_node
-        inter = not colocated and (enc.rank_offset // per_node != lm.rank_offset // per_node)
+        senders = (enc.rank_offset + (enc.pp - 1) * enc.stage_size, enc.rank_offset + enc.num_ranks - 1)
+        receivers = (lm.rank_offset, lm.rank_offset + lm.stage_size - 1)
+        inter = not colocated and min(*senders, *receivers) // per_node != max(*senders, *receivers) // per_node
         return max(recv, send) / self.device.bandwidth(inter_node=inter) + self.device.latency_s
 
 

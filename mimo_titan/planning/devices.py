@@ -35,7 +35,8 @@ class DeviceSpec:
         name: ``"h100"``, ``"h200"``, ``"a100"``, ``"b200"`` or ``"cpu"``.
         peak_flops: dense bf16 FLOP/s of one device (fp32 for ``cpu``).
         mfu: planning fraction of ``peak_flops`` a transformer reaches (see the module docstring).
-        memory_gib: memory of one device, GiB (``cpu``: of the whole machine, shared by its ranks).
+        memory_gib: memory of one device, GiB: the total ``nvidia-smi`` reports (MiB / 1024; ``cpu``: of the whole
+            machine, shared by its ranks).
         memory_shared: the ranks of one node share ``memory_gib`` (processes on one CPU machine).
         usable_fraction: the part of ``memory_gib`` a plan may fill (the CUDA context, NCCL buffers and allocator
             fragmentation take the rest).
@@ -88,8 +89,9 @@ DEVICES: dict[str, DeviceSpec] = {
     "h200": DeviceSpec("h200", 989e12, 0.47, 139.8, 4.8e12, 450 * _GB, 50 * _GB),
     # A100 SXM4 80 GB: 312 TFLOP/s bf16, 2.0 TB/s, NVLink 3 600 GB/s (300 per direction), 200 Gb/s HDR NIC
     "a100": DeviceSpec("a100", 312e12, 0.52, 79.2, 2.0e12, 300 * _GB, 25 * _GB),
-    # B200 (DGX B200, 180 GB): 2.25 PFLOP/s bf16 dense, 7.7 TB/s, NVLink 5 1.8 TB/s (900 per direction), 400 Gb/s
-    "b200": DeviceSpec("b200", 2250e12, 0.40, 167.6, 7.7e12, 900 * _GB, 50 * _GB),
+    # B200 (DGX B200, "180 GB": nvidia-smi's 183,359 MiB): 2.25 PFLOP/s bf16 dense, 7.7 TB/s, NVLink 5 1.8 TB/s (900
+    # per direction), 400 Gb/s
+    "b200": DeviceSpec("b200", 2250e12, 0.40, 179.0, 7.7e12, 900 * _GB, 50 * _GB),
     # this project's CPU machines: 2 cores (fp32), 24 GiB shared by every rank, gloo over loopback TCP
     "cpu": DeviceSpec(
         "cpu",

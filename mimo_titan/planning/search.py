@@ -234,6 +234,8 @@ class _Searcher:
         self._cost_cache: dict = {}
         self._mem_cache: dict = {}
         self.smallest_need: dict[str, float] = {}  # per module: the least memory any of its layouts needed (GiB)
+        # the least memory (GiB) a rank shared by several modules needed, and the module added last to it
+        self.smallest_shared: tuple[float, str] = (math.inf, "")
 
     # ---- per-module pricing --------------------------------------------------------------------------------------
     def module_cost(self, name: str, d: Degrees, samples: float, v: int, ac: str):
@@ -406,6 +408,8 @@ class _Searcher:
                 flight = self.encoder_in_flight(d, mode, lm, M, sched, v)
                 mem = self.module_mem(name, d, samples, 1, ac, flight)
                 if mem + extra_gib + self.runtime > self.budget:
+                    if extra_gib > 0:  # fits alone (or not: smallest_need), not beside what its ranks hold
+                        self.smallest_shared = min(self.smallest_shared, (mem + extra_gib + self.runtime, name))
                     continue
                 c = self.module_cost(name, d, samples, 1, ac)
                 # its M microbatches through its pp stages: the pipeline's fill and drain included
@@ -490,8 +494,9 @@ def search_layouts(
         :func:`~mimo_titan.train.trainer.validate_job`.
 
     Raises:
-        ConfigError: ``world_size < 1``, or no layout fits memory: naming the module that does not fit, the least
-            memory any of its layouts needs and by how much that exceeds the budget.
+        ConfigError: ``world_size < 1``, or no layout fits memory: naming the module that does not fit (alone, or
+            beside the modules it shares ranks with), the least memory any of its layouts needs and by how much that
+            exceeds the budget; or no layout splits the global batch.
     """
     if world_size < 1:
         raise ConfigError(f"--world-size {world_size}: it must be >= 1")
@@ -721,16 +726,25 @@ def _validated(cfg: Config, world: int, found: list[Layout], top: int) -> list[L
 
 def _no_fit_message(s: _Searcher, world: int, device: DeviceSpec) -> str:
     """Why no layout was found: the module whose most sharded layout still exceeds the memory budget (and by how
-    much), else the batch geometry that no layout's data-parallel sizes divide."""
+    much); else, when a layout that splits the batch was refused for the memory of modules sharing a rank, the least
+    such a rank needed; else the batch geometry that no layout's data-parallel sizes divide."""
     over = {n: need - s.budget for n, need in s.smallest_need.items() if need > s.budget}
+    budget = f"the {s.budget:.1f} GiB a rank may use ({device.usable_fraction:.0%} of {device.memory_gib:g} GiB)"
+    fix = "use more ranks (--world-size), a device with more memory, a smaller training.global_batch_size or "
+    fix += "training.seq_len"
     if over:
         worst = max(over, key=lambda n: over[n])
         need = s.smallest_need[worst]
         return (
             f"no layout of {world} {device.name} ranks fits memory: module '{worst}' needs at least {need:.1f} GiB per "
-            f"rank in its most sharded layout, {over[worst]:.1f} GiB more than the {s.budget:.1f} GiB a rank may use "
-            f"({device.usable_fraction:.0%} of {device.memory_gib:g} GiB); use more ranks (--world-size), a device "
-            "with more memory, a smaller training.global_batch_size or training.seq_len"
+            f"rank in its most sharded layout, {over[worst]:.1f} GiB more than {budget}; {fix}"
+        )
+    need, name = s.smallest_shared
+    if name:  # every module fits alone; the layouts that split the batch overfill a shared rank
+        return (
+            f"no layout of {world} {device.name} ranks fits memory: every module fits alone, but not beside the "
+            f"modules it shares ranks with: module '{name}' with them needs at least {need:.1f} GiB per rank, "
+            f"{need - s.budget:.1f} GiB more than {budget}; {fix}"
         )
     return (
         f"no layout of {world} ranks splits training.global_batch_size={s.gbs} so that every module's data-parallel "
