@@ -538,15 +538,7 @@ def search_layouts(
                     enc[name] = got
                 if len(enc) != len(s.encoders):
                     continue
-                layout = Layout(
-                    "heterogeneous",
-                    {**{n: enc[n][0] for n in s.encoders}, lang: lm_d},
-                    M,
-                    sched,
-                    v,
-                    "batch",
-                    {**{n: enc[n][1] for n in s.encoders}, lang: lm_ac},
-                )
+                layout = _assemble("heterogeneous", enc, lang, lm_d, lm_ac, M, sched, v, "batch")
                 _memory(s, layout, enc, lm_d, M, sched, v, lm_ac)
                 keep(s.simulate(layout, lm_c, enc))
 
@@ -575,15 +567,7 @@ def search_layouts(
                     extra += got[3]
                 if len(enc) != len(s.encoders):
                     continue
-                layout = Layout(
-                    kind,
-                    {**{n: enc[n][0] for n in s.encoders}, lang: lm_d},
-                    M,
-                    sched,
-                    v,
-                    mode,
-                    {**{n: enc[n][1] for n in s.encoders}, lang: lm_ac},
-                )
+                layout = _assemble(kind, enc, lang, lm_d, lm_ac, M, sched, v, mode)
                 layout.mem_per_rank_gib = dict.fromkeys(layout.modules, extra + s.runtime)
                 s.simulate(layout, lm_c, enc)
                 if kind == "heterogeneous":
@@ -608,15 +592,7 @@ def search_layouts(
             enc[name] = (d, enc_ac, s.module_cost(name, d, samples, 1, enc_ac), mem)
             extra += mem
         if len(enc) == len(s.encoders) and extra + s.runtime <= s.budget:
-            layout = Layout(
-                "folded",
-                {**{n: enc[n][0] for n in s.encoders}, lang: lm_d},
-                M,
-                sched,
-                v,
-                "folded",
-                {**{n: enc[n][1] for n in s.encoders}, lang: lm_ac},
-            )
+            layout = _assemble("folded", enc, lang, lm_d, lm_ac, M, sched, v, "folded")
             layout.mem_per_rank_gib = dict.fromkeys(layout.modules, extra + s.runtime)
             s.simulate(layout, lm_c, enc)
             if homogeneous["folded"] is None or layout.step_s < homogeneous["folded"].step_s:
@@ -628,6 +604,21 @@ def search_layouts(
         raise ConfigError(_no_fit_message(s, world_size, device))
     return SearchResult(
         ranked, homogeneous, world_size, device.name, s.budget, s.considered, s.simulated, time.perf_counter() - t0
+    )
+
+
+def _assemble(
+    kind: str, enc: dict, lang: str, lm_d: Degrees, lm_ac: str, M: int, sched: str, v: int, mode: str
+) -> Layout:
+    """A :class:`Layout` of the encoders' chosen ``(degrees, ac, ...)`` in ``enc`` and the LM's ``lm_d`` / ``lm_ac``."""
+    return Layout(
+        kind,
+        {**{n: e[0] for n, e in enc.items()}, lang: lm_d},
+        M,
+        sched,
+        v,
+        mode,
+        {**{n: e[1] for n, e in enc.items()}, lang: lm_ac},
     )
 
 
