@@ -16,6 +16,7 @@ from mimo_titan.errors import ConfigError
 from mimo_titan.planning.costs import CostModel, Degrees, group_crosses_nodes
 from mimo_titan.planning.devices import DEVICES, device_spec
 from mimo_titan.planning.search import layout_overrides, search_layouts
+from mimo_titan.train.flops import lm_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "train_configs/debug_noncolocated.toml"
@@ -71,7 +72,8 @@ def test_cost_model_scales_with_the_layout():
     # FLOPs per rank: tp halves them; pp=2 keeps the busier stage (18 layers + the head, or 18 + nothing)
     assert tp2.flops == pytest.approx(one.flops / 2)
     assert one.flops / 2 < pp2.flops < one.flops
-    assert one.flops == pytest.approx(2 * cm.train_flops_per_sample("language") / 1)
+    seq = cfg.training.seq_len  # 2 samples of seq tokens at the flops module's training FLOPs per token
+    assert one.flops == pytest.approx(2 * seq * lm_flops_per_token(cfg.model.language, seq))
     assert tp2.forward_s < one.forward_s and pp2.send_s > 0 and one.send_s == 0
     # compute at the device's MFU: the whole model's training FLOPs at peak x mfu x the size factor
     speed = one.flops / (one.forward_s + one.backward_s)

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mimo_titan.pipeline.stages import stage_layer_range
 from mimo_titan.planning.devices import DeviceSpec
 from mimo_titan.train import flops as F
 
@@ -77,9 +78,10 @@ class Degrees:
         return self.num_ranks // self.pp
 
     def text(self) -> str:
-        """``"pp=2 dp_shard=12 tp=2"``: the degrees above 1."""
-        dims = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
-        return " ".join(f"{d}={getattr(self, d)}" for d in dims if getattr(self, d) > 1) or "1 rank"
+        """``"pp=2 dp_shard=12 tp=2"``: the degrees above 1 (as the dry-run planner writes a layout)."""
+        from mimo_titan.train.planner import _layout_text
+
+        return _layout_text(self)
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ class CostModel:
         worst = (-1.0, 0, False, False)
         for r in range(deg.pp):
             chunks = [r + j * deg.pp for j in range(virtual_stages)]
-            n = sum(_layers_in(layers, stages, s) for s in chunks)
+            n = sum(len(stage_layer_range(layers, stages, s)) for s in chunks)
             head = stages - 1 in chunks
             load = n * blk_tot / layers + head * head_tot
             if load > worst[0]:
@@ -393,8 +395,3 @@ class CostModel:
         receivers = (lm.rank_offset, lm.rank_offset + lm.stage_size - 1)
         inter = not colocated and min(*senders, *receivers) // per_node != max(*senders, *receivers) // per_node
         return max(recv, send) / self.device.bandwidth(inter_node=inter) + self.device.latency_s
-
-
-def _layers_in(num_layers: int, stages: int, stage: int) -> int:
-    base, extra = divmod(num_layers, stages)
-    return base + (1 if stage < extra else 0)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from mimo_titan.errors import ConfigError
@@ -112,13 +112,7 @@ class Layout:
         return {
             "kind": self.kind,
             "modules": {
-                n: {
-                    **{
-                        f: getattr(d, f)
-                        for f in ("rank_offset", "num_ranks", "pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp")
-                    },
-                    "activation_checkpointing": self.activation_checkpointing.get(n, "none"),
-                }
+                n: {**asdict(d), "activation_checkpointing": self.activation_checkpointing.get(n, "none")}
                 for n, d in self.modules.items()
             },
             "microbatches": self.microbatches,
@@ -196,8 +190,7 @@ def layout_overrides(layout: Layout) -> list[str]:
     """The ``--section.key=value`` overrides that turn a config into ``layout`` (what ``--emit-toml`` writes)."""
     out = []
     for name, d in layout.modules.items():
-        for f in ("rank_offset", "num_ranks", "pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "etp"):
-            out.append(f"--parallelism.{name}.{f}={getattr(d, f)}")
+        out += [f"--parallelism.{name}.{f}={v}" for f, v in asdict(d).items()]
         out.append(f"--parallelism.{name}.activation_checkpointing={layout.activation_checkpointing.get(name, 'none')}")
     out += [
         f"--training.microbatches={layout.microbatches}",
@@ -251,14 +244,12 @@ class _Searcher:
 
     def module_mem(self, name: str, d: Degrees, samples: float, v: int, ac: str, in_flight: tuple[int, ...]) -> float:
         """GiB of the module's worst rank (the runtime term not included)."""
-        from mimo_titan.parallel.fsdp import resolve_dtype
         from mimo_titan.topology.layout import ModuleLayout
         from mimo_titan.train.planner import module_memory
 
         key = (name, d.num_ranks, d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep, d.etp, samples, v, ac, in_flight)
         got = self._mem_cache.get(key)
         if got is None:
-            dev_type = "cpu" if self.device.name == "cpu" else "cuda"
             lay = ModuleLayout(
                 name, d.rank_offset, d.num_ranks, d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep, d.etp
             )
@@ -272,8 +263,8 @@ class _Searcher:
                 in_flight=list(in_flight),
                 activation_checkpointing=ac,
                 reshard_after_forward=getattr(opts, "fsdp_reshard_after_forward", None),
-                act_bytes=resolve_dtype(self.cfg.parallelism.mixed_precision_param, dev_type).itemsize,
-                reduce_bytes=resolve_dtype(self.cfg.parallelism.mixed_precision_reduce, dev_type).itemsize,
+                act_bytes=self.costs.act_bytes,
+                reduce_bytes=self.costs.reduce_bytes,
                 runtime_gib=0.0,
             )
             got = self._mem_cache[key] = total
@@ -631,8 +622,10 @@ def _slowest_baseline(homogeneous: dict[str, Layout | None]) -> float:
 
 def _padded_seq_len(seq_len: int, cp: int, tp: int) -> int:
     """``seq_len`` rounded up as the loader pads rows for a language model with ``cp`` and ``tp``
-    (:func:`mimo_titan.train.trainer.sequence_multiple` of that layout: ``lcm(2·cp if cp > 1 else 1, cp·tp)``)."""
-    m = math.lcm(2 * cp if cp > 1 else 1, cp * tp)
+    (:func:`mimo_titan.train.trainer.sequence_multiple_of`)."""
+    from mimo_titan.train.trainer import sequence_multiple_of
+
+    m = sequence_multiple_of(cp, tp)
     return -(-seq_len // m) * m
 
 

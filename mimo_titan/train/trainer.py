@@ -465,7 +465,13 @@ def sequence_multiple(cfg: Config) -> int:
     """Every sequence (packed row) length must be a multiple of this: ``2·cp`` for zigzag context parallelism
     (``2·cp`` chunks per sequence) and ``cp·tp`` so that sequence parallelism splits each CP shard over tp."""
     lang = layouts_from_config(cfg.parallelism, cfg.model.language_name)[cfg.model.language_name]
-    return math.lcm(2 * lang.cp if lang.cp > 1 else 1, lang.cp * lang.tp)
+    return sequence_multiple_of(lang.cp, lang.tp)
+
+
+def sequence_multiple_of(cp: int, tp: int) -> int:
+    """:func:`sequence_multiple` of a language model laid out with ``cp`` and ``tp``:
+    ``lcm(2·cp if cp > 1 else 1, cp·tp)``."""
+    return math.lcm(2 * cp if cp > 1 else 1, cp * tp)
 
 
 def padded_seq_len(cfg: Config) -> int:
